@@ -55,6 +55,8 @@ PROGRESS_COLUMNS = [
 ]
 # Streams of randomness, each derived from (seed, stream, generation, index, rollout).
 NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
+# learning_curve.png is redrawn at an evaluation at most this often (and always at the end).
+PLOT_INTERVAL_S = 30.0
 # Flags that --resume may set anew; everything else comes from the checkpoint.
 RESUME_FLAGS = {"resume", "max_iter", "num_workers", "eval_every", "num_eval_rollouts",
                 "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
@@ -361,6 +363,7 @@ class Policy(nn.Module):
             features = width
         self.lstm = nn.LSTMCell(features, features) if recurrent else None
         self.head = nn.Linear(features, num_actions)
+        self.requires_grad_(False)  # evolved, never backpropagated
 
     def forward(self, x, state=None):
         """x: one preprocessed observation, float32 (D,) or (C, H, W). Returns (output (A,), state)."""
@@ -402,9 +405,7 @@ def policy_config_from_env(env, args):
 def build_policy(policy_config):
     """Policy from a config dict (flags or a weights file's meta); float32, inference only."""
     torch.set_num_threads(1)
-    policy = Policy(**policy_config)
-    policy.requires_grad_(False)
-    return policy
+    return Policy(**policy_config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -604,9 +605,12 @@ class RolloutWorker:
 
     def __init__(self, env_config, policy_config, center, obs_mean, obs_std):
         torch.set_num_threads(1)
-        self.train_env = make_env(env_config, training=True)
-        self.eval_env = (make_env(env_config, training=False) if env_config["max_negative_steps"] > 0
-                         else self.train_env)
+        self.env_config = env_config
+        self.envs = {True: make_env(env_config, training=True), False: make_env(env_config, training=False)}
+        # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env with
+        # the same seed), which would make results depend on scheduling. Making a fresh Box2D env
+        # costs ~0.4 ms, so those get one per episode; every other env is built once.
+        self.fresh_env_per_episode = type(self.envs[True].unwrapped).__module__.startswith("gymnasium.envs.box2d")
         self.policy = build_policy(policy_config)
         self.center = np.frombuffer(center, dtype=np.float32)
         if self.policy.normalize:  # views of the shared arrays: no copy per task
@@ -619,10 +623,12 @@ class RolloutWorker:
         vector_to_parameters(torch.from_numpy(params), self.policy.parameters())
         collect = training and self.policy.normalize
         observations = [] if collect else None
-        env = self.train_env if training else self.eval_env
         returns, steps = [], 0
         for env_seed in env_seeds:
-            episode_return, episode_steps = rollout(env, self.policy, env_seed, observations)
+            if self.fresh_env_per_episode:
+                self.envs[training].close()
+                self.envs[training] = make_env(self.env_config, training)
+            episode_return, episode_steps = rollout(self.envs[training], self.policy, env_seed, observations)
             returns.append(episode_return)
             steps += episode_steps
         stats = None
@@ -1083,6 +1089,7 @@ def train(args, given):
 
     pool = RolloutPool(args.num_workers, env_config, policy_config, dim, policy.obs_mean.numel())
     session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
+    last_plot = -math.inf
     csv_file = open(paths["progress.csv"], "a", newline="")
     writer = csv.writer(csv_file)
     if csv_file.tell() == 0:
@@ -1150,8 +1157,9 @@ def train(args, given):
                 f"{counters['best_return']:8.2f} | center {center_return:8.2f} rank {center_rank:>4d} | "
                 f"sigma {sigma:.4f} lr {learning_rate:.4f} | {steps / (now - t0):8,.0f} steps/s | "
                 f"{format_duration(counters['wall_time_s'])} elapsed | ETA {format_duration(eta)}")
-            if evaluated:
+            if evaluated and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
                 plot_learning_curve(paths["progress.csv"], paths["learning_curve.png"], title)
+                last_plot = now
             save_checkpoint(paths["checkpoint.pkl"], {
                 "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(args), "es": es.state_dict(),
                 "obs_stats": obs_stats.state_dict() if obs_stats else None, "counters": dict(counters)})

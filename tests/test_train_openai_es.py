@@ -1,0 +1,525 @@
+"""Tests of train_openai_es.py: operators and invariants in-process, whole runs through subprocess."""
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+import train_openai_es as es_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_openai_es.py")
+AUTHORS_WEIGHTS = os.path.join(ROOT, "..", "shared", "weights", "attentionagent_carracing.npz")
+TINY = ["--population-size", "4", "--max-episode-steps", "50", "--num-eval-rollouts", "2",
+        "--sigma", "0.1", "--learning-rate", "0.05"]
+
+
+def run_script(args, cwd, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
+    architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
+    out = run_script(["--env-id", env, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters),
+                      *TINY, *architecture, *extra], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    return tmp_path / "runs" / name
+
+
+def progress(run_dir, drop=("wall_time_s",)):
+    with open(run_dir / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+
+
+def assert_one_line_error(out):
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "error" in lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Operators
+# ------------------------------------------------------------------------------------------------
+def test_centered_ranks_zero_sum_bounds_order_and_ties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=101)
+    r = es_mod.centered_ranks(x)
+    assert abs(r.sum()) < 1e-12
+    assert r.min() == -0.5 and r.max() == 0.5
+    assert np.array_equal(np.argsort(r), np.argsort(x))
+    tied = es_mod.centered_ranks([3.0, 1.0, 3.0, 2.0])
+    assert tied[0] == tied[2] and abs(tied.sum()) < 1e-12
+    assert np.allclose(tied, [1 / 3, -0.5, 1 / 3, -1 / 6])
+
+
+@pytest.mark.parametrize("method", ["centered-rank", "z-score", "none"])
+def test_all_equal_returns_give_zero_gradient_not_nan(method):
+    shaped = es_mod.shape_fitness(np.full(8, 7.0), method)
+    assert np.all(np.isfinite(shaped))
+    es = es_mod.OpenAIES(np.ones(5), 8, sigma=0.1, antithetic=False, fitness_shaping=method)
+    g = es.gradient(np.full(8, 7.0))
+    assert np.all(np.isfinite(g))
+    if method != "none":
+        assert np.all(g == 0)
+
+
+@pytest.mark.parametrize("method", ["centered-rank", "z-score", "none"])
+def test_mirrored_pairs_cancel_on_constant_fitness(method):
+    es = es_mod.OpenAIES(np.zeros(20), 10, sigma=0.05, antithetic=True, fitness_shaping=method)
+    population = es.ask()
+    assert np.array_equal(population[0::2, 0], population[1::2, 0])  # a pair shares its noise
+    assert np.array_equal(population[:, 1], np.tile([1, -1], 5))
+    theta_plus = es_mod.perturb(es.theta, es.sigma, *population[0])
+    theta_minus = es_mod.perturb(es.theta, es.sigma, *population[1])
+    assert np.allclose(theta_plus + theta_minus, 2 * es.theta)
+    assert np.all(es.gradient(np.full(10, -3.5)) == 0)
+
+
+def test_gradient_is_the_papers_estimate():
+    es = es_mod.OpenAIES(np.zeros(6), 4, sigma=0.2, antithetic=False, fitness_shaping="none", seed=3)
+    population = es.ask()
+    returns = np.array([1.0, -2.0, 0.5, 4.0])
+    eps = np.stack([es_mod.sample_noise(s, 6) for s, _ in population])
+    expected = (returns[:, None] * eps).sum(0) / (4 * 0.2)
+    assert np.allclose(es.gradient(returns), expected, atol=1e-5)
+    # Mirrored: (F+ - F-) eps_k / (N sigma)
+    es = es_mod.OpenAIES(np.zeros(6), 4, sigma=0.2, antithetic=True, fitness_shaping="none", seed=3)
+    population = es.ask()
+    eps = np.stack([es_mod.sample_noise(s, 6) for s, _ in population[0::2]])
+    expected = ((returns[0::2] - returns[1::2])[:, None] * eps).sum(0) / (4 * 0.2)
+    assert np.allclose(es.gradient(returns), expected, atol=1e-5)
+
+
+def test_weight_decay_and_schedules():
+    es = es_mod.OpenAIES(np.full(3, 2.0), 4, sigma=0.5, learning_rate=0.1, optimizer="sgd", momentum=0.0,
+                         weight_decay=0.5, lr_decay=0.5, lr_min=0.03, sigma_decay=0.5, sigma_min=0.2)
+    es.tell(np.zeros(4))  # no signal: only the L2 term moves theta towards 0
+    assert np.allclose(es.theta, 2.0 - 0.1 * 0.5 * 2.0)
+    assert es.learning_rate == 0.05 and es.sigma == 0.25
+    es.tell(np.zeros(4))
+    assert es.learning_rate == 0.03 and es.sigma == 0.2  # the floors
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.03), ("sgd", 0.2)])
+def test_quadratic_from_the_openai_blog_converges(optimizer, lr):
+    # Maximize -|w - solution|^2 (https://openai.com/blog/evolution-strategies/).
+    solution = np.array([0.5, 0.1, -0.3], dtype=np.float32)
+    es = es_mod.OpenAIES(np.zeros(3), 50, sigma=0.1, learning_rate=lr, optimizer=optimizer,
+                         weight_decay=0.0, seed=0)
+    start = np.linalg.norm(es.theta - solution)
+    for _ in range(300):
+        population = es.ask()
+        returns = [-np.sum((es_mod.perturb(es.theta, es.sigma, s, sign) - solution) ** 2) for s, sign in population]
+        es.tell(returns)
+    assert np.linalg.norm(es.theta - solution) < 0.05 * start
+
+
+def test_es_state_round_trips_through_pickle():
+    es = es_mod.OpenAIES(np.arange(4.0), 6, sigma=0.1)
+    es.tell(np.arange(6.0))
+    clone = es_mod.OpenAIES.from_state_dict(pickle.loads(pickle.dumps(es.state_dict())))
+    es.tell(np.arange(6.0)[::-1])
+    clone.tell(np.arange(6.0)[::-1])
+    assert np.array_equal(es.theta, clone.theta) and np.array_equal(es.ask(), clone.ask())
+
+
+def test_seeds_are_derived_not_drawn():
+    assert es_mod.derive_seed(1, 2, 3) == es_mod.derive_seed(1, 2, 3)
+    assert len({es_mod.derive_seed(1, 1, g, m) for g in range(20) for m in range(20)}) == 400
+    assert np.array_equal(es_mod.sample_noise(7, 100), es_mod.sample_noise(7, 100))
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy and env
+# ------------------------------------------------------------------------------------------------
+def test_mlp_parameter_count_and_flat_vector_round_trip():
+    policy = es_mod.Policy(obs_shape=(4,), num_actions=2, discrete=True, hidden_sizes=(64, 64))
+    theta = parameters_to_vector(policy.parameters())
+    assert theta.numel() == 4 * 64 + 64 + 64 * 64 + 64 + 64 * 2 + 2
+    new = torch.randn_like(theta)
+    vector_to_parameters(new, policy.parameters())
+    assert torch.equal(parameters_to_vector(policy.parameters()), new)
+    assert torch.equal(policy.layers[0].weight.flatten(), new[:256])  # weights then bias, layer by layer
+
+
+def test_policy_actions_discrete_box_and_normalization():
+    discrete = es_mod.Policy(obs_shape=(3,), num_actions=4, discrete=True, hidden_sizes=(8,))
+    action, _ = discrete.act(np.ones(3, np.float32))
+    assert isinstance(action, int) and 0 <= action < 4
+    box = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
+    with torch.no_grad():
+        box.head.bias.fill_(100.0)
+    action, _ = box.act(np.ones(3, np.float32))
+    assert action.shape == (2,) and np.all(action <= 1) and np.all(action > 0.99)  # tanh-squashed
+    clip = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,), action_bounding="clip")
+    with torch.no_grad():
+        clip.head.bias.fill_(100.0)
+    assert np.all(clip.act(np.ones(3, np.float32))[0] > 50)  # raw: the env's ClipAction bounds it
+    # Normalization: an observation equal to the mean acts like a zero observation.
+    policy = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
+    zero = policy.act(np.zeros(3, np.float32))[0]
+    policy.obs_mean, policy.obs_std = torch.tensor([5.0, -2.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])
+    assert np.allclose(policy.act(np.array([5.0, -2.0, 1.0], np.float32))[0], zero)
+    # Clipped to [-5, 5] after normalization.
+    far = policy.act(np.array([1e6, -1e6, 1e6], np.float32))[0]
+    assert np.allclose(far, policy.act(np.array([5 + 10, -2 - 10, 1 + 10], np.float32))[0])
+
+
+def test_conv_lstm_policy_on_pixels():
+    policy = es_mod.Policy(obs_shape=(4, 64, 64), num_actions=3, discrete=False, hidden_sizes=(32,), recurrent=True)
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64), dtype=np.uint8)
+    with torch.inference_mode():
+        a1, state = policy.act(frames)
+        a2, state2 = policy.act(frames, state)
+    assert a1.shape == (3,) and state[0].shape == (32,)
+    assert not np.allclose(a1, a2)  # the LSTM state carries over between steps
+    rgb = es_mod.Policy(obs_shape=(2, 40, 40, 3), num_actions=5, discrete=True, hidden_sizes=(16,))
+    assert rgb.conv[0].in_channels == 6
+    assert isinstance(rgb.act(np.zeros((2, 40, 40, 3), np.uint8))[0], int)
+
+
+def env_config(env_id, **overrides):
+    args = es_mod.parse_args(["--env-id", env_id])[0]
+    config = es_mod.env_config_from_args(args)
+    config.update(overrides)
+    return config
+
+
+def test_make_env_pixels_and_actions():
+    env = es_mod.make_env(env_config("CarRacing-v3"), training=True)
+    assert env.observation_space.shape == (4, 64, 64)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4, 64, 64) and obs.dtype == np.uint8
+    assert isinstance(env, gym.wrappers.FrameStackObservation)
+    env.close()
+    # CarRacing's bounds ([-1,1], [0,1], [0,1]) are rescaled for the tanh output; BipedalWalker's are not.
+    car = es_mod.make_env(env_config("CarRacing-v3", frame_stack=1), training=False)
+    assert np.all(car.action_space.low == -1) and np.all(car.action_space.high == 1)
+    assert es_mod.env_config_from_args(es_mod.parse_args(["--env-id", "CarRacing-v3"])[0])["max_negative_steps"] == 20
+    assert env_config("CartPole-v1")["max_negative_steps"] == 0
+
+
+def test_negative_reward_early_stop():
+    class Constant(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (1,))
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, np.float32), (1.0 if action else -0.1), False, False, {}
+
+    env = es_mod.NegativeRewardEarlyStop(Constant(), patience=3)
+    env.reset()
+    assert [env.step(0)[3] for _ in range(3)] == [False, False, True]
+    env.reset()
+    flags = [env.step(a)[3] for a in (0, 0, 1, 0, 0, 0)]
+    assert flags == [False, False, False, False, False, True]  # a positive reward resets the count
+
+
+@pytest.mark.parametrize("env_id,kwargs", [("CartPole-v1", {}), ("LunarLander-v3", {}),
+                                           ("LunarLander-v3", {"continuous": True}), ("BipedalWalker-v3", {})])
+def test_rollout_worker_runs_members_and_collects_stats(env_id, kwargs):
+    config = env_config(env_id, env_kwargs=kwargs, max_episode_steps=30)
+    probe = es_mod.make_env(config, training=False)
+    args = es_mod.parse_args(["--hidden-sizes", "8"])[0]
+    policy_config = es_mod.policy_config_from_env(probe, args)
+    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
+    obs_dim = probe.observation_space.shape[0]
+    pool = es_mod.RolloutPool(1, config, policy_config, dim, obs_dim)
+    pool.set_center(np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
+    (returns, steps, stats), = pool.map([(5, 1, 0.1, [11, 12], True)])
+    assert len(returns) == 2 and 2 <= steps <= 60
+    count, total, total_sq = stats
+    assert count == steps and total.shape == (obs_dim,) and np.all(total_sq >= 0)
+    for _ in range(4):  # deterministic in (noise seed, sign, env seeds), whatever ran before
+        assert pool.map([(5, 1, 0.1, [11, 12], True)])[0][0] == returns
+    assert pool.map([(5, 1, 0.1, [11], False)])[0][2] is None  # evaluations collect nothing
+
+
+def test_two_workers_match_in_process_and_survive_a_killed_worker():
+    config = env_config("CartPole-v1")
+    probe = es_mod.make_env(config, training=False)
+    policy_config = es_mod.policy_config_from_env(probe, es_mod.parse_args(["--hidden-sizes", "8"])[0])
+    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
+    theta = np.random.default_rng(0).normal(0, 0.5, dim).astype(np.float32)
+    tasks = [(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
+    local = es_mod.RolloutPool(1, config, policy_config, dim, 4)
+    local.set_center(theta, np.zeros(4, np.float32), np.ones(4, np.float32))
+    expected = local.map(tasks)
+    pool = es_mod.RolloutPool(2, config, policy_config, dim, 4)
+    try:
+        pool.set_center(theta, np.zeros(4, np.float32), np.ones(4, np.float32))
+        assert [r[0] for r in pool.map(tasks)] == [r[0] for r in expected]
+        warnings = []
+        victim = pool.processes[0]
+        threading.Timer(0.05, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
+        results = pool.map_with_restarts(tasks * 5, warn=warnings.append)
+        assert [r[0] for r in results] == [r[0] for r in expected * 5]
+        assert len(warnings) == 1 and "restarting" in warnings[0]
+        assert not victim.is_alive() and all(p.is_alive() for p in pool.processes)
+    finally:
+        pool.close()
+
+
+def test_restricted_unpickler_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "checkpoint.pkl"
+    path.write_bytes(pickle.dumps({"script": es_mod.SCRIPT, "x": Evil()}))
+    with pytest.raises(es_mod.UserError, match="posix.system|os.system|refusing"):
+        es_mod.load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs
+# ------------------------------------------------------------------------------------------------
+def test_run_folder_files_and_columns(tmp_path):
+    run = train(tmp_path, "cp", "--eval-every", "1")
+    for name in ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz"):
+        assert (run / name).exists(), name
+    with open(run / "progress.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header[:10] == ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
+                           "return_max", "return_std", "eval_return_mean", "eval_return_std"]
+    assert {"sigma", "learning_rate", "center_return", "center_rank"} <= set(header)
+    rows = progress(run)
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+    assert [int(r["evaluations"]) for r in rows] == [4, 8]
+    assert all(r["eval_return_mean"] for r in rows)
+    assert all(1 <= int(r["center_rank"]) <= 5 for r in rows)
+    config = json.loads((run / "args.json").read_text())
+    assert config["sigma"] == 0.1 and config["versions"]["torch"].startswith("2.13.0")
+    with np.load(run / "final.npz", allow_pickle=False) as data:
+        assert data["params"].dtype == np.float32 and data["params"].ndim == 1
+        meta = json.loads(str(data["meta"]))
+    assert meta["script"] == "train_openai_es.py" and meta["env_id"] == "CartPole-v1"
+    assert meta["policy"]["hidden_sizes"] == [8] and len(meta["obs_norm"]["mean"]) == 4
+    assert meta["obs_norm"]["std"] != [1.0] * 4  # statistics of the rollouts, not the initial ones
+
+
+def test_one_and_two_workers_give_the_same_run(tmp_path):
+    one = train(tmp_path, "w1", "--eval-every", "2", workers=1, iters=3)
+    two = train(tmp_path, "w2", "--eval-every", "2", workers=2, iters=3)
+    assert progress(one) == progress(two)
+    assert np.array_equal(np.load(one / "final.npz")["params"], np.load(two / "final.npz")["params"])
+
+
+def test_resume_is_exact(tmp_path):
+    straight = train(tmp_path, "straight", "--eval-every", "2", iters=5)
+    split = train(tmp_path, "split", "--eval-every", "2", iters=2)
+    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resuming at generation 2" in out.stdout
+    assert progress(straight) == progress(split)
+    assert np.array_equal(np.load(straight / "final.npz")["params"], np.load(split / "final.npz")["params"])
+
+
+def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
+    run = train(tmp_path, "r", iters=2)
+    reference = progress(run)
+    with open(run / "progress.csv", "a") as f:  # as if killed between the CSV row and the checkpoint
+        f.write("3,12,1,1,1,1,1,1,,,1,1,1,1,1,1\r\n")
+    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = progress(run)
+    assert rows[:2] == reference and len(rows) == 3 and rows[2]["evaluations"] == "12" and rows[2]["env_steps"] != "1"
+
+
+def test_resume_refuses_algorithm_changes(tmp_path):
+    run = train(tmp_path, "r", iters=1)
+    line = assert_one_line_error(run_script(["--resume", str(run), "--sigma", "0.5"], cwd=tmp_path))
+    assert "--sigma" in line
+
+
+def test_sigint_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "int", "--num-workers", "2", "--max-iter", "100000",
+                             *TINY, "--max-episode-steps", "500", "--eval-every", "1000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "runs" / "int" / "checkpoint.pkl"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"--resume {os.path.join('runs', 'int')}" in stderr and "Traceback" not in stderr
+    _, state = es_mod.load_checkpoint(str(checkpoint))
+    done = state["es"]["generation"]
+    assert done >= 1 and len(progress(tmp_path / "runs" / "int")) >= done
+    out = run_script(["--resume", str(tmp_path / "runs" / "int"), "--max-iter", str(done + 1)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [int(r["iteration"]) for r in progress(tmp_path / "runs" / "int")] == list(range(1, done + 2))
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "term", "--num-workers", "2",
+                             "--max-iter", "100000", *TINY, "--eval-every", "1000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "runs" / "term" / "checkpoint.pkl"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume with" in stderr
+    es_mod.load_checkpoint(str(checkpoint))
+
+
+def test_reward_goal_with_consecutive_stopping(tmp_path):
+    run = train(tmp_path, "g1", "--eval-every", "1", "--reward-goal", "1", iters=6)
+    assert len(progress(run)) == 1
+    run = train(tmp_path, "g3", "--eval-every", "1", "--reward-goal", "1", "--consecutive-goal-stopping", "3", iters=6)
+    assert len(progress(run)) == 3
+    run = train(tmp_path, "never", "--eval-every", "1", "--reward-goal", "1e9", iters=3)
+    assert len(progress(run)) == 3
+
+
+def test_from_pretrained_round_trip(tmp_path):
+    run = train(tmp_path, "cp", iters=3, env="LunarLander-v3")
+    out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "3", "--num-workers", "2",
+                      "--max-episode-steps", "50"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"episode_return mean=(\S+) std=(\S+) min=(\S+) max=(\S+) episodes=3", last)
+    assert match, last
+    # The same numbers from the file rebuilt by hand: weights, normalization and env all come from it.
+    params, meta = es_mod.load_weights(str(run / "final.npz"))
+    policy = es_mod.make_policy(meta["policy"], params, (meta["obs_norm"]["mean"], meta["obs_norm"]["std"]))
+    config = dict(meta["env"], max_episode_steps=50)
+    env = es_mod.make_env(config, training=False)
+    returns = [es_mod.rollout(env, policy, es_mod.derive_seed(1, es_mod.EVAL_ENV_STREAM, 0, e))[0] for e in range(3)]
+    assert float(match.group(1)) == pytest.approx(np.mean(returns), abs=1e-3)
+
+
+def test_init_from_starts_at_the_files_weights(tmp_path):
+    run = train(tmp_path, "a", iters=2, env="LunarLander-v3")
+    init = train(tmp_path, "b", "--init-from", str(run / "final.npz"), "--seed", "5", iters=1, env="LunarLander-v3")
+    params, meta = es_mod.load_weights(str(run / "final.npz"))
+    policy = es_mod.make_policy(meta["policy"], params, (meta["obs_norm"]["mean"], meta["obs_norm"]["std"]))
+    env = es_mod.make_env(dict(meta["env"], max_episode_steps=50), training=True)
+    center = es_mod.rollout(env, policy, es_mod.derive_seed(5, es_mod.CENTER_ENV_STREAM, 0, 0))[0]
+    assert float(progress(init)[0]["center_return"]) == pytest.approx(center, rel=1e-4)
+    line = assert_one_line_error(run_script(["--init-from", str(run / "final.npz"), "--hidden-sizes", "4"], cwd=tmp_path))
+    assert "--hidden-sizes" in line
+
+
+@pytest.mark.parametrize("env_id,extra", [
+    ("LunarLander-v3", []),
+    ("LunarLander-v3", ["--env-kwargs", "continuous=true"]),
+    ("BipedalWalker-v3", []),
+    ("CarRacing-v3", ["--frame-size", "48", "--frame-stack", "2"]),
+])
+def test_trains_on_the_issue_envs(tmp_path, env_id, extra):
+    run = train(tmp_path, "e", *extra, env=env_id, workers=2)
+    rows = progress(run)
+    assert len(rows) == 2 and all(np.isfinite(float(r["return_mean"])) for r in rows)
+    assert float(rows[-1]["param_norm"]) > 0
+
+
+def test_carracing_early_stop_is_training_only(tmp_path):
+    run = train(tmp_path, "car", "--frame-size", "48", "--frame-stack", "1", "--max-episode-steps", "120",
+                "--num-eval-rollouts", "1", env="CarRacing-v3", iters=1)
+    row = progress(run)[0]
+    # An untrained car sits still and collects -0.1 per frame: its training episodes stop after 20
+    # steps at most on the track's first tile, its evaluation episode runs the full 120 steps.
+    assert int(row["env_steps"]) < 5 * 120 + 120
+    assert float(row["eval_return_mean"]) < float(row["center_return"]) or float(row["center_return"]) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ale_py") is None, reason="needs the Atari extra (ale-py)")
+def test_pong_pixels_with_conv_lstm(tmp_path):
+    run = train(tmp_path, "pong", "--recurrent", "--frame-size", "42", "--num-eval-rollouts", "1",
+                env="ALE/Pong-v5", iters=1)
+    assert len(progress(run)) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
+def test_halfcheetah(tmp_path):
+    run = train(tmp_path, "cheetah", env="HalfCheetah-v5", iters=2)
+    assert len(progress(run)) == 2
+
+
+def test_capture_video(tmp_path):
+    run = train(tmp_path, "v", "--capture-video", "--eval-every", "1", iters=1)
+    videos = list((run / "videos").iterdir())
+    assert [v.name.split(".")[0] for v in videos] == ["iter-00001"] and videos[0].stat().st_size > 1000
+    out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "1", "--capture-video",
+                      "--run-name", "eval"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "runs" / "eval" / "videos").glob("pretrained.*"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing damaged
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,expected", [
+    (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"),
+    (["--population-size", "5"], "even"),
+    (["--population-size", "1", "--no-antithetic"], "at least 2"),
+    (["--sigma", "0"], "--sigma"),
+    (["--sigma", "-1"], "--sigma"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--num-workers", "0"], "--num-workers"),
+    (["--env-kwargs", "continuous"], "KEY=VALUE"),
+    (["--env-id", "FrozenLake-v1"], "observation space"),
+    (["--from-pretrained", "missing.npz"], "does not exist"),
+    (["--resume", "nowhere"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, args, expected):
+    line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
+    assert expected in line
+
+
+def test_bad_weights_and_checkpoints(tmp_path):
+    run = train(tmp_path, "ok", iters=1)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    params, meta = es_mod.load_weights(str(run / "final.npz"))
+    np.savez(tmp_path / "short.npz", params=params[:-3], meta=np.array(json.dumps(meta)))
+    assert "parameters" in assert_one_line_error(run_script(["--from-pretrained", "short.npz"], cwd=tmp_path))
+    assert "parameters" in assert_one_line_error(run_script(["--init-from", "short.npz"], cwd=tmp_path))
+    assert "LunarLander-v3" in assert_one_line_error(
+        run_script(["--from-pretrained", str(run / "final.npz"), "--env-id", "LunarLander-v3"], cwd=tmp_path))
+    if os.path.exists(AUTHORS_WEIGHTS):  # no meta: not this script's file
+        assert "not a train_openai_es.py weights file" in assert_one_line_error(
+            run_script(["--from-pretrained", AUTHORS_WEIGHTS], cwd=tmp_path))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert "cannot read" in assert_one_line_error(run_script(["--from-pretrained", "junk.npz"], cwd=tmp_path))
+    # Checkpoints: truncated, foreign, crafted. None of them runs anything or touches the run folder.
+    (tmp_path / "truncated.pkl").write_bytes((run / "checkpoint.pkl").read_bytes()[:100])
+    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "truncated.pkl"], cwd=tmp_path))
+    (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
+    assert "train_cmaes.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    marker = tmp_path / "pwned"
+    crafted = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (tmp_path / "crafted.pkl").write_bytes(crafted)
+    assert "os.system" in assert_one_line_error(run_script(["--resume", "crafted.pkl"], cwd=tmp_path))
+    assert not marker.exists()
+    # Starting a new run in a folder that holds one would overwrite it: refused.
+    assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
+    assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
