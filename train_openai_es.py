@@ -130,7 +130,8 @@ def build_parser():
     g.add_argument("--capture-video", action="store_true",
                    help="record an episode at each evaluation (GIF; mp4 when moviepy is installed)")
     g.add_argument("--reward-goal", type=float, default=None,
-                   help="stop when the evaluation mean reaches this return")
+                   help="stop when the evaluation mean reaches this return; a generation whose "
+                        "unperturbed center reaches it in training is evaluated at once")
     g.add_argument("--consecutive-goal-stopping", type=int, default=1,
                    help="... in this many consecutive evaluations")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
@@ -1122,7 +1123,9 @@ def train(args, given):
             counters["best_return"] = max(counters["best_return"], float(returns.max()))
 
             eval_returns = None
-            if iteration % args.eval_every == 0 or iteration == args.max_iter:
+            # Evaluate on schedule, and at once when the center's own rollouts reach the reward goal.
+            center_at_goal = args.reward_goal is not None and center_return >= args.reward_goal
+            if iteration % args.eval_every == 0 or iteration == args.max_iter or center_at_goal:
                 eval_returns, eval_steps = evaluate(pool, es.theta, obs_mean_std(), args.seed, iteration,
                                                     args.num_eval_rollouts)
                 steps += eval_steps
