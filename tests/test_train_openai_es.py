@@ -398,6 +398,10 @@ def test_reward_goal_with_consecutive_stopping(tmp_path):
     assert len(progress(run)) == 3
     run = train(tmp_path, "never", "--eval-every", "1", "--reward-goal", "1e9", iters=3)
     assert len(progress(run)) == 3
+    # Off schedule: a center that reaches the goal in training is evaluated at once.
+    run = train(tmp_path, "center", "--eval-every", "1000", "--reward-goal", "1", iters=6)
+    rows = progress(run)
+    assert len(rows) == 1 and rows[0]["eval_return_mean"] and float(rows[0]["center_return"]) >= 1
 
 
 def test_from_pretrained_round_trip(tmp_path):
