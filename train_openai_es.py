@@ -101,6 +101,7 @@ def parse_env_kwargs(items):
 
 
 def build_parser():
+    """The argparse parser of every flag (kebab-case, defaults shown in --help)."""
     p = OneLineParser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
@@ -463,9 +464,11 @@ class ObsStats:
         return mean.astype(np.float32), std.astype(np.float32)
 
     def state_dict(self):
+        """{count: float, sum: float64 (D,), sumsq: float64 (D,)}, for the checkpoint."""
         return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
 
     def load_state_dict(self, state):
+        """Restore from `state_dict()`'s output."""
         self.count, self.sum, self.sumsq = float(state["count"]), state["sum"].copy(), state["sumsq"].copy()
 
 
@@ -591,10 +594,12 @@ class OpenAIES:
         self.sigma = max(self.sigma * self.sigma_decay, self.sigma_min)
 
     def state_dict(self):
-        return dict(vars(self))
+        """Everything the optimizer holds (numpy arrays and plain numbers): a copy for the checkpoint."""
+        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
 
     @classmethod
     def from_state_dict(cls, state):
+        """The optimizer exactly as `state_dict()` saw it."""
         es = cls.__new__(cls)
         vars(es).update(state)
         return es
@@ -627,6 +632,11 @@ class RolloutWorker:
             self.policy.obs_std = torch.from_numpy(np.frombuffer(obs_std, dtype=np.float32))
 
     def run(self, task):
+        """Run one task: (noise_seed, sign, sigma, env_seeds, training) -> (returns, steps, obs sums).
+
+        obs sums: (count, sum float64 (D,), sum of squares float64 (D,)) of the observations of a
+        training task with observation normalization, else None.
+        """
         noise_seed, sign, sigma, env_seeds, training = task
         params = perturb(self.center, sigma, noise_seed, sign) if sign else self.center.copy()
         vector_to_parameters(torch.from_numpy(params), self.policy.parameters())
@@ -692,6 +702,7 @@ class RolloutPool:
             self.start()
 
     def start(self):
+        """Start the worker processes (fork where available: no re-import of torch per worker)."""
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         for _ in range(self.num_workers):
@@ -703,6 +714,7 @@ class RolloutPool:
             self.conns.append(parent_conn)
 
     def close(self):
+        """Stop the workers: ask each to exit, kill those still busy after a second."""
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -716,6 +728,7 @@ class RolloutPool:
         self.processes, self.conns = [], []
 
     def set_center(self, theta, obs_mean=None, obs_std=None):
+        """Publish theta (float32 (D,)) and the observation mean/std (float32 (O,)) to the workers."""
         np.frombuffer(self.center, dtype=np.float32)[:] = theta
         if obs_mean is not None:
             np.frombuffer(self.obs_mean, dtype=np.float32)[:] = obs_mean
@@ -831,6 +844,7 @@ class CheckpointUnpickler(pickle.Unpickler):
 
 
 def save_checkpoint(path, state):
+    """Pickle the checkpoint dict atomically (a kill leaves the previous checkpoint intact)."""
     atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -859,6 +873,7 @@ def load_checkpoint(path):
 # 8. Logging: console, CSV, plot, video
 # ------------------------------------------------------------------------------------------------
 def format_duration(seconds):
+    """Seconds as H:MM:SS."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -924,6 +939,7 @@ def record_video(env_config, policy, path_stem, seed):
 
 
 def versions():
+    """Versions of python and of the libraries a run depends on, for args.json."""
     import importlib.metadata as md
     out = {"python": platform.python_version()}
     for name in ("torch", "gymnasium", "numpy", "cma"):
@@ -1196,6 +1212,7 @@ def train(args, given):
 def main(argv=None):
     """Entry point: returns the exit code (0, 2 for bad input, 130 when interrupted)."""
     args, given = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
     def stop(signum, frame):
         raise KeyboardInterrupt
