@@ -294,7 +294,8 @@ def make_env(env_config, training, render_mode=None):
         elif not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
             raise UserError(f"action space {action_space} has infinite bounds: use --action-bounding clip")
         elif not (np.all(action_space.low == -1) and np.all(action_space.high == 1)):
-            env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+            bound = np.ones(action_space.shape, dtype=action_space.dtype)  # in the space's dtype: no precision warning
+            env = gym.wrappers.RescaleAction(env, -bound, bound)
     elif not isinstance(action_space, gym.spaces.Discrete):
         raise UserError(f"action space {action_space} is not supported: only Discrete and 1-D Box")
     obs_space = env.observation_space

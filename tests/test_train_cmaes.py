@@ -1,0 +1,263 @@
+"""Tests of train_cmaes.py: the AttentionAgent and its layout in-process, whole runs through subprocess."""
+
+import csv
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import cma
+import numpy as np
+import pytest
+import torch
+
+import train_cmaes as cm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_cmaes.py")
+AUTHORS = os.path.join(ROOT, "..", "shared", "weights", "attentionagent_carracing.npz")
+needs_authors = pytest.mark.skipif(not os.path.exists(AUTHORS), reason="needs ../shared/weights")
+TINY = ["--population-size", "4", "--num-rollouts", "1", "--max-episode-steps", "50", "--num-eval-rollouts", "1",
+        "--eval-every", "1"]
+
+
+def run_script(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def train(tmp_path, name, *extra, workers=1, iters=2):
+    out = run_script(["--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY, *extra],
+                     cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    return tmp_path / "runs" / name, out
+
+
+def progress(run_dir):
+    with open(run_dir / "progress.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(f)]
+
+
+def assert_one_line_error(out):
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and "error" in lines[0]
+    return lines[0]
+
+
+def authors_params():
+    with np.load(AUTHORS, allow_pickle=False) as data:
+        return data["params"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The agent
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,total,attention,controller", [
+    ({}, 3667, 1184, 2483),
+    ({"query_dim": 2, "bias": False}, 588 + 2483, 588, 2483),
+    ({"controller": "rnn"}, 1184 + 659, 1184, 659),
+    ({"controller": "mlp", "num_frames": 4}, 1184 + 1347, 1184, 1347),
+])
+def test_parameter_counts(kwargs, total, attention, controller):
+    agent = cm.AttentionAgent(**kwargs)
+    assert agent.get_flat().size == total
+    assert agent.part_mask("attention").sum() == attention and agent.part_mask("controller").sum() == controller
+
+
+@pytest.mark.skipif(not os.path.exists(AUTHORS), reason="needs ../shared/weights")
+def test_flat_layout_matches_the_authors_file():
+    params = authors_params()
+    agent = cm.AttentionAgent()
+    agent.set_flat(params)
+    assert np.array_equal(agent.get_flat(), params)  # round trip
+    # fc_q.bias (4), fc_q.weight (4x147), fc_k.bias, fc_k.weight, lstm.bias_hh, bias_ih, weight_hh, weight_ih, fc.bias, fc.weight
+    assert np.array_equal(agent.fc_q.bias.numpy(), params[:4])
+    assert np.array_equal(agent.fc_q.weight.numpy(), params[4:592].reshape(4, 147))
+    assert np.array_equal(agent.fc_k.bias.numpy(), params[592:596])
+    assert np.array_equal(agent.lstm.bias_hh_l0.numpy(), params[1184:1248])
+    assert np.array_equal(agent.lstm.weight_ih_l0.numpy(), params[1184 + 128 + 1024:1184 + 128 + 1024 + 1280].reshape(64, 20))
+    assert np.array_equal(agent.fc.bias.numpy(), params[-51:-48])
+    assert np.array_equal(agent.fc.weight.numpy(), params[-48:].reshape(3, 16))
+    with pytest.raises(ValueError):
+        agent.set_flat(params[:-1])
+
+
+def test_patches_attention_and_top_k_follow_the_paper():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+    agent = cm.AttentionAgent()
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.copy_(torch.randn_like(p))
+    patches = agent.patches(frame).numpy()
+    assert patches.shape == (529, 147)
+    for index in (0, 22, 23, 300, 528):  # row-major patches, each flattened as (row, col, channel)
+        r, c = divmod(index, 23)
+        assert np.allclose(patches[index], frame[4 * r:4 * r + 7, 4 * c:4 * c + 7].reshape(-1) / 255.0)
+    q = patches @ agent.fc_q.weight.numpy().T + agent.fc_q.bias.numpy()
+    k = patches @ agent.fc_k.weight.numpy().T + agent.fc_k.bias.numpy()
+    logits = q @ k.T / np.sqrt(147)
+    attention = np.exp(logits - logits.max(axis=1, keepdims=True))
+    attention /= attention.sum(axis=1, keepdims=True)
+    expected = np.argsort(-attention.sum(axis=0), kind="stable")[:10]
+    assert np.array_equal(agent.attend(frame).numpy(), expected)
+    # The controller sees the top patches' centers (row, col) / 96, most important first.
+    seen = []
+    agent.lstm.forward = lambda x, state: (seen.append(x.clone()) or torch.zeros(1, 16), state)
+    action, _, top = agent(frame, None)
+    centers = np.array([[3 + 4 * (i // 23), 3 + 4 * (i % 23)] for i in expected]) / 96
+    assert np.allclose(seen[0].numpy().reshape(10, 2), centers)
+    assert action.shape == (3,) and np.all(np.abs(action) <= 1)
+
+
+def test_controllers_keep_state_across_steps():
+    frame = np.random.default_rng(1).integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+    for controller in ("lstm", "rnn", "mlp"):
+        torch.manual_seed(0)
+        agent = cm.AttentionAgent(controller=controller)
+        with torch.no_grad():
+            for p in agent.parameters():
+                p.mul_(3)
+        state = agent.initial_state()
+        first, state, _ = agent(frame, state)
+        second, state, _ = agent(frame, state)
+        assert not np.allclose(first, second), controller  # same frame, different memory
+
+
+def test_attention_frame_highlights_the_top_patches():
+    frame = np.full((96, 96, 3), 200, dtype=np.uint8)
+    agent = cm.AttentionAgent()
+    image = cm.attention_frame(frame, torch.tensor([0, 528]), agent, scale=2)
+    assert image.shape == (192, 2 * 192 + 2, 3)
+    left, right = image[:, :192], image[:, 194:]
+    assert np.all(left == 200)
+    assert right[100, 100].tolist() == [70, 70, 70]  # dimmed away from the patches
+    assert right[4, 4].tolist() == [200, 200, 200]  # inside the first patch: raw
+    assert right[0, 0].tolist() == [255, 0, 0]  # its outline, red for the most important
+
+
+@needs_authors
+def test_authors_weights_drive_better_than_a_random_agent():
+    config = {"env_id": "CarRacing-v3", "max_episode_steps": 150, "max_negative_steps": 0}
+    env = cm.make_env(config, training=False)
+    authors = cm.AttentionAgent()
+    authors.set_flat(authors_params())
+    torch.manual_seed(0)
+    random_agent = cm.AttentionAgent()
+    trained = cm.rollout(env, authors, seed=3)[0]
+    untrained = cm.rollout(env, random_agent, seed=3)[0]
+    assert trained > untrained + 20, (trained, untrained)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs
+# ------------------------------------------------------------------------------------------------
+def test_tiny_run_resumes_exactly_and_writes_nothing_outside_its_folder(tmp_path):
+    straight, out = train(tmp_path, "straight", iters=3)
+    assert "CMA-ES searches: 3667" in out.stdout
+    for name in ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz"):
+        assert (straight / name).exists(), name
+    split, _ = train(tmp_path, "split", iters=1)
+    out = run_script(["--resume", str(split), "--max-iter", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert progress(straight) == progress(split) and len(progress(split)) == 3
+    assert np.array_equal(np.load(straight / "final.npz")["params"], np.load(split / "final.npz")["params"])
+    header = list(progress(straight)[0])
+    assert header[:3] == ["iteration", "evaluations", "env_steps"] and "sigma" in header
+    assert sorted(os.listdir(tmp_path)) == ["runs"]  # no outcmaes/ in the current directory
+    assert sorted(os.listdir(tmp_path / "runs")) == ["split", "straight"]
+
+
+def test_one_and_two_workers_give_the_same_run(tmp_path):
+    one, _ = train(tmp_path, "w1", workers=1)
+    two, _ = train(tmp_path, "w2", workers=2)
+    assert progress(one) == progress(two)
+
+
+@needs_authors
+@pytest.mark.parametrize("part,searched", [("controller", 2483), ("attention", 1184)])
+def test_frozen_parts_stay_frozen(tmp_path, part, searched):
+    run, out = train(tmp_path, part, "--train", part, "--init-from", AUTHORS, iters=1)
+    assert f"CMA-ES searches: {searched} ({part})" in out.stdout
+    params, authors = np.load(run / "final.npz")["params"], authors_params()
+    frozen = cm.AttentionAgent().part_mask("attention" if part == "controller" else "controller")
+    assert np.array_equal(params[frozen], authors[frozen])
+    assert not np.array_equal(params[~frozen], authors[~frozen])
+
+
+@needs_authors
+def test_attention_only_with_a_smaller_query(tmp_path):
+    run, out = train(tmp_path, "q2", "--train", "attention", "--init-from", AUTHORS, "--query-dim", "2",
+                     "--no-bias", iters=1)
+    assert "CMA-ES searches: 588 (attention)" in out.stdout
+    params = np.load(run / "final.npz")["params"]
+    assert params.size == 588 + 2483 and np.array_equal(params[588:], authors_params()[1184:])
+
+
+@needs_authors
+def test_from_pretrained_authors_file_and_attention_video(tmp_path):
+    out = run_script(["--from-pretrained", AUTHORS, "--num-eval-rollouts", "2", "--max-episode-steps", "60",
+                      "--num-workers", "2", "--capture-video", "--run-name", "v"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"episode_return mean=\S+ std=\S+ min=\S+ max=\S+ episodes=2",
+                        out.stdout.strip().splitlines()[-1])
+    videos = list((tmp_path / "runs" / "v" / "videos").iterdir())
+    assert len(videos) == 1 and videos[0].stem == "pretrained" and videos[0].stat().st_size > 10_000
+
+
+def test_from_pretrained_round_trip_of_a_trained_file(tmp_path):
+    run, _ = train(tmp_path, "t", "--controller", "rnn", iters=1)
+    out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "1",
+                      "--max-episode-steps", "40"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    params, agent_config, meta = cm.load_weights(str(run / "final.npz"))
+    assert agent_config["controller"] == "rnn" and meta["iteration"] == 1
+    agent = cm.build_agent(agent_config)
+    agent.set_flat(params)
+    env = cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": 40, "max_negative_steps": 0}, training=False)
+    expected = cm.rollout(env, agent, cm.derive_seed(1, cm.EVAL_ENV_STREAM, 0, 0))[0]
+    assert f"mean={expected:.4f}" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+def test_bad_inputs_are_one_line(tmp_path):
+    np.savez(tmp_path / "short.npz", params=np.zeros(100, np.float32))
+    assert "3667" in assert_one_line_error(run_script(["--from-pretrained", "short.npz"], cwd=tmp_path))
+    es_meta = {"format_version": 1, "script": "train_openai_es.py", "env_id": "CarRacing-v3"}
+    np.savez(tmp_path / "es.npz", params=np.zeros(3667, np.float32), meta=np.array(json.dumps(es_meta)))
+    assert "train_openai_es.py" in assert_one_line_error(run_script(["--from-pretrained", "es.npz"], cwd=tmp_path))
+    assert "train_openai_es.py" in assert_one_line_error(run_script(["--init-from", "es.npz"], cwd=tmp_path))
+    assert "--init-sigma" in assert_one_line_error(run_script(["--init-sigma", "0"], cwd=tmp_path))
+    assert "--init-sigma" in assert_one_line_error(run_script(["--init-sigma", "-0.1"], cwd=tmp_path))
+    assert "--init-from" in assert_one_line_error(run_script(["--train", "controller"], cwd=tmp_path))
+    assert "NoSuchEnv" in assert_one_line_error(run_script(["--env-id", "NoSuchEnv-v0"], cwd=tmp_path))
+    assert "observation space" in assert_one_line_error(run_script(["--env-id", "CartPole-v1"], cwd=tmp_path))
+    if os.path.exists(AUTHORS):
+        assert "controller" in assert_one_line_error(run_script(
+            ["--train", "attention", "--init-from", AUTHORS, "--controller", "rnn"], cwd=tmp_path))
+        assert "--top-k" in assert_one_line_error(run_script(["--from-pretrained", AUTHORS, "--top-k", "5"], cwd=tmp_path))
+
+
+def test_crafted_checkpoints_run_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "system.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    assert "os.system" in assert_one_line_error(run_script(["--resume", "system.pkl"], cwd=tmp_path))
+    # pycma evaluates option strings in its constructor: a pickle may rebuild cma objects from
+    # their state, but calling a cma class (or anything but numpy's constructors) is refused.
+    class CallsCma:
+        def __reduce__(self):
+            return cma.CMAEvolutionStrategy, ([0.0, 0.0], 1.0, {"popsize": f"__import__('os').system('touch {marker}')"})
+
+    (tmp_path / "cma.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "cma": CallsCma()}))
+    line = assert_one_line_error(run_script(["--resume", "cma.pkl"], cwd=tmp_path))
+    assert "refusing" in line and "calls CMAEvolutionStrategy" in line
+    assert not marker.exists()
+    (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_ga.py", "format_version": 1}))
+    assert "train_ga.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x05junk")
+    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "junk.pkl"], cwd=tmp_path))
