@@ -141,7 +141,7 @@ def test_attention_frame_highlights_the_top_patches():
 
 @needs_authors
 def test_authors_weights_drive_better_than_a_random_agent():
-    config = {"env_id": "CarRacing-v3", "max_episode_steps": 150, "max_negative_steps": 0}
+    config = {"env_id": "CarRacing-v3", "max_episode_steps": 150, "max_negative_steps": 0, "stock_env": False}
     env = cm.make_env(config, training=False)
     authors = cm.AttentionAgent()
     authors.set_flat(authors_params())
@@ -217,7 +217,7 @@ def test_from_pretrained_round_trip_of_a_trained_file(tmp_path):
     assert agent_config["controller"] == "rnn" and meta["iteration"] == 1
     agent = cm.build_agent(agent_config)
     agent.set_flat(params)
-    env = cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": 40, "max_negative_steps": 0}, training=False)
+    env = cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": 40, "max_negative_steps": 0, "stock_env": False}, training=False)
     expected = cm.rollout(env, agent, cm.derive_seed(1, cm.EVAL_ENV_STREAM, 0, 0))[0]
     assert f"mean={expected:.4f}" in out.stdout
 
@@ -261,3 +261,89 @@ def test_crafted_checkpoints_run_nothing(tmp_path):
     assert "train_ga.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x05junk")
     assert "checkpoint" in assert_one_line_error(run_script(["--resume", "junk.pkl"], cwd=tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast CarRacing: the same frames, bit for bit
+# ------------------------------------------------------------------------------------------------
+def car_env(stock, steps):
+    return cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": steps, "max_negative_steps": 0,
+                        "stock_env": stock}, training=False)
+
+
+def trajectory(env, seed, policy):
+    """Every (observation, reward, terminated, truncated) of one episode, driven by policy(step, obs)."""
+    obs, _ = env.reset(seed=seed)
+    out, step = [(obs, None, None, None)], 0
+    while True:
+        obs, reward, terminated, truncated, _ = env.step(policy(step, obs))
+        out.append((obs, reward, terminated, truncated))
+        step += 1
+        if terminated or truncated:
+            return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (obs_a, *rest_a), (obs_b, *rest_b) in zip(a, b):
+        assert np.array_equal(obs_a, obs_b) and rest_a == rest_b
+
+
+def test_gymnasium_carracing_is_the_version_fastcarracing_was_written_for():
+    # FastCarRacing overrides gymnasium's frame drawing. If this fails, gymnasium's CarRacing changed:
+    # compare its new _render/_render_road with FastCarRacing's, update them, then these hashes.
+    import hashlib
+    import inspect
+    import gymnasium
+    from gymnasium.envs.box2d import car_racing
+    assert gymnasium.__version__ == "1.4.0"
+    expected = {"_render": "55de32c78669c2be", "_render_road": "ececdf992df950f9",
+                "_draw_colored_polygon": "8ab3784d359ee557", "_create_image_array": "8cbafdbd60c14d2f"}
+    for name, digest in expected.items():
+        source = inspect.getsource(getattr(car_racing.CarRacing, name))
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == digest, f"gymnasium's CarRacing.{name} changed"
+
+
+def test_fast_env_gives_the_stock_frames_rewards_and_ends():
+    stock, fast = car_env(True, 250), car_env(False, 250)
+    assert type(stock.unwrapped).__name__ == "CarRacing" and isinstance(fast.unwrapped, cm.FastCarRacing)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform([-1, -1, -1], [1, 1, 1], size=(250, 3)).astype(np.float32)
+    scripted = [  # straight on the track (tiles change color), a hard turn off it, braking on the grass
+        lambda step, obs: np.array([0.0, 0.2, -1.0], np.float32) if step < 120 else np.array([1.0, 1.0, -1.0], np.float32),
+        lambda step, obs: actions[step],
+        lambda step, obs: np.array([np.sin(step / 10), 0.5, 0.5 if step > 200 else -1.0], np.float32),
+    ]
+    for seed, policy in zip((3, 4, 5), scripted):  # several tracks on the same two env objects
+        a = trajectory(stock, seed, policy)
+        assert_same(a, trajectory(fast, seed, policy))
+        assert a[-1][3] and len({r for _, r, _, _ in a[1:]}) > 2  # truncated at 250 steps; tiles were scored
+
+
+@pytest.mark.skipif(not os.path.exists(AUTHORS), reason="needs ../shared/weights")
+def test_agent_acts_identically_on_both_envs():
+    agent = cm.AttentionAgent()
+    agent.set_flat(authors_params())
+    runs = []
+    for stock in (True, False):
+        actions = []
+        env = car_env(stock, 200)
+        state = agent.initial_state()
+
+        def policy(step, obs):
+            nonlocal state
+            action, state, _ = agent(obs, state)
+            actions.append(action)
+            return action
+
+        with torch.inference_mode():
+            returns = sum(r for _, r, _, _ in trajectory(env, 8, policy)[1:])
+        runs.append((np.array(actions), returns))
+    assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_stock_env_flag(tmp_path):
+    args = cm.parse_args(["--stock-env"])[0]
+    assert type(cm.make_env(cm.env_config_from_args(args), training=True).unwrapped).__name__ == "CarRacing"
+    args = cm.parse_args([])[0]
+    assert isinstance(cm.make_env(cm.env_config_from_args(args), training=True).unwrapped, cm.FastCarRacing)
