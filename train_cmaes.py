@@ -474,12 +474,6 @@ class AttentionAgent(nn.Module):
         return action.numpy(), state, top
 
 
-def agent_config_from_args(args, env):
-    """Everything `AttentionAgent(**config)` needs, from the flags and the env's spaces."""
-    return {"image_size": int(env.observation_space.shape[0]), "action_dim": int(env.action_space.shape[0]),
-            **{key: getattr(args, key) for key in AGENT_FLAGS}}
-
-
 def build_agent(agent_config):
     """An AttentionAgent from a config dict (flags or a weights file's meta)."""
     torch.set_num_threads(1)
@@ -884,25 +878,21 @@ def plot_learning_curve(progress_path, image_path, title):
 def attention_frame(frame, top, agent, scale=4):
     """The paper's picture: the raw frame beside the same frame with the top-k patches highlighted.
 
-    frame uint8 (S, S, 3), top int64 (k,) -> uint8 (S scale, 2 S scale + scale, 3): left raw, right
-    dimmed except the attended patches, each outlined (brightest for the most important).
+    frame uint8 (S, S, 3), top int64 (k,) -> uint8 (S scale, 2 S scale + scale, 3): left raw; right
+    dimmed except the attended patches, each outlined from red (most important) to yellow.
     """
-    highlighted = (frame.astype(np.float32) * 0.35).astype(np.uint8)
     n = (agent.image_size - agent.patch_size) // agent.patch_stride + 1
-    p = agent.patch_size
-    for rank, index in enumerate(top.tolist()):
-        r, c = divmod(index, n)
-        r, c = r * agent.patch_stride, c * agent.patch_stride
+    p, big = agent.patch_size, lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
+    corners = [(r * agent.patch_stride, c * agent.patch_stride) for r, c in (divmod(i, n) for i in top.tolist())]
+    highlighted = (frame.astype(np.float32) * 0.35).astype(np.uint8)
+    for r, c in corners:
         highlighted[r:r + p, c:c + p] = frame[r:r + p, c:c + p]
-    big = lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
-    right = big(highlighted)
-    for rank, index in enumerate(top.tolist()):
-        r, c = divmod(index, n)
-        r, c = r * agent.patch_stride * scale, c * agent.patch_stride * scale
-        s = p * scale
-        color = np.array([255, int(255 * rank / max(1, len(top) - 1)), 0], dtype=np.uint8)  # red = most important
-        right[r, c:c + s] = right[min(r + s, right.shape[0]) - 1, c:c + s] = color
-        right[r:r + s, c] = right[r:r + s, min(c + s, right.shape[1]) - 1] = color
+    right, side = big(highlighted), p * scale
+    for rank, (r, c) in enumerate(corners):
+        r, c, last = r * scale, c * scale, side - 1
+        color = np.array([255, int(255 * rank / max(1, len(corners) - 1)), 0], dtype=np.uint8)
+        right[r, c:c + side] = right[r + last, c:c + side] = color
+        right[r:r + side, c] = right[r:r + side, c + last] = color
     gap = np.full((right.shape[0], scale, 3), 255, dtype=np.uint8)
     return np.concatenate([big(frame), gap, right], axis=1)
 
