@@ -247,11 +247,13 @@ class FastCarRacing(car_racing.CarRacing):
         inside = (x >= -margin) & (x <= car_racing.WINDOW_W + margin) & (y >= -margin) & (y <= car_racing.WINDOW_H + margin)
         return inside.any(axis=1)
 
+    def reset(self, *, seed=None, options=None):
+        self._road_array = None  # a new track: its vertices are gathered at its first frame
+        return super().reset(seed=seed, options=options)
+
     def _road_vertices(self):
-        """(R, 4, 2) float64 vertices of `self.road_poly`, computed once per track."""
-        key = (id(self.road_poly), len(self.road_poly))
-        if getattr(self, "_road_key", None) != key:
-            self._road_key = key
+        """(R, 4, 2) float64 vertices of `self.road_poly`, gathered once per track."""
+        if getattr(self, "_road_array", None) is None:
             self._road_array = np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
         return self._road_array
 
