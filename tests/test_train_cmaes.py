@@ -347,3 +347,11 @@ def test_stock_env_flag(tmp_path):
     assert type(cm.make_env(cm.env_config_from_args(args), training=True).unwrapped).__name__ == "CarRacing"
     args = cm.parse_args([])[0]
     assert isinstance(cm.make_env(cm.env_config_from_args(args), training=True).unwrapped, cm.FastCarRacing)
+
+
+def test_fast_env_culls_with_the_current_tracks_vertices():
+    env = car_env(False, 10).unwrapped
+    for seed in range(6):  # every reset makes a new track; the culling must use its vertices
+        env.reset(seed=seed)
+        expected = np.array([poly for poly, _ in env.road_poly], dtype=np.float64)
+        assert np.array_equal(env._road_vertices(), expected)
