@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from multiprocessing.connection import wait
 
 import gymnasium as gym
@@ -1596,6 +1597,9 @@ def main(argv=None):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(1)
+    # gymnasium's image wrappers build float64-bounded Boxes and warn about it; harmless, and it would
+    # bury the one-line errors.
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
     try:
         if args.from_pretrained:
             return run_from_pretrained(args, given)
