@@ -1295,6 +1295,7 @@ def run_from_pretrained(args, given):
     start = time.perf_counter()
     try:
         returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)
+        elapsed = time.perf_counter() - start
         if args.multitask:
             name = args.run_name or default_run_name(args, "__eval")
             os.makedirs(os.path.join(args.logs_dir, name), exist_ok=True)
@@ -1302,7 +1303,6 @@ def run_from_pretrained(args, given):
             report_noise_study(study, args.multitask, os.path.join(args.logs_dir, name))
     finally:
         pool.close()
-    elapsed = time.perf_counter() - start
     if args.capture_video and not args.multitask:
         name = args.run_name or default_run_name(args, "__eval")
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
