@@ -1349,7 +1349,7 @@ def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
     student.requires_grad_(False)
     return total / len(x)
 
