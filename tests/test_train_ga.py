@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -280,6 +281,30 @@ def test_multitask_needs_vector_envs_and_two_layers(tmp_path):
         run_script(["--multitask", "CartPole-v1", "LunarLander-v3", "--hidden-sizes", "8"], cwd=tmp_path))
     assert "images" in assert_one_line_error(
         run_script(["--multitask", "CartPole-v1", "CarRacing-v3", "--max-iter", "1"], cwd=tmp_path))
+
+
+def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker():
+    configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", "CartPole-v1"])[0])
+    policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
+    dim = ga_mod.num_params(ga_mod.build_policy(policy_config))
+    members = np.random.default_rng(0).normal(0, 1, (8, dim)).astype(np.float32)
+    tasks = [(i, [100 + i], True, ()) for i in range(8)]
+    local = ga_mod.RolloutPool(1, configs, policy_config, 8, dim)
+    local.set_members(members)
+    expected = local.map(tasks)
+    assert len({r[0][0][0] for r in expected}) > 1  # the members differ, so a mix-up would show
+    pool = ga_mod.RolloutPool(2, configs, policy_config, 8, dim)
+    try:
+        pool.set_members(members)
+        assert pool.map(tasks) == expected
+        warnings = []
+        victim = pool.processes[0]
+        threading.Timer(0.05, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
+        assert pool.map_with_restarts(tasks * 60, warn=warnings.append) == expected * 60
+        assert len(warnings) == 1 and "restarting" in warnings[0]
+        assert not victim.is_alive() and all(p.is_alive() for p in pool.processes)
+    finally:
+        pool.close()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("slimevolleygym") is None, reason="needs slimevolleygym (optional)")
