@@ -1397,7 +1397,7 @@ def run_distillation(args, given):
                            args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index))
         print(f"round {round_index + 1}/{args.distill_rounds}: {'teacher' if round_index == 0 else 'student'} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
-              f"{sum(len(x) for x in xs)} pairs; loss {loss:.5f}")
+              f"{sum(len(x) for x in xs)} pairs; loss {loss:.3g}")
     rows, evaluations = [], {}
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
