@@ -1,0 +1,545 @@
+"""Tests of train_ga.py: operators and invariants in-process, whole runs through subprocess."""
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+import train_ga as ga_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_ga.py")
+TINY = ["--population-size", "6", "--elite-size", "2", "--max-episode-steps", "50", "--num-eval-rollouts", "2"]
+
+
+def run_script(args, cwd, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
+    architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
+    env_flags = [] if "--multitask" in extra else ["--env-id", env]
+    out = run_script([*env_flags, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters),
+                      *TINY, *architecture, *extra], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    return tmp_path / "runs" / name
+
+
+def progress(run_dir, drop=("wall_time_s",)):
+    with open(run_dir / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+
+
+def assert_one_line_error(out):
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "error" in lines[0]
+    return lines[0]
+
+
+def make_ga(population, **kwargs):
+    return ga_mod.GeneticAlgorithm(np.asarray(population, np.float32), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Operators
+# ------------------------------------------------------------------------------------------------
+def test_blx_alpha_children_lie_in_the_widened_interval_and_cover_it():
+    rng = np.random.default_rng(0)
+    x = np.array([0.0, 1.0, -2.0, 5.0, 3.0], np.float32)
+    y = np.array([1.0, 1.0, 2.0, -1.0, 3.5], np.float32)
+    alpha = 0.5
+    low, high = np.minimum(x, y), np.maximum(x, y)
+    d = high - low
+    lo, hi = low - alpha * d, high + alpha * d
+    children = np.stack([c for _ in range(4000) for c in ga_mod.crossover(x, y, rng, "blx-alpha", alpha)])
+    assert children.dtype == np.float32
+    assert np.all(children >= lo - 1e-6) and np.all(children <= hi + 1e-6)
+    varying = d > 0
+    span = (hi - lo)[varying]
+    # Covered: the extremes come within 1% of both widened bounds, ...
+    assert np.all(children[:, varying].min(0) - lo[varying] < 0.01 * span)
+    assert np.all(hi[varying] - children[:, varying].max(0) < 0.01 * span)
+    # ... and uniformly: the parts outside [min, max] hold alpha d / ((1 + 2 alpha) d) = 1/4 each.
+    outside_low = (children[:, varying] < low[varying]).mean(0)
+    outside_high = (children[:, varying] > high[varying]).mean(0)
+    assert np.allclose(outside_low, 0.25, atol=0.03) and np.allclose(outside_high, 0.25, atol=0.03)
+    assert np.all(children[:, 1] == 1.0)  # equal genes: d = 0, the child keeps the value
+    # alpha = 0: the children stay between the parents.
+    zero = np.stack([c for _ in range(200) for c in ga_mod.crossover(x, y, rng, "blx-alpha", 0.0)])
+    assert np.all(zero >= low - 1e-6) and np.all(zero <= high + 1e-6)
+
+
+def test_one_point_and_uniform_crossover_only_swap_genes():
+    rng = np.random.default_rng(1)
+    x, y = np.zeros(10, np.float32), np.ones(10, np.float32)
+    for _ in range(50):
+        a, b = ga_mod.crossover(x, y, rng, "one-point")
+        cut = int(np.argmax(a == 1))
+        assert 1 <= cut <= 9 and np.all(a[:cut] == 0) and np.all(a[cut:] == 1)
+        assert np.array_equal(a + b, np.ones(10))
+    a, b = ga_mod.crossover(np.arange(1000, dtype=np.float32), -np.arange(1000, dtype=np.float32), rng, "uniform")
+    assert np.array_equal(np.abs(a), np.arange(1000)) and np.array_equal(a, -b)
+    assert 0.4 < (a < 0).mean() < 0.6
+
+
+def test_ranking_probabilities_monotone_and_sum_to_one():
+    rng = np.random.default_rng(2)
+    fitness = rng.normal(size=50) * 100 - 30
+    for pressure in (1.0, 1.5, 2.0):
+        p = ga_mod.selection_probabilities(fitness, "ranking", pressure)
+        assert p.sum() == pytest.approx(1.0) and np.all(p >= 0)
+        order = np.argsort(fitness)
+        assert np.all(np.diff(p[order]) >= -1e-15)  # fitter -> at least as likely
+        assert p.max() == pytest.approx(pressure / 50) and p.min() == pytest.approx((2 - pressure) / 50)
+    assert np.allclose(ga_mod.selection_probabilities(fitness, "ranking", 1.0), 1 / 50)
+    tied = ga_mod.selection_probabilities([3.0, 1.0, 3.0, 2.0], "ranking", 2.0)
+    assert tied[0] == tied[2] and tied.sum() == pytest.approx(1.0) and tied[1] < tied[3] < tied[0]
+    # Only the order matters, not the scale.
+    assert np.allclose(ga_mod.selection_probabilities(fitness ** 3, "ranking"), ga_mod.selection_probabilities(fitness, "ranking"))
+
+
+def test_roulette_works_with_negative_fitness():
+    fitness = np.array([-120.0, -100.0, -20.0, -60.0])
+    p = ga_mod.selection_probabilities(fitness, "roulette")
+    assert p.sum() == pytest.approx(1.0) and np.all(p >= 0)
+    assert np.allclose(p, (fitness + 120) / (fitness + 120).sum())
+    assert np.argmax(p) == 2 and p[0] == 0
+    assert np.allclose(ga_mod.selection_probabilities(np.full(4, -7.0), "roulette"), 0.25)  # all equal: uniform
+    rng = np.random.default_rng(3)
+    counts = np.bincount(ga_mod.select_parents(fitness, 20000, rng, "roulette"), minlength=4)
+    assert np.allclose(counts / 20000, p, atol=0.02)
+
+
+def test_tournament_selection():
+    rng = np.random.default_rng(4)
+    fitness = np.array([5.0, -1.0, 9.0, 0.0])
+    assert np.all(ga_mod.select_parents(fitness, 100, rng, "tournament", tournament_size=40) == 2)
+    counts = np.bincount(ga_mod.select_parents(fitness, 8000, rng, "tournament", tournament_size=1), minlength=4)
+    assert np.allclose(counts / 8000, 0.25, atol=0.03)  # size 1: uniform
+    counts = np.bincount(ga_mod.select_parents(fitness, 8000, rng, "tournament", tournament_size=2), minlength=4)
+    assert counts[2] > counts[0] > counts[3] > counts[1]
+
+
+@pytest.mark.parametrize("method", ["gaussian", "uniform"])
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_mutation_rate_is_what_it_says(method, rate):
+    rng = np.random.default_rng(5)
+    n = 200_000
+    x = np.zeros(n, np.float32)
+    y = ga_mod.mutate(x, rng, rate=rate, scale=0.3, method=method)
+    changed = y != 0
+    assert abs(changed.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / n) + 1e-12  # within 5 binomial sigmas
+    if rate:
+        if method == "gaussian":
+            assert y[changed].std() == pytest.approx(0.3, rel=0.05) and abs(y[changed].mean()) < 0.01
+        else:
+            assert np.all(np.abs(y) <= 0.3) and y[changed].std() == pytest.approx(0.3 / np.sqrt(3), rel=0.05)
+    assert y.dtype == np.float32 and np.all(x == 0)  # a new array
+
+
+def test_parents_vs_children_keeps_parents_when_children_are_worse():
+    population = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    ga = make_ga(population, replacement="parents-vs-children", mutation_rate=1.0, seed=0)
+    ga.ask()
+    parent_fitness = np.arange(8.0)
+    ga.tell(parent_fitness)
+    children = ga.ask()
+    parents = ga.pending[1]
+    assert not any(np.array_equal(c, p) for c in children for p in population)  # all mutated
+    # Children of pair 0 are better than their parents, the other pairs' children are worse.
+    fitness = np.full(8, -100.0)
+    fitness[0:2] = parent_fitness[parents[0]].sum() / 2 + 1
+    ga.tell(fitness)
+    assert np.array_equal(ga.population[0:2], children[0:2]) and np.all(ga.fitness[0:2] == fitness[0:2])
+    for k in range(1, 4):
+        assert np.array_equal(ga.population[2 * k:2 * k + 2], population[parents[k]])
+        assert np.array_equal(ga.fitness[2 * k:2 * k + 2], parent_fitness[parents[k]])
+    assert ga.children_accepted == 2
+    # A tie keeps the parents: the children must beat them.
+    ga.ask()
+    parents = ga.pending[1]
+    kept_population, kept_fitness = ga.population.copy(), ga.fitness.copy()
+    ga.tell(kept_fitness[parents.ravel()][::-1].reshape(4, 2)[::-1].ravel())  # same sums per pair
+    assert np.array_equal(ga.population, kept_population[parents.ravel()]) and ga.children_accepted == 0
+
+
+def test_elites_survive_and_are_re_evaluated():
+    rng = np.random.default_rng(6)
+    population = rng.normal(size=(10, 4)).astype(np.float32)
+    ga = make_ga(population, replacement="generational", elite_size=3, mutation_rate=1.0, seed=1)
+    ga.ask()
+    fitness = np.array([3.0, 9.0, 1.0, 7.0, 0.0, 8.0, 2.0, 4.0, 5.0, 6.0])
+    ga.tell(fitness)
+    candidates = ga.ask()
+    assert candidates.shape == (10, 4)
+    assert np.array_equal(candidates[:3], population[[1, 5, 3]])  # the three best, unchanged, first
+    assert not any(np.array_equal(c, p) for c in candidates[3:] for p in population)
+    # Their fitness is the new (fresh-episode) one, not the old: a lucky elite drops out.
+    new_fitness = np.array([-50.0, 4.0, 4.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    ga.tell(new_fitness)
+    assert np.array_equal(ga.population[:3], population[[1, 5, 3]])
+    assert np.array_equal(ga.fitness, new_fitness)
+    assert np.array_equal(ga.best()[0], population[3]) and ga.best()[1] == 4.5
+    assert not any(np.array_equal(c, population[1]) for c in ga.ask()[:3])  # the unlucky elite is gone
+
+
+def test_ga_is_deterministic_and_round_trips_through_pickle():
+    population = np.random.default_rng(7).normal(size=(6, 5)).astype(np.float32)
+    a, b = make_ga(population, seed=3), make_ga(population, seed=3)
+    for ga in (a, b):
+        ga.ask()
+        ga.tell(np.arange(6.0))
+    assert np.array_equal(a.ask(), b.ask())
+    a.tell(np.arange(6.0)[::-1])
+    clone = ga_mod.GeneticAlgorithm.from_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    assert np.array_equal(a.ask(), clone.ask())
+    other = make_ga(population, seed=4)
+    other.ask()
+    other.tell(np.arange(6.0))
+    b.tell(np.arange(6.0)[::-1])
+    assert not np.array_equal(b.ask(), other.ask())
+
+
+def test_ga_evolves_towards_a_target():
+    target = np.linspace(-1, 1, 8).astype(np.float32)
+    rng = np.random.default_rng(8)
+    for replacement in ("generational", "parents-vs-children"):
+        ga = make_ga(rng.normal(size=(32, 8)), replacement=replacement, mutation_scale=0.1, seed=0)
+        for _ in range(60):
+            candidates = ga.ask()
+            ga.tell(-np.square(candidates - target).sum(1))
+        start = np.square(rng.normal(size=(32, 8)) - target).sum(1).min()
+        assert -ga.best()[1] < 0.1 * start, replacement
+
+
+# ------------------------------------------------------------------------------------------------
+# Policies and envs
+# ------------------------------------------------------------------------------------------------
+def test_flat_vector_round_trip_and_original_walker_size():
+    policy = ga_mod.Policy(obs_shape=(24,), num_actions=4, discrete=False)  # the default 24-20-12-12-4
+    theta = parameters_to_vector(policy.parameters())
+    assert theta.numel() == 24 * 20 + 20 + 20 * 12 + 12 + 12 * 12 + 12 + 12 * 4 + 4
+    new = torch.randn_like(theta)
+    vector_to_parameters(new, policy.parameters())
+    assert torch.equal(parameters_to_vector(policy.parameters()), new)
+    assert torch.equal(policy.layers[0].weight.flatten(), new[:480])  # weights then bias, layer by layer
+    action = policy.act(np.ones(24, np.float32))
+    assert action.shape == (4,) and np.all(np.abs(action) <= 1)
+    batch = policy(torch.ones(5, 24))  # the distillation path: same outputs in a batch
+    assert batch.shape == (5, 4) and torch.allclose(batch[0], torch.from_numpy(action), atol=1e-6)
+    discrete = ga_mod.Policy(obs_shape=(4,), num_actions=2, discrete=True, hidden_sizes=(8,))
+    assert isinstance(discrete.act(np.ones(4, np.float32)), int)
+
+
+def test_multitask_policy_shares_its_trunk():
+    tasks = [{"obs_shape": [4], "discrete": True, "num_actions": 2},
+             {"obs_shape": [24], "discrete": False, "num_actions": 4}]
+    policy = ga_mod.MultitaskPolicy(tasks, hidden_sizes=(8, 6), activation="tanh")
+    assert [m.in_features for m in policy.inputs] == [4, 24]
+    assert policy.trunk[0].in_features == 16 and [h.out_features for h in policy.heads] == [2, 4]
+    torch.manual_seed(0)
+    vector_to_parameters(torch.randn(ga_mod.num_params(policy)), policy.parameters())
+    a, b = np.ones(4, np.float32), np.ones(24, np.float32)
+    discrete_action, box_action = policy.act([a, b])
+    assert isinstance(discrete_action, int) and box_action.shape == (4,) and np.all(np.abs(box_action) <= 1)
+    # Task 1's action depends on task 0's input: that is what the noise study probes.
+    assert not np.allclose(policy.act([a * -3, b])[1], box_action)
+
+
+def test_multitask_rollout_noise_changes_only_what_it_should():
+    configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--multitask", "CartPole-v1", "LunarLander-v3",
+                                                              "--max-episode-steps", "40"])[0])
+    policy_config = ga_mod.policy_config_from_envs(configs, [8, 8], "tanh")
+    torch.manual_seed(1)
+    policy = ga_mod.build_policy(policy_config)
+    envs = [ga_mod.make_env(c, training=False) for c in configs]
+    real = ga_mod.multitask_rollout(envs, policy, 5)
+    assert real == ga_mod.multitask_rollout([ga_mod.make_env(c, training=False) for c in configs], policy, 5)
+    noisy = ga_mod.multitask_rollout([ga_mod.make_env(c, training=False) for c in configs], policy, 5, noisy=(0,))
+    assert len(real[0]) == 2 and real != noisy and real[1] <= 80
+
+
+def test_multitask_needs_vector_envs_and_two_layers(tmp_path):
+    assert "--hidden-sizes" in assert_one_line_error(
+        run_script(["--multitask", "CartPole-v1", "LunarLander-v3", "--hidden-sizes", "8"], cwd=tmp_path))
+    assert "images" in assert_one_line_error(
+        run_script(["--multitask", "CartPole-v1", "CarRacing-v3", "--max-iter", "1"], cwd=tmp_path))
+
+
+def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker():
+    configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", "CartPole-v1"])[0])
+    policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
+    dim = ga_mod.num_params(ga_mod.build_policy(policy_config))
+    members = np.random.default_rng(0).normal(0, 1, (8, dim)).astype(np.float32)
+    tasks = [(i, [100 + i], True, ()) for i in range(8)]
+    local = ga_mod.RolloutPool(1, configs, policy_config, 8, dim)
+    local.set_members(members)
+    expected = local.map(tasks)
+    assert len({r[0][0][0] for r in expected}) > 1  # the members differ, so a mix-up would show
+    pool = ga_mod.RolloutPool(2, configs, policy_config, 8, dim)
+    try:
+        pool.set_members(members)
+        assert pool.map(tasks) == expected
+        warnings = []
+        victim = pool.processes[0]
+        threading.Timer(0.05, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
+        assert pool.map_with_restarts(tasks * 60, warn=warnings.append) == expected * 60
+        assert len(warnings) == 1 and "restarting" in warnings[0]
+        assert not victim.is_alive() and all(p.is_alive() for p in pool.processes)
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("slimevolleygym") is None, reason="needs slimevolleygym (optional)")
+def test_slimevolley_adapter_and_shaped_fitness(tmp_path):
+    config = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", "SlimeVolley-v0"])[0])[0]
+    env = ga_mod.make_env(config, training=False)
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (12,) and obs.dtype == np.float32 and env.action_space.n == 6
+    shaped = ga_mod.make_env(dict(config, slime_fitness="shaped"), training=True)
+    shaped.reset(seed=3)
+    assert shaped.step(0)[1] == pytest.approx(0.01)  # surviving a step
+    run = train(tmp_path, "slime", "--slime-fitness", "shaped", env="SlimeVolley-v0", iters=1)
+    row = progress(run)[0]
+    assert 0 < float(row["return_min"]) <= 0.5 + 1 and float(row["eval_return_mean"]) <= 0  # eval: the score
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs
+# ------------------------------------------------------------------------------------------------
+def test_run_folder_files_and_columns(tmp_path):
+    run = train(tmp_path, "cp", "--eval-every", "1")
+    for name in ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz"):
+        assert (run / name).exists(), name
+    with open(run / "progress.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header[:10] == ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
+                           "return_max", "return_std", "eval_return_mean", "eval_return_std"]
+    rows = progress(run)
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and [int(r["evaluations"]) for r in rows] == [6, 12]
+    assert all(r["eval_return_mean"] for r in rows)
+    assert [int(r["children_accepted"]) for r in rows] == [6, 4]  # generational with 2 elites
+    assert float(rows[1]["best_fitness"]) <= float(rows[1]["return_max"])
+    config = json.loads((run / "args.json").read_text())
+    assert config["replacement"] == "generational" and config["versions"]["torch"].startswith("2.13.0")
+    with np.load(run / "final.npz", allow_pickle=False) as data:
+        assert data["params"].dtype == np.float32 and data["params"].ndim == 1
+        meta, size = json.loads(str(data["meta"])), data["params"].size
+    assert meta["script"] == "train_ga.py" and meta["env_id"] == "CartPole-v1"
+    assert meta["policy"]["hidden_sizes"] == [8] and size == 4 * 8 + 8 + 8 * 2 + 2
+
+
+def test_one_and_two_workers_give_the_same_run(tmp_path):
+    # BipedalWalker: Box2D, rebuilt per episode; fitness differs per member, so any mix-up shows.
+    one = train(tmp_path, "w1", "--eval-every", "2", env="BipedalWalker-v3", workers=1, iters=3)
+    two = train(tmp_path, "w2", "--eval-every", "2", env="BipedalWalker-v3", workers=2, iters=3)
+    assert progress(one) == progress(two)
+    assert len({r["return_mean"] for r in progress(one)}) == 3
+    assert np.array_equal(np.load(one / "final.npz")["params"], np.load(two / "final.npz")["params"])
+
+
+@pytest.mark.parametrize("replacement", ["generational", "parents-vs-children"])
+def test_resume_is_exact(tmp_path, replacement):
+    extra = ["--eval-every", "2", "--replacement", replacement, "--selection", "tournament"]
+    straight = train(tmp_path, "straight", *extra, iters=5)
+    split = train(tmp_path, "split", *extra, iters=2)
+    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resuming at generation 2" in out.stdout
+    assert progress(straight) == progress(split)
+    assert np.array_equal(np.load(straight / "final.npz")["params"], np.load(split / "final.npz")["params"])
+
+
+def test_resume_refuses_algorithm_changes_and_drops_late_rows(tmp_path):
+    run = train(tmp_path, "r", iters=1)
+    line = assert_one_line_error(run_script(["--resume", str(run), "--mutation-rate", "0.5"], cwd=tmp_path))
+    assert "--mutation-rate" in line
+    reference = progress(run)
+    with open(run / "progress.csv", "a") as f:  # as if killed between the CSV row and the checkpoint
+        f.write("2,99,1,1,1,1,1,1,,,1,1,1,1,1\r\n")
+    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = progress(run)
+    assert rows[:1] == reference and len(rows) == 2 and rows[1]["evaluations"] == "12"
+
+
+def test_sigterm_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "term", "--num-workers", "2", "--max-iter", "100000",
+                             *TINY, "--hidden-sizes", "8", "--eval-every", "1000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "runs" / "term" / "checkpoint.pkl"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"--resume {os.path.join('runs', 'term')}" in stderr and "Traceback" not in stderr
+    _, state = ga_mod.load_checkpoint(str(checkpoint))
+    done = state["ga"]["generation"]
+    assert done >= 1 and len(progress(tmp_path / "runs" / "term")) >= done
+
+
+def test_reward_goal_stops_the_run(tmp_path):
+    run = train(tmp_path, "g", "--eval-every", "1000", "--reward-goal", "5", iters=6)
+    rows = progress(run)
+    assert len(rows) == 1 and rows[0]["eval_return_mean"]  # the best member reached it: evaluated at once
+
+
+def test_from_pretrained_and_init_from(tmp_path):
+    run = train(tmp_path, "ll", iters=2, env="LunarLander-v3")
+    out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "3", "--num-workers", "2",
+                      "--max-episode-steps", "50"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"episode_return mean=(\S+) std=(\S+) min=(\S+) max=(\S+) episodes=3", last)
+    assert match, last
+    params, meta = ga_mod.load_weights(str(run / "final.npz"))
+    policy = ga_mod.make_policy(meta["policy"], params)
+    env = ga_mod.make_env(dict(meta["env"], max_episode_steps=50), training=False)
+    returns = [ga_mod.rollout(env, policy, ga_mod.derive_seed(1, ga_mod.EVAL_ENV_STREAM, 0, e))[0] for e in range(3)]
+    assert float(match.group(1)) == pytest.approx(np.mean(returns), abs=1e-3)
+    # --init-from: member 0 of the first generation is the file's weights.
+    init = train(tmp_path, "b", "--init-from", str(run / "final.npz"), "--seed", "5", iters=1, env="LunarLander-v3")
+    _, state = ga_mod.load_checkpoint(str(init))
+    assert np.array_equal(state["ga"]["population"][0], params)
+    assert "--hidden-sizes" in assert_one_line_error(
+        run_script(["--init-from", str(run / "final.npz"), "--hidden-sizes", "4"], cwd=tmp_path))
+
+
+def test_distillation_end_to_end(tmp_path):
+    teacher = train(tmp_path, "teacher", iters=2, env="LunarLander-v3")
+    out = run_script(["--distill-from", str(teacher / "final.npz"), "--hidden-sizes", "3", "--distill-episodes", "2",
+                      "--distill-rounds", "2", "--distill-epochs", "3", "--num-eval-rollouts", "3",
+                      "--max-episode-steps", "50", "--run-name", "d"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    table = {row["model"]: row for row in csv.DictReader(open(tmp_path / "runs" / "d" / "distillation.csv"))}
+    assert table["teacher"]["architecture"] == "8-8-4" and table["student"]["architecture"] == "8-3-4"
+    assert int(table["student"]["parameters"]) == 8 * 3 + 3 + 3 * 4 + 4 < int(table["teacher"]["parameters"])
+    assert re.search(r"teacher .* \| -?\d+\.\d\d ± \d+\.\d\d", out.stdout) and "round 2/2: student drove" in out.stdout
+    # The student is a weights file of this script: it evaluates to the table's number on the same episodes.
+    check = run_script(["--from-pretrained", str(tmp_path / "runs" / "d" / "student.npz"), "--num-eval-rollouts", "3",
+                        "--max-episode-steps", "50"], cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    mean = float(re.search(r"episode_return mean=(\S+)", check.stdout).group(1))
+    assert mean == pytest.approx(float(table["student"]["mean"]), abs=0.006)
+    assert "--hidden-sizes" in assert_one_line_error(
+        run_script(["--distill-from", str(teacher / "final.npz")], cwd=tmp_path))
+
+
+def test_multitask_end_to_end_with_noise_study(tmp_path):
+    run = train(tmp_path, "mt", "--multitask", "CartPole-v1", "BipedalWalker-v3", "--hidden-sizes", "6", "4",
+                "--eval-every", "1", iters=2, workers=2)
+    rows = progress(run)
+    assert len(rows) == 2 and "return_mean[BipedalWalker-v3]" in rows[0]
+    # Fitness is the sum of normalized returns: CartPole / 475 + BipedalWalker / 300.
+    assert float(rows[0]["return_max"]) < 50 / 475 + 1
+    study = list(csv.DictReader(open(run / "noise_study.csv")))
+    assert [r["condition"] for r in study] == ["both real", "noise into CartPole-v1", "noise into BipedalWalker-v3",
+                                               "noise into both"]
+    assert (run / "noise_study.png").stat().st_size > 1000
+    assert study[0]["CartPole-v1 mean"] != study[1]["CartPole-v1 mean"] or \
+        study[0]["BipedalWalker-v3 mean"] != study[1]["BipedalWalker-v3 mean"]
+    out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "2", "--max-episode-steps",
+                      "50", "--run-name", "mt-eval"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "noise into both" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("episode_return mean=")
+    assert (tmp_path / "runs" / "mt-eval" / "noise_study.csv").exists()
+
+
+@pytest.mark.parametrize("env_id,extra", [
+    ("LunarLander-v3", ["--env-kwargs", "continuous=true", "--crossover", "one-point", "--selection", "roulette"]),
+    ("CarRacing-v3", ["--frame-size", "48", "--frame-stack", "2", "--crossover", "uniform", "--mutation", "uniform"]),
+])
+def test_trains_on_other_envs_and_operators(tmp_path, env_id, extra):
+    run = train(tmp_path, "e", *extra, "--num-eval-rollouts", "1", env=env_id, iters=2)
+    rows = progress(run)
+    assert len(rows) == 2 and all(np.isfinite(float(r["return_mean"])) for r in rows)
+
+
+def test_capture_video(tmp_path):
+    run = train(tmp_path, "v", "--capture-video", "--eval-every", "1", iters=1)
+    videos = list((run / "videos").iterdir())
+    assert [v.name.split(".")[0] for v in videos] == ["iter-00001"] and videos[0].stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing damaged
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,expected", [
+    (["--mutation-rate", "1.5"], "--mutation-rate must be in [0, 1]"),
+    (["--mutation-rate", "-0.1"], "--mutation-rate must be in [0, 1]"),
+    (["--crossover-rate", "2"], "--crossover-rate must be in [0, 1]"),
+    (["--population-size", "1"], "at least 2"),
+    (["--population-size", "5", "--replacement", "parents-vs-children"], "even"),
+    (["--elite-size", "64"], "--elite-size"),
+    (["--selection-pressure", "3"], "--selection-pressure"),
+    (["--mutation-scale", "0"], "--mutation-scale"),
+    (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"),
+    (["--env-id", "FrozenLake-v1"], "observation space"),
+    (["--from-pretrained", "missing.npz"], "does not exist"),
+    (["--resume", "nowhere"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, args, expected):
+    line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
+    assert expected in line
+
+
+def test_bad_weights_and_checkpoints(tmp_path):
+    run = train(tmp_path, "ok", iters=1)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    params, meta = ga_mod.load_weights(str(run / "final.npz"))
+    # Weights of another architecture: the meta says 8 hidden units, the file holds fewer values.
+    np.savez(tmp_path / "short.npz", params=params[:-3], meta=np.array(json.dumps(meta)))
+    assert "parameters" in assert_one_line_error(run_script(["--from-pretrained", "short.npz"], cwd=tmp_path))
+    assert "parameters" in assert_one_line_error(run_script(["--init-from", "short.npz"], cwd=tmp_path))
+    # ... or a policy for other spaces (CartPole's 4 inputs) on another env.
+    lunar = dict(meta, env=dict(meta["env"], env_id="LunarLander-v3"), env_id="LunarLander-v3", env_ids=["LunarLander-v3"])
+    np.savez(tmp_path / "foreign_env.npz", params=params, meta=np.array(json.dumps(lunar)))
+    assert "does not fit" in assert_one_line_error(run_script(["--from-pretrained", "foreign_env.npz"], cwd=tmp_path))
+    assert "LunarLander-v3" in assert_one_line_error(
+        run_script(["--from-pretrained", str(run / "final.npz"), "--env-id", "LunarLander-v3"], cwd=tmp_path))
+    es_meta = dict(meta, script="train_openai_es.py")
+    np.savez(tmp_path / "es.npz", params=params, meta=np.array(json.dumps(es_meta)))
+    assert "train_openai_es.py" in assert_one_line_error(run_script(["--from-pretrained", "es.npz"], cwd=tmp_path))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert "cannot read" in assert_one_line_error(run_script(["--from-pretrained", "junk.npz"], cwd=tmp_path))
+    # Checkpoints: truncated, foreign, crafted. None of them runs anything or touches the run folder.
+    (tmp_path / "truncated.pkl").write_bytes((run / "checkpoint.pkl").read_bytes()[:100])
+    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "truncated.pkl"], cwd=tmp_path))
+    (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
+    assert "train_cmaes.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    marker = tmp_path / "pwned"
+    crafted = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (tmp_path / "crafted.pkl").write_bytes(crafted)
+    assert "os.system" in assert_one_line_error(run_script(["--resume", "crafted.pkl"], cwd=tmp_path))
+    assert not marker.exists()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"script": ga_mod.SCRIPT, "format_version": 1, "x": Evil()}))
+    assert "refusing" in assert_one_line_error(run_script(["--resume", "evil.pkl"], cwd=tmp_path))
+    assert not marker.exists()
+    # Starting a new run in a folder that holds one would overwrite it: refused.
+    assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
+    assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
