@@ -235,17 +235,20 @@ class FastCarRacing(car_racing.CarRacing):
     GRASS_VERTICES = np.array(GRASS, dtype=np.float64)  # (400, 4, 2)
 
     def _maybe_visible(self, vertices, zoom, translation, angle):
-        """Boolean (P,): polygons (P, V, 2) that may pass `_draw_colored_polygon`'s screen check.
+        """Boolean (P,): polygons (P, V, 2) that may change a pixel of the frame.
 
-        Same rotation and transform as the stock check, vectorized; its bounds widened by one pixel,
-        so that float differences can only keep a polygon, never drop one the stock env draws.
+        Same rotation and transform as gymnasium's, vectorized. A polygon is dropped when it cannot
+        pass `_draw_colored_polygon`'s own screen check, or when its bounding box misses the surface:
+        then no draw call can touch a pixel. Both tests are widened by a margin (1 and 2 pixels), so
+        float differences can only keep a polygon, never drop one that draws.
         """
         cos, sin = math.cos(angle), math.sin(angle)
         x = (vertices[..., 0] * cos - vertices[..., 1] * sin) * zoom + translation[0]
         y = (vertices[..., 0] * sin + vertices[..., 1] * cos) * zoom + translation[1]
-        margin = car_racing.MAX_SHAPE_DIM + 1.0
-        inside = (x >= -margin) & (x <= car_racing.WINDOW_W + margin) & (y >= -margin) & (y <= car_racing.WINDOW_H + margin)
-        return inside.any(axis=1)
+        width, height, margin = car_racing.WINDOW_W, car_racing.WINDOW_H, car_racing.MAX_SHAPE_DIM + 1.0
+        passes_check = ((x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)).any(axis=1)
+        touches = (x.max(axis=1) >= -2) & (x.min(axis=1) <= width + 2) & (y.max(axis=1) >= -2) & (y.min(axis=1) <= height + 2)
+        return passes_check & touches
 
     def reset(self, *, seed=None, options=None):
         self._road_array = None  # a new track: its vertices are gathered at its first frame
