@@ -26,7 +26,6 @@ import argparse
 import collections
 import csv
 import dataclasses
-import io
 import json
 import math
 import multiprocessing as mp
@@ -403,8 +402,8 @@ class AttentionAgent(nn.Module):
         offset = patch_size // 2
         grid = offset + patch_stride * torch.arange(n, dtype=torch.float32)
         rows, cols = torch.meshgrid(grid, grid, indexing="ij")
-        # Patch centers (row, col) in pixels, (n^2, 2), row-major like the patches.
-        self.patch_centers = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+        # Patch centers (row, col) / image size, (n^2, 2), row-major like the patches: the controller's inputs.
+        self.patch_positions = torch.stack([rows.flatten(), cols.flatten()], dim=1) / image_size
         self.attention_scale = 1.0 / math.sqrt(self.patch_dim)
 
     def part_modules(self):
@@ -467,7 +466,7 @@ class AttentionAgent(nn.Module):
     def forward(self, frame, state):
         """frame uint8 (S, S, 3), controller state -> (action float32 (action_dim,) in [-1, 1], state, top-k)."""
         top = self.attend(frame)
-        features = (self.patch_centers[top] / self.image_size).flatten()
+        features = self.patch_positions[top].flatten()
         if self.controller == "lstm":
             h, state = self.lstm(features.unsqueeze(0), state)
         elif self.controller == "rnn":
@@ -816,7 +815,7 @@ def load_checkpoint(path):
         path = os.path.join(path, "checkpoint.pkl")
     try:
         with open(path, "rb") as f:
-            state = CheckpointUnpickler(io.BytesIO(f.read())).load()
+            state = CheckpointUnpickler(f).load()
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError as e:
@@ -1030,10 +1029,10 @@ def train(args, given):
         # Take the file's weights wherever its modules have this agent's shapes. The searched part may
         # differ (e.g. --train attention --query-dim 2 --no-bias) and then starts fresh; a frozen part must fit.
         source, _, _ = agent_from_file(args.init_from, image_size, action_dim)
+        shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
             for name in names:
                 target, origin = getattr(agent, name), getattr(source, name, None)
-                shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
                 if origin is not None and shapes(target) == shapes(origin):
                     target.load_state_dict(origin.state_dict())
                 elif part != args.train:

@@ -583,7 +583,7 @@ def num_params(policy):
 def rollout(env, policy, seed, record=None):
     """Run one episode with `env.reset(seed=seed)`. Returns (episode return: float, steps: int).
 
-    record: a list to which (observation, policy output) pairs are appended (distillation), or None.
+    record: a list to which every observation the policy sees is appended (distillation), or None.
     """
     obs, _ = env.reset(seed=seed)
     total, steps = 0.0, 0
