@@ -27,17 +27,21 @@ Examples:
 """
 
 import argparse
+import ctypes
 import csv
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
 import pickle
 import platform
 import signal
+import socket
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from multiprocessing.connection import wait
 
@@ -55,7 +59,7 @@ PROGRESS_COLUMNS = [
     "iteration", "evaluations", "env_steps", "wall_time_s",
     "return_min", "return_mean", "return_max", "return_std",
     "eval_return_mean", "eval_return_std",
-    "best_fitness", "children_accepted", "mutation_rate", "mutation_scale", "param_norm",
+    "best_fitness", "children_accepted", "mutation_rate", "mutation_scale", "param_norm", "num_cpus",
 ]
 # Streams of randomness, each derived from (seed, stream, generation, member, rollout).
 INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
@@ -63,9 +67,17 @@ INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 TASKS_IN_FLIGHT = 2
 # learning_curve.png is redrawn at an evaluation at most this often (and always at the end).
 PLOT_INTERVAL_S = 30.0
+# Ray (--ray-address): a task whose worker process or node died is re-run up to RAY_TASK_RETRIES
+# times; the driver checks on the cluster every RAY_POLL_S while it waits and gives the cluster up
+# when its GCS has not answered for RAY_LOST_AFTER_S (Ray itself would end the process at 60 s).
+RAY_TASK_RETRIES = 3
+RAY_POLL_S = 1.0
+RAY_LOST_AFTER_S = 20.0
 # Flags that --resume may set anew; everything else comes from the checkpoint.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "eval_every", "num_eval_rollouts",
+RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
                 "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
+# Where a run executes is never taken from its checkpoint: a run resumes on any cluster or locally.
+PLACEMENT_FLAGS = ("num_workers", "ray_address")
 # Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
 META_POLICY_FLAGS = ("hidden_sizes", "activation")
@@ -116,7 +128,12 @@ def build_parser():
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     g.add_argument("--num-workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="rollout worker processes (default: usable cores); 1 runs in-process")
+                   help="rollout worker processes (default: usable cores); 1 runs in-process. With "
+                        "--ray-address: the most rollouts running at once (default: every CPU of the cluster)")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or auto "
+                        "for the cluster started on this machine (default: $RAY_ADDRESS if set, else "
+                        "local worker processes)")
     g.add_argument("--population-size", type=int, default=64, help="members per generation")
     g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=int, default=1,
@@ -260,6 +277,14 @@ def parse_args(argv=None):
         args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     except ValueError as e:
         parser.error(str(e))
+    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    if args.ray_address:
+        try:
+            import_ray()
+        except UserError as e:
+            parser.error(str(e))
+        if "num_workers" not in given:
+            args.num_workers = None  # every CPU of the cluster
     return args, given
 
 
@@ -912,13 +937,24 @@ class RolloutPool:
         self.rows, self.dim = rows, dim
         self.members = mp.RawArray("f", rows * dim)
         self.worker_args = (env_configs, policy_config, self.members, dim)
-        self.local = RolloutWorker(*self.worker_args) if num_workers == 1 else None
-        self.processes, self.conns = [], []
-        if self.local is None:
-            self.start()
+        self.processes, self.conns, self.local = [], [], None
+        self.start()
+
+    @property
+    def num_cpus(self):
+        """CPUs running rollouts: one per worker process."""
+        return self.num_workers
+
+    def describe(self):
+        """The workers, for the console."""
+        return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
 
     def start(self):
-        """Start the worker processes (fork where available: no re-import of torch per worker)."""
+        """Build the in-process worker (num_workers == 1) or start the worker processes (fork where
+        available: no re-import of torch per worker)."""
+        if self.num_workers == 1:
+            self.local = self.local or RolloutWorker(*self.worker_args)
+            return
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         for _ in range(self.num_workers):
@@ -1003,6 +1039,167 @@ def evaluate(pool, params, seed, iteration, episodes, noisy=()):
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
     results = pool.map_with_restarts(tasks, warn=print)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
+
+
+def import_ray():
+    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt") from None
+    return ray
+
+
+def connect_ray(address):
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head), once per process.
+
+    Returns the ray module. Raises UserError when Ray is missing or no cluster answers there (an
+    address nobody listens on is probed first: ray.init would wait on it for minutes).
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    if address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError):
+            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                            "or check the address (HOST:PORT, or auto)") from None
+    try:
+        ray.init(address=address, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
+
+
+# A Ray worker process runs many tasks: it keeps the RolloutWorker of each pool it served, with the
+# buffers its shared arrays live in and the version of the arrays they hold.
+RAY_WORKERS = {}
+
+
+def ray_rollout(pool_key, version, worker_args, task):
+    """A Ray task: `RolloutWorker.run(task)` in this Ray worker process.
+
+    worker_args: the pool's worker arguments with each shared array as a float32 numpy array (from
+    the object store). The RolloutWorker (env and policy) is built at the process's first task of
+    the pool and reused; the arrays are copied into its buffers once per version (generation).
+    """
+    if pool_key not in RAY_WORKERS:
+        buffers = [mp.RawArray("f", a.size) if isinstance(a, np.ndarray) else a for a in worker_args]
+        RAY_WORKERS[pool_key] = [RolloutWorker(*buffers), buffers, None]
+    cached = RAY_WORKERS[pool_key]
+    worker, buffers, seen = cached
+    if seen != version:
+        for buffer, value in zip(buffers, worker_args):
+            if isinstance(value, np.ndarray):
+                np.frombuffer(buffer, dtype=np.float32)[:] = value
+        cached[2] = version
+    return worker.run(task)
+
+
+class RayClusterError(Exception):
+    """The Ray cluster is gone or keeps failing: the run stops with its last checkpoint intact."""
+
+
+class RayRolloutPool(RolloutPool):
+    """The rollouts as Ray tasks on a cluster (--ray-address): same tasks, same results, same order.
+
+    Each batch's shared arrays go once into Ray's object store (`ray.put`); a task carries the same
+    small tuple as on the local pool (member row, env seeds, training, noise condition). A Ray worker process builds
+    its env and policy at its first task and keeps them (`ray_rollout`). Ray re-runs a task whose
+    worker process or node died (RAY_TASK_RETRIES times), on any node, so losing a node costs only
+    its rollouts. num_workers, when set, caps the tasks running at once; None uses every CPU of the
+    cluster, including nodes that join later.
+    """
+
+    def __init__(self, address, *args, **kwargs):
+        self.address = address
+        super().__init__(*args, **kwargs)
+
+    def start(self):
+        """Join the cluster and declare the Ray task."""
+        self.ray = connect_ray(self.address)
+        self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        self.key, self.version = uuid.uuid4().hex, 0
+        try:
+            self.gcs_address = self.ray.get_runtime_context().gcs_address
+        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.gcs_address = None
+
+    def close(self):
+        """Nothing to stop: the cluster's worker processes end with this driver's Ray job."""
+
+    @property
+    def num_cpus(self):
+        """CPUs running rollouts: the cluster's CPUs, capped by num_workers."""
+        cluster = int(self.ray.cluster_resources().get("CPU", 0))
+        return min(cluster, self.num_workers) if self.num_workers else cluster
+
+    def describe(self):
+        """The cluster, for the console."""
+        nodes = sum(node["Alive"] for node in self.ray.nodes())
+        cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
+        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
+
+    def gcs_answers(self):
+        """Whether the cluster's GCS (its head) accepts a TCP connection."""
+        host, _, port = self.gcs_address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    def wait(self, refs, num_returns):
+        """ray.wait for num_returns of refs, checking on the cluster meanwhile: the refs not done."""
+        silent_since = None
+        while True:
+            _, pending = self.ray.wait(refs, num_returns=num_returns, timeout=RAY_POLL_S, fetch_local=False)
+            if len(refs) - len(pending) >= num_returns:
+                return pending
+            if self.gcs_address is None or self.gcs_answers():
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            if time.monotonic() - silent_since >= RAY_LOST_AFTER_S:
+                raise RayClusterError(f"lost the Ray cluster at {self.address}: its head ({self.gcs_address}) "
+                                      f"has not answered for {RAY_LOST_AFTER_S:.0f} s")
+
+    def map(self, tasks):
+        """Run the tasks on the cluster; a list of results in task order."""
+        self.version += 1
+        shared = tuple(np.frombuffer(a, dtype=np.float32) if isinstance(a, ctypes.Array) else a
+                       for a in self.worker_args)
+        shared_ref = self.ray.put(shared)  # once per batch, not once per task
+        refs, running = [], []
+        for task in tasks:
+            if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
+                running = self.wait(running, len(running) - self.num_workers + 1)
+            refs.append(self.remote.remote(self.key, self.version, shared_ref, task))
+            running.append(refs[-1])
+        self.wait(refs, len(refs))
+        return self.ray.get(refs)
+
+    def map_with_restarts(self, tasks, warn):
+        """`map`; Ray already re-ran the tasks of dead workers. Raises UserError for an error in the
+        rollout code, RayClusterError when the cluster is gone or the retries ran out."""
+        try:
+            return self.map(tasks)
+        except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
+            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
+        except (self.ray.exceptions.RayError, ConnectionError) as e:
+            raise RayClusterError(f"rollouts failed on the Ray cluster at {self.address} after "
+                                  f"{RAY_TASK_RETRIES} retries: {str(e).strip().splitlines()[0]}") from None
+
+
+def open_pool(args, *pool_args):
+    """The rollout pool the command line asks for: RayRolloutPool with --ray-address, else RolloutPool."""
+    if args.ray_address:
+        return RayRolloutPool(args.ray_address, args.num_workers, *pool_args)
+    return RolloutPool(args.num_workers, *pool_args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1290,8 +1487,8 @@ def run_from_pretrained(args, given):
     dim = num_params(policy)
     check_weights_fit(args.from_pretrained, params, meta, policy_config, dim)
     print(policy)
-    print(f"parameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   workers: {args.num_workers}")
-    pool = RolloutPool(args.num_workers, env_configs, policy_config, 1, dim)
+    pool = open_pool(args, env_configs, policy_config, 1, dim)
+    print(f"parameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   workers: {pool.describe()}")
     start = time.perf_counter()
     try:
         returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)
@@ -1401,7 +1598,7 @@ def run_distillation(args, given):
     rows, evaluations = [], {}
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        pool = RolloutPool(args.num_workers, env_configs, config, 1, params.size)
+        pool = open_pool(args, env_configs, config, 1, params.size)
         try:
             returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)[0][:, 0]
         finally:
@@ -1434,6 +1631,7 @@ def train(args, given):
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
         saved = dict(checkpoint["args"])
         saved.update({key: getattr(args, key) for key in given & RESUME_FLAGS})
+        saved.update({key: getattr(args, key) for key in PLACEMENT_FLAGS})
         args = argparse.Namespace(**saved)
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
@@ -1467,6 +1665,7 @@ def train(args, given):
         counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
                     "best_eval": -math.inf, "goal_streak": 0}
 
+    pool = open_pool(args, env_configs, policy_config, args.population_size, dim)  # before any file is touched
     os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
@@ -1479,7 +1678,7 @@ def train(args, given):
     log = (lambda *a, **k: None) if args.quiet else print
     title = f"GA on {args.env_id} (seed {args.seed})"
     print(policy)
-    print(f"parameters: {dim}   population: {args.population_size}   workers: {args.num_workers}   "
+    print(f"parameters: {dim}   population: {args.population_size}   workers: {pool.describe()}   "
           f"run folder: {run_dir}")
     if args.multitask:
         print("multitask fitness = " + " + ".join(f"{e} / {s:g}" for e, s in zip(env_ids, scales)))
@@ -1489,7 +1688,6 @@ def train(args, given):
     def meta(params, iteration, evaluation=None):
         return weights_meta(args, env_configs, policy_config, dim, evaluation, iteration)
 
-    pool = RolloutPool(args.num_workers, env_configs, policy_config, args.population_size, dim)
     session_start, first_generation, wall_offset = time.perf_counter(), ga.generation, counters["wall_time_s"]
     last_plot = -math.inf
     csv_file = open(paths["progress.csv"], "a", newline="")
@@ -1540,6 +1738,7 @@ def train(args, given):
                                            derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
                     log(f"video {path}")
             counters["env_steps"] += steps
+            num_cpus = pool.num_cpus
             now = time.perf_counter()
             counters["wall_time_s"] = wall_offset + (now - start_time)
             evaluated = eval_returns is not None
@@ -1548,14 +1747,14 @@ def train(args, given):
                              f"{returns.std():.6g}", f"{eval_returns.mean():.6g}" if evaluated else "",
                              f"{eval_returns.std():.6g}" if evaluated else "", f"{best_fitness:.6g}",
                              ga.children_accepted, f"{ga.mutation_rate:.6g}", f"{ga.mutation_scale:.6g}",
-                             f"{float(np.linalg.norm(best_params)):.6g}"]
+                             f"{float(np.linalg.norm(best_params)):.6g}", num_cpus]
                             + ([f"{m:.6g}" for m in task_returns.mean((0, 1))] if args.multitask else []))
             csv_file.flush()
             eta = (now - session_start) / (iteration - first_generation) * (args.max_iter - iteration)
             log(f"iter {iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
                 f"{returns.min():8.2f} mean {returns.mean():8.2f} max {returns.max():8.2f} | best "
                 f"{counters['best_return']:8.2f} | best member {best_fitness:8.2f} | children in "
-                f"{ga.children_accepted:>4d} | {steps / (now - t0):8,.0f} steps/s | "
+                f"{ga.children_accepted:>4d} | {steps / (now - t0):8,.0f} steps/s | cpus {num_cpus} | "
                 f"{format_duration(counters['wall_time_s'])} elapsed | ETA {format_duration(eta)}")
             if evaluated and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
                 plot_learning_curve(paths["progress.csv"], paths["learning_curve.png"], title)
@@ -1572,10 +1771,12 @@ def train(args, given):
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
             study = noise_study(pool, final_params, env_ids, args.seed, args.num_eval_rollouts)
             report_noise_study(study, env_ids, run_dir)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the checkpoint of generation {ga.generation} is kept in {paths['checkpoint.pkl']}\n"
-              f"resume with: python {SCRIPT} --resume {run_dir}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, RayClusterError) as e:
+        reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
+        print(f"{reason}: the checkpoint of generation {ga.generation} is kept in {paths['checkpoint.pkl']}\n"
+              f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, "
+              "or locally)", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
         csv_file.close()
         pool.close()
@@ -1589,7 +1790,8 @@ def train(args, given):
 
 
 def main(argv=None):
-    """Entry point: returns the exit code (0, 2 for bad input, 130 when interrupted)."""
+    """Entry point: returns the exit code (0; 2 for bad input; 1 when the Ray cluster is lost; 130 when
+    interrupted)."""
     args, given = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
@@ -1607,6 +1809,9 @@ def main(argv=None):
     except UserError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 2
+    except RayClusterError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
