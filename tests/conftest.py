@@ -4,3 +4,90 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def free_port():
+    """A TCP port nobody listens on at the moment, on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """A one-node Ray cluster of this machine: `ray start --head --block` on free loopback ports.
+
+    `--block` keeps the CLI in the foreground, so stop() ends this cluster and no other Ray on the
+    machine. Every port the head would take by default gets a free one: two clusters can coexist.
+    """
+
+    def __init__(self, num_cpus=2):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--num-cpus={num_cpus}",
+             f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+             "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the test's Ray cluster did not start")
+                time.sleep(0.2)
+
+    def stop(self):
+        """Stop the cluster (its head process and everything it started)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs for the whole session; the test skips where Ray is not installed."""
+    pytest.importorskip("ray")
+    cluster = RayCluster(num_cpus=2)
+    yield cluster
+    cluster.stop()
+
+
+def kill_running_rollout(proc, timeout=120):
+    """SIGKILL one Ray worker process while it runs a rollout task (its title is ray::ray_rollout),
+    as long as `proc` (the training run) is alive. Returns the pid killed, or None."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    running = f.read().startswith(b"ray::ray_rollout")
+            except (OSError, ValueError):
+                continue
+            if running:
+                os.kill(int(pid), signal.SIGKILL)
+                return int(pid)
+        time.sleep(0.005)
+    return None
+
+
+@pytest.fixture
+def rollout_killer():
+    """kill_running_rollout, for tests that kill a Ray worker mid-run (needs Linux's /proc)."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc to find Ray's worker processes")
+    return kill_running_rollout

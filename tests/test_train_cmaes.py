@@ -34,9 +34,10 @@ def train(tmp_path, name, *extra, workers=1, iters=2):
     return tmp_path / "runs" / name, out
 
 
-def progress(run_dir):
+# Where a run ran (wall clock, CPUs) is not part of its result.
+def progress(run_dir, drop=("wall_time_s", "num_cpus")):
     with open(run_dir / "progress.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
 def assert_one_line_error(out):
@@ -355,3 +356,36 @@ def test_fast_env_culls_with_the_current_tracks_vertices():
         env.reset(seed=seed)
         expected = np.array([poly for poly, _ in env.road_poly], dtype=np.float64)
         assert np.array_equal(env._road_vertices(), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray (--ray-address): the tests with a cluster skip where Ray is not installed
+# ------------------------------------------------------------------------------------------------
+def test_without_ray_the_flag_is_a_one_line_error(tmp_path):
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, SCRIPT, "--ray-address", "auto"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert "requirements-ray.txt" in assert_one_line_error(out)
+
+
+def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
+    local, _ = train(tmp_path, "local", workers=2)
+    out = run_script(["--run-name", "ray", "--max-iter", "2", *TINY, "--ray-address", ray_cluster.address], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"Ray cluster at {ray_cluster.address} (2 CPUs on 1 node)" in out.stdout
+    ray_run = tmp_path / "runs" / "ray"
+    assert progress(ray_run, drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))
+    assert {row["num_cpus"] for row in progress(ray_run, drop=())} == {"2"}
+
+
+def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_cluster, rollout_killer):
+    flags = ["--max-iter", "2", *TINY, "--quiet"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = rollout_killer(proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "no rollout was running to be killed"
+    assert proc.returncode == 0, stderr
+    local, _ = train(tmp_path, "local", "--quiet", workers=2)
+    assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))

@@ -38,7 +38,8 @@ def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
     return tmp_path / "runs" / name
 
 
-def progress(run_dir, drop=("wall_time_s",)):
+# Where a run ran (wall clock, CPUs) is not part of its result.
+def progress(run_dir, drop=("wall_time_s", "num_cpus")):
     with open(run_dir / "progress.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return [{k: v for k, v in row.items() if k not in drop} for row in rows]
@@ -543,3 +544,42 @@ def test_bad_weights_and_checkpoints(tmp_path):
     # Starting a new run in a folder that holds one would overwrite it: refused.
     assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
     assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray (--ray-address): the tests with a cluster skip where Ray is not installed
+# ------------------------------------------------------------------------------------------------
+def test_without_ray_the_flag_is_a_one_line_error(tmp_path):
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, SCRIPT, "--ray-address", "auto"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert "requirements-ray.txt" in assert_one_line_error(out)
+
+
+def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
+    multitask = ["--multitask", "CartPole-v1", "Acrobot-v1"]  # tasks carry the noise-study condition too
+    local = train(tmp_path, "local", *multitask, workers=2)
+    out = run_script(["--run-name", "ray", "--max-iter", "2", *TINY, "--hidden-sizes", "8", *multitask],
+                     cwd=tmp_path, env=dict(os.environ, RAY_ADDRESS=ray_cluster.address))  # as --ray-address
+    assert out.returncode == 0, out.stderr
+    assert f"Ray cluster at {ray_cluster.address} (2 CPUs on 1 node)" in out.stdout
+    ray_run = tmp_path / "runs" / "ray"
+    assert progress(ray_run, drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))
+    assert {row["num_cpus"] for row in progress(ray_run, drop=())} == {"2"}
+    assert (ray_run / "noise_study.csv").read_text() == (local / "noise_study.csv").read_text()
+
+
+def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_cluster, rollout_killer):
+    flags = ["--env-id", "BipedalWalker-v3", "--max-iter", "3", *TINY, "--hidden-sizes", "8",
+             "--population-size", "8", "--max-episode-steps", "300", "--quiet"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = rollout_killer(proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "no rollout was running to be killed"
+    assert proc.returncode == 0, stderr
+    local = run_script(["--run-name", "local", "--num-workers", "2", *flags], cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(tmp_path / "runs" / "local",
+                                                                                 drop=("wall_time_s",))

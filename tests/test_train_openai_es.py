@@ -40,7 +40,8 @@ def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
     return tmp_path / "runs" / name
 
 
-def progress(run_dir, drop=("wall_time_s",)):
+# Where a run ran (wall clock, CPUs) is not part of its result.
+def progress(run_dir, drop=("wall_time_s", "num_cpus")):
     with open(run_dir / "progress.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return [{k: v for k, v in row.items() if k not in drop} for row in rows]
@@ -528,3 +529,136 @@ def test_bad_weights_and_checkpoints(tmp_path):
     # Starting a new run in a folder that holds one would overwrite it: refused.
     assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
     assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray (--ray-address): the tests with a cluster skip where Ray is not installed
+# ------------------------------------------------------------------------------------------------
+def run_without_ray(args, cwd, env=None):
+    """Run the script in an interpreter where `import ray` fails, as where Ray is not installed."""
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_without_ray_the_flag_is_a_one_line_error_and_nothing_else_needs_ray(tmp_path):
+    line = assert_one_line_error(run_without_ray(["--ray-address", "auto"], cwd=tmp_path))
+    assert "needs Ray" in line and "requirements-ray.txt" in line
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:6379")  # honoured as Ray does
+    assert "needs Ray" in assert_one_line_error(run_without_ray(["--max-iter", "1"], cwd=tmp_path, env=env))
+    assert not (tmp_path / "runs").exists()
+    out = run_without_ray(["--run-name", "local", "--num-workers", "2", "--max-iter", "1", "--hidden-sizes", "8",
+                           *TINY], cwd=tmp_path)  # no flag: the local pool, Ray never imported
+    assert out.returncode == 0, out.stderr
+    assert "2 worker processes" in out.stdout
+    assert [row["num_cpus"] for row in progress(tmp_path / "runs" / "local", drop=())] == ["2"]
+
+
+def test_ray_rollout_builds_its_worker_once_and_loads_each_version_of_the_arrays():
+    config = env_config("CartPole-v1")
+    probe = es_mod.make_env(config, training=False)
+    policy_config = es_mod.policy_config_from_env(probe, es_mod.parse_args(["--hidden-sizes", "8"])[0])
+    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
+    rng = np.random.default_rng(0)
+    thetas = [rng.normal(0, 0.5, dim).astype(np.float32) for _ in range(2)]
+    stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
+    task = (7, 1, 0.5, [3, 4], True)
+    local = es_mod.RolloutPool(1, config, policy_config, dim, 4)
+    expected = []
+    for theta in thetas:
+        local.set_center(theta, *stats)
+        expected.append(local.map([task])[0])
+    assert expected[0][0] != expected[1][0]
+    key = "test-pool"
+    try:
+        for version, theta in enumerate(thetas, start=1):
+            for _ in range(2):
+                returns, steps, obs = es_mod.ray_rollout(key, version, (config, policy_config, theta, *stats), task)
+                assert returns == expected[version - 1][0] and steps == expected[version - 1][1]
+                np.testing.assert_array_equal(obs[1], expected[version - 1][2][1])
+            worker = es_mod.RAY_WORKERS[key][0]
+            assert es_mod.RAY_WORKERS[key][2] == version
+        assert es_mod.RAY_WORKERS[key][0] is worker  # env and policy built once for the pool
+    finally:
+        es_mod.RAY_WORKERS.pop(key, None)
+
+
+def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
+    local = train(tmp_path, "local", workers=2)
+    out = run_script(["--env-id", "CartPole-v1", "--run-name", "ray", "--max-iter", "2", "--hidden-sizes", "8", *TINY,
+                      "--ray-address", ray_cluster.address], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"Ray cluster at {ray_cluster.address} (2 CPUs on 1 node)" in out.stdout
+    ray_run = tmp_path / "runs" / "ray"
+    assert progress(ray_run, drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))
+    assert {row["num_cpus"] for row in progress(ray_run, drop=())} == {"2"}
+    # --num-workers caps the rollouts running at once; RAY_ADDRESS stands for the flag.
+    out = run_script(["--env-id", "CartPole-v1", "--run-name", "capped", "--max-iter", "2", "--hidden-sizes", "8", *TINY,
+                      "--num-workers", "1"], cwd=tmp_path, env=dict(os.environ, RAY_ADDRESS=ray_cluster.address))
+    assert out.returncode == 0, out.stderr
+    assert "at most 1 rollouts at once" in out.stdout
+    assert progress(tmp_path / "runs" / "capped") == progress(local)
+    assert {row["num_cpus"] for row in progress(tmp_path / "runs" / "capped", drop=())} == {"1"}
+    # --from-pretrained evaluates on the cluster too, with the local pool's numbers.
+    summaries = []
+    for placement in (["--num-workers", "2"], ["--ray-address", ray_cluster.address]):
+        out = run_script(["--from-pretrained", str(local / "final.npz"), "--num-eval-rollouts", "3", *placement],
+                         cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        summaries.append(out.stdout.strip().splitlines()[-1])
+    assert summaries[0] == summaries[1]
+
+
+def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_cluster, rollout_killer):
+    flags = ["--env-id", "BipedalWalker-v3", "--max-iter", "3", "--hidden-sizes", "8", *TINY,
+             "--population-size", "8", "--max-episode-steps", "300", "--quiet"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = rollout_killer(proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "no rollout was running to be killed"
+    assert proc.returncode == 0, stderr
+    local = run_script(["--run-name", "local", "--num-workers", "2", *flags], cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(tmp_path / "runs" / "local",
+                                                                                 drop=("wall_time_s",))
+
+
+def test_ray_address_nobody_answers_is_a_one_line_error(tmp_path):
+    pytest.importorskip("ray")
+    from conftest import free_port
+    line = assert_one_line_error(run_script(["--ray-address", f"127.0.0.1:{free_port()}"], cwd=tmp_path))
+    assert "no Ray cluster answers" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_losing_the_cluster_ends_with_a_message_and_the_run_resumes_locally(tmp_path):
+    pytest.importorskip("ray")
+    from conftest import RayCluster
+    flags = ["--env-id", "CartPole-v1", "--hidden-sizes", "8", *TINY, "--eval-every", "1000"]
+    cluster = RayCluster(num_cpus=2)
+    try:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "lost", "--max-iter", "100000", *flags,
+                                 "--ray-address", cluster.address, "--quiet"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = tmp_path / "runs" / "lost"
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pkl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        cluster.stop()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if "train_openai_es.py" in line]
+    assert "error: lost the Ray cluster" in lines[0] and "the checkpoint of generation" in lines[0]
+    assert f"resume with: python train_openai_es.py --resume {run}" in stderr
+    generation = es_mod.load_checkpoint(str(run))[1]["es"]["generation"]
+    assert generation >= 1 and len(progress(run)) >= generation
+    # Resumed without --ray-address, on this machine: it continues exactly.
+    out = run_script(["--resume", str(run), "--max-iter", str(generation + 2), "--num-workers", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    straight = run_script(["--run-name", "straight", "--max-iter", str(generation + 2), *flags], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    assert progress(run) == progress(tmp_path / "runs" / "straight")
