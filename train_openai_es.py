@@ -39,6 +39,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from multiprocessing.connection import wait
@@ -66,11 +67,11 @@ TASKS_IN_FLIGHT = 2
 # learning_curve.png is redrawn at an evaluation at most this often (and always at the end).
 PLOT_INTERVAL_S = 30.0
 # Ray (--ray-address): a task whose worker process or node died is re-run up to RAY_TASK_RETRIES
-# times; the driver checks on the cluster every RAY_POLL_S while it waits and gives the cluster up
-# when its GCS has not answered for RAY_LOST_AFTER_S (Ray itself would end the process at 60 s).
+# times. A watchdog thread checks every RAY_POLL_S that the cluster's head and this machine's Ray
+# node still answer, and gives the cluster up after RAY_LOST_AFTER_S of silence.
 RAY_TASK_RETRIES = 3
 RAY_POLL_S = 1.0
-RAY_LOST_AFTER_S = 20.0
+RAY_LOST_AFTER_S = 10.0
 # Flags that --resume may set anew; everything else comes from the checkpoint.
 RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
                 "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
@@ -723,6 +724,7 @@ class RolloutPool:
         self.obs_mean, self.obs_std = mp.RawArray("f", obs_dim), mp.RawArray("f", obs_dim)
         self.worker_args = (env_config, policy_config, self.center, self.obs_mean, self.obs_std)
         self.processes, self.conns, self.local = [], [], None
+        self.on_lost = None  # RayRolloutPool: () -> what to tell about the checkpoint if the cluster is lost
         self.start()
 
     @property
@@ -887,7 +889,7 @@ class RayRolloutPool(RolloutPool):
     its env and policy at its first task and keeps them (`ray_rollout`). Ray re-runs a task whose
     worker process or node died (RAY_TASK_RETRIES times), on any node, so losing a node costs only
     its rollouts. num_workers, when set, caps the tasks running at once; None uses every CPU of the
-    cluster, including nodes that join later.
+    cluster, including nodes that join later. A lost cluster ends the process through `watch`.
     """
 
     def __init__(self, address, *args, **kwargs):
@@ -895,17 +897,26 @@ class RayRolloutPool(RolloutPool):
         super().__init__(*args, **kwargs)
 
     def start(self):
-        """Join the cluster and declare the Ray task."""
+        """Join the cluster, declare the Ray task and start the watchdog."""
         self.ray = connect_ray(self.address)
         self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
         self.key, self.version = uuid.uuid4().hex, 0
+        self.probes = []  # (what, host, port) that must keep accepting TCP connections
         try:
-            self.gcs_address = self.ray.get_runtime_context().gcs_address
-        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
-            self.gcs_address = None
+            context = self.ray.get_runtime_context()
+            host, _, port = context.gcs_address.rpartition(":")
+            self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
+            node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
+            self.probes.append((f"this machine's Ray node ({node['NodeManagerAddress']}:{node['NodeManagerPort']})",
+                                node["NodeManagerAddress"], int(node["NodeManagerPort"])))
+        except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
+            pass
+        self.closed = threading.Event()
+        threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def close(self):
-        """Nothing to stop: the cluster's worker processes end with this driver's Ray job."""
+        """Stop the watchdog; the cluster's worker processes end with this driver's Ray job."""
+        self.closed.set()
 
     @property
     def num_cpus(self):
@@ -919,29 +930,32 @@ class RayRolloutPool(RolloutPool):
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
-    def gcs_answers(self):
-        """Whether the cluster's GCS (its head) accepts a TCP connection."""
-        host, _, port = self.gcs_address.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            return True
-        except OSError:
-            return False
+    def silent(self):
+        """The first of the cluster's head and this machine's Ray node that refuses a TCP connection
+        (a description), or None when both answer."""
+        for what, host, port in self.probes:
+            try:
+                socket.create_connection((host, port), timeout=2).close()
+            except OSError:
+                return what
+        return None
 
-    def wait(self, refs, num_returns):
-        """ray.wait for num_returns of refs, checking on the cluster meanwhile: the refs not done."""
+    def watch(self):
+        """Watchdog thread. Once the cluster is gone, Ray's calls in the main thread may block until
+        Ray ends the process without a word, so after RAY_LOST_AFTER_S of silence from the head or
+        this machine's node, this thread says so (and what `on_lost` tells about the checkpoint,
+        which is the last finished generation's: it is written atomically) and exits with code 1."""
         silent_since = None
-        while True:
-            _, pending = self.ray.wait(refs, num_returns=num_returns, timeout=RAY_POLL_S, fetch_local=False)
-            if len(refs) - len(pending) >= num_returns:
-                return pending
-            if self.gcs_address is None or self.gcs_answers():
+        while not self.closed.wait(RAY_POLL_S):
+            silent = self.silent()
+            if silent is None:
                 silent_since = None
-                continue
-            silent_since = silent_since or time.monotonic()
-            if time.monotonic() - silent_since >= RAY_LOST_AFTER_S:
-                raise RayClusterError(f"lost the Ray cluster at {self.address}: its head ({self.gcs_address}) "
-                                      f"has not answered for {RAY_LOST_AFTER_S:.0f} s")
+            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+                sys.stdout.flush()
+                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
+                      f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
+                      file=sys.stderr, flush=True)
+                os._exit(1)
 
     def map(self, tasks):
         """Run the tasks on the cluster; a list of results in task order."""
@@ -952,10 +966,9 @@ class RayRolloutPool(RolloutPool):
         refs, running = [], []
         for task in tasks:
             if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                running = self.wait(running, len(running) - self.num_workers + 1)
+                _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
             refs.append(self.remote.remote(self.key, self.version, shared_ref, task))
             running.append(refs[-1])
-        self.wait(refs, len(refs))
         return self.ray.get(refs)
 
     def map_with_restarts(self, tasks, warn):
@@ -966,8 +979,15 @@ class RayRolloutPool(RolloutPool):
         except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
         except (self.ray.exceptions.RayError, ConnectionError) as e:
-            raise RayClusterError(f"rollouts failed on the Ray cluster at {self.address} after "
-                                  f"{RAY_TASK_RETRIES} retries: {str(e).strip().splitlines()[0]}") from None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            silent = self.silent()
+            if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
+                silent = silent or "this machine's Ray node"
+            if silent:
+                raise RayClusterError(f"lost the Ray cluster at {self.address}: {silent} does not answer "
+                                      f"({reason})") from None
+            raise RayClusterError(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
+                                  f"tried {RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
 def open_pool(args, *pool_args):
@@ -1312,6 +1332,11 @@ def train(args, given):
                 "policy": policy_config, "obs_norm": norm, "evaluation": evaluation, "seed": args.seed,
                 "iteration": iteration, "num_params": dim}
 
+    def kept():
+        return (f"the checkpoint of generation {es.generation} is kept in {paths['checkpoint.pkl']}\n"
+                f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, or locally)")
+    pool.on_lost = kept
+
     session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
     last_plot = -math.inf
     csv_file = open(paths["progress.csv"], "a", newline="")
@@ -1396,9 +1421,7 @@ def train(args, given):
                 break
     except (KeyboardInterrupt, RayClusterError) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
-        print(f"{reason}: the checkpoint of generation {es.generation} is kept in {paths['checkpoint.pkl']}\n"
-              f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, "
-              "or locally)", file=sys.stderr)
+        print(f"{reason}: {kept()}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
         csv_file.close()

@@ -35,7 +35,7 @@ class RayCluster:
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--num-cpus={num_cpus}",
              f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
              "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -47,15 +47,33 @@ class RayCluster:
                     raise RuntimeError("the test's Ray cluster did not start")
                 time.sleep(0.2)
 
+    def kill_head(self):
+        """SIGKILL the cluster's GCS server, its head's control service: what a driver on a machine
+        that survives sees when the cluster's head machine is lost."""
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().split(b"\0")[0]
+                if command.endswith(b"/gcs_server") and os.getpgid(int(pid)) == self.process.pid:
+                    os.kill(int(pid), signal.SIGKILL)
+                    return
+            except (OSError, ValueError):
+                continue
+        raise RuntimeError("the cluster's gcs_server was not found")
+
     def stop(self):
         """Stop the cluster (its head process and everything it started)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(60)
+                self.process.wait(15)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+        try:  # whatever is left of it
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.process.wait()
 
 
 @pytest.fixture(scope="session")

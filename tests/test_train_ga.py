@@ -558,9 +558,10 @@ def test_without_ray_the_flag_is_a_one_line_error(tmp_path):
 
 
 def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
-    multitask = ["--multitask", "CartPole-v1", "Acrobot-v1"]  # tasks carry the noise-study condition too
+    # Multitask: tasks carry the noise-study condition too.
+    multitask = ["--multitask", "CartPole-v1", "Acrobot-v1", "--hidden-sizes", "8", "8"]
     local = train(tmp_path, "local", *multitask, workers=2)
-    out = run_script(["--run-name", "ray", "--max-iter", "2", *TINY, "--hidden-sizes", "8", *multitask],
+    out = run_script(["--run-name", "ray", "--max-iter", "2", *TINY, *multitask],
                      cwd=tmp_path, env=dict(os.environ, RAY_ADDRESS=ray_cluster.address))  # as --ray-address
     assert out.returncode == 0, out.stderr
     assert f"Ray cluster at {ray_cluster.address} (2 CPUs on 1 node)" in out.stdout
