@@ -85,11 +85,20 @@ def ray_cluster():
     cluster.stop()
 
 
-def kill_running_rollout(proc, timeout=120):
-    """SIGKILL one Ray worker process while it runs a rollout task (its title is ray::ray_rollout),
-    as long as `proc` (the training run) is alive. Returns the pid killed, or None."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
+def run_without_ray(script, args, cwd, env=None):
+    """Run a script in an interpreter where `import ray` fails, as where Ray is not installed."""
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, script, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def run_killing_a_rollout(command, cwd, timeout=300):
+    """Run `command` (a training run on Ray) and SIGKILL one Ray worker process while it runs a
+    rollout task (its title is ray::ray_rollout). Returns (pid killed or None, exit code, stderr)."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.monotonic() + timeout
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
         for pid in os.listdir("/proc"):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -98,14 +107,16 @@ def kill_running_rollout(proc, timeout=120):
                 continue
             if running:
                 os.kill(int(pid), signal.SIGKILL)
-                return int(pid)
+                killed = int(pid)
+                break
         time.sleep(0.005)
-    return None
+    _, stderr = proc.communicate(timeout=timeout)
+    return killed, proc.returncode, stderr
 
 
 @pytest.fixture
 def rollout_killer():
-    """kill_running_rollout, for tests that kill a Ray worker mid-run (needs Linux's /proc)."""
+    """run_killing_a_rollout, for tests that kill a Ray worker mid-run (needs Linux's /proc)."""
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc to find Ray's worker processes")
-    return kill_running_rollout
+    return run_killing_a_rollout

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_cmaes as cm
+from conftest import run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_cmaes.py")
@@ -362,10 +363,7 @@ def test_fast_env_culls_with_the_current_tracks_vertices():
 # Ray (--ray-address): the tests with a cluster skip where Ray is not installed
 # ------------------------------------------------------------------------------------------------
 def test_without_ray_the_flag_is_a_one_line_error(tmp_path):
-    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code, SCRIPT, "--ray-address", "auto"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = run_without_ray(SCRIPT, ["--ray-address", "auto"], cwd=tmp_path)
     assert "requirements-ray.txt" in assert_one_line_error(out)
 
 
@@ -381,11 +379,9 @@ def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
 
 def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_cluster, rollout_killer):
     flags = ["--max-iter", "2", *TINY, "--quiet"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = rollout_killer(proc)
-    stdout, stderr = proc.communicate(timeout=300)
+    killed, returncode, stderr = rollout_killer(
+        [sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags], tmp_path)
     assert killed is not None, "no rollout was running to be killed"
-    assert proc.returncode == 0, stderr
+    assert returncode == 0, stderr
     local, _ = train(tmp_path, "local", "--quiet", workers=2)
     assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))

@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_openai_es as es_mod
+from conftest import RayCluster, free_port, run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_openai_es.py")
@@ -534,22 +535,15 @@ def test_bad_weights_and_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Ray (--ray-address): the tests with a cluster skip where Ray is not installed
 # ------------------------------------------------------------------------------------------------
-def run_without_ray(args, cwd, env=None):
-    """Run the script in an interpreter where `import ray` fails, as where Ray is not installed."""
-    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
 def test_without_ray_the_flag_is_a_one_line_error_and_nothing_else_needs_ray(tmp_path):
-    line = assert_one_line_error(run_without_ray(["--ray-address", "auto"], cwd=tmp_path))
+    line = assert_one_line_error(run_without_ray(SCRIPT, ["--ray-address", "auto"], cwd=tmp_path))
     assert "needs Ray" in line and "requirements-ray.txt" in line
     env = dict(os.environ, RAY_ADDRESS="127.0.0.1:6379")  # honoured as Ray does
-    assert "needs Ray" in assert_one_line_error(run_without_ray(["--max-iter", "1"], cwd=tmp_path, env=env))
+    assert "needs Ray" in assert_one_line_error(run_without_ray(SCRIPT, ["--max-iter", "1"], cwd=tmp_path, env=env))
     assert not (tmp_path / "runs").exists()
-    out = run_without_ray(["--run-name", "local", "--num-workers", "2", "--max-iter", "1", "--hidden-sizes", "8",
-                           *TINY], cwd=tmp_path)  # no flag: the local pool, Ray never imported
+    # No flag: the local pool, and Ray is never imported.
+    out = run_without_ray(SCRIPT, ["--run-name", "local", "--num-workers", "2", "--max-iter", "1",
+                                   "--hidden-sizes", "8", *TINY], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 worker processes" in out.stdout
     assert [row["num_cpus"] for row in progress(tmp_path / "runs" / "local", drop=())] == ["2"]
@@ -613,12 +607,10 @@ def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
 def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_cluster, rollout_killer):
     flags = ["--env-id", "BipedalWalker-v3", "--max-iter", "3", "--hidden-sizes", "8", *TINY,
              "--population-size", "8", "--max-episode-steps", "300", "--quiet"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = rollout_killer(proc)
-    stdout, stderr = proc.communicate(timeout=300)
+    killed, returncode, stderr = rollout_killer(
+        [sys.executable, SCRIPT, "--run-name", "ray", "--ray-address", ray_cluster.address, *flags], tmp_path)
     assert killed is not None, "no rollout was running to be killed"
-    assert proc.returncode == 0, stderr
+    assert returncode == 0, stderr
     local = run_script(["--run-name", "local", "--num-workers", "2", *flags], cwd=tmp_path)
     assert local.returncode == 0, local.stderr
     assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(tmp_path / "runs" / "local",
@@ -627,7 +619,6 @@ def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_clust
 
 def test_ray_address_nobody_answers_is_a_one_line_error(tmp_path):
     pytest.importorskip("ray")
-    from conftest import free_port
     line = assert_one_line_error(run_script(["--ray-address", f"127.0.0.1:{free_port()}"], cwd=tmp_path))
     assert "no Ray cluster answers" in line
     assert not (tmp_path / "runs").exists()
@@ -635,7 +626,6 @@ def test_ray_address_nobody_answers_is_a_one_line_error(tmp_path):
 
 def test_losing_the_cluster_ends_with_a_message_and_the_run_resumes_locally(tmp_path):
     pytest.importorskip("ray")
-    from conftest import RayCluster
     flags = ["--env-id", "CartPole-v1", "--hidden-sizes", "8", *TINY, "--eval-every", "1000"]
     cluster = RayCluster(num_cpus=2)
     try:
