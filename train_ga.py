@@ -454,6 +454,10 @@ def return_scale(env_config):
 # 3. Policy
 # ------------------------------------------------------------------------------------------------
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
+# The same activations on float32 numpy arrays, for the MLP's numpy forward (selu: torch's constants).
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
+                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(
+                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(h))}
 
 
 def linear(weight, bias, h):
@@ -468,6 +472,8 @@ class Policy(nn.Module):
     (uint8 (frames, H, W) or (frames, H, W, 3)) are scaled to [0, 1] and go through Conv 8x8/4 -> 16,
     Conv 4x4/2 -> 32 (Mnih et al. 2013), then the MLP layers. Discrete actions: argmax of the
     logits; Box actions: tanh (the env is rescaled to [-1, 1]). No observation normalization.
+    `act` evaluates the MLP of a vector observation with numpy (one observation through torch costs
+    about twice as much, more than a CartPole step); `forward` (torch) serves pixels and distillation.
 
     The flat genotype is `parameters_to_vector(policy.parameters())`, float32: weights then biases,
     layer by layer.
@@ -497,6 +503,16 @@ class Policy(nn.Module):
         # The hot path reads parameters through plain lists (nn.Module attribute lookup costs ~0.3 us);
         # vector_to_parameters rebinds each Parameter's .data, so these stay valid.
         self.linear_params = [(layer.weight, layer.bias) for layer in self.layers] + [(self.head.weight, self.head.bias)]
+        self.numpy_activation = NUMPY_ACTIVATIONS[activation]
+        self.load(parameters_to_vector(self.parameters()).numpy())
+
+    def load(self, params):
+        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
+        # numpy views of the weights (weight (out, in), bias (out,)) for the numpy forward; they see
+        # in-place updates (distillation's Adam), and `load` renews them when the weights are rebound.
+        self.numpy_params = [(w.detach().numpy(), b.detach().numpy()) for w, b in self.linear_params]
+        return self
 
     def forward(self, x):
         """x: preprocessed observation(s), float32 (D,), (B, D) or (C, H, W). Returns the output (A,) or (B, A):
@@ -517,8 +533,15 @@ class Policy(nn.Module):
 
     def act(self, obs):
         """obs: one env observation (numpy). Returns the action: int, or float32 (A,) in [-1, 1]."""
-        out = self(self.preprocess(obs))
-        return int(out.argmax()) if self.discrete else out.numpy()
+        if self.pixels:
+            out = self(self.preprocess(obs)).numpy()
+        else:
+            h = np.asarray(obs, dtype=np.float32)
+            for weight, bias in self.numpy_params[:-1]:
+                h = self.numpy_activation(weight @ h + bias)
+            weight, bias = self.numpy_params[-1]
+            out = weight @ h + bias
+        return int(out.argmax()) if self.discrete else np.tanh(out)
 
 
 class MultitaskPolicy(nn.Module):
@@ -543,6 +566,11 @@ class MultitaskPolicy(nn.Module):
             features = width
         self.heads = nn.ModuleList(nn.Linear(features, t["num_actions"]) for t in tasks)
         self.requires_grad_(False)
+
+    def load(self, params):
+        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
+        return self
 
     def forward(self, xs):
         """xs: one float32 (O_t,) tensor per task. Returns one output (A_t,) per task."""
@@ -593,9 +621,7 @@ def build_policy(policy_config):
 
 def make_policy(policy_config, params):
     """A policy holding `params` (float32 (D,))."""
-    policy = build_policy(policy_config)
-    vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
-    return policy
+    return build_policy(policy_config).load(params)
 
 
 def num_params(policy):
@@ -884,7 +910,7 @@ class RolloutWorker:
     def run(self, task):
         """Run one task (member, env_seeds, training, noisy) -> (returns [[T floats] per episode], steps)."""
         member, env_seeds, training, noisy = task
-        vector_to_parameters(torch.from_numpy(self.members[member].copy()), self.policy.parameters())
+        self.policy.load(self.members[member])
         returns, steps = [], 0
         for env_seed in env_seeds:
             if self.multitask:

@@ -354,13 +354,18 @@ def env_config_from_args(args):
 # 3. Policy
 # ------------------------------------------------------------------------------------------------
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
+# The same activations on float32 numpy arrays, for the MLP's numpy forward (selu: torch's constants).
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
+                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(
+                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(h))}
 
 
 class Policy(nn.Module):
     """Deterministic policy for one environment, one observation at a time (no batch axis).
 
-    Vector observations (obs_shape (D,), float) are normalized by the buffers obs_mean/obs_std,
-    clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP. Image observations (uint8,
+    Vector observations (obs_shape (D,), float) are normalized by obs_mean/obs_std (float32 numpy
+    (D,)), clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP, evaluated with numpy: one
+    observation through torch costs about twice as much, more than a CartPole step. Image observations (uint8,
     (frames, H, W) or (frames, H, W, 3)) are scaled to [0, 1] and fed to a small conv net
     (Conv 8x8/4 -> 16, Conv 4x4/2 -> 32, as in Mnih et al. 2013) and then the MLP layers.
     `recurrent` adds an LSTMCell (the conv-LSTM of pytorch-es). Discrete actions: argmax of the
@@ -389,9 +394,9 @@ class Policy(nn.Module):
         else:
             self.conv = None
             features = self.obs_shape[0]
-        # Normalization statistics: plain tensors, outside the genotype; set by the worker or a weights file.
-        self.obs_mean = torch.zeros(features if self.normalize else 0)
-        self.obs_std = torch.ones(features if self.normalize else 0)
+        # Normalization statistics: numpy arrays outside the genotype, set by the worker or a weights file.
+        self.obs_mean = np.zeros(features if self.normalize else 0, np.float32)
+        self.obs_std = np.ones(features if self.normalize else 0, np.float32)
         self.layers = nn.ModuleList()
         for width in hidden_sizes:
             self.layers.append(nn.Linear(features, width))
@@ -403,6 +408,15 @@ class Policy(nn.Module):
         # per access. vector_to_parameters rebinds each Parameter's .data, so these stay valid.
         self.linear_params = [(layer.weight, layer.bias) for layer in self.layers]
         self.head_params = (self.head.weight, self.head.bias)
+        self.numpy_activation = NUMPY_ACTIVATIONS[activation]
+        self.load(parameters_to_vector(self.parameters()).numpy())
+
+    def load(self, params):
+        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
+        # numpy views of the new weights (weight (out, in), bias (out,)) for the MLP's numpy forward
+        self.numpy_params = [(w.numpy(), b.numpy()) for w, b in self.linear_params + [self.head_params]]
+        return self
 
     def forward(self, x, state=None):
         """x: one preprocessed observation, float32 (D,) or (C, H, W). Returns (output (A,), state)."""
@@ -415,19 +429,32 @@ class Policy(nn.Module):
         out = torch.addmv(self.head_params[1], self.head_params[0], h)
         return (torch.tanh(out) if self.squash else out), state
 
+    def numpy_forward(self, x):
+        """The MLP of `forward` in numpy for one float32 observation (D,): output float32 (A,)."""
+        for weight, bias in self.numpy_params[:-1]:
+            x = self.numpy_activation(weight @ x + bias)
+        weight, bias = self.numpy_params[-1]
+        out = weight @ x + bias
+        return np.tanh(out) if self.squash else out
+
     def act(self, obs, state=None):
         """obs: one env observation (numpy). Returns (action: int or float32 (A,), recurrent state)."""
-        x = torch.from_numpy(np.asarray(obs))
         if self.pixels:
-            x = x.float().div_(255.0)
+            x = torch.from_numpy(np.asarray(obs)).float().div_(255.0)
             if x.dim() == 4:  # (frames, H, W, 3) -> (frames * 3, H, W)
                 x = x.permute(0, 3, 1, 2).flatten(0, 1)
+            out, state = self(x, state)
+            out = out.numpy()
         else:
-            x = x.float()
+            x = np.asarray(obs, dtype=np.float32)
             if self.normalize:
-                x = ((x - self.obs_mean) / self.obs_std).clamp_(-5.0, 5.0)
-        out, state = self(x, state)
-        return (int(out.argmax()) if self.discrete else out.numpy()), state
+                x = np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0))
+            if self.recurrent:
+                out, state = self(torch.from_numpy(x), state)
+                out = out.numpy()
+            else:
+                out = self.numpy_forward(x)
+        return (int(out.argmax()) if self.discrete else out), state
 
 
 def policy_config_from_env(env, args):
@@ -655,8 +682,8 @@ class RolloutWorker:
         self.policy = build_policy(policy_config)
         self.center = np.frombuffer(center, dtype=np.float32)
         if self.policy.normalize:  # views of the shared arrays: no copy per task
-            self.policy.obs_mean = torch.from_numpy(np.frombuffer(obs_mean, dtype=np.float32))
-            self.policy.obs_std = torch.from_numpy(np.frombuffer(obs_std, dtype=np.float32))
+            self.policy.obs_mean = np.frombuffer(obs_mean, dtype=np.float32)
+            self.policy.obs_std = np.frombuffer(obs_std, dtype=np.float32)
 
     def run(self, task):
         """Run one task: (noise_seed, sign, sigma, env_seeds, training) -> (returns, steps, obs sums).
@@ -666,7 +693,7 @@ class RolloutWorker:
         """
         noise_seed, sign, sigma, env_seeds, training = task
         params = perturb(self.center, sigma, noise_seed, sign) if sign else self.center.copy()
-        vector_to_parameters(torch.from_numpy(params), self.policy.parameters())
+        self.policy.load(params)
         collect = training and self.policy.normalize
         observations = [] if collect else None
         returns, steps = [], 0
@@ -1201,10 +1228,9 @@ def check_weights_fit(path, params, meta, policy_config, dim):
 
 def make_policy(policy_config, params, obs_mean_std=None):
     """A policy holding `params` (float32 (D,)) and, for vector observations, the normalization (mean, std)."""
-    policy = build_policy(policy_config)
-    vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
+    policy = build_policy(policy_config).load(params)
     if policy.normalize and obs_mean_std is not None:
-        policy.obs_mean, policy.obs_std = (torch.from_numpy(np.asarray(a, np.float32)) for a in obs_mean_std)
+        policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
     return policy
 
 
@@ -1228,7 +1254,7 @@ def run_from_pretrained(args, given):
     check_weights_fit(args.from_pretrained, params, meta, policy_config, dim)
     norm = meta["obs_norm"]
     obs_mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else (None, None)
-    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.numel())
+    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.size)
     print(policy)
     print(f"parameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   workers: {pool.describe()}")
     start = time.perf_counter()
@@ -1277,7 +1303,7 @@ def train(args, given):
     torch.manual_seed(args.seed)
     policy = build_policy(policy_config)
     dim = sum(p.numel() for p in policy.parameters())
-    obs_stats = ObsStats(policy.obs_mean.numel()) if policy.normalize else None
+    obs_stats = ObsStats(policy.obs_mean.size) if policy.normalize else None
     if checkpoint:
         es = OpenAIES.from_state_dict(checkpoint["es"])
         if obs_stats:
@@ -1302,7 +1328,7 @@ def train(args, given):
         counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
                     "best_eval": -math.inf, "goal_streak": 0}
 
-    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.numel())  # before any file is touched
+    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.size)  # before any file is touched
     os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}

@@ -580,3 +580,28 @@ def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_clust
     assert local.returncode == 0, local.stderr
     assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(tmp_path / "runs" / "local",
                                                                                  drop=("wall_time_s",))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "selu"])
+@pytest.mark.parametrize("discrete", [True, False])
+def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete):
+    # act() runs the MLP in numpy; it must compute torch's forward (which distillation trains).
+    policy = ga_mod.Policy([6], 3, discrete, (16, 8), activation)
+    rng = np.random.default_rng(0)
+    policy.load(rng.normal(size=ga_mod.num_params(policy)))
+    for _ in range(20):
+        obs = rng.normal(scale=3, size=6).astype(np.float32)
+        with torch.no_grad():
+            want = policy(torch.from_numpy(obs)).numpy()
+        action = policy.act(obs)
+        if discrete:
+            assert action == int(want.argmax())
+        else:
+            assert action.dtype == np.float32 and np.allclose(action, want, atol=1e-5)
+    # in-place updates (distillation's optimizer) are seen by act(); load() renews the views
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()
+    assert np.array_equal(policy.act(np.ones(6, np.float32)), 0 if discrete else np.zeros(3, np.float32))
+    policy.load(np.ones(ga_mod.num_params(policy)))
+    assert policy.act(np.ones(6, np.float32)) == 0 if discrete else np.all(policy.act(np.ones(6, np.float32)) > 0.99)

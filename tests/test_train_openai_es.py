@@ -654,3 +654,28 @@ def test_losing_the_cluster_ends_with_a_message_and_the_run_resumes_locally(tmp_
     straight = run_script(["--run-name", "straight", "--max-iter", str(generation + 2), *flags], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     assert progress(run) == progress(tmp_path / "runs" / "straight")
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "selu"])
+@pytest.mark.parametrize("discrete,bounding", [(True, "scale"), (False, "scale"), (False, "clip")])
+def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete, bounding):
+    # act() runs the MLP of a vector observation in numpy; it must compute torch's forward, normalization included.
+    policy = es_mod.Policy([6], 3, discrete, (16, 8), activation, action_bounding=bounding)
+    rng = np.random.default_rng(0)
+    policy.load(rng.normal(size=sum(p.numel() for p in policy.parameters())))
+    policy.obs_mean = rng.normal(size=6).astype(np.float32)
+    policy.obs_std = rng.uniform(0.5, 2, size=6).astype(np.float32)
+    for _ in range(20):
+        obs = rng.normal(scale=3, size=6).astype(np.float32)
+        x = torch.from_numpy(((obs - policy.obs_mean) / policy.obs_std).clip(-5, 5))
+        with torch.no_grad():
+            want = policy(x)[0].numpy()
+        action, _ = policy.act(obs)
+        if discrete:
+            assert action == int(want.argmax())
+        else:
+            assert action.dtype == np.float32 and np.allclose(action, want, atol=1e-5)
+            assert np.allclose(policy.numpy_forward(x.numpy()), want, atol=1e-5)
+    # load() rebinds the weights: the numpy views must follow
+    policy.load(np.zeros(sum(p.numel() for p in policy.parameters())))
+    assert not np.any(policy.numpy_forward(np.ones(6, np.float32)))
