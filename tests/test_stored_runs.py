@@ -1,0 +1,133 @@
+"""Stored runs: small runs of every script whose progress.csv was stored in tests/data/stored_runs/.
+
+A rewrite of a script must not change a number: each case re-runs its commands (every algorithm flag
+explicit, a resume in some) and compares the files row by row, wall-clock and CPU-count columns aside.
+The data is regenerated only when a change is *meant* to change the numbers (a new policy arithmetic,
+say), in a commit of its own that says why:
+
+    STORED_RUNS_REGENERATE=1 python -m pytest -q tests/test_stored_runs.py
+"""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data", "stored_runs")
+AUTHORS_WEIGHTS = os.path.join(ROOT, "..", "shared", "weights", "attentionagent_carracing.npz")
+VOLATILE = {"wall_time_s", "num_cpus"}
+
+ES_FLAGS = ["--optimizer", "adam", "--momentum", "0.9", "--weight-decay", "0.005", "--lr-decay", "1.0",
+            "--lr-min", "0.0", "--sigma-decay", "1.0", "--sigma-min", "0.0", "--antithetic",
+            "--fitness-shaping", "centered-rank", "--activation", "tanh", "--action-bounding", "scale"]
+GA_FLAGS = ["--selection", "ranking", "--selection-pressure", "2.0", "--crossover", "blx-alpha",
+            "--crossover-rate", "0.9", "--blx-alpha", "0.5", "--mutation", "gaussian", "--mutation-rate", "0.1",
+            "--mutation-scale", "0.5", "--replacement", "generational", "--elite-size", "2", "--activation", "tanh"]
+CMA_FLAGS = ["--init-sigma", "0.1", "--patch-size", "7", "--patch-stride", "4", "--top-k", "10",
+             "--hidden-size", "16", "--max-negative-steps", "20", "--num-rollouts", "1"]
+
+# name -> (script, [commands]); each command is run in order in the same folder, a resume continuing the first.
+CASES = {
+    "es_cartpole": ("train_openai_es.py", [
+        ["--env-id", "CartPole-v1", "--seed", "3", "--population-size", "6", "--sigma", "0.1", "--learning-rate",
+         "0.05", "--hidden-sizes", "8", "--max-iter", "4", "--eval-every", "2", "--num-eval-rollouts", "2",
+         "--max-episode-steps", "100", "--num-rollouts", "1", *ES_FLAGS, "--obs-norm"]]),
+    "es_lunarlander_continuous_resume": ("train_openai_es.py", [
+        ["--env-id", "LunarLander-v3", "--env-kwargs", "continuous=true", "--seed", "5", "--population-size", "8",
+         "--sigma", "0.05", "--learning-rate", "0.02", "--hidden-sizes", "16", "16", "--max-iter", "2",
+         "--eval-every", "2", "--num-eval-rollouts", "2", "--max-episode-steps", "120", "--num-rollouts", "2",
+         "--optimizer", "sgd", "--momentum", "0.8", "--weight-decay", "0.01", "--lr-decay", "0.9", "--lr-min",
+         "0.01", "--sigma-decay", "0.95", "--sigma-min", "0.03", "--no-antithetic", "--fitness-shaping", "z-score",
+         "--activation", "relu", "--action-bounding", "clip", "--obs-norm"],
+        ["--resume", "{run}", "--max-iter", "4"]]),
+    "es_bipedalwalker_selu": ("train_openai_es.py", [
+        ["--env-id", "BipedalWalker-v3", "--seed", "2", "--population-size", "4", "--sigma", "0.05",
+         "--learning-rate", "0.03", "--hidden-sizes", "12", "--max-iter", "2", "--eval-every", "1",
+         "--num-eval-rollouts", "1", "--max-episode-steps", "80", "--num-rollouts", "1", *ES_FLAGS[:-4],
+         "--activation", "selu", "--action-bounding", "scale", "--no-obs-norm"]]),
+    "es_acrobot_recurrent": ("train_openai_es.py", [
+        ["--env-id", "Acrobot-v1", "--seed", "4", "--population-size", "4", "--sigma", "0.1", "--learning-rate",
+         "0.05", "--hidden-sizes", "8", "--recurrent", "--max-iter", "2", "--eval-every", "1",
+         "--num-eval-rollouts", "1", "--max-episode-steps", "60", "--num-rollouts", "1", *ES_FLAGS, "--obs-norm"]]),
+    "es_carracing_pixels": ("train_openai_es.py", [
+        ["--env-id", "CarRacing-v3", "--seed", "1", "--population-size", "2", "--sigma", "0.05", "--learning-rate",
+         "0.01", "--hidden-sizes", "8", "--max-iter", "2", "--eval-every", "2", "--num-eval-rollouts", "1",
+         "--max-episode-steps", "25", "--max-negative-steps", "20", "--num-rollouts", "1", "--frame-size", "40",
+         "--frame-stack", "2", "--grayscale", *ES_FLAGS]]),
+    "ga_cartpole": ("train_ga.py", [
+        ["--env-id", "CartPole-v1", "--seed", "3", "--population-size", "8", "--hidden-sizes", "8", "--max-iter",
+         "4", "--eval-every", "2", "--num-eval-rollouts", "2", "--max-episode-steps", "100", "--num-rollouts",
+         "1", *GA_FLAGS]]),
+    "ga_lunarlander_continuous_resume": ("train_ga.py", [
+        ["--env-id", "LunarLander-v3", "--env-kwargs", "continuous=true", "--seed", "6", "--population-size",
+         "8", "--hidden-sizes", "12", "6", "--max-iter", "2", "--eval-every", "2", "--num-eval-rollouts", "2",
+         "--max-episode-steps", "120", "--num-rollouts", "2", "--selection", "roulette", "--crossover", "uniform",
+         "--crossover-rate", "0.7", "--mutation", "uniform", "--mutation-rate", "0.3", "--mutation-scale", "0.2",
+         "--replacement", "parents-vs-children", "--activation", "relu"],
+        ["--resume", "{run}", "--max-iter", "4"]]),
+    "ga_bipedalwalker_tournament": ("train_ga.py", [
+        ["--env-id", "BipedalWalker-v3", "--seed", "2", "--population-size", "6", "--hidden-sizes", "10",
+         "--max-iter", "2", "--eval-every", "1", "--num-eval-rollouts", "1", "--max-episode-steps", "80",
+         "--num-rollouts", "1", "--selection", "tournament", "--tournament-size", "2", "--crossover", "one-point",
+         "--crossover-rate", "1.0", "--mutation", "gaussian", "--mutation-rate", "0.5", "--mutation-scale", "0.1",
+         "--replacement", "generational", "--elite-size", "1", "--activation", "selu"]]),
+    "ga_multitask": ("train_ga.py", [
+        ["--multitask", "CartPole-v1", "Acrobot-v1", "--seed", "7", "--population-size", "6", "--hidden-sizes", "6",
+         "4", "--max-iter", "2", "--eval-every", "2", "--num-eval-rollouts", "2", "--max-episode-steps", "50",
+         "--num-rollouts", "1", *GA_FLAGS]]),
+    "ga_carracing_pixels": ("train_ga.py", [
+        ["--env-id", "CarRacing-v3", "--seed", "1", "--population-size", "4", "--hidden-sizes", "8", "--max-iter",
+         "2", "--eval-every", "2", "--num-eval-rollouts", "1", "--max-episode-steps", "25",
+         "--max-negative-steps", "20", "--num-rollouts", "1", "--frame-size", "40", "--frame-stack", "2",
+         "--grayscale", *GA_FLAGS]]),
+    "cmaes_lstm": ("train_cmaes.py", [
+        ["--seed", "1", "--population-size", "4", "--max-iter", "2", "--eval-every", "2", "--num-eval-rollouts",
+         "1", "--max-episode-steps", "30", "--train", "all", "--controller", "lstm", "--query-dim", "4",
+         *CMA_FLAGS]]),
+    "cmaes_attention_from_authors_resume": ("train_cmaes.py", [
+        ["--seed", "2", "--population-size", "4", "--max-iter", "1", "--eval-every", "1", "--num-eval-rollouts",
+         "1", "--max-episode-steps", "30", "--train", "attention", "--query-dim", "2", "--no-bias",
+         "--init-from", AUTHORS_WEIGHTS, "--controller", "lstm", *CMA_FLAGS],
+        ["--resume", "{run}", "--max-iter", "2"]]),
+    "cmaes_rnn_and_mlp": ("train_cmaes.py", [
+        ["--seed", "3", "--population-size", "4", "--max-iter", "2", "--eval-every", "1", "--num-eval-rollouts",
+         "1", "--max-episode-steps", "30", "--train", "all", "--controller", "rnn", "--query-dim", "4",
+         *CMA_FLAGS]]),
+}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in VOLATILE} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_stored_run_gives_the_same_numbers(name, tmp_path):
+    script, commands = CASES[name]
+    if any(AUTHORS_WEIGHTS in command for command in commands) and not os.path.exists(AUTHORS_WEIGHTS):
+        pytest.skip("needs the authors' weights in ../shared/weights")
+    run = tmp_path / "runs" / name
+    for command in commands:
+        command = [arg.replace("{run}", str(run)) for arg in command]
+        if "--resume" not in command:
+            command += ["--run-name", name]
+        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *command, "--num-workers", "2",
+                              "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr + out.stdout
+    stored = os.path.join(DATA, name)
+    files = ["progress.csv"] + (["noise_study.csv"] if (run / "noise_study.csv").exists() else [])
+    if os.environ.get("STORED_RUNS_REGENERATE"):
+        os.makedirs(stored, exist_ok=True)
+        for file in files:
+            shutil.copy(run / file, os.path.join(stored, file))
+    for file in files:
+        want = read_rows(os.path.join(stored, file))
+        got = read_rows(run / file)
+        assert len(got) == len(want) and got, f"{file}: {len(got)} rows, stored {len(want)}"
+        for row_got, row_want in zip(got, want):
+            assert row_got == row_want, file
+    assert sorted(os.listdir(stored)) == sorted(files)
