@@ -1,0 +1,49 @@
+"""Every weights file shipped in pretrained/ plays a few episodes through --from-pretrained and scores far
+above what a file that loads wrongly (a shuffled layout, a lost normalization) would score.
+
+A file in pretrained/ is a promise that it works: each one must be listed here with its floor.
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# file -> (script, episodes, floor on the mean return). The floors sit far below each file's goal and
+# far above a random or broken policy (LunarLander about -200, CartPole about 20, BipedalWalker about -100,
+# CarRacing about -50).
+FLOORS = {
+    "openai_es_lunarlander.npz": ("train_openai_es.py", 3, 100.0),
+    "openai_es_bipedalwalker.npz": ("train_openai_es.py", 2, 150.0),
+    "ga_cartpole.npz": ("train_ga.py", 3, 300.0),
+    "ga_lunarlander.npz": ("train_ga.py", 3, 100.0),
+    "ga_bipedalwalker.npz": ("train_ga.py", 2, 150.0),
+    "cmaes_carracing_attention.npz": ("train_cmaes.py", 1, 500.0),
+    "cmaes_carracing_rnn.npz": ("train_cmaes.py", 1, 500.0),
+}
+SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "pretrained", "*.npz")))
+
+
+def test_every_shipped_file_has_a_floor():
+    assert SHIPPED, "pretrained/ ships no weights file"
+    assert set(SHIPPED) <= set(FLOORS), f"give these files a floor here: {set(SHIPPED) - set(FLOORS)}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_file_plays_above_its_floor(name, tmp_path):
+    script, episodes, floor = FLOORS[name]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--from-pretrained",
+                          os.path.join(ROOT, "pretrained", name), "--num-eval-rollouts", str(episodes),
+                          "--seed", "987", "--num-workers", "1"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr + out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"episode_return mean=(\S+) std=\S+ min=\S+ max=\S+ episodes=(\d+)", last)
+    assert match, last
+    assert int(match.group(2)) == episodes
+    assert float(match.group(1)) >= floor, f"{name}: mean return {match.group(1)} over {episodes} episodes"
