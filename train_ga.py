@@ -101,7 +101,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """Each flag's default shown once: appended to the help unless the help states it or there is none."""
 
     def _get_help_string(self, action):
-        if "(default" in action.help or action.default in (None, False) or action.default == []:
+        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -281,8 +281,9 @@ def check_paths(args):
         path = os.path.join(args.resume, "checkpoint.pkl") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
             raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder")
-    if args.run_name is not None and (args.run_name in ("", ".", "..") or "/" in args.run_name or os.sep in args.run_name):
-        raise UserError(f"--run-name must be a folder name (no '/'), got {args.run_name!r}")
+    name = args.run_name
+    if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name or len(os.fsencode(name)) > 255):
+        raise UserError(f"--run-name must be a folder name (no '/', at most 255 bytes), got {name!r}")
     folder = os.path.abspath(args.logs_dir)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -1278,7 +1279,8 @@ def atomic_write(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # an interrupt may come after os.replace
+            os.unlink(tmp)
         raise
 
 
@@ -1322,6 +1324,8 @@ def load_weights(path):
             and all(isinstance(t, dict) and sizes(t.get("obs_shape")) and sizes([t.get("num_actions")])
                     and isinstance(t.get("discrete"), bool) for t in tasks) and set(META_POLICY_FLAGS) <= set(policy)):
         raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are missing or invalid")
+    if not np.all(np.isfinite(params)):
+        raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
     return params, meta
 
 
@@ -1391,8 +1395,11 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or state.get("script") != SCRIPT:
         owner = state.get("script") if isinstance(state, dict) else None
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
-    if state.get("format_version") != FORMAT_VERSION or not {"args", "ga", "counters"} <= set(state):
+    if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    if not all(isinstance(state.get(key), dict) for key in ("args", "ga", "counters")) \
+            or not set(vars(build_parser().parse_args([]))) <= set(state["args"]):
+        raise UserError(f"{path} is damaged: its args, GA state or counters are missing")
     return path, state
 
 

@@ -763,3 +763,15 @@ def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete):
     assert np.array_equal(policy.act(np.ones(6, np.float32)), 0 if discrete else np.zeros(3, np.float32))
     policy.load(np.ones(ga_mod.num_params(policy)))
     assert policy.act(np.ones(6, np.float32)) == 0 if discrete else np.all(policy.act(np.ones(6, np.float32)) > 0.99)
+
+
+def test_help_shows_each_default_once(tmp_path):
+    out = run_script(["--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert text.count("(default: usable cores") == 1 and "(default: None)" not in text
+    assert "(default: False)" not in text and "(default: [])" not in text
+    parser = ga_mod.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:  # every flag's help names its default at most once
+        assert formatter._get_help_string(action).count("(default:") <= 1, action.dest
