@@ -106,21 +106,17 @@ class HelpFormatter(argparse.HelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
-def usable_cores():
-    """CPUs this process may run on (os.sched_getaffinity where it exists, else os.cpu_count())."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build_parser():
     """The parser of every flag: kebab-case, a help string on each, defaults shown once."""
     p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     add = p.add_argument_group("run").add_argument
     add("--env-id", default="CartPole-v1", help=f"gymnasium environment id, or {SLIME_ID}")
     add("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
         help="keyword arguments for gymnasium.make (VALUE parsed as JSON), e.g. continuous=true")
     add("--seed", type=int, default=1, help="seed of every random draw of the run")
-    add("--num-workers", type=int, default=usable_cores(),
-        help=f"rollout worker processes; 1 runs in-process (default: usable cores, here {usable_cores()}). "
+    add("--num-workers", type=int, default=cores,
+        help=f"rollout worker processes; 1 runs in-process (default: usable cores, here {cores}). "
              "With --ray-address: the most rollouts running at once (default there: every CPU)")
     add("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster at HOST:PORT of its head, "
         "or auto (default: $RAY_ADDRESS if set, else local worker processes)")
@@ -321,11 +317,8 @@ def selection_probabilities(fitness, method, pressure=2.0):
 
 
 def select_parents(fitness, count, rng, method="ranking", pressure=2.0, tournament_size=3):
-    """Indices of `count` parents drawn with replacement: int64 (count,).
-
-    'ranking' and 'roulette' sample from `selection_probabilities`; 'tournament' takes the fittest of
-    `tournament_size` members drawn uniformly (with replacement) per parent.
-    """
+    """Indices of `count` parents drawn with replacement, int64 (count,): from `selection_probabilities`, or
+    ('tournament') the fittest of `tournament_size` members drawn uniformly per parent."""
     fitness = np.asarray(fitness, dtype=np.float64)
     if method == "tournament":
         contestants = rng.integers(0, fitness.size, size=(count, tournament_size))
@@ -355,10 +348,8 @@ def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
 
 
 def mutate(x, rng, rate=0.1, scale=0.5, method="gaussian"):
-    """x with each gene mutated with probability `rate`: a new float32 (D,) array.
-
-    A mutated gene gets N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added.
-    """
+    """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene gets
+    N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
     mask = rng.random(x.size) < rate
     noise = rng.standard_normal(x.size) * scale if method == "gaussian" else rng.uniform(-scale, scale, x.size)
     return (x + np.where(mask, noise, 0.0)).astype(np.float32)
@@ -469,12 +460,8 @@ class GeneticAlgorithm:
 
 
 def initial_population(policy_config, size, seed, init=None, rng_args=None):
-    """The first population: float32 (size, D).
-
-    Without `init`, member i is the policy's own PyTorch initialization under the torch seed
-    (seed, INIT_STREAM, i). With `init` (float32 (D,)), member 0 is `init` and the others are
-    `mutate(init, ...)` with rng_args = (rate, scale, method).
-    """
+    """The first population, float32 (size, D): member i is the policy's PyTorch initialization under the torch
+    seed (seed, INIT_STREAM, i); with `init` (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
     members = []
     for i in range(size):
         if init is None:
@@ -530,7 +517,7 @@ class Policy(nn.Module):
         self.head = nn.Linear(features, num_actions)
         self.requires_grad_(False)  # evolved; only a distillation student turns gradients on
         # Plain lists for the hot path (nn.Module attribute lookup costs ~0.3 us).
-        self.linear_params = [(layer.weight, layer.bias) for layer in self.layers] + [(self.head.weight, self.head.bias)]
+        self.linear_params = [(layer.weight, layer.bias) for layer in [*self.layers, self.head]]
         self.load(parameters_to_vector(self.parameters()).numpy())
 
     def load(self, params):
@@ -773,11 +760,8 @@ def rollout(env, policy, seed, record=None):
 
 
 def multitask_rollout(envs, policy, seed, noisy=()):
-    """One episode of every task, stepped together: (returns, a list of T floats; steps int).
-
-    Each env is reset with `seed`; a finished task feeds its last observation until all have ended. noisy:
-    the tasks whose input is uniform noise on [-1, 1] at every step (a generator seeded by `seed`).
-    """
+    """One episode of every task, stepped together, each env reset with `seed`: (T returns, steps). A finished
+    task feeds its last observation; `noisy` tasks get uniform noise on [-1, 1] (generator seeded by `seed`)."""
     rng = np.random.default_rng(seed)
     observations = [env.reset(seed=seed)[0] for env in envs]
     running, totals, steps = [True] * len(envs), [0.0] * len(envs), 0
@@ -909,9 +893,7 @@ def train(args, given):
 
 def evaluate_best(run, best_params):
     """Evaluate the best member over --num-eval-rollouts episodes; keep best.npz, the goal streak, a video.
-
-    Returns {mean, std, episodes[, tasks], returns: float64 (E,), steps}.
-    """
+    Returns {mean, std, episodes[, tasks], returns: float64 (E,), steps}."""
     args, counters, iteration = run.args, run.counters, run.ga.generation
     per_task, steps = evaluate(run.pool, best_params, args.seed, iteration, args.num_eval_rollouts)
     returns = (per_task / run.scales).sum(1)
@@ -938,7 +920,7 @@ def write_progress_row(run, fitness, task_returns, evaluation, best_params, best
     """Append this generation's row to progress.csv (the columns of PROGRESS_COLUMNS, then per-task means)."""
     c, ga, ev = run.counters, run.ga, evaluation
     run.writer.writerow([ga.generation, c["evaluations"], c["env_steps"], f"{c['wall_time_s']:.3f}",
-                         f"{fitness.min():.6g}", f"{fitness.mean():.6g}", f"{fitness.max():.6g}", f"{fitness.std():.6g}",
+                         *(f"{stat:.6g}" for stat in (fitness.min(), fitness.mean(), fitness.max(), fitness.std())),
                          f"{ev['returns'].mean():.6g}" if ev else "", f"{ev['returns'].std():.6g}" if ev else "",
                          f"{best_fitness:.6g}", ga.children_accepted, f"{ga.mutation_rate:.6g}",
                          f"{ga.mutation_scale:.6g}", f"{float(np.linalg.norm(best_params)):.6g}", run.pool.num_cpus]
@@ -949,12 +931,15 @@ def write_progress_row(run, fitness, task_returns, evaluation, best_params, best
 def print_generation(run, fitness, best_fitness, steps, started):
     """The console line of a generation: returns, best so far, children accepted, speed, ETA."""
     c, ga, now = run.counters, run.ga, time.perf_counter()
+
+    def hms(seconds):
+        return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
     eta = (now - run.session_start) / (ga.generation - run.first_generation) * (run.args.max_iter - ga.generation)
     run.log(f"iter {ga.generation:>5d}/{run.args.max_iter} | evals {c['evaluations']:>8d} | return min "
             f"{fitness.min():8.2f} mean {fitness.mean():8.2f} max {fitness.max():8.2f} | best {c['best_return']:8.2f} "
             f"| best member {best_fitness:8.2f} | children in {ga.children_accepted:>4d} | "
             f"{steps / (now - started):8,.0f} steps/s | cpus {run.pool.num_cpus} | "
-            f"{format_duration(c['wall_time_s'])} elapsed | ETA {format_duration(eta)}")
+            f"{hms(c['wall_time_s'])} elapsed | ETA {hms(eta)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -962,9 +947,7 @@ def print_generation(run, fitness, best_fitness, steps, started):
 # ------------------------------------------------------------------------------------------------
 def setup_run(args, given):
     """A training run's state (new, or from --resume): args, GA, counters, pool, files, console header.
-
-    Every input is checked and the pool started before the run folder is touched.
-    """
+    Every input is checked and the pool started before the run folder is touched."""
     checkpoint, init = None, None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
@@ -1053,12 +1036,6 @@ def save_checkpoint(run):
     atomic_write(run.paths["checkpoint.pkl"], pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def format_duration(seconds):
-    """Seconds as H:MM:SS."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 # A worker process (local or Ray) keeps its RolloutWorker, built at its first task, per pool.
 WORKERS = {}
 
@@ -1123,8 +1100,7 @@ class RolloutPool:
                                    initargs=(self.worker_args, self.buffers))
 
     def lost(self):
-        """': what the run keeps' (on_lost), or ''."""
-        return f": {self.on_lost()}" if self.on_lost else ""
+        return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
 
     def map(self, tasks, shared):
         """Run the tasks; the list of results in task order. Raises UserError or PoolError."""
@@ -1240,16 +1216,13 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt") from None
+        raise UserError("--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt") from None
     return ray
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head), once per process; the ray module.
-
-    Raises UserError when no cluster answers there (an address nobody listens on is probed first: ray.init
-    would wait on it for minutes).
-    """
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
+    UserError when no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
@@ -1297,10 +1270,8 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of a weights file of this script, its meta's structure checked.
-
-    Raises UserError for a missing, corrupt or foreign file, or a meta without valid env ids or policy sizes.
-    """
+    """(params float32 (D,), meta dict) of a weights file of this script. UserError for a missing, corrupt or
+    foreign file, non-finite parameters, or a meta without valid env ids and policy sizes."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
@@ -1330,10 +1301,8 @@ def load_weights(path):
 
 
 def read_weights_into_args(path, args, given):
-    """Load a weights file; take its env(s) and architecture into args, checked like flags.
-
-    Returns (params float32 (D,), meta). Raises UserError when --env-id names another env.
-    """
+    """Load a weights file and take its env(s) and architecture into args, checked like flags: (params, meta).
+    UserError when --env-id names another env."""
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
@@ -1468,11 +1437,8 @@ def record_video(env_config, policy, path_stem, seed):
 
 
 def noise_study(pool, params, env_ids, seed, episodes, run_dir):
-    """The multitask noise study: per-task returns of `params` with each task's input replaced by noise.
-
-    Conditions: all real, noise into each task in turn, noise into all ("both" for two tasks); every
-    condition meets the same episodes. Prints the table; writes noise_study.csv and noise_study.png.
-    """
+    """The multitask noise study: per-task returns of `params` with all inputs real, noise into each task's
+    input in turn, into all ("both" of two), on the same episodes. Prints a table; writes noise_study.csv/png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
@@ -1481,7 +1447,8 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
     width = max(len(name) for name, _ in study)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
     for name, returns in study:
-        print(f"{name:<{width}} | " + " | ".join(f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0))))
+        cells = (f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0)))
+        print(f"{name:<{width}} | " + " | ".join(cells))
     write_csv(os.path.join(run_dir, "noise_study.csv"),
               ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids],
               [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study])
@@ -1516,10 +1483,8 @@ def load_policy(path, params, meta, hidden_sizes, activation, env_configs):
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary.
-
-    A multitask file runs its noise study first; its episode return is the fitness (sum of normalized returns).
-    """
+    """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary. A multitask
+    file runs its noise study first; its episode return is the fitness (sum of normalized returns)."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
     policy_config, policy = load_policy(args.from_pretrained, params, meta, args.hidden_sizes, args.activation,
@@ -1550,10 +1515,8 @@ def run_from_pretrained(args, given):
 
 
 def collect_pairs(env_config, driver, teacher, episodes, seed, round_index):
-    """Observations met while `driver` acts, labelled with `teacher`'s output (logits or tanh actions).
-
-    Returns (observations float32 (S, O), teacher outputs float32 (S, A), driver's returns (episodes,)).
-    """
+    """Observations met while `driver` acts, labelled with `teacher`'s output (logits or tanh actions):
+    (observations float32 (S, O), teacher outputs float32 (S, A), the driver's returns (episodes,))."""
     observations, returns = [], []
     for e in range(episodes):
         env = make_env(env_config, training=False)

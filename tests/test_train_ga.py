@@ -555,7 +555,8 @@ BAD_INPUTS = [  # (flags, a word the error line names)
     (["--run-name", "a/b"], "--run-name"), (["--run-name", ".."], "--run-name"), (["--run-name", ""], "--run-name"),
     (["--resume", "adir"], "no checkpoint"), (["--resume", "missing"], "no checkpoint"),
     (["--resume", "afile"], "checkpoint"), (["--from-pretrained", "adir"], "directory"),
-    (["--init-from", "missing.npz"], "does not exist"), (["--distill-from", "adir", "--hidden-sizes", "2"], "directory"),
+    (["--init-from", "missing.npz"], "does not exist"),
+    (["--distill-from", "adir", "--hidden-sizes", "2"], "directory"),
     (["--from-pretrained", "afile"], "cannot read"), (["--resume", "adir", "--init-from", "afile"], "exclude"),
     *[(["--from-pretrained", f"{name}.npz"], word) for name, word in [
         ("env", "NoSuchEnv"), ("activation", "activation"), ("zero_width", "hidden"), ("float_width", "hidden"),
@@ -609,7 +610,7 @@ def bad_input_results(tmp_path_factory):
 
 @pytest.mark.parametrize("index", range(len(BAD_INPUTS)), ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_every_bad_input_is_one_line_and_writes_nothing(bad_input_results, index):
-    (code, stderr), before, after = bad_input_results[0][index], bad_input_results[1][index], bad_input_results[2][index]
+    (code, stderr), before, after = (results[index] for results in bad_input_results)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("train_ga.py: error: ") and BAD_INPUTS[index][1] in lines[0], lines[0]
