@@ -193,12 +193,14 @@ def parse_args(argv=None):
         if {"env_id", "capture_video", "distill_from"} & given:
             raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
         args.env_id = "+".join(args.multitask)
-    fixed = (given - RESUME_FLAGS if args.resume else given & set(META_ENV_FLAGS) if args.distill_from else
-             given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"} if args.init_from or args.from_pretrained
-             else set())
+    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
+        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
+    elif args.init_from or args.from_pretrained:
+        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
+    else:
+        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
     if fixed:
-        where = "its checkpoint" if args.resume else "the weights file's meta (do not restate the architecture)"
-        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {where}")
+        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
     args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
