@@ -242,6 +242,7 @@ def test_flat_vector_round_trip_and_original_walker_size():
     vector_to_parameters(new, policy.parameters())
     assert torch.equal(parameters_to_vector(policy.parameters()), new)
     assert torch.equal(policy.layers[0].weight.flatten(), new[:480])  # weights then bias, layer by layer
+    policy.load(new.numpy())  # act() reads numpy views of the weights, which load() renews
     action = policy.act(np.ones(24, np.float32))
     assert action.shape == (4,) and np.all(np.abs(action) <= 1)
     batch = policy(torch.ones(5, 24))  # the distillation path: same outputs in a batch
@@ -285,28 +286,46 @@ def test_multitask_needs_vector_envs_and_two_layers(tmp_path):
         run_script(["--multitask", "CartPole-v1", "CarRacing-v3", "--max-iter", "1"], cwd=tmp_path))
 
 
-def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker():
+def pool_setup(rows=8):
     configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", "CartPole-v1"])[0])
     policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
     dim = ga_mod.num_params(ga_mod.build_policy(policy_config))
-    members = np.random.default_rng(0).normal(0, 1, (8, dim)).astype(np.float32)
+    return (configs, policy_config, dim), [rows * dim]
+
+
+def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker(capsys):
+    worker_args, sizes = pool_setup()
+    members = np.random.default_rng(0).normal(0, 1, (8, worker_args[2])).astype(np.float32)
     tasks = [(i, [100 + i], True, ()) for i in range(8)]
-    local = ga_mod.RolloutPool(1, configs, policy_config, 8, dim)
-    local.set_members(members)
-    expected = local.map(tasks)
+    local = ga_mod.RolloutPool(1, None, worker_args, sizes)
+    expected = local.map(tasks, [members])
     assert len({r[0][0][0] for r in expected}) > 1  # the members differ, so a mix-up would show
-    pool = ga_mod.RolloutPool(2, configs, policy_config, 8, dim)
+    assert local.map(tasks[:1], [members[3:4]]) == [local.map([(3, [100], True, ())], [members])[0]]
+    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
     try:
-        pool.set_members(members)
-        assert pool.map(tasks) == expected
-        warnings = []
-        victim = pool.processes[0]
+        assert pool.map(tasks, [members]) == expected
+        capsys.readouterr()
+        victim = next(iter(pool.executor._processes.values()))
         threading.Timer(0.05, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
-        assert pool.map_with_restarts(tasks * 60, warn=warnings.append) == expected * 60
+        assert pool.map(tasks * 60, [members]) == expected * 60
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
         assert len(warnings) == 1 and "restarting" in warnings[0]
-        assert not victim.is_alive() and all(p.is_alive() for p in pool.processes)
+        assert not victim.is_alive() and all(p.is_alive() for p in pool.executor._processes.values())
     finally:
         pool.close()
+
+
+def test_workers_that_keep_dying_stop_the_run_with_the_checkpoint_kept(monkeypatch, capsys):
+    worker_args, sizes = pool_setup()
+    monkeypatch.setattr(ga_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # forked workers inherit it
+    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
+    pool.on_lost = lambda: "the checkpoint of generation 7 is kept"
+    try:
+        with pytest.raises(ga_mod.PoolError, match="keep dying.*stopped after 3 tries: the checkpoint of generation 7"):
+            pool.map([(0, [1], True, ())] * 4, [np.zeros(sizes[0], np.float32)])
+    finally:
+        pool.close()
+    assert capsys.readouterr().out.count("restarting the workers") == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("slimevolleygym") is None, reason="needs slimevolleygym (optional)")
@@ -415,7 +434,7 @@ def test_from_pretrained_and_init_from(tmp_path):
     match = re.fullmatch(r"episode_return mean=(\S+) std=(\S+) min=(\S+) max=(\S+) episodes=3", last)
     assert match, last
     params, meta = ga_mod.load_weights(str(run / "final.npz"))
-    policy = ga_mod.make_policy(meta["policy"], params)
+    policy = ga_mod.build_policy(meta["policy"]).load(params)
     env = ga_mod.make_env(dict(meta["env"], max_episode_steps=50), training=False)
     returns = [ga_mod.rollout(env, policy, ga_mod.derive_seed(1, ga_mod.EVAL_ENV_STREAM, 0, e))[0] for e in range(3)]
     assert float(match.group(1)) == pytest.approx(np.mean(returns), abs=1e-3)
@@ -503,6 +522,146 @@ def test_capture_video(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
     assert expected in line
+
+
+PRETRAINED = os.path.join(ROOT, "pretrained", "ga_cartpole.npz")
+
+
+def weights_with(tmp_path, name, change):
+    """pretrained/ga_cartpole.npz with its meta changed by change(meta), saved as tmp_path/name."""
+    with np.load(PRETRAINED, allow_pickle=False) as data:
+        params, meta = data["params"], json.loads(str(data["meta"]))
+    change(meta)
+    np.savez(tmp_path / name, params=params, meta=np.array(json.dumps(meta)))
+
+
+BAD_INPUTS = [  # (flags, a word the error line names)
+    *[([flag, value], flag) for flag, values in {
+        "--population-size": ["0", "-3", "1.5", "abc"], "--max-iter": ["0", "-1"], "--num-workers": ["0"],
+        "--num-rollouts": ["0"], "--num-eval-rollouts": ["0"], "--eval-every": ["0"], "--seed": ["-1", "nan"],
+        "--max-episode-steps": ["0"], "--max-negative-steps": ["-1"], "--consecutive-goal-stopping": ["0"],
+        "--tournament-size": ["0", "65"], "--elite-size": ["-1"], "--hidden-sizes": ["0", "-4"],
+        "--frame-size": ["8"], "--frame-stack": ["0"], "--distill-episodes": ["0"], "--distill-rounds": ["0"],
+        "--distill-epochs": ["0"], "--batch-size": ["0"], "--mutation-rate": ["nan", "inf", "1.0001"],
+        "--mutation-scale": ["inf", "-1", "nan"], "--crossover-rate": ["nan", "-inf"], "--blx-alpha": ["-0.1", "inf"],
+        "--selection-pressure": ["nan", "0.5"], "--reward-goal": ["nan", "inf", "-inf"],
+        "--learning-rate": ["0", "nan", "-1e-3"], "--selection": ["best"], "--activation": ["gelu"]}.items()
+      for value in values],
+    (["--env-kwargs", "novalue"], "--env-kwargs"), (["--env-kwargs", "gravity=NaN"], "--env-kwargs"),
+    (["--env-id", ""], "env id"), (["--env-id", "ALE/NoSuchGame-v5"], "NoSuchGame"),
+    (["--multitask", "CartPole-v1", "NoSuchEnv-v0", "--hidden-sizes", "4", "4"], "NoSuchEnv"),
+    (["--multitask", "CartPole-v1"], "--multitask"), (["--ray-address", "no-port"], "--ray-address"),
+    (["--logs-dir", "afile"], "--logs-dir"), (["--logs-dir", "afile/runs"], "--logs-dir"),
+    (["--run-name", "a/b"], "--run-name"), (["--run-name", ".."], "--run-name"), (["--run-name", ""], "--run-name"),
+    (["--resume", "adir"], "no checkpoint"), (["--resume", "missing"], "no checkpoint"),
+    (["--resume", "afile"], "checkpoint"), (["--from-pretrained", "adir"], "directory"),
+    (["--init-from", "missing.npz"], "does not exist"),
+    (["--distill-from", "adir", "--hidden-sizes", "2"], "directory"),
+    (["--from-pretrained", "afile"], "cannot read"), (["--resume", "adir", "--init-from", "afile"], "exclude"),
+    *[(["--from-pretrained", f"{name}.npz"], word) for name, word in [
+        ("env", "NoSuchEnv"), ("activation", "activation"), ("zero_width", "hidden"), ("float_width", "hidden"),
+        ("script", "train_cmaes.py"), ("frame", "--frame-size"), ("no_policy", "meta"), ("shape", "meta")]],
+]
+BAD_METAS = {"env": lambda m: m.update(env_id="NoSuchEnv-v0", env_ids=["NoSuchEnv-v0"]),
+             "activation": lambda m: m["policy"].update(activation="gelu"),
+             "zero_width": lambda m: m["policy"].update(hidden_sizes=[0]),
+             "float_width": lambda m: m["policy"].update(hidden_sizes=[16.5]),
+             "script": lambda m: m.update(script="train_cmaes.py"),
+             "frame": lambda m: m["env"].update(frame_size=3), "no_policy": lambda m: m.pop("policy"),
+             "shape": lambda m: m["policy"].update(obs_shape=["4"])}
+
+
+# main() of every case in one interpreter (a process per case would cost minutes): exit code and stderr each.
+CASE_RUNNER = """
+import contextlib, io, json, os, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import train_ga
+results = []
+for folder, argv in json.loads(sys.stdin.read()):
+    os.chdir(folder)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO())):
+        try:
+            code = train_ga.main(argv)
+        except BaseException:
+            code = traceback.print_exc()
+    results.append((code, err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    folders = []
+    for i in range(len(BAD_INPUTS)):
+        folders.append(tmp_path_factory.mktemp(f"bad{i}"))
+        (folders[-1] / "afile").write_text("not a checkpoint, not weights")
+        (folders[-1] / "adir").mkdir()
+        for name, change in BAD_METAS.items():
+            weights_with(folders[-1], f"{name}.npz", change)
+    before = [sorted(p.name for p in folder.rglob("*")) for folder in folders]
+    cases = [(str(folder), ["--max-iter", "1", *args]) for folder, (args, _) in zip(folders, BAD_INPUTS)]
+    out = subprocess.run([sys.executable, "-c", CASE_RUNNER, ROOT], input=json.dumps(cases), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    after = [sorted(p.name for p in folder.rglob("*")) for folder in folders]
+    return json.loads(out.stdout.splitlines()[-1]), before, after
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUTS)), ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_every_bad_input_is_one_line_and_writes_nothing(bad_input_results, index):
+    (code, stderr), before, after = (results[index] for results in bad_input_results)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("train_ga.py: error: ") and BAD_INPUTS[index][1] in lines[0], lines[0]
+    assert after == before  # nothing written, no run folder
+
+
+def test_good_weights_files_still_load():
+    for path in (PRETRAINED, os.path.join(ROOT, "pretrained", "ga_bipedalwalker.npz")):
+        params, meta = ga_mod.load_weights(path)
+        assert params.dtype == np.float32 and params.size == meta["num_params"]
+
+
+def process_children(pid):
+    """pids whose parent is pid (read off /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc to find the workers")
+def test_no_worker_outlives_a_killed_driver(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "orphans", "--num-workers", "2", "--max-iter",
+                             "100000", *TINY, "--hidden-sizes", "8", "--eval-every", "1000", "--quiet"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "runs" / "orphans" / "checkpoint.pkl"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = process_children(proc.pid)
+    assert len(workers) == 2, workers
+    proc.kill()  # SIGKILL: no handler of the driver runs
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers)), "a worker outlived its driver by more than 5 s"
 
 
 def test_bad_weights_and_checkpoints(tmp_path):
@@ -605,3 +764,15 @@ def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete):
     assert np.array_equal(policy.act(np.ones(6, np.float32)), 0 if discrete else np.zeros(3, np.float32))
     policy.load(np.ones(ga_mod.num_params(policy)))
     assert policy.act(np.ones(6, np.float32)) == 0 if discrete else np.all(policy.act(np.ones(6, np.float32)) > 0.99)
+
+
+def test_help_shows_each_default_once(tmp_path):
+    out = run_script(["--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert text.count("(default: usable cores") == 1 and "(default: None)" not in text
+    assert "(default: False)" not in text and "(default: [])" not in text
+    parser = ga_mod.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:  # every flag's help names its default at most once
+        assert formatter._get_help_string(action).count("(default:") <= 1, action.dest
