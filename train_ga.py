@@ -1122,6 +1122,8 @@ class RolloutPool:
                     raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}")
                 print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
                 self.executor = self.new_executor()
+            except Exception as e:  # raised by the rollout code in a worker: one line, not a worker's traceback
+                raise UserError(f"rollout failed in a worker: {type(e).__name__}: {e}") from None
 
     def close(self):
         """Stop the workers now (a busy one is killed, not awaited) and the Ray watchdog."""

@@ -315,6 +315,21 @@ def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker(caps
         pool.close()
 
 
+def test_an_exception_in_a_worker_is_one_line_not_a_traceback(monkeypatch):
+    worker_args, sizes = pool_setup()
+
+    def broken(self, task):
+        raise ValueError("the env broke")
+
+    monkeypatch.setattr(ga_mod.RolloutWorker, "run", broken)  # forked workers inherit it
+    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
+    try:
+        with pytest.raises(ga_mod.UserError, match="rollout failed in a worker: ValueError: the env broke"):
+            pool.map([(0, [1], True, ())] * 4, [np.zeros(sizes[0], np.float32)])
+    finally:
+        pool.close()
+
+
 def test_workers_that_keep_dying_stop_the_run_with_the_checkpoint_kept(monkeypatch, capsys):
     worker_args, sizes = pool_setup()
     monkeypatch.setattr(ga_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # forked workers inherit it
