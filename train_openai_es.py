@@ -62,6 +62,10 @@ META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
               "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
 
 
+NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
+                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
+
+
 class UserError(Exception):
     """Bad input (flags, files, environments): reported as one line, exit code 2."""
 
@@ -69,90 +73,38 @@ class UserError(Exception):
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
-    default once: not where the help names it or nothing is set; a switch that is on by its name."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-        def _get_help_string(self, action):
-            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
-            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
-                return text
-            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
-                           " (default: %(default)s)")
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
-            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    return parse
-
-
-def env_kwarg(item):
-    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def build_parser():
     """Every flag, each value checked for kind and range as it is parsed."""
     p = Parser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
                formatter_class=Parser.Formatter)
     size, rate, floor = number(int, 1), number(float, 0, open_low=True), number(float, 0)
-    factor = number(float, 0, 1, open_low=True)
+    factor, switch = number(float, 0, 1, open_low=True), argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
     g.add_argument("--env-kwargs", nargs="*", type=env_kwarg, default=[], metavar="KEY=VALUE",
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
     g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=size, default=cores,
-                   help="rollout worker processes (default: usable cores); 1 runs in-process. With "
-                        "--ray-address: the most rollouts running at once (default: every CPU of the cluster)")
-    g.add_argument("--ray-address", metavar="ADDRESS",
-                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or auto for "
-                        "the cluster of this machine (default: $RAY_ADDRESS if set, else local processes)")
-    g.add_argument("--population-size", type=number(int, 2), default=256,
-                   help="perturbations per generation (even with mirrored sampling)")
+    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes (default: usable cores); 1 "
+                   "runs in-process; with --ray-address the most rollouts at once (default: all the cluster's CPUs)")
+    g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
+                   "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
+    g.add_argument("--population-size", type=number(int, 2), default=256, help="members (even if mirrored)")
     g.add_argument("--max-iter", type=size, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=size, default=1, help="episodes per fitness evaluation (their mean)")
     g.add_argument("--max-episode-steps", type=size, help="episode length limit (default: the env's TimeLimit)")
-    g.add_argument("--max-negative-steps", type=number(int, 0),
-                   help="training episodes end after this many consecutive negative rewards "
-                        "(default: 20 on CarRacing, off elsewhere; 0 = off); never in evaluation")
+    g.add_argument("--max-negative-steps", type=number(int, 0), help="end training episodes after this many negative "
+                   "rewards in a row (default: 20 on CarRacing, else 0 = off); never in evaluation")
     g.add_argument("--eval-every", type=size, default=10, help="evaluate the center every this many generations")
     g.add_argument("--num-eval-rollouts", type=size, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
     g.add_argument("--run-name", help="run folder name (default: <env-id>__train_openai_es__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its folder")
-    g.add_argument("--from-pretrained", metavar="PATH.npz",
-                   help="evaluate these weights over --num-eval-rollouts episodes; no training")
+    g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights; no training")
     g.add_argument("--init-from", metavar="PATH.npz", help="start training from these weights")
-    g.add_argument("--capture-video", action="store_true",
-                   help="record an episode at each evaluation (GIF; mp4 when moviepy is installed)")
-    g.add_argument("--reward-goal", type=number(float),
-                   help="stop when the evaluation mean reaches this return; a generation whose "
-                        "unperturbed center reaches it in training is evaluated at once")
+    g.add_argument("--capture-video", action="store_true", help="record an episode per evaluation (GIF or mp4)")
+    g.add_argument("--reward-goal", type=number(float), help="stop when the evaluation mean reaches this return; a "
+                   "generation whose center reaches it in training is evaluated at once")
     g.add_argument("--consecutive-goal-stopping", type=size, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
     g = p.add_argument_group("OpenAI-ES")
@@ -165,25 +117,19 @@ def build_parser():
     g.add_argument("--lr-min", type=floor, default=0.0, help="floor of the decayed learning rate")
     g.add_argument("--sigma-decay", type=factor, default=1.0, help="sigma factor per generation")
     g.add_argument("--sigma-min", type=floor, default=0.0, help="floor of the decayed sigma")
-    g.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
-                   help="mirrored sampling: members come in pairs theta +/- sigma eps sharing env seeds")
+    g.add_argument("--antithetic", action=switch, default=True, help="mirrored pairs theta +/- sigma eps")
     g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank",
                    help="transform of the returns before the gradient estimate")
-    g.add_argument("--obs-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalize vector observations by running mean and std of rollout observations")
+    g.add_argument("--obs-norm", action=switch, default=True, help="normalize vector observations (running mean, std)")
     g = p.add_argument_group("policy")
-    g.add_argument("--hidden-sizes", type=size, nargs="*", default=[64, 64],
-                   help="fully connected layer widths (after the conv net for pixels)")
+    g.add_argument("--hidden-sizes", type=size, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
-    g.add_argument("--recurrent", action=argparse.BooleanOptionalAction, default=False,
-                   help="add an LSTM core after the hidden layers")
+    g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
     g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale",
                    help="Box actions: tanh mapped onto the bounds, or raw outputs clipped to them")
-    g.add_argument("--frame-size", type=number(int, 36), default=64,
-                   help="pixels: frames resized to this square size (36 at least: the conv net's field)")
+    g.add_argument("--frame-size", type=number(int, 36), default=64, help="pixels: square frame size (36 at least)")
     g.add_argument("--frame-stack", type=size, default=4, help="pixels: number of stacked frames")
-    g.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=True,
-                   help="pixels: convert frames to grayscale")
+    g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
     return p
 
 
@@ -204,20 +150,7 @@ def parse_args(argv=None):
                         "from its checkpoint" if args.resume else "comes from the weights file's meta; do not "
                         "restate the architecture"))
     check_settings(args)
-    for flag in ("resume", "from_pretrained", "init_from"):
-        path = getattr(args, flag)
-        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
-    if args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name
-                                      or (os.altsep or os.sep) in args.run_name):
-        raise UserError(f"--run-name {args.run_name!r} must be a folder name, without path separators")
-    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
-    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+    check_paths(args)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
         try:
@@ -284,14 +217,11 @@ def shape_fitness(returns, method):
 
 
 class OpenAIES:
-    """OpenAI-ES (Salimans et al. 2017, Algorithm 2 with mirrored sampling) as ask/tell.
-
-    `ask()`: the population as (N, 2) int64 rows (noise seed, sign); member i's parameters are
-    `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N episode returns in that order (higher is
-    better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with the weight decay
-    -weight_decay * theta it makes one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state
-    is numpy arrays and numbers (`state_dict`): it pickles for an exact resume. ValueError for a
-    population < 2 (or odd when mirrored) and for sigma or learning_rate <= 0.
+    """OpenAI-ES (Salimans et al. 2017, Algorithm 2, mirrored sampling) as ask/tell. `ask()`: the population,
+    (N, 2) int64 rows (noise seed, sign): member i is `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N
+    returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
+    weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
+    (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
     """
 
     def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam",
@@ -757,8 +687,7 @@ def setup_run(args, given):
                           optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                           antithetic=args.antithetic, fitness_shaping=args.fitness_shaping, lr_decay=args.lr_decay,
                           lr_min=args.lr_min, sigma_decay=args.sigma_decay, sigma_min=args.sigma_min, seed=args.seed)
-        run.counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                        "best_eval": -math.inf, "goal_streak": 0}
+        run.counters = dict(NEW_COUNTERS)
     run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config),
                            (run.dim, run.obs_dim, run.obs_dim))  # before any file is touched
     open_run_folder(run, checkpoint is not None)
@@ -775,8 +704,12 @@ def open_run_folder(run, resuming):
     os.makedirs(os.path.join(run.dir, "videos") if run.args.capture_video else run.dir, exist_ok=True)
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    versions = {"python": platform.python_version(), **{name: metadata.version(name) for name in (
-        "torch", "gymnasium", "numpy", "cma")}}
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
     config = dict(vars(run.args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()
@@ -1042,6 +975,71 @@ class RolloutPool:
                            f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
+# Command line ---------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
+    default once: not where the help names it or nothing is set; a switch that is on by its name."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+                return text
+            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
+                           " (default: %(default)s)")
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
+
+
+def env_kwarg(item):
+    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def check_paths(args):
+    """UserError unless each path given is what its flag needs: a readable file (a run folder holding one for
+    --resume) or a folder this user can write to."""
+    for flag in ("resume", "from_pretrained", "init_from"):
+        path = getattr(args, flag)
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name
+                                      or (os.altsep or os.sep) in args.run_name):
+        raise UserError(f"--run-name {args.run_name!r} must be a folder name, without path separators")
+    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
+    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+
+
 # Weights and checkpoints ----------------------------------------------------------------------------
 def atomic_write(path, write):
     """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
@@ -1080,7 +1078,7 @@ def load_weights(path):
                             f"{path} has weights format {version}, this script reads {FORMAT_VERSION}")
         if not np.all(np.isfinite(params)):
             raise UserError(f"{path} holds parameters that are not finite numbers")
-        settings = {"env_id": meta["env_id"], **{key: meta[part][key] for part in META_FLAGS for key in META_FLAGS[part]}}
+        settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
         argv = []  # the command line that would set these settings: the parser checks them as it checks flags
         for dest, value in settings.items():
             flag = "--" + dest.replace("_", "-")
@@ -1161,8 +1159,16 @@ def load_checkpoint(path):
     owner = state.get("script") if isinstance(state, dict) else None
     if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
-    if state.get("format_version") != FORMAT_VERSION or not {"args", "es", "obs_stats", "counters"} <= set(state):
+    if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    try:  # every part a run reads from it
+        complete = (set(vars(build_parser().parse_args([]))) <= set(state["args"]) and set(NEW_COUNTERS) <= set(
+            state["counters"]) and set(vars(OpenAIES(np.zeros(1), 2))) <= set(state["es"]) and (
+            state["obs_stats"] is None or {"count", "sum", "sumsq"} <= set(state["obs_stats"])))
+    except (KeyError, TypeError):
+        complete = False
+    if not complete:
+        raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
     return path, state
 
 

@@ -571,21 +571,35 @@ BAD_FLAGS = [
 ]
 
 
+def main_in_process(argv, capsys):
+    """es_mod.main(argv) in this process: (exit code, the lines it wrote on stderr)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = es_mod.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main() installs its own
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 @pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
 def test_every_bad_flag_value_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a checkpoint, weights file or folder")
     (tmp_path / "a_folder").mkdir()
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        code = es_mod.main(argv + ["--max-iter", "1", "--num-workers", "1"])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    out = capsys.readouterr()
+    code, lines = main_in_process(argv + ["--max-iter", "1", "--num-workers", "1"], capsys)
     assert code == 2
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train_openai_es.py: error: "), out.err
+    assert len(lines) == 1 and lines[0].startswith("train_openai_es.py: error: "), lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]  # nothing written
+
+
+@pytest.mark.parametrize("state", [{"args": {}, "es": {}, "obs_stats": None, "counters": {}}, {"args": None},
+                                   {"args": [], "es": 3, "obs_stats": "x", "counters": None}])
+def test_an_incomplete_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, state):
+    (tmp_path / "checkpoint.pkl").write_bytes(pickle.dumps(dict(state, script=es_mod.SCRIPT, format_version=1)))
+    monkeypatch.chdir(tmp_path)
+    code, lines = main_in_process(["--resume", ".", "--num-workers", "1"], capsys)
+    assert code == 2 and len(lines) == 1 and "not a complete" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pkl"]
 
 
 @pytest.mark.parametrize("change", [
@@ -609,12 +623,7 @@ def test_a_weights_file_whose_meta_is_not_real_is_refused(tmp_path, monkeypatch,
     np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
     monkeypatch.chdir(tmp_path)
     for flag in ("--from-pretrained", "--init-from"):
-        handler = signal.getsignal(signal.SIGTERM)
-        try:
-            code = es_mod.main([flag, "bad.npz", "--num-workers", "1", "--num-eval-rollouts", "1", "--max-iter", "1"])
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-        err = capsys.readouterr().err.strip().splitlines()
+        code, err = main_in_process([flag, "bad.npz", "--num-workers", "1", "--num-eval-rollouts", "1"], capsys)
         assert code == 2 and len(err) == 1 and "error: " in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
 
