@@ -85,11 +85,11 @@ def build_parser():
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
     g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes (default: usable cores); 1 "
-                   "runs in-process; with --ray-address the most rollouts at once (default: all the cluster's CPUs)")
+    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: usable "
+                   "cores); with --ray-address: the most rollouts at once, all the cluster's CPUs if not given")
     g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
                    "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
-    g.add_argument("--population-size", type=number(int, 2), default=256, help="members (even if mirrored)")
+    g.add_argument("--population-size", type=number(int, 2), default=256, help="members, even if mirrored")
     g.add_argument("--max-iter", type=size, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=size, default=1, help="episodes per fitness evaluation (their mean)")
     g.add_argument("--max-episode-steps", type=size, help="episode length limit (default: the env's TimeLimit)")
@@ -444,7 +444,7 @@ def make_env(env_config, training, render_mode=None):
         env = gym.make(env_id, render_mode=render_mode, **kwargs)
     except gym.error.DependencyNotInstalled as e:
         raise UserError(f"{env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
-    except (gym.error.Error, TypeError, ValueError) as e:
+    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
         raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
     env = gym.wrappers.RenderCollection(env) if render_mode is not None else env
     if training and env_config["max_negative_steps"] > 0:
@@ -485,6 +485,11 @@ def configs(args):
                   "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
                   "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
     env = make_env(env_config, training=False)
+    try:  # an env that cannot even take one step is bad input: found now, before any file is written
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except Exception as e:
+        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
     env.close()
     return env_config, {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
@@ -1261,8 +1266,9 @@ def main(argv=None):
     try:
         args, given = parse_args(argv)
         return run_from_pretrained(args, given) if args.from_pretrained else train(args, given)
-    except (UserError, PoolLost) as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+    except (UserError, PoolLost, MemoryError) as e:
+        print(f"{SCRIPT}: error: {e}" + (" (a size too large for this machine)" if isinstance(e, MemoryError) else ""),
+              file=sys.stderr)
         return 1 if isinstance(e, PoolLost) else 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
