@@ -54,9 +54,9 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
 # Streams of randomness, each derived from (seed, stream, generation, index, rollout).
 NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
 PLACEMENT_FLAGS = {"num_workers", "ray_address"}
+RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
+                "consecutive_goal_stopping", *PLACEMENT_FLAGS}
 # Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
 META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
               "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
@@ -83,7 +83,7 @@ def build_parser():
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
     g.add_argument("--env-kwargs", nargs="*", type=env_kwarg, default=[], metavar="KEY=VALUE",
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
-    g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=1, help="seed of every random draw")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 64 - 1), default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: usable "
                    "cores); with --ray-address: the most rollouts at once, all the cluster's CPUs if not given")
@@ -194,10 +194,8 @@ def perturb(theta, sigma, noise_seed, sign):
 
 
 def centered_ranks(x):
-    """Ranks of x mapped linearly onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum.
-
-    Salimans et al. 2017 (fitness shaping, Wierstra et al. 2014): all-equal returns give zeros, never NaN.
-    """
+    """Ranks of x mapped linearly onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum
+    (Salimans et al. 2017; Wierstra et al. 2014). All-equal returns give zeros, never NaN."""
     x = np.asarray(x, dtype=np.float64)
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # rank of the first member of each group of equal values
@@ -224,9 +222,9 @@ class OpenAIES:
     (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
     """
 
-    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam",
-                 momentum=0.9, weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank",
-                 lr_decay=1.0, lr_min=0.0, sigma_decay=1.0, sigma_min=0.0, seed=0):
+    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
+                 weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank", lr_decay=1.0, lr_min=0.0,
+                 sigma_decay=1.0, sigma_min=0.0, seed=0):
         if population_size < 2 or (antithetic and population_size % 2):
             raise ValueError("population_size must be >= 2, and even with antithetic sampling")
         if sigma <= 0 or learning_rate <= 0:
