@@ -1,33 +1,26 @@
 """OpenAI Evolution Strategies (OpenAI-ES) on any gymnasium environment, in one file.
 
 Salimans, Ho, Chen, Sidor, Sutskever (2017), "Evolution Strategies as a Scalable Alternative to
-Reinforcement Learning", arXiv:1703.03864. Each generation samples a population of Gaussian
-perturbations eps_i of the policy's flat parameter vector theta (mirrored pairs +eps, -eps by
-default), runs one episode per member (more with --num-rollouts), shapes the episode returns F_i
-into centered ranks and moves theta along the gradient estimate
+Reinforcement Learning", arXiv:1703.03864. Each generation perturbs the policy's flat parameters
+theta with N Gaussian directions eps_i (mirrored pairs +eps, -eps by default), runs an episode per
+member, shapes the returns F_i into centered ranks and ascends the gradient estimate
 
-    g = 1 / (N sigma) * sum_i F_i eps_i
+    g = 1 / (N sigma) * sum_i F_i eps_i        (with Adam or momentum SGD, and L2 weight decay)
 
-with Adam (or SGD with momentum) and an L2 weight decay. No backpropagation: rollouts are the only
-work, and they spread over every core. Workers receive integers (noise seed, sign, env seeds) and
-regenerate the noise themselves; the parameters they perturb live in shared memory.
+Rollouts are the only work: they spread over local processes or a Ray cluster, which receive
+integers (noise seed, sign, env seeds) and regenerate the noise themselves.
 
 Examples:
-    # CartPole-v1 to 500 over 100 evaluation episodes, in seconds
     python train_openai_es.py --env-id CartPole-v1 --hidden-sizes 16 --population-size 32 \
         --sigma 0.1 --learning-rate 0.2 --reward-goal 500
-    # LunarLander-v3 to 200 (add --env-kwargs continuous=true for continuous actions)
     python train_openai_es.py --env-id LunarLander-v3 --hidden-sizes 32 32 --population-size 64 \
         --sigma 0.1 --learning-rate 0.03 --eval-every 25 --reward-goal 200
-    # CarRacing-v3 from pixels (grayscale, 64x64, 4 stacked frames, small conv net)
-    python train_openai_es.py --env-id CarRacing-v3 --population-size 64 --max-episode-steps 1000
-    # evaluate weights over 100 episodes and record one
     python train_openai_es.py --from-pretrained pretrained/openai_es_lunarlander.npz --capture-video
 """
 
 import argparse
-import ctypes
 import csv
+import io
 import json
 import logging
 import math
@@ -42,7 +35,10 @@ import tempfile
 import threading
 import time
 import uuid
-from multiprocessing.connection import wait
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from importlib import metadata
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -51,35 +47,23 @@ import torch.nn as nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 SCRIPT = "train_openai_es.py"
-FORMAT_VERSION = 1
-# The columns every script of the project writes first, in this order; the ES scalars follow.
-PROGRESS_COLUMNS = [
-    "iteration", "evaluations", "env_steps", "wall_time_s",
-    "return_min", "return_mean", "return_max", "return_std",
-    "eval_return_mean", "eval_return_std",
-    "center_return", "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus",
-]
+FORMAT_VERSION = 1  # of checkpoints and weights files
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
+                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
+                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
 # Streams of randomness, each derived from (seed, stream, generation, index, rollout).
 NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
-# Tasks queued per worker: 2 hides the round trip between tasks, but a batch's last tasks may then
-# wait behind a long episode while another worker idles.
-TASKS_IN_FLIGHT = 2
-# learning_curve.png is redrawn at an evaluation at most this often (and always at the end).
-PLOT_INTERVAL_S = 30.0
-# Ray (--ray-address): a task whose worker process or node died is re-run up to RAY_TASK_RETRIES
-# times. A watchdog thread checks every RAY_POLL_S that the cluster's head and this machine's Ray
-# node still answer, and gives the cluster up after RAY_LOST_AFTER_S of silence.
-RAY_TASK_RETRIES = 3
-RAY_POLL_S = 1.0
-RAY_LOST_AFTER_S = 10.0
-# Flags that --resume may set anew; everything else comes from the checkpoint.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
-# Where a run executes is never taken from its checkpoint: a run resumes on any cluster or locally.
-PLACEMENT_FLAGS = ("num_workers", "ray_address")
-# Settings that --init-from / --from-pretrained take from the weights file's meta.
-META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale")
-META_POLICY_FLAGS = ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")
+# Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
+PLACEMENT_FLAGS = {"num_workers", "ray_address"}
+RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
+                "consecutive_goal_stopping", *PLACEMENT_FLAGS}
+# Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
+META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
+              "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
+
+
+NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
+                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
 
 
 class UserError(Exception):
@@ -87,447 +71,112 @@ class UserError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Command line
+# 1. Configuration
 # ------------------------------------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_env_kwargs(items):
-    """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string.
-
-    Raises ValueError for an item without '='.
-    """
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env-kwargs expects KEY=VALUE items, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
 def build_parser():
-    """The argparse parser of every flag (kebab-case, defaults shown in --help)."""
-    p = OneLineParser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every flag, each value checked for kind and range as it is parsed."""
+    p = Parser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
+               formatter_class=Parser.Formatter)
+    size, rate, floor = number(int, 1), number(float, 0, open_low=True), number(float, 0)
+    factor, switch = number(float, 0, 1, open_low=True), argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
-    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+    g.add_argument("--env-kwargs", nargs="*", type=env_kwarg, default=[], metavar="KEY=VALUE",
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
-    g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
-    g.add_argument("--num-workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="rollout worker processes (default: usable cores); 1 runs in-process. With "
-                        "--ray-address: the most rollouts running at once (default: every CPU of the cluster)")
-    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or auto "
-                        "for the cluster started on this machine (default: $RAY_ADDRESS if set, else "
-                        "local worker processes)")
-    g.add_argument("--population-size", type=int, default=256,
-                   help="perturbations per generation (even with mirrored sampling)")
-    g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=int, default=1,
-                   help="episodes per fitness evaluation; fitness = mean episode return")
-    g.add_argument("--max-episode-steps", type=int, default=None,
-                   help="episode length limit (default: the env's own TimeLimit)")
-    g.add_argument("--max-negative-steps", type=int, default=None,
-                   help="training episodes end after this many consecutive negative rewards "
-                        "(default: 20 on CarRacing, off elsewhere; 0 = off); never in evaluation")
-    g.add_argument("--eval-every", type=int, default=10,
-                   help="evaluate the unperturbed parameters every this many generations")
-    g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 64 - 1), default=1, help="seed of every random draw")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: usable "
+                   "cores); with --ray-address: the most rollouts at once, all the cluster's CPUs if not given")
+    g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
+                   "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
+    g.add_argument("--population-size", type=number(int, 2), default=256, help="members, even if mirrored")
+    g.add_argument("--max-iter", type=size, default=1000, help="generations, counted from the run's start")
+    g.add_argument("--num-rollouts", type=size, default=1, help="episodes per fitness evaluation (their mean)")
+    g.add_argument("--max-episode-steps", type=size, help="episode length limit (default: the env's TimeLimit)")
+    g.add_argument("--max-negative-steps", type=number(int, 0), help="end training episodes after this many negative "
+                   "rewards in a row (default: 20 on CarRacing, else 0 = off); never in evaluation")
+    g.add_argument("--eval-every", type=size, default=10, help="evaluate the center every this many generations")
+    g.add_argument("--num-eval-rollouts", type=size, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--run-name", default=None,
-                   help="run folder name (default: <env-id>__train_openai_es__<seed>__<unix-time>)")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run from its checkpoint.pkl or its run folder")
-    g.add_argument("--from-pretrained", default=None, metavar="PATH.npz",
-                   help="evaluate these weights over --num-eval-rollouts episodes; no training")
-    g.add_argument("--init-from", default=None, metavar="PATH.npz", help="start training from these weights")
-    g.add_argument("--capture-video", action="store_true",
-                   help="record an episode at each evaluation (GIF; mp4 when moviepy is installed)")
-    g.add_argument("--reward-goal", type=float, default=None,
-                   help="stop when the evaluation mean reaches this return; a generation whose "
-                        "unperturbed center reaches it in training is evaluated at once")
-    g.add_argument("--consecutive-goal-stopping", type=int, default=1,
-                   help="... in this many consecutive evaluations")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__train_openai_es__<seed>__<unix-time>)")
+    g.add_argument("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its folder")
+    g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights; no training")
+    g.add_argument("--init-from", metavar="PATH.npz", help="start training from these weights")
+    g.add_argument("--capture-video", action="store_true", help="record an episode per evaluation (GIF or mp4)")
+    g.add_argument("--reward-goal", type=number(float), help="stop when the evaluation mean reaches this return; a "
+                   "generation whose center reaches it in training is evaluated at once")
+    g.add_argument("--consecutive-goal-stopping", type=size, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
     g = p.add_argument_group("OpenAI-ES")
-    g.add_argument("--sigma", type=float, default=0.02, help="noise standard deviation")
-    g.add_argument("--learning-rate", type=float, default=0.01, help="step size of the optimizer")
+    g.add_argument("--sigma", type=rate, default=0.02, help="noise standard deviation")
+    g.add_argument("--learning-rate", type=rate, default=0.01, help="step size of the optimizer")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="update rule on the ES gradient")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=0.005, help="L2 coefficient on the parameters")
-    g.add_argument("--lr-decay", type=float, default=1.0, help="learning rate factor per generation")
-    g.add_argument("--lr-min", type=float, default=0.0, help="floor of the decayed learning rate")
-    g.add_argument("--sigma-decay", type=float, default=1.0, help="sigma factor per generation")
-    g.add_argument("--sigma-min", type=float, default=0.0, help="floor of the decayed sigma")
-    g.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
-                   help="mirrored sampling: members come in pairs theta +/- sigma eps sharing env seeds")
+    g.add_argument("--momentum", type=number(float, 0, 1, open_high=True), default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=floor, default=0.005, help="L2 coefficient on the parameters")
+    g.add_argument("--lr-decay", type=factor, default=1.0, help="learning rate factor per generation")
+    g.add_argument("--lr-min", type=floor, default=0.0, help="floor of the decayed learning rate")
+    g.add_argument("--sigma-decay", type=factor, default=1.0, help="sigma factor per generation")
+    g.add_argument("--sigma-min", type=floor, default=0.0, help="floor of the decayed sigma")
+    g.add_argument("--antithetic", action=switch, default=True, help="mirrored pairs theta +/- sigma eps")
     g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank",
                    help="transform of the returns before the gradient estimate")
-    g.add_argument("--obs-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalize vector observations by running mean and std of rollout observations")
+    g.add_argument("--obs-norm", action=switch, default=True, help="normalize vector observations (running mean, std)")
     g = p.add_argument_group("policy")
-    g.add_argument("--hidden-sizes", type=int, nargs="*", default=[64, 64],
-                   help="fully connected layer widths (after the conv net for pixels)")
+    g.add_argument("--hidden-sizes", type=size, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
-    g.add_argument("--recurrent", action="store_true", help="add an LSTM core after the hidden layers")
+    g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
     g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale",
                    help="Box actions: tanh mapped onto the bounds, or raw outputs clipped to them")
-    g.add_argument("--frame-size", type=int, default=64, help="pixels: frames resized to this square size")
-    g.add_argument("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
-    g.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=True,
-                   help="pixels: convert frames to grayscale")
+    g.add_argument("--frame-size", type=number(int, 36), default=64, help="pixels: square frame size (36 at least)")
+    g.add_argument("--frame-stack", type=size, default=4, help="pixels: number of stacked frames")
+    g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
     return p
 
 
 def parse_args(argv=None):
-    """Parse and check the command line; returns (args, the set of flags given explicitly)."""
+    """Parse and check the command line: (args, the set of flags given). UserError for any bad value: kind,
+    range, finiteness, a path that is not what its flag needs, flags that exclude each other."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Which flags did the user type? argparse leaves alone what a namespace already holds,
-    # so parse again into a namespace of markers: the flags given are those that changed.
-    marker = object()
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
+    marker = object()  # which flags were typed: parse again into a namespace of markers and see which changed
+    typed = parser.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(typed).items() if value is not marker}
-
-    def check(ok, message):
-        if not ok:
-            parser.error(message)
-
-    check(args.population_size >= 2, "--population-size must be at least 2")
-    check(not (args.antithetic and args.population_size % 2),
-          "--population-size must be even with mirrored sampling (or pass --no-antithetic)")
-    check(args.sigma > 0, "--sigma must be > 0")
-    check(args.learning_rate > 0, "--learning-rate must be > 0")
-    check(0 <= args.momentum < 1, "--momentum must be in [0, 1)")
-    check(args.weight_decay >= 0, "--weight-decay must be >= 0")
-    check(0 < args.lr_decay <= 1 and 0 < args.sigma_decay <= 1, "--lr-decay and --sigma-decay must be in (0, 1]")
-    check(args.lr_min >= 0 and args.sigma_min >= 0, "--lr-min and --sigma-min must be >= 0")
-    check(args.num_workers >= 1, "--num-workers must be at least 1")
-    check(args.max_iter >= 1, "--max-iter must be at least 1")
-    check(args.num_rollouts >= 1 and args.num_eval_rollouts >= 1,
-          "--num-rollouts and --num-eval-rollouts must be at least 1")
-    check(args.eval_every >= 1, "--eval-every must be at least 1")
-    check(args.consecutive_goal_stopping >= 1, "--consecutive-goal-stopping must be at least 1")
-    check(args.max_episode_steps is None or args.max_episode_steps >= 1, "--max-episode-steps must be at least 1")
-    check(args.max_negative_steps is None or args.max_negative_steps >= 0, "--max-negative-steps must be >= 0")
-    check(all(h >= 1 for h in args.hidden_sizes), "--hidden-sizes must be positive")
-    check(args.frame_size >= 36, "--frame-size must be at least 36 (the conv net's receptive field)")
-    check(args.frame_stack >= 1, "--frame-stack must be at least 1")
-    check(not (args.recurrent and not args.hidden_sizes), "--recurrent needs at least one hidden layer")
-    check(sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) <= 1,
-          "--resume, --from-pretrained and --init-from exclude each other")
-    if args.resume:
-        extra = sorted(given - RESUME_FLAGS)
-        check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} cannot be changed on resume: "
-                         "the run's settings come from its checkpoint")
-    if args.init_from or args.from_pretrained:
-        clash = sorted(given & set(META_ENV_FLAGS + META_POLICY_FLAGS))
-        check(not clash, f"--{clash[0].replace('_', '-') if clash else ''} comes from the weights file's meta; "
-                         "do not restate the architecture")
-    try:
-        args.env_kwargs = parse_env_kwargs(args.env_kwargs)
-    except ValueError as e:
-        parser.error(str(e))
+    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
+        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
+    fixed = sorted(given - RESUME_FLAGS) if args.resume else sorted(
+        given & {*META_FLAGS["env"], *META_FLAGS["policy"]}) if args.init_from or args.from_pretrained else []
+    if fixed:
+        raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
+                        "from its checkpoint" if args.resume else "comes from the weights file's meta; do not "
+                        "restate the architecture"))
+    check_settings(args)
+    check_paths(args)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
         try:
-            import_ray()
-        except UserError as e:
-            parser.error(str(e))
-        if "num_workers" not in given:
-            args.num_workers = None  # every CPU of the cluster
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt")
+        args.num_workers = args.num_workers if "num_workers" in given else None  # None: every CPU of the cluster
     return args, given
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Environment
-# ------------------------------------------------------------------------------------------------
-class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` consecutive steps with a negative reward.
-
-    CarRacing's training-time early stop (estool; Tang et al. 2020): a car that has left the
-    track only collects -0.1 per frame, so its remaining frames teach nothing. gymnasium has no
-    such wrapper. Used in training rollouts only; evaluation episodes run to the end.
-    """
-
-    def __init__(self, env, patience):
-        super().__init__(env)
-        self.patience = patience
-        self.negative_steps = 0
-
-    def reset(self, **kwargs):
-        self.negative_steps = 0
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
-        return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
-
-
-def is_image_space(space):
-    """True for a uint8 Box of shape (H, W) or (H, W, 3): frames this script feeds to its conv net."""
-    return (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8
-            and (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)))
-
-
-def make_env(env_config, training, render_mode=None):
-    """Build one environment: `gymnasium.make` plus gymnasium's wrappers.
-
-    env_config: dict with env_id, env_kwargs, max_episode_steps, max_negative_steps,
-    action_bounding, frame_size, frame_stack, grayscale (see `env_config_from_args`).
-    Image observations become uint8 arrays (frame_stack, frame_size, frame_size[, 3]); Box actions
-    are rescaled to [-1, 1] (tanh policies) or clipped. Raises UserError for an unknown id, a
-    missing optional dependency or a space the policies cannot handle.
-    """
-    env_id = env_config["env_id"]
-    if env_id.startswith("ALE/"):
-        try:
-            import ale_py
-        except ImportError:
-            raise UserError(f"{env_id} needs the Atari extra: pip install ale-py") from None
-        gym.register_envs(ale_py)
-    kwargs = dict(env_config["env_kwargs"])
-    if env_config["max_episode_steps"] is not None:
-        kwargs["max_episode_steps"] = env_config["max_episode_steps"]
+def check_settings(args):
+    """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
+    args.env_kwargs = dict(args.env_kwargs)
+    if args.antithetic and args.population_size % 2:
+        raise UserError("--population-size must be even with mirrored sampling (or pass --no-antithetic)")
+    if args.recurrent and not args.hidden_sizes:
+        raise UserError("--recurrent needs at least one hidden layer")
     try:
-        env = gym.make(env_id, render_mode=render_mode, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UserError(f"{env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
+        register_env_family(args.env_id)
+        gym.spec(args.env_id)
     except gym.error.Error as e:
-        raise UserError(f"cannot make env {env_id!r}: {str(e).splitlines()[0]}") from None
-    except TypeError as e:
-        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {e}") from None
-    if render_mode is not None:
-        env = gym.wrappers.RenderCollection(env)
-    if training and env_config["max_negative_steps"] > 0:
-        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
-    action_space = env.action_space
-    if isinstance(action_space, gym.spaces.Box):
-        if len(action_space.shape) != 1:
-            raise UserError(f"action space {action_space} is not supported: Box actions must be 1-D")
-        if env_config["action_bounding"] == "clip":
-            env = gym.wrappers.ClipAction(env)
-        elif not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-            raise UserError(f"action space {action_space} has infinite bounds: use --action-bounding clip")
-        elif not (np.all(action_space.low == -1) and np.all(action_space.high == 1)):
-            bound = np.ones(action_space.shape, dtype=action_space.dtype)  # in the space's dtype: no precision warning
-            env = gym.wrappers.RescaleAction(env, -bound, bound)
-    elif not isinstance(action_space, gym.spaces.Discrete):
-        raise UserError(f"action space {action_space} is not supported: only Discrete and 1-D Box")
-    obs_space = env.observation_space
-    if is_image_space(obs_space):
-        if env_config["grayscale"] and len(obs_space.shape) == 3:
-            env = gym.wrappers.GrayscaleObservation(env)
-        size = env_config["frame_size"]
-        try:
-            env = gym.wrappers.ResizeObservation(env, (size, size))
-        except gym.error.DependencyNotInstalled:
-            raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
-        env = gym.wrappers.FrameStackObservation(env, env_config["frame_stack"])
-    elif not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
-        raise UserError(f"observation space {obs_space} is not supported: "
-                        "only 1-D Box vectors and uint8 images")
-    return env
-
-
-def env_config_from_args(args):
-    """The env settings that a worker, an evaluation and a weights file's meta all need."""
-    max_negative_steps = args.max_negative_steps
-    if max_negative_steps is None:  # CarRacing's training-time early stop is on by default
-        max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
-    return {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
-            "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
-            "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
+        raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Policy
-# ------------------------------------------------------------------------------------------------
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
-# The same activations on float32 numpy arrays, for the MLP's numpy forward (selu: torch's constants).
-NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
-                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(
-                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(h))}
-
-
-class Policy(nn.Module):
-    """Deterministic policy for one environment, one observation at a time (no batch axis).
-
-    Vector observations (obs_shape (D,), float) are normalized by obs_mean/obs_std (float32 numpy
-    (D,)), clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP, evaluated with numpy: one
-    observation through torch costs about twice as much, more than a CartPole step. Image observations (uint8,
-    (frames, H, W) or (frames, H, W, 3)) are scaled to [0, 1] and fed to a small conv net
-    (Conv 8x8/4 -> 16, Conv 4x4/2 -> 32, as in Mnih et al. 2013) and then the MLP layers.
-    `recurrent` adds an LSTMCell (the conv-LSTM of pytorch-es). Discrete actions: argmax of the
-    logits; Box actions: tanh (env rescaled to [-1, 1]) or raw output (env clips).
-
-    The flat genotype is `parameters_to_vector(policy.parameters())`, float32; the normalization
-    statistics are buffers, outside it.
-    """
-
-    def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
-                 recurrent=False, action_bounding="scale", obs_norm=True):
-        super().__init__()
-        self.obs_shape = tuple(obs_shape)
-        self.discrete = discrete
-        self.pixels = len(self.obs_shape) > 1
-        self.recurrent = recurrent
-        self.squash = not discrete and action_bounding == "scale"
-        self.activation = ACTIVATIONS[activation]
-        self.normalize = obs_norm and not self.pixels
-        if self.pixels:
-            channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)
-            self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
-            with torch.no_grad():
-                features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
-        else:
-            self.conv = None
-            features = self.obs_shape[0]
-        # Normalization statistics: numpy arrays outside the genotype, set by the worker or a weights file.
-        self.obs_mean = np.zeros(features if self.normalize else 0, np.float32)
-        self.obs_std = np.ones(features if self.normalize else 0, np.float32)
-        self.layers = nn.ModuleList()
-        for width in hidden_sizes:
-            self.layers.append(nn.Linear(features, width))
-            features = width
-        self.lstm = nn.LSTMCell(features, features) if recurrent else None
-        self.head = nn.Linear(features, num_actions)
-        self.requires_grad_(False)  # evolved, never backpropagated
-        # The hot path reads parameters through plain lists: nn.Module attribute lookup costs ~0.3 us
-        # per access. vector_to_parameters rebinds each Parameter's .data, so these stay valid.
-        self.linear_params = [(layer.weight, layer.bias) for layer in self.layers]
-        self.head_params = (self.head.weight, self.head.bias)
-        self.numpy_activation = NUMPY_ACTIVATIONS[activation]
-        self.load(parameters_to_vector(self.parameters()).numpy())
-
-    def load(self, params):
-        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        # numpy views of the new weights (weight (out, in), bias (out,)) for the MLP's numpy forward
-        self.numpy_params = [(w.numpy(), b.numpy()) for w, b in self.linear_params + [self.head_params]]
-        return self
-
-    def forward(self, x, state=None):
-        """x: one preprocessed observation, float32 (D,) or (C, H, W). Returns (output (A,), state)."""
-        h = self.conv(x) if self.pixels else x
-        for weight, bias in self.linear_params:  # torch.addmv: half of nn.Linear's per-call cost on one vector
-            h = self.activation(torch.addmv(bias, weight, h))
-        if self.recurrent:
-            state = self.lstm(h, state)
-            h = state[0]
-        out = torch.addmv(self.head_params[1], self.head_params[0], h)
-        return (torch.tanh(out) if self.squash else out), state
-
-    def numpy_forward(self, x):
-        """The MLP of `forward` in numpy for one float32 observation (D,): output float32 (A,)."""
-        for weight, bias in self.numpy_params[:-1]:
-            x = self.numpy_activation(weight @ x + bias)
-        weight, bias = self.numpy_params[-1]
-        out = weight @ x + bias
-        return np.tanh(out) if self.squash else out
-
-    def act(self, obs, state=None):
-        """obs: one env observation (numpy). Returns (action: int or float32 (A,), recurrent state)."""
-        if self.pixels:
-            x = torch.from_numpy(np.asarray(obs)).float().div_(255.0)
-            if x.dim() == 4:  # (frames, H, W, 3) -> (frames * 3, H, W)
-                x = x.permute(0, 3, 1, 2).flatten(0, 1)
-            out, state = self(x, state)
-            out = out.numpy()
-        else:
-            x = np.asarray(obs, dtype=np.float32)
-            if self.normalize:
-                x = np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0))
-            if self.recurrent:
-                out, state = self(torch.from_numpy(x), state)
-                out = out.numpy()
-            else:
-                out = self.numpy_forward(x)
-        return (int(out.argmax()) if self.discrete else out), state
-
-
-def policy_config_from_env(env, args):
-    """Everything `build_policy` needs, read off the (wrapped) env's spaces and the flags."""
-    discrete = isinstance(env.action_space, gym.spaces.Discrete)
-    return {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
-            "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
-            "hidden_sizes": list(args.hidden_sizes), "activation": args.activation,
-            "recurrent": args.recurrent, "action_bounding": args.action_bounding, "obs_norm": args.obs_norm}
-
-
-def build_policy(policy_config):
-    """Policy from a config dict (flags or a weights file's meta); float32, inference only."""
-    torch.set_num_threads(1)
-    return Policy(**policy_config)
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Rollout
-# ------------------------------------------------------------------------------------------------
-def rollout(env, policy, seed, observations=None):
-    """Run one episode with `env.reset(seed=seed)`. Returns (episode return: float, steps: int).
-
-    observations: a list to which every observation the policy sees is appended (for the
-    observation-normalization statistics), or None.
-    """
-    obs, _ = env.reset(seed=seed)
-    state, total, steps = None, 0.0, 0
-    with torch.inference_mode():
-        while True:
-            if observations is not None:
-                observations.append(obs)
-            action, state = policy.act(obs, state)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            if terminated or truncated:
-                return total, steps
-
-
-class ObsStats:
-    """Running sum, sum of squares and count of vector observations (float64), as in the paper.
-
-    Starts at mean 0, variance 1 (a pseudo-count of 1e-2); std is floored at 0.1.
-    """
-
-    def __init__(self, dim):
-        self.count = 1e-2
-        self.sum = np.zeros(dim)
-        self.sumsq = np.full(dim, 1e-2)
-
-    def update(self, count, total, total_sq):
-        self.count += count
-        self.sum += total
-        self.sumsq += total_sq
-
-    def mean_std(self):
-        """(mean, std): float32 (D,) each."""
-        mean = self.sum / self.count
-        std = np.sqrt(np.maximum(self.sumsq / self.count - mean ** 2, 1e-2))
-        return mean.astype(np.float32), std.astype(np.float32)
-
-    def state_dict(self):
-        """{count: float, sum: float64 (D,), sumsq: float64 (D,)}, for the checkpoint."""
-        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
-
-    def load_state_dict(self, state):
-        """Restore from `state_dict()`'s output."""
-        self.count, self.sum, self.sumsq = float(state["count"]), state["sum"].copy(), state["sumsq"].copy()
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. OpenAI-ES as an ask/tell object
+# 2. OpenAI-ES: the operators and the ask/tell object
 # ------------------------------------------------------------------------------------------------
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
@@ -545,11 +194,8 @@ def perturb(theta, sigma, noise_seed, sign):
 
 
 def centered_ranks(x):
-    """Ranks of x mapped linearly onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum.
-
-    Salimans et al. 2017 (fitness shaping, Wierstra et al. 2014). Equal returns get equal values,
-    so all-equal returns give all zeros (no gradient), never NaN.
-    """
+    """Ranks of x mapped linearly onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum
+    (Salimans et al. 2017; Wierstra et al. 2014). All-equal returns give zeros, never NaN."""
     x = np.asarray(x, dtype=np.float64)
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # rank of the first member of each group of equal values
@@ -569,35 +215,28 @@ def shape_fitness(returns, method):
 
 
 class OpenAIES:
-    """OpenAI-ES (Salimans et al. 2017, Algorithm 2 with mirrored sampling) as ask/tell.
-
-    The population is integers: `ask()` returns (N, 2) int64 rows (noise seed, sign); member i's
-    parameters are `perturb(theta, sigma, *row_i)`. `tell(returns)` with the N episode returns
-    (higher is better) forms g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F, adds the weight
-    decay -weight_decay * theta, and takes an Adam (Kingma & Ba 2015) or momentum-SGD ascent step.
-    All state is numpy and plain numbers (`state_dict`), so it pickles for exact resume.
+    """OpenAI-ES (Salimans et al. 2017, Algorithm 2, mirrored sampling) as ask/tell. `ask()`: the population,
+    (N, 2) int64 rows (noise seed, sign): member i is `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N
+    returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
+    weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
+    (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
     """
 
-    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam",
-                 momentum=0.9, weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank",
-                 lr_decay=1.0, lr_min=0.0, sigma_decay=1.0, sigma_min=0.0, seed=0):
+    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
+                 weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank", lr_decay=1.0, lr_min=0.0,
+                 sigma_decay=1.0, sigma_min=0.0, seed=0):
         if population_size < 2 or (antithetic and population_size % 2):
             raise ValueError("population_size must be >= 2, and even with antithetic sampling")
         if sigma <= 0 or learning_rate <= 0:
             raise ValueError("sigma and learning_rate must be > 0")
         self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
         self.population_size = population_size
-        self.sigma = sigma                      # noise standard deviation
-        self.learning_rate = learning_rate
-        self.optimizer = optimizer              # "adam" or "sgd"
-        self.momentum = momentum                # SGD only
+        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min  # noise std, its schedule
+        self.learning_rate, self.lr_decay, self.lr_min = learning_rate, lr_decay, lr_min
+        self.optimizer, self.momentum = optimizer, momentum  # "adam" or "sgd" (with momentum)
         self.weight_decay = weight_decay        # L2 coefficient
         self.antithetic = antithetic            # mirrored pairs (+eps, -eps)
-        self.fitness_shaping = fitness_shaping
-        self.lr_decay, self.lr_min = lr_decay, lr_min
-        self.sigma_decay, self.sigma_min = sigma_decay, sigma_min
-        self.seed = seed
-        self.generation = 0
+        self.fitness_shaping, self.seed, self.generation = fitness_shaping, seed, 0
         self.m = np.zeros_like(self.theta)      # Adam first moment / SGD velocity
         self.v = np.zeros_like(self.theta)      # Adam second moment
         self.grad_norm = 0.0                    # norm of the last ascent direction (diagnostic)
@@ -630,7 +269,7 @@ class OpenAIES:
         returns = np.asarray(returns, dtype=np.float64)
         if returns.shape != (self.population_size,):
             raise ValueError(f"expected {self.population_size} returns, got shape {returns.shape}")
-        step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta
+        step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta  # main bit: the ascent direction
         self.grad_norm = float(np.linalg.norm(step))
         if self.optimizer == "adam":
             beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -660,42 +299,489 @@ class OpenAIES:
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Workers
+# 3. Policy, environment, rollout
 # ------------------------------------------------------------------------------------------------
-class RolloutWorker:
-    """One worker's env and policy, built once, and the rollout tasks it runs.
+ACTIVATIONS = {"tanh": (torch.tanh, np.tanh), "relu": (torch.relu, lambda h: np.maximum(h, np.float32(0))),
+               "selu": (torch.selu, lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
+                   h > 0, h, np.float32(1.6732632423543772) * np.expm1(h)))}
 
-    A task is a tuple of integers and one float: (noise_seed, sign, sigma, env_seeds, training).
-    sign 0 means the unperturbed parameters. The parameters and observation statistics are
-    read from shared memory (`center`, `obs_mean`, `obs_std`: float32 RawArrays) that the
-    driver fills before each batch. Result: (episode returns list, steps, obs sums or None).
+
+class Policy(nn.Module):
+    """Deterministic policy for one environment, one observation at a time (no batch axis).
+
+    Vector observations (obs_shape (D,)) are normalized by obs_mean/obs_std (float32 numpy (D,)),
+    clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP, computed in numpy (one observation
+    through torch costs twice as much). Images (uint8 (frames, H, W[, 3])) are scaled to [0, 1] and fed
+    to a conv net (8x8/4 -> 16, 4x4/2 -> 32; Mnih et al. 2013), then the MLP. `recurrent` adds an
+    LSTMCell. Discrete actions: argmax; Box actions: tanh (env rescaled to [-1, 1]) or raw (env clips).
+    The genotype is `parameters_to_vector(policy.parameters())`, float32; the statistics lie outside it.
     """
 
-    def __init__(self, env_config, policy_config, center, obs_mean, obs_std):
-        torch.set_num_threads(1)
-        self.env_config = env_config
+    def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
+                 recurrent=False, action_bounding="scale", obs_norm=True):
+        super().__init__()
+        self.obs_shape, self.discrete, self.recurrent = tuple(obs_shape), discrete, recurrent
+        self.pixels, self.squash = len(self.obs_shape) > 1, not discrete and action_bounding == "scale"
+        self.activation, self.numpy_activation = ACTIVATIONS[activation]
+        self.normalize = obs_norm and not self.pixels
+        self.conv, features = None, self.obs_shape[0]
+        if self.pixels:
+            channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)
+            self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
+            with torch.no_grad():
+                features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
+        self.obs_mean = np.zeros(features if self.normalize else 0, np.float32)
+        self.obs_std = np.ones(features if self.normalize else 0, np.float32)
+        self.layers = nn.ModuleList()
+        for width in hidden_sizes:
+            self.layers.append(nn.Linear(features, width))
+            features = width
+        self.lstm = nn.LSTMCell(features, features) if recurrent else None
+        self.head = nn.Linear(features, num_actions)
+        self.requires_grad_(False)  # evolved, never backpropagated
+        # The hot path reads parameters from plain lists (an nn.Module attribute costs ~0.3 us), which
+        # stay valid: vector_to_parameters rebinds each Parameter's .data.
+        self.linear_params = [(layer.weight, layer.bias) for layer in [*self.layers, self.head]]
+        self.load(parameters_to_vector(self.parameters()).numpy())
+
+    def load(self, params):
+        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
+        self.numpy_params = [(w.numpy(), b.numpy()) for w, b in self.linear_params]  # views: (out, in), (out,)
+        return self
+
+    def forward(self, x, state=None):
+        """x: one preprocessed observation, float32 (D,) or (C, H, W). Returns (output (A,), state)."""
+        h = self.conv(x) if self.pixels else x
+        for weight, bias in self.linear_params[:-1]:  # torch.addmv: half of nn.Linear's cost on one vector
+            h = self.activation(torch.addmv(bias, weight, h))
+        if self.recurrent:
+            state = self.lstm(h, state)
+            h = state[0]
+        out = torch.addmv(self.linear_params[-1][1], self.linear_params[-1][0], h)
+        return (torch.tanh(out) if self.squash else out), state
+
+    def numpy_forward(self, x):
+        """The MLP of `forward` in numpy for one float32 observation (D,): output float32 (A,)."""
+        for weight, bias in self.numpy_params[:-1]:
+            x = self.numpy_activation(weight @ x + bias)
+        out = self.numpy_params[-1][0] @ x + self.numpy_params[-1][1]
+        return np.tanh(out) if self.squash else out
+
+    def act(self, obs, state=None):
+        """obs: one env observation (numpy). Returns (action: int or float32 (A,), recurrent state)."""
+        if self.pixels:
+            x = torch.from_numpy(np.asarray(obs)).float().div_(255.0)
+            if x.dim() == 4:  # (frames, H, W, 3) -> (frames * 3, H, W)
+                x = x.permute(0, 3, 1, 2).flatten(0, 1)
+            out, state = self(x, state)
+            out = out.numpy()
+        else:
+            x = np.asarray(obs, dtype=np.float32)
+            if self.normalize:
+                x = np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0))
+            if self.recurrent:
+                out, state = self(torch.from_numpy(x), state)
+                out = out.numpy()
+            else:
+                out = self.numpy_forward(x)
+        return (int(out.argmax()) if self.discrete else out), state
+
+
+def make_policy(policy_config, params=None, obs_mean_std=None):
+    """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
+    torch's initialization) and for vector observations the normalization (mean, std)."""
+    torch.set_num_threads(1)
+    policy = Policy(**policy_config)
+    policy = policy.load(params) if params is not None else policy
+    if policy.normalize and obs_mean_std is not None:
+        policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
+    return policy
+
+
+class NegativeRewardEarlyStop(gym.Wrapper):
+    """Truncate an episode after `patience` consecutive negative rewards: CarRacing's training-time early
+    stop (estool; Tang et al. 2020), a car off the track only collects -0.1 per frame. Not in gymnasium."""
+
+    def __init__(self, env, patience):
+        super().__init__(env)
+        self.patience, self.negative_steps = patience, 0
+
+    def reset(self, **kwargs):
+        self.negative_steps = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
+        return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
+
+
+def register_env_family(env_id):
+    """Register the optional envs an id needs (ALE/...: ale-py). UserError when they are not installed."""
+    if env_id.startswith("ALE/"):
+        try:
+            import ale_py
+        except ImportError:
+            raise UserError(f"{env_id} needs the Atari extra: pip install ale-py") from None
+        gym.register_envs(ale_py)
+
+
+def make_env(env_config, training, render_mode=None):
+    """One environment of an env config (`configs`): `gymnasium.make` plus gymnasium's wrappers.
+
+    Images become uint8 (frame_stack, frame_size, frame_size[, 3]); Box actions are rescaled to [-1, 1]
+    (tanh policies) or clipped. UserError for an env that cannot be made or a space not handled.
+    """
+    env_id, kwargs = env_config["env_id"], dict(env_config["env_kwargs"])
+    register_env_family(env_id)
+    if env_config["max_episode_steps"] is not None:
+        kwargs["max_episode_steps"] = env_config["max_episode_steps"]
+    try:
+        env = gym.make(env_id, render_mode=render_mode, **kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        raise UserError(f"{env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
+    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
+    env = gym.wrappers.RenderCollection(env) if render_mode is not None else env
+    if training and env_config["max_negative_steps"] > 0:
+        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
+    space = env.action_space
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if env_config["action_bounding"] == "clip":
+            env = gym.wrappers.ClipAction(env)
+        elif not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            raise UserError(f"action space {space} has infinite bounds: use --action-bounding clip")
+        elif not (np.all(space.low == -1) and np.all(space.high == 1)):
+            bound = np.ones(space.shape, dtype=space.dtype)  # in the space's dtype: no precision warning
+            env = gym.wrappers.RescaleAction(env, -bound, bound)
+    elif not isinstance(space, gym.spaces.Discrete):
+        raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
+    space = env.observation_space
+    if isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and (
+            len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)):  # frames
+        if env_config["grayscale"] and len(space.shape) == 3:
+            env = gym.wrappers.GrayscaleObservation(env)
+        try:
+            env = gym.wrappers.ResizeObservation(env, (env_config["frame_size"],) * 2)
+        except gym.error.DependencyNotInstalled:
+            raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
+        env = gym.wrappers.FrameStackObservation(env, env_config["frame_stack"])
+    elif not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
+    return env
+
+
+def configs(args):
+    """(env config, policy config): the settings workers, evaluations and weights files need; the policy's
+    sizes read off a probe env."""
+    max_negative_steps = args.max_negative_steps
+    if max_negative_steps is None:  # CarRacing's training-time early stop is on by default
+        max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
+    env_config = {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
+                  "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
+                  "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
+    env = make_env(env_config, training=False)
+    try:  # an env that cannot even take one step is bad input: found now, before any file is written
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except Exception as e:
+        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    env.close()
+    return env_config, {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
+                        "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
+                        "hidden_sizes": list(args.hidden_sizes), "activation": args.activation,
+                        "recurrent": args.recurrent, "action_bounding": args.action_bounding,
+                        "obs_norm": args.obs_norm}
+
+
+def rollout(env, policy, seed, observations=None):
+    """One episode from `env.reset(seed=seed)`: (return: float, steps: int). observations: a list that
+    every observation the policy sees is appended to, or None."""
+    obs, _ = env.reset(seed=seed)
+    state, total, steps = None, 0.0, 0
+    with torch.inference_mode():
+        while True:
+            if observations is not None:
+                observations.append(obs)
+            action, state = policy.act(obs, state)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            if terminated or truncated:
+                return total, steps
+
+
+def obs_mean_std(stats, dim=0):
+    """(mean, std), float32 (D,) each, of running observation statistics {count, sum, sumsq} (float64, as in
+    the paper; std floored at 0.1); without statistics, zeros and ones of size dim."""
+    if stats is None:
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    mean = stats["sum"] / stats["count"]
+    std = np.sqrt(np.maximum(stats["sumsq"] / stats["count"] - mean ** 2, 1e-2))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Training loop
+# ------------------------------------------------------------------------------------------------
+def train(args, given):
+    """ask -> rollouts of the population and of the center -> tell -> log -> evaluate -> checkpoint.
+    Returns the exit code: 0, 130 when interrupted, 1 when the workers or the Ray cluster are lost."""
+    start_time = time.perf_counter()
+    run = setup_run(args, given)
+    args, es, counters, pool, obs_stats = run.args, run.es, run.counters, run.pool, run.obs_stats
+    log = (lambda *a, **k: None) if args.quiet else print
+    session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
+    last_plot = -math.inf
+    try:
+        while es.generation < args.max_iter:
+            t0, generation, population = time.perf_counter(), es.generation, es.ask()
+            # The population and the unperturbed center in one batch; a mirrored pair shares env seeds.
+            tasks = [(int(noise_seed), int(sign), es.sigma, [derive_seed(
+                args.seed, TRAIN_ENV_STREAM, generation, i // 2 if args.antithetic else i, r)
+                for r in range(args.num_rollouts)], True) for i, (noise_seed, sign) in enumerate(population)]
+            tasks.append((0, 0, 0.0, [derive_seed(args.seed, CENTER_ENV_STREAM, generation, r)
+                                      for r in range(args.num_rollouts)], True))
+            results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)))
+            returns = np.array([np.mean(r[0]) for r in results[:-1]])
+            center_return = float(np.mean(results[-1][0]))
+            gen = SimpleNamespace(returns=returns, center_return=center_return, sigma=es.sigma,
+                                  center_rank=int(np.sum(returns > center_return)) + 1,  # 1: none beat it
+                                  learning_rate=es.learning_rate, steps=sum(r[1] for r in results))
+            es.tell(returns)
+            for _, _, stats in results if obs_stats else ():  # in task order: independent of scheduling
+                obs_stats["count"] += stats[0]
+                obs_stats["sum"] += stats[1]
+                obs_stats["sumsq"] += stats[2]
+            gen.iteration = es.generation
+            counters["evaluations"] += args.population_size
+            counters["best_return"] = max(counters["best_return"], float(returns.max()))
+            gen.evaluation = None
+            # Evaluate on schedule, and at once when the center's own rollouts reach the reward goal.
+            center_at_goal = args.reward_goal is not None and center_return >= args.reward_goal
+            if gen.iteration % args.eval_every == 0 or gen.iteration == args.max_iter or center_at_goal:
+                gen.evaluation = evaluate_center(run, gen.iteration, log)
+                gen.steps += gen.evaluation["steps"]
+            counters["env_steps"] += gen.steps
+            now = time.perf_counter()
+            counters["wall_time_s"], gen.num_cpus = wall_offset + (now - start_time), pool.num_cpus
+            run.writer.writerow(progress_row(gen, counters, es))
+            run.csv_file.flush()
+            eta = (now - session_start) / (gen.iteration - first_generation) * (args.max_iter - gen.iteration)
+            log(console_line(args, gen, counters, gen.steps / (now - t0), eta))
+            if gen.evaluation and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
+                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+                last_plot = now
+            save_checkpoint(run)
+            if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
+                print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
+                      f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
+                break
+    except (KeyboardInterrupt, PoolLost) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"\ninterrupted: {run.kept()}" if interrupted else f"{SCRIPT}: error: {e}: {run.kept()}",
+              file=sys.stderr)
+        return 130 if interrupted else 1
+    finally:
+        run.csv_file.close()
+        pool.close()
+    save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation))
+    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+    print(f"done: {es.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
+          f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
+          + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
+    return 0
+
+
+def evaluate_center(run, iteration, log):
+    """Evaluate theta over --num-eval-rollouts episodes; keep best.npz, count the goal streak, record a
+    video with --capture-video. Returns {mean, std, episodes, steps}."""
+    args, counters, es = run.args, run.counters, run.es
+    mean_std = obs_mean_std(run.obs_stats, run.obs_dim)
+    returns, steps = evaluate(run.pool, es.theta, mean_std, args.seed, iteration, args.num_eval_rollouts)
+    evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    if evaluation["mean"] > counters["best_eval"]:
+        counters["best_eval"] = evaluation["mean"]
+        save_weights(run.paths["best.npz"], es.theta, weights_meta(run, iteration, evaluation))
+    reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
+    counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
+    log(f"eval {iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+        f"{returns.size} episodes | best eval {counters['best_eval']:9.2f}")
+    if args.capture_video:
+        path, _ = record_video(run.env_config, make_policy(run.policy_config, es.theta, mean_std),
+                               os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
+                               derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
+        log(f"video {path}")
+    return dict(evaluation, steps=steps)
+
+
+def evaluate(pool, theta, mean_std, seed, iteration, episodes):
+    """Returns of theta over `episodes` evaluation episodes (no early stop): (float64 (E,), env steps)."""
+    tasks = [(0, 0, 0.0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
+    results = pool.map(tasks, (theta, *mean_std))
+    return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
+
+
+def progress_row(gen, counters, es):
+    """One generation's row of progress.csv: {column: formatted value} (PROGRESS_COLUMNS)."""
+    returns, evaluation = gen.returns, gen.evaluation
+    values = [gen.iteration, counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
+              *(f"{x:.6g}" for x in (returns.min(), returns.mean(), returns.max(), returns.std())),
+              *((f"{evaluation['mean']:.6g}", f"{evaluation['std']:.6g}") if evaluation else ("", "")),
+              f"{gen.center_return:.6g}", gen.center_rank, f"{gen.sigma:.6g}", f"{gen.learning_rate:.6g}",
+              f"{es.grad_norm:.6g}", f"{float(np.linalg.norm(es.theta)):.6g}", gen.num_cpus]
+    return dict(zip(PROGRESS_COLUMNS, values))
+
+
+def console_line(args, gen, counters, steps_per_s, eta):
+    """The console line of one generation."""
+    duration = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"  # noqa: E731
+    return (f"iter {gen.iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
+            f"{gen.returns.min():8.2f} mean {gen.returns.mean():8.2f} max {gen.returns.max():8.2f} | best "
+            f"{counters['best_return']:8.2f} | center {gen.center_return:8.2f} rank {gen.center_rank:>4d} | sigma "
+            f"{gen.sigma:.4f} lr {gen.learning_rate:.4f} | {steps_per_s:8,.0f} steps/s | cpus {gen.num_cpus} | "
+            f"{duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}")
+
+
+# ================================================================================================
+# Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
+# ================================================================================================
+def setup_run(args, given):
+    """Everything a run needs before its first generation: settings (the checkpoint's on resume), configs,
+    optimizer, pool, and last, after every check, the run folder. A namespace; UserError for bad input."""
+    checkpoint = init = None
+    if args.resume:
+        checkpoint_path, checkpoint = load_checkpoint(args.resume)
+        saved = dict(checkpoint["args"], **{k: getattr(args, k) for k in (given & RESUME_FLAGS) | PLACEMENT_FLAGS})
+        args, run_dir = argparse.Namespace(**saved), os.path.dirname(os.path.abspath(checkpoint_path))
+    else:
+        init = read_weights_into_args(args, given) if args.init_from else None
+        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.logs_dir, run_name)
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                            "or pick another --run-name")
+    run = SimpleNamespace(args=args, dir=run_dir, title=f"OpenAI-ES on {args.env_id} (seed {args.seed})")
+    run.env_config, run.policy_config = configs(args)
+    torch.manual_seed(args.seed)
+    policy = make_policy(run.policy_config)
+    run.dim, run.obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
+        if policy.normalize else None  # mean 0, variance 1 to start (a pseudo-count of 1e-2)
+    if checkpoint:
+        run.es, run.counters, stats = OpenAIES.from_state_dict(checkpoint["es"]), checkpoint["counters"], \
+            checkpoint["obs_stats"]
+        if run.obs_stats:  # copies: unpickled arrays may be read-only
+            run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
+    else:
+        theta = parameters_to_vector(policy.parameters()).numpy()
+        if init:
+            theta, meta = init
+            check_weights_fit(args.init_from, theta, meta, run.policy_config, run.dim, run.obs_dim)
+            if run.obs_stats and meta["obs_norm"]:  # continue the file's running statistics
+                norm = meta["obs_norm"]
+                mean, std = np.array(norm["mean"]), np.array(norm["std"])
+                run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
+                                 "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
+        run.es = OpenAIES(theta, args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
+                          optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                          antithetic=args.antithetic, fitness_shaping=args.fitness_shaping, lr_decay=args.lr_decay,
+                          lr_min=args.lr_min, sigma_decay=args.sigma_decay, sigma_min=args.sigma_min, seed=args.seed)
+        run.counters = dict(NEW_COUNTERS)
+    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config),
+                           (run.dim, run.obs_dim, run.obs_dim))  # before any file is touched
+    open_run_folder(run, checkpoint is not None)
+    print(f"{policy}\nparameters: {run.dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
+          f"run folder: {run_dir}")
+    if checkpoint:
+        print(f"resuming at generation {run.es.generation} from {checkpoint_path}")
+    return run
+
+
+def open_run_folder(run, resuming):
+    """Create the run folder and args.json, open progress.csv to append (keeping on resume the rows up to the
+    checkpoint's generation) and tell the pool what a lost run keeps."""
+    os.makedirs(os.path.join(run.dir, "videos") if run.args.capture_video else run.dir, exist_ok=True)
+    run.paths = {name: os.path.join(run.dir, name) for name in
+                 ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    config = dict(vars(run.args), env_config=run.env_config, num_params=run.dim, versions=versions)
+    atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
+    path, rows, text = run.paths["progress.csv"], [], io.StringIO()
+    if resuming and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["iteration"]) <= run.es.generation]
+    writer = csv.DictWriter(text, PROGRESS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    run.csv_file = open(path, "a", newline="")
+    run.writer = csv.DictWriter(run.csv_file, PROGRESS_COLUMNS)
+    run.kept = run.pool.on_lost = lambda: (
+        f"the checkpoint of generation {run.es.generation} is kept in {run.paths['checkpoint.pkl']}\n"
+        f"resume with: python {SCRIPT} --resume {run.dir}   (on any Ray cluster with --ray-address, or locally)")
+
+
+def save_checkpoint(run):
+    """checkpoint.pkl, written atomically: format, script, args, the optimizer, the observation statistics,
+    the counters."""
+    state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args),
+             "es": run.es.state_dict(), "obs_stats": run.obs_stats, "counters": dict(run.counters)}
+    atomic_write(run.paths["checkpoint.pkl"], lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def weights_meta(run, iteration, evaluation=None):
+    """The meta of a weights file: what rebuilds the policy and its env, and the evaluation."""
+    mean, std = obs_mean_std(run.obs_stats)
+    norm = {"mean": mean.tolist(), "std": std.tolist(), "count": run.obs_stats["count"]} if run.obs_stats else None
+    return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": run.args.env_id, "env": run.env_config,
+            "policy": run.policy_config, "obs_norm": norm, "evaluation": evaluation, "seed": run.args.seed,
+            "iteration": iteration, "num_params": run.dim}
+
+
+# Workers --------------------------------------------------------------------------------------------
+MAX_RESTARTS = 3  # a local batch whose worker died is re-run on new workers this many times at most
+# Ray: a task whose worker process or node died is re-run RAY_TASK_RETRIES times. A watchdog thread checks
+# every RAY_POLL_S that the cluster's head and this machine's node answer; RAY_LOST_AFTER_S of silence ends it.
+RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
+WORKERS = {}  # this process's RolloutWorkers, built once: "local", or a Ray pool's key
+
+
+class PoolLost(Exception):
+    """The workers keep dying or the Ray cluster is gone: the run stops with its last checkpoint intact."""
+
+
+class RolloutWorker:
+    """One worker's envs and policy, built once, and the tasks it runs: (noise_seed, sign, sigma, env_seeds,
+    training), sign 0 for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays
+    (shared memory or Ray objects: no copy). `run(task)` -> (returns list, steps, obs sums or None)."""
+
+    def __init__(self, env_config, policy_config):
+        self.env_config, self.policy = env_config, make_policy(policy_config)
         self.envs = {True: make_env(env_config, training=True), False: make_env(env_config, training=False)}
-        # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env with
-        # the same seed), which would make results depend on scheduling. Making a fresh Box2D env
-        # costs ~0.4 ms, so those get one per episode; every other env is built once.
+        # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env), which would
+        # make results depend on scheduling: those get a fresh env per episode (~0.4 ms).
         self.fresh_env_per_episode = type(self.envs[True].unwrapped).__module__.startswith("gymnasium.envs.box2d")
-        self.policy = build_policy(policy_config)
-        self.center = np.frombuffer(center, dtype=np.float32)
-        if self.policy.normalize:  # views of the shared arrays: no copy per task
-            self.policy.obs_mean = np.frombuffer(obs_mean, dtype=np.float32)
-            self.policy.obs_std = np.frombuffer(obs_std, dtype=np.float32)
+
+    def use(self, theta, obs_mean, obs_std):
+        self.center = theta
+        if self.policy.normalize:
+            self.policy.obs_mean, self.policy.obs_std = obs_mean, obs_std
 
     def run(self, task):
-        """Run one task: (noise_seed, sign, sigma, env_seeds, training) -> (returns, steps, obs sums).
-
-        obs sums: (count, sum float64 (D,), sum of squares float64 (D,)) of the observations of a
-        training task with observation normalization, else None.
-        """
+        """obs sums: (count, sum, sum of squares: float64 (D,)) of a training task's observations when
+        they are normalized, else None."""
         noise_seed, sign, sigma, env_seeds, training = task
-        params = perturb(self.center, sigma, noise_seed, sign) if sign else self.center.copy()
-        self.policy.load(params)
-        collect = training and self.policy.normalize
-        observations = [] if collect else None
+        self.policy.load(perturb(self.center, sigma, noise_seed, sign) if sign else self.center.copy())
+        observations = [] if training and self.policy.normalize else None
         returns, steps = [], 0
         for env_seed in env_seeds:
             if self.fresh_env_per_episode:
@@ -704,274 +790,160 @@ class RolloutWorker:
             episode_return, episode_steps = rollout(self.envs[training], self.policy, env_seed, observations)
             returns.append(episode_return)
             steps += episode_steps
-        stats = None
-        if collect:
-            obs = np.asarray(observations, dtype=np.float64)
-            stats = (len(obs), obs.sum(axis=0), np.square(obs).sum(axis=0))
-        return returns, steps, stats
+        if observations is None:
+            return returns, steps, None
+        obs = np.asarray(observations, dtype=np.float64)
+        return returns, steps, (len(obs), obs.sum(axis=0), np.square(obs).sum(axis=0))
 
 
-def worker_main(conn, worker_args):
-    """Loop of a worker process: receive (index, task), send ('ok'|'error', index, result)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and SIGTERM, then stops us
+def start_local_worker(worker_args, buffers, parent_pid):
+    """Initializer of a local worker process: its RolloutWorker on views of the shared buffers; Ctrl-C and
+    SIGTERM left to the driver; a watchdog thread that exits within 0.5 s of the driver's death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        worker = RolloutWorker(*worker_args)
-    except Exception as e:  # report, e.g. a missing dependency in a spawned interpreter
-        conn.send(("error", -1, f"{type(e).__name__}: {e}"))
-        return
-    while True:
-        message = conn.recv()
-        if message is None:
-            return
-        index, task = message
-        try:
-            conn.send(("ok", index, worker.run(task)))
-        except Exception as e:
-            conn.send(("error", index, f"{type(e).__name__}: {e}"))
+
+    def exit_with_parent():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    WORKERS["local"] = RolloutWorker(*worker_args)
+    WORKERS["local"].use(*(np.frombuffer(buffer, dtype=np.float32) for buffer in buffers))
 
 
-class WorkerDied(Exception):
-    """A worker process exited while the driver waited for its results."""
+def run_local_task(task):
+    return WORKERS["local"].run(task)
+
+
+def ray_rollout(pool_key, worker_args, shared, task):
+    """A Ray task: `RolloutWorker.run(task)` with the batch's arrays `shared`, on the RolloutWorker this Ray
+    worker process built for the pool at its first task."""
+    if pool_key not in WORKERS:
+        WORKERS[pool_key] = RolloutWorker(*worker_args)
+    WORKERS[pool_key].use(*shared)
+    return WORKERS[pool_key].run(task)
 
 
 class RolloutPool:
-    """Persistent rollout worker processes, or the rollouts in-process when num_workers == 1.
+    """Where the rollouts run: in-process (num_workers 1), local worker processes, or a Ray cluster.
 
-    `map(tasks)` returns the results in task order whatever the scheduling (each worker keeps two
-    tasks in flight). A dead worker raises WorkerDied in `map_with_restarts`, which restarts the
-    pool and re-runs the batch, up to `max_restarts` times. Shared float32 arrays hold the
-    parameters and observation statistics: `set_center` writes them before a batch.
+    `map(tasks, shared)` runs `RolloutWorker.run` on every task and returns the results in task order
+    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)),
+    of sizes `shared_sizes`. Locally, a ProcessPoolExecutor whose initializer builds one RolloutWorker
+    per process on mp.RawArray buffers the driver fills before each batch; a dead worker costs new
+    processes and a re-run of the batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote
+    tasks (num_cpus=1, re-run on a lost worker or node) share the arrays through one `ray.put` per
+    batch; num_workers, when set, caps the tasks running at once. UserError for an error in a rollout.
     """
 
-    def __init__(self, num_workers, env_config, policy_config, dim, obs_dim, max_restarts=3):
-        self.num_workers = num_workers
-        self.max_restarts = max_restarts
-        self.center = mp.RawArray("f", dim)
-        self.obs_mean, self.obs_std = mp.RawArray("f", obs_dim), mp.RawArray("f", obs_dim)
-        self.worker_args = (env_config, policy_config, self.center, self.obs_mean, self.obs_std)
-        self.processes, self.conns, self.local = [], [], None
-        self.on_lost = None  # RayRolloutPool: () -> what to tell about the checkpoint if the cluster is lost
-        self.start()
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
+        self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
+        self.executor = self.local = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        if ray_address:
+            self.start_ray()
+        elif num_workers == 1:
+            self.local = RolloutWorker(*worker_args)
+        else:
+            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
+            self.start_processes()
+
+    def start_processes(self):
+        """The worker processes (forked where possible: no re-import of torch per worker)."""
+        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.executor = ProcessPoolExecutor(self.num_workers, context, initializer=start_local_worker,
+                                            initargs=(self.worker_args, self.buffers, os.getpid()))
+
+    def map(self, tasks, shared):
+        """Run the tasks: their results in task order. UserError or PoolLost."""
+        for attempt in range(MAX_RESTARTS + 1):
+            try:
+                if self.address:
+                    return self.map_ray(tasks, shared)
+                if self.local is not None:
+                    self.local.use(*shared)
+                    return [self.local.run(task) for task in tasks]
+                for buffer, array in zip(self.buffers, shared):
+                    np.frombuffer(buffer, dtype=np.float32)[:] = array
+                return list(self.executor.map(run_local_task, tasks))
+            except BrokenProcessPool:
+                self.close()
+                if attempt == MAX_RESTARTS:
+                    raise PoolLost(f"rollout workers keep dying: stopped after {attempt} restarts") from None
+                print("warning: a rollout worker died; restarting the workers and re-running this batch")
+                self.start_processes()
+            except (UserError, PoolLost):
+                raise
+            except Exception as e:
+                raise UserError(f"rollout failed in a worker: {type(e).__name__}: {e}") from None
+
+    def close(self):
+        """Stop the worker processes at once (a running episode is dropped), or the Ray watchdog."""
+        if self.address:
+            self.closed.set()
+        elif self.executor:
+            processes = list((self.executor._processes or {}).values())  # Python 3.14: executor.kill_workers()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+                process.join()
+            self.executor = None
 
     @property
     def num_cpus(self):
-        """CPUs running rollouts: one per worker process."""
-        return self.num_workers
+        """CPUs running rollouts: one per local worker; on Ray the cluster's, capped by num_workers."""
+        cluster = int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
+        return min(cluster, self.num_workers or cluster)
 
     def describe(self):
         """The workers, for the console."""
-        return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
-
-    def start(self):
-        """Build the in-process worker (num_workers == 1) or start the worker processes (fork where
-        available: no re-import of torch per worker)."""
-        if self.num_workers == 1:
-            self.local = self.local or RolloutWorker(*self.worker_args)
-            return
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        ctx = mp.get_context(method)
-        for _ in range(self.num_workers):
-            parent_conn, child_conn = ctx.Pipe()
-            process = ctx.Process(target=worker_main, args=(child_conn, self.worker_args), daemon=True)
-            process.start()
-            child_conn.close()
-            self.processes.append(process)
-            self.conns.append(parent_conn)
-
-    def close(self):
-        """Stop the workers: ask each to exit, kill those still busy after a second."""
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for process in self.processes:
-            process.join(timeout=1)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        self.processes, self.conns = [], []
-
-    def set_center(self, theta, obs_mean=None, obs_std=None):
-        """Publish theta (float32 (D,)) and the observation mean/std (float32 (O,)) to the workers."""
-        np.frombuffer(self.center, dtype=np.float32)[:] = theta
-        if obs_mean is not None:
-            np.frombuffer(self.obs_mean, dtype=np.float32)[:] = obs_mean
-            np.frombuffer(self.obs_std, dtype=np.float32)[:] = obs_std
-
-    def map(self, tasks):
-        """Run the tasks; a list of results in task order. Raises WorkerDied or UserError."""
-        if self.local is not None:
-            return [self.local.run(task) for task in tasks]
-        results, next_index, done = [None] * len(tasks), 0, 0
-        sentinels = {p.sentinel: p for p in self.processes}
-
-        def send_next(conn):
-            nonlocal next_index
-            if next_index < len(tasks):
-                conn.send((next_index, tasks[next_index]))
-                next_index += 1
-
-        for _ in range(TASKS_IN_FLIGHT):
-            for conn in self.conns:
-                send_next(conn)
-        while done < len(tasks):
-            for ready in wait(self.conns + list(sentinels)):
-                if ready in sentinels:
-                    process = sentinels[ready]
-                    raise WorkerDied(f"worker pid {process.pid} exited with code {process.exitcode}")
-                try:
-                    status, index, result = ready.recv()
-                except (EOFError, OSError):
-                    raise WorkerDied("a worker's connection closed") from None
-                if status == "error":
-                    raise UserError(f"rollout failed in a worker: {result}")
-                results[index] = result
-                done += 1
-                send_next(ready)
-        return results
-
-    def map_with_restarts(self, tasks, warn):
-        """`map`, restarting the pool after a dead worker; UserError after max_restarts failures."""
-        for attempt in range(self.max_restarts + 1):
-            try:
-                return self.map(tasks)
-            except WorkerDied as e:
-                self.close()
-                if attempt == self.max_restarts:
-                    raise UserError(f"workers keep dying ({e}); stopped after {attempt} restarts") from None
-                warn(f"warning: {e}; restarting the workers and re-running this batch")
-                self.start()
-
-
-def import_ray():
-    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt") from None
-    return ray
-
-
-def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head), once per process.
-
-    Returns the ray module. Raises UserError when Ray is missing or no cluster answers there (an
-    address nobody listens on is probed first: ray.init would wait on it for minutes).
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
-    try:
-        ray.init(address=address, logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray
-
-
-# A Ray worker process runs many tasks: it keeps the RolloutWorker of each pool it served, with the
-# buffers its shared arrays live in and the version of the arrays they hold.
-RAY_WORKERS = {}
-
-
-def ray_rollout(pool_key, version, worker_args, task):
-    """A Ray task: `RolloutWorker.run(task)` in this Ray worker process.
-
-    worker_args: the pool's worker arguments with each shared array as a float32 numpy array (from
-    the object store). The RolloutWorker (env and policy) is built at the process's first task of
-    the pool and reused; the arrays are copied into its buffers once per version (generation).
-    """
-    if pool_key not in RAY_WORKERS:
-        buffers = [mp.RawArray("f", a.size) if isinstance(a, np.ndarray) else a for a in worker_args]
-        RAY_WORKERS[pool_key] = [RolloutWorker(*buffers), buffers, None]
-    cached = RAY_WORKERS[pool_key]
-    worker, buffers, seen = cached
-    if seen != version:
-        for buffer, value in zip(buffers, worker_args):
-            if isinstance(value, np.ndarray):
-                np.frombuffer(buffer, dtype=np.float32)[:] = value
-        cached[2] = version
-    return worker.run(task)
-
-
-class RayClusterError(Exception):
-    """The Ray cluster is gone or keeps failing: the run stops with its last checkpoint intact."""
-
-
-class RayRolloutPool(RolloutPool):
-    """The rollouts as Ray tasks on a cluster (--ray-address): same tasks, same results, same order.
-
-    Each batch's shared arrays go once into Ray's object store (`ray.put`); a task carries the same
-    small tuple as on the local pool (noise seed, sign, sigma, env seeds). A Ray worker process builds
-    its env and policy at its first task and keeps them (`ray_rollout`). Ray re-runs a task whose
-    worker process or node died (RAY_TASK_RETRIES times), on any node, so losing a node costs only
-    its rollouts. num_workers, when set, caps the tasks running at once; None uses every CPU of the
-    cluster, including nodes that join later. A lost cluster ends the process through `watch`.
-    """
-
-    def __init__(self, address, *args, **kwargs):
-        self.address = address
-        super().__init__(*args, **kwargs)
-
-    def start(self):
-        """Join the cluster, declare the Ray task and start the watchdog."""
-        self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
-        self.key, self.version = uuid.uuid4().hex, 0
-        self.probes = []  # (what, host, port) that must keep accepting TCP connections
-        try:
-            context = self.ray.get_runtime_context()
-            host, _, port = context.gcs_address.rpartition(":")
-            self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
-            node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
-            self.probes.append((f"this machine's Ray node ({node['NodeManagerAddress']}:{node['NodeManagerPort']})",
-                                node["NodeManagerAddress"], int(node["NodeManagerPort"])))
-        except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
-            pass
-        self.closed = threading.Event()
-        threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
-
-    def close(self):
-        """Stop the watchdog; the cluster's worker processes end with this driver's Ray job."""
-        self.closed.set()
-
-    @property
-    def num_cpus(self):
-        """CPUs running rollouts: the cluster's CPUs, capped by num_workers."""
-        cluster = int(self.ray.cluster_resources().get("CPU", 0))
-        return min(cluster, self.num_workers) if self.num_workers else cluster
-
-    def describe(self):
-        """The cluster, for the console."""
+        if not self.address:
+            return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
         nodes = sum(node["Alive"] for node in self.ray.nodes())
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
+    def start_ray(self):
+        """Join the cluster (an address nobody listens on is refused at once: ray.init would wait on it for
+        minutes), declare the Ray task and start the watchdog."""
+        import ray
+        if self.address != "auto" and not ray.is_initialized():
+            host, _, port = self.address.removeprefix("ray://").rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except (OSError, ValueError, OverflowError):
+                raise UserError(f"no Ray cluster answers at {self.address}: start one with `ray start --head` "
+                                "or check the address (HOST:PORT, or auto)") from None
+        try:
+            ray.init(address=self.address, logging_level=logging.ERROR, ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot join the Ray cluster at {self.address}: {str(e).splitlines()[0]}") from None
+        if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.ray, self.key, self.probes, self.closed = ray, uuid.uuid4().hex, [], threading.Event()
+        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        try:  # what must keep answering: (what, host, port)
+            context = ray.get_runtime_context()
+            self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
+            node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
+            host, port = node["NodeManagerAddress"], node["NodeManagerPort"]
+            self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
+        except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
+            pass
+        threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
+
     def silent(self):
-        """The first of the cluster's head and this machine's Ray node that refuses a TCP connection
-        (a description), or None when both answer."""
+        """The first of the cluster's head and this machine's node that refuses a connection, or None."""
         for what, host, port in self.probes:
             try:
-                socket.create_connection((host, port), timeout=2).close()
+                socket.create_connection((host, int(port)), timeout=2).close()
             except OSError:
                 return what
         return None
 
     def watch(self):
-        """Watchdog thread. Once the cluster is gone, Ray's calls in the main thread may block until
-        Ray ends the process without a word, so after RAY_LOST_AFTER_S of silence from the head or
-        this machine's node, this thread says so (and what `on_lost` tells about the checkpoint,
-        which is the last finished generation's: it is written atomically) and exits with code 1."""
+        """Watchdog thread. Once the cluster is gone, Ray's calls may block until Ray ends the process
+        without a word: after RAY_LOST_AFTER_S of silence this thread says so, with what `on_lost` tells
+        about the checkpoint (written atomically: the last finished generation's), and exits with code 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -984,25 +956,16 @@ class RayRolloutPool(RolloutPool):
                       file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map(self, tasks):
-        """Run the tasks on the cluster; a list of results in task order."""
-        self.version += 1
-        shared = tuple(np.frombuffer(a, dtype=np.float32) if isinstance(a, ctypes.Array) else a
-                       for a in self.worker_args)
-        shared_ref = self.ray.put(shared)  # once per batch, not once per task
-        refs, running = [], []
-        for task in tasks:
-            if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
-            refs.append(self.remote.remote(self.key, self.version, shared_ref, task))
-            running.append(refs[-1])
-        return self.ray.get(refs)
-
-    def map_with_restarts(self, tasks, warn):
-        """`map`; Ray already re-ran the tasks of dead workers. Raises UserError for an error in the
-        rollout code, RayClusterError when the cluster is gone or the retries ran out."""
+    def map_ray(self, tasks, shared):
+        """`map` on the cluster, where Ray itself re-runs the tasks of dead workers."""
         try:
-            return self.map(tasks)
+            shared_ref, refs, running = self.ray.put(tuple(shared)), [], []  # once per batch, not per task
+            for task in tasks:
+                if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
+                    _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
+                refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, task))
+                running.append(refs[-1])
+            return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
         except (self.ray.exceptions.RayError, ConnectionError) as e:
@@ -1010,27 +973,81 @@ class RayRolloutPool(RolloutPool):
             silent = self.silent()
             if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
                 silent = silent or "this machine's Ray node"
-            if silent:
-                raise RayClusterError(f"lost the Ray cluster at {self.address}: {silent} does not answer "
-                                      f"({reason})") from None
-            raise RayClusterError(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
-                                  f"tried {RAY_TASK_RETRIES + 1} times): {reason}") from None
+            raise PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})" if silent
+                           else f"rollouts keep failing on the Ray cluster at {self.address} (each task is tried "
+                           f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
-def open_pool(args, *pool_args):
-    """The rollout pool the command line asks for: RayRolloutPool with --ray-address, else RolloutPool."""
-    if args.ray_address:
-        return RayRolloutPool(args.ray_address, args.num_workers, *pool_args)
-    return RolloutPool(args.num_workers, *pool_args)
+# Command line ---------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
+    default once: not where the help names it or nothing is set; a switch that is on by its name."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+                return text
+            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
+                           " (default: %(default)s)")
+
+    def error(self, message):
+        raise UserError(message)
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. Weights and checkpoints
-# ------------------------------------------------------------------------------------------------
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
+
+
+def env_kwarg(item):
+    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def check_paths(args):
+    """UserError unless each path given is what its flag needs: a readable file (a run folder holding one for
+    --resume) or a folder this user can write to."""
+    for flag in ("resume", "from_pretrained", "init_from"):
+        path = getattr(args, flag)
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    if args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name
+                                      or (os.altsep or os.sep) in args.run_name):
+        raise UserError(f"--run-name {args.run_name!r} must be a folder name, without path separators")
+    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
+    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+
+
+# Weights and checkpoints ----------------------------------------------------------------------------
 def atomic_write(path, write):
     """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -1045,42 +1062,84 @@ def atomic_write(path, write):
 
 def save_weights(path, params, meta):
     """Weights file: `params` float32 (D,) and `meta`, a 0-d unicode array holding JSON."""
-    def write(f):
-        np.savez(f, params=np.asarray(params, dtype=np.float32), meta=np.array(json.dumps(meta)))
-    atomic_write(path, write)
+    atomic_write(path, lambda f: np.savez(f, params=np.asarray(params, dtype=np.float32),
+                                          meta=np.array(json.dumps(meta))))
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of a weights file written by this script.
-
-    Raises UserError for a missing or corrupt file, a file without meta (such as the
-    AttentionAgent authors' weights) or one written by another script.
-    """
+    """(params float32 (D,), meta dict) of a weights file of this script. UserError for a missing or corrupt
+    file, one without meta (such as the AttentionAgent authors' weights) or another script's, non-finite
+    parameters, and a meta whose settings the command line would refuse (env id, sizes, names)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             if "params" not in data or "meta" not in data:
                 raise UserError(f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)")
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
-    except UserError:
-        raise
+        script, version = meta.get("script", "an unknown script"), meta.get("format_version")
+        if script != SCRIPT or version != FORMAT_VERSION:
+            raise UserError(f"{path} was written by {script}, not {SCRIPT}" if script != SCRIPT else
+                            f"{path} has weights format {version}, this script reads {FORMAT_VERSION}")
+        if not np.all(np.isfinite(params)):
+            raise UserError(f"{path} holds parameters that are not finite numbers")
+        settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
+        argv = []  # the command line that would set these settings: the parser checks them as it checks flags
+        for dest, value in settings.items():
+            flag = "--" + dest.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, dict):
+                argv += [flag, *(f"{key}={json.dumps(item)}" for key, item in value.items())]
+            else:
+                argv += [flag, *(map(json.dumps, value) if isinstance(value, list) else [
+                    value if isinstance(value, str) else json.dumps(value)])]
+        parsed = build_parser().parse_args(argv)
+        check_settings(parsed)
+        wrong = [key for key, value in settings.items() if getattr(parsed, key) != value]
+        norm = meta["obs_norm"]
+        if wrong or norm is not None and not (len(norm["mean"]) == len(norm["std"]) and float(norm["count"]) > 0 and
+                                              np.all(np.isfinite(norm["mean"])) and np.all(np.array(norm["std"]) > 0)):
+            raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
     except FileNotFoundError:
         raise UserError(f"weights file {path} does not exist") from None
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
-    if meta.get("script") != SCRIPT:
-        raise UserError(f"{path} was written by {meta.get('script', 'an unknown script')}, not {SCRIPT}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
     return params, meta
+
+
+def read_weights_into_args(args, given):
+    """Load --init-from / --from-pretrained weights; the env and architecture flags take their meta's values.
+    Returns (params float32 (D,), meta). UserError when --env-id names another env."""
+    path = args.init_from or args.from_pretrained
+    params, meta = load_weights(path)
+    if "env_id" in given and args.env_id != meta["env_id"]:
+        raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
+    args.env_id = meta["env_id"]
+    for part, keys in META_FLAGS.items():
+        for key in keys:
+            setattr(args, key, meta[part][key])
+    return params, meta
+
+
+def check_weights_fit(path, params, meta, policy_config, dim, obs_dim):
+    """UserError unless the file's policy fits the env's spaces and its sizes fit the policy."""
+    want, have = meta["policy"], policy_config
+    if any(want.get(key) != have[key] for key in ("obs_shape", "discrete", "num_actions")):
+        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes observations {want.get('obs_shape')}"
+                        f" and {want.get('num_actions')} actions, the env gives {have['obs_shape']} and "
+                        f"{have['num_actions']}")
+    if params.size != dim or (len(meta["obs_norm"]["mean"]) if meta["obs_norm"] else 0) != obs_dim:
+        raise UserError(f"{path} holds {params.size} parameters and {len((meta['obs_norm'] or {}).get('mean', []))} "
+                        f"observation statistics but its architecture needs {dim} and {obs_dim}")
 
 
 class CheckpointUnpickler(pickle.Unpickler):
     """Unpickler that admits only what a checkpoint holds: numpy arrays and dtypes, builtins."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), *((f"numpy.{core}.{module}", name) for core in (
+        "core", "_core") for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                              ("numeric", "_frombuffer")))}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -1088,15 +1147,9 @@ class CheckpointUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
 
 
-def save_checkpoint(path, state):
-    """Pickle the checkpoint dict atomically (a kill leaves the previous checkpoint intact)."""
-    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
-
-
 def load_checkpoint(path):
-    """The checkpoint dict at `path` (a checkpoint.pkl or a run folder); UserError if unusable."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pkl")
+    """(path, checkpoint dict) of a checkpoint.pkl or a run folder; UserError if unusable."""
+    path = os.path.join(path, "checkpoint.pkl") if os.path.isdir(path) else path
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
@@ -1106,32 +1159,24 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("script") != SCRIPT:
-        owner = state.get("script") if isinstance(state, dict) else None
+    owner = state.get("script") if isinstance(state, dict) else None
+    if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    try:  # every part a run reads from it
+        complete = (set(vars(build_parser().parse_args([]))) <= set(state["args"]) and set(NEW_COUNTERS) <= set(
+            state["counters"]) and set(vars(OpenAIES(np.zeros(1), 2))) <= set(state["es"]) and (
+            state["obs_stats"] is None or {"count", "sum", "sumsq"} <= set(state["obs_stats"])))
+    except (KeyError, TypeError):
+        complete = False
+    if not complete:
+        raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
     return path, state
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. Logging: console, CSV, plot, video
-# ------------------------------------------------------------------------------------------------
-def format_duration(seconds):
-    """Seconds as H:MM:SS."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def truncate_progress(path, last_iteration):
-    """Keep the rows of progress.csv up to `last_iteration` (rows written after the checkpoint go)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-    if len(kept) != len(rows):
-        atomic_write(path, lambda f: f.write("".join(",".join(r) + "\r\n" for r in kept).encode()))
+# Plots, video, main ---------------------------------------------------------------------------------
+PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
 
 
 def plot_learning_curve(progress_path, image_path, title):
@@ -1141,21 +1186,17 @@ def plot_learning_curve(progress_path, image_path, title):
     import matplotlib.pyplot as plt
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    it = np.array([float(r["iteration"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(it, [float(r["return_mean"]) for r in rows], label="population mean", lw=1)
-    ax.plot(it, [float(r["return_max"]) for r in rows], label="population max", lw=0.8, alpha=0.6)
-    ax.plot(it, [float(r["center_return"]) for r in rows], label="center (unperturbed)", lw=0.8, alpha=0.6)
-    ev = [(float(r["iteration"]), float(r["eval_return_mean"]), float(r["eval_return_std"]))
-          for r in rows if r["eval_return_mean"]]
-    if ev:
-        e = np.array(ev)
-        ax.errorbar(e[:, 0], e[:, 1], yerr=e[:, 2], fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("episode return")
-    ax.set_title(title)
+    for column, label, width, alpha in [("return_mean", "population mean", 1, 1), ("return_max", "population max",
+                                        0.8, 0.6), ("center_return", "center (unperturbed)", 0.8, 0.6)]:
+        ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
+                alpha=alpha)
+    evaluated = np.array([[float(r[key]) for key in ("iteration", "eval_return_mean", "eval_return_std")]
+                          for r in rows if r["eval_return_mean"]]).reshape(-1, 3)
+    if evaluated.size:
+        ax.errorbar(*evaluated[:, :2].T, yerr=evaluated[:, 2], fmt="o-", ms=3, capsize=2,
+                    label="evaluation mean ± std")
+    ax.set(xlabel="generation", ylabel="episode return", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -1164,109 +1205,44 @@ def plot_learning_curve(progress_path, image_path, title):
 
 
 def record_video(env_config, policy, path_stem, seed):
-    """Record one evaluation episode; writes path_stem.mp4 (moviepy installed) or .gif. Returns the path."""
+    """Record one evaluation episode as path_stem.mp4 (moviepy installed) or .gif. Returns (path, return)."""
     env = make_env(env_config, training=False, render_mode="rgb_array")
     episode_return, _ = rollout(env, policy, seed)
-    frames = env.render()
-    fps = env.metadata.get("render_fps", 30)
+    frames, fps = env.render(), env.metadata.get("render_fps", 30)
     env.close()
     try:
         from moviepy import ImageSequenceClip
+        ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
+        return path_stem + ".mp4", episode_return
     except ImportError:
         from PIL import Image
         images = [Image.fromarray(frame) for frame in frames]
-        path = path_stem + ".gif"
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path, episode_return
-    path = path_stem + ".mp4"
-    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
-    return path, episode_return
-
-
-def versions():
-    """Versions of python and of the libraries a run depends on, for args.json."""
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. Main
-# ------------------------------------------------------------------------------------------------
-def read_weights_into_args(args, given):
-    """Load --init-from / --from-pretrained weights and take the env and architecture from their meta.
-
-    Returns (params float32 (D,), meta). Raises UserError when --env-id names another env.
-    """
-    path = args.init_from or args.from_pretrained
-    params, meta = load_weights(path)
-    if "env_id" in given and args.env_id != meta["env_id"]:
-        raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
-    args.env_id = meta["env_id"]
-    for key in META_ENV_FLAGS:
-        setattr(args, key, meta["env"][key])
-    for key in META_POLICY_FLAGS:
-        setattr(args, key, meta["policy"][key])
-    return params, meta
-
-
-def check_weights_fit(path, params, meta, policy_config, dim):
-    """UserError unless the file's policy matches the env's spaces and its size matches the policy."""
-    want, have = meta["policy"], policy_config
-    if (want["obs_shape"], want["discrete"], want["num_actions"]) != \
-            (have["obs_shape"], have["discrete"], have["num_actions"]):
-        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes observations {want['obs_shape']} "
-                        f"and {want['num_actions']} actions, the env gives {have['obs_shape']} and {have['num_actions']}")
-    if params.size != dim:
-        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {dim}")
-
-
-def make_policy(policy_config, params, obs_mean_std=None):
-    """A policy holding `params` (float32 (D,)) and, for vector observations, the normalization (mean, std)."""
-    policy = build_policy(policy_config).load(params)
-    if policy.normalize and obs_mean_std is not None:
-        policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
-    return policy
-
-
-def evaluate(pool, theta, obs_mean_std, seed, iteration, episodes):
-    """Returns of theta over `episodes` evaluation episodes (no early stop): (float64 (E,), env steps)."""
-    pool.set_center(theta, *obs_mean_std)
-    tasks = [(0, 0, 0.0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
-    results = pool.map_with_restarts(tasks, warn=print)
-    return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path_stem + ".gif", episode_return
 
 
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
     params, meta = read_weights_into_args(args, given)
-    env_config = env_config_from_args(args)
-    probe = make_env(env_config, training=False)
-    policy_config = policy_config_from_env(probe, args)
-    probe.close()
-    policy = build_policy(policy_config)
-    dim = sum(p.numel() for p in policy.parameters())
-    check_weights_fit(args.from_pretrained, params, meta, policy_config, dim)
+    env_config, policy_config = configs(args)
+    policy = make_policy(policy_config)
+    dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    check_weights_fit(args.from_pretrained, params, meta, policy_config, dim, obs_dim)
     norm = meta["obs_norm"]
-    obs_mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else (None, None)
-    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.size)
-    print(policy)
-    print(f"parameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   workers: {pool.describe()}")
+    mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else obs_mean_std(None)
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config), (dim, obs_dim, obs_dim))
+    print(f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
+          f"workers: {pool.describe()}")
     start = time.perf_counter()
     try:
-        returns, steps = evaluate(pool, params, obs_mean_std, args.seed, 0, args.num_eval_rollouts)
+        returns, steps = evaluate(pool, params, mean_std, args.seed, 0, args.num_eval_rollouts)
     finally:
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
         name = args.run_name or f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}__eval__{args.seed}__{int(time.time())}"
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
-        path, video_return = record_video(env_config, make_policy(policy_config, params, norm and obs_mean_std),
+        path, video_return = record_video(env_config, make_policy(policy_config, params, norm and mean_std),
                                           os.path.join(args.logs_dir, name, "videos", "pretrained"),
                                           derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))
         print(f"video: {path} (episode return {video_return:.2f})")
@@ -1276,194 +1252,9 @@ def run_from_pretrained(args, given):
     return 0
 
 
-def train(args, given):
-    """The OpenAI-ES loop: ask -> evaluate population and center -> tell -> log -> evaluate -> checkpoint."""
-    start_time = time.perf_counter()
-    checkpoint = init = None
-    if args.resume:
-        checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in given & RESUME_FLAGS})
-        saved.update({key: getattr(args, key) for key in PLACEMENT_FLAGS})
-        args = argparse.Namespace(**saved)
-        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-    else:
-        if args.init_from:
-            init = read_weights_into_args(args, given)
-        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.logs_dir, run_name)
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            "or pick another --run-name")
-    env_config = env_config_from_args(args)
-    probe = make_env(env_config, training=False)
-    policy_config = policy_config_from_env(probe, args)
-    probe.close()
-
-    torch.manual_seed(args.seed)
-    policy = build_policy(policy_config)
-    dim = sum(p.numel() for p in policy.parameters())
-    obs_stats = ObsStats(policy.obs_mean.size) if policy.normalize else None
-    if checkpoint:
-        es = OpenAIES.from_state_dict(checkpoint["es"])
-        if obs_stats:
-            obs_stats.load_state_dict(checkpoint["obs_stats"])
-        counters = checkpoint["counters"]
-    else:
-        theta = parameters_to_vector(policy.parameters()).numpy()
-        if init:
-            params, meta = init
-            check_weights_fit(args.init_from, params, meta, policy_config, dim)
-            theta = params
-            if obs_stats and meta["obs_norm"]:  # continue the file's running statistics
-                norm = meta["obs_norm"]
-                mean, std = np.array(norm["mean"]), np.array(norm["std"])
-                obs_stats.count = norm["count"]
-                obs_stats.sum, obs_stats.sumsq = mean * norm["count"], (std ** 2 + mean ** 2) * norm["count"]
-        es = OpenAIES(theta, args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
-                      optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                      antithetic=args.antithetic, fitness_shaping=args.fitness_shaping,
-                      lr_decay=args.lr_decay, lr_min=args.lr_min, sigma_decay=args.sigma_decay,
-                      sigma_min=args.sigma_min, seed=args.seed)
-        counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                    "best_eval": -math.inf, "goal_streak": 0}
-
-    pool = open_pool(args, env_config, policy_config, dim, policy.obs_mean.size)  # before any file is touched
-    os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
-    paths = {name: os.path.join(run_dir, name) for name in
-             ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    config = dict(vars(args), env_config=env_config, num_params=dim, versions=versions())
-    atomic_write(paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
-    if checkpoint:
-        truncate_progress(paths["progress.csv"], es.generation)
-    elif os.path.exists(paths["progress.csv"]):
-        os.unlink(paths["progress.csv"])
-    log = (lambda *a, **k: None) if args.quiet else print
-    title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
-    print(policy)
-    print(f"parameters: {dim}   population: {args.population_size}   workers: {pool.describe()}   "
-          f"run folder: {run_dir}")
-    if checkpoint:
-        print(f"resuming at generation {es.generation} from {checkpoint_path}")
-
-    def obs_mean_std():
-        return obs_stats.mean_std() if obs_stats else (None, None)
-
-    def meta(iteration, evaluation=None):
-        norm = None
-        if obs_stats:
-            mean, std = obs_stats.mean_std()
-            norm = {"mean": mean.tolist(), "std": std.tolist(), "count": obs_stats.count}
-        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id, "env": env_config,
-                "policy": policy_config, "obs_norm": norm, "evaluation": evaluation, "seed": args.seed,
-                "iteration": iteration, "num_params": dim}
-
-    def kept():
-        return (f"the checkpoint of generation {es.generation} is kept in {paths['checkpoint.pkl']}\n"
-                f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, or locally)")
-    pool.on_lost = kept
-
-    session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
-    last_plot = -math.inf
-    csv_file = open(paths["progress.csv"], "a", newline="")
-    writer = csv.writer(csv_file)
-    if csv_file.tell() == 0:
-        writer.writerow(PROGRESS_COLUMNS)
-    try:
-        while es.generation < args.max_iter:
-            t0 = time.perf_counter()
-            generation, population = es.generation, es.ask()
-            # The population and the unperturbed center in one batch; a mirrored pair shares env seeds.
-            pool.set_center(es.theta, *obs_mean_std())
-            tasks = []
-            for i, (noise_seed, sign) in enumerate(population):
-                pair = i // 2 if args.antithetic else i
-                seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, generation, pair, r) for r in range(args.num_rollouts)]
-                tasks.append((int(noise_seed), int(sign), es.sigma, seeds, True))
-            tasks.append((0, 0, 0.0, [derive_seed(args.seed, CENTER_ENV_STREAM, generation, r)
-                                      for r in range(args.num_rollouts)], True))
-            results = pool.map_with_restarts(tasks, warn=print)
-            returns = np.array([np.mean(r[0]) for r in results[:-1]])
-            center_return = float(np.mean(results[-1][0]))
-            center_rank = int(np.sum(returns > center_return)) + 1  # 1: no member beat the center
-            steps = sum(r[1] for r in results)
-            sigma, learning_rate = es.sigma, es.learning_rate
-            es.tell(returns)
-            if obs_stats:  # in task order: the statistics do not depend on scheduling
-                for _, _, stats in results:
-                    obs_stats.update(*stats)
-            iteration = es.generation
-            counters["evaluations"] += args.population_size
-            counters["best_return"] = max(counters["best_return"], float(returns.max()))
-
-            eval_returns = None
-            # Evaluate on schedule, and at once when the center's own rollouts reach the reward goal.
-            center_at_goal = args.reward_goal is not None and center_return >= args.reward_goal
-            if iteration % args.eval_every == 0 or iteration == args.max_iter or center_at_goal:
-                eval_returns, eval_steps = evaluate(pool, es.theta, obs_mean_std(), args.seed, iteration,
-                                                    args.num_eval_rollouts)
-                steps += eval_steps
-                evaluation = {"mean": float(eval_returns.mean()), "std": float(eval_returns.std()),
-                              "episodes": int(eval_returns.size)}
-                if evaluation["mean"] > counters["best_eval"]:
-                    counters["best_eval"] = evaluation["mean"]
-                    save_weights(paths["best.npz"], es.theta, meta(iteration, evaluation))
-                reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
-                counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
-                log(f"eval {iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
-                    f"{eval_returns.size} episodes | best eval {counters['best_eval']:9.2f}")
-                if args.capture_video:
-                    path, _ = record_video(env_config, make_policy(policy_config, es.theta, obs_mean_std()),
-                                           os.path.join(run_dir, "videos", f"iter-{iteration:05d}"),
-                                           derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
-                    log(f"video {path}")
-            counters["env_steps"] += steps
-            num_cpus = pool.num_cpus
-            now = time.perf_counter()
-            counters["wall_time_s"] = wall_offset + (now - start_time)
-            evaluated = eval_returns is not None
-            writer.writerow([iteration, counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
-                             f"{returns.min():.6g}", f"{returns.mean():.6g}", f"{returns.max():.6g}",
-                             f"{returns.std():.6g}", f"{eval_returns.mean():.6g}" if evaluated else "",
-                             f"{eval_returns.std():.6g}" if evaluated else "", f"{center_return:.6g}", center_rank,
-                             f"{sigma:.6g}", f"{learning_rate:.6g}", f"{es.grad_norm:.6g}",
-                             f"{float(np.linalg.norm(es.theta)):.6g}", num_cpus])
-            csv_file.flush()
-            eta = (now - session_start) / (iteration - first_generation) * (args.max_iter - iteration)
-            log(f"iter {iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
-                f"{returns.min():8.2f} mean {returns.mean():8.2f} max {returns.max():8.2f} | best "
-                f"{counters['best_return']:8.2f} | center {center_return:8.2f} rank {center_rank:>4d} | "
-                f"sigma {sigma:.4f} lr {learning_rate:.4f} | {steps / (now - t0):8,.0f} steps/s | cpus {num_cpus} | "
-                f"{format_duration(counters['wall_time_s'])} elapsed | ETA {format_duration(eta)}")
-            if evaluated and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
-                plot_learning_curve(paths["progress.csv"], paths["learning_curve.png"], title)
-                last_plot = now
-            save_checkpoint(paths["checkpoint.pkl"], {
-                "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(args), "es": es.state_dict(),
-                "obs_stats": obs_stats.state_dict() if obs_stats else None, "counters": dict(counters)})
-            if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
-                print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
-                      f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
-                break
-    except (KeyboardInterrupt, RayClusterError) as e:
-        reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
-        print(f"{reason}: {kept()}", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
-    finally:
-        csv_file.close()
-        pool.close()
-    save_weights(paths["final.npz"], es.theta, meta(es.generation))
-    plot_learning_curve(paths["progress.csv"], paths["learning_curve.png"], title)
-    print(f"done: {es.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
-          f"Files in {run_dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
-          + (" best.npz" if os.path.exists(paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
-    return 0
-
-
 def main(argv=None):
-    """Entry point: returns the exit code (0; 2 for bad input; 1 when the Ray cluster is lost; 130 when
-    interrupted)."""
-    args, given = parse_args(argv)
+    """Entry point: the exit code (0; 2 for bad input; 1 when the workers or the Ray cluster are lost;
+    130 when interrupted by Ctrl-C or SIGTERM, the checkpoint kept)."""
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
     def stop(signum, frame):
@@ -1471,13 +1262,12 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(1)
     try:
+        args, given = parse_args(argv)
         return run_from_pretrained(args, given) if args.from_pretrained else train(args, given)
-    except UserError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2
-    except RayClusterError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, PoolLost, MemoryError) as e:
+        print(f"{SCRIPT}: error: {e}" + (" (a size too large for this machine)" if isinstance(e, MemoryError) else ""),
+              file=sys.stderr)
+        return 1 if isinstance(e, PoolLost) else 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

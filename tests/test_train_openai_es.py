@@ -178,7 +178,7 @@ def test_policy_actions_discrete_box_and_normalization():
     # Normalization: an observation equal to the mean acts like a zero observation.
     policy = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
     zero = policy.act(np.zeros(3, np.float32))[0]
-    policy.obs_mean, policy.obs_std = torch.tensor([5.0, -2.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])
+    policy.obs_mean, policy.obs_std = np.array([5.0, -2.0, 1.0], np.float32), np.full(3, 2.0, np.float32)
     assert np.allclose(policy.act(np.array([5.0, -2.0, 1.0], np.float32))[0], zero)
     # Clipped to [-5, 5] after normalization.
     far = policy.act(np.array([1e6, -1e6, 1e6], np.float32))[0]
@@ -199,10 +199,15 @@ def test_conv_lstm_policy_on_pixels():
 
 
 def env_config(env_id, **overrides):
-    args = es_mod.parse_args(["--env-id", env_id])[0]
-    config = es_mod.env_config_from_args(args)
+    config = es_mod.configs(es_mod.parse_args(["--env-id", env_id])[0])[0]
     config.update(overrides)
     return config
+
+
+def configs(*flags):
+    """(env config, policy config, parameter count) of a command line."""
+    env_config, policy_config = es_mod.configs(es_mod.parse_args(list(flags))[0])
+    return env_config, policy_config, sum(p.numel() for p in es_mod.make_policy(policy_config).parameters())
 
 
 def test_make_env_pixels_and_actions():
@@ -215,7 +220,7 @@ def test_make_env_pixels_and_actions():
     # CarRacing's bounds ([-1,1], [0,1], [0,1]) are rescaled for the tanh output; BipedalWalker's are not.
     car = es_mod.make_env(env_config("CarRacing-v3", frame_stack=1), training=False)
     assert np.all(car.action_space.low == -1) and np.all(car.action_space.high == 1)
-    assert es_mod.env_config_from_args(es_mod.parse_args(["--env-id", "CarRacing-v3"])[0])["max_negative_steps"] == 20
+    assert env_config("CarRacing-v3")["max_negative_steps"] == 20
     assert env_config("CartPole-v1")["max_negative_steps"] == 0
 
 
@@ -241,46 +246,93 @@ def test_negative_reward_early_stop():
 @pytest.mark.parametrize("env_id,kwargs", [("CartPole-v1", {}), ("LunarLander-v3", {}),
                                            ("LunarLander-v3", {"continuous": True}), ("BipedalWalker-v3", {})])
 def test_rollout_worker_runs_members_and_collects_stats(env_id, kwargs):
-    config = env_config(env_id, env_kwargs=kwargs, max_episode_steps=30)
-    probe = es_mod.make_env(config, training=False)
-    args = es_mod.parse_args(["--hidden-sizes", "8"])[0]
-    policy_config = es_mod.policy_config_from_env(probe, args)
-    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
-    obs_dim = probe.observation_space.shape[0]
-    pool = es_mod.RolloutPool(1, config, policy_config, dim, obs_dim)
-    pool.set_center(np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
-    (returns, steps, stats), = pool.map([(5, 1, 0.1, [11, 12], True)])
+    config, policy_config, dim = configs("--env-id", env_id, "--max-episode-steps", "30", "--hidden-sizes", "8",
+                                         "--env-kwargs", *(f"{k}={json.dumps(v)}" for k, v in kwargs.items()))
+    obs_dim = policy_config["obs_shape"][0]
+    pool = es_mod.RolloutPool(1, None, (config, policy_config), (dim, obs_dim, obs_dim))
+    shared = (np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
+    (returns, steps, stats), = pool.map([(5, 1, 0.1, [11, 12], True)], shared)
     assert len(returns) == 2 and 2 <= steps <= 60
     count, total, total_sq = stats
     assert count == steps and total.shape == (obs_dim,) and np.all(total_sq >= 0)
     for _ in range(4):  # deterministic in (noise seed, sign, env seeds), whatever ran before
-        assert pool.map([(5, 1, 0.1, [11, 12], True)])[0][0] == returns
-    assert pool.map([(5, 1, 0.1, [11], False)])[0][2] is None  # evaluations collect nothing
+        assert pool.map([(5, 1, 0.1, [11, 12], True)], shared)[0][0] == returns
+    assert pool.map([(5, 1, 0.1, [11], False)], shared)[0][2] is None  # evaluations collect nothing
 
 
-def test_two_workers_match_in_process_and_survive_a_killed_worker():
-    config = env_config("CartPole-v1")
-    probe = es_mod.make_env(config, training=False)
-    policy_config = es_mod.policy_config_from_env(probe, es_mod.parse_args(["--hidden-sizes", "8"])[0])
-    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
+def children(pid):
+    """Live (not zombie) child processes of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def cartpole_pool_setup():
+    config, policy_config, dim = configs("--hidden-sizes", "8")
     theta = np.random.default_rng(0).normal(0, 0.5, dim).astype(np.float32)
+    return (config, policy_config), (dim, 4, 4), (theta, np.zeros(4, np.float32), np.ones(4, np.float32))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
+def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
+    worker_args, sizes, shared = cartpole_pool_setup()
     tasks = [(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
-    local = es_mod.RolloutPool(1, config, policy_config, dim, 4)
-    local.set_center(theta, np.zeros(4, np.float32), np.ones(4, np.float32))
-    expected = local.map(tasks)
-    pool = es_mod.RolloutPool(2, config, policy_config, dim, 4)
+    expected = es_mod.RolloutPool(1, None, worker_args, sizes).map(tasks, shared)
+    pool = es_mod.RolloutPool(2, None, worker_args, sizes)
     try:
-        pool.set_center(theta, np.zeros(4, np.float32), np.ones(4, np.float32))
-        assert [r[0] for r in pool.map(tasks)] == [r[0] for r in expected]
-        warnings = []
-        victim = pool.processes[0]
-        threading.Timer(0.05, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
-        results = pool.map_with_restarts(tasks * 5, warn=warnings.append)
+        assert [r[0] for r in pool.map(tasks, shared)] == [r[0] for r in expected]
+        victim = children(os.getpid())[0]
+        capsys.readouterr()
+        threading.Timer(0.05, lambda: os.kill(victim, signal.SIGKILL)).start()
+        results = pool.map(tasks * 5, shared)
         assert [r[0] for r in results] == [r[0] for r in expected * 5]
+        warnings = capsys.readouterr().out.splitlines()
         assert len(warnings) == 1 and "restarting" in warnings[0]
-        assert not victim.is_alive() and all(p.is_alive() for p in pool.processes)
+        assert victim not in children(os.getpid()) and len(children(os.getpid())) == 2
     finally:
         pool.close()
+    assert children(os.getpid()) == []
+
+
+def test_workers_that_keep_dying_end_the_batch_with_pool_lost(monkeypatch, capsys):
+    worker_args, sizes, shared = cartpole_pool_setup()
+    monkeypatch.setattr(es_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # the forked workers inherit it
+    pool = es_mod.RolloutPool(2, None, worker_args, sizes)
+    try:
+        with pytest.raises(es_mod.PoolLost, match="keep dying"):
+            pool.map([(1, 1, 0.5, [1], True)] * 4, shared)
+    finally:
+        pool.close()
+    assert len([line for line in capsys.readouterr().out.splitlines() if "restarting" in line]) == es_mod.MAX_RESTARTS
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
+def test_no_worker_outlives_a_killed_driver(tmp_path):
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "orphans", "--num-workers", "2", "--max-iter",
+                             "100000", *TINY, "--hidden-sizes", "8", "--eval-every", "1000", "--quiet"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "runs" / "orphans" / "checkpoint.pkl"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    assert len(workers) >= 2, workers
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read()
+                 .rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived their driver by more than 5 s"
 
 
 def test_restricted_unpickler_runs_nothing(tmp_path):
@@ -449,13 +501,11 @@ def test_trains_on_the_issue_envs(tmp_path, env_id, extra):
 
 
 def test_carracing_early_stop_is_training_only():
-    config = env_config("CarRacing-v3", max_episode_steps=120, frame_size=48, frame_stack=1)
-    probe = es_mod.make_env(config, training=False)
-    policy_config = es_mod.policy_config_from_env(probe, es_mod.parse_args(["--hidden-sizes", "8"])[0])
-    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
-    pool = es_mod.RolloutPool(1, config, policy_config, dim, 0)
-    pool.set_center(np.zeros(dim, np.float32))  # all-zero weights: no gas, the car stands still at -0.1 a frame
-    (_, train_steps, _), (_, eval_steps, _) = pool.map([(0, 0, 0.0, [7], True), (0, 0, 0.0, [7], False)])
+    config, policy_config, dim = configs("--env-id", "CarRacing-v3", "--max-episode-steps", "120", "--frame-size", "48",
+                                         "--frame-stack", "1", "--hidden-sizes", "8")
+    pool = es_mod.RolloutPool(1, None, (config, policy_config), (dim, 0, 0))
+    shared = (np.zeros(dim, np.float32), np.zeros(0, np.float32), np.ones(0, np.float32))  # all-zero weights: no gas,
+    (_, train_steps, _), (_, eval_steps, _) = pool.map([(0, 0, 0.0, [7], True), (0, 0, 0.0, [7], False)], shared)
     assert train_steps < 60 and eval_steps == 120  # training: stopped after 20 negative rewards in a row
 
 
@@ -501,6 +551,97 @@ def test_capture_video(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
     assert expected in line
+
+
+BAD_FLAGS = [
+    ["--sigma", "nan"], ["--sigma", "inf"], ["--sigma", "-0.1"], ["--learning-rate", "-inf"], ["--learning-rate", "x"],
+    ["--momentum", "1"], ["--momentum", "-0.5"], ["--weight-decay", "-1"], ["--lr-decay", "0"], ["--lr-decay", "1.5"],
+    ["--sigma-decay", "nan"], ["--lr-min", "-1e-9"], ["--sigma-min", "inf"], ["--population-size", "0"],
+    ["--population-size", "2.5"], ["--population-size", "nan"], ["--max-iter", "0"], ["--num-rollouts", "-2"],
+    ["--num-eval-rollouts", "0"], ["--eval-every", "0"], ["--max-episode-steps", "0"], ["--max-negative-steps", "-1"],
+    ["--hidden-sizes", "8", "0"], ["--hidden-sizes", "8.5"], ["--frame-size", "20"], ["--frame-stack", "0"],
+    ["--seed", "-1"], ["--seed", "1e3"], ["--seed", str(2 ** 64)], ["--consecutive-goal-stopping", "0"],
+    ["--reward-goal", "nan"], ["--reward-goal", "-inf"], ["--num-workers", "two"], ["--optimizer", "rmsprop"],
+    ["--activation", "swish"], ["--fitness-shaping", "rank"], ["--env-kwargs", "=1"], ["--recurrent", "--hidden-sizes"],
+    ["--env-id", "NoSuchEnv-v0"], ["--env-id", "ALE/NoSuchGame-v5"], ["--logs-dir", "a_file"],
+    ["--logs-dir", "a_file/below"], ["--run-name", "a/b"], ["--run-name", ".."], ["--from-pretrained", "a_folder"],
+    ["--from-pretrained", "missing.npz"], ["--init-from", "a_folder"], ["--init-from", "missing.npz"],
+    ["--resume", "a_folder"], ["--resume", "missing.pkl"], ["--resume", "a_file"], ["--from-pretrained", "a_file"],
+    ["--init-from", "a_file", "--resume", "a_folder"], ["--resume", "a_folder", "--env-id", "Acrobot-v1"],
+]
+
+
+def main_in_process(argv, capsys):
+    """es_mod.main(argv) in this process: (exit code, the lines it wrote on stderr)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = es_mod.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main() installs its own
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
+def test_every_bad_flag_value_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a checkpoint, weights file or folder")
+    (tmp_path / "a_folder").mkdir()
+    code, lines = main_in_process(argv + ["--max-iter", "1", "--num-workers", "1"], capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("train_openai_es.py: error: "), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]  # nothing written
+
+
+@pytest.mark.parametrize("state", [{"args": {}, "es": {}, "obs_stats": None, "counters": {}}, {"args": None},
+                                   {"args": [], "es": 3, "obs_stats": "x", "counters": None}])
+def test_an_incomplete_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, state):
+    (tmp_path / "checkpoint.pkl").write_bytes(pickle.dumps(dict(state, script=es_mod.SCRIPT, format_version=1)))
+    monkeypatch.chdir(tmp_path)
+    code, lines = main_in_process(["--resume", ".", "--num-workers", "1"], capsys)
+    assert code == 2 and len(lines) == 1 and "not a complete" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pkl"]
+
+
+@pytest.mark.parametrize("change", [
+    {"script": "train_ga.py"}, {"format_version": 2}, {"env_id": "NoSuchEnv-v0"}, {"env_id": 3},
+    {"policy": {"activation": "swish"}}, {"policy": {"hidden_sizes": [32, 0]}}, {"policy": {"hidden_sizes": ["32", 32]}},
+    {"policy": {"hidden_sizes": [32.0, 32]}}, {"policy": {"recurrent": "yes"}}, {"policy": {"action_bounding": "wrap"}},
+    {"policy": {"obs_norm": 1}}, {"env": {"frame_size": 3.5}}, {"env": {"frame_stack": 0}}, {"env": {"grayscale": None}},
+    {"env": {"env_kwargs": ["continuous"]}}, {"obs_norm": {"mean": [0.0], "std": [1.0], "count": 5}},
+    {"obs_norm": {"mean": [0.0] * 8, "std": [0.0] * 8, "count": 5}}, {"obs_norm": None}, {"policy": None},
+    {"policy": {"num_actions": 7}}, "params-nan", "params-short",
+])
+def test_a_weights_file_whose_meta_is_not_real_is_refused(tmp_path, monkeypatch, capsys, change):
+    params, meta = es_mod.load_weights(os.path.join(ROOT, "pretrained", "openai_es_lunarlander.npz"))
+    if change == "params-nan":
+        params[3] = np.nan
+    elif change == "params-short":
+        params = params[:-1]
+    else:
+        for key, value in change.items():
+            meta[key] = dict(meta[key], **value) if isinstance(value, dict) and key in ("env", "policy") else value
+    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--from-pretrained", "--init-from"):
+        code, err = main_in_process([flag, "bad.npz", "--num-workers", "1", "--num-eval-rollouts", "1"], capsys)
+        assert code == 2 and len(err) == 1 and "error: " in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def test_help_shows_each_default_once():
+    out = run_script(["--help"], cwd=ROOT)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag in ("--num-workers", "--antithetic", "--obs-norm", "--grayscale", "--max-episode-steps"):
+        entry = text.split(flag, 2)[-1].split(" --", 1)[0]
+        assert entry.count("(default") <= 1, entry
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "(default: --antithetic)" in text and "(default: 256)" in text
+
+
+def test_shipped_weights_files_still_load():
+    params, meta = es_mod.load_weights(os.path.join(ROOT, "pretrained", "openai_es_lunarlander.npz"))
+    assert params.dtype == np.float32 and meta["env_id"] == "LunarLander-v3"
 
 
 def test_bad_weights_and_checkpoints(tmp_path):
@@ -549,33 +690,26 @@ def test_without_ray_the_flag_is_a_one_line_error_and_nothing_else_needs_ray(tmp
     assert [row["num_cpus"] for row in progress(tmp_path / "runs" / "local", drop=())] == ["2"]
 
 
-def test_ray_rollout_builds_its_worker_once_and_loads_each_version_of_the_arrays():
-    config = env_config("CartPole-v1")
-    probe = es_mod.make_env(config, training=False)
-    policy_config = es_mod.policy_config_from_env(probe, es_mod.parse_args(["--hidden-sizes", "8"])[0])
-    dim = sum(p.numel() for p in es_mod.build_policy(policy_config).parameters())
+def test_ray_rollout_builds_its_worker_once_and_reads_each_batchs_arrays():
+    config, policy_config, dim = configs("--hidden-sizes", "8")
     rng = np.random.default_rng(0)
     thetas = [rng.normal(0, 0.5, dim).astype(np.float32) for _ in range(2)]
     stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
     task = (7, 1, 0.5, [3, 4], True)
-    local = es_mod.RolloutPool(1, config, policy_config, dim, 4)
-    expected = []
-    for theta in thetas:
-        local.set_center(theta, *stats)
-        expected.append(local.map([task])[0])
+    local = es_mod.RolloutPool(1, None, (config, policy_config), (dim, 4, 4))
+    expected = [local.map([task], (theta, *stats))[0] for theta in thetas]
     assert expected[0][0] != expected[1][0]
     key = "test-pool"
     try:
-        for version, theta in enumerate(thetas, start=1):
+        for i, theta in enumerate(thetas):
             for _ in range(2):
-                returns, steps, obs = es_mod.ray_rollout(key, version, (config, policy_config, theta, *stats), task)
-                assert returns == expected[version - 1][0] and steps == expected[version - 1][1]
-                np.testing.assert_array_equal(obs[1], expected[version - 1][2][1])
-            worker = es_mod.RAY_WORKERS[key][0]
-            assert es_mod.RAY_WORKERS[key][2] == version
-        assert es_mod.RAY_WORKERS[key][0] is worker  # env and policy built once for the pool
+                returns, steps, obs = es_mod.ray_rollout(key, (config, policy_config), (theta, *stats), task)
+                assert returns == expected[i][0] and steps == expected[i][1]
+                np.testing.assert_array_equal(obs[1], expected[i][2][1])
+            worker = es_mod.WORKERS[key]
+        assert es_mod.WORKERS[key] is worker  # env and policy built once for the pool
     finally:
-        es_mod.RAY_WORKERS.pop(key, None)
+        es_mod.WORKERS.pop(key, None)
 
 
 def test_ray_cluster_run_equals_the_local_pool_run(tmp_path, ray_cluster):
