@@ -217,7 +217,7 @@ def test_from_pretrained_round_trip_of_a_trained_file(tmp_path):
     assert out.returncode == 0, out.stderr
     params, agent_config, meta = cm.load_weights(str(run / "final.npz"))
     assert agent_config["controller"] == "rnn" and meta["iteration"] == 1
-    agent = cm.build_agent(agent_config)
+    agent = cm.AttentionAgent(**agent_config)
     agent.set_flat(params)
     env = cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": 40, "max_negative_steps": 0, "stock_env": False}, training=False)
     expected = cm.rollout(env, agent, cm.derive_seed(1, cm.EVAL_ENV_STREAM, 0, 0))[0]
