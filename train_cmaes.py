@@ -54,7 +54,7 @@ from gymnasium.envs.box2d import car_racing
 
 SCRIPT = "train_cmaes.py"
 FORMAT_VERSION = 1
-# The columns every script of the project writes first, in this order; the CMA-ES scalars follow.
+# The columns every script of the project writes first, then the CMA-ES scalars.
 PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
                     "return_max", "return_std", "eval_return_mean", "eval_return_std",
                     "sigma", "axis_ratio", "dim", "num_cpus"]
@@ -94,7 +94,7 @@ class PoolLost(Exception):
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.HelpFormatter):
-    """Each default shown once: appended to the help unless it says it already or the flag is a switch."""
+    """Each default shown once: appended unless the help says it already or the flag is a switch."""
 
     def _get_help_string(self, action):
         if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool) or "(default" in action.help:
@@ -111,50 +111,38 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser():
     """The argparse parser of every flag."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
                       formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CarRacing-v3", help="gymnasium id of a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
-    g.add_argument("--num-workers", type=int, default=cores,
-                   help="rollout worker processes (default: usable cores); 1 runs in-process. With "
-                        "--ray-address: the most rollouts running at once (default there: every CPU of the cluster)")
-    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or auto "
-                        "for the cluster started on this machine (default: $RAY_ADDRESS if set, else "
-                        "local worker processes)")
+    g.add_argument("--num-workers", type=int, help="rollout worker processes (default: usable cores); 1 runs "
+                   "in-process. With --ray-address: the most rollouts at once (default there: every CPU of the cluster)",
+                   default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT "
+                   "of its head, or auto (default: $RAY_ADDRESS if set, else local worker processes)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
     g.add_argument("--max-iter", type=int, default=2000, help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=int, default=16,
-                   help="episodes per fitness evaluation; fitness = mean episode return")
+    g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness evaluation; fitness = mean return")
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
-    g.add_argument("--max-negative-steps", type=int, default=20,
-                   help="training episodes end after this many consecutive negative rewards (0 = off); "
-                        "never in evaluation")
+    g.add_argument("--max-negative-steps", type=int, default=20, help="training episodes end after this many "
+                   "consecutive negative rewards (0 = off); never in evaluation")
     g.add_argument("--stock-env", action="store_true",
                    help="use gymnasium's CarRacing as is, not the faster subclass with identical frames")
     g.add_argument("--eval-every", type=int, default=10,
                    help="evaluate the distribution mean (xfavorite) every this many generations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--run-name", default=None,
-                   help="run folder name (default: <env-id>__train_cmaes__<seed>__<unix-time>)")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run from its checkpoint.pkl or its run folder")
-    g.add_argument("--from-pretrained", default=None, metavar="PATH.npz",
-                   help="evaluate these weights (this script's or the authors' file) over --num-eval-rollouts "
-                        "episodes; no training")
-    g.add_argument("--init-from", "--base-from-pretrained", default=None, metavar="PATH.npz",
-                   help="start from these weights; with --train attention|controller the other part stays "
-                        "frozen at the file's values")
-    g.add_argument("--capture-video", action="store_true",
-                   help="record an episode at each evaluation with the top-k patches highlighted "
-                        "(GIF; mp4 when moviepy is installed)")
-    g.add_argument("--reward-goal", type=float, default=None,
-                   help="stop when the evaluation mean reaches this return")
-    g.add_argument("--consecutive-goal-stopping", type=int, default=1,
-                   help="... in this many consecutive evaluations")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__train_cmaes__<seed>__<unix-time>)")
+    g.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint.pkl or its run folder")
+    g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights (this script's or the "
+                   "authors' file) over --num-eval-rollouts episodes; no training")
+    g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz", help="start from these weights; with "
+                   "--train attention|controller the other part stays frozen at the file's values")
+    g.add_argument("--capture-video", action="store_true", help="record an episode at each evaluation with the "
+                   "top-k patches highlighted (GIF; mp4 when moviepy is installed)")
+    g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return")
+    g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many consecutive evaluations")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
@@ -167,9 +155,8 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=10, help="patches whose centers feed the controller")
     g.add_argument("--hidden-size", type=int, default=16, help="controller width")
     g.add_argument("--no-bias", dest="bias", action="store_false", help="query and key projections without bias")
-    g.add_argument("--controller", choices=CONTROLLERS, default="lstm",
-                   help="lstm: LSTM + Linear (the paper); rnn: ReLU RNN + Linear; mlp: over --num-frames "
-                        "stacked top-k features")
+    g.add_argument("--controller", choices=CONTROLLERS, default="lstm", help="lstm: LSTM + Linear (the paper); "
+                   "rnn: ReLU RNN + Linear; mlp: over --num-frames stacked top-k features")
     g.add_argument("--num-frames", type=int, default=4, help="mlp controller: stacked feature vectors")
     return p
 
@@ -179,11 +166,9 @@ def parse_args(argv=None):
     the process with one line on stderr (exit code 2) before anything is run or written."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Which flags did the user type? argparse leaves alone what a namespace already holds,
-    # so parse again into a namespace of markers: the flags given are those that changed.
-    marker = object()
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not marker}
+    # argparse leaves alone what a namespace already holds: the flags typed are those whose marker changed.
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: parser for name in vars(args)}))
+    given = {name for name, value in vars(typed).items() if value is not parser}
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     try:
         check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
@@ -197,23 +182,19 @@ def parse_args(argv=None):
     return args, given
 
 
-def check_number(label, value, low, high, above=False):
-    """UserError unless `value` is of low's kind (int, or any real number) and finite, low <= value <= high
-    (low < value where `above`)."""
-    kind = "an integer" if isinstance(low, int) else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if isinstance(low, int) else (int, float)):
-        raise UserError(f"{label} must be {kind}, got {value!r}")
-    if not (low < value if above else low <= value) or value > high or not math.isfinite(float(min(value, high))):
-        bounds = f"{'>' if above else '>='} {low}" * math.isfinite(low) + f" and <= {high}" * math.isfinite(high)
-        raise UserError(f"{label} must be a finite number{' ' + bounds.removeprefix(' and ') if bounds else ''}"
-                        f", got {value!r}")
-
-
 def check_numbers(values, label):
-    """check_number on every entry of the dict `values` that LIMITS names (None = not set)."""
+    """UserError unless each entry of the dict `values` that LIMITS names is None or a number of its kind
+    (an int where the limits are ints), finite, and within its limits; label(key) names it in the message."""
     for key, value in values.items():
-        if key in LIMITS and value is not None:
-            check_number(label(key), value, *LIMITS[key])
+        if key not in LIMITS or value is None:
+            continue
+        low, high, *above = LIMITS[key]
+        kind = "an integer" if isinstance(low, int) else "a finite number"
+        rule = " and ".join(text for text, bound in ((f"{'>' if above else '>='} {low}", low), (f"<= {high}", high))
+                            if math.isfinite(bound))
+        if (isinstance(value, bool) or not isinstance(value, int if isinstance(low, int) else (int, float))
+                or not (low < value if above else low <= value) or not value <= high or not math.isfinite(value)):
+            raise UserError(f"{label(key)} must be {kind}{' ' * bool(rule)}{rule}, got {value!r}")
 
 
 def check_agent_config(config, label):
@@ -445,10 +426,9 @@ class FastCarRacing(car_racing.CarRacing):
     draws only ~4% of them. Here the vertices of each track are kept in one array, a vectorized test
     with a one-pixel margin drops the polygons that cannot pass the screen check, and the survivors go
     through gymnasium's unchanged `_draw_colored_polygon` (its own check, its own arithmetic, the same
-    draw calls in the same order). Tile colors are read live (a visited tile changes color). `_render`
-    is gymnasium's with the score font loaded once and the score text rendered once per value.
-    Relies on gymnasium's internals: requirements.txt pins gymnasium exactly, and a test compares
-    every frame with the stock env's.
+    draw calls in the same order). Tile colors are read live (a visited tile changes color); the score
+    font is loaded once. Relies on gymnasium's internals: requirements.txt pins gymnasium exactly, and
+    a test compares every frame with the stock env's.
     """
 
     GRASS = [[(car_racing.GRASS_DIM * x + dx, car_racing.GRASS_DIM * y + dy)
@@ -456,6 +436,7 @@ class FastCarRacing(car_racing.CarRacing):
                              (car_racing.GRASS_DIM, car_racing.GRASS_DIM))]
              for x in range(-20, 20, 2) for y in range(-20, 20, 2)]  # the stock grass, in its order
     GRASS_VERTICES = np.array(GRASS, dtype=np.float64)  # (400, 4, 2)
+    FONT_CLASS = pygame.font.Font
 
     def _maybe_visible(self, vertices, zoom, translation, angle):
         """Boolean (P,): polygons (P, V, 2) that may change a pixel of the frame.
@@ -495,53 +476,18 @@ class FastCarRacing(car_racing.CarRacing):
             self._draw_colored_polygon(self.surf, [(p[0], p[1]) for p in poly], [int(c) for c in color],
                                        zoom, translation, angle)
 
-    def _score_text(self):
-        """The score as gymnasium renders it, from a font loaded once, rendered once per value."""
-        text = f"{self.reward:04.0f}"
-        if getattr(self, "_score", (None, None))[0] != text:
-            if getattr(self, "_font", None) is None:
-                self._font = pygame.font.Font(pygame.font.get_default_font(), 42)
-            self._score = (text, self._font.render(text, True, (255, 255, 255), (0, 0, 0)))
-        return self._score[1]
-
     def _render(self, mode):
-        # gymnasium 1.4.0's CarRacing._render, but for the cached score text.
-        assert mode in self.metadata["render_modes"]
-        pygame.font.init()
-        if self.screen is None and mode == "human":
-            pygame.display.init()
-            self.screen = pygame.display.set_mode((car_racing.WINDOW_W, car_racing.WINDOW_H))
-        if self.clock is None:
-            self.clock = pygame.time.Clock()
-        if "t" not in self.__dict__:
-            return  # reset() not called yet
-        self.surf = pygame.Surface((car_racing.WINDOW_W, car_racing.WINDOW_H))
-        angle = -self.car.hull.angle
-        zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
-        scroll_x = -(self.car.hull.position[0]) * zoom
-        scroll_y = -(self.car.hull.position[1]) * zoom
-        trans = pygame.math.Vector2((scroll_x, scroll_y)).rotate_rad(angle)
-        trans = (car_racing.WINDOW_W / 2 + trans[0], car_racing.WINDOW_H / 4 + trans[1])
-        self._render_road(zoom, trans, angle)
-        self.car.draw(self.surf, zoom, trans, angle, mode not in ["state_pixels_list", "state_pixels"])
-        self.surf = pygame.transform.flip(self.surf, False, True)
-        self._render_indicators(car_racing.WINDOW_W, car_racing.WINDOW_H)
-        text = self._score_text()
-        text_rect = text.get_rect()
-        text_rect.center = (60, car_racing.WINDOW_H - car_racing.WINDOW_H * 2.5 / 40.0)
-        self.surf.blit(text, text_rect)
-        if mode == "human":
-            pygame.event.pump()
-            self.clock.tick(self.metadata["render_fps"])
-            self.screen.fill(0)
-            self.screen.blit(self.surf, (0, 0))
-            pygame.display.flip()
-        elif mode == "rgb_array":
-            return self._create_image_array(self.surf, (car_racing.VIDEO_W, car_racing.VIDEO_H))
-        elif mode == "state_pixels":
-            return self._create_image_array(self.surf, (car_racing.STATE_W, car_racing.STATE_H))
-        else:
-            return self.isopen
+        # gymnasium's own _render, but the score font it loads from disk every frame comes from a cache
+        font_class, pygame.font.Font = pygame.font.Font, self._score_font
+        try:
+            return super()._render(mode)
+        finally:
+            pygame.font.Font = font_class
+
+    def _score_font(self, name, size):
+        if getattr(self, "_font", None) is None:
+            self._font = self.FONT_CLASS(name, size)
+        return self._font
 
 
 def make_env(env_config, training):
@@ -549,17 +495,13 @@ def make_env(env_config, training):
     early stop, and `RescaleAction` so that the agent's tanh output in [-1, 1] maps linearly onto the
     action bounds (steer [-1, 1], gas [0, 1], brake [0, 1]).
 
-    Observations: uint8 (H, W, 3) frames, H == W. Raises UserError for an unknown id, a missing
-    dependency, or spaces the AttentionAgent cannot use.
+    Observations: uint8 (H, W, 3) frames, H == W. Raises gymnasium's errors for an unknown id or a
+    missing dependency, UserError for spaces the AttentionAgent cannot use.
     """
-    env_id = env_config["env_id"]
-    try:
-        spec = gym.spec(env_id)
-        if not env_config["stock_env"] and spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing":
-            spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
-        env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
-    except gym.error.Error as e:
-        raise UserError(f"cannot make env {env_id!r}: {str(e).splitlines()[0]}") from None
+    env_id, spec = env_config["env_id"], gym.spec(env_config["env_id"])
+    if not env_config["stock_env"] and spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing":
+        spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
+    env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
     obs_space, action_space = env.observation_space, env.action_space
     if not (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) == 3
             and obs_space.shape[0] == obs_space.shape[1] and obs_space.shape[2] == 3):
@@ -1316,14 +1258,9 @@ def record_video(env_config, agent, path_stem, seed):
 
 def versions():
     """Versions of python and of the libraries a run depends on, for args.json."""
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    import importlib.metadata
+    return {"python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in ("torch", "gymnasium", "numpy", "cma")}}
 
 
 def probe_env(env_config):
@@ -1376,9 +1313,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     try:
         return run_from_pretrained(args, given) if args.from_pretrained else train(args, given)
-    except (UserError, PoolLost) as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UserError) else 1
+    except (UserError, gym.error.Error, PoolLost) as e:  # bad input (gymnasium's messages are clear), lost workers
+        print(f"{SCRIPT}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1 if isinstance(e, PoolLost) else 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
