@@ -396,12 +396,9 @@ class AttentionAgent(nn.Module):
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` consecutive steps with a negative reward.
-
-    CarRacing's training-time early stop (Tang et al. 2020; estool): a car that has left the track
-    only collects -0.1 per frame, so its remaining frames teach nothing. gymnasium has no such
-    wrapper. Used in training rollouts only; evaluation episodes run to the end, as in the paper.
-    """
+    """Truncate an episode after `patience` consecutive steps with a negative reward: CarRacing's training-time
+    early stop (Tang et al. 2020; estool), as a car off the track only collects -0.1 a frame. gymnasium has no
+    such wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
 
     def __init__(self, env, patience):
         super().__init__(env)
@@ -766,31 +763,21 @@ def finish_run(run):
 # Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
 # ------------------------------------------------------------------------------------------------
 class RolloutWorker:
-    """One worker's envs and agent, built once, and the rollout tasks it runs.
-
-    A task is (row, env_seeds, training): the agent takes row `row` of the float32 (R, D) parameter
-    matrix in `self.shared[0]` (the batch's shared array, flat). Result: (episode returns, steps).
-    """
+    """One worker's envs and agent, built once. A task (row, env_seeds, training) drives the agent with row
+    `row` of the float32 (R, D) parameter matrix held flat in `self.shared[0]` -> (episode returns, steps)."""
 
     def __init__(self, worker_args, shared):
         env_config, agent_config = worker_args
-        self.envs = {True: make_env(env_config, training=True), False: make_env(env_config, training=False)}
-        self.agent = AttentionAgent(**agent_config)
-        self.shared = shared
+        self.envs = {training: make_env(env_config, training) for training in (True, False)}
+        self.agent, self.shared = AttentionAgent(**agent_config), shared
 
     def run(self, task):
-        """Run one task: (row, env_seeds, training) -> (returns list of float, steps int)."""
         row, env_seeds, training = task
         self.agent.set_flat(self.shared[0].reshape(-1, self.agent.get_flat().size)[row])
-        returns, steps = [], 0
-        for env_seed in env_seeds:
-            episode_return, episode_steps = rollout(self.envs[training], self.agent, env_seed)
-            returns.append(episode_return)
-            steps += episode_steps
-        return returns, steps
+        episodes = [rollout(self.envs[training], self.agent, env_seed) for env_seed in env_seeds]
+        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
 
 
-# A process's RolloutWorker of each pool it serves (a local pool: key "local"; a Ray pool: its uuid).
 WORKERS = {}
 
 
@@ -1173,8 +1160,7 @@ def load_checkpoint(path):
 
 def format_duration(seconds):
     """Seconds as H:MM:SS."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
 def truncate_progress(path, last_iteration):
@@ -1239,17 +1225,16 @@ def attention_frame(frame, top, agent, scale=4):
 
 
 def record_video(env_config, agent, path_stem, seed):
-    """Record one evaluation episode with the attention overlay; writes path_stem.mp4 (moviepy) or
-    .gif. Returns (path, episode return)."""
-    env = make_env(env_config, training=False)
-    frames = []
+    """Record one evaluation episode with the attention overlay into path_stem.mp4 (moviepy) or .gif (25 fps).
+    Returns (path, episode return)."""
+    env, frames = make_env(env_config, training=False), []
     episode_return, _ = rollout(env, agent, seed, on_step=lambda obs, top: frames.append(attention_frame(obs, top, agent)))
     env.close()
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
-        images = [Image.fromarray(frame) for frame in frames[::2]]  # 25 fps keeps GIFs small
+        images = [Image.fromarray(frame) for frame in frames[::2]]
         images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0)
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=50).write_videofile(path_stem + ".mp4", logger=None)
