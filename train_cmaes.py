@@ -666,7 +666,7 @@ def setup_run(args, given):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
     env_config = env_config_from_args(args)
-    agent, agent_config = build_agent(args, probe_env(env_config), with_file=checkpoint is None)
+    agent, agent_config = build_agent(args, probe_env(env_config))
     base = agent.get_flat()  # the full genotype, float32 (D,); CMA-ES searches base[mask]
     mask = np.ones(base.size, dtype=bool) if args.train == "all" else agent.part_mask(args.train)
     if checkpoint:
@@ -722,16 +722,16 @@ def setup_run(args, given):
         wall_offset=counters["wall_time_s"], last_plot=-math.inf)
 
 
-def build_agent(args, env_shape, with_file):
+def build_agent(args, env_shape):
     """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
-    weights drawn from torch's generator seeded with --seed, with_file: then --init-from's weights wherever
-    the file's modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
+    weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
+    modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
     agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1], **{key: getattr(args, key) for key in
                                                                              AGENT_FLAGS}}
     check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
-    if args.init_from and with_file:
+    if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
         # The searched part may differ from the file's (e.g. --train attention --query-dim 2 --no-bias) and
         # then starts fresh; a frozen part must fit.
         source, _, _ = agent_from_file(args.init_from, *env_shape)

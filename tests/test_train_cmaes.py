@@ -269,13 +269,20 @@ def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_stops_the_wo
 
 @needs_authors
 @pytest.mark.parametrize("part,searched", [("controller", 2483), ("attention", 1184)])
-def test_frozen_parts_stay_frozen(tmp_path, part, searched):
+def test_frozen_parts_stay_frozen_also_on_resume(tmp_path, part, searched):
     run, out = train(tmp_path, part, "--train", part, "--init-from", AUTHORS, iters=1)
     assert f"CMA-ES searches: {searched} ({part})" in out.stdout
-    params, authors = np.load(run / "final.npz")["params"], authors_params()
     frozen = cm.AttentionAgent().part_mask("attention" if part == "controller" else "controller")
+    authors = authors_params()
+    params = np.load(run / "final.npz")["params"]
     assert np.array_equal(params[frozen], authors[frozen])
     assert not np.array_equal(params[~frozen], authors[~frozen])
+    if part == "attention":  # a resumed run takes its frozen part from the file again: it continues exactly
+        out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        straight, _ = train(tmp_path, "straight", "--train", part, "--init-from", AUTHORS, iters=2)
+        assert progress(run) == progress(straight)
+        assert np.array_equal(np.load(run / "final.npz")["params"], np.load(straight / "final.npz")["params"])
 
 
 @needs_authors
