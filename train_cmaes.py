@@ -71,6 +71,8 @@ PLACEMENT_FLAGS = ("num_workers", "ray_address")
 # The agent's architecture flags: a weights file's meta brings them along.
 AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
 CONTROLLERS = ("lstm", "rnn", "mlp")
+# A run's counters, in its checkpoint.
+COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 INT_MAX, SIZE_MAX = 2**31 - 1, 4096
 # (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file's meta sets.
 LIMITS = {"seed": (0, 2**32 - 1), "num_workers": (1, SIZE_MAX), "population_size": (2, INT_MAX),
@@ -117,13 +119,13 @@ def build_parser():
     g.add_argument("--env-id", default="CarRacing-v3", help="gymnasium id of a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     g.add_argument("--num-workers", type=int, help="rollout worker processes (default: usable cores); 1 runs "
-                   "in-process. With --ray-address: the most rollouts at once (default there: every CPU of the cluster)",
+                   "in-process. With --ray-address: the most rollouts at once (default there: the cluster's CPUs)",
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT "
                    "of its head, or auto (default: $RAY_ADDRESS if set, else local worker processes)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
     g.add_argument("--max-iter", type=int, default=2000, help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness evaluation; fitness = mean return")
+    g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness evaluation (fitness: their mean)")
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
     g.add_argument("--max-negative-steps", type=int, default=20, help="training episodes end after this many "
                    "consecutive negative rewards (0 = off); never in evaluation")
@@ -234,10 +236,14 @@ def check_flags(args, given):
         raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
                         "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
                         "the architecture"))
+    for flag in ("env_id", "logs_dir", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
+        if "\0" in (getattr(args, flag) or ""):
+            raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
     resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
-    for flag, path in (("--resume", resume), ("--from-pretrained", args.from_pretrained), ("--init-from", args.init_from)):
+    files = {"--resume": resume, "--from-pretrained": args.from_pretrained, "--init-from": args.init_from}
+    for flag, path in files.items():
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
                 flag == "--resume"))
@@ -661,7 +667,8 @@ def setup_run(args, given):
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
-        run_dir = os.path.join(args.logs_dir, args.run_name or f"{args.env_id}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}")
+        run_name = args.run_name or f"{args.env_id}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.logs_dir, run_name)
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
@@ -673,9 +680,9 @@ def setup_run(args, given):
         es, cma_rng, counters = checkpoint["cma"], checkpoint["cma_rng"], checkpoint["counters"]
     else:
         es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir)
-        counters = {"generation": 0, "evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                    "best_eval": -math.inf, "goal_streak": 0}
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [args.population_size * base.size])
+        counters = dict.fromkeys(COUNTERS, 0) | {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config),
+                       [args.population_size * base.size])  # before any file is touched
     os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
@@ -704,7 +711,8 @@ def setup_run(args, given):
 
     def kept():  # what to tell about the checkpoint when the run stops early
         return (f"the checkpoint of generation {counters['generation']} is kept in {paths['checkpoint.pkl']}\n"
-                f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, or locally)")
+                f"resume with: python {SCRIPT} --resume {run_dir}   "
+                "(on any Ray cluster with --ray-address, or locally)")
     pool.on_lost = kept
     print(agent)
     parts = {part: int(agent.part_mask(part).sum()) for part in ("attention", "controller")}
@@ -843,8 +851,9 @@ class RolloutPool:
             init_worker(self.worker_args, self.buffers, in_process=True)
             return
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: no re-import of torch
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            self.num_workers, mp.get_context(method), initializer=init_worker, initargs=(self.worker_args, self.buffers))
+        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(method),
+                                                               initializer=init_worker,
+                                                               initargs=(self.worker_args, self.buffers))
 
     def map(self, tasks, shared):
         """Run the tasks; a list of their results in task order."""
@@ -965,7 +974,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt") from None
+        raise UserError("--ray-address needs Ray, which is not installed: "
+                        "pip install -r requirements-ray.txt") from None
     return ray
 
 
@@ -996,7 +1006,8 @@ def connect_ray(address):
 
 def atomic_write(path, data):
     """Write bytes into a temp file beside `path`, fsync, then os.replace: a kill leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1152,7 +1163,8 @@ def load_checkpoint(path):
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
     kinds = {"args": dict, "cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState, "counters": dict}
-    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()):
+    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not (
+            set(state["args"]) >= set(vars(build_parser().parse_args([]))) and set(state["counters"]) >= set(COUNTERS)):
         raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
     detach_randn(state["cma"])(state["cma_rng"].randn)
     return path, state
@@ -1228,7 +1240,7 @@ def record_video(env_config, agent, path_stem, seed):
     """Record one evaluation episode with the attention overlay into path_stem.mp4 (moviepy) or .gif (25 fps).
     Returns (path, episode return)."""
     env, frames = make_env(env_config, training=False), []
-    episode_return, _ = rollout(env, agent, seed, on_step=lambda obs, top: frames.append(attention_frame(obs, top, agent)))
+    episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
     env.close()
     try:
         from moviepy import ImageSequenceClip

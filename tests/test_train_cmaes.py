@@ -358,7 +358,7 @@ BAD_INPUTS = [  # (flags, a word the error line must hold)
         "--max-negative-steps": ["-1"], "--consecutive-goal-stopping": ["0"], "--seed": ["-1", str(2**70)],
         "--top-k": ["0", "530"], "--patch-size": ["0", "97"], "--patch-stride": ["0", "200"], "--hidden-size": ["0"],
         "--query-dim": ["-2"], "--num-frames": ["0"], "--logs-dir": ["a_file", "a_file/below"],
-        "--run-name": ["", "../elsewhere", "a/b"], "--resume": ["missing", "a_folder", "a_file_dir"],
+        "--run-name": ["", "../elsewhere", "a/b", "nul\0byte"], "--resume": ["missing", "a_folder", "a_file_dir"],
         "--from-pretrained": ["missing.npz", "a_folder"], "--init-from": ["a_folder", "missing.npz"],
     }.items() for value in values],
     (["--top-k", "100", "--patch-stride", "20"], "--top-k"),
@@ -417,6 +417,8 @@ def test_crafted_checkpoints_run_nothing(tmp_path):
     assert not marker.exists()
     (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_ga.py", "format_version": 1}))
     assert "train_ga.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    (tmp_path / "partial.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
+    assert "not a complete" in assert_one_line_error(run_script(["--resume", "partial.pkl"], cwd=tmp_path))
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x05junk")
     assert "checkpoint" in assert_one_line_error(run_script(["--resume", "junk.pkl"], cwd=tmp_path))
 
