@@ -5,8 +5,10 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import cma
 import numpy as np
@@ -173,21 +175,114 @@ def test_tiny_run_resumes_exactly_and_writes_nothing_outside_its_folder(tmp_path
     assert sorted(os.listdir(tmp_path / "runs")) == ["split", "straight"]
 
 
-def test_one_and_two_workers_give_the_same_run(tmp_path):
+def worker_pids(pid):
+    """Live (not zombie) child processes of `pid`, read from /proc."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_run(tmp_path, name, *extra):
+    """A run with 2 worker processes, started in the background once its workers are up: (process, workers)."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", name, "--num-workers", "2", *TINY, *extra],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(worker_pids(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2, proc.communicate()
+    return proc, workers
+
+
+def test_one_and_two_workers_give_the_same_run_and_a_killed_worker_costs_a_rerun(tmp_path):
     one, _ = train(tmp_path, "w1", workers=1)
-    two, _ = train(tmp_path, "w2", workers=2)
-    assert progress(one) == progress(two)
+    proc, workers = start_run(tmp_path, "w2", "--max-iter", "2")
+    os.kill(workers[0], signal.SIGKILL)  # mid-rollout or between batches: the batch is re-run
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "restarting the workers and re-running this batch" in stdout
+    assert progress(one) == progress(tmp_path / "runs" / "w2")
+
+
+def test_pool_is_the_same_in_process_and_in_workers_and_gives_up_on_dying_workers(monkeypatch, capsys):
+    env_config = {"env_id": "CarRacing-v3", "max_episode_steps": 15, "max_negative_steps": 0, "stock_env": False}
+    agent_config = {"image_size": 96, "action_dim": 3, **{k: getattr(cm.parse_args([])[0], k) for k in cm.AGENT_FLAGS}}
+    torch.manual_seed(0)
+    params = cm.AttentionAgent(**agent_config).get_flat()
+    shared, tasks = [np.stack([params, 3 * params])], [(i % 2, [i], False) for i in range(4)]
+    expected = cm.RolloutPool(1, None, (env_config, agent_config), [2 * params.size]).map(tasks, shared)
+    pool = cm.RolloutPool(2, None, (env_config, agent_config), [2 * params.size])
+    try:
+        assert pool.map(tasks, shared) == expected and expected[0] != expected[1]
+        os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
+        assert pool.map(tasks, shared) == expected
+        assert "restarting the workers" in capsys.readouterr().out
+        monkeypatch.setattr(cm, "MAX_RESTARTS", 0)
+        os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
+        with pytest.raises(cm.PoolLost, match="keep dying"):
+            pool.map(tasks, shared)
+    finally:
+        pool.close()
+
+
+def test_workers_do_not_outlive_a_killed_driver(tmp_path):
+    proc, workers = start_run(tmp_path, "orphans", "--max-iter", "1000", "--max-episode-steps", "1000")
+    time.sleep(1)  # the workers are driving
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 5
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), "a worker outlived its driver by 5 s"
+
+
+def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_stops_the_workers(tmp_path):
+    proc, workers = start_run(tmp_path, "term", "--max-iter", "1000")
+    run = tmp_path / "runs" / "term"
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pkl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume with: python train_cmaes.py --resume runs/term" in stderr
+    assert not any(map(alive, workers))
+    done = len(progress(run))
+    out = run_script(["--resume", str(run), "--max-iter", str(done + 1), "--num-workers", "1"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(progress(run)) == done + 1
 
 
 @needs_authors
 @pytest.mark.parametrize("part,searched", [("controller", 2483), ("attention", 1184)])
-def test_frozen_parts_stay_frozen(tmp_path, part, searched):
+def test_frozen_parts_stay_frozen_also_on_resume(tmp_path, part, searched):
     run, out = train(tmp_path, part, "--train", part, "--init-from", AUTHORS, iters=1)
     assert f"CMA-ES searches: {searched} ({part})" in out.stdout
-    params, authors = np.load(run / "final.npz")["params"], authors_params()
     frozen = cm.AttentionAgent().part_mask("attention" if part == "controller" else "controller")
+    authors = authors_params()
+    params = np.load(run / "final.npz")["params"]
     assert np.array_equal(params[frozen], authors[frozen])
     assert not np.array_equal(params[~frozen], authors[~frozen])
+    if part == "attention":  # a resumed run takes its frozen part from the file again: it continues exactly
+        out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        straight, _ = train(tmp_path, "straight", "--train", part, "--init-from", AUTHORS, iters=2)
+        assert progress(run) == progress(straight)
+        assert np.array_equal(np.load(run / "final.npz")["params"], np.load(straight / "final.npz")["params"])
 
 
 @needs_authors
@@ -217,7 +312,7 @@ def test_from_pretrained_round_trip_of_a_trained_file(tmp_path):
     assert out.returncode == 0, out.stderr
     params, agent_config, meta = cm.load_weights(str(run / "final.npz"))
     assert agent_config["controller"] == "rnn" and meta["iteration"] == 1
-    agent = cm.build_agent(agent_config)
+    agent = cm.AttentionAgent(**agent_config)
     agent.set_flat(params)
     env = cm.make_env({"env_id": "CarRacing-v3", "max_episode_steps": 40, "max_negative_steps": 0, "stock_env": False}, training=False)
     expected = cm.rollout(env, agent, cm.derive_seed(1, cm.EVAL_ENV_STREAM, 0, 0))[0]
@@ -245,6 +340,67 @@ def test_bad_inputs_are_one_line(tmp_path):
         assert "--top-k" in assert_one_line_error(run_script(["--from-pretrained", AUTHORS, "--top-k", "5"], cwd=tmp_path))
 
 
+def weights_file(path, **changes):
+    """A train_cmaes.py weights file of the paper's agent, its meta changed by `changes` (agent.* for the agent)."""
+    agent = {"image_size": 96, "action_dim": 3, "patch_size": 7, "patch_stride": 4, "query_dim": 4, "top_k": 10,
+             "hidden_size": 16, "bias": True, "controller": "lstm", "num_frames": 4}
+    meta = {"format_version": 1, "script": "train_cmaes.py", "env_id": "CarRacing-v3", "agent": agent}
+    for key, value in changes.items():
+        (agent if key.startswith("agent_") else meta)[key.removeprefix("agent_")] = value
+    np.savez(path, params=np.zeros(3667, np.float32), meta=np.array(json.dumps(meta)))
+
+
+BAD_INPUTS = [  # (flags, a word the error line must hold)
+    *[([flag, value], flag) for flag, values in {
+        "--population-size": ["1", "0", "-4"], "--init-sigma": ["0", "-0.1", "nan", "inf", "-inf"],
+        "--reward-goal": ["nan", "inf"], "--num-workers": ["0", "-1"], "--max-iter": ["0"], "--num-rollouts": ["0"],
+        "--num-eval-rollouts": ["0"], "--eval-every": ["0"], "--max-episode-steps": ["0", "-5"],
+        "--max-negative-steps": ["-1"], "--consecutive-goal-stopping": ["0"], "--seed": ["-1", str(2**70)],
+        "--top-k": ["0", "530"], "--patch-size": ["0", "97"], "--patch-stride": ["0", "200"], "--hidden-size": ["0"],
+        "--query-dim": ["-2"], "--num-frames": ["0"], "--logs-dir": ["a_file", "a_file/below"],
+        "--run-name": ["", "../elsewhere", "a/b", "nul\0byte"], "--resume": ["missing", "a_folder", "a_file_dir"],
+        "--from-pretrained": ["missing.npz", "a_folder"], "--init-from": ["a_folder", "missing.npz"],
+    }.items() for value in values],
+    (["--top-k", "100", "--patch-stride", "20"], "--top-k"),
+    (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"), (["--env-id", "CartPole-v1"], "observation space"),
+    (["--from-pretrained", "env.npz"], "NoSuchEnv"), (["--from-pretrained", "controller.npz"], "controller"),
+    (["--from-pretrained", "size.npz"], "hidden_size"), (["--from-pretrained", "topk.npz"], "top_k"),
+    (["--init-from", "script.npz"], "train_ga.py"), (["--from-pretrained", "agent.npz"], "agent"),
+    (["--from-pretrained", "bias.npz"], "bias"), (["--init-from", "float.npz"], "patch_size"),
+]
+
+
+@pytest.mark.parametrize("flags,expected", BAD_INPUTS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, flags, expected):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file_dir").mkdir()
+    (tmp_path / "a_file_dir" / "checkpoint.pkl").mkdir()
+    for name, changes in {"env": {"env_id": "NoSuchEnv-v0"}, "controller": {"agent_controller": "gru"},
+                          "size": {"agent_hidden_size": -16}, "topk": {"agent_top_k": 1000},
+                          "script": {"script": "train_ga.py"}, "agent": {"agent": [1, 2]},
+                          "bias": {"agent_bias": "yes"}, "float": {"agent_patch_size": 7.5}}.items():
+        weights_file(tmp_path / f"{name}.npz", **changes)
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main() would install its handlers in pytest
+    try:
+        code = cm.main(["--num-workers", "1", "--max-iter", "1", "--num-eval-rollouts", "1", *flags])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("train_cmaes.py: error: ") and expected in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # no run folder, nothing else written
+
+
+def test_help_shows_each_default_once():
+    text = " ".join(cm.build_parser().format_help().split())
+    assert "(default: usable cores)" in text and "(default: 2)" not in text.split("--num-workers")[1][:400]
+    assert "(default" not in text.split("--no-bias")[1].split("--controller")[0]
+    assert "(default: 256)" in text and "(default: CarRacing-v3)" in text
+
+
 def test_crafted_checkpoints_run_nothing(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "system.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
@@ -261,6 +417,8 @@ def test_crafted_checkpoints_run_nothing(tmp_path):
     assert not marker.exists()
     (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_ga.py", "format_version": 1}))
     assert "train_ga.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    (tmp_path / "partial.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
+    assert "not a complete" in assert_one_line_error(run_script(["--resume", "partial.pkl"], cwd=tmp_path))
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x05junk")
     assert "checkpoint" in assert_one_line_error(run_script(["--resume", "junk.pkl"], cwd=tmp_path))
 
