@@ -2,11 +2,11 @@
 
 The genetic algorithm of the ga-openai-gym project in one file. The genotype is the policy's flat
 parameter vector. Each generation selects parents (linear ranking, roulette or tournament), recombines
-pairs of them (BLX-alpha, Eshelman & Schaffer 1993; one-point; uniform), mutates each gene with a
-small probability, runs every child for an episode and forms the next generation: the original's rule
-(a pair of children replaces its parents only if their summed fitness is higher) or generational
-replacement with elites re-evaluated on fresh episodes (Such et al. 2017, "Deep Neuroevolution",
-arXiv:1712.06567). One generation, for a pair of parents x, y drawn by selection:
+pairs of them (BLX-alpha, Eshelman & Schaffer 1993; one-point; uniform), mutates the genes (by default
+every gene, by N(0, 0.02^2)), runs every child for --num-rollouts episodes and forms the next
+generation: the original's rule (a pair of children replaces its parents only if their summed fitness
+is higher) or generational replacement with elites re-evaluated on fresh episodes (Such et al. 2017,
+"Deep Neuroevolution", arXiv:1712.06567). One generation, for a pair of parents x, y drawn by selection:
 
     c_i ~ U[min(x_i, y_i) - alpha d_i, max(x_i, y_i) + alpha d_i],  d_i = |x_i - y_i|   (BLX-alpha)
     c_i <- c_i + m_i * N(0, scale^2),  m_i ~ Bernoulli(mutation_rate)                   (mutation)
@@ -16,10 +16,11 @@ smaller one (`--distill-from`), and one network for several environments with ha
 (`--multitask`), followed by a noise study.
 
 Examples:
-    # CartPole-v1 to 500 over 100 evaluation episodes
-    python train_ga.py --env-id CartPole-v1 --hidden-sizes 16 --population-size 64 --reward-goal 500
-    # distill a walker into a 24-6-4 student and compare both over the same 100 episodes
-    python train_ga.py --distill-from pretrained/ga_bipedalwalker.npz --hidden-sizes 6
+    # CartPole-v1 to 500 over 100 evaluation episodes (the defaults: tournaments of 5, 4 elites, BLX-0.5,
+    # every gene mutated by N(0, 0.02^2), fitness over 3 episodes, a 32-32 tanh MLP)
+    python train_ga.py --env-id CartPole-v1 --reward-goal 500
+    # distill a CartPole policy into a 4-2-2 student and compare both over the same 100 episodes
+    python train_ga.py --distill-from pretrained/ga_cartpole.npz --hidden-sizes 2
     # one network for two tasks (shared trunk), then the noise study
     python train_ga.py --multitask CartPole-v1 BipedalWalker-v3 --population-size 64 --max-iter 100
 """
@@ -122,7 +123,7 @@ def build_parser():
         "or auto (default: $RAY_ADDRESS if set, else local worker processes)")
     add("--population-size", type=int, default=64, help="members per generation")
     add("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
-    add("--num-rollouts", type=int, default=1, help="episodes per fitness evaluation (fitness: their mean)")
+    add("--num-rollouts", type=int, default=3, help="episodes per fitness evaluation (fitness: their mean)")
     add("--max-episode-steps", type=int, help="episode length limit (default: the env's own TimeLimit)")
     add("--max-negative-steps", type=int, help="training episodes end after this many negative rewards in a "
         "row; never in evaluation (default: 20 on CarRacing, 0 = off elsewhere)")
@@ -139,26 +140,27 @@ def build_parser():
     add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     add("--quiet", action="store_true", help="no per-generation console lines")
     add = p.add_argument_group("genetic algorithm").add_argument
-    add("--selection", choices=["ranking", "roulette", "tournament"], default="ranking", help="parent selection")
+    add("--selection", choices=["ranking", "roulette", "tournament"], default="tournament",
+        help="parent selection: linear ranking, fitness-proportional, or the best of --tournament-size")
     add("--selection-pressure", type=float, default=2.0,
         help="linear ranking: expected offspring of the best member, in [1, 2] (1 = uniform)")
-    add("--tournament-size", type=int, default=3, help="tournament selection: contestants per draw")
+    add("--tournament-size", type=int, default=5, help="tournament selection: contestants per draw")
     add("--crossover", choices=["blx-alpha", "one-point", "uniform"], default="blx-alpha",
         help="recombination of a pair of parents into two children")
     add("--crossover-rate", type=float, default=0.9, help="probability that a pair recombines (else copies)")
     add("--blx-alpha", type=float, default=0.5, help="BLX-alpha: child genes on [min - alpha d, max + alpha d]")
     add("--mutation", choices=["gaussian", "uniform"], default="gaussian",
         help="noise of a mutated gene: N(0, scale^2) or U(-scale, scale)")
-    add("--mutation-rate", type=float, default=0.1, help="probability that a gene mutates")
-    add("--mutation-scale", type=float, default=0.5, help="standard deviation or half-width of a mutation")
+    add("--mutation-rate", type=float, default=1.0, help="probability that a gene mutates")
+    add("--mutation-scale", type=float, default=0.02, help="standard deviation or half-width of a mutation")
     add("--replacement", choices=["parents-vs-children", "generational"], default="generational",
         help="parents-vs-children: a pair of children replaces its parents only if fitter in sum; "
              "generational: children replace all but --elite-size elites")
-    add("--elite-size", type=int, default=2, help="generational: best members kept, re-evaluated each generation")
+    add("--elite-size", type=int, default=4, help="generational: best members kept, re-evaluated each generation")
     add = p.add_argument_group("policy").add_argument
-    add("--hidden-sizes", type=int, nargs="*", default=[20, 12, 12], help="fully connected widths (after the conv "
+    add("--hidden-sizes", type=int, nargs="*", default=[32, 32], help="fully connected widths (after the conv "
         "net on pixels); with --multitask the first is each task's input layer, the rest the shared trunk "
-        "(default: 20 12 12, the original's 24-20-12-12-4 BipedalWalker net)")
+        "(default: 32 32; the original's BipedalWalker net is 20 12 12)")
     add("--activation", choices=list(ACTIVATIONS), default="tanh", help="hidden activation")
     add("--frame-size", type=int, default=64, help="pixels: frames resized to this square size")
     add("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
@@ -231,15 +233,16 @@ def parse_env_kwargs(items):
 def check_args(args):
     """Check every setting (the command line's, a checkpoint's, a weights file's meta) by kind and range:
     numbers finite, int or float (never bool), in range; choices known; env ids registered. Raises UserError."""
-    n, inf = args.population_size, math.inf
+    n, inf, generational = args.population_size, math.inf, args.replacement == "generational"
     ranges = {  # flag: (kind, low, high), both inclusive; "positive": a float > low
         "seed": (int, 0, inf), "num_workers": (int, 1, inf), "population_size": (int, 2, inf),
         "max_iter": (int, 1, inf), "num_rollouts": (int, 1, inf), "max_episode_steps": (int, 1, inf),
         "max_negative_steps": (int, 0, inf), "eval_every": (int, 1, inf), "num_eval_rollouts": (int, 1, inf),
         "reward_goal": (float, -inf, inf), "consecutive_goal_stopping": (int, 1, inf),
-        "selection_pressure": (float, 1, 2), "tournament_size": (int, 1, n), "crossover_rate": (float, 0, 1),
-        "blx_alpha": (float, 0, inf), "mutation_rate": (float, 0, 1), "mutation_scale": ("positive", 0, inf),
-        "elite_size": (int, 0, n - 1), "hidden_sizes": (int, 1, inf), "frame_size": (int, 36, inf),
+        "selection_pressure": (float, 1, 2), "tournament_size": (int, 1, n if args.selection == "tournament" else inf),
+        "crossover_rate": (float, 0, 1), "blx_alpha": (float, 0, inf), "mutation_rate": (float, 0, 1),
+        "mutation_scale": ("positive", 0, inf), "elite_size": (int, 0, n - 1 if generational else inf),
+        "hidden_sizes": (int, 1, inf), "frame_size": (int, 36, inf),
         "frame_stack": (int, 1, inf), "distill_episodes": (int, 1, inf), "distill_rounds": (int, 1, inf),
         "distill_epochs": (int, 1, inf), "learning_rate": ("positive", 0, inf), "batch_size": (int, 1, inf)}
     for name, (kind, low, high) in ranges.items():
@@ -349,7 +352,7 @@ def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
     raise ValueError(f"unknown crossover {method!r}")
 
 
-def mutate(x, rng, rate=0.1, scale=0.5, method="gaussian"):
+def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
     """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene gets
     N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
     mask = rng.random(x.size) < rate
@@ -371,9 +374,9 @@ class GeneticAlgorithm:
     and plain values (`state_dict`, pickled in the checkpoint: attribute names are the checkpoint format).
     """
 
-    def __init__(self, population, selection="ranking", selection_pressure=2.0, tournament_size=3,
+    def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
                  crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5, mutation="gaussian",
-                 mutation_rate=0.1, mutation_scale=0.5, replacement="generational", elite_size=2, seed=0):
+                 mutation_rate=1.0, mutation_scale=0.02, replacement="generational", elite_size=4, seed=0):
         population = np.asarray(population, dtype=np.float32)
         n = population.shape[0]
         if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
@@ -501,7 +504,7 @@ class Policy(nn.Module):
     `parameters_to_vector(policy.parameters())`, float32: weights then biases, layer by layer.
     """
 
-    def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(20, 12, 12), activation="tanh"):
+    def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
         self.obs_shape, self.discrete, self.pixels = tuple(obs_shape), discrete, len(obs_shape) > 1
         self.activation, self.numpy_activation = ACTIVATIONS[activation], NUMPY_ACTIVATIONS[activation]
@@ -567,7 +570,7 @@ class MultitaskPolicy(nn.Module):
     noise study probes.
     """
 
-    def __init__(self, tasks, hidden_sizes=(20, 12, 12), activation="tanh"):
+    def __init__(self, tasks, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
         self.tasks, self.activation = tasks, ACTIVATIONS[activation]
         self.inputs = nn.ModuleList(nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in tasks)
