@@ -995,13 +995,39 @@ def connect_ray(address):
         except (OSError, ValueError):
             raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
                             "or check the address (HOST:PORT, or auto)") from None
-    try:
-        ray.init(address=address, logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    init_ray(ray, address)
     if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray
+
+
+def init_ray(ray, address):
+    """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
+    head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
+    driver given HOST:PORT sends no token unless RAY_AUTH_MODE=token: this machine's token is sent, as
+    `ray start` and the address auto do (with Ray's own helper). Ray's connection warnings are held back;
+    UserError (one line, what to do) when the cluster refuses the token or cannot be joined."""
+    error, stderr = None, os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
+        try:
+            if "RAY_AUTH_MODE" not in os.environ:
+                from ray._private.authentication import authentication_token_setup as auth
+                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
+            error = e
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        said.seek(0)
+        said = said.read().decode(errors="replace")
+    if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
+        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
+                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
+                        "on its head) or put it in ~/.ray/auth_token")
+    if error is not None:
+        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
 
 
 def atomic_write(path, data):

@@ -11,7 +11,14 @@ import socket
 import subprocess
 import time
 
+import uuid
+
 import pytest
+
+# The tests' Ray clusters and drivers authenticate with a token of their own, whatever this machine's Ray
+# state is (a ~/.ray/auth_token left by an earlier ray.init(), RAY_AUTH_* variables): the environment
+# variables take precedence over the token file, and every cluster and driver of the tests inherits them.
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
 
 
 def free_port():
@@ -28,14 +35,14 @@ class RayCluster:
     machine. Every port the head would take by default gets a free one: two clusters can coexist.
     """
 
-    def __init__(self, num_cpus=2):
+    def __init__(self, num_cpus=2, env=None):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--num-cpus={num_cpus}",
              f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
              "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + 60
         while True:
             try:

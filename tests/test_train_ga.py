@@ -1,6 +1,7 @@
 """Tests of train_ga.py: operators and invariants in-process, whole runs through subprocess."""
 
 import csv
+import glob
 import importlib.util
 import json
 import os
@@ -235,7 +236,7 @@ def test_ga_evolves_towards_a_target():
 # Policies and envs
 # ------------------------------------------------------------------------------------------------
 def test_flat_vector_round_trip_and_original_walker_size():
-    policy = ga_mod.Policy(obs_shape=(24,), num_actions=4, discrete=False)  # the default 24-20-12-12-4
+    policy = ga_mod.Policy(obs_shape=(24,), num_actions=4, discrete=False, hidden_sizes=(20, 12, 12))  # the original's
     theta = parameters_to_vector(policy.parameters())
     assert theta.numel() == 24 * 20 + 20 + 20 * 12 + 12 + 12 * 12 + 12 + 12 * 4 + 4
     new = torch.randn_like(theta)
@@ -633,7 +634,9 @@ def test_every_bad_input_is_one_line_and_writes_nothing(bad_input_results, index
 
 
 def test_good_weights_files_still_load():
-    for path in (PRETRAINED, os.path.join(ROOT, "pretrained", "ga_bipedalwalker.npz")):
+    paths = glob.glob(os.path.join(ROOT, "pretrained", "ga_*.npz"))
+    assert PRETRAINED in paths
+    for path in paths:
         params, meta = ga_mod.load_weights(path)
         assert params.dtype == np.float32 and params.size == meta["num_params"]
 
