@@ -127,3 +127,57 @@ def rollout_killer():
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc to find Ray's worker processes")
     return run_killing_a_rollout
+
+
+def run_on_terminal(command, cwd, env=None, timeout=300):
+    """Run `command` with stdout and stderr on a pseudo-terminal, as a user at a terminal would (isatty()
+    is true). Returns (exit code, everything it printed, as text)."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(), b"".join(chunks).decode(errors="replace")
+
+
+# Runs a script as on macOS: no os.sched_getaffinity, and worker processes started by spawn.
+AS_ON_MACOS = ("import multiprocessing, os, runpy, sys; del os.sched_getaffinity; "
+               "multiprocessing.set_start_method('spawn'); sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_as_on_macos(script, args, cwd, env=None, timeout=300):
+    """Run `script` with `args` where os.sched_getaffinity is missing and multiprocessing's start method
+    is spawn (macOS's default), as a CompletedProcess with text output."""
+    return subprocess.run([sys.executable, "-c", AS_ON_MACOS, script, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+HEAVY_MODULES = ("torch", "gymnasium", "numpy", "cma", "matplotlib", "ray", "pygame", "tensorboard", "wandb", "tqdm")
+
+
+def modules_imported_by_help(script):
+    """(the heavy modules of HEAVY_MODULES that `python script --help` imports, the text --help prints)."""
+    code = ("import json, runpy, sys; sys.argv = [sys.argv[1], '--help']\n"
+            "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, script], capture_output=True, text=True, timeout=120)
+    import json
+    return json.loads(out.stderr.strip().splitlines()[-1]), out.stdout
