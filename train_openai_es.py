@@ -303,7 +303,7 @@ class OpenAIES:
 # ------------------------------------------------------------------------------------------------
 ACTIVATIONS = {"tanh": (torch.tanh, np.tanh), "relu": (torch.relu, lambda h: np.maximum(h, np.float32(0))),
                "selu": (torch.selu, lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
-                   h > 0, h, np.float32(1.6732632423543772) * np.expm1(h)))}
+                   h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))))}
 
 
 class Policy(nn.Module):
@@ -348,7 +348,7 @@ class Policy(nn.Module):
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
         vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        self.numpy_params = [(w.numpy(), b.numpy()) for w, b in self.linear_params]  # views: (out, in), (out,)
+        self.numpy_layers = [(w.numpy()[None], b.numpy()[None]) for w, b in self.linear_params]  # stacked_layers' B=1
         return self
 
     def forward(self, x, state=None):
@@ -362,30 +362,43 @@ class Policy(nn.Module):
         out = torch.addmv(self.linear_params[-1][1], self.linear_params[-1][0], h)
         return (torch.tanh(out) if self.squash else out), state
 
-    def numpy_forward(self, x):
-        """The MLP of `forward` in numpy for one float32 observation (D,): output float32 (A,)."""
-        for weight, bias in self.numpy_params[:-1]:
-            x = self.numpy_activation(weight @ x + bias)
-        out = self.numpy_params[-1][0] @ x + self.numpy_params[-1][1]
-        return np.tanh(out) if self.squash else out
+    def stacked_layers(self, genotypes):
+        """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+        layers, offset = [], 0
+        for weight, _ in self.linear_params:
+            rows, cols = weight.shape
+            layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
+                           genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+            offset += rows * cols + rows
+        return layers
+
+    def normalized(self, obs):
+        """Vector observation(s) (..., O) as float32, normalized and clipped to [-5, 5] when obs_norm is on."""
+        x = np.asarray(obs, dtype=np.float32)
+        return np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0)) if self.normalize else x
+
+    def act_batch(self, obs, layers):
+        """B members' vector observations (B, O) through their own MLPs (`stacked_layers`), in numpy (one
+        observation through torch costs twice as much): B actions, ints or float32 (B, A). Row b is exactly
+        what member b's observation alone gives (B gemv calls, elementwise operations)."""
+        x = self.normalized(obs)
+        for weight, bias in layers[:-1]:
+            x = self.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
+        out = np.matmul(layers[-1][0], x[:, :, None])[:, :, 0] + layers[-1][1]
+        return out.argmax(axis=1).tolist() if self.discrete else (np.tanh(out) if self.squash else out)
 
     def act(self, obs, state=None):
         """obs: one env observation (numpy). Returns (action: int or float32 (A,), recurrent state)."""
+        if not (self.pixels or self.recurrent):
+            return self.act_batch(np.asarray(obs)[None], self.numpy_layers)[0], state
         if self.pixels:
             x = torch.from_numpy(np.asarray(obs)).float().div_(255.0)
             if x.dim() == 4:  # (frames, H, W, 3) -> (frames * 3, H, W)
                 x = x.permute(0, 3, 1, 2).flatten(0, 1)
-            out, state = self(x, state)
-            out = out.numpy()
         else:
-            x = np.asarray(obs, dtype=np.float32)
-            if self.normalize:
-                x = np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0))
-            if self.recurrent:
-                out, state = self(torch.from_numpy(x), state)
-                out = out.numpy()
-            else:
-                out = self.numpy_forward(x)
+            x = torch.from_numpy(self.normalized(obs))
+        out, state = self(x, state)
+        out = out.numpy()
         return (int(out.argmax()) if self.discrete else out), state
 
 
@@ -749,6 +762,7 @@ def weights_meta(run, iteration, evaluation=None):
 
 # Workers --------------------------------------------------------------------------------------------
 MAX_RESTARTS = 3  # a local batch whose worker died is re-run on new workers this many times at most
+LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
 # Ray: a task whose worker process or node died is re-run RAY_TASK_RETRIES times. A watchdog thread checks
 # every RAY_POLL_S that the cluster's head and this machine's node answer; RAY_LOST_AFTER_S of silence ends it.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
@@ -762,38 +776,78 @@ class PoolLost(Exception):
 class RolloutWorker:
     """One worker's envs and policy, built once, and the tasks it runs: (noise_seed, sign, sigma, env_seeds,
     training), sign 0 for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays
-    (shared memory or Ray objects: no copy). `run(task)` -> (returns list, steps, obs sums or None)."""
+    (shared memory or Ray objects: no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
-        self.envs = {True: make_env(env_config, training=True), False: make_env(env_config, training=False)}
+        self.envs = {True: [], False: []}  # training / evaluation envs, one per task of a chunk
         # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env), which would
         # make results depend on scheduling: those get a fresh env per episode (~0.4 ms).
-        self.fresh_env_per_episode = type(self.envs[True].unwrapped).__module__.startswith("gymnasium.envs.box2d")
+        probe = make_env(env_config, training=False)
+        self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith("gymnasium.envs.box2d")
+        probe.close()
 
     def use(self, theta, obs_mean, obs_std):
         self.center = theta
         if self.policy.normalize:
             self.policy.obs_mean, self.policy.obs_std = obs_mean, obs_std
 
-    def run(self, task):
-        """obs sums: (count, sum, sum of squares: float64 (D,)) of a training task's observations when
-        they are normalized, else None."""
-        noise_seed, sign, sigma, env_seeds, training = task
-        self.policy.load(perturb(self.center, sigma, noise_seed, sign) if sign else self.center.copy())
-        observations = [] if training and self.policy.normalize else None
-        returns, steps = [], 0
-        for env_seed in env_seeds:
-            if self.fresh_env_per_episode:
-                self.envs[training].close()
-                self.envs[training] = make_env(self.env_config, training)
-            episode_return, episode_steps = rollout(self.envs[training], self.policy, env_seed, observations)
-            returns.append(episode_return)
-            steps += episode_steps
-        if observations is None:
-            return returns, steps, None
-        obs = np.asarray(observations, dtype=np.float64)
-        return returns, steps, (len(obs), obs.sum(axis=0), np.square(obs).sum(axis=0))
+    def reset(self, slot, training, env_seed):
+        """Env number `slot` of this kind (training or evaluation) reset with env_seed: its first observation."""
+        envs = self.envs[training]
+        if slot == len(envs):
+            envs.append(make_env(self.env_config, training))
+        elif self.fresh_env_per_episode:
+            envs[slot].close()
+            envs[slot] = make_env(self.env_config, training)
+        return envs[slot].reset(seed=env_seed)[0]
+
+    def run(self, tasks):
+        """Every task's episodes (its env seeds in turn): per task (returns list, steps, obs sums: (count, sum,
+        sum of squares: float64 (O,)) of a training task's observations when they are normalized, else None).
+        An MLP steps the tasks' episodes in lockstep, one batched forward a step (each member keeps its own
+        weights: each episode is exactly what it is alone); conv and LSTM policies run the tasks one by one."""
+        if self.policy.pixels or self.policy.recurrent:
+            return [result for task in tasks for result in self.lockstep([task])]
+        return self.lockstep(tasks) if tasks else []
+
+    def lockstep(self, tasks):
+        """`run` of tasks of one kind (training or evaluation), stepped together."""
+        n, training, mlp = len(tasks), tasks[0][4], not (self.policy.pixels or self.policy.recurrent)
+        genotypes = np.stack([perturb(self.center, sigma, seed, sign) if sign else self.center
+                              for seed, sign, sigma, _, _ in tasks])
+        seeds = [list(task[3]) for task in tasks]
+        observations = [[] if training and self.policy.normalize else None for _ in tasks]
+        returns, steps, totals, states = [[] for _ in tasks], [0] * n, [0.0] * n, [None] * n
+        obs, active = [self.reset(k, training, seeds[k].pop(0)) for k in range(n)], list(range(n))
+        layers = self.policy.stacked_layers(genotypes) if mlp else self.policy.load(genotypes[0])
+        with torch.inference_mode():
+            while active:
+                for k in active:
+                    if observations[k] is not None:
+                        observations[k].append(obs[k])
+                if mlp:
+                    actions = self.policy.act_batch(np.stack([obs[k] for k in active]), layers)
+                else:
+                    actions, states[0] = self.policy.act(obs[0], states[0])
+                    actions = [actions]
+                finished = []
+                for action, k in zip(actions, active):
+                    obs[k], reward, terminated, truncated, _ = self.envs[training][k].step(action)
+                    totals[k], steps[k] = totals[k] + float(reward), steps[k] + 1
+                    if terminated or truncated:
+                        returns[k].append(totals[k])
+                        totals[k], states[k] = 0.0, None
+                        if seeds[k]:
+                            obs[k] = self.reset(k, training, seeds[k].pop(0))
+                        else:
+                            finished.append(k)
+                if finished:
+                    active = [k for k in active if k not in finished]
+                    layers = self.policy.stacked_layers(genotypes[active]) if mlp else None
+        sums = [None if o is None else np.asarray(o, dtype=np.float64) for o in observations]
+        return [(returns[k], steps[k], None if sums[k] is None else
+                 (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]
 
 
 def start_local_worker(worker_args, buffers, parent_pid):
@@ -811,17 +865,17 @@ def start_local_worker(worker_args, buffers, parent_pid):
     WORKERS["local"].use(*(np.frombuffer(buffer, dtype=np.float32) for buffer in buffers))
 
 
-def run_local_task(task):
-    return WORKERS["local"].run(task)
+def run_local_task(tasks):
+    return WORKERS["local"].run(tasks)
 
 
-def ray_rollout(pool_key, worker_args, shared, task):
-    """A Ray task: `RolloutWorker.run(task)` with the batch's arrays `shared`, on the RolloutWorker this Ray
+def ray_rollout(pool_key, worker_args, shared, tasks):
+    """A Ray task: `RolloutWorker.run(tasks)` with the batch's arrays `shared`, on the RolloutWorker this Ray
     worker process built for the pool at its first task."""
     if pool_key not in WORKERS:
         WORKERS[pool_key] = RolloutWorker(*worker_args)
     WORKERS[pool_key].use(*shared)
-    return WORKERS[pool_key].run(task)
+    return WORKERS[pool_key].run(tasks)
 
 
 class RolloutPool:
@@ -855,16 +909,20 @@ class RolloutPool:
 
     def map(self, tasks, shared):
         """Run the tasks: their results in task order. UserError or PoolLost."""
+        # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
+        # the tasks alone, not on the chunks.
+        size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
+        chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
         for attempt in range(MAX_RESTARTS + 1):
             try:
                 if self.address:
-                    return self.map_ray(tasks, shared)
+                    return [result for results in self.map_ray(chunks, shared) for result in results]
                 if self.local is not None:
                     self.local.use(*shared)
-                    return [self.local.run(task) for task in tasks]
+                    return [result for chunk in chunks for result in self.local.run(chunk)]
                 for buffer, array in zip(self.buffers, shared):
                     np.frombuffer(buffer, dtype=np.float32)[:] = array
-                return list(self.executor.map(run_local_task, tasks))
+                return [result for results in self.executor.map(run_local_task, chunks) for result in results]
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:

@@ -16,6 +16,10 @@
     python benchmarks/throughput.py --env-id BipedalWalker-v3 --num-workers 2
     python benchmarks/throughput.py --env-id CartPole-v1 --num-workers 1 -- --hidden-sizes 16
     python benchmarks/throughput.py --env-id BipedalWalker-v3 --num-workers 2 --population-size 64 --ray
+    python benchmarks/throughput.py --env-id CartPole-v1 --num-workers 1 2 --compare 0dad489
+
+5. With --compare REV: the script as it is at git revision REV runs too, right after the working tree's
+   at each worker count (old and new side by side in one run, on the same machine state).
 
 Arguments after `--` go to the training script unchanged.
 """
@@ -48,17 +52,17 @@ def raw_step_rate(env_id, seconds, seed=0):
     return steps / (time.perf_counter() - start)
 
 
-def training_step_rate(script, env_id, placement, population_size, generations, extra):
+def training_step_rate(script_path, env_id, placement, population_size, generations, extra):
     """(env steps/s, seconds per generation, generations measured) of a training run, from its
     progress.csv. placement: the flags that say where it runs (--num-workers W or --ray-address A)."""
     with tempfile.TemporaryDirectory() as logs:
-        command = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, *placement,
+        command = [sys.executable, script_path, "--env-id", env_id, *placement,
                    "--population-size", str(population_size), "--max-iter", str(generations),
                    "--eval-every", str(10 ** 6), "--num-eval-rollouts", "1", "--logs-dir", logs,
                    "--run-name", "bench", "--quiet", *extra]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
-            sys.exit(f"training run failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            sys.exit(f"training run failed: {(out.stderr.strip().splitlines() or [out.returncode])[-1]}")
         with open(os.path.join(logs, "bench", "progress.csv"), newline="") as f:
             rows = list(csv.DictReader(f))
     first, last = rows[0], rows[-2]  # the last row includes the final evaluation
@@ -86,7 +90,8 @@ class LocalRayCluster:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("the local Ray cluster did not start (is Ray installed? pip install -r requirements-ray.txt)")
+                    sys.exit("the local Ray cluster did not start (is Ray installed? "
+                             "pip install -r requirements-ray.txt)")
                 time.sleep(0.2)
 
     def stop(self):
@@ -105,31 +110,41 @@ def main():
     parser.add_argument("--raw-seconds", type=float, default=10.0, help="duration of the raw-rate measurement")
     parser.add_argument("--ray", action="store_true",
                         help="also run each worker count on a local Ray cluster of that many CPUs")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="REV",
+                        help="also measure the script as it is at these git revisions, side by side")
     parser.add_argument("extra", nargs="*", help="arguments for the training script (after --)")
     args = parser.parse_args()
     if args.generations < 3:
         parser.error("--generations must be at least 3")
+    versions = [("working tree", os.path.join(ROOT, args.script))]
+    old_versions = tempfile.TemporaryDirectory()
+    for rev in args.compare:
+        path = os.path.join(old_versions.name, f"{rev}_{args.script}")
+        with open(path, "wb") as f:
+            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{args.script}"], check=True,
+                                   capture_output=True).stdout)
+        versions.append((rev, path))
     raw = raw_step_rate(args.env_id, args.raw_seconds)
     print(f"{args.env_id}: raw env rate on one core {raw:,.0f} steps/s (random actions, {args.raw_seconds:g} s)")
-    print(f"{'script':<20} {'pool':>5} {'workers':>7} {'population':>10} {'gens':>5} {'train steps/s':>14} "
-          f"{'workers x raw':>14} {'ratio':>6} {'s/generation':>12} {'Ray adds':>9}")
+    print(f"{'script':<20} {'version':>12} {'pool':>5} {'workers':>7} {'population':>10} {'gens':>5} "
+          f"{'train steps/s':>14} {'workers x raw':>14} {'ratio':>6} {'s/generation':>12} {'Ray adds':>9}")
     for workers in args.num_workers:
-        runs = [("local", ["--num-workers", str(workers)], None)]
+        runs = [(version, "local", ["--num-workers", str(workers)], None) for version in versions]
         if args.ray:
             cluster = LocalRayCluster(workers)
-            runs.append(("ray", ["--ray-address", cluster.address], cluster))
+            runs.append((versions[0], "ray", ["--ray-address", cluster.address], cluster))
         local_seconds = None
-        for pool, placement, cluster in runs:
+        for (version, path), pool, placement, cluster in runs:
             try:
-                rate, seconds, measured = training_step_rate(args.script, args.env_id, placement, args.population_size,
+                rate, seconds, measured = training_step_rate(path, args.env_id, placement, args.population_size,
                                                              args.generations, args.extra)
             finally:
                 if cluster:
                     cluster.stop()
             local_seconds = local_seconds or seconds
             added = f"{seconds - local_seconds:+8.3f}s" if pool == "ray" else ""
-            print(f"{args.script:<20} {pool:>5} {workers:>7d} {args.population_size:>10d} {measured:>5d} {rate:>14,.0f} "
-                  f"{workers * raw:>14,.0f} {rate / (workers * raw):>6.3f} {seconds:>12.3f} {added:>9}")
+            print(f"{args.script:<20} {version:>12} {pool:>5} {workers:>7d} {args.population_size:>10d} {measured:>5d} "
+                  f"{rate:>14,.0f} {workers * raw:>14,.0f} {rate / (workers * raw):>6.3f} {seconds:>12.3f} {added:>9}")
 
 
 if __name__ == "__main__":

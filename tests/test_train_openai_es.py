@@ -704,7 +704,7 @@ def test_ray_rollout_builds_its_worker_once_and_reads_each_batchs_arrays():
     try:
         for i, theta in enumerate(thetas):
             for _ in range(2):
-                returns, steps, obs = es_mod.ray_rollout(key, (config, policy_config), (theta, *stats), task)
+                [(returns, steps, obs)] = es_mod.ray_rollout(key, (config, policy_config), (theta, *stats), [task])
                 assert returns == expected[i][0] and steps == expected[i][1]
                 np.testing.assert_array_equal(obs[1], expected[i][2][1])
             worker = es_mod.WORKERS[key]
@@ -810,7 +810,47 @@ def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete, bounding):
             assert action == int(want.argmax())
         else:
             assert action.dtype == np.float32 and np.allclose(action, want, atol=1e-5)
-            assert np.allclose(policy.numpy_forward(x.numpy()), want, atol=1e-5)
     # load() rebinds the weights: the numpy views must follow
     policy.load(np.zeros(sum(p.numel() for p in policy.parameters())))
-    assert not np.any(policy.numpy_forward(np.ones(6, np.float32)))
+    assert not np.any(policy.act_batch(np.ones((1, 6), np.float32), policy.numpy_layers))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "selu"])
+@pytest.mark.parametrize("obs_dim,hidden,actions,discrete", [(4, (64, 64), 2, True), (24, (40, 40), 4, False),
+                                                              (8, (7,), 3, True), (3, (33, 5, 17), 1, False)])
+def test_a_batched_forward_gives_each_member_exactly_its_own_action(activation, obs_dim, hidden, actions, discrete):
+    # Lockstep rollouts step B members with one batched forward: row b must be bit for bit what member b's
+    # weights give on its observation alone, or lockstep would change the episodes.
+    policy = es_mod.Policy([obs_dim], actions, discrete, hidden, activation)
+    rng = np.random.default_rng(obs_dim)
+    genotypes = rng.normal(size=(13, sum(p.numel() for p in policy.parameters()))).astype(np.float32)
+    policy.obs_mean = rng.normal(size=obs_dim).astype(np.float32)
+    policy.obs_std = rng.uniform(0.5, 2, size=obs_dim).astype(np.float32)
+    obs = rng.normal(scale=3, size=(13, obs_dim)).astype(np.float32)
+    batched = policy.act_batch(obs, policy.stacked_layers(genotypes))
+    for member in (0, 5, 12):
+        alone, _ = policy.load(genotypes[member]).act(obs[member])
+        assert alone == batched[member] if discrete else np.array_equal(alone, batched[member])
+    subset = policy.act_batch(obs[[3, 7]], policy.stacked_layers(genotypes[[3, 7]]))
+    assert (subset == [batched[3], batched[7]]) if discrete else np.array_equal(subset, batched[[3, 7]])
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "LunarLander-v3", "BipedalWalker-v3"])
+def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
+    # A worker steps a chunk's episodes together; each task's returns, steps and observation sums must be
+    # those of the task run alone (members end at different steps, two episodes each, Box2D fresh envs).
+    config, policy_config, dim = configs("--env-id", env_id, "--hidden-sizes", "8", "--max-episode-steps", "120")
+    worker = es_mod.RolloutWorker(config, policy_config)
+    theta = np.random.default_rng(1).normal(0, 0.5, dim).astype(np.float32)
+    obs_dim = policy_config["obs_shape"][0]
+    worker.use(theta, np.zeros(obs_dim, np.float32) + 0.1, np.ones(obs_dim, np.float32) * 2)
+    tasks = [(seed, sign, 0.3, [100 + seed, 200 + seed], True) for seed in range(4) for sign in (1, -1)]
+    tasks.append((0, 0, 0.0, [7, 8], True))
+    together = worker.run(tasks)
+    alone = [worker.run([task])[0] for task in tasks]
+    assert len({r[1] for r in together}) > 1  # the episodes do end at different steps
+    for (returns, steps, sums), (returns_alone, steps_alone, sums_alone) in zip(together, alone):
+        assert returns == returns_alone and steps == steps_alone
+        assert sums[0] == sums_alone[0] and all(np.array_equal(a, b) for a, b in zip(sums[1:], sums_alone[1:]))
+    evaluation = [(0, 0, 0.0, [e], False) for e in range(5)]
+    assert worker.run(evaluation) == [worker.run([task])[0] for task in evaluation]
