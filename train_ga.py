@@ -65,6 +65,7 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
 INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
 WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
+LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
 # Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
 # that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
@@ -486,7 +487,7 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
 # The same on float32 numpy arrays, for the MLP's numpy forward (selu with torch's constants).
 NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
                      "selu": lambda h: np.float32(1.0507009873554805) * np.where(
-                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(h))}
+                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))}
 
 
 def linear(weight, bias, h):
@@ -528,9 +529,29 @@ class Policy(nn.Module):
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
         vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        # numpy views of (weight (out, in), bias (out,)): they see in-place updates (distillation's Adam).
-        self.numpy_params = [(w.detach().numpy(), b.detach().numpy()) for w, b in self.linear_params]
+        # numpy views (stacked_layers' B = 1): they see in-place updates (distillation's Adam).
+        self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
         return self
+
+    def stacked_layers(self, genotypes):
+        """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+        layers, offset = [], 0
+        for weight, _ in self.linear_params:
+            rows, cols = weight.shape
+            layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
+                           genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+            offset += rows * cols + rows
+        return layers
+
+    def act_batch(self, obs, layers):
+        """B members' vector observations (B, O) through their own MLPs (`stacked_layers`), in numpy (half
+        torch's cost per observation): B actions, ints or float32 (B, A) in [-1, 1]. Row b is exactly what
+        member b's observation alone gives (B gemv calls, elementwise operations)."""
+        h = np.asarray(obs, dtype=np.float32)
+        for weight, bias in layers[:-1]:
+            h = self.numpy_activation(np.matmul(weight, h[:, :, None])[:, :, 0] + bias)
+        out = np.matmul(layers[-1][0], h[:, :, None])[:, :, 0] + layers[-1][1]
+        return out.argmax(axis=1).tolist() if self.discrete else np.tanh(out)
 
     def forward(self, x):
         """x: float32 (D,), (B, D) or (C, H, W). Returns logits (discrete) or tanh actions, (A,) or (B, A)."""
@@ -550,14 +571,9 @@ class Policy(nn.Module):
 
     def act(self, obs):
         """obs: one env observation (numpy). Returns the action: int, or float32 (A,) in [-1, 1]."""
-        if self.pixels:
-            out = self(self.preprocess(obs)).numpy()
-        else:
-            h = np.asarray(obs, dtype=np.float32)
-            for weight, bias in self.numpy_params[:-1]:
-                h = self.numpy_activation(weight @ h + bias)
-            weight, bias = self.numpy_params[-1]
-            out = weight @ h + bias
+        if not self.pixels:
+            return self.act_batch(np.asarray(obs)[None], self.numpy_layers)[0]
+        out = self(self.preprocess(obs)).numpy()
         return int(out.argmax()) if self.discrete else np.tanh(out)
 
 
@@ -799,6 +815,7 @@ class RolloutWorker:
         self.fresh = [type(self.envs[t, True].unwrapped).__module__.startswith("gymnasium.envs.box2d")
                       for t in range(len(env_configs))]
         self.policy = build_policy(policy_config)
+        self.slots = {True: [], False: []}  # lockstep's envs (of env_configs[0]), one per task of a chunk
 
     def use(self, shared):
         """Read members from shared[0], a flat float32 array of rows x D values (a view, not a copy)."""
@@ -811,8 +828,16 @@ class RolloutWorker:
             self.envs[t, training] = make_env(self.env_configs[t], training)
         return self.envs[t, training]
 
-    def run(self, task):
-        """Run one task (member, env_seeds, training, noisy) -> (returns [[T floats] per episode], steps)."""
+    def run(self, tasks):
+        """Run tasks (member, env_seeds, training, noisy) -> per task (returns [[T floats] per episode], steps).
+        An MLP on one env steps the tasks' episodes in lockstep, one batched forward a step (each member keeps
+        its own weights: each episode is exactly what it is alone); other policies run the tasks one by one."""
+        if isinstance(self.policy, MultitaskPolicy) or self.policy.pixels:
+            return [self.run_one(task) for task in tasks]
+        return self.lockstep(tasks) if tasks else []
+
+    def run_one(self, task):
+        """One task's episodes, one after the other: (returns [[T floats] per episode], steps)."""
         member, env_seeds, training, noisy = task
         self.policy.load(self.members[member])
         returns, steps = [], 0
@@ -826,6 +851,39 @@ class RolloutWorker:
             returns.append(episode_returns)
             steps += episode_steps
         return returns, steps
+
+    def lockstep(self, tasks):
+        """`run` of one env's tasks of one kind (training or evaluation), stepped together."""
+        n, training = len(tasks), tasks[0][2]
+        genotypes, seeds = self.members[[task[0] for task in tasks]], [list(task[1]) for task in tasks]
+        while len(self.slots[training]) < n:  # env k serves the chunk's k-th task
+            self.slots[training].append(make_env(self.env_configs[0], training))
+        envs = self.slots[training]
+
+        def reset(k):
+            if self.fresh[0]:
+                envs[k].close()
+                envs[k] = make_env(self.env_configs[0], training)
+            return envs[k].reset(seed=seeds[k].pop(0))[0]
+        returns, steps, totals = [[] for _ in tasks], [0] * n, [0.0] * n
+        obs, active = [reset(k) for k in range(n)], list(range(n))
+        layers = self.policy.stacked_layers(genotypes)
+        while active:
+            actions, finished = self.policy.act_batch(np.stack([obs[k] for k in active]), layers), []
+            for action, k in zip(actions, active):
+                obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+                totals[k], steps[k] = totals[k] + float(reward), steps[k] + 1
+                if terminated or truncated:
+                    returns[k].append([totals[k]])
+                    totals[k] = 0.0
+                    if seeds[k]:
+                        obs[k] = reset(k)
+                    else:
+                        finished.append(k)
+            if finished:
+                active = [k for k in active if k not in finished]
+                layers = self.policy.stacked_layers(genotypes[active])
+        return list(zip(returns, steps))
 
 
 def evaluate(pool, params, seed, iteration, episodes, noisy=()):
@@ -1062,18 +1120,18 @@ def init_worker(worker_args, buffers):
     WORKERS["local"].use([np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
 
-def run_task(task, key="local", batch=None):
-    """One task in a worker process: local, or Ray's (batch: (worker_args, arrays) from the object store)."""
+def run_tasks(tasks, key="local", batch=None):
+    """A chunk of tasks in a worker process: local, or Ray's (batch: (worker_args, arrays) from the object store)."""
     if batch is not None:
         if key not in WORKERS:
             WORKERS[key] = RolloutWorker(*batch[0])
         WORKERS[key].use(batch[1])
-    return WORKERS[key].run(task)
+    return WORKERS[key].run(tasks)
 
 
-def ray_rollout(key, batch, task):
-    """A Ray task: `run_task` in this Ray worker process, whose RolloutWorker of pool `key` is kept."""
-    return run_task(task, key, batch)
+def ray_rollout(key, batch, tasks):
+    """A Ray task: `run_tasks` in this Ray worker process, whose RolloutWorker of pool `key` is kept."""
+    return run_tasks(tasks, key, batch)
 
 
 class RolloutPool:
@@ -1109,16 +1167,20 @@ class RolloutPool:
 
     def map(self, tasks, shared):
         """Run the tasks; the list of results in task order. Raises UserError or PoolError."""
+        # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
+        # the tasks alone, not on the chunks.
+        size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
+        chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
         if self.address:
-            return self.map_ray(tasks, shared)
+            return [result for results in self.map_ray(chunks, shared) for result in results]
         if self.local is not None:
             self.local.use([np.ravel(a) for a in shared])
-            return [self.local.run(task) for task in tasks]
+            return [result for chunk in chunks for result in self.local.run(chunk)]
         for buffer, array in zip(self.buffers, shared):
             np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
         for attempt in range(1, WORKER_ATTEMPTS + 1):
             try:
-                return list(self.executor.map(run_task, tasks))
+                return [result for results in self.executor.map(run_tasks, chunks) for result in results]
             except BrokenProcessPool as e:
                 self.close()
                 if attempt == WORKER_ATTEMPTS:
@@ -1194,16 +1256,16 @@ class RolloutPool:
                       f"{RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, tasks, shared):
-        """`map` on the cluster. Ray re-runs the tasks of dead workers; PoolError when the cluster is gone."""
+    def map_ray(self, chunks, shared):
+        """`map` of chunks of tasks on the cluster. Ray re-runs the tasks of dead workers; PoolError when the cluster is gone."""
         ray = self.ray
         try:
             batch = ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
             refs, running = [], []
-            for task in tasks:
+            for chunk in chunks:
                 if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
                     _, running = ray.wait(running, num_returns=len(running) - self.num_workers + 1)
-                refs.append(self.remote.remote(self.key, batch, task))
+                refs.append(self.remote.remote(self.key, batch, chunk))
                 running.append(refs[-1])
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker

@@ -793,3 +793,37 @@ def test_help_shows_each_default_once(tmp_path):
     formatter = parser._get_formatter()
     for action in parser._actions:  # every flag's help names its default at most once
         assert formatter._get_help_string(action).count("(default:") <= 1, action.dest
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "selu"])
+@pytest.mark.parametrize("obs_dim,hidden,actions,discrete", [(4, (32, 32), 2, True), (24, (20, 12, 12), 4, False),
+                                                              (8, (7,), 3, True), (3, (33, 5), 1, False)])
+def test_a_batched_forward_gives_each_member_exactly_its_own_action(activation, obs_dim, hidden, actions, discrete):
+    # Lockstep rollouts step B members with one batched forward: row b must be bit for bit what member b's
+    # weights give on its observation alone, or lockstep would change the episodes.
+    policy = ga_mod.Policy([obs_dim], actions, discrete, hidden, activation)
+    rng = np.random.default_rng(obs_dim)
+    genotypes = rng.normal(size=(11, ga_mod.num_params(policy))).astype(np.float32)
+    obs = rng.normal(scale=3, size=(11, obs_dim)).astype(np.float32)
+    batched = policy.act_batch(obs, policy.stacked_layers(genotypes))
+    for member in (0, 4, 10):
+        alone = policy.load(genotypes[member]).act(obs[member])
+        assert alone == batched[member] if discrete else np.array_equal(alone, batched[member])
+    subset = policy.act_batch(obs[[2, 9]], policy.stacked_layers(genotypes[[2, 9]]))
+    assert (subset == [batched[2], batched[9]]) if discrete else np.array_equal(subset, batched[[2, 9]])
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "LunarLander-v3", "BipedalWalker-v3"])
+def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
+    # A worker steps a chunk's episodes together; each task's returns and steps must be those of the task run
+    # alone (members end at different steps, two episodes each, Box2D envs rebuilt per episode).
+    configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", env_id, "--max-episode-steps", "150"])[0])
+    policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
+    dim = ga_mod.num_params(ga_mod.build_policy(policy_config))
+    worker = ga_mod.RolloutWorker(configs, policy_config, dim)
+    worker.use([np.random.default_rng(2).normal(0, 0.5, 9 * dim).astype(np.float32)])
+    for training in (True, False):
+        tasks = [(member, [100 + member, 200 + member], training, ()) for member in range(9)]
+        together = worker.run(tasks)
+        assert len({steps for _, steps in together}) > 1  # the episodes do end at different steps
+        assert together == [worker.run_one(task) for task in tasks]  # one by one, through Policy.act
