@@ -28,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import platform
 import signal
 import socket
@@ -303,6 +304,11 @@ class OpenAIES:
     returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
     weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
     (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
+    On a fitness function of your own (maximized), `candidates()` gives the member vectors:
+
+        es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
+        for generation in range(200):
+            es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
     """
 
     def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
@@ -335,6 +341,10 @@ class OpenAIES:
         if self.antithetic:
             return np.stack([np.repeat(seeds, 2), np.tile([1, -1], seeds.size)], axis=1)
         return np.stack([seeds, np.ones_like(seeds)], axis=1)
+
+    def candidates(self):
+        """The members of `ask()` as vectors theta + sign * sigma * eps, in its order: float32 (N, D)."""
+        return np.stack([perturb(self.theta, self.sigma, *member) for member in self.ask()])
 
     def gradient(self, returns):
         """The ES gradient estimate g = 1/(N sigma) sum_i F_i eps_i: float32 (D,)."""
@@ -801,7 +811,7 @@ def open_run_folder(run, resuming):
     os.makedirs(os.path.join(run.dir, "videos") if args.capture_video else run.dir, exist_ok=True)
     if args.track:  # before TensorBoard's writer, whose files it mirrors; a resume continues the same W&B run
         import wandb
-        args.wandb_id = vars(args).get("wandb_id") or wandb.util.generate_id()
+        args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
         try:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
@@ -869,7 +879,9 @@ def progress_bar(desc, episodes, quiet):
     """A live tqdm bar of `episodes` episodes on stderr, on a terminal only (none with --quiet or in a redirected
     log), closed on leaving: gives the `progress(result)` of `RolloutPool.map`, or None where no bar shows."""
     from tqdm import tqdm
-    with tqdm(total=episodes, desc=desc, unit="episode", leave=False, disable=quiet or not sys.stderr.isatty()) as bar:
+    columns, rows = shutil.get_terminal_size()  # tqdm takes a terminal of size 0 x 0 (a bare pty) for no room at all
+    with tqdm(total=episodes, desc=desc, unit="episode", leave=False, disable=quiet or not sys.stderr.isatty(),
+              ncols=columns, nrows=rows) as bar:
         steps = [0]
 
         def progress(result):  # a finished task: its episodes and env steps
