@@ -1,4 +1,4 @@
-"""OpenAI Evolution Strategies (OpenAI-ES) on any gymnasium environment, in one file.
+r"""OpenAI Evolution Strategies (OpenAI-ES) on any gymnasium environment, in one file.
 
 Salimans, Ho, Chen, Sidor, Sutskever (2017), "Evolution Strategies as a Scalable Alternative to
 Reinforcement Learning", arXiv:1703.03864. Each generation perturbs the policy's flat parameters
@@ -19,6 +19,7 @@ Examples:
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -27,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import platform
 import signal
 import socket
@@ -35,16 +37,10 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from importlib import metadata
 from types import SimpleNamespace
-
-import gymnasium as gym
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 SCRIPT = "train_openai_es.py"
 FORMAT_VERSION = 1  # of checkpoints and weights files
@@ -56,7 +52,7 @@ NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
 PLACEMENT_FLAGS = {"num_workers", "ray_address"}
 RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", *PLACEMENT_FLAGS}
+                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity", *PLACEMENT_FLAGS}
 # Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
 META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
               "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
@@ -76,7 +72,8 @@ class UserError(Exception):
 def build_parser():
     """Every flag, each value checked for kind and range as it is parsed."""
     p = Parser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
-               formatter_class=Parser.Formatter)
+               formatter_class=Parser.Formatter,
+               epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
     size, rate, floor = number(int, 1), number(float, 0, open_low=True), number(float, 0)
     factor, switch = number(float, 0, 1, open_low=True), argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
@@ -98,7 +95,8 @@ def build_parser():
     g.add_argument("--eval-every", type=size, default=10, help="evaluate the center every this many generations")
     g.add_argument("--num-eval-rollouts", type=size, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--run-name", help="run folder name (default: <env-id>__train_openai_es__<seed>__<unix-time>)")
+    g.add_argument("--exp-name", default=SCRIPT[:-3], help="experiment name, part of the default run folder name")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its folder")
     g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights; no training")
     g.add_argument("--init-from", metavar="PATH.npz", help="start training from these weights")
@@ -106,7 +104,11 @@ def build_parser():
     g.add_argument("--reward-goal", type=number(float), help="stop when the evaluation mean reaches this return; a "
                    "generation whose center reaches it in training is evaluated at once")
     g.add_argument("--consecutive-goal-stopping", type=size, default=1, help="... in this many evaluations in a row")
-    g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
+    g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bars")
+    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (its TensorBoard curves, "
+                   "weights files and plot)")
+    g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
+    g.add_argument("--wandb-entity", help="W&B entity (team or user) of --track (default: your default entity)")
     g = p.add_argument_group("OpenAI-ES")
     g.add_argument("--sigma", type=rate, default=0.02, help="noise standard deviation")
     g.add_argument("--learning-rate", type=rate, default=0.01, help="step size of the optimizer")
@@ -158,6 +160,11 @@ def parse_args(argv=None):
         except ImportError:
             raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt")
         args.num_workers = args.num_workers if "num_workers" in given else None  # None: every CPU of the cluster
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--track needs wandb: pip install -r requirements-track.txt") from None
     return args, given
 
 
@@ -173,6 +180,83 @@ def check_settings(args):
         gym.spec(args.env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
+    default once: not where the help names it or nothing is set; a switch that is on by its name."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+                return text
+            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
+                           " (default: %(default)s)")
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
+
+
+def env_kwarg(item):
+    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def check_paths(args):
+    """UserError unless each path given is what its flag needs: a readable file (a run folder holding one for
+    --resume) or a folder this user can write to."""
+    for flag in ("resume", "from_pretrained", "init_from"):
+        path = getattr(args, flag)
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
+            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
+    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
+    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+
+
+if __name__ == "__main__":  # --help exits here, before the heavy imports (a bad value is reported by main())
+    try:
+        build_parser().parse_known_args()
+    except UserError:
+        pass
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,6 +304,11 @@ class OpenAIES:
     returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
     weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
     (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
+    On a fitness function of your own (maximized), `candidates()` gives the member vectors:
+
+        es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
+        for generation in range(200):
+            es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
     """
 
     def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
@@ -252,6 +341,10 @@ class OpenAIES:
         if self.antithetic:
             return np.stack([np.repeat(seeds, 2), np.tile([1, -1], seeds.size)], axis=1)
         return np.stack([seeds, np.ones_like(seeds)], axis=1)
+
+    def candidates(self):
+        """The members of `ask()` as vectors theta + sign * sigma * eps, in its order: float32 (N, D)."""
+        return np.stack([perturb(self.theta, self.sigma, *member) for member in self.ask()])
 
     def gradient(self, returns):
         """The ES gradient estimate g = 1/(N sigma) sum_i F_i eps_i: float32 (D,)."""
@@ -548,7 +641,7 @@ def train(args, given):
     args, es, counters, pool, obs_stats = run.args, run.es, run.counters, run.pool, run.obs_stats
     log = (lambda *a, **k: None) if args.quiet else print
     session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
-    last_plot = -math.inf
+    last_plot, exit_code = -math.inf, 1  # until the run ends well
     try:
         while es.generation < args.max_iter:
             t0, generation, population = time.perf_counter(), es.generation, es.ask()
@@ -558,7 +651,8 @@ def train(args, given):
                 for r in range(args.num_rollouts)], True) for i, (noise_seed, sign) in enumerate(population)]
             tasks.append((0, 0, 0.0, [derive_seed(args.seed, CENTER_ENV_STREAM, generation, r)
                                       for r in range(args.num_rollouts)], True))
-            results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)))
+            with progress_bar(f"generation {generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as progress:
+                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), progress)
             returns = np.array([np.mean(r[0]) for r in results[:-1]])
             center_return = float(np.mean(results[-1][0]))
             gen = SimpleNamespace(returns=returns, center_return=center_return, sigma=es.sigma,
@@ -581,28 +675,30 @@ def train(args, given):
             counters["env_steps"] += gen.steps
             now = time.perf_counter()
             counters["wall_time_s"], gen.num_cpus = wall_offset + (now - start_time), pool.num_cpus
-            run.writer.writerow(progress_row(gen, counters, es))
-            run.csv_file.flush()
+            write_progress(run, gen)
             eta = (now - session_start) / (gen.iteration - first_generation) * (args.max_iter - gen.iteration)
             log(console_line(args, gen, counters, gen.steps / (now - t0), eta))
             if gen.evaluation and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
                 plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
                 last_plot = now
-            save_checkpoint(run)
+            save_checkpoint(run, upload=gen.evaluation is not None)
             if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
                 break
+        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation))
+        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        exit_code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         print(f"\ninterrupted: {run.kept()}" if interrupted else f"{SCRIPT}: error: {e}: {run.kept()}",
               file=sys.stderr)
-        return 130 if interrupted else 1
+        exit_code = 130 if interrupted else 1
+        return exit_code
     finally:
         run.csv_file.close()
         pool.close()
-    save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation))
-    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        close_logs(run, exit_code)
     print(f"done: {es.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
@@ -614,7 +710,7 @@ def evaluate_center(run, iteration, log):
     video with --capture-video. Returns {mean, std, episodes, steps}."""
     args, counters, es = run.args, run.counters, run.es
     mean_std = obs_mean_std(run.obs_stats, run.obs_dim)
-    returns, steps = evaluate(run.pool, es.theta, mean_std, args.seed, iteration, args.num_eval_rollouts)
+    returns, steps = evaluate(run.pool, es.theta, mean_std, args, iteration)
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
@@ -631,22 +727,29 @@ def evaluate_center(run, iteration, log):
     return dict(evaluation, steps=steps)
 
 
-def evaluate(pool, theta, mean_std, seed, iteration, episodes):
-    """Returns of theta over `episodes` evaluation episodes (no early stop): (float64 (E,), env steps)."""
-    tasks = [(0, 0, 0.0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
-    results = pool.map(tasks, (theta, *mean_std))
+def evaluate(pool, theta, mean_std, args, iteration):
+    """Returns of theta over --num-eval-rollouts evaluation episodes (no early stop): (float64 (E,), env steps)."""
+    tasks = [(0, 0, 0.0, [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, e)], False)
+             for e in range(args.num_eval_rollouts)]
+    with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
+        results = pool.map(tasks, (theta, *mean_std), progress)
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
 
 
-def progress_row(gen, counters, es):
-    """One generation's row of progress.csv: {column: formatted value} (PROGRESS_COLUMNS)."""
-    returns, evaluation = gen.returns, gen.evaluation
+def write_progress(run, gen):
+    """One generation's row: progress.csv (PROGRESS_COLUMNS), and each of its numbers to TensorBoard under the
+    column's name against env steps (CleanRL's x axis)."""
+    returns, evaluation, counters, es = gen.returns, gen.evaluation, run.counters, run.es
     values = [gen.iteration, counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
               *(f"{x:.6g}" for x in (returns.min(), returns.mean(), returns.max(), returns.std())),
               *((f"{evaluation['mean']:.6g}", f"{evaluation['std']:.6g}") if evaluation else ("", "")),
               f"{gen.center_return:.6g}", gen.center_rank, f"{gen.sigma:.6g}", f"{gen.learning_rate:.6g}",
               f"{es.grad_norm:.6g}", f"{float(np.linalg.norm(es.theta)):.6g}", gen.num_cpus]
-    return dict(zip(PROGRESS_COLUMNS, values))
+    run.writer.writerow(dict(zip(PROGRESS_COLUMNS, values)))
+    run.csv_file.flush()
+    for column, value in zip(PROGRESS_COLUMNS, values):
+        if column != "env_steps" and value != "":  # no evaluation: no point
+            run.tb.add_scalar(column, float(value), global_step=counters["env_steps"])
 
 
 def console_line(args, gen, counters, steps_per_s, eta):
@@ -672,7 +775,7 @@ def setup_run(args, given):
         args, run_dir = argparse.Namespace(**saved), os.path.dirname(os.path.abspath(checkpoint_path))
     else:
         init = read_weights_into_args(args, given) if args.init_from else None
-        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
+        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.logs_dir, run_name)
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
@@ -717,7 +820,17 @@ def setup_run(args, given):
 def open_run_folder(run, resuming):
     """Create the run folder and args.json, open progress.csv to append (keeping on resume the rows up to the
     checkpoint's generation) and tell the pool what a lost run keeps."""
-    os.makedirs(os.path.join(run.dir, "videos") if run.args.capture_video else run.dir, exist_ok=True)
+    args, run.wandb = run.args, None
+    os.makedirs(os.path.join(run.dir, "videos") if args.capture_video else run.dir, exist_ok=True)
+    if args.track:  # before TensorBoard's writer, whose files it mirrors; a resume continues the same W&B run
+        import wandb
+        args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
+        try:
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
+        except Exception as e:
+            raise UserError(f"--track: W&B refused the run: {str(e).strip().splitlines()[0]}") from None
+        run.wandb = wandb
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
     versions = {"python": platform.python_version()}
@@ -726,7 +839,7 @@ def open_run_folder(run, resuming):
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    config = dict(vars(run.args), env_config=run.env_config, num_params=run.dim, versions=versions)
+    config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()
     if resuming and os.path.exists(path):
@@ -738,17 +851,57 @@ def open_run_folder(run, resuming):
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
     run.csv_file = open(path, "a", newline="")
     run.writer = csv.DictWriter(run.csv_file, PROGRESS_COLUMNS)
+    from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
+    # On resume, the points a killed session wrote after the checkpoint (steps beyond its env steps) are hidden.
+    run.tb = SummaryWriter(run.dir, purge_step=run.counters["env_steps"] + 1 if resuming else None)
+    run.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{key}|{value}|" for key, value in vars(args).items()))
     run.kept = run.pool.on_lost = lambda: (
         f"the checkpoint of generation {run.es.generation} is kept in {run.paths['checkpoint.pkl']}\n"
         f"resume with: python {SCRIPT} --resume {run.dir}   (on any Ray cluster with --ray-address, or locally)")
 
 
-def save_checkpoint(run):
+def save_checkpoint(run, upload=False):
     """checkpoint.pkl, written atomically: format, script, args, the optimizer, the observation statistics,
-    the counters."""
+    the counters. TensorBoard's files flushed; with `upload` and --track, the weights and plot sent to W&B."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args),
              "es": run.es.state_dict(), "obs_stats": run.obs_stats, "counters": dict(run.counters)}
     atomic_write(run.paths["checkpoint.pkl"], lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+    run.tb.flush()
+    if upload:
+        upload_files(run)
+
+
+def upload_files(run):
+    """With --track: the weights files and the plot that exist, sent to the W&B run now."""
+    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
+        if os.path.exists(run.paths[name]):
+            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
+
+
+def close_logs(run, exit_code):
+    """Close TensorBoard's writer; with --track send the last files and end the W&B run (its processes too)."""
+    run.tb.close()
+    if run.wandb:
+        upload_files(run)
+        run.wandb.finish(exit_code=exit_code)
+
+
+@contextlib.contextmanager
+def progress_bar(desc, episodes, quiet):
+    """A live tqdm bar of `episodes` episodes on stderr, on a terminal only (none with --quiet or in a redirected
+    log), closed on leaving: gives the `progress(result)` of `RolloutPool.map`, or None where no bar shows."""
+    from tqdm import tqdm
+    columns, rows = shutil.get_terminal_size()  # tqdm takes a terminal of size 0 x 0 (a bare pty) for no room at all
+    with tqdm(total=episodes, desc=desc, unit="episode", leave=False, disable=quiet or not sys.stderr.isatty(),
+              ncols=columns, nrows=rows) as bar:
+        steps = [0]
+
+        def progress(result):  # a finished task: its episodes and env steps
+            steps[0] += result[1]
+            bar.set_postfix_str(f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s", refresh=False)
+            bar.update(len(result[0]))
+        yield None if bar.disable else progress
 
 
 def weights_meta(run, iteration, evaluation=None):
@@ -902,27 +1055,37 @@ class RolloutPool:
             self.start_processes()
 
     def start_processes(self):
-        """The worker processes (forked where possible: no re-import of torch per worker)."""
-        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self.executor = ProcessPoolExecutor(self.num_workers, context, initializer=start_local_worker,
+        """The worker processes, by multiprocessing's start method (fork on Linux, spawn on macOS and Windows)."""
+        self.executor = ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=start_local_worker,
                                             initargs=(self.worker_args, self.buffers, os.getpid()))
 
-    def map(self, tasks, shared):
-        """Run the tasks: their results in task order. UserError or PoolLost."""
+    def map(self, tasks, shared, progress=None):
+        """Run the tasks: their results in task order; `progress(result)` for each as its chunk ends.
+        UserError or PoolLost."""
         # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
         # the tasks alone, not on the chunks.
         size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
         chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+
+        def report(results):  # a finished chunk's results
+            for result in results if progress else ():
+                progress(result)
+            return results
         for attempt in range(MAX_RESTARTS + 1):
             try:
                 if self.address:
-                    return [result for results in self.map_ray(chunks, shared) for result in results]
-                if self.local is not None:
+                    results = self.map_ray(chunks, shared, report)
+                elif self.local is not None:
                     self.local.use(*shared)
-                    return [result for chunk in chunks for result in self.local.run(chunk)]
-                for buffer, array in zip(self.buffers, shared):
-                    np.frombuffer(buffer, dtype=np.float32)[:] = array
-                return [result for results in self.executor.map(run_local_task, chunks) for result in results]
+                    results = [report(self.local.run(chunk)) for chunk in chunks]
+                else:
+                    for buffer, array in zip(self.buffers, shared):
+                        np.frombuffer(buffer, dtype=np.float32)[:] = array
+                    futures = [self.executor.submit(run_local_task, chunk) for chunk in chunks]
+                    for future in as_completed(futures):
+                        report(future.result())
+                    results = [future.result() for future in futures]
+                return [result for chunk_results in results for result in chunk_results]
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:
@@ -1011,15 +1174,17 @@ class RolloutPool:
                       file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, tasks, shared):
-        """`map` on the cluster, where Ray itself re-runs the tasks of dead workers."""
+    def map_ray(self, chunks, shared, report):
+        """`map` of chunks of tasks on the cluster, where Ray itself re-runs the tasks of dead workers."""
         try:
             shared_ref, refs, running = self.ray.put(tuple(shared)), [], []  # once per batch, not per task
-            for task in tasks:
-                if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                    _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
-                refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, task))
-                running.append(refs[-1])
+            for chunk in [*chunks, None]:
+                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
+                    done, running = self.ray.wait(running)  # wait for a free slot, or for the end
+                    report(self.ray.get(done[0]))
+                if chunk is not None:
+                    refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, chunk))
+                    running.append(refs[-1])
             return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
@@ -1031,71 +1196,6 @@ class RolloutPool:
             raise PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})" if silent
                            else f"rollouts keep failing on the Ray cluster at {self.address} (each task is tried "
                            f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
-
-
-# Command line ---------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
-    default once: not where the help names it or nothing is set; a switch that is on by its name."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-        def _get_help_string(self, action):
-            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
-            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
-                return text
-            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
-                           " (default: %(default)s)")
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
-            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    return parse
-
-
-def env_kwarg(item):
-    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def check_paths(args):
-    """UserError unless each path given is what its flag needs: a readable file (a run folder holding one for
-    --resume) or a folder this user can write to."""
-    for flag in ("resume", "from_pretrained", "init_from"):
-        path = getattr(args, flag)
-        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
-    if args.run_name is not None and (args.run_name in ("", ".", "..") or os.sep in args.run_name
-                                      or (os.altsep or os.sep) in args.run_name):
-        raise UserError(f"--run-name {args.run_name!r} must be a folder name, without path separators")
-    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
-    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
 # Weights and checkpoints ----------------------------------------------------------------------------
@@ -1321,12 +1421,13 @@ def run_from_pretrained(args, given):
           f"workers: {pool.describe()}")
     start = time.perf_counter()
     try:
-        returns, steps = evaluate(pool, params, mean_std, args.seed, 0, args.num_eval_rollouts)
+        returns, steps = evaluate(pool, params, mean_std, args, 0)
     finally:
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}__eval__{args.seed}__{int(time.time())}"
+        name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__eval__{args.seed}__" \
+            f"{int(time.time())}"
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(env_config, make_policy(policy_config, params, norm and mean_std),
                                           os.path.join(args.logs_dir, name, "videos", "pretrained"),

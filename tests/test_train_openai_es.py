@@ -18,7 +18,8 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_openai_es as es_mod
-from conftest import RayCluster, free_port, run_without_ray
+from conftest import (RayCluster, free_port, modules_imported_by_help, run_as_on_macos, run_on_terminal,
+                      run_without_ray)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_openai_es.py")
@@ -32,10 +33,10 @@ def run_script(args, cwd, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
-def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
+def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2, environ=None):
     architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
     out = run_script(["--env-id", env, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters),
-                      *TINY, *architecture, *extra], cwd=tmp_path)
+                      *TINY, *architecture, *extra], cwd=tmp_path, env=environ)
     assert out.returncode == 0, out.stderr + out.stdout
     return tmp_path / "runs" / name
 
@@ -287,6 +288,9 @@ def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
     pool = es_mod.RolloutPool(2, None, worker_args, sizes)
     try:
         assert [r[0] for r in pool.map(tasks, shared)] == [r[0] for r in expected]
+        finished = []  # the progress callback: each task's result as it finishes, whatever the order
+        assert [r[:2] for r in pool.map(tasks, shared, finished.append)] == [r[:2] for r in expected]
+        assert sorted(repr(r[:2]) for r in finished) == sorted(repr(r[:2]) for r in expected)
         victim = next(iter(pool.executor._processes))  # not children(): a Ray cluster of the session is one too
         capsys.readouterr()
         os.kill(victim, signal.SIGKILL)  # dead before the map: however fast the rollouts, the map meets it
@@ -854,3 +858,130 @@ def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
         assert sums[0] == sums_alone[0] and all(np.array_equal(a, b) for a, b in zip(sums[1:], sums_alone[1:]))
     evaluation = [(0, 0, 0.0, [e], False) for e in range(5)]
     assert worker.run(evaluation) == [worker.run([task])[0] for task in evaluation]
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: --exp-name, TensorBoard, --track, progress bars, --help, spawn, the Python API
+# ------------------------------------------------------------------------------------------------
+def scalars(run_dir):
+    """{tag: [(step, value), ...]} of every TensorBoard event file in the run folder, read by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_exp_name_names_the_default_run_folder(tmp_path):
+    out = run_script(["--exp-name", "baseline", "--max-iter", "1", "--seed", "7", "--hidden-sizes", "8", *TINY],
+                     cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run, = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"CartPole-v1__baseline__7__\d+", run.name), run.name
+    assert json.loads((run / "args.json").read_text())["exp_name"] == "baseline"
+    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)  # it comes from the checkpoint
+    assert out.returncode == 0 and len(progress(run)) == 2, out.stderr
+    assert es_mod.parse_args([])[0].exp_name == "train_openai_es"
+    for bad in ("", "a/b", ".."):
+        assert "--exp-name" in assert_one_line_error(run_script(["--exp-name", bad], cwd=tmp_path))
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]
+
+
+def test_tensorboard_scalars_are_the_progress_csv_columns(tmp_path):
+    run = train(tmp_path, "tb", "--eval-every", "2")
+    acc, curves = scalars(run)
+    rows = progress(run, drop=())
+    assert set(curves) == set(rows[0]) - {"env_steps"}
+    for tag, points in curves.items():
+        expected = [(int(r["env_steps"]), float(r[tag])) for r in rows if r[tag] != ""]
+        assert [step for step, _ in points] == [step for step, _ in expected], tag
+        assert np.allclose([v for _, v in points], [v for _, v in expected], rtol=1e-6), tag
+    assert len(curves["eval_return_mean"]) == 1  # generation 1 has no evaluation: no point
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("|param|value|\n|-|-|\n") and "|sigma|0.1|" in text
+
+
+def test_tensorboard_curves_continue_on_resume_without_the_killed_sessions_points(tmp_path):
+    run = train(tmp_path, "tb", iters=2)
+    checkpoint = (run / "checkpoint.pkl").read_bytes()
+    assert run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path).returncode == 0
+    (run / "checkpoint.pkl").write_bytes(checkpoint)  # as if killed after generation 3's points, before its checkpoint
+    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    _, curves = scalars(run)
+    rows = progress(run)
+    assert [step for step, _ in curves["return_mean"]] == [int(r["env_steps"]) for r in rows]
+    assert [value for _, value in curves["iteration"]] == [1, 2, 3, 4]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 3
+
+
+def test_track_logs_to_wandb_offline(tmp_path):
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    run = train(tmp_path, "tracked", "--track", "--eval-every", "1", "--quiet", environ=env)
+    files = {p.name for p in run.glob("wandb/offline-run-*/files/**/*")}
+    assert {"best.npz", "final.npz", "learning_curve.png"} <= files
+    assert any(name.startswith("events.out.tfevents.") for name in files)
+    config = json.loads((run / "args.json").read_text())
+    assert config["track"] and config["wandb_project_name"] == "neuroevolution" and config["wandb_id"]
+    assert run.glob(f"wandb/offline-run-*-{config['wandb_id']}")  # the id a resume continues
+
+
+def test_track_without_wandb_is_one_line(tmp_path):
+    code = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code, SCRIPT, "--track", "--max-iter", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    line = assert_one_line_error(out)
+    assert out.returncode == 2 and "--track needs wandb: pip install -r requirements-track.txt" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    command = [sys.executable, SCRIPT, "--run-name", "bar", "--max-iter", "2", "--num-workers", "2",
+               "--hidden-sizes", "8", *TINY]
+    code, text = run_on_terminal(command, cwd=tmp_path)
+    assert code == 0, text
+    assert "episode" in text and ("%|" in text or "/s" in text) and "generation 1" in text
+    out = run_script(["--run-name", "piped", *command[4:]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "%|" not in out.stdout + out.stderr and "episode/s" not in out.stdout + out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.startswith("iter ")]) == 2
+    code, text = run_on_terminal([sys.executable, SCRIPT, "--from-pretrained", str(tmp_path / "runs" / "bar" /
+                                  "final.npz"), "--num-eval-rollouts", "3", "--num-workers", "1"], cwd=tmp_path)
+    assert code == 0 and "evaluation 0" in text and "episode" in text and "episode_return mean=" in text, text
+    code, text = run_on_terminal(command[:3] + ["quiet", "--quiet", *command[4:]], cwd=tmp_path)
+    assert code == 0 and "%|" not in text, text
+
+
+def test_help_imports_no_heavy_module_and_shows_the_examples():
+    heavy, text = modules_imported_by_help(SCRIPT)
+    assert heavy == []
+    assert "Examples:" in text and "--from-pretrained pretrained/openai_es_lunarlander.npz" in text
+    assert 'More: README.md, section "train_openai_es.py"' in text
+    assert "--sigma 0.1 --learning-rate 0.2 --reward-goal 500" in text  # the examples' lines kept as written
+
+
+def test_runs_as_on_macos_spawn_and_no_sched_getaffinity(tmp_path, monkeypatch):
+    out = run_as_on_macos(SCRIPT, ["--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "--num-workers" in out.stdout, out.stderr
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert es_mod.build_parser().parse_args([]).num_workers == os.cpu_count()
+    args = ["--max-iter", "2", "--num-workers", "2", "--eval-every", "1", "--hidden-sizes", "8", *TINY]
+    out = run_as_on_macos(SCRIPT, ["--run-name", "spawn", *args], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    forked = train(tmp_path, "fork", "--eval-every", "1", workers=2)
+    assert progress(tmp_path / "runs" / "spawn") == progress(forked)
+
+
+def test_python_api_on_a_fitness_of_your_own():
+    from train_openai_es import OpenAIES
+
+    def fitness(x):  # your own function of a vector, higher is better
+        return -np.sum((x - 3.0) ** 2)
+
+    es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
+    for generation in range(200):
+        candidates = es.candidates()  # (50, 10) float32: the members of es.ask(), in its order
+        es.tell([fitness(x) for x in candidates])
+    assert fitness(np.zeros(10)) == -90 and fitness(es.theta) > -0.5
+    assert np.allclose(es.candidates()[0], es_mod.perturb(es.theta, es.sigma, *es.ask()[0]))
