@@ -37,6 +37,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -1139,7 +1140,9 @@ def live_bar(label, total, unit="episode"):
     """A tqdm bar of `total` units on stderr that leaves no line, shown on a terminal only and when `label` is not
     None (--quiet gives None). bar.done((returns, steps)) counts a task's episodes and env steps (postfix: env
     steps/s, ETA: tqdm's) and returns that result."""
-    bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty())
+    columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
+               ncols=columns, nrows=lines)
     start, steps = time.perf_counter(), [0]
 
     def done(result):
@@ -1639,29 +1642,33 @@ def run_from_pretrained(args, given):
     return 0
 
 
-def collect_pairs(env_config, driver, teacher, episodes, seed, round_index):
+def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, label=None):
     """Observations met while `driver` acts, labelled with `teacher`'s output (logits or tanh actions):
     (observations float32 (S, O), teacher outputs float32 (S, A), the driver's returns (episodes,))."""
     observations, returns = [], []
-    for e in range(episodes):
-        env = make_env(env_config, training=False)
-        returns.append(rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e), observations)[0])
-        env.close()
+    with live_bar(label, episodes) as bar:
+        for e in range(episodes):
+            env = make_env(env_config, training=False)
+            episode_return, steps = rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e),
+                                            observations)
+            returns.append(bar.done(([episode_return], steps))[0][0])
+            env.close()
     x = torch.stack([teacher.preprocess(o) for o in observations])
     with torch.inference_mode():
         y = teacher(x)
     return x.numpy(), y.numpy(), np.array(returns)
 
 
-def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed):
+def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed, label=None):
     """Fit the student to (x, teacher outputs y) with Adam: cross-entropy on the teacher's argmax (discrete)
-    or mean squared error on the tanh actions (Box). Returns the last epoch's mean loss."""
+    or mean squared error on the tanh actions (Box). Returns the last epoch's mean loss. label: the bar's."""
     torch.manual_seed(seed)
     student.requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     labels = y.argmax(1) if discrete else y
     loss_fn = nn.functional.cross_entropy if discrete else nn.functional.mse_loss
+    bar = live_bar(label, epochs, "epoch")
     for _ in range(epochs):
         order, total = torch.randperm(len(x)), 0.0
         for start in range(0, len(x), batch_size):
@@ -1671,6 +1678,9 @@ def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
+        bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
+        bar.update()
+    bar.close()
     student.requires_grad_(False)
     return total / len(x)
 
@@ -1704,14 +1714,16 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, xs, ys = time.perf_counter(), [], []
     for round_index in range(args.distill_rounds):
-        driver = teacher if round_index == 0 else student  # DAgger: later rounds visit the student's states
-        x, y, driver_returns = collect_pairs(env_configs[0], driver, teacher, args.distill_episodes, args.seed,
-                                             round_index)
+        who = "teacher" if round_index == 0 else "student"  # DAgger: later rounds visit the student's states
+        label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
+        x, y, driver_returns = collect_pairs(env_configs[0], teacher if round_index == 0 else student, teacher,
+                                             args.distill_episodes, args.seed, round_index, label and label + who)
         xs.append(x)
         ys.append(y)
         loss = fit_student(student, np.concatenate(xs), np.concatenate(ys), teacher.discrete, args.distill_epochs,
-                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index))
-        print(f"round {round_index + 1}/{args.distill_rounds}: {'teacher' if round_index == 0 else 'student'} drove "
+                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index),
+                           label and label + "student fit")
+        print(f"round {round_index + 1}/{args.distill_rounds}: {who} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
               f"{sum(len(x) for x in xs)} pairs; loss {loss:.3g}")
     rows = []
