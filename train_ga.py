@@ -65,6 +65,7 @@ WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh w
 # Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
 # that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
+RAY_MISSING = "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt"
 # Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
 RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
                 "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
@@ -211,7 +212,7 @@ def parse_args(argv=None):
     args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
-        import_ray()
+        require("ray", RAY_MISSING)
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
             raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
@@ -283,10 +284,6 @@ def check_paths(args):
         if path is not None and not os.path.isfile(path):
             what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
             raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
-    if args.resume is not None:
-        path = os.path.join(args.resume, "checkpoint.pkl") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(path):
-            raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder")
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
         if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
             raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
@@ -911,7 +908,7 @@ def train(args, given):
     print(f"done: {ga.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else "")
-          + (" noise_study.csv noise_study.png" if args.multitask else ""))
+          + (" noise_study.csv noise_study.png" if args.multitask else "") + " events.out.tfevents.* (TensorBoard)")
     return 0
 
 
@@ -961,10 +958,7 @@ def write_progress_row(run, fitness, task_returns, evaluation, best_params, best
 
 def print_generation(run, fitness, best_fitness, steps, started):
     """The console line of a generation: returns, best so far, children accepted, speed, ETA."""
-    c, ga, now = run.counters, run.ga, time.perf_counter()
-
-    def hms(seconds):
-        return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+    c, ga, now, hms = run.counters, run.ga, time.perf_counter(), tqdm.format_interval  # [H:]MM:SS
     eta = (now - run.session_start) / (ga.generation - run.first_generation) * (run.args.max_iter - ga.generation)
     run.log(f"iter {ga.generation:>5d}/{run.args.max_iter} | evals {c['evaluations']:>8d} | return min "
             f"{fitness.min():8.2f} mean {fitness.mean():8.2f} max {fitness.max():8.2f} | best {c['best_return']:8.2f} "
@@ -1137,9 +1131,8 @@ def ray_rollout(key, batch, task):
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar of `total` units on stderr that leaves no line, shown on a terminal only and when `label` is not
-    None (--quiet gives None). bar.done((returns, steps)) counts a task's episodes and env steps (postfix: env
-    steps/s, ETA: tqdm's) and returns that result."""
+    """A tqdm bar on stderr, on a terminal only, when `label` is not None (--quiet); it leaves no line.
+    bar.done((returns, steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
     columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
     bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
                ncols=columns, nrows=lines)
@@ -1315,15 +1308,10 @@ def require(module, message):
         raise UserError(message) from None
 
 
-def import_ray():
-    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
-    return require("ray", "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt")
-
-
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
     UserError when no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
-    ray = import_ray()
+    ray = require("ray", RAY_MISSING)
     if ray.is_initialized():
         return ray
     if address != "auto":
@@ -1481,8 +1469,8 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
