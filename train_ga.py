@@ -386,6 +386,13 @@ class GeneticAlgorithm:
       are candidates too: re-evaluated on fresh episodes, they keep only the new fitness (Such et al. 2017).
     Every draw of generation g comes from a generator seeded by (seed, GA_STREAM, g). The state is numpy
     and plain values (`state_dict`, pickled in the checkpoint: attribute names are the checkpoint format).
+    Stand-alone, on a fitness of your own (here: maximize -||x - 3||^2 in 10 dimensions, 64 members):
+
+        ga = GeneticAlgorithm(np.random.default_rng(0).normal(size=(64, 10)))
+        for generation in range(100):
+            candidates = ga.ask()
+            ga.tell(-np.square(candidates - 3).sum(axis=1))
+        x, fitness = ga.best()
     """
 
     def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
