@@ -26,7 +26,9 @@ Examples:
 """
 
 import argparse
+import contextlib
 import csv
+import importlib
 import io
 import json
 import logging
@@ -35,6 +37,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -45,14 +48,8 @@ import types
 import uuid
 import warnings
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-
-import gymnasium as gym
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 SCRIPT = "train_ga.py"
 FORMAT_VERSION = 1
@@ -69,9 +66,11 @@ LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains
 # Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
 # that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
+RAY_MISSING = "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt"
 # Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
 RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping"}
+                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
+                "wandb_entity"}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")
 # Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
@@ -99,8 +98,9 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Each flag's default shown once: appended to the help unless the help states it or there is none."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's examples as written; each flag's default shown once: appended to the help unless the help
+    states it or there is none."""
 
     def _get_help_string(self, action):
         if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
@@ -110,7 +110,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def build_parser():
     """The parser of every flag: kebab-case, a help string on each, defaults shown once."""
-    p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     add = p.add_argument_group("run").add_argument
     add("--env-id", default="CartPole-v1", help=f"gymnasium environment id, or {SLIME_ID}")
@@ -131,7 +132,8 @@ def build_parser():
     add("--eval-every", type=int, default=10, help="evaluate the best member every this many generations")
     add("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     add("--logs-dir", default="runs", help="parent folder of run folders")
-    add("--run-name", help="run folder name (default: <env-id>__train_ga__<seed>__<unix-time>)")
+    add("--exp-name", default=SCRIPT[:-3], help="experiment name, part of the default run folder name")
+    add("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     add("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its run folder")
     add("--from-pretrained", metavar="PATH.npz", help="evaluate these weights over --num-eval-rollouts episodes")
     add("--init-from", metavar="PATH.npz", help="start from these weights (member 0; the others mutated copies)")
@@ -139,7 +141,11 @@ def build_parser():
     add("--reward-goal", type=float, help="stop when the evaluation mean reaches this return (a generation "
         "whose best member reaches it in training is evaluated at once)")
     add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
-    add("--quiet", action="store_true", help="no per-generation console lines")
+    add("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
+    add("--track", action="store_true", help="track the run with Weights & Biases (its TensorBoard scalars, "
+        "weights files and learning curve; needs requirements-track.txt)")
+    add("--wandb-project-name", default="neuroevolution", help="the W&B project of --track")
+    add("--wandb-entity", help="the W&B team or user of --track (default: your W&B default)")
     add = p.add_argument_group("genetic algorithm").add_argument
     add("--selection", choices=["ranking", "roulette", "tournament"], default="tournament",
         help="parent selection: linear ranking, fitness-proportional, or the best of --tournament-size")
@@ -162,7 +168,7 @@ def build_parser():
     add("--hidden-sizes", type=int, nargs="*", default=[32, 32], help="fully connected widths (after the conv "
         "net on pixels); with --multitask the first is each task's input layer, the rest the shared trunk "
         "(default: 32 32; the original's BipedalWalker net is 20 12 12)")
-    add("--activation", choices=list(ACTIVATIONS), default="tanh", help="hidden activation")
+    add("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     add("--frame-size", type=int, default=64, help="pixels: frames resized to this square size")
     add("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
     add("--grayscale", action=argparse.BooleanOptionalAction, default=True, help="pixels: frames in grayscale")
@@ -207,7 +213,7 @@ def parse_args(argv=None):
     args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
-        import_ray()
+        require("ray", RAY_MISSING)
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
             raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
@@ -279,18 +285,26 @@ def check_paths(args):
         if path is not None and not os.path.isfile(path):
             what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
             raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
-    if args.resume is not None:
-        path = os.path.join(args.resume, "checkpoint.pkl") if os.path.isdir(args.resume) else args.resume
-        if not os.path.isfile(path):
-            raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder")
-    name = args.run_name
-    if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name or len(os.fsencode(name)) > 255):
-        raise UserError(f"--run-name must be a folder name (no '/', at most 255 bytes), got {name!r}")
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
+            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
     folder = os.path.abspath(args.logs_dir)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in ({folder} is not)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(UserError):  # --help prints and exits here, before the heavy imports; errors: main()
+        build_parser().parse_known_args()
+
+import gymnasium as gym  # the heavy imports, after the configuration: --help needs none of them
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,6 +387,13 @@ class GeneticAlgorithm:
       are candidates too: re-evaluated on fresh episodes, they keep only the new fitness (Such et al. 2017).
     Every draw of generation g comes from a generator seeded by (seed, GA_STREAM, g). The state is numpy
     and plain values (`state_dict`, pickled in the checkpoint: attribute names are the checkpoint format).
+    Stand-alone, on a fitness of your own (here: maximize -||x - 3||^2 in 10 dimensions, 64 members):
+
+        ga = GeneticAlgorithm(np.random.default_rng(0).normal(size=(64, 10)))
+        for generation in range(100):
+            candidates = ga.ask()
+            ga.tell(-np.square(candidates - 3).sum(axis=1))
+        x, fitness = ga.best()
     """
 
     def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
@@ -886,12 +907,12 @@ class RolloutWorker:
         return list(zip(returns, steps))
 
 
-def evaluate(pool, params, seed, iteration, episodes, noisy=()):
+def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None):
     """Per-task returns of `params` over `episodes` evaluation episodes (no early stop, the real score):
     (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e): two
-    policies evaluated with the same arguments meet the same episodes."""
+    policies evaluated with the same arguments meet the same episodes. label: the progress bar's (None: none)."""
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
-    results = pool.map(tasks, [np.asarray(params, np.float32)])
+    results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
 
 
@@ -900,8 +921,9 @@ def evaluate(pool, params, seed, iteration, episodes, noisy=()):
 # ------------------------------------------------------------------------------------------------
 def train(args, given):
     """The GA: ask -> rollouts -> tell -> log -> evaluate the best member -> checkpoint, to --max-iter."""
-    run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv
+    run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv, TensorBoard
     args, ga, pool, counters = run.args, run.ga, run.pool, run.counters
+    code = 1  # the exit code W&B is told, should the run end by an error
     try:
         while ga.generation < args.max_iter:
             started = time.perf_counter()
@@ -909,7 +931,7 @@ def train(args, given):
             # Every candidate, elites included, meets fresh episodes: env seeds from (seed, generation, member).
             tasks = [(i, [derive_seed(args.seed, TRAIN_ENV_STREAM, generation, i, r) for r in range(args.num_rollouts)],
                       True, ()) for i in range(len(candidates))]
-            results = pool.map(tasks, [candidates])
+            results = pool.map(tasks, [candidates], None if args.quiet else f"generation {generation + 1}")
             task_returns = np.array([r[0] for r in results], dtype=np.float64)  # (N, rollouts, tasks)
             fitness = (task_returns / run.scales).sum(2).mean(1)                  # (N,)
             steps = sum(r[1] for r in results)
@@ -925,7 +947,7 @@ def train(args, given):
                 steps += evaluation["steps"]
             counters["env_steps"] += steps
             counters["wall_time_s"] = run.wall_offset + (time.perf_counter() - run.started)
-            write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness)
+            write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness)  # CSV, TensorBoard
             print_generation(run, fitness, best_fitness, steps, started)
             if evaluation and time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
                 plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
@@ -938,19 +960,20 @@ def train(args, given):
         final_params = ga.best()[0]
         if args.multitask:  # the original's noise study, on the final best member
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
-            noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir)
+            noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir, args.quiet)
+        save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation))
+        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        code = 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.kept()}", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     finally:
-        run.csv_file.close()
-        pool.close()
-    save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation))
-    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        close_run(run, code)
     print(f"done: {ga.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else "")
-          + (" noise_study.csv noise_study.png" if args.multitask else ""))
+          + (" noise_study.csv noise_study.png" if args.multitask else "") + " events.out.tfevents.* (TensorBoard)")
     return 0
 
 
@@ -958,7 +981,8 @@ def evaluate_best(run, best_params):
     """Evaluate the best member over --num-eval-rollouts episodes; keep best.npz, the goal streak, a video.
     Returns {mean, std, episodes[, tasks], returns: float64 (E,), steps}."""
     args, counters, iteration = run.args, run.counters, run.ga.generation
-    per_task, steps = evaluate(run.pool, best_params, args.seed, iteration, args.num_eval_rollouts)
+    per_task, steps = evaluate(run.pool, best_params, args.seed, iteration, args.num_eval_rollouts,
+                               label=None if args.quiet else f"evaluation {iteration}")
     returns = (per_task / run.scales).sum(1)
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
     if args.multitask:
@@ -976,27 +1000,30 @@ def evaluate_best(run, best_params):
                                os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
                                derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
         run.log(f"video {path}")
+    upload(run)
     return dict(evaluation, returns=returns, steps=steps)
 
 
 def write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness):
-    """Append this generation's row to progress.csv (the columns of PROGRESS_COLUMNS, then per-task means)."""
+    """Append this generation's row to progress.csv (the columns of PROGRESS_COLUMNS, then per-task means), and
+    its numbers to TensorBoard: a scalar per column but env_steps, the x axis, and empty cells (CleanRL's way)."""
     c, ga, ev = run.counters, run.ga, evaluation
-    run.writer.writerow([ga.generation, c["evaluations"], c["env_steps"], f"{c['wall_time_s']:.3f}",
-                         *(f"{stat:.6g}" for stat in (fitness.min(), fitness.mean(), fitness.max(), fitness.std())),
-                         f"{ev['returns'].mean():.6g}" if ev else "", f"{ev['returns'].std():.6g}" if ev else "",
-                         f"{best_fitness:.6g}", ga.children_accepted, f"{ga.mutation_rate:.6g}",
-                         f"{ga.mutation_scale:.6g}", f"{float(np.linalg.norm(best_params)):.6g}", run.pool.num_cpus]
-                        + ([f"{m:.6g}" for m in task_returns.mean((0, 1))] if run.args.multitask else []))
+    row = [ga.generation, c["evaluations"], c["env_steps"], f"{c['wall_time_s']:.3f}",
+           *(f"{stat:.6g}" for stat in (fitness.min(), fitness.mean(), fitness.max(), fitness.std())),
+           f"{ev['returns'].mean():.6g}" if ev else "", f"{ev['returns'].std():.6g}" if ev else "",
+           f"{best_fitness:.6g}", ga.children_accepted, f"{ga.mutation_rate:.6g}", f"{ga.mutation_scale:.6g}",
+           f"{float(np.linalg.norm(best_params)):.6g}", run.pool.num_cpus,
+           *([f"{m:.6g}" for m in task_returns.mean((0, 1))] if run.args.multitask else [])]
+    run.writer.writerow(row)
     run.csv_file.flush()
+    for column, cell in zip(run.columns, row):
+        if column != "env_steps" and cell != "":
+            run.tb.add_scalar(column, float(cell), global_step=c["env_steps"])
 
 
 def print_generation(run, fitness, best_fitness, steps, started):
     """The console line of a generation: returns, best so far, children accepted, speed, ETA."""
-    c, ga, now = run.counters, run.ga, time.perf_counter()
-
-    def hms(seconds):
-        return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+    c, ga, now, hms = run.counters, run.ga, time.perf_counter(), tqdm.format_interval  # [H:]MM:SS
     eta = (now - run.session_start) / (ga.generation - run.first_generation) * (run.args.max_iter - ga.generation)
     run.log(f"iter {ga.generation:>5d}/{run.args.max_iter} | evals {c['evaluations']:>8d} | return min "
             f"{fitness.min():8.2f} mean {fitness.mean():8.2f} max {fitness.max():8.2f} | best {c['best_return']:8.2f} "
@@ -1027,6 +1054,9 @@ def setup_run(args, given):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
     run = types.SimpleNamespace(args=args, dir=run_dir, started=time.perf_counter(), last_plot=-math.inf)
+    run.wandb = require("wandb", "--track needs wandb: pip install -r requirements-track.txt") if args.track else None
+    if run.wandb and not getattr(args, "wandb_id", None):  # in args.json and the checkpoint: --resume continues it
+        args.wandb_id = uuid.uuid4().hex[:16]  # (wandb 0.31 has no wandb.util.generate_id)
     run.env_configs = env_configs_from_args(args)
     run.env_ids = [c["env_id"] for c in run.env_configs]
     # Multitask fitness sums each task's return over its scale; a single task's fitness is its return.
@@ -1088,8 +1118,38 @@ def open_run_files(run, resumed):
         os.unlink(path)
     run.csv_file = open(path, "a", newline="")
     run.writer = csv.writer(run.csv_file)
+    run.columns = PROGRESS_COLUMNS + ([f"return_mean[{e}]" for e in run.env_ids] if args.multitask else [])
     if run.csv_file.tell() == 0:
-        run.writer.writerow(PROGRESS_COLUMNS + ([f"return_mean[{e}]" for e in run.env_ids] if args.multitask else []))
+        run.writer.writerow(run.columns)
+    if run.wandb:  # before the SummaryWriter: W&B then syncs its scalars
+        try:
+            run.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                           config=vars(args), name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id,
+                           resume="allow")
+        except Exception as e:
+            raise UserError(f"--track: W&B did not start the run: {str(e).strip().splitlines()[0]}") from None
+    from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing TensorBoard costs ~2 s
+    # A resumed run hides the points written after its checkpoint (by a killed session) and continues the curves.
+    run.tb = SummaryWriter(run.dir, purge_step=run.counters["env_steps"] + 1 if resumed else None)
+    run.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
+                                                                          vars(args).items()))
+
+
+def upload(run):
+    """With --track: best.npz, final.npz and learning_curve.png, those that exist, saved to W&B now."""
+    for name in ("best.npz", "final.npz", "learning_curve.png"):
+        if run.wandb and os.path.exists(run.paths[name]):
+            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
+
+
+def close_run(run, code):
+    """Close progress.csv, the pool and TensorBoard (the files stay); W&B gets the files and the exit code."""
+    run.csv_file.close()
+    run.pool.close()
+    run.tb.close()
+    if run.wandb:
+        upload(run)
+        run.wandb.finish(exit_code=code)
 
 
 def save_checkpoint(run):
@@ -1097,6 +1157,7 @@ def save_checkpoint(run):
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "ga": run.ga.state_dict(),
              "counters": dict(run.counters)}
     atomic_write(run.paths["checkpoint.pkl"], pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    run.tb.flush()
 
 
 # A worker process (local or Ray) keeps its RolloutWorker, built at its first task, per pool.
@@ -1134,6 +1195,23 @@ def ray_rollout(key, batch, tasks):
     return run_tasks(tasks, key, batch)
 
 
+def live_bar(label, total, unit="episode"):
+    """A tqdm bar on stderr, on a terminal only, when `label` is not None (--quiet); it leaves no line.
+    bar.done((returns, steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
+    columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
+               ncols=columns, nrows=lines)
+    start, steps = time.perf_counter(), [0]
+
+    def done(result):
+        steps[0] += result[1]
+        bar.set_postfix_str(f"{steps[0] / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
+        bar.update(len(result[0]))
+        return result
+    bar.done = done
+    return bar
+
+
 class RolloutPool:
     """Runs rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster.
 
@@ -1157,30 +1235,42 @@ class RolloutPool:
             self.executor = self.new_executor()
 
     def new_executor(self):
-        """Worker processes (forked where possible: no re-import of torch per worker)."""
-        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        return ProcessPoolExecutor(self.num_workers, context, initializer=init_worker,
+        """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on macOS)."""
+        return ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=init_worker,
                                    initargs=(self.worker_args, self.buffers))
 
     def lost(self):
         return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
 
-    def map(self, tasks, shared):
-        """Run the tasks; the list of results in task order. Raises UserError or PoolError."""
+    def map(self, tasks, shared, label=None):
+        """Run the tasks; the list of results in task order. label: the title of a live bar of the tasks'
+        episodes as they finish (tqdm on stderr, a terminal only; None: no bar). Raises UserError or PoolError."""
         # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
         # the tasks alone, not on the chunks.
         size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
         chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
-        if self.address:
-            return [result for results in self.map_ray(chunks, shared) for result in results]
-        if self.local is not None:
-            self.local.use([np.ravel(a) for a in shared])
-            return [result for chunk in chunks for result in self.local.run(chunk)]
+        with live_bar(label, sum(len(task[1]) for task in tasks)) as bar:
+            def done(results):  # a finished chunk's results, each counted by the bar
+                return [bar.done(result) for result in results]
+            if self.address:
+                results = self.map_ray(chunks, shared, done)
+            elif self.local is not None:
+                self.local.use([np.ravel(a) for a in shared])
+                results = [done(self.local.run(chunk)) for chunk in chunks]
+            else:
+                results = self.map_local(chunks, shared, done)
+            return [result for chunk_results in results for result in chunk_results]
+
+    def map_local(self, chunks, shared, done):
+        """`map` of chunks of tasks on the worker processes; done(chunk's results) as each chunk finishes."""
         for buffer, array in zip(self.buffers, shared):
             np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
         for attempt in range(1, WORKER_ATTEMPTS + 1):
             try:
-                return [result for results in self.executor.map(run_tasks, chunks) for result in results]
+                futures = [self.executor.submit(run_tasks, chunk) for chunk in chunks]
+                for future in as_completed(futures):
+                    done(future.result())
+                return [future.result() for future in futures]
             except BrokenProcessPool as e:
                 self.close()
                 if attempt == WORKER_ATTEMPTS:
@@ -1256,17 +1346,20 @@ class RolloutPool:
                       f"{RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, chunks, shared):
-        """`map` of chunks of tasks on the cluster. Ray re-runs the tasks of dead workers; PoolError when the cluster is gone."""
+    def map_ray(self, chunks, shared, done):
+        """`map` of chunks of tasks on the cluster, done(chunk's results) as each chunk finishes. Ray re-runs
+        the tasks of dead workers; PoolError when the cluster is gone."""
         ray = self.ray
         try:
             batch = ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
             refs, running = [], []
-            for chunk in chunks:
-                if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                    _, running = ray.wait(running, num_returns=len(running) - self.num_workers + 1)
-                refs.append(self.remote.remote(self.key, batch, chunk))
-                running.append(refs[-1])
+            for chunk in [*chunks, None]:  # None: the end, wait for every chunk
+                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
+                    finished, running = ray.wait(running)  # one at a time, as they finish
+                    done(ray.get(finished[0]))
+                if chunk is not None:
+                    refs.append(self.remote.remote(self.key, batch, chunk))
+                    running.append(refs[-1])
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
@@ -1280,19 +1373,18 @@ class RolloutPool:
             raise PoolError(f"{what} ({reason}){self.lost()}") from None
 
 
-def import_ray():
-    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
+def require(module, message):
+    """An optional package's module (ray, wandb), or UserError(message) where it is not installed."""
     try:
-        import ray
+        return importlib.import_module(module)
     except ImportError:
-        raise UserError("--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt") from None
-    return ray
+        raise UserError(message) from None
 
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
     UserError when no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
-    ray = import_ray()
+    ray = require("ray", RAY_MISSING)
     if ray.is_initialized():
         return ray
     if address != "auto":
@@ -1450,8 +1542,8 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
@@ -1461,10 +1553,11 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    defaults = vars(build_parser().parse_args([]))  # of the flags added since (--exp-name, --track, ...)
     if not all(isinstance(state.get(key), dict) for key in ("args", "ga", "counters")) \
-            or not set(vars(build_parser().parse_args([]))) <= set(state["args"]):
+            or not set(defaults) - {"exp_name", *RESUME_FLAGS} <= set(state["args"]):
         raise UserError(f"{path} is damaged: its args, GA state or counters are missing")
-    return path, state
+    return path, dict(state, args=dict(defaults, **state["args"]))
 
 
 def versions():
@@ -1531,13 +1624,13 @@ def record_video(env_config, policy, path_stem, seed):
     return path_stem + ".mp4", episode_return
 
 
-def noise_study(pool, params, env_ids, seed, episodes, run_dir):
+def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
     """The multitask noise study: per-task returns of `params` with all inputs real, noise into each task's
     input in turn, into all ("both" of two), on the same episodes. Prints a table; writes noise_study.csv/png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
-    study = [(name, evaluate(pool, params, seed, 0, episodes, noisy)[0])
+    study = [(name, evaluate(pool, params, seed, 0, episodes, noisy, None if quiet else f"noise study: {name}")[0])
              for name, noisy in conditions + [(f"noise into {every}", tasks)]]
     width = max(len(name) for name, _ in study)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
@@ -1565,8 +1658,8 @@ def summary_line(returns):
 
 
 def default_run_name(args, kind=""):
-    """<env-id>__train_ga[kind]__<seed>__<unix-time>."""
-    return f"{args.env_id.replace('/', '-')}__{SCRIPT[:-3]}{kind}__{args.seed}__{int(time.time())}"
+    """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
+    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
 
 
 def load_policy(path, params, meta, hidden_sizes, activation, env_configs):
@@ -1591,11 +1684,12 @@ def run_from_pretrained(args, given):
     start = time.perf_counter()
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
     try:
-        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)
+        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
+                                  label=None if args.quiet else "evaluation")
         elapsed = time.perf_counter() - start
         if args.multitask:
             os.makedirs(run_dir, exist_ok=True)
-            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir)
+            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir, args.quiet)
     finally:
         pool.close()
     if args.capture_video and not args.multitask:
@@ -1609,29 +1703,33 @@ def run_from_pretrained(args, given):
     return 0
 
 
-def collect_pairs(env_config, driver, teacher, episodes, seed, round_index):
+def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, label=None):
     """Observations met while `driver` acts, labelled with `teacher`'s output (logits or tanh actions):
     (observations float32 (S, O), teacher outputs float32 (S, A), the driver's returns (episodes,))."""
     observations, returns = [], []
-    for e in range(episodes):
-        env = make_env(env_config, training=False)
-        returns.append(rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e), observations)[0])
-        env.close()
+    with live_bar(label, episodes) as bar:
+        for e in range(episodes):
+            env = make_env(env_config, training=False)
+            episode_return, steps = rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e),
+                                            observations)
+            returns.append(bar.done(([episode_return], steps))[0][0])
+            env.close()
     x = torch.stack([teacher.preprocess(o) for o in observations])
     with torch.inference_mode():
         y = teacher(x)
     return x.numpy(), y.numpy(), np.array(returns)
 
 
-def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed):
+def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed, label=None):
     """Fit the student to (x, teacher outputs y) with Adam: cross-entropy on the teacher's argmax (discrete)
-    or mean squared error on the tanh actions (Box). Returns the last epoch's mean loss."""
+    or mean squared error on the tanh actions (Box). Returns the last epoch's mean loss. label: the bar's."""
     torch.manual_seed(seed)
     student.requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     labels = y.argmax(1) if discrete else y
     loss_fn = nn.functional.cross_entropy if discrete else nn.functional.mse_loss
+    bar = live_bar(label, epochs, "epoch")
     for _ in range(epochs):
         order, total = torch.randperm(len(x)), 0.0
         for start in range(0, len(x), batch_size):
@@ -1641,6 +1739,9 @@ def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
+        bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
+        bar.update()
+    bar.close()
     student.requires_grad_(False)
     return total / len(x)
 
@@ -1674,14 +1775,16 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, xs, ys = time.perf_counter(), [], []
     for round_index in range(args.distill_rounds):
-        driver = teacher if round_index == 0 else student  # DAgger: later rounds visit the student's states
-        x, y, driver_returns = collect_pairs(env_configs[0], driver, teacher, args.distill_episodes, args.seed,
-                                             round_index)
+        who = "teacher" if round_index == 0 else "student"  # DAgger: later rounds visit the student's states
+        label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
+        x, y, driver_returns = collect_pairs(env_configs[0], teacher if round_index == 0 else student, teacher,
+                                             args.distill_episodes, args.seed, round_index, label and label + who)
         xs.append(x)
         ys.append(y)
         loss = fit_student(student, np.concatenate(xs), np.concatenate(ys), teacher.discrete, args.distill_epochs,
-                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index))
-        print(f"round {round_index + 1}/{args.distill_rounds}: {'teacher' if round_index == 0 else 'student'} drove "
+                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index),
+                           label and label + "student fit")
+        print(f"round {round_index + 1}/{args.distill_rounds}: {who} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
               f"{sum(len(x) for x in xs)} pairs; loss {loss:.3g}")
     rows = []
@@ -1689,7 +1792,8 @@ def run_distillation(args, given):
         params = parameters_to_vector(policy.parameters()).numpy()
         pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, config, params.size), [params.size])
         try:
-            returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)[0][:, 0]
+            returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
+                               label=None if args.quiet else f"evaluation of the {name}")[0][:, 0]
         finally:
             pool.close()
         architecture = "-".join(map(str, [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]))

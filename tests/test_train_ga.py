@@ -18,7 +18,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_ga as ga_mod
-from conftest import run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_on_terminal, run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_ga.py")
@@ -568,6 +568,7 @@ BAD_INPUTS = [  # (flags, a word the error line names)
     (["--multitask", "CartPole-v1"], "--multitask"), (["--ray-address", "no-port"], "--ray-address"),
     (["--logs-dir", "afile"], "--logs-dir"), (["--logs-dir", "afile/runs"], "--logs-dir"),
     (["--run-name", "a/b"], "--run-name"), (["--run-name", ".."], "--run-name"), (["--run-name", ""], "--run-name"),
+    (["--exp-name", "a/b"], "--exp-name"), (["--exp-name", ""], "--exp-name"),
     (["--resume", "adir"], "no checkpoint"), (["--resume", "missing"], "no checkpoint"),
     (["--resume", "afile"], "checkpoint"), (["--from-pretrained", "adir"], "directory"),
     (["--init-from", "missing.npz"], "does not exist"),
@@ -827,3 +828,160 @@ def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
         together = worker.run(tasks)
         assert len({steps for _, steps in together}) > 1  # the episodes do end at different steps
         assert together == [worker.run_one(task) for task in tasks]  # one by one, through Policy.act
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: --exp-name, TensorBoard, --track, progress bars, --help, spawn, the Python API
+# ------------------------------------------------------------------------------------------------
+def test_exp_name_names_the_default_run_folder(tmp_path):
+    out = run_script(["--exp-name", "mine", "--max-iter", "1", *TINY, "--hidden-sizes", "8", "--num-workers", "1"],
+                     cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"CartPole-v1__mine__1__\d+", run.name), run.name
+    assert json.loads((run / "args.json").read_text())["exp_name"] == "mine"
+    line = assert_one_line_error(run_script(["--resume", str(run), "--exp-name", "other"], cwd=tmp_path))
+    assert "--exp-name" in line and "checkpoint" in line  # a resumed run keeps its folder and its name
+    assert build_default_run_name().startswith("CartPole-v1__train_ga__1__")
+
+
+def build_default_run_name():
+    return ga_mod.default_run_name(ga_mod.build_parser().parse_args([]))
+
+
+def scalars(run_dir):
+    """{tag: [(step, value)]} of every TensorBoard event file of a run folder, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_tensorboard_holds_the_progress_csv_numbers(tmp_path):
+    run = train(tmp_path, "tb", "--eval-every", "2")
+    rows = progress(run, drop=())
+    found, acc = scalars(run)
+    assert sorted(found) == sorted(column for column in rows[0] if column != "env_steps")
+    for tag, points in found.items():
+        expected = [(int(r["env_steps"]), float(r[tag])) for r in rows if r[tag] != ""]
+        assert [step for step, _ in points] == [step for step, _ in expected], tag
+        assert [value for _, value in points] == pytest.approx([value for _, value in expected], rel=1e-6), tag
+    assert len(found["eval_return_mean"]) == 1 and len(found["return_mean"]) == 2  # no point for empty cells
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("|param|value|\n|-|-|\n") and "|population_size|6|" in text
+
+
+def test_resumed_run_continues_the_tensorboard_curves(tmp_path):
+    run = train(tmp_path, "tbr", "--eval-every", "1")
+    from torch.utils.tensorboard import SummaryWriter
+    late = SummaryWriter(str(run))  # points a killed session wrote after the checkpoint: hidden on resume
+    late.add_scalar("return_mean", -1.0, global_step=int(progress(run)[-1]["env_steps"]) + 5)
+    late.close()
+    time.sleep(1)  # event files are read in the order of their names, which start with the unix time
+    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = progress(run)
+    found, _ = scalars(run)
+    for tag in ("return_mean", "eval_return_mean", "iteration"):
+        assert [step for step, _ in found[tag]] == [int(r["env_steps"]) for r in rows], tag
+    assert [value for _, value in found["return_mean"]] == pytest.approx([float(r["return_mean"]) for r in rows])
+
+
+def run_without_wandb(args, cwd):
+    code = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, SCRIPT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_track_logs_to_wandb_offline_and_needs_wandb(tmp_path):
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path),
+               WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_CACHE_DIR=str(tmp_path / "cache"))
+    out = run_script(["--run-name", "tracked", "--track", "--max-iter", "2", "--eval-every", "1", *TINY,
+                      "--hidden-sizes", "8", "--num-workers", "1"], cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr + out.stdout
+    run = tmp_path / "runs" / "tracked"
+    (files,) = glob.glob(str(run / "wandb" / "offline-run-*" / "files"))
+    names = {os.path.relpath(path, files) for path in glob.glob(os.path.join(files, "**"), recursive=True)}
+    assert {"best.npz", "final.npz", "learning_curve.png"} <= names, names
+    assert any("tfevents" in name for name in names), names
+    config = json.loads((run / "args.json").read_text())
+    _, state = ga_mod.load_checkpoint(str(run))
+    assert config["wandb_id"] and state["args"]["wandb_id"] == config["wandb_id"]  # --resume continues that run
+    assert config["wandb_id"] in os.path.basename(os.path.dirname(files))
+    (tmp_path / "bare").mkdir()
+    line = assert_one_line_error(run_without_wandb(["--track", "--max-iter", "1"], tmp_path / "bare"))
+    assert line == "train_ga.py: error: --track needs wandb: pip install -r requirements-track.txt"
+    assert os.listdir(tmp_path / "bare") == []  # nothing written
+
+
+BAR = re.compile(r"%\|.*episode/s")
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    command = [sys.executable, SCRIPT, "--run-name", "bar", "--max-iter", "2", *TINY, "--hidden-sizes", "8",
+               "--num-workers", "2", "--eval-every", "1"]
+    code, text = run_on_terminal(command, tmp_path)
+    assert code == 0, text
+    assert BAR.search(text) and "generation 1" in text and "evaluation 1" in text, text
+    piped = subprocess.run([*command[:3], "piped", *command[4:]], cwd=tmp_path, capture_output=True, text=True)
+    assert piped.returncode == 0 and not BAR.search(piped.stdout + piped.stderr)
+    assert "%|" not in piped.stderr and "\r" not in piped.stdout + piped.stderr  # one line per generation
+    code, text = run_on_terminal([*command, "--quiet", "--run-name", "quiet"], tmp_path)
+    assert code == 0 and not BAR.search(text)
+    code, text = run_on_terminal([sys.executable, SCRIPT, "--from-pretrained", PRETRAINED, "--num-eval-rollouts", "3",
+                                  "--max-episode-steps", "50", "--num-workers", "1"], tmp_path)
+    assert code == 0 and BAR.search(text) and "evaluation" in text, text
+
+
+def test_distillation_shows_its_progress_on_a_terminal(tmp_path):
+    code, text = run_on_terminal([sys.executable, SCRIPT, "--distill-from", PRETRAINED, "--hidden-sizes", "2",
+                                  "--distill-episodes", "2", "--distill-epochs", "3", "--num-eval-rollouts", "2",
+                                  "--max-episode-steps", "50", "--num-workers", "1"], tmp_path)
+    assert code == 0, text
+    for label in ("round 1/1: teacher", "round 1/1: student fit", "evaluation of the teacher",
+                  "evaluation of the student"):
+        assert label in text, label
+    assert "epoch/s" in text and BAR.search(text)
+
+
+def test_help_is_fast_and_shows_the_examples():
+    heavy, text = modules_imported_by_help(SCRIPT)
+    assert heavy in ([], ["tqdm"])
+    assert "Examples:\n    # CartPole-v1" in text and "python train_ga.py --distill-from" in text
+    assert 'More: README.md, section "train_ga.py"' in text and "--exp-name" in text and "--track" in text
+
+
+def test_runs_as_on_macos_with_spawned_workers(tmp_path):
+    out = run_as_on_macos(SCRIPT, ["--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"(default: usable cores, here {os.cpu_count()})" in " ".join(out.stdout.split())  # os.cpu_count()
+    flags = ["--max-iter", "2", *TINY, "--hidden-sizes", "8", "--num-workers", "2", "--eval-every", "1"]
+    out = run_as_on_macos(SCRIPT, ["--run-name", "spawn", *flags], tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    forked = train(tmp_path, "fork", "--eval-every", "1", workers=2)
+    assert progress(tmp_path / "runs" / "spawn") == progress(forked)
+
+
+API_EXAMPLE = """
+import numpy as np
+from train_ga import GeneticAlgorithm
+
+ga = GeneticAlgorithm(np.random.default_rng(0).normal(size=(64, 10)))  # 64 members, 10 genes
+for generation in range(100):
+    candidates = ga.ask()                               # float32 (64, 10)
+    ga.tell(-np.square(candidates - 3).sum(axis=1))     # their fitness: higher is better
+x, fitness = ga.best()
+print(f"best fitness {fitness:.4f}, x = {np.round(x, 2)}")
+"""
+
+
+def test_python_api_example_improves_the_fitness(tmp_path):
+    out = subprocess.run([sys.executable, "-c", API_EXAMPLE], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    best = float(re.search(r"best fitness (\S+),", out.stdout).group(1))
+    start = -np.square(np.random.default_rng(0).normal(size=(64, 10)) - 3).sum(1).max()
+    assert start < -40 and best > -0.5, out.stdout  # from about -60 to near the optimum 0
+    assert os.listdir(tmp_path) == []  # importing the script wrote nothing
