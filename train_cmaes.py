@@ -740,8 +740,8 @@ def build_agent(args, env_shape):
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
     if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # The searched part may differ from the file's (e.g. --train attention --query-dim 2 --no-bias) and
-        # then starts fresh; a frozen part must fit.
+        # A searched part may differ from the file's (e.g. --controller rnn, or --train attention --query-dim 2)
+        # and then starts fresh; a frozen part must fit.
         source, _, _ = agent_from_file(args.init_from, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
@@ -749,7 +749,7 @@ def build_agent(args, env_shape):
                 target, origin = getattr(agent, name), getattr(source, name, None)
                 if origin is not None and shapes(target) == shapes(origin):
                     target.load_state_dict(origin.state_dict())
-                elif part != args.train:
+                elif args.train not in ("all", part):
                     raise UserError(f"{args.init_from} cannot provide the {part}: its {name} does not match this "
                                     f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
                                     f"hidden size {source.fc.in_features} in the file)")

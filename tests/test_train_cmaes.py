@@ -295,6 +295,22 @@ def test_attention_only_with_a_smaller_query(tmp_path):
 
 
 @needs_authors
+def test_init_from_a_file_of_another_controller_starts_searched_parts_fresh_and_frozen_ones_must_fit():
+    authors = authors_params()
+    for flags in (["--controller", "rnn"], ["--train", "controller", "--controller", "rnn"]):
+        agent, _ = cm.build_agent(cm.parse_args([*flags, "--init-from", AUTHORS])[0], (96, 3))
+        params = agent.get_flat()  # the authors' attention and output layer fc (51 values), a fresh (seeded) RNN
+        assert params.size == 1184 + 659 and np.array_equal(params[:1184], authors[:1184])
+        assert np.array_equal(params[-51:], authors[-51:])
+    torch.manual_seed(1)
+    assert np.array_equal(params[1184:-51], cm.AttentionAgent(controller="rnn").get_flat()[1184:-51])
+    for flags, part in ((["--train", "attention", "--controller", "rnn"], "controller"),
+                        (["--train", "controller", "--query-dim", "2"], "attention")):
+        with pytest.raises(cm.UserError, match=f"cannot provide the {part}"):
+            cm.build_agent(cm.parse_args([*flags, "--init-from", AUTHORS])[0], (96, 3))
+
+
+@needs_authors
 def test_from_pretrained_authors_file_and_attention_video(tmp_path):
     out = run_script(["--from-pretrained", AUTHORS, "--num-eval-rollouts", "2", "--max-episode-steps", "60",
                       "--num-workers", "2", "--capture-video", "--run-name", "v"], cwd=tmp_path)
