@@ -44,14 +44,6 @@ import time
 import types
 import uuid
 
-import cma
-import gymnasium as gym
-import numpy as np
-import pygame
-import torch
-import torch.nn as nn
-from gymnasium.envs.box2d import car_racing
-
 SCRIPT = "train_cmaes.py"
 FORMAT_VERSION = 1
 # The columns every script of the project writes first, then the CMA-ES scalars.
@@ -95,7 +87,7 @@ class PoolLost(Exception):
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
-class HelpFormatter(argparse.HelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each default shown once: appended unless the help says it already or the flag is a switch."""
 
     def _get_help_string(self, action):
@@ -114,7 +106,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     """The argparse parser of every flag."""
     p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
-                      formatter_class=HelpFormatter)
+                      formatter_class=HelpFormatter, epilog=__doc__[__doc__.index("Examples:"):]
+                      + f'\nMore: README.md, section "{SCRIPT}"')
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CarRacing-v3", help="gymnasium id of a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
@@ -258,6 +251,18 @@ def check_flags(args, given):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise UserError(f"--logs-dir {args.logs_dir}: cannot create a folder under {folder}")
+
+
+if __name__ == "__main__":
+    build_parser().parse_known_args()  # --help exits here, before the heavy imports
+
+import cma
+import gymnasium as gym
+import numpy as np
+import pygame
+import torch
+import torch.nn as nn
+from gymnasium.envs.box2d import car_racing
 
 
 # ------------------------------------------------------------------------------------------------
