@@ -128,7 +128,8 @@ def build_parser():
                    help="evaluate the distribution mean (xfavorite) every this many generations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--run-name", help="run folder name (default: <env-id>__train_cmaes__<seed>__<unix-time>)")
+    g.add_argument("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint.pkl or its run folder")
     g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights (this script's or the "
                    "authors' file) over --num-eval-rollouts episodes; no training")
@@ -138,7 +139,11 @@ def build_parser():
                    "top-k patches highlighted (GIF; mp4 when moviepy is installed)")
     g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return")
     g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many consecutive evaluations")
-    g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
+    g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
+    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (TensorBoard's scalars, the "
+                   "weights files, the curve); needs: pip install -r requirements-track.txt")
+    g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
+    g.add_argument("--wandb-entity", help="W&B team or user of --track (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
@@ -170,6 +175,8 @@ def parse_args(argv=None):
         check_flags(args, given)
         if args.ray_address:
             import_ray()
+        if args.track:
+            import_wandb()
     except UserError as e:
         parser.error(str(e))
     if args.ray_address and "num_workers" not in given:
@@ -229,7 +236,7 @@ def check_flags(args, given):
         raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
                         "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
                         "the architecture"))
-    for flag in ("env_id", "logs_dir", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
+    for flag in ("env_id", "logs_dir", "exp_name", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
         if "\0" in (getattr(args, flag) or ""):
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
@@ -240,9 +247,9 @@ def check_flags(args, given):
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
                 flag == "--resume"))
-    if args.run_name is not None and (not args.run_name or os.path.basename(args.run_name) != args.run_name
-                                      or args.run_name in (".", "..")):
-        raise UserError(f"--run-name {args.run_name!r} must be a plain folder name")
+    for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
+        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
+            raise UserError(f"{flag} {name!r} must be a plain folder name")
     folder = os.path.abspath(args.logs_dir)
     for path in (os.path.join(folder, args.run_name or ""), folder):
         if os.path.exists(path) and not os.path.isdir(path):
@@ -557,6 +564,7 @@ def train(args, given):
     Returns the exit code: 0, 1 when the workers are lost, 130 when interrupted."""
     run = setup_run(args, given)  # run folder, agent, pycma object, counters, pool: from flags or a checkpoint
     args, es, counters, pool = run.args, run.es, run.counters, run.pool
+    code = 1  # until the loop ends
     try:
         while counters["generation"] < args.max_iter:
             start = time.perf_counter()
@@ -583,20 +591,22 @@ def train(args, given):
             counters["wall_time_s"] = run.wall_offset + (now - run.start)
             row = write_progress_row(run, returns, eval_returns, sigma, now)
             print_generation(run, returns, sigma, row["num_cpus"], steps / (now - start), now)
-            save_checkpoint(run.paths["checkpoint.pkl"], {
-                "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(args), "cma": es,
-                "cma_rng": run.cma_rng, "counters": dict(counters)})
+            save_run(run, uploads=eval_returns is not None)  # checkpoint.pkl; TensorBoard flushed; W&B files
             if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
                 break
+        code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
         print(f"{reason}: {run.kept()}", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        return code
     finally:
         run.csv_file.close()
         pool.close()
+        if code:
+            stop_logging(run, code)
     finish_run(run)
     return 0
 
@@ -642,6 +652,9 @@ def write_progress_row(run, returns, eval_returns, sigma, now):
         f"{sigma:.6g}", f"{float(es.D.max() / es.D.min()):.6g}", run.dim, run.pool.num_cpus]))
     run.writer.writerow(row)
     run.csv_file.flush()
+    for column, value in row.items():  # TensorBoard: every numeric cell, x axis env steps
+        if column != "env_steps" and value != "":
+            run.tb.add_scalar(column, float(value), global_step=counters["env_steps"])
     if evaluated and now - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         run.last_plot = now
@@ -672,7 +685,7 @@ def setup_run(args, given):
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
-        run_name = args.run_name or f"{args.env_id}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
+        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.logs_dir, run_name)
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
@@ -692,17 +705,11 @@ def setup_run(args, given):
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
     dim = int(mask.sum())
+    tb, wandb = start_logging(args, run_dir, counters["env_steps"])  # with --track: args.wandb_id
     config = dict(vars(args), env_config=env_config, agent_config=agent_config, num_params=int(base.size),
                   search_dim=dim, versions=versions())
     atomic_write(paths["args.json"], json.dumps(config, indent=2).encode())
-    if checkpoint:
-        truncate_progress(paths["progress.csv"], counters["generation"])
-    elif os.path.exists(paths["progress.csv"]):
-        os.unlink(paths["progress.csv"])
-    csv_file = open(paths["progress.csv"], "a", newline="")
-    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
-    if csv_file.tell() == 0:
-        writer.writeheader()
+    csv_file, writer = open_progress(paths["progress.csv"], counters["generation"] if checkpoint else None)
 
     def full(x):  # the searched part x (float (dim,)) put into the genotype: float32 (D,)
         vector = base.copy()
@@ -729,7 +736,8 @@ def setup_run(args, given):
     now = time.perf_counter()
     return types.SimpleNamespace(
         args=args, dir=run_dir, paths=paths, env_config=env_config, agent=agent, dim=dim, full=full, meta=meta,
-        kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer,
+        kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer, tb=tb,
+        wandb=wandb,
         log=(lambda *a, **k: None) if args.quiet else print, title=f"CMA-ES AttentionAgent on {args.env_id} "
         f"(seed {args.seed})", start=now, session_start=now, first_generation=counters["generation"],
         wall_offset=counters["wall_time_s"], last_plot=-math.inf)
@@ -761,11 +769,55 @@ def build_agent(args, env_shape):
     return agent, agent_config
 
 
+def save_run(run, uploads):
+    """checkpoint.pkl (atomically), TensorBoard's events flushed, and (uploads, --track) the files sent to W&B."""
+    save_checkpoint(run.paths["checkpoint.pkl"], {
+        "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "cma": run.es,
+        "cma_rng": run.cma_rng, "counters": dict(run.counters)})
+    run.tb.flush()
+    if uploads:
+        upload(run)
+
+
+def upload(run):
+    """With --track: send best.npz, final.npz and learning_curve.png, those that exist, to W&B now."""
+    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
+        if os.path.exists(run.paths[name]):
+            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
+
+
+def start_logging(args, run_dir, env_steps):
+    """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
+    first (it syncs the event files) and continues the run's W&B run on resume (its id is in the checkpoint).
+    A resumed run (env_steps > 0) hides the points that a killed session wrote after its checkpoint."""
+    wandb = import_wandb() if args.track else None
+    if wandb:
+        args.wandb_id = getattr(args, "wandb_id", None) or wandb.util.generate_id()
+        try:
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
+        except Exception as e:
+            raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
+    from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
+    writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer, wandb
+
+
+def stop_logging(run, code):
+    """Close the event files; with --track upload the files and end the W&B run with the run's exit code."""
+    run.tb.close()
+    if run.wandb:
+        upload(run)
+        run.wandb.finish(exit_code=code)
+
+
 def finish_run(run):
     """final.npz, the last learning curve, and where the files are."""
     counters = run.counters
     save_weights(run.paths["final.npz"], run.full(run.es.result.xfavorite), run.meta(counters["generation"]))
     plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+    stop_logging(run, 0)
     print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "
           f"{counters['wall_time_s']:.1f} s. Files in {run.dir}: args.json progress.csv learning_curve.png "
           "checkpoint.pkl final.npz" + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "")
@@ -972,6 +1024,15 @@ class RolloutPool:
                 raise PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})") from None
             raise PoolLost(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
                            f"tried {MAX_RESTARTS + 1} times): {reason}") from None
+
+
+def import_wandb():
+    """The `wandb` module. Raises UserError when it is not installed (optional: requirements-track.txt)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--track needs wandb: pip install -r requirements-track.txt") from None
+    return wandb
 
 
 def import_ray():
@@ -1193,6 +1254,9 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    if isinstance(state.get("args"), dict):  # a run from before these logging flags
+        state["args"] = {"exp_name": SCRIPT[:-3], "track": False, "wandb_project_name": "neuroevolution",
+                         "wandb_entity": None} | state["args"]
     kinds = {"args": dict, "cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState, "counters": dict}
     if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not (
             set(state["args"]) >= set(vars(build_parser().parse_args([]))) and set(state["counters"]) >= set(COUNTERS)):
@@ -1206,17 +1270,23 @@ def format_duration(seconds):
     return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
-def truncate_progress(path, last_iteration):
-    """Keep the rows of progress.csv up to `last_iteration` (rows written after the checkpoint go)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-    if len(kept) != len(rows):
-        text = io.StringIO()
-        csv.writer(text).writerows(kept)
-        atomic_write(path, text.getvalue().encode())
+def open_progress(path, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter). A new run (last_iteration None) starts it anew; a
+    resumed one keeps the rows up to `last_iteration` (the checkpoint's; rows written after it go)."""
+    rows = []
+    if last_iteration is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
+        if len(kept) != len(rows):
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            atomic_write(path, text.getvalue().encode())
+    csv_file = open(path, "a" if rows else "w", newline="")
+    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
+    if not rows:
+        writer.writeheader()
+    return csv_file, writer
 
 
 def plot_learning_curve(progress_path, image_path, title):
@@ -1317,7 +1387,7 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{env_config['env_id']}__{SCRIPT[:-3]}__eval__{args.seed}__{int(time.time())}"
+        name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(env_config, agent, os.path.join(args.logs_dir, name, "videos", "pretrained"),
                                           derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))
