@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -269,6 +270,7 @@ import numpy as np
 import pygame
 import torch
 import torch.nn as nn
+import tqdm
 from gymnasium.envs.box2d import car_racing
 
 
@@ -615,7 +617,7 @@ def evaluate(pool, params, seed, iteration, episodes):
     """Returns of `params` (float (D,)) over `episodes` evaluation episodes, no early stop:
     (float64 (episodes,), env steps)."""
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
-    results = pool.map(tasks, [np.asarray(params, dtype=np.float32)])
+    results = pool.map(tasks, [np.asarray(params, dtype=np.float32)], what="evaluation")
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
 
 
@@ -700,7 +702,7 @@ def setup_run(args, given):
         es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir)
         counters = dict.fromkeys(COUNTERS, 0) | {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config),
-                       [args.population_size * base.size])  # before any file is touched
+                       [args.population_size * base.size], args.quiet)  # before any file is touched
     os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
@@ -886,15 +888,15 @@ class RolloutPool:
 
     `map(tasks, shared)`: tasks are small tuples for `RolloutWorker.run`; `shared` the batch's float32
     arrays (at most `shared_sizes` values each). Locally they go through mp.RawArray shared memory into
-    a ProcessPoolExecutor's workers (fork where available); a dead worker (BrokenProcessPool) costs a
+    a ProcessPoolExecutor's workers (multiprocessing's start method); a dead worker (BrokenProcessPool) costs a
     warning and a re-run of the batch on a new executor, MAX_RESTARTS times, then PoolLost. On Ray they
     go once per batch into the object store (`ray.put`), each task is re-run up to MAX_RESTARTS times if
     its worker process or node dies, num_workers (None: every CPU of the cluster) caps the tasks running
     at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
-        self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False):
+        self.num_workers, self.address, self.worker_args, self.quiet = num_workers, ray_address, worker_args, quiet
         self.on_lost = None  # () -> what to tell about the checkpoint when the workers are lost
         self.executor = None
         if ray_address:
@@ -907,20 +909,40 @@ class RolloutPool:
         if self.num_workers == 1:
             init_worker(self.worker_args, self.buffers, in_process=True)
             return
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: no re-import of torch
-        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(method),
+        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(),
                                                                initializer=init_worker,
                                                                initargs=(self.worker_args, self.buffers))
 
-    def map(self, tasks, shared):
-        """Run the tasks; a list of their results in task order."""
-        if self.address:
-            return self.map_ray(tasks, shared)
+    def map(self, tasks, shared, what="rollouts"):
+        """Run the tasks; a list of their results in task order. On a terminal (and not quiet), a progress bar of
+        the episodes on stderr, described by `what`, that goes when the tasks are done."""
+        start, steps = time.perf_counter(), 0
+        columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
+        with tqdm.tqdm(total=sum(len(task[1]) for task in tasks), desc=what, unit="episode", leave=False,
+                       ncols=columns - 1, nrows=lines, disable=self.quiet or not sys.stderr.isatty()) as bar:
+            def progress(result):  # a task's (episode returns, steps), as it finishes
+                nonlocal steps
+                steps += result[1]
+                bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
+                bar.update(len(result[0]))
+            return self.map_ray(tasks, shared, progress) if self.address else self.map_local(tasks, shared, progress)
+
+    def map_local(self, tasks, shared, progress):
+        """`map` on this machine: a dead worker costs a re-run of the batch on new workers, MAX_RESTARTS times."""
         for buffer, array in zip(self.buffers, shared):
             np.frombuffer(buffer, dtype=np.float32)[:array.size] = array.ravel()
         for attempt in range(MAX_RESTARTS + 1):
             try:
-                return list(self.executor.map(run_task, tasks)) if self.executor else [run_task(t) for t in tasks]
+                if not self.executor:  # in this process
+                    results = []
+                    for task in tasks:
+                        results.append(run_task(task))
+                        progress(results[-1])
+                    return results
+                futures = [self.executor.submit(run_task, task) for task in tasks]
+                for future in concurrent.futures.as_completed(futures):
+                    progress(future.result())
+                return [future.result() for future in futures]
             except concurrent.futures.process.BrokenProcessPool as e:
                 self.close()
                 if attempt == MAX_RESTARTS:
@@ -1001,7 +1023,7 @@ class RolloutPool:
                       file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, tasks, shared):
+    def map_ray(self, tasks, shared, progress):
         """`map` on the cluster. Raises UserError for an error in the rollout code, PoolLost when the
         cluster is gone or a task's retries ran out."""
         try:
@@ -1009,9 +1031,13 @@ class RolloutPool:
             refs, running = [], []
             for task in tasks:
                 if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                    _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
+                    done, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
+                    list(map(progress, self.ray.get(done)))
                 refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, task))
                 running.append(refs[-1])
+            while running:  # the last tasks, as each finishes
+                done, running = self.ray.wait(running)
+                list(map(progress, self.ray.get(done)))
             return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
@@ -1376,7 +1402,7 @@ def run_from_pretrained(args, given):
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
     params = agent.get_flat()
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size])
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet)
     print(agent)
     print(f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
           f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}")
