@@ -282,7 +282,7 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def make_cma(x0, init_sigma, population_size, seed, run_dir):
+def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
 
     The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
@@ -290,13 +290,23 @@ def make_cma(x0, init_sigma, population_size, seed, run_dir):
     the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
     `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (with `detach_randn`).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
-    and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into the
-    run folder anyway).
+    and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
+    run_dir anyway). On a fitness of your own, e.g. the agent's actions on a frame:
+
+        agent = AttentionAgent()
+        def fitness(x):
+            agent.set_flat(x)
+            return -np.sum((agent(frame, agent.initial_state())[0] - [0.5, 0.8, 0.0]) ** 2)
+        es, _ = make_cma(agent.get_flat(), population_size=16)
+        for generation in range(30):
+            candidates = es.ask()
+            es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
+        agent.set_flat(es.result.xfavorite)
     """
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {"popsize": population_size, "seed": derive_seed(seed, CMA_STREAM, 1), "randn": rng.randn,
                "verbose": -9, "verb_disp": 0, "verb_log": 0,
-               "verb_filenameprefix": os.path.join(run_dir, "outcmaes") + os.sep}
+               "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep}
     return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), init_sigma, options), rng
 
 
@@ -791,13 +801,15 @@ def upload(run):
 def start_logging(args, run_dir, env_steps):
     """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
     first (it syncs the event files) and continues the run's W&B run on resume (its id is in the checkpoint).
+    W&B keeps its files where it does by default ($WANDB_DIR, else ./wandb, as CleanRL's): inside the run
+    folder, its tensorboard sync would find its own copies of the event files, again and again.
     A resumed run (env_steps > 0) hides the points that a killed session wrote after its checkpoint."""
     wandb = import_wandb() if args.track else None
     if wandb:
-        args.wandb_id = getattr(args, "wandb_id", None) or wandb.util.generate_id()
+        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
         try:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
+                       config=vars(args), name=os.path.basename(run_dir), id=args.wandb_id, resume="allow")
         except Exception as e:
             raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
     from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
