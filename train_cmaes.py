@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import importlib
 import io
 import json
 import logging
@@ -175,9 +176,9 @@ def parse_args(argv=None):
         check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
         check_flags(args, given)
         if args.ray_address:
-            import_ray()
+            import_optional("ray", "--ray-address", "ray")
         if args.track:
-            import_wandb()
+            import_optional("wandb", "--track", "track")
     except UserError as e:
         parser.error(str(e))
     if args.ray_address and "num_workers" not in given:
@@ -291,17 +292,12 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (with `detach_randn`).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
     and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
-    run_dir anyway). On a fitness of your own, e.g. the agent's actions on a frame:
+    run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
 
-        agent = AttentionAgent()
-        def fitness(x):
-            agent.set_flat(x)
-            return -np.sum((agent(frame, agent.initial_state())[0] - [0.5, 0.8, 0.0]) ** 2)
-        es, _ = make_cma(agent.get_flat(), population_size=16)
+        es, _ = make_cma(AttentionAgent().get_flat(), population_size=16)
         for generation in range(30):
             candidates = es.ask()
             es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
-        agent.set_flat(es.result.xfavorite)
     """
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {"popsize": population_size, "seed": derive_seed(seed, CMA_STREAM, 1), "randn": rng.randn,
@@ -613,14 +609,14 @@ def train(args, given):
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
         print(f"{reason}: {run.kept()}", file=sys.stderr)
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
-        return code
     finally:
         run.csv_file.close()
         pool.close()
         if code:
             stop_logging(run, code)
-    finish_run(run)
-    return 0
+    if code == 0:
+        finish_run(run)
+    return code
 
 
 def evaluate(pool, params, seed, iteration, episodes):
@@ -804,7 +800,7 @@ def start_logging(args, run_dir, env_steps):
     W&B keeps its files where it does by default ($WANDB_DIR, else ./wandb, as CleanRL's): inside the run
     folder, its tensorboard sync would find its own copies of the event files, again and again.
     A resumed run (env_steps > 0) hides the points that a killed session wrote after its checkpoint."""
-    wandb = import_wandb() if args.track else None
+    wandb = import_optional("wandb", "--track", "track") if args.track else None
     if wandb:
         args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
         try:
@@ -814,7 +810,8 @@ def start_logging(args, run_dir, env_steps):
             raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
     from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
     writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
     return writer, wandb
 
 
@@ -946,11 +943,7 @@ class RolloutPool:
         for attempt in range(MAX_RESTARTS + 1):
             try:
                 if not self.executor:  # in this process
-                    results = []
-                    for task in tasks:
-                        results.append(run_task(task))
-                        progress(results[-1])
-                    return results
+                    return [progress(result) or result for result in map(run_task, tasks)]
                 futures = [self.executor.submit(run_task, task) for task in tasks]
                 for future in concurrent.futures.as_completed(futures):
                     progress(future.result())
@@ -1064,23 +1057,12 @@ class RolloutPool:
                            f"tried {MAX_RESTARTS + 1} times): {reason}") from None
 
 
-def import_wandb():
-    """The `wandb` module. Raises UserError when it is not installed (optional: requirements-track.txt)."""
+def import_optional(name, flag, extra):
+    """The module `name` (ray, wandb). UserError when it is not installed: it is optional (requirements-<extra>.txt)."""
     try:
-        import wandb
+        return importlib.import_module(name)
     except ImportError:
-        raise UserError("--track needs wandb: pip install -r requirements-track.txt") from None
-    return wandb
-
-
-def import_ray():
-    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray-address needs Ray, which is not installed: "
-                        "pip install -r requirements-ray.txt") from None
-    return ray
+        raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
 
 
 def connect_ray(address):
@@ -1089,7 +1071,7 @@ def connect_ray(address):
     Returns the ray module. Raises UserError when no cluster answers there (an address nobody listens
     on is probed first: ray.init would wait on it for minutes).
     """
-    ray = import_ray()
+    ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
     if address != "auto":
