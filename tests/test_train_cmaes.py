@@ -666,7 +666,7 @@ def test_python_api_cma_on_the_agent_with_a_fitness_of_ones_own(tmp_path, monkey
         agent.set_flat(x)
         return -np.sum((agent(frame, agent.initial_state())[0] - [0.5, 0.8, 0.0]) ** 2)
     es, _ = cm.make_cma(agent.get_flat(), init_sigma=0.1, population_size=16, seed=0)  # pycma's CMA-ES, seeded
-    for generation in range(20):
+    for generation in range(10):
         candidates = es.ask()
         es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
     print(fitness(es.x0), "->", fitness(es.result.xfavorite))
