@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import importlib
 import io
 import json
 import logging
@@ -35,6 +36,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -43,14 +45,6 @@ import threading
 import time
 import types
 import uuid
-
-import cma
-import gymnasium as gym
-import numpy as np
-import pygame
-import torch
-import torch.nn as nn
-from gymnasium.envs.box2d import car_racing
 
 SCRIPT = "train_cmaes.py"
 FORMAT_VERSION = 1
@@ -95,7 +89,7 @@ class PoolLost(Exception):
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
-class HelpFormatter(argparse.HelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each default shown once: appended unless the help says it already or the flag is a switch."""
 
     def _get_help_string(self, action):
@@ -114,7 +108,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     """The argparse parser of every flag."""
     p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
-                      formatter_class=HelpFormatter)
+                      formatter_class=HelpFormatter, epilog=__doc__[__doc__.index("Examples:"):]
+                      + f'\nMore: README.md, section "{SCRIPT}"')
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CarRacing-v3", help="gymnasium id of a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
@@ -135,7 +130,8 @@ def build_parser():
                    help="evaluate the distribution mean (xfavorite) every this many generations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--run-name", help="run folder name (default: <env-id>__train_cmaes__<seed>__<unix-time>)")
+    g.add_argument("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint.pkl or its run folder")
     g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights (this script's or the "
                    "authors' file) over --num-eval-rollouts episodes; no training")
@@ -145,7 +141,11 @@ def build_parser():
                    "top-k patches highlighted (GIF; mp4 when moviepy is installed)")
     g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return")
     g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many consecutive evaluations")
-    g.add_argument("--quiet", action="store_true", help="no per-generation console lines")
+    g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
+    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (TensorBoard's scalars, the "
+                   "weights files, the curve); needs: pip install -r requirements-track.txt")
+    g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
+    g.add_argument("--wandb-entity", help="W&B team or user of --track (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
@@ -176,7 +176,9 @@ def parse_args(argv=None):
         check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
         check_flags(args, given)
         if args.ray_address:
-            import_ray()
+            import_optional("ray", "--ray-address", "ray")
+        if args.track:
+            import_optional("wandb", "--track", "track")
     except UserError as e:
         parser.error(str(e))
     if args.ray_address and "num_workers" not in given:
@@ -236,7 +238,7 @@ def check_flags(args, given):
         raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
                         "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
                         "the architecture"))
-    for flag in ("env_id", "logs_dir", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
+    for flag in ("env_id", "logs_dir", "exp_name", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
         if "\0" in (getattr(args, flag) or ""):
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
@@ -247,9 +249,9 @@ def check_flags(args, given):
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
                 flag == "--resume"))
-    if args.run_name is not None and (not args.run_name or os.path.basename(args.run_name) != args.run_name
-                                      or args.run_name in (".", "..")):
-        raise UserError(f"--run-name {args.run_name!r} must be a plain folder name")
+    for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
+        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
+            raise UserError(f"{flag} {name!r} must be a plain folder name")
     folder = os.path.abspath(args.logs_dir)
     for path in (os.path.join(folder, args.run_name or ""), folder):
         if os.path.exists(path) and not os.path.isdir(path):
@@ -260,6 +262,19 @@ def check_flags(args, given):
         raise UserError(f"--logs-dir {args.logs_dir}: cannot create a folder under {folder}")
 
 
+if __name__ == "__main__":
+    build_parser().parse_known_args()  # --help exits here, before the heavy imports
+
+import cma
+import gymnasium as gym
+import numpy as np
+import pygame
+import torch
+import torch.nn as nn
+import tqdm
+from gymnasium.envs.box2d import car_racing
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. CMA-ES: pycma's CMAEvolutionStrategy
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +283,7 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def make_cma(x0, init_sigma, population_size, seed, run_dir):
+def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
 
     The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
@@ -276,13 +291,18 @@ def make_cma(x0, init_sigma, population_size, seed, run_dir):
     the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
     `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (with `detach_randn`).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
-    and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into the
-    run folder anyway).
+    and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
+    run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
+
+        es, _ = make_cma(AttentionAgent().get_flat(), population_size=16)
+        for generation in range(30):
+            candidates = es.ask()
+            es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
     """
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {"popsize": population_size, "seed": derive_seed(seed, CMA_STREAM, 1), "randn": rng.randn,
                "verbose": -9, "verb_disp": 0, "verb_log": 0,
-               "verb_filenameprefix": os.path.join(run_dir, "outcmaes") + os.sep}
+               "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep}
     return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), init_sigma, options), rng
 
 
@@ -552,6 +572,7 @@ def train(args, given):
     Returns the exit code: 0, 1 when the workers are lost, 130 when interrupted."""
     run = setup_run(args, given)  # run folder, agent, pycma object, counters, pool: from flags or a checkpoint
     args, es, counters, pool = run.args, run.es, run.counters, run.pool
+    code = 1  # until the loop ends
     try:
         while counters["generation"] < args.max_iter:
             start = time.perf_counter()
@@ -578,29 +599,31 @@ def train(args, given):
             counters["wall_time_s"] = run.wall_offset + (now - run.start)
             row = write_progress_row(run, returns, eval_returns, sigma, now)
             print_generation(run, returns, sigma, row["num_cpus"], steps / (now - start), now)
-            save_checkpoint(run.paths["checkpoint.pkl"], {
-                "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(args), "cma": es,
-                "cma_rng": run.cma_rng, "counters": dict(counters)})
+            save_run(run, uploads=eval_returns is not None)  # checkpoint.pkl; TensorBoard flushed; W&B files
             if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
                 break
+        code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
         print(f"{reason}: {run.kept()}", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:
         run.csv_file.close()
         pool.close()
-    finish_run(run)
-    return 0
+        if code:
+            stop_logging(run, code)
+    if code == 0:
+        finish_run(run)
+    return code
 
 
 def evaluate(pool, params, seed, iteration, episodes):
     """Returns of `params` (float (D,)) over `episodes` evaluation episodes, no early stop:
     (float64 (episodes,), env steps)."""
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
-    results = pool.map(tasks, [np.asarray(params, dtype=np.float32)])
+    results = pool.map(tasks, [np.asarray(params, dtype=np.float32)], what="evaluation")
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
 
 
@@ -637,6 +660,11 @@ def write_progress_row(run, returns, eval_returns, sigma, now):
         f"{sigma:.6g}", f"{float(es.D.max() / es.D.min()):.6g}", run.dim, run.pool.num_cpus]))
     run.writer.writerow(row)
     run.csv_file.flush()
+    scalars = {column: float(value) for column, value in row.items() if column != "env_steps" and value != ""}
+    for column, value in scalars.items():  # TensorBoard: every numeric cell, x axis env steps
+        run.tb.add_scalar(column, value, global_step=counters["env_steps"])
+    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
+        run.wandb.log({**scalars, "env_steps": counters["env_steps"]})
     if evaluated and now - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         run.last_plot = now
@@ -667,7 +695,7 @@ def setup_run(args, given):
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
-        run_name = args.run_name or f"{args.env_id}__{SCRIPT[:-3]}__{args.seed}__{int(time.time())}"
+        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.logs_dir, run_name)
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
@@ -682,22 +710,16 @@ def setup_run(args, given):
         es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir)
         counters = dict.fromkeys(COUNTERS, 0) | {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config),
-                       [args.population_size * base.size])  # before any file is touched
+                       [args.population_size * base.size], args.quiet)  # before any file is touched
     os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in
              ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
     dim = int(mask.sum())
+    tb, wandb = start_logging(args, run_dir, counters["env_steps"])  # with --track: args.wandb_id
     config = dict(vars(args), env_config=env_config, agent_config=agent_config, num_params=int(base.size),
                   search_dim=dim, versions=versions())
     atomic_write(paths["args.json"], json.dumps(config, indent=2).encode())
-    if checkpoint:
-        truncate_progress(paths["progress.csv"], counters["generation"])
-    elif os.path.exists(paths["progress.csv"]):
-        os.unlink(paths["progress.csv"])
-    csv_file = open(paths["progress.csv"], "a", newline="")
-    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
-    if csv_file.tell() == 0:
-        writer.writeheader()
+    csv_file, writer = open_progress(paths["progress.csv"], counters["generation"] if checkpoint else None)
 
     def full(x):  # the searched part x (float (dim,)) put into the genotype: float32 (D,)
         vector = base.copy()
@@ -724,7 +746,8 @@ def setup_run(args, given):
     now = time.perf_counter()
     return types.SimpleNamespace(
         args=args, dir=run_dir, paths=paths, env_config=env_config, agent=agent, dim=dim, full=full, meta=meta,
-        kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer,
+        kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer, tb=tb,
+        wandb=wandb,
         log=(lambda *a, **k: None) if args.quiet else print, title=f"CMA-ES AttentionAgent on {args.env_id} "
         f"(seed {args.seed})", start=now, session_start=now, first_generation=counters["generation"],
         wall_offset=counters["wall_time_s"], last_plot=-math.inf)
@@ -740,8 +763,8 @@ def build_agent(args, env_shape):
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
     if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # The searched part may differ from the file's (e.g. --train attention --query-dim 2 --no-bias) and
-        # then starts fresh; a frozen part must fit.
+        # A searched part may differ from the file's (e.g. --controller rnn, or --train attention --query-dim 2)
+        # and then starts fresh; a frozen part must fit.
         source, _, _ = agent_from_file(args.init_from, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
@@ -749,11 +772,58 @@ def build_agent(args, env_shape):
                 target, origin = getattr(agent, name), getattr(source, name, None)
                 if origin is not None and shapes(target) == shapes(origin):
                     target.load_state_dict(origin.state_dict())
-                elif part != args.train:
+                elif args.train not in ("all", part):
                     raise UserError(f"{args.init_from} cannot provide the {part}: its {name} does not match this "
                                     f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
                                     f"hidden size {source.fc.in_features} in the file)")
     return agent, agent_config
+
+
+def save_run(run, uploads):
+    """checkpoint.pkl (atomically), TensorBoard's events flushed, and (uploads, --track) the files sent to W&B."""
+    save_checkpoint(run.paths["checkpoint.pkl"], {
+        "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "cma": run.es,
+        "cma_rng": run.cma_rng, "counters": dict(run.counters)})
+    run.tb.flush()
+    if uploads:
+        upload(run)
+
+
+def upload(run):
+    """With --track: send best.npz, final.npz and learning_curve.png, those that exist, to W&B now."""
+    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
+        if os.path.exists(run.paths[name]):
+            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
+
+
+def start_logging(args, run_dir, env_steps):
+    """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
+    first (it syncs the event files) and continues the run's W&B run on resume (its id is in the checkpoint).
+    W&B keeps its files in the run folder's wandb/ and gets the scalars from `wandb.log`, not from syncing the
+    event files (its tensorboard sync would find its own copies of them in wandb/, again and again).
+    A resumed run (env_steps > 0) hides the points that a killed session wrote after its checkpoint."""
+    wandb = import_optional("wandb", "--track", "track") if args.track else None
+    if wandb:
+        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
+        try:
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
+            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
+        except Exception as e:
+            raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
+    from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
+    writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
+    table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+    return writer, wandb
+
+
+def stop_logging(run, code):
+    """Close the event files; with --track upload the files and end the W&B run with the run's exit code."""
+    run.tb.close()
+    if run.wandb:
+        upload(run)
+        run.wandb.finish(exit_code=code)
 
 
 def finish_run(run):
@@ -761,6 +831,7 @@ def finish_run(run):
     counters = run.counters
     save_weights(run.paths["final.npz"], run.full(run.es.result.xfavorite), run.meta(counters["generation"]))
     plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+    stop_logging(run, 0)
     print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "
           f"{counters['wall_time_s']:.1f} s. Files in {run.dir}: args.json progress.csv learning_curve.png "
           "checkpoint.pkl final.npz" + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "")
@@ -829,15 +900,15 @@ class RolloutPool:
 
     `map(tasks, shared)`: tasks are small tuples for `RolloutWorker.run`; `shared` the batch's float32
     arrays (at most `shared_sizes` values each). Locally they go through mp.RawArray shared memory into
-    a ProcessPoolExecutor's workers (fork where available); a dead worker (BrokenProcessPool) costs a
+    a ProcessPoolExecutor's workers (multiprocessing's start method); a dead worker (BrokenProcessPool) costs a
     warning and a re-run of the batch on a new executor, MAX_RESTARTS times, then PoolLost. On Ray they
     go once per batch into the object store (`ray.put`), each task is re-run up to MAX_RESTARTS times if
     its worker process or node dies, num_workers (None: every CPU of the cluster) caps the tasks running
     at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
-        self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False):
+        self.num_workers, self.address, self.worker_args, self.quiet = num_workers, ray_address, worker_args, quiet
         self.on_lost = None  # () -> what to tell about the checkpoint when the workers are lost
         self.executor = None
         if ray_address:
@@ -850,20 +921,36 @@ class RolloutPool:
         if self.num_workers == 1:
             init_worker(self.worker_args, self.buffers, in_process=True)
             return
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: no re-import of torch
-        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(method),
+        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(),
                                                                initializer=init_worker,
                                                                initargs=(self.worker_args, self.buffers))
 
-    def map(self, tasks, shared):
-        """Run the tasks; a list of their results in task order."""
-        if self.address:
-            return self.map_ray(tasks, shared)
+    def map(self, tasks, shared, what="rollouts"):
+        """Run the tasks; a list of their results in task order. On a terminal (and not quiet), a progress bar of
+        the episodes on stderr, described by `what`, that goes when the tasks are done."""
+        start, steps = time.perf_counter(), 0
+        columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
+        with tqdm.tqdm(total=sum(len(task[1]) for task in tasks), desc=what, unit="episode", leave=False,
+                       ncols=columns - 1, nrows=lines, disable=self.quiet or not sys.stderr.isatty()) as bar:
+            def progress(result):  # a task's (episode returns, steps), as it finishes
+                nonlocal steps
+                steps += result[1]
+                bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
+                bar.update(len(result[0]))
+            return self.map_ray(tasks, shared, progress) if self.address else self.map_local(tasks, shared, progress)
+
+    def map_local(self, tasks, shared, progress):
+        """`map` on this machine: a dead worker costs a re-run of the batch on new workers, MAX_RESTARTS times."""
         for buffer, array in zip(self.buffers, shared):
             np.frombuffer(buffer, dtype=np.float32)[:array.size] = array.ravel()
         for attempt in range(MAX_RESTARTS + 1):
             try:
-                return list(self.executor.map(run_task, tasks)) if self.executor else [run_task(t) for t in tasks]
+                if not self.executor:  # in this process
+                    return [progress(result) or result for result in map(run_task, tasks)]
+                futures = [self.executor.submit(run_task, task) for task in tasks]
+                for future in concurrent.futures.as_completed(futures):
+                    progress(future.result())
+                return [future.result() for future in futures]
             except concurrent.futures.process.BrokenProcessPool as e:
                 self.close()
                 if attempt == MAX_RESTARTS:
@@ -944,7 +1031,7 @@ class RolloutPool:
                       file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, tasks, shared):
+    def map_ray(self, tasks, shared, progress):
         """`map` on the cluster. Raises UserError for an error in the rollout code, PoolLost when the
         cluster is gone or a task's retries ran out."""
         try:
@@ -952,9 +1039,13 @@ class RolloutPool:
             refs, running = [], []
             for task in tasks:
                 if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                    _, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
+                    done, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
+                    list(map(progress, self.ray.get(done)))
                 refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, task))
                 running.append(refs[-1])
+            while running:  # the last tasks, as each finishes
+                done, running = self.ray.wait(running)
+                list(map(progress, self.ray.get(done)))
             return self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
             raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
@@ -969,14 +1060,12 @@ class RolloutPool:
                            f"tried {MAX_RESTARTS + 1} times): {reason}") from None
 
 
-def import_ray():
-    """The `ray` module. Raises UserError when Ray is not installed (optional: requirements-ray.txt)."""
+def import_optional(name, flag, extra):
+    """The module `name` (ray, wandb). UserError when it is not installed: it is optional (requirements-<extra>.txt)."""
     try:
-        import ray
+        return importlib.import_module(name)
     except ImportError:
-        raise UserError("--ray-address needs Ray, which is not installed: "
-                        "pip install -r requirements-ray.txt") from None
-    return ray
+        raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
 
 
 def connect_ray(address):
@@ -985,7 +1074,7 @@ def connect_ray(address):
     Returns the ray module. Raises UserError when no cluster answers there (an address nobody listens
     on is probed first: ray.init would wait on it for minutes).
     """
-    ray = import_ray()
+    ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
     if address != "auto":
@@ -1188,6 +1277,9 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    if isinstance(state.get("args"), dict):  # a run from before these logging flags
+        state["args"] = {"exp_name": SCRIPT[:-3], "track": False, "wandb_project_name": "neuroevolution",
+                         "wandb_entity": None} | state["args"]
     kinds = {"args": dict, "cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState, "counters": dict}
     if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not (
             set(state["args"]) >= set(vars(build_parser().parse_args([]))) and set(state["counters"]) >= set(COUNTERS)):
@@ -1201,17 +1293,23 @@ def format_duration(seconds):
     return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
-def truncate_progress(path, last_iteration):
-    """Keep the rows of progress.csv up to `last_iteration` (rows written after the checkpoint go)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-    if len(kept) != len(rows):
-        text = io.StringIO()
-        csv.writer(text).writerows(kept)
-        atomic_write(path, text.getvalue().encode())
+def open_progress(path, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter). A new run (last_iteration None) starts it anew; a
+    resumed one keeps the rows up to `last_iteration` (the checkpoint's; rows written after it go)."""
+    rows = []
+    if last_iteration is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
+        if len(kept) != len(rows):
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            atomic_write(path, text.getvalue().encode())
+    csv_file = open(path, "a" if rows else "w", newline="")
+    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
+    if not rows:
+        writer.writeheader()
+    return csv_file, writer
 
 
 def plot_learning_curve(progress_path, image_path, title):
@@ -1301,7 +1399,7 @@ def run_from_pretrained(args, given):
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
     params = agent.get_flat()
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size])
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet)
     print(agent)
     print(f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
           f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}")
@@ -1312,7 +1410,7 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{env_config['env_id']}__{SCRIPT[:-3]}__eval__{args.seed}__{int(time.time())}"
+        name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(env_config, agent, os.path.join(args.logs_dir, name, "videos", "pretrained"),
                                           derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))

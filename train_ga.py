@@ -1016,9 +1016,11 @@ def write_progress_row(run, fitness, task_returns, evaluation, best_params, best
            *([f"{m:.6g}" for m in task_returns.mean((0, 1))] if run.args.multitask else [])]
     run.writer.writerow(row)
     run.csv_file.flush()
-    for column, cell in zip(run.columns, row):
-        if column != "env_steps" and cell != "":
-            run.tb.add_scalar(column, float(cell), global_step=c["env_steps"])
+    scalars = {column: float(cell) for column, cell in zip(run.columns, row) if column != "env_steps" and cell != ""}
+    for column, value in scalars.items():
+        run.tb.add_scalar(column, value, global_step=c["env_steps"])
+    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
+        run.wandb.log({**scalars, "env_steps": c["env_steps"]})
 
 
 def print_generation(run, fitness, best_fitness, steps, started):
@@ -1123,9 +1125,9 @@ def open_run_files(run, resumed):
         run.writer.writerow(run.columns)
     if run.wandb:  # before the SummaryWriter: W&B then syncs its scalars
         try:
-            run.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                           config=vars(args), name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id,
-                           resume="allow")
+            run.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                           name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
+            run.wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
         except Exception as e:
             raise UserError(f"--track: W&B did not start the run: {str(e).strip().splitlines()[0]}") from None
     from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing TensorBoard costs ~2 s

@@ -747,9 +747,12 @@ def write_progress(run, gen):
               f"{es.grad_norm:.6g}", f"{float(np.linalg.norm(es.theta)):.6g}", gen.num_cpus]
     run.writer.writerow(dict(zip(PROGRESS_COLUMNS, values)))
     run.csv_file.flush()
-    for column, value in zip(PROGRESS_COLUMNS, values):
-        if column != "env_steps" and value != "":  # no evaluation: no point
-            run.tb.add_scalar(column, float(value), global_step=counters["env_steps"])
+    scalars = {column: float(value) for column, value in zip(PROGRESS_COLUMNS, values)
+               if column != "env_steps" and value != ""}  # no evaluation: no point
+    for column, value in scalars.items():
+        run.tb.add_scalar(column, value, global_step=counters["env_steps"])
+    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
+        run.wandb.log({**scalars, "env_steps": counters["env_steps"]})
 
 
 def console_line(args, gen, counters, steps_per_s, eta):
@@ -826,8 +829,9 @@ def open_run_folder(run, resuming):
         import wandb
         args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
         try:
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
+            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly (below)
         except Exception as e:
             raise UserError(f"--track: W&B refused the run: {str(e).strip().splitlines()[0]}") from None
         run.wandb = wandb

@@ -20,13 +20,13 @@ def api_blocks():
 def test_the_readme_shows_an_api_example_of_each_script():
     blocks = api_blocks()
     for script in ("train_openai_es", "train_ga", "train_cmaes"):
-        assert sum(f"from {script} import" in block for block in blocks) == 1, script
+        assert sum(re.search(rf"\b{script}\b", block) is not None for block in blocks) == 1, script
 
 
-@pytest.mark.parametrize("block", api_blocks(), ids=lambda block: re.search(r"from (\w+) import", block).group(1))
+@pytest.mark.parametrize("block", api_blocks(), ids=lambda block: re.search(r"\b(train_[a-z_]+)", block).group(1))
 def test_an_api_example_runs_and_improves_its_fitness(block, tmp_path):
     out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     start, end = map(float, re.search(r"fitness (\S+) -> (\S+)", out.stdout).groups())
     assert end - start >= 0.5 * abs(start) > 0, out.stdout  # at least half of the way to the optimum 0

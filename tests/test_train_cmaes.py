@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_cmaes as cm
-from conftest import run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_on_terminal, run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_cmaes.py")
@@ -295,6 +295,22 @@ def test_attention_only_with_a_smaller_query(tmp_path):
 
 
 @needs_authors
+def test_init_from_a_file_of_another_controller_starts_searched_parts_fresh_and_frozen_ones_must_fit():
+    authors = authors_params()
+    for flags in (["--controller", "rnn"], ["--train", "controller", "--controller", "rnn"]):
+        agent, _ = cm.build_agent(cm.parse_args([*flags, "--init-from", AUTHORS])[0], (96, 3))
+        params = agent.get_flat()  # the authors' attention and output layer fc (51 values), a fresh (seeded) RNN
+        assert params.size == 1184 + 659 and np.array_equal(params[:1184], authors[:1184])
+        assert np.array_equal(params[-51:], authors[-51:])
+    torch.manual_seed(1)
+    assert np.array_equal(params[1184:-51], cm.AttentionAgent(controller="rnn").get_flat()[1184:-51])
+    for flags, part in ((["--train", "attention", "--controller", "rnn"], "controller"),
+                        (["--train", "controller", "--query-dim", "2"], "attention")):
+        with pytest.raises(cm.UserError, match=f"cannot provide the {part}"):
+            cm.build_agent(cm.parse_args([*flags, "--init-from", AUTHORS])[0], (96, 3))
+
+
+@needs_authors
 def test_from_pretrained_authors_file_and_attention_video(tmp_path):
     out = run_script(["--from-pretrained", AUTHORS, "--num-eval-rollouts", "2", "--max-episode-steps", "60",
                       "--num-workers", "2", "--capture-video", "--run-name", "v"], cwd=tmp_path)
@@ -358,7 +374,8 @@ BAD_INPUTS = [  # (flags, a word the error line must hold)
         "--max-negative-steps": ["-1"], "--consecutive-goal-stopping": ["0"], "--seed": ["-1", str(2**70)],
         "--top-k": ["0", "530"], "--patch-size": ["0", "97"], "--patch-stride": ["0", "200"], "--hidden-size": ["0"],
         "--query-dim": ["-2"], "--num-frames": ["0"], "--logs-dir": ["a_file", "a_file/below"],
-        "--run-name": ["", "../elsewhere", "a/b", "nul\0byte"], "--resume": ["missing", "a_folder", "a_file_dir"],
+        "--run-name": ["", "../elsewhere", "a/b", "nul\0byte"], "--exp-name": ["", "a/b", ".."],
+        "--resume": ["missing", "a_folder", "a_file_dir"],
         "--from-pretrained": ["missing.npz", "a_folder"], "--init-from": ["a_folder", "missing.npz"],
     }.items() for value in values],
     (["--top-k", "100", "--patch-stride", "20"], "--top-k"),
@@ -392,6 +409,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("train_cmaes.py: error: ") and expected in err, err
     assert sorted(os.listdir(tmp_path)) == before  # no run folder, nothing else written
+
+
+def test_help_imports_no_heavy_module_and_shows_the_examples_and_the_readme():
+    heavy, text = modules_imported_by_help(SCRIPT)
+    assert heavy in ([], ["tqdm"]), heavy
+    assert "python train_cmaes.py --train controller --init-from" in text and "Examples:" in text
+    assert 'More: README.md, section "train_cmaes.py"' in text and "--exp-name" in text and "--track" in text
+
+
+def test_num_workers_default_without_sched_getaffinity(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert cm.build_parser().parse_args([]).num_workers == os.cpu_count()
 
 
 def test_help_shows_each_default_once():
@@ -543,3 +572,113 @@ def test_ray_worker_killed_mid_run_costs_a_rerun_not_the_run(tmp_path, ray_clust
     assert returncode == 0, stderr
     local, _ = train(tmp_path, "local", "--quiet", workers=2)
     assert progress(tmp_path / "runs" / "ray", drop=("wall_time_s",)) == progress(local, drop=("wall_time_s",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 13: --exp-name, TensorBoard, --track (W&B), progress bars, spawn, the Python API
+# ------------------------------------------------------------------------------------------------
+def scalars(run_dir):
+    """{tag: [(step, value)]} of every TensorBoard event file in run_dir, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+def test_exp_name_names_the_run_folder_and_tensorboard_holds_the_progress_rows(tmp_path):
+    out = run_script(["--exp-name", "tiny", "--num-workers", "1", "--max-iter", "2", *TINY], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"CarRacing-v3__tiny__1__\d+", run.name)
+    assert json.loads((run / "args.json").read_text())["exp_name"] == "tiny"
+    rows, (curves, acc) = progress(run, drop=()), scalars(run)
+    numeric = [column for column in rows[0] if column != "env_steps"]
+    assert sorted(curves) == sorted(numeric)  # every numeric column; the evaluation's columns are filled here
+    for tag, points in curves.items():
+        assert [step for step, _ in points] == [int(row["env_steps"]) for row in rows]
+        assert np.allclose([value for _, value in points], [float(row[tag]) for row in rows], rtol=1e-6)
+    assert "hyperparameters/text_summary" in acc.Tags()["tensors"]
+    assert b"|exp_name|tiny|" in acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0]
+
+
+def test_resumed_run_continues_the_tensorboard_curves_without_the_killed_sessions_points(tmp_path):
+    run, _ = train(tmp_path, "tb", "--quiet", iters=2)
+    saved = (run / "checkpoint.pkl").read_bytes()
+    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run / "checkpoint.pkl").write_bytes(saved)  # as if killed after writing generation 3, before its checkpoint
+    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    steps = [int(row["env_steps"]) for row in progress(run)]
+    assert len(steps) == 4 and [step for step, _ in scalars(run)[0]["return_mean"]] == steps
+
+
+def test_track_logs_to_wandb_offline_and_without_wandb_is_one_line(tmp_path):
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, SCRIPT, "--run-name", "w", "--num-workers", "1", "--max-iter", "2", *TINY,
+                          "--track", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (files,) = (tmp_path / "runs" / "w" / "wandb").glob("offline-run-*/files")  # in the run folder
+    names = {path.name for path in files.rglob("*")}
+    assert {"best.npz", "final.npz", "learning_curve.png"} <= names
+    records = b"".join(path.read_bytes() for path in files.parent.glob("*.wandb"))
+    assert all(column.encode() in records for column in ("return_mean", "eval_return_mean", "axis_ratio", "env_steps"))
+    assert not any(name.startswith("events.out.tfevents") for name in names)  # logged, not synced (no copies)
+    assert json.loads((tmp_path / "runs" / "w" / "args.json").read_text())["wandb_id"] in files.parent.name
+    code = "import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], " \
+           "run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code, SCRIPT, "--track", "--run-name", "none"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "requirements-track.txt" in assert_one_line_error(out)
+    assert not (tmp_path / "runs" / "none").exists()
+
+
+@needs_authors
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    flags = ["--num-workers", "2", "--max-iter", "1", *TINY]
+    code, text = run_on_terminal([sys.executable, SCRIPT, "--run-name", "tty", *flags], cwd=tmp_path)
+    assert code == 0, text
+    assert "rollouts:" in text and "episode" in text and "%|" in text and "env steps/s" in text
+    out = run_script(["--run-name", "pipe", *flags], cwd=tmp_path)
+    assert out.returncode == 0 and "%|" not in out.stdout + out.stderr and "episode/s" not in out.stderr
+    code, text = run_on_terminal([sys.executable, SCRIPT, "--from-pretrained", AUTHORS, "--num-eval-rollouts", "2",
+                                  "--max-episode-steps", "30", "--num-workers", "1"], cwd=tmp_path)
+    assert code == 0 and "evaluation:" in text and "%|" in text, text
+
+
+def test_spawn_as_on_macos_gives_the_same_run(tmp_path):
+    out = run_as_on_macos(SCRIPT, ["--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "--num-workers" in out.stdout, out.stderr
+    flags = ["--num-workers", "2", "--max-iter", "2", *TINY, "--quiet"]
+    out = run_as_on_macos(SCRIPT, ["--run-name", "spawn", *flags], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    forked, _ = train(tmp_path, "fork", "--quiet", workers=2)
+    assert progress(tmp_path / "runs" / "spawn") == progress(forked)
+
+
+def test_python_api_cma_on_the_agent_with_a_fitness_of_ones_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    import train_cmaes as cm  # the README's example, as it stands there
+
+    agent = cm.AttentionAgent()  # the paper's agent: 3667 parameters, a 96x96 RGB frame -> 3 actions in [-1, 1]
+    frame = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    def fitness(x):  # a toy fitness of the parameters: the agent's action on this frame should be (0.5, 0.8, 0)
+        agent.set_flat(x)
+        return -np.sum((agent(frame, agent.initial_state())[0] - [0.5, 0.8, 0.0]) ** 2)
+    es, _ = cm.make_cma(agent.get_flat(), init_sigma=0.1, population_size=16, seed=0)  # pycma's CMA-ES, seeded
+    for generation in range(10):
+        candidates = es.ask()
+        es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
+    print(fitness(es.x0), "->", fitness(es.result.xfavorite))
+
+    assert fitness(es.result.xfavorite) > 0.1 * fitness(es.x0) and fitness(es.x0) < -0.1
+    assert os.listdir(tmp_path) == []  # no outcmaes/, no file at all
+
+
+def test_importing_the_script_has_no_side_effect(tmp_path):
+    code = "import sys; sys.argv = ['x', '--bad-flag']; import train_cmaes; print('quiet')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0 and out.stdout == "quiet\n" and out.stderr == "" and os.listdir(tmp_path) == []

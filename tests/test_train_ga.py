@@ -905,7 +905,9 @@ def test_track_logs_to_wandb_offline_and_needs_wandb(tmp_path):
     (files,) = glob.glob(str(run / "wandb" / "offline-run-*" / "files"))
     names = {os.path.relpath(path, files) for path in glob.glob(os.path.join(files, "**"), recursive=True)}
     assert {"best.npz", "final.npz", "learning_curve.png"} <= names, names
-    assert any("tfevents" in name for name in names), names
+    records = b"".join(open(path, "rb").read() for path in glob.glob(str(run / "wandb" / "offline-run-*" / "*.wandb")))
+    assert all(column.encode() in records for column in ("return_mean", "eval_return_mean", "best_fitness", "env_steps"))
+    assert not any("tfevents" in name for name in names), names  # logged, not synced (no copies)
     config = json.loads((run / "args.json").read_text())
     _, state = ga_mod.load_checkpoint(str(run))
     assert config["wandb_id"] and state["args"]["wandb_id"] == config["wandb_id"]  # --resume continues that run

@@ -920,7 +920,9 @@ def test_track_logs_to_wandb_offline(tmp_path):
     run = train(tmp_path, "tracked", "--track", "--eval-every", "1", "--quiet", environ=env)
     files = {p.name for p in run.glob("wandb/offline-run-*/files/**/*")}
     assert {"best.npz", "final.npz", "learning_curve.png"} <= files
-    assert any(name.startswith("events.out.tfevents.") for name in files)
+    records = b"".join(path.read_bytes() for path in run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert all(column.encode() in records for column in ("return_mean", "eval_return_mean", "center_rank", "env_steps"))
+    assert not any(name.startswith("events.out.tfevents.") for name in files)  # logged, not synced (no copies)
     config = json.loads((run / "args.json").read_text())
     assert config["track"] and config["wandb_project_name"] == "neuroevolution" and config["wandb_id"]
     assert run.glob(f"wandb/offline-run-*-{config['wandb_id']}")  # the id a resume continues
