@@ -1247,10 +1247,11 @@ class RolloutPool:
     def map(self, tasks, shared, label=None):
         """Run the tasks; the list of results in task order. label: the title of a live bar of the tasks'
         episodes as they finish (tqdm on stderr, a terminal only; None: no bar). Raises UserError or PoolError."""
-        # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
-        # the tasks alone, not on the chunks.
-        size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
-        chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
+        # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
+        # tasks alone, not on the chunks.
+        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
+        chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
         with live_bar(label, sum(len(task[1]) for task in tasks)) as bar:
             def done(results):  # a finished chunk's results, each counted by the bar
                 return [bar.done(result) for result in results]
@@ -1261,7 +1262,9 @@ class RolloutPool:
                 results = [done(self.local.run(chunk)) for chunk in chunks]
             else:
                 results = self.map_local(chunks, shared, done)
-            return [result for chunk_results in results for result in chunk_results]
+            for i, chunk_results in enumerate(results):
+                ordered[i::count] = chunk_results
+            return ordered
 
     def map_local(self, chunks, shared, done):
         """`map` of chunks of tasks on the worker processes; done(chunk's results) as each chunk finishes."""

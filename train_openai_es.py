@@ -1066,10 +1066,11 @@ class RolloutPool:
     def map(self, tasks, shared, progress=None):
         """Run the tasks: their results in task order; `progress(result)` for each as its chunk ends.
         UserError or PoolLost."""
-        # About 4 chunks a worker (load balance), each stepped in lockstep by one worker: results depend on
-        # the tasks alone, not on the chunks.
-        size = max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
-        chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
+        # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
+        # tasks alone, not on the chunks.
+        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
+        chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
 
         def report(results):  # a finished chunk's results
             for result in results if progress else ():
@@ -1089,7 +1090,9 @@ class RolloutPool:
                     for future in as_completed(futures):
                         report(future.result())
                     results = [future.result() for future in futures]
-                return [result for chunk_results in results for result in chunk_results]
+                for i, chunk_results in enumerate(results):
+                    ordered[i::count] = chunk_results
+                return ordered
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:
