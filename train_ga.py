@@ -1823,7 +1823,8 @@ def main(argv=None):
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
+        signal.signal(signum, stop)
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
     torch.set_num_threads(1)
     # gymnasium's image wrappers build float64-bounded Boxes and warn about it; harmless, it would bury errors.

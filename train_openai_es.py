@@ -1453,7 +1453,8 @@ def main(argv=None):
 
     def stop(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
+        signal.signal(signum, stop)
     torch.set_num_threads(1)
     try:
         args, given = parse_args(argv)

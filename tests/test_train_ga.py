@@ -416,16 +416,19 @@ def test_resume_refuses_algorithm_changes_and_drops_late_rows(tmp_path):
     assert rows[:1] == reference and len(rows) == 2 and rows[1]["evaluations"] == "12"
 
 
-def test_sigterm_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path, signum):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "term", "--num-workers", "2", "--max-iter", "100000",
                              *TINY, "--hidden-sizes", "8", "--eval-every", "1000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # started with Ctrl-C ignored, as a non-interactive shell starts a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     checkpoint = tmp_path / "runs" / "term" / "checkpoint.pkl"
     deadline = time.time() + 60
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(0.3)
-    proc.terminate()
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert f"--resume {os.path.join('runs', 'term')}" in stderr and "Traceback" not in stderr

@@ -418,7 +418,9 @@ def test_resume_refuses_algorithm_changes(tmp_path):
 def test_sigint_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "int", "--num-workers", "2", "--max-iter", "100000",
                              *TINY, "--max-episode-steps", "500", "--eval-every", "1000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # started with Ctrl-C ignored, as a non-interactive shell starts a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     checkpoint = tmp_path / "runs" / "int" / "checkpoint.pkl"
     deadline = time.time() + 60
     while not checkpoint.exists() and time.time() < deadline:
