@@ -829,25 +829,28 @@ class RolloutWorker:
     def __init__(self, env_configs, policy_config, dim):
         torch.set_num_threads(1)
         self.env_configs, self.dim, self.members = env_configs, dim, None
-        self.envs = {(t, training): make_env(config, training)
+        # (task t, training) -> its envs, one per episode stepped at once (lockstep), built at first use
+        self.envs = {(t, training): [make_env(config, training)]
                      for t, config in enumerate(env_configs) for training in (True, False)}
         # A Box2D world keeps state across resets (BipedalWalker's returns drift on a reused env with the same
         # seed): Box2D envs are rebuilt per episode (~0.4 ms), the others built once.
-        self.fresh = [type(self.envs[t, True].unwrapped).__module__.startswith("gymnasium.envs.box2d")
+        self.fresh = [type(self.envs[t, True][0].unwrapped).__module__.startswith("gymnasium.envs.box2d")
                       for t in range(len(env_configs))]
         self.policy = build_policy(policy_config)
-        self.slots = {True: [], False: []}  # lockstep's envs (of env_configs[0]), one per task of a chunk
 
     def use(self, shared):
         """Read members from shared[0], a flat float32 array of rows x D values (a view, not a copy)."""
         self.members = np.asarray(shared[0], dtype=np.float32).reshape(-1, self.dim)
 
-    def env(self, t, training):
-        """Task t's env, rebuilt first when it is a Box2D env."""
-        if self.fresh[t]:
-            self.envs[t, training].close()
-            self.envs[t, training] = make_env(self.env_configs[t], training)
-        return self.envs[t, training]
+    def env(self, t, training, slot=0):
+        """Env number `slot` of task t for a new episode: built at its first use, rebuilt when it is a Box2D env."""
+        envs = self.envs[t, training]
+        if slot == len(envs):
+            envs.append(make_env(self.env_configs[t], training))
+        elif self.fresh[t]:
+            envs[slot].close()
+            envs[slot] = make_env(self.env_configs[t], training)
+        return envs[slot]
 
     def run(self, tasks):
         """Run tasks (member, env_seeds, training, noisy) -> per task (returns [[T floats] per episode], steps).
@@ -855,7 +858,7 @@ class RolloutWorker:
         its own weights: each episode is exactly what it is alone); other policies run the tasks one by one."""
         if isinstance(self.policy, MultitaskPolicy) or self.policy.pixels:
             return [self.run_one(task) for task in tasks]
-        return self.lockstep(tasks) if tasks else []
+        return self.lockstep(tasks)
 
     def run_one(self, task):
         """One task's episodes, one after the other: (returns [[T floats] per episode], steps)."""
@@ -877,15 +880,8 @@ class RolloutWorker:
         """`run` of one env's tasks of one kind (training or evaluation), stepped together."""
         n, training = len(tasks), tasks[0][2]
         genotypes, seeds = self.members[[task[0] for task in tasks]], [list(task[1]) for task in tasks]
-        while len(self.slots[training]) < n:  # env k serves the chunk's k-th task
-            self.slots[training].append(make_env(self.env_configs[0], training))
-        envs = self.slots[training]
-
-        def reset(k):
-            if self.fresh[0]:
-                envs[k].close()
-                envs[k] = make_env(self.env_configs[0], training)
-            return envs[k].reset(seed=seeds[k].pop(0))[0]
+        envs = self.envs[0, training]  # env k serves the chunk's k-th task
+        reset = lambda k: self.env(0, training, k).reset(seed=seeds[k].pop(0))[0]  # noqa: E731
         returns, steps, totals = [[] for _ in tasks], [0] * n, [0.0] * n
         obs, active = [reset(k) for k in range(n)], list(range(n))
         layers = self.policy.stacked_layers(genotypes)

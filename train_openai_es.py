@@ -937,6 +937,7 @@ class RolloutWorker:
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
+        self.batched = not (self.policy.pixels or self.policy.recurrent)  # an MLP: lockstep with act_batch
         self.envs = {True: [], False: []}  # training / evaluation envs, one per task of a chunk
         # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env), which would
         # make results depend on scheduling: those get a fresh env per episode (~0.4 ms).
@@ -964,26 +965,29 @@ class RolloutWorker:
         sum of squares: float64 (O,)) of a training task's observations when they are normalized, else None).
         An MLP steps the tasks' episodes in lockstep, one batched forward a step (each member keeps its own
         weights: each episode is exactly what it is alone); conv and LSTM policies run the tasks one by one."""
-        if self.policy.pixels or self.policy.recurrent:
+        if not self.batched:
             return [result for task in tasks for result in self.lockstep([task])]
-        return self.lockstep(tasks) if tasks else []
+        return self.lockstep(tasks)
 
     def lockstep(self, tasks):
         """`run` of tasks of one kind (training or evaluation), stepped together."""
-        n, training, mlp = len(tasks), tasks[0][4], not (self.policy.pixels or self.policy.recurrent)
+        n, training = len(tasks), tasks[0][4]
         genotypes = np.stack([perturb(self.center, sigma, seed, sign) if sign else self.center
                               for seed, sign, sigma, _, _ in tasks])
         seeds = [list(task[3]) for task in tasks]
         observations = [[] if training and self.policy.normalize else None for _ in tasks]
         returns, steps, totals, states = [[] for _ in tasks], [0] * n, [0.0] * n, [None] * n
         obs, active = [self.reset(k, training, seeds[k].pop(0)) for k in range(n)], list(range(n))
-        layers = self.policy.stacked_layers(genotypes) if mlp else self.policy.load(genotypes[0])
+        if self.batched:
+            layers = self.policy.stacked_layers(genotypes)
+        else:  # one task: the policy holds its weights
+            self.policy.load(genotypes[0])
         with torch.inference_mode():
             while active:
                 for k in active:
                     if observations[k] is not None:
                         observations[k].append(obs[k])
-                if mlp:
+                if self.batched:
                     actions = self.policy.act_batch(np.stack([obs[k] for k in active]), layers)
                 else:
                     actions, states[0] = self.policy.act(obs[0], states[0])
@@ -1001,7 +1005,8 @@ class RolloutWorker:
                             finished.append(k)
                 if finished:
                     active = [k for k in active if k not in finished]
-                    layers = self.policy.stacked_layers(genotypes[active]) if mlp else None
+                    if active and self.batched:
+                        layers = self.policy.stacked_layers(genotypes[active])
         sums = [None if o is None else np.asarray(o, dtype=np.float64) for o in observations]
         return [(returns[k], steps[k], None if sums[k] is None else
                  (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]

@@ -99,6 +99,18 @@ class LocalRayCluster:
         self.process.wait(60)
 
 
+def script_versions(script, revisions, folder):
+    """[(label, path)] of `script` in the working tree, then as it is at each git revision (written to folder)."""
+    versions = [("working tree", os.path.join(ROOT, script))]
+    for rev in revisions:
+        path = os.path.join(folder, f"{rev}_{script}")
+        with open(path, "wb") as f:
+            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{script}"], check=True,
+                                   capture_output=True).stdout)
+        versions.append((rev, path))
+    return versions
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,14 +128,8 @@ def main():
     args = parser.parse_args()
     if args.generations < 3:
         parser.error("--generations must be at least 3")
-    versions = [("working tree", os.path.join(ROOT, args.script))]
     old_versions = tempfile.TemporaryDirectory()
-    for rev in args.compare:
-        path = os.path.join(old_versions.name, f"{rev}_{args.script}")
-        with open(path, "wb") as f:
-            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{args.script}"], check=True,
-                                   capture_output=True).stdout)
-        versions.append((rev, path))
+    versions = script_versions(args.script, args.compare, old_versions.name)
     raw = raw_step_rate(args.env_id, args.raw_seconds)
     print(f"{args.env_id}: raw env rate on one core {raw:,.0f} steps/s (random actions, {args.raw_seconds:g} s)")
     print(f"{'script':<20} {'version':>12} {'pool':>5} {'workers':>7} {'population':>10} {'gens':>5} "

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from throughput import script_versions
 
 
 def solve(script_path, flags, seed):
@@ -46,14 +46,8 @@ def main():
     parser.add_argument("flags", nargs="*", help="the training script's flags (after --)")
     args = parser.parse_args()
     flags = args.flags + ([] if "--num-eval-rollouts" in args.flags else ["--num-eval-rollouts", "100"])
-    versions = [("working tree", os.path.join(ROOT, args.script))]
     old_versions = tempfile.TemporaryDirectory()
-    for rev in args.compare:
-        path = os.path.join(old_versions.name, f"{rev}_{args.script}")
-        with open(path, "wb") as f:
-            f.write(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{args.script}"], check=True,
-                                   capture_output=True).stdout)
-        versions.append((rev, path))
+    versions = script_versions(args.script, args.compare, old_versions.name)
     print(f"{args.script} {' '.join(flags)}")
     times = {version: [] for version, _ in versions}
     for seed in args.seeds:
