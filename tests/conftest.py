@@ -6,6 +6,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+import functools
 import signal
 import socket
 import subprocess
@@ -100,9 +101,20 @@ def run_without_ray(script, args, cwd, env=None):
                           timeout=300, env=env)
 
 
-def run_killing_a_rollout(command, cwd, timeout=300):
-    """Run `command` (a training run on Ray) and SIGKILL one Ray worker process while it runs a
-    rollout task (its title is ray::ray_rollout). Returns (pid killed or None, exit code, stderr)."""
+def ancestors(pid):
+    """The process ids of pid's parent, its parent's parent, ... (Linux's /proc)."""
+    found = []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
+
+
+def run_killing_a_rollout(command, cwd, cluster, timeout=300):
+    """Run `command` (a training run on Ray) and SIGKILL one of `cluster`'s Ray worker processes while it
+    runs a rollout task (its title is ray::ray_rollout; other clusters' workers, as those of tests running
+    in parallel, are left alone). Returns (pid killed or None, exit code, stderr)."""
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = None, time.monotonic() + timeout
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
@@ -110,6 +122,7 @@ def run_killing_a_rollout(command, cwd, timeout=300):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     running = f.read().startswith(b"ray::ray_rollout")
+                running = running and cluster.process.pid in ancestors(int(pid))
             except (OSError, ValueError):
                 continue
             if running:
@@ -122,11 +135,11 @@ def run_killing_a_rollout(command, cwd, timeout=300):
 
 
 @pytest.fixture
-def rollout_killer():
-    """run_killing_a_rollout, for tests that kill a Ray worker mid-run (needs Linux's /proc)."""
+def rollout_killer(ray_cluster):
+    """run_killing_a_rollout on the session's cluster, for tests that kill a Ray worker mid-run (needs /proc)."""
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc to find Ray's worker processes")
-    return run_killing_a_rollout
+    return functools.partial(run_killing_a_rollout, cluster=ray_cluster)
 
 
 def run_on_terminal(command, cwd, env=None, timeout=300):
