@@ -61,31 +61,13 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
 # Streams of randomness, each derived from (seed, stream, generation, member, rollout).
 INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
-WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
-LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
-# Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
-# that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
-RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 RAY_MISSING = "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt"
-# Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
-                "wandb_entity"}
-PLACEMENT_FLAGS = ("num_workers", "ray_address")
-# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
-META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
-META_POLICY_FLAGS = ("hidden_sizes", "activation")
 SLIME_ID = "SlimeVolley-v0"  # optional slimevolleygym package (old gym API), adapted by this script
 
 
 class UserError(Exception):
     """Bad input (flags, files, environments): one line `train_ga.py: error: ...`, exit code 2."""
     exit_code = 2
-
-
-class PoolError(UserError):
-    """The worker processes keep dying or the Ray cluster is lost: the run stops, its checkpoint kept (exit 1)."""
-    exit_code = 1
 
 
 # ---- 1. Configuration ----------------------------------------------------------------------------
@@ -181,44 +163,6 @@ def build_parser():
     add("--multitask", nargs="+", metavar="ENV_ID", help="evolve one network on these envs at once (shared trunk); "
         "fitness = sum of each task's return / its env's reward threshold")
     return p
-
-
-def parse_args(argv=None):
-    """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
-    marker = object()
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not marker}
-    if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
-        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
-    if args.multitask is not None:
-        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
-            raise UserError("--multitask needs at least two different env ids")
-        if {"env_id", "capture_video", "distill_from"} & given:
-            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
-        args.env_id = "+".join(args.multitask)
-    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
-        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
-    elif args.init_from or args.from_pretrained:
-        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
-    else:
-        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
-    if fixed:
-        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
-    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
-    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address:
-        require("ray", RAY_MISSING)
-        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
-        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
-            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
-        if "num_workers" not in given:
-            args.num_workers = None  # every CPU of the cluster
-    check_args(args)
-    check_paths(args)
-    return args, given
 
 
 if __name__ == "__main__":
@@ -919,6 +863,54 @@ def print_generation(run, fitness, best_fitness, steps, started):
 
 
 # ---- Machinery: a first-time reader may skip what follows (checks, workers, files, plots, video, main)
+# Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
+RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
+                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
+                "wandb_entity"}
+PLACEMENT_FLAGS = ("num_workers", "ray_address")
+# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
+META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
+META_POLICY_FLAGS = ("hidden_sizes", "activation")
+
+
+def parse_args(argv=None):
+    """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
+    marker = object()
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
+    given = {name for name, value in vars(typed).items() if value is not marker}
+    if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
+        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
+    if args.multitask is not None:
+        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
+            raise UserError("--multitask needs at least two different env ids")
+        if {"env_id", "capture_video", "distill_from"} & given:
+            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
+        args.env_id = "+".join(args.multitask)
+    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
+        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
+    elif args.init_from or args.from_pretrained:
+        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
+    else:
+        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
+    if fixed:
+        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
+    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
+    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    if args.ray_address:
+        require("ray", RAY_MISSING)
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
+        if "num_workers" not in given:
+            args.num_workers = None  # every CPU of the cluster
+    check_args(args)
+    check_paths(args)
+    return args, given
+
+
 def parse_env_kwargs(items):
     """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string."""
     kwargs = {}
@@ -1114,6 +1106,11 @@ def save_checkpoint(run):
     run.tb.flush()
 
 
+WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
+LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
+# Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
+# that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
+RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 # A worker process (local or Ray) keeps its RolloutWorker, built at its first task, per pool.
 WORKERS = {}
 
@@ -1160,6 +1157,11 @@ def live_bar(label, total, unit="episode"):
         return result
     bar.done = done
     return bar
+
+
+class PoolError(UserError):
+    """The worker processes keep dying or the Ray cluster is lost: the run stops, its checkpoint kept (exit 1)."""
+    exit_code = 1
 
 
 class RolloutPool:
