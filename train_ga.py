@@ -61,20 +61,7 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
 # Streams of randomness, each derived from (seed, stream, generation, member, rollout).
 INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
-WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
-LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
-# Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
-# that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
-RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 RAY_MISSING = "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt"
-# Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
-                "wandb_entity"}
-PLACEMENT_FLAGS = ("num_workers", "ray_address")
-# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
-META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
-META_POLICY_FLAGS = ("hidden_sizes", "activation")
 SLIME_ID = "SlimeVolley-v0"  # optional slimevolleygym package (old gym API), adapted by this script
 
 
@@ -83,14 +70,7 @@ class UserError(Exception):
     exit_code = 2
 
 
-class PoolError(UserError):
-    """The worker processes keep dying or the Ray cluster is lost: the run stops, its checkpoint kept (exit 1)."""
-    exit_code = 1
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. Configuration
-# ------------------------------------------------------------------------------------------------
+# ---- 1. Configuration ----------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag raises UserError (main() reports it in one line)."""
 
@@ -99,8 +79,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The docstring's examples as written; each flag's default shown once: appended to the help unless the help
-    states it or there is none."""
+    """Examples as written; each default shown once (appended unless the help states it or there is none)."""
 
     def _get_help_string(self, action):
         if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
@@ -186,115 +165,6 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
-    marker = object()
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not marker}
-    if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
-        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
-    if args.multitask is not None:
-        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
-            raise UserError("--multitask needs at least two different env ids")
-        if {"env_id", "capture_video", "distill_from"} & given:
-            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
-        args.env_id = "+".join(args.multitask)
-    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
-        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
-    elif args.init_from or args.from_pretrained:
-        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
-    else:
-        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
-    if fixed:
-        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
-    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
-    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address:
-        require("ray", RAY_MISSING)
-        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
-        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
-            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
-        if "num_workers" not in given:
-            args.num_workers = None  # every CPU of the cluster
-    check_args(args)
-    check_paths(args)
-    return args, given
-
-
-def parse_env_kwargs(items):
-    """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string."""
-    kwargs = {}
-    for key, sep, value in (item.partition("=") for item in items):
-        if not sep or not key.isidentifier():
-            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
-def check_args(args):
-    """Check every setting (the command line's, a checkpoint's, a weights file's meta) by kind and range:
-    numbers finite, int or float (never bool), in range; choices known; env ids registered. Raises UserError."""
-    n, inf, generational = args.population_size, math.inf, args.replacement == "generational"
-    ranges = {  # flag: (kind, low, high), both inclusive; "positive": a float > low
-        "seed": (int, 0, inf), "num_workers": (int, 1, inf), "population_size": (int, 2, inf),
-        "max_iter": (int, 1, inf), "num_rollouts": (int, 1, inf), "max_episode_steps": (int, 1, inf),
-        "max_negative_steps": (int, 0, inf), "eval_every": (int, 1, inf), "num_eval_rollouts": (int, 1, inf),
-        "reward_goal": (float, -inf, inf), "consecutive_goal_stopping": (int, 1, inf),
-        "selection_pressure": (float, 1, 2), "tournament_size": (int, 1, n if args.selection == "tournament" else inf),
-        "crossover_rate": (float, 0, 1), "blx_alpha": (float, 0, inf), "mutation_rate": (float, 0, 1),
-        "mutation_scale": ("positive", 0, inf), "elite_size": (int, 0, n - 1 if generational else inf),
-        "hidden_sizes": (int, 1, inf), "frame_size": (int, 36, inf),
-        "frame_stack": (int, 1, inf), "distill_episodes": (int, 1, inf), "distill_rounds": (int, 1, inf),
-        "distill_epochs": (int, 1, inf), "learning_rate": ("positive", 0, inf), "batch_size": (int, 1, inf)}
-    for name, (kind, low, high) in ranges.items():
-        flag, values = "--" + name.replace("_", "-"), getattr(args, name)
-        for value in values if isinstance(values, list) else [values]:
-            if value is None and name in ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) \
-                    or not math.isfinite(value):
-                raise UserError(f"{flag} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
-            if not low <= value <= high or (kind == "positive" and value == low):
-                what = f"in [{low:g}, {high:g}]" if high < inf else f"> {low:g}" if kind == "positive" else \
-                    f"at least {low:g}"
-                raise UserError(f"{flag} must be {what}, got {value!r}")
-    if args.replacement == "parents-vs-children" and n % 2:
-        raise UserError("--population-size must be even with --replacement parents-vs-children (pairs of members)")
-    if args.multitask is not None and len(args.hidden_sizes) < 2:
-        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then the shared trunk)")
-    if args.activation not in ACTIVATIONS or args.slime_fitness not in ("score", "shaped") \
-            or not isinstance(args.grayscale, bool) or not isinstance(args.env_kwargs, dict):
-        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an unknown value")
-    for key, value in args.env_kwargs.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
-    for env_id in args.multitask or [args.env_id]:
-        check_env_id(env_id)
-
-
-def check_paths(args):
-    """Every path flag must name the kind of thing it stands for. Raises UserError."""
-    for flag in ("from_pretrained", "init_from", "distill_from"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
-    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
-            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
-    folder = os.path.abspath(args.logs_dir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in ({folder} is not)")
-
-
 if __name__ == "__main__":
     with contextlib.suppress(UserError):  # --help prints and exits here, before the heavy imports; errors: main()
         build_parser().parse_known_args()
@@ -307,21 +177,17 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Genetic algorithm
-# ------------------------------------------------------------------------------------------------
+# ---- 2. Genetic algorithm ------------------------------------------------------------------------
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 def selection_probabilities(fitness, method, pressure=2.0):
-    """Probability of each member to be drawn as a parent: float64 (N,), summing to one.
+    """Each member's probability to be drawn as a parent: float64 (N,), summing to one. Raises ValueError.
 
-    'ranking': linear ranking (Baker 1985; Goldberg & Deb 1991): the member of rank r (0 = worst) gets
-    (2 - s) / N + 2 r (s - 1) / (N (N - 1)), s = `pressure` in [1, 2]; tied fitness share their mean
-    rank. 'roulette': proportional to fitness - min(fitness), so negative returns work (all equal:
-    uniform). Raises ValueError for another method.
+    'ranking' (Baker 1985): rank r (0 = worst, ties share their mean rank) gets (2 - s) / N + 2 r (s - 1) /
+    (N (N - 1)), s = `pressure` in [1, 2]. 'roulette': proportional to fitness - min(fitness) (all equal: uniform).
     """
     fitness = np.asarray(fitness, dtype=np.float64)
     n = fitness.size
@@ -347,11 +213,10 @@ def select_parents(fitness, count, rng, method="ranking", pressure=2.0, tourname
 
 
 def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
-    """Two children of parents x, y (float32 (D,) each): a tuple of two float32 (D,).
+    """Two children (float32 (D,) each) of parents x, y. Raises ValueError for an unknown method.
 
-    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d],
-    d = |x - y|. 'one-point': the genes after a cut in [1, D - 1] are swapped. 'uniform': each gene
-    is swapped with probability 1/2. Raises ValueError for another method.
+    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d], d = |x - y|.
+    'one-point': the genes after a cut in [1, D - 1] swapped. 'uniform': each gene swapped with probability 1/2.
     """
     if method == "blx-alpha":
         low, high = np.minimum(x, y), np.maximum(x, y)
@@ -376,24 +241,14 @@ def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
 
 
 class GeneticAlgorithm:
-    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)` with their N fitness
-    values (higher is better, in `ask()`'s order) forms the next population.
+    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher is better).
 
-    Generation 0 evaluates the initial population. Later ones draw N parents (selection), recombine
-    consecutive pairs (with probability crossover_rate, else copies) and mutate every child. Replacement:
-    - 'parents-vs-children' (ga-openai-gym): children pair k replaces its parents only if
-      f(c1) + f(c2) > f(p1) + f(p2), the parents' fitness the one they were last evaluated with (even N).
-    - 'generational': the `elite_size` best members, unchanged, then N - elite_size children. The elites
-      are candidates too: re-evaluated on fresh episodes, they keep only the new fitness (Such et al. 2017).
-    Every draw of generation g comes from a generator seeded by (seed, GA_STREAM, g). The state is numpy
-    and plain values (`state_dict`, pickled in the checkpoint: attribute names are the checkpoint format).
-    Stand-alone, on a fitness of your own (here: maximize -||x - 3||^2 in 10 dimensions, 64 members):
-
-        ga = GeneticAlgorithm(np.random.default_rng(0).normal(size=(64, 10)))
-        for generation in range(100):
-            candidates = ga.ask()
-            ga.tell(-np.square(candidates - 3).sum(axis=1))
-        x, fitness = ga.best()
+    Generation 0 evaluates the initial population; later ones select N parents, recombine consecutive pairs
+    (with probability crossover_rate) and mutate every child. Replacement 'parents-vs-children' (ga-openai-gym):
+    children pair k replaces its parents only if f(c1) + f(c2) > f(p1) + f(p2) (even N); 'generational': the
+    `elite_size` best, unchanged and re-evaluated on fresh episodes, then children (Such et al. 2017). Draws of
+    generation g come from (seed, GA_STREAM, g); attribute names are the checkpoint format (`state_dict`).
+    Raises ValueError for a population it cannot run. Example: README.md, "Python API".
     """
 
     def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
@@ -487,8 +342,9 @@ class GeneticAlgorithm:
 
 
 def initial_population(policy_config, size, seed, init=None, rng_args=None):
-    """The first population, float32 (size, D): member i is the policy's PyTorch initialization under the torch
-    seed (seed, INIT_STREAM, i); with `init` (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
+    """float32 (size, D): member i is PyTorch's initialization under seed (seed, INIT_STREAM, i); with `init`
+    (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
+
     members = []
     for i in range(size):
         if init is None:
@@ -501,9 +357,7 @@ def initial_population(policy_config, size, seed, init=None, rng_args=None):
     return np.stack(members).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Policy, environment, rollout
-# ------------------------------------------------------------------------------------------------
+# ---- 3. Policy, environment, rollout -------------------------------------------------------------
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
 # The same on float32 numpy arrays, for the MLP's numpy forward (selu with torch's constants).
 NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
@@ -517,14 +371,10 @@ def linear(weight, bias, h):
 
 
 class Policy(nn.Module):
-    """Deterministic policy for one environment: an MLP on vectors, a small conv net first on pixels.
-
-    Observations: float32 (D,) (a batch (B, D) when distilling), or uint8 frames (frames, H, W[, 3]) scaled
-    to [0, 1] through Conv 8x8/4 -> 16, Conv 4x4/2 -> 32 (Mnih et al. 2013). Discrete actions: argmax of
-    the logits; Box actions: tanh (the env is rescaled to [-1, 1]). `act` runs a vector's MLP in numpy
-    (half torch's cost per observation); `forward` (torch) serves pixels and distillation. The genotype is
-    `parameters_to_vector(policy.parameters())`, float32: weights then biases, layer by layer.
-    """
+    """Deterministic policy for one env: an MLP on float32 vectors (D,); on uint8 frames (frames, H, W[, 3]),
+    scaled to [0, 1], first Conv 8x8/4 -> 16, Conv 4x4/2 -> 32 (Mnih et al. 2013). Discrete: argmax of the
+    logits; Box: tanh (the env rescaled to [-1, 1]). `act` runs a vector MLP in numpy (half torch's cost);
+    `forward` (torch) serves pixels and distillation. Genotype: `parameters_to_vector`, float32."""
 
     def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
@@ -565,9 +415,8 @@ class Policy(nn.Module):
         return layers
 
     def act_batch(self, obs, layers):
-        """B members' vector observations (B, O) through their own MLPs (`stacked_layers`), in numpy (half
-        torch's cost per observation): B actions, ints or float32 (B, A) in [-1, 1]. Row b is exactly what
-        member b's observation alone gives (B gemv calls, elementwise operations)."""
+        """B members' observations (B, O) through their own MLPs (`stacked_layers`), numpy: B actions, ints or
+        float32 (B, A) in [-1, 1]; row b is exactly what member b's observation alone gives (B gemv calls)."""
         h = np.asarray(obs, dtype=np.float32)
         for weight, bias in layers[:-1]:
             h = self.numpy_activation(np.matmul(weight, h[:, :, None])[:, :, 0] + bias)
@@ -599,13 +448,9 @@ class Policy(nn.Module):
 
 
 class MultitaskPolicy(nn.Module):
-    """One network for several vector tasks at once: hard parameter sharing.
-
-    tasks: list of {obs_shape: [O_t], discrete, num_actions: A_t}. Task t's observation goes through its own
-    input layer (O_t -> hidden_sizes[0]); the T results, concatenated, through the shared trunk
-    (hidden_sizes[1:]); one head per task gives its action. Each head sees every task's input, which the
-    noise study probes.
-    """
+    """One network for several vector tasks (hard parameter sharing). tasks: [{obs_shape: [O_t], discrete,
+    num_actions: A_t}]. Each task's input layer (O_t -> hidden_sizes[0]), concatenated, feeds the shared trunk
+    (hidden_sizes[1:]) and a head per task: each head sees every task's input, which the noise study probes."""
 
     def __init__(self, tasks, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
@@ -663,12 +508,9 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class SlimeVolleyAdapter(gym.Env):
-    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in opponent.
-
-    Observations float32 (12,); actions Discrete(6) (rows of its `action_table`). Reward +1 when the
-    opponent loses a life, -1 when the agent does; shaped: the original's fitness, +0.01 a step survived
-    and +1 an opponent life taken.
-    """
+    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in opponent:
+    observations float32 (12,), Discrete(6) actions, reward +1/-1 per life lost by the opponent/the agent;
+    shaped: the original's fitness, +0.01 a step survived and +1 an opponent life taken."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -710,12 +552,8 @@ def check_env_id(env_id):
 
 
 def make_env(env_config, training, render_mode=None):
-    """One environment: `gymnasium.make` (or the SlimeVolley adapter) plus gymnasium's wrappers.
-
-    env_config: see `env_configs_from_args`. Frames become uint8 (frame_stack, size, size[, 3]); Box actions
-    are rescaled to [-1, 1]. Raises UserError for an unknown id, a missing dependency, bad kwargs or a space
-    the policies cannot handle.
-    """
+    """`gymnasium.make` (or the SlimeVolley adapter) plus gymnasium's wrappers: frames uint8 (frame_stack, size,
+    size[, 3]), Box actions on [-1, 1]. UserError: unknown id, missing dependency, bad kwargs, unusable space."""
     env_id, kwargs, steps = env_config["env_id"], dict(env_config["env_kwargs"]), env_config["max_episode_steps"]
     check_env_id(env_id)
     try:
@@ -819,12 +657,9 @@ def multitask_rollout(envs, policy, seed, noisy=()):
 
 
 class RolloutWorker:
-    """One process's envs (one per task and mode) and policy, built once, and the tasks it runs.
-
-    A task is (member, env_seeds, training, noisy): the row of the members matrix (float32 (rows, D), see
-    `use`), an env seed per episode, training (early stops, shaped fitness) or evaluation, and the noise-study
-    condition. Its result: (returns [[T floats] per episode], env steps).
-    """
+    """One process's envs and policy, built once. A task is (member, env_seeds, training, noisy): a row of the
+    members matrix float32 (rows, D) (`use`), a seed per episode, training (early stops, shaped fitness) or
+    evaluation, the noise-study condition. Its result: (returns [[T floats] per episode], env steps)."""
 
     def __init__(self, env_configs, policy_config, dim):
         torch.set_num_threads(1)
@@ -853,9 +688,8 @@ class RolloutWorker:
         return envs[slot]
 
     def run(self, tasks):
-        """Run tasks (member, env_seeds, training, noisy) -> per task (returns [[T floats] per episode], steps).
-        An MLP on one env steps the tasks' episodes in lockstep, one batched forward a step (each member keeps
-        its own weights: each episode is exactly what it is alone); other policies run the tasks one by one."""
+        """Per task (returns, steps). An MLP on one env steps the tasks' episodes in lockstep, one batched forward
+        a step, each episode exactly what it is alone; other policies run the tasks one by one."""
         if isinstance(self.policy, MultitaskPolicy) or self.policy.pixels:
             return [self.run_one(task) for task in tasks]
         return self.lockstep(tasks)
@@ -904,17 +738,15 @@ class RolloutWorker:
 
 
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None):
-    """Per-task returns of `params` over `episodes` evaluation episodes (no early stop, the real score):
-    (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e): two
-    policies evaluated with the same arguments meet the same episodes. label: the progress bar's (None: none)."""
+    """Per-task returns of `params` over evaluation episodes (no early stop): (float64 (E, T), env steps).
+    Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
+
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
     results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Training loop
-# ------------------------------------------------------------------------------------------------
+# ---- 4. Training loop ----------------------------------------------------------------------------
 def train(args, given):
     """The GA: ask -> rollouts -> tell -> log -> evaluate the best member -> checkpoint, to --max-iter."""
     run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv, TensorBoard
@@ -974,8 +806,8 @@ def train(args, given):
 
 
 def evaluate_best(run, best_params):
-    """Evaluate the best member over --num-eval-rollouts episodes; keep best.npz, the goal streak, a video.
-    Returns {mean, std, episodes[, tasks], returns: float64 (E,), steps}."""
+    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns {mean, std, episodes[, tasks],
+    returns: float64 (E,), steps}."""
     args, counters, iteration = run.args, run.counters, run.ga.generation
     per_task, steps = evaluate(run.pool, best_params, args.seed, iteration, args.num_eval_rollouts,
                                label=None if args.quiet else f"evaluation {iteration}")
@@ -1001,8 +833,8 @@ def evaluate_best(run, best_params):
 
 
 def write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness):
-    """Append this generation's row to progress.csv (the columns of PROGRESS_COLUMNS, then per-task means), and
-    its numbers to TensorBoard: a scalar per column but env_steps, the x axis, and empty cells (CleanRL's way)."""
+    """This generation's row of progress.csv (PROGRESS_COLUMNS, then per-task means); to TensorBoard (and W&B) a
+    scalar per non-empty column against env_steps, CleanRL's way."""
     c, ga, ev = run.counters, run.ga, evaluation
     row = [ga.generation, c["evaluations"], c["env_steps"], f"{c['wall_time_s']:.3f}",
            *(f"{stat:.6g}" for stat in (fitness.min(), fitness.mean(), fitness.max(), fitness.std())),
@@ -1030,12 +862,128 @@ def print_generation(run, fitness, best_fitness, steps, started):
             f"{hms(c['wall_time_s'])} elapsed | ETA {hms(eta)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
-# ------------------------------------------------------------------------------------------------
+# ---- Machinery: a first-time reader may skip what follows (checks, workers, files, plots, video, main)
+# Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
+RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
+                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
+                "wandb_entity"}
+PLACEMENT_FLAGS = ("num_workers", "ray_address")
+# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
+META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
+META_POLICY_FLAGS = ("hidden_sizes", "activation")
+
+
+def parse_args(argv=None):
+    """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
+    marker = object()
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
+    given = {name for name, value in vars(typed).items() if value is not marker}
+    if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
+        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
+    if args.multitask is not None:
+        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
+            raise UserError("--multitask needs at least two different env ids")
+        if {"env_id", "capture_video", "distill_from"} & given:
+            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
+        args.env_id = "+".join(args.multitask)
+    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
+        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
+    elif args.init_from or args.from_pretrained:
+        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
+    else:
+        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
+    if fixed:
+        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
+    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
+    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    if args.ray_address:
+        require("ray", RAY_MISSING)
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
+        if "num_workers" not in given:
+            args.num_workers = None  # every CPU of the cluster
+    check_args(args)
+    check_paths(args)
+    return args, given
+
+
+def parse_env_kwargs(items):
+    """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string."""
+    kwargs = {}
+    for key, sep, value in (item.partition("=") for item in items):
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def check_args(args):
+    """Check every setting (flags, a checkpoint's, a weights meta's) by kind and range. Raises UserError."""
+    n, inf, generational = args.population_size, math.inf, args.replacement == "generational"
+    ranges = {  # flag: (kind, low, high), both inclusive; "positive": a float > low
+        "seed": (int, 0, inf), "num_workers": (int, 1, inf), "population_size": (int, 2, inf),
+        "max_iter": (int, 1, inf), "num_rollouts": (int, 1, inf), "max_episode_steps": (int, 1, inf),
+        "max_negative_steps": (int, 0, inf), "eval_every": (int, 1, inf), "num_eval_rollouts": (int, 1, inf),
+        "reward_goal": (float, -inf, inf), "consecutive_goal_stopping": (int, 1, inf),
+        "selection_pressure": (float, 1, 2), "tournament_size": (int, 1, n if args.selection == "tournament" else inf),
+        "crossover_rate": (float, 0, 1), "blx_alpha": (float, 0, inf), "mutation_rate": (float, 0, 1),
+        "mutation_scale": ("positive", 0, inf), "elite_size": (int, 0, n - 1 if generational else inf),
+        "hidden_sizes": (int, 1, inf), "frame_size": (int, 36, inf),
+        "frame_stack": (int, 1, inf), "distill_episodes": (int, 1, inf), "distill_rounds": (int, 1, inf),
+        "distill_epochs": (int, 1, inf), "learning_rate": ("positive", 0, inf), "batch_size": (int, 1, inf)}
+    for name, (kind, low, high) in ranges.items():
+        flag, values = "--" + name.replace("_", "-"), getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None and name in ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) \
+                    or not math.isfinite(value):
+                raise UserError(f"{flag} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+            if not low <= value <= high or (kind == "positive" and value == low):
+                what = f"in [{low:g}, {high:g}]" if high < inf else f"> {low:g}" if kind == "positive" else \
+                    f"at least {low:g}"
+                raise UserError(f"{flag} must be {what}, got {value!r}")
+    if args.replacement == "parents-vs-children" and n % 2:
+        raise UserError("--population-size must be even with --replacement parents-vs-children (pairs of members)")
+    if args.multitask is not None and len(args.hidden_sizes) < 2:
+        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then the shared trunk)")
+    if args.activation not in ACTIVATIONS or args.slime_fitness not in ("score", "shaped") \
+            or not isinstance(args.grayscale, bool) or not isinstance(args.env_kwargs, dict):
+        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an unknown value")
+    for key, value in args.env_kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
+    for env_id in args.multitask or [args.env_id]:
+        check_env_id(env_id)
+
+
+def check_paths(args):
+    """Every path flag must name the kind of thing it stands for. Raises UserError."""
+    for flag in ("from_pretrained", "init_from", "distill_from"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
+            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
+    folder = os.path.abspath(args.logs_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in ({folder} is not)")
+
+
 def setup_run(args, given):
-    """A training run's state (new, or from --resume): args, GA, counters, pool, files, console header.
-    Every input is checked and the pool started before the run folder is touched."""
+    """A run's state (new, or from --resume): args, GA, counters, pool, files, console header. Every input is
+    checked and the pool started before the run folder is touched. Raises UserError."""
     checkpoint, init = None, None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
@@ -1158,13 +1106,18 @@ def save_checkpoint(run):
     run.tb.flush()
 
 
+WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
+LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
+# Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
+# that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
+RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 # A worker process (local or Ray) keeps its RolloutWorker, built at its first task, per pool.
 WORKERS = {}
 
 
 def init_worker(worker_args, buffers):
-    """A local worker process: ignores Ctrl-C (the driver handles it), exits within 0.5 s of its parent's
-    death (a watchdog thread, portable), builds its RolloutWorker on the shared arrays."""
+    """A local worker process: ignores Ctrl-C (the driver handles it), exits within 0.5 s of its parent's death
+    (a portable watchdog thread), builds its RolloutWorker on the shared arrays."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
@@ -1179,8 +1132,9 @@ def init_worker(worker_args, buffers):
     WORKERS["local"].use([np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
 
-def run_tasks(tasks, key="local", batch=None):
-    """A chunk of tasks in a worker process: local, or Ray's (batch: (worker_args, arrays) from the object store)."""
+def ray_rollout(key, batch, tasks):
+    """A chunk of tasks in a worker process: a local one (batch None: its arrays are shared), or Ray's, whose
+    RolloutWorker of pool `key` is built once (batch: (worker_args, arrays) from the object store)."""
     if batch is not None:
         if key not in WORKERS:
             WORKERS[key] = RolloutWorker(*batch[0])
@@ -1188,14 +1142,9 @@ def run_tasks(tasks, key="local", batch=None):
     return WORKERS[key].run(tasks)
 
 
-def ray_rollout(key, batch, tasks):
-    """A Ray task: `run_tasks` in this Ray worker process, whose RolloutWorker of pool `key` is kept."""
-    return run_tasks(tasks, key, batch)
-
-
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on stderr, on a terminal only, when `label` is not None (--quiet); it leaves no line.
-    bar.done((returns, steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
+    """A tqdm bar on stderr, on a terminal only, when `label` is not None; it leaves no line. bar.done((returns,
+    steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
     columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
     bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
                ncols=columns, nrows=lines)
@@ -1210,15 +1159,19 @@ def live_bar(label, total, unit="episode"):
     return bar
 
 
-class RolloutPool:
-    """Runs rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster.
+class PoolError(UserError):
+    """The worker processes keep dying or the Ray cluster is lost: the run stops, its checkpoint kept (exit 1)."""
+    exit_code = 1
 
-    worker_args: (env_configs, policy_config, D), from which each process builds its RolloutWorker once;
-    shared_sizes: float32 sizes of a batch's arrays (the members, rows x D). `map(tasks, shared)` returns
-    results in task order. Locally the arrays go to mp.RawArray shared memory; a dead worker costs a warning
-    and a re-run of the batch on new workers, PoolError after WORKER_ATTEMPTS tries. On Ray: remote tasks,
-    the arrays `ray.put` once per batch, at most num_workers at once (None: every CPU), a lost-cluster
-    watchdog. `on_lost()` says what the run keeps if it stops.
+
+class RolloutPool:
+    """Rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster: one interface.
+
+    worker_args: (env_configs, policy_config, D), each process builds its RolloutWorker from them once;
+    shared_sizes: float32 sizes of a batch's arrays (members, rows x D). `map(tasks, shared)`: results in task
+    order. Locally: mp.RawArray shared memory; a dead worker costs a warning and a re-run of the batch on new
+    workers, PoolError after WORKER_ATTEMPTS tries. Ray: remote tasks, arrays `ray.put` once per batch, at most
+    num_workers at once (None: every CPU), a lost-cluster watchdog. `on_lost()`: what the run keeps if it stops.
     """
 
     def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
@@ -1268,7 +1221,8 @@ class RolloutPool:
             np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
         for attempt in range(1, WORKER_ATTEMPTS + 1):
             try:
-                futures = [self.executor.submit(run_tasks, chunk) for chunk in chunks]
+                futures = [self.executor.submit(ray_rollout, "local", None, chunk) for chunk in chunks]
+
                 for future in as_completed(futures):
                     done(future.result())
                 return [future.result() for future in futures]
@@ -1334,8 +1288,8 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Watchdog thread. Once the cluster is gone Ray's calls may block, then end the process without a
-        word: after RAY_LOST_AFTER_S of silence this thread says so (and what is kept) and exits with 1."""
+        """Watchdog thread: a lost cluster may block Ray's calls, then end the process without a word; after
+        RAY_LOST_AFTER_S of silence this says so (and what is kept) and exits with 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -1348,8 +1302,8 @@ class RolloutPool:
                 os._exit(1)
 
     def map_ray(self, chunks, shared, done):
-        """`map` of chunks of tasks on the cluster, done(chunk's results) as each chunk finishes. Ray re-runs
-        the tasks of dead workers; PoolError when the cluster is gone."""
+        """`map` of chunks on the cluster, done(results) as each finishes. Ray re-runs the tasks of dead workers;
+        PoolError when the cluster is gone."""
         ray = self.ray
         try:
             batch = ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
@@ -1383,8 +1337,8 @@ def require(module, message):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    UserError when no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. UserError when
+    no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
     ray = require("ray", RAY_MISSING)
     if ray.is_initialized():
         return ray
@@ -1402,11 +1356,9 @@ def connect_ray(address):
 
 
 def init_ray(ray, address):
-    """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
-    head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
-    driver given HOST:PORT sends no token unless RAY_AUTH_MODE=token: this machine's token is sent, as
-    `ray start` and the address auto do (with Ray's own helper). Ray's connection warnings are held back;
-    UserError (one line, what to do) when the cluster refuses the token or cannot be joined."""
+    """`ray.init` at `address`, sending this machine's auth token as `ray start` does (Ray 2.60 wants one where
+    the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token). Ray's connection
+    warnings are held back; UserError when the cluster refuses the token or cannot be joined."""
     error, stderr = None, os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
@@ -1458,8 +1410,8 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of a weights file of this script. UserError for a missing, corrupt or
-    foreign file, non-finite parameters, or a meta without valid env ids and policy sizes."""
+    """(params float32 (D,), meta dict) of this script's weights file. UserError: missing, corrupt or foreign
+    file, non-finite parameters, a meta without valid env ids and policy sizes."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
@@ -1489,8 +1441,7 @@ def load_weights(path):
 
 
 def read_weights_into_args(path, args, given):
-    """Load a weights file and take its env(s) and architecture into args, checked like flags: (params, meta).
-    UserError when --env-id names another env."""
+    """(params, meta) of a weights file whose env(s) and architecture go into args, checked. Raises UserError."""
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
@@ -1626,8 +1577,8 @@ def record_video(env_config, policy, path_stem, seed):
 
 
 def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
-    """The multitask noise study: per-task returns of `params` with all inputs real, noise into each task's
-    input in turn, into all ("both" of two), on the same episodes. Prints a table; writes noise_study.csv/png."""
+    """Multitask noise study: per-task returns with all inputs real, noise into each task's input, into all, on
+    the same episodes. Prints a table; writes noise_study.csv/png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
@@ -1672,8 +1623,8 @@ def load_policy(path, params, meta, hidden_sizes, activation, env_configs):
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary. A multitask
-    file runs its noise study first; its episode return is the fitness (sum of normalized returns)."""
+    """Evaluate a weights file; last line: the `episode_return mean=...` summary (multitask: of the fitness, the
+    noise study first)."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
     policy_config, policy = load_policy(args.from_pretrained, params, meta, args.hidden_sizes, args.activation,
@@ -1705,8 +1656,8 @@ def run_from_pretrained(args, given):
 
 
 def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, label=None):
-    """Observations met while `driver` acts, labelled with `teacher`'s output (logits or tanh actions):
-    (observations float32 (S, O), teacher outputs float32 (S, A), the driver's returns (episodes,))."""
+    """Observations met while `driver` acts, labelled by `teacher` (logits or tanh actions): (float32 (S, O),
+    float32 (S, A), the driver's returns (episodes,))."""
     observations, returns = [], []
     with live_bar(label, episodes) as bar:
         for e in range(episodes):
@@ -1722,8 +1673,8 @@ def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, labe
 
 
 def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed, label=None):
-    """Fit the student to (x, teacher outputs y) with Adam: cross-entropy on the teacher's argmax (discrete)
-    or mean squared error on the tanh actions (Box). Returns the last epoch's mean loss. label: the bar's."""
+    """Fit the student to (x, y) with Adam: cross-entropy on the teacher's argmax (discrete) or MSE on the tanh
+    actions. Returns the last epoch's mean loss."""
     torch.manual_seed(seed)
     student.requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
@@ -1748,8 +1699,8 @@ def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed
 
 
 def run_distillation(args, given):
-    """Knowledge distillation: teacher-labelled pairs -> a smaller student (Adam), then both evaluated on the
-    same episodes. Writes args.json, student.npz and distillation.csv into the run folder; prints the table."""
+    """Distillation: teacher-labelled pairs -> a smaller student (Adam), both evaluated on the same episodes.
+    Writes args.json, student.npz and distillation.csv; prints the table."""
     if "hidden_sizes" not in given:
         raise UserError("--distill-from needs --hidden-sizes: the student's layer widths")
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
@@ -1814,8 +1765,8 @@ def run_distillation(args, given):
 
 
 def main(argv=None):
-    """Entry point. Returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost;
-    130 when interrupted (SIGINT or SIGTERM: the checkpoint is kept and the resume command printed)."""
+    """Entry point. Returns the exit code: 0; 2 bad input; 1 workers or Ray cluster lost; 130 SIGINT/SIGTERM."""
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
