@@ -443,8 +443,8 @@ class Policy(nn.Module):
         """obs: one env observation (numpy). Returns the action: int, or float32 (A,) in [-1, 1]."""
         if not self.pixels:
             return self.act_batch(np.asarray(obs)[None], self.numpy_layers)[0]
-        out = self(self.preprocess(obs)).numpy()
-        return int(out.argmax()) if self.discrete else np.tanh(out)
+        out = self(self.preprocess(obs)).numpy()  # logits, or actions already squashed by tanh
+        return int(out.argmax()) if self.discrete else out
 
 
 class MultitaskPolicy(nn.Module):

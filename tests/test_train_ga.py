@@ -990,3 +990,17 @@ def test_python_api_example_improves_the_fitness(tmp_path):
     start = -np.square(np.random.default_rng(0).normal(size=(64, 10)) - 3).sum(1).max()
     assert start < -40 and best > -0.5, out.stdout  # from about -60 to near the optimum 0
     assert os.listdir(tmp_path) == []  # importing the script wrote nothing
+
+
+def test_a_pixel_policy_squashes_continuous_actions_once():
+    # The action of a frame policy with continuous actions is tanh of its head, as the vector MLP's: squashed
+    # twice it could never leave [-tanh(1), tanh(1)] = [-0.76, 0.76] of CarRacing's [-1, 1] range.
+    policy = ga_mod.Policy((2, 40, 40), 3, discrete=False, hidden_sizes=(8,))
+    params = parameters_to_vector(policy.parameters()).numpy().copy()
+    params[-3:] = [3.0, -3.0, 0.5]  # the head's bias: tanh gives 0.995, -0.995, 0.46 whatever the frame
+    params[-3 - policy.head.weight.numel():-3] = 0.0
+    policy.load(params)
+    frame = np.random.default_rng(0).integers(0, 256, (2, 40, 40), dtype=np.uint8)
+    action = policy.act(frame)
+    np.testing.assert_allclose(action, np.tanh([3.0, -3.0, 0.5]), rtol=1e-6)
+    np.testing.assert_allclose(action, policy(policy.preprocess(frame)).numpy(), rtol=1e-6)
