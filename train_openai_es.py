@@ -810,8 +810,7 @@ def setup_run(args, given):
                           antithetic=args.antithetic, fitness_shaping=args.fitness_shaping, lr_decay=args.lr_decay,
                           lr_min=args.lr_min, sigma_decay=args.sigma_decay, sigma_min=args.sigma_min, seed=args.seed)
         run.counters = dict(NEW_COUNTERS)
-    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config),
-                           (run.dim, run.obs_dim, run.obs_dim))  # before any file is touched
+    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config))  # no file yet
     open_run_folder(run, checkpoint is not None)
     print(f"{policy}\nparameters: {run.dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
           f"run folder: {run_dir}")
@@ -923,7 +922,7 @@ LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains litt
 # Ray: a task whose worker process or node died is re-run RAY_TASK_RETRIES times. A watchdog thread checks
 # every RAY_POLL_S that the cluster's head and this machine's node answer; RAY_LOST_AFTER_S of silence ends it.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
-WORKERS = {}  # this process's RolloutWorkers, built once: "local", or a Ray pool's key
+WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 
 class PoolLost(Exception):
@@ -933,7 +932,7 @@ class PoolLost(Exception):
 class RolloutWorker:
     """One worker's envs and policy, built once, and the tasks it runs: (noise_seed, sign, sigma, env_seeds,
     training), sign 0 for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays
-    (shared memory or Ray objects: no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
+    (no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
@@ -1012,9 +1011,9 @@ class RolloutWorker:
                  (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]
 
 
-def start_local_worker(worker_args, buffers, parent_pid):
-    """Initializer of a local worker process: its RolloutWorker on views of the shared buffers; Ctrl-C and
-    SIGTERM left to the driver; a watchdog thread that exits within 0.5 s of the driver's death."""
+def start_local_worker(parent_pid):
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver; a watchdog thread that
+    exits within 0.5 s of the driver's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -1023,17 +1022,11 @@ def start_local_worker(worker_args, buffers, parent_pid):
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=exit_with_parent, daemon=True).start()
-    WORKERS["local"] = RolloutWorker(*worker_args)
-    WORKERS["local"].use(*(np.frombuffer(buffer, dtype=np.float32) for buffer in buffers))
 
 
-def run_local_task(tasks):
-    return WORKERS["local"].run(tasks)
-
-
-def ray_rollout(pool_key, worker_args, shared, tasks):
-    """A Ray task: `RolloutWorker.run(tasks)` with the batch's arrays `shared`, on the RolloutWorker this Ray
-    worker process built for the pool at its first task."""
+def run_chunk(pool_key, worker_args, shared, tasks):
+    """`RolloutWorker.run(tasks)` with the batch's arrays `shared` (theta, obs mean, obs std), on the
+    RolloutWorker this process built for the pool at its first chunk: in-process, local process or Ray task."""
     if pool_key not in WORKERS:
         WORKERS[pool_key] = RolloutWorker(*worker_args)
     WORKERS[pool_key].use(*shared)
@@ -1043,30 +1036,29 @@ def ray_rollout(pool_key, worker_args, shared, tasks):
 class RolloutPool:
     """Where the rollouts run: in-process (num_workers 1), local worker processes, or a Ray cluster.
 
-    `map(tasks, shared)` runs `RolloutWorker.run` on every task and returns the results in task order
-    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)),
-    of sizes `shared_sizes`. Locally, a ProcessPoolExecutor whose initializer builds one RolloutWorker
-    per process on mp.RawArray buffers the driver fills before each batch; a dead worker costs new
-    processes and a re-run of the batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote
-    tasks (num_cpus=1, re-run on a lost worker or node) share the arrays through one `ray.put` per
-    batch; num_workers, when set, caps the tasks running at once. UserError for an error in a rollout.
+    `map(tasks, shared)` runs `run_chunk` on chunks of the tasks and returns the results in task order
+    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)), sent
+    with each chunk. Locally, a ProcessPoolExecutor: a dead worker costs new processes and a re-run of the
+    batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote tasks (num_cpus=1, re-run on a lost
+    worker or node) share the arrays through one `ray.put` per batch; num_workers, when set, caps the tasks
+    running at once. UserError for an error in a rollout.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
+    def __init__(self, num_workers, ray_address, worker_args):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.executor = self.local = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        self.executor = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        self.key = uuid.uuid4().hex  # names this pool's RolloutWorker in each process
         if ray_address:
             self.start_ray()
         elif num_workers == 1:
-            self.local = RolloutWorker(*worker_args)
+            WORKERS[self.key] = RolloutWorker(*worker_args)
         else:
-            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
             self.start_processes()
 
     def start_processes(self):
         """The worker processes, by multiprocessing's start method (fork on Linux, spawn on macOS and Windows)."""
         self.executor = ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=start_local_worker,
-                                            initargs=(self.worker_args, self.buffers, os.getpid()))
+                                            initargs=(os.getpid(),))
 
     def map(self, tasks, shared, progress=None):
         """Run the tasks: their results in task order; `progress(result)` for each as its chunk ends.
@@ -1075,7 +1067,7 @@ class RolloutPool:
         # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
         # tasks alone, not on the chunks.
         count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
-        chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
+        chunks, ordered, shared = [tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared)
 
         def report(results):  # a finished chunk's results
             for result in results if progress else ():
@@ -1085,13 +1077,11 @@ class RolloutPool:
             try:
                 if self.address:
                     results = self.map_ray(chunks, shared, report)
-                elif self.local is not None:
-                    self.local.use(*shared)
-                    results = [report(self.local.run(chunk)) for chunk in chunks]
+                elif self.executor is None:
+                    results = [report(run_chunk(self.key, self.worker_args, shared, chunk)) for chunk in chunks]
                 else:
-                    for buffer, array in zip(self.buffers, shared):
-                        np.frombuffer(buffer, dtype=np.float32)[:] = array
-                    futures = [self.executor.submit(run_local_task, chunk) for chunk in chunks]
+                    futures = [self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk)
+                               for chunk in chunks]
                     for future in as_completed(futures):
                         report(future.result())
                     results = [future.result() for future in futures]
@@ -1111,6 +1101,7 @@ class RolloutPool:
 
     def close(self):
         """Stop the worker processes at once (a running episode is dropped), or the Ray watchdog."""
+        WORKERS.pop(self.key, None)
         if self.address:
             self.closed.set()
         elif self.executor:
@@ -1149,8 +1140,9 @@ class RolloutPool:
         init_ray(ray, self.address)
         if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        self.ray, self.key, self.probes, self.closed = ray, uuid.uuid4().hex, [], threading.Event()
-        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        self.ray, self.probes, self.closed = ray, [], threading.Event()
+        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
+            name="ray_rollout")  # the process title of a running task: ray::ray_rollout
         try:  # what must keep answering: (what, host, port)
             context = ray.get_runtime_context()
             self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
@@ -1428,7 +1420,7 @@ def run_from_pretrained(args, given):
     check_weights_fit(args.from_pretrained, params, meta, policy_config, dim, obs_dim)
     norm = meta["obs_norm"]
     mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else obs_mean_std(None)
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config), (dim, obs_dim, obs_dim))
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
     print(f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
           f"workers: {pool.describe()}")
     start = time.perf_counter()
