@@ -28,8 +28,8 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import shutil
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -44,9 +44,6 @@ from types import SimpleNamespace
 
 SCRIPT = "train_openai_es.py"
 FORMAT_VERSION = 1  # of checkpoints and weights files
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
-                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
-                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
 # Streams of randomness, each derived from (seed, stream, generation, index, rollout).
 NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
@@ -56,10 +53,6 @@ RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "captur
 # Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
 META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
               "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
-
-
-NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
 
 
 class UserError(Exception):
@@ -135,6 +128,49 @@ def build_parser():
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
+    default once: not where the help names it or nothing is set; a switch that is on by its name."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+                return text
+            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
+                           " (default: %(default)s)")
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open; text that
+    is no `kind` gets argparse's own message (invalid int value: 'x')."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def env_kwarg(item):
+    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def parse_args(argv=None):
     """Parse and check the command line: (args, the set of flags given). UserError for any bad value: kind,
     range, finiteness, a path that is not what its flag needs, flags that exclude each other."""
@@ -180,51 +216,6 @@ def check_settings(args):
         gym.spec(args.env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
-    default once: not where the help names it or nothing is set; a switch that is on by its name."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        def _get_help_string(self, action):
-            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
-            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
-                return text
-            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
-                           " (default: %(default)s)")
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
-            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    return parse
-
-
-def env_kwarg(item):
-    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def check_paths(args):
@@ -299,12 +290,12 @@ def shape_fitness(returns, method):
 
 
 class OpenAIES:
-    """OpenAI-ES (Salimans et al. 2017, Algorithm 2, mirrored sampling) as ask/tell. `ask()`: the population,
-    (N, 2) int64 rows (noise seed, sign): member i is `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N
-    returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
-    weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
-    (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
-    On a fitness function of your own (maximized), `candidates()` gives the member vectors:
+    """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
+    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N returns in that order
+    (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F, then, with weight decay, one
+    Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers (`state_dict`): it
+    pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate. On a fitness of
+    your own (maximized), `candidates()` gives the member vectors:
 
         es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
         for generation in range(200):
@@ -736,6 +727,11 @@ def evaluate(pool, theta, mean_std, args, iteration):
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
 
 
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
+                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
+                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
+
+
 def write_progress(run, gen):
     """One generation's row: progress.csv (PROGRESS_COLUMNS), and each of its numbers to TensorBoard under the
     column's name against env steps (CleanRL's x axis)."""
@@ -768,6 +764,10 @@ def console_line(args, gen, counters, steps_per_s, eta):
 # ================================================================================================
 # Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
 # ================================================================================================
+NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
+                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
+
+
 def setup_run(args, given):
     """Everything a run needs before its first generation: settings (the checkpoint's on resume), configs,
     optimizer, pool, and last, after every check, the run folder. A namespace; UserError for bad input."""
