@@ -21,6 +21,7 @@ Examples:
 import argparse
 import contextlib
 import csv
+import inspect
 import io
 import json
 import logging
@@ -778,16 +779,13 @@ def setup_run(args, given):
         args, run_dir = argparse.Namespace(**saved), os.path.dirname(os.path.abspath(checkpoint_path))
     else:
         init = read_weights_into_args(args, given) if args.init_from else None
-        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.logs_dir, run_name)
+        run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
     run = SimpleNamespace(args=args, dir=run_dir, title=f"OpenAI-ES on {args.env_id} (seed {args.seed})")
-    run.env_config, run.policy_config = configs(args)
     torch.manual_seed(args.seed)
-    policy = make_policy(run.policy_config)
-    run.dim, run.obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    run.env_config, run.policy_config, policy, run.dim, run.obs_dim = build_policy(args, init)
     run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
         if policy.normalize else None  # mean 0, variance 1 to start (a pseudo-count of 1e-2)
     if checkpoint:
@@ -796,19 +794,14 @@ def setup_run(args, given):
         if run.obs_stats:  # copies: unpickled arrays may be read-only
             run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
     else:
-        theta = parameters_to_vector(policy.parameters()).numpy()
-        if init:
-            theta, meta = init
-            check_weights_fit(args.init_from, theta, meta, run.policy_config, run.dim, run.obs_dim)
-            if run.obs_stats and meta["obs_norm"]:  # continue the file's running statistics
-                norm = meta["obs_norm"]
-                mean, std = np.array(norm["mean"]), np.array(norm["std"])
-                run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
-                                 "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
-        run.es = OpenAIES(theta, args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
-                          optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                          antithetic=args.antithetic, fitness_shaping=args.fitness_shaping, lr_decay=args.lr_decay,
-                          lr_min=args.lr_min, sigma_decay=args.sigma_decay, sigma_min=args.sigma_min, seed=args.seed)
+        theta = init[0] if init else parameters_to_vector(policy.parameters()).numpy()
+        norm = init and init[1]["obs_norm"]
+        if run.obs_stats and norm:  # continue the file's running statistics
+            mean, std = np.array(norm["mean"]), np.array(norm["std"])
+            run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
+                             "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
+        settings = inspect.signature(OpenAIES).parameters  # the algorithm's flags bear its arguments' names
+        run.es = OpenAIES(theta, **{key: value for key, value in vars(args).items() if key in settings})
         run.counters = dict(NEW_COUNTERS)
     run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config))  # no file yet
     open_run_folder(run, checkpoint is not None)
@@ -817,6 +810,22 @@ def setup_run(args, given):
     if checkpoint:
         print(f"resuming at generation {run.es.generation} from {checkpoint_path}")
     return run
+
+
+def build_policy(args, weights=None):
+    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs) of
+    the settings. UserError when `weights` (params, meta) from a file do not fit them."""
+    env_config, policy_config = configs(args)
+    policy = make_policy(policy_config)
+    dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    if weights:
+        check_weights_fit(args.init_from or args.from_pretrained, *weights, policy_config, dim, obs_dim)
+    return env_config, policy_config, policy, dim, obs_dim
+
+
+def run_name(args, *parts):
+    """The default run folder name: <env-id>__<exp-name>__<parts>__<unix-time>."""
+    return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
 
 
 def open_run_folder(run, resuming):
@@ -836,12 +845,8 @@ def open_run_folder(run, resuming):
         run.wandb = wandb
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {"python": platform.python_version(), **{name: next((d.version for d in metadata.distributions(
+        name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
     config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()
@@ -1202,9 +1207,6 @@ class RolloutPool:
                            f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
-# Weights and checkpoints ----------------------------------------------------------------------------
-
-
 def init_ray(ray, address):
     """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
     head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
@@ -1234,6 +1236,7 @@ def init_ray(ray, address):
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
 
 
+# Weights and checkpoints ----------------------------------------------------------------------------
 def atomic_write(path, write):
     """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
@@ -1414,10 +1417,7 @@ def record_video(env_config, policy, path_stem, seed):
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
     params, meta = read_weights_into_args(args, given)
-    env_config, policy_config = configs(args)
-    policy = make_policy(policy_config)
-    dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
-    check_weights_fit(args.from_pretrained, params, meta, policy_config, dim, obs_dim)
+    env_config, policy_config, policy, dim, _ = build_policy(args, (params, meta))
     norm = meta["obs_norm"]
     mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else obs_mean_std(None)
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
@@ -1430,8 +1430,7 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__eval__{args.seed}__" \
-            f"{int(time.time())}"
+        name = args.run_name or run_name(args, "eval", args.seed)
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(env_config, make_policy(policy_config, params, norm and mean_std),
                                           os.path.join(args.logs_dir, name, "videos", "pretrained"),
