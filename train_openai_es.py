@@ -595,15 +595,12 @@ def configs(args):
                         "obs_norm": args.obs_norm}
 
 
-def rollout(env, policy, seed, observations=None):
-    """One episode from `env.reset(seed=seed)`: (return: float, steps: int). observations: a list that
-    every observation the policy sees is appended to, or None."""
+def rollout(env, policy, seed):
+    """One episode from `env.reset(seed=seed)`: (return: float, steps: int)."""
     obs, _ = env.reset(seed=seed)
     state, total, steps = None, 0.0, 0
     with torch.inference_mode():
         while True:
-            if observations is not None:
-                observations.append(obs)
             action, state = policy.act(obs, state)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
@@ -636,15 +633,9 @@ def train(args, given):
     last_plot, exit_code = -math.inf, 1  # until the run ends well
     try:
         while es.generation < args.max_iter:
-            t0, generation, population = time.perf_counter(), es.generation, es.ask()
-            # The population and the unperturbed center in one batch; a mirrored pair shares env seeds.
-            tasks = [(int(noise_seed), int(sign), es.sigma, [derive_seed(
-                args.seed, TRAIN_ENV_STREAM, generation, i // 2 if args.antithetic else i, r)
-                for r in range(args.num_rollouts)], True) for i, (noise_seed, sign) in enumerate(population)]
-            tasks.append((0, 0, 0.0, [derive_seed(args.seed, CENTER_ENV_STREAM, generation, r)
-                                      for r in range(args.num_rollouts)], True))
-            with progress_bar(f"generation {generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as progress:
-                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), progress)
+            t0, tasks = time.perf_counter(), generation_tasks(es, args)
+            with progress_bar(f"generation {es.generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as bar:
+                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), bar)
             returns = np.array([np.mean(r[0]) for r in results[:-1]])
             center_return = float(np.mean(results[-1][0]))
             gen = SimpleNamespace(returns=returns, center_return=center_return, sigma=es.sigma,
@@ -695,6 +686,16 @@ def train(args, given):
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
     return 0
+
+
+def generation_tasks(es, args):
+    """The rollout tasks of a generation (`RolloutWorker`): each member of `es.ask()`, a mirrored pair sharing
+    its env seeds, then the unperturbed center."""
+    def seeds(stream, *index):  # the env seeds of one task's episodes
+        return [derive_seed(args.seed, stream, es.generation, *index, r) for r in range(args.num_rollouts)]
+    tasks = [(int(noise_seed), int(sign), es.sigma, seeds(TRAIN_ENV_STREAM, i // 2 if args.antithetic else i), True)
+             for i, (noise_seed, sign) in enumerate(es.ask())]
+    return tasks + [(0, 0, 0.0, seeds(CENTER_ENV_STREAM), True)]
 
 
 def evaluate_center(run, iteration, log):
@@ -1294,8 +1295,6 @@ def load_weights(path):
             raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
     except UserError as e:
         raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
-    except FileNotFoundError:
-        raise UserError(f"weights file {path} does not exist") from None
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     return params, meta
@@ -1346,8 +1345,6 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
