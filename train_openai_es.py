@@ -21,6 +21,7 @@ Examples:
 import argparse
 import contextlib
 import csv
+import inspect
 import io
 import json
 import logging
@@ -28,8 +29,8 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import shutil
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -44,9 +45,6 @@ from types import SimpleNamespace
 
 SCRIPT = "train_openai_es.py"
 FORMAT_VERSION = 1  # of checkpoints and weights files
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
-                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
-                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
 # Streams of randomness, each derived from (seed, stream, generation, index, rollout).
 NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
@@ -56,10 +54,6 @@ RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "captur
 # Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
 META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
               "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
-
-
-NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
 
 
 class UserError(Exception):
@@ -135,6 +129,49 @@ def build_parser():
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
+    default once: not where the help names it or nothing is set; a switch that is on by its name."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
+                return text
+            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
+                           " (default: %(default)s)")
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open; text that
+    is no `kind` gets argparse's own message (invalid int value: 'x')."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
+                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def env_kwarg(item):
+    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def parse_args(argv=None):
     """Parse and check the command line: (args, the set of flags given). UserError for any bad value: kind,
     range, finiteness, a path that is not what its flag needs, flags that exclude each other."""
@@ -180,51 +217,6 @@ def check_settings(args):
         gym.spec(args.env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
-    default once: not where the help names it or nothing is set; a switch that is on by its name."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        def _get_help_string(self, action):
-            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
-            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
-                return text
-            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
-                           " (default: %(default)s)")
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
-            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    return parse
-
-
-def env_kwarg(item):
-    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def check_paths(args):
@@ -299,12 +291,12 @@ def shape_fitness(returns, method):
 
 
 class OpenAIES:
-    """OpenAI-ES (Salimans et al. 2017, Algorithm 2, mirrored sampling) as ask/tell. `ask()`: the population,
-    (N, 2) int64 rows (noise seed, sign): member i is `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N
-    returns in that order (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F; with
-    weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers
-    (`state_dict`): it pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
-    On a fitness function of your own (maximized), `candidates()` gives the member vectors:
+    """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
+    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N returns in that order
+    (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F, then, with weight decay, one
+    Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers (`state_dict`): it
+    pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate. On a fitness of
+    your own (maximized), `candidates()` gives the member vectors:
 
         es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
         for generation in range(200):
@@ -603,15 +595,12 @@ def configs(args):
                         "obs_norm": args.obs_norm}
 
 
-def rollout(env, policy, seed, observations=None):
-    """One episode from `env.reset(seed=seed)`: (return: float, steps: int). observations: a list that
-    every observation the policy sees is appended to, or None."""
+def rollout(env, policy, seed):
+    """One episode from `env.reset(seed=seed)`: (return: float, steps: int)."""
     obs, _ = env.reset(seed=seed)
     state, total, steps = None, 0.0, 0
     with torch.inference_mode():
         while True:
-            if observations is not None:
-                observations.append(obs)
             action, state = policy.act(obs, state)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
@@ -644,15 +633,9 @@ def train(args, given):
     last_plot, exit_code = -math.inf, 1  # until the run ends well
     try:
         while es.generation < args.max_iter:
-            t0, generation, population = time.perf_counter(), es.generation, es.ask()
-            # The population and the unperturbed center in one batch; a mirrored pair shares env seeds.
-            tasks = [(int(noise_seed), int(sign), es.sigma, [derive_seed(
-                args.seed, TRAIN_ENV_STREAM, generation, i // 2 if args.antithetic else i, r)
-                for r in range(args.num_rollouts)], True) for i, (noise_seed, sign) in enumerate(population)]
-            tasks.append((0, 0, 0.0, [derive_seed(args.seed, CENTER_ENV_STREAM, generation, r)
-                                      for r in range(args.num_rollouts)], True))
-            with progress_bar(f"generation {generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as progress:
-                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), progress)
+            t0, tasks = time.perf_counter(), generation_tasks(es, args)
+            with progress_bar(f"generation {es.generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as bar:
+                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), bar)
             returns = np.array([np.mean(r[0]) for r in results[:-1]])
             center_return = float(np.mean(results[-1][0]))
             gen = SimpleNamespace(returns=returns, center_return=center_return, sigma=es.sigma,
@@ -705,6 +688,16 @@ def train(args, given):
     return 0
 
 
+def generation_tasks(es, args):
+    """The rollout tasks of a generation (`RolloutWorker`): each member of `es.ask()`, a mirrored pair sharing
+    its env seeds, then the unperturbed center."""
+    def seeds(stream, *index):  # the env seeds of one task's episodes
+        return [derive_seed(args.seed, stream, es.generation, *index, r) for r in range(args.num_rollouts)]
+    tasks = [(int(noise_seed), int(sign), es.sigma, seeds(TRAIN_ENV_STREAM, i // 2 if args.antithetic else i), True)
+             for i, (noise_seed, sign) in enumerate(es.ask())]
+    return tasks + [(0, 0, 0.0, seeds(CENTER_ENV_STREAM), True)]
+
+
 def evaluate_center(run, iteration, log):
     """Evaluate theta over --num-eval-rollouts episodes; keep best.npz, count the goal streak, record a
     video with --capture-video. Returns {mean, std, episodes, steps}."""
@@ -734,6 +727,11 @@ def evaluate(pool, theta, mean_std, args, iteration):
     with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
         results = pool.map(tasks, (theta, *mean_std), progress)
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
+
+
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
+                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
+                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
 
 
 def write_progress(run, gen):
@@ -768,6 +766,10 @@ def console_line(args, gen, counters, steps_per_s, eta):
 # ================================================================================================
 # Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
 # ================================================================================================
+NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
+                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
+
+
 def setup_run(args, given):
     """Everything a run needs before its first generation: settings (the checkpoint's on resume), configs,
     optimizer, pool, and last, after every check, the run folder. A namespace; UserError for bad input."""
@@ -778,16 +780,13 @@ def setup_run(args, given):
         args, run_dir = argparse.Namespace(**saved), os.path.dirname(os.path.abspath(checkpoint_path))
     else:
         init = read_weights_into_args(args, given) if args.init_from else None
-        run_name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.logs_dir, run_name)
+        run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
     run = SimpleNamespace(args=args, dir=run_dir, title=f"OpenAI-ES on {args.env_id} (seed {args.seed})")
-    run.env_config, run.policy_config = configs(args)
     torch.manual_seed(args.seed)
-    policy = make_policy(run.policy_config)
-    run.dim, run.obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    run.env_config, run.policy_config, policy, run.dim, run.obs_dim = build_policy(args, init)
     run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
         if policy.normalize else None  # mean 0, variance 1 to start (a pseudo-count of 1e-2)
     if checkpoint:
@@ -796,28 +795,38 @@ def setup_run(args, given):
         if run.obs_stats:  # copies: unpickled arrays may be read-only
             run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
     else:
-        theta = parameters_to_vector(policy.parameters()).numpy()
-        if init:
-            theta, meta = init
-            check_weights_fit(args.init_from, theta, meta, run.policy_config, run.dim, run.obs_dim)
-            if run.obs_stats and meta["obs_norm"]:  # continue the file's running statistics
-                norm = meta["obs_norm"]
-                mean, std = np.array(norm["mean"]), np.array(norm["std"])
-                run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
-                                 "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
-        run.es = OpenAIES(theta, args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
-                          optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-                          antithetic=args.antithetic, fitness_shaping=args.fitness_shaping, lr_decay=args.lr_decay,
-                          lr_min=args.lr_min, sigma_decay=args.sigma_decay, sigma_min=args.sigma_min, seed=args.seed)
+        theta = init[0] if init else parameters_to_vector(policy.parameters()).numpy()
+        norm = init and init[1]["obs_norm"]
+        if run.obs_stats and norm:  # continue the file's running statistics
+            mean, std = np.array(norm["mean"]), np.array(norm["std"])
+            run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
+                             "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
+        settings = inspect.signature(OpenAIES).parameters  # the algorithm's flags bear its arguments' names
+        run.es = OpenAIES(theta, **{key: value for key, value in vars(args).items() if key in settings})
         run.counters = dict(NEW_COUNTERS)
-    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config),
-                           (run.dim, run.obs_dim, run.obs_dim))  # before any file is touched
+    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config))  # no file yet
     open_run_folder(run, checkpoint is not None)
     print(f"{policy}\nparameters: {run.dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
           f"run folder: {run_dir}")
     if checkpoint:
         print(f"resuming at generation {run.es.generation} from {checkpoint_path}")
     return run
+
+
+def build_policy(args, weights=None):
+    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs) of
+    the settings. UserError when `weights` (params, meta) from a file do not fit them."""
+    env_config, policy_config = configs(args)
+    policy = make_policy(policy_config)
+    dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
+    if weights:
+        check_weights_fit(args.init_from or args.from_pretrained, *weights, policy_config, dim, obs_dim)
+    return env_config, policy_config, policy, dim, obs_dim
+
+
+def run_name(args, *parts):
+    """The default run folder name: <env-id>__<exp-name>__<parts>__<unix-time>."""
+    return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
 
 
 def open_run_folder(run, resuming):
@@ -837,12 +846,8 @@ def open_run_folder(run, resuming):
         run.wandb = wandb
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {"python": platform.python_version(), **{name: next((d.version for d in metadata.distributions(
+        name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
     config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()
@@ -923,7 +928,7 @@ LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains litt
 # Ray: a task whose worker process or node died is re-run RAY_TASK_RETRIES times. A watchdog thread checks
 # every RAY_POLL_S that the cluster's head and this machine's node answer; RAY_LOST_AFTER_S of silence ends it.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
-WORKERS = {}  # this process's RolloutWorkers, built once: "local", or a Ray pool's key
+WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 
 class PoolLost(Exception):
@@ -933,7 +938,7 @@ class PoolLost(Exception):
 class RolloutWorker:
     """One worker's envs and policy, built once, and the tasks it runs: (noise_seed, sign, sigma, env_seeds,
     training), sign 0 for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays
-    (shared memory or Ray objects: no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
+    (no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
@@ -1012,9 +1017,9 @@ class RolloutWorker:
                  (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]
 
 
-def start_local_worker(worker_args, buffers, parent_pid):
-    """Initializer of a local worker process: its RolloutWorker on views of the shared buffers; Ctrl-C and
-    SIGTERM left to the driver; a watchdog thread that exits within 0.5 s of the driver's death."""
+def start_local_worker(parent_pid):
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver; a watchdog thread that
+    exits within 0.5 s of the driver's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -1023,17 +1028,11 @@ def start_local_worker(worker_args, buffers, parent_pid):
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=exit_with_parent, daemon=True).start()
-    WORKERS["local"] = RolloutWorker(*worker_args)
-    WORKERS["local"].use(*(np.frombuffer(buffer, dtype=np.float32) for buffer in buffers))
 
 
-def run_local_task(tasks):
-    return WORKERS["local"].run(tasks)
-
-
-def ray_rollout(pool_key, worker_args, shared, tasks):
-    """A Ray task: `RolloutWorker.run(tasks)` with the batch's arrays `shared`, on the RolloutWorker this Ray
-    worker process built for the pool at its first task."""
+def run_chunk(pool_key, worker_args, shared, tasks):
+    """`RolloutWorker.run(tasks)` with the batch's arrays `shared` (theta, obs mean, obs std), on the
+    RolloutWorker this process built for the pool at its first chunk: in-process, local process or Ray task."""
     if pool_key not in WORKERS:
         WORKERS[pool_key] = RolloutWorker(*worker_args)
     WORKERS[pool_key].use(*shared)
@@ -1043,30 +1042,29 @@ def ray_rollout(pool_key, worker_args, shared, tasks):
 class RolloutPool:
     """Where the rollouts run: in-process (num_workers 1), local worker processes, or a Ray cluster.
 
-    `map(tasks, shared)` runs `RolloutWorker.run` on every task and returns the results in task order
-    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)),
-    of sizes `shared_sizes`. Locally, a ProcessPoolExecutor whose initializer builds one RolloutWorker
-    per process on mp.RawArray buffers the driver fills before each batch; a dead worker costs new
-    processes and a re-run of the batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote
-    tasks (num_cpus=1, re-run on a lost worker or node) share the arrays through one `ray.put` per
-    batch; num_workers, when set, caps the tasks running at once. UserError for an error in a rollout.
+    `map(tasks, shared)` runs `run_chunk` on chunks of the tasks and returns the results in task order
+    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)), sent
+    with each chunk. Locally, a ProcessPoolExecutor: a dead worker costs new processes and a re-run of the
+    batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote tasks (num_cpus=1, re-run on a lost
+    worker or node) share the arrays through one `ray.put` per batch; num_workers, when set, caps the tasks
+    running at once. UserError for an error in a rollout.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
+    def __init__(self, num_workers, ray_address, worker_args):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.executor = self.local = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        self.executor = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        self.key = uuid.uuid4().hex  # names this pool's RolloutWorker in each process
         if ray_address:
             self.start_ray()
         elif num_workers == 1:
-            self.local = RolloutWorker(*worker_args)
+            WORKERS[self.key] = RolloutWorker(*worker_args)
         else:
-            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
             self.start_processes()
 
     def start_processes(self):
         """The worker processes, by multiprocessing's start method (fork on Linux, spawn on macOS and Windows)."""
         self.executor = ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=start_local_worker,
-                                            initargs=(self.worker_args, self.buffers, os.getpid()))
+                                            initargs=(os.getpid(),))
 
     def map(self, tasks, shared, progress=None):
         """Run the tasks: their results in task order; `progress(result)` for each as its chunk ends.
@@ -1075,7 +1073,7 @@ class RolloutPool:
         # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
         # tasks alone, not on the chunks.
         count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
-        chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
+        chunks, ordered, shared = [tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared)
 
         def report(results):  # a finished chunk's results
             for result in results if progress else ():
@@ -1085,13 +1083,11 @@ class RolloutPool:
             try:
                 if self.address:
                     results = self.map_ray(chunks, shared, report)
-                elif self.local is not None:
-                    self.local.use(*shared)
-                    results = [report(self.local.run(chunk)) for chunk in chunks]
+                elif self.executor is None:
+                    results = [report(run_chunk(self.key, self.worker_args, shared, chunk)) for chunk in chunks]
                 else:
-                    for buffer, array in zip(self.buffers, shared):
-                        np.frombuffer(buffer, dtype=np.float32)[:] = array
-                    futures = [self.executor.submit(run_local_task, chunk) for chunk in chunks]
+                    futures = [self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk)
+                               for chunk in chunks]
                     for future in as_completed(futures):
                         report(future.result())
                     results = [future.result() for future in futures]
@@ -1111,6 +1107,7 @@ class RolloutPool:
 
     def close(self):
         """Stop the worker processes at once (a running episode is dropped), or the Ray watchdog."""
+        WORKERS.pop(self.key, None)
         if self.address:
             self.closed.set()
         elif self.executor:
@@ -1149,8 +1146,9 @@ class RolloutPool:
         init_ray(ray, self.address)
         if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        self.ray, self.key, self.probes, self.closed = ray, uuid.uuid4().hex, [], threading.Event()
-        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        self.ray, self.probes, self.closed = ray, [], threading.Event()
+        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
+            name="ray_rollout")  # the process title of a running task: ray::ray_rollout
         try:  # what must keep answering: (what, host, port)
             context = ray.get_runtime_context()
             self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
@@ -1210,9 +1208,6 @@ class RolloutPool:
                            f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
-# Weights and checkpoints ----------------------------------------------------------------------------
-
-
 def init_ray(ray, address):
     """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
     head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
@@ -1242,6 +1237,7 @@ def init_ray(ray, address):
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
 
 
+# Weights and checkpoints ----------------------------------------------------------------------------
 def atomic_write(path, write):
     """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
@@ -1299,8 +1295,6 @@ def load_weights(path):
             raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
     except UserError as e:
         raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
-    except FileNotFoundError:
-        raise UserError(f"weights file {path} does not exist") from None
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     return params, meta
@@ -1351,8 +1345,6 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
@@ -1422,13 +1414,10 @@ def record_video(env_config, policy, path_stem, seed):
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
     params, meta = read_weights_into_args(args, given)
-    env_config, policy_config = configs(args)
-    policy = make_policy(policy_config)
-    dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
-    check_weights_fit(args.from_pretrained, params, meta, policy_config, dim, obs_dim)
+    env_config, policy_config, policy, dim, _ = build_policy(args, (params, meta))
     norm = meta["obs_norm"]
     mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else obs_mean_std(None)
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config), (dim, obs_dim, obs_dim))
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
     print(f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
           f"workers: {pool.describe()}")
     start = time.perf_counter()
@@ -1438,8 +1427,7 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{args.env_id.replace('/', '-')}__{args.exp_name}__eval__{args.seed}__" \
-            f"{int(time.time())}"
+        name = args.run_name or run_name(args, "eval", args.seed)
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(env_config, make_policy(policy_config, params, norm and mean_std),
                                           os.path.join(args.logs_dir, name, "videos", "pretrained"),

@@ -249,7 +249,7 @@ def test_rollout_worker_runs_members_and_collects_stats(env_id, kwargs):
     config, policy_config, dim = configs("--env-id", env_id, "--max-episode-steps", "30", "--hidden-sizes", "8",
                                          "--env-kwargs", *(f"{k}={json.dumps(v)}" for k, v in kwargs.items()))
     obs_dim = policy_config["obs_shape"][0]
-    pool = es_mod.RolloutPool(1, None, (config, policy_config), (dim, obs_dim, obs_dim))
+    pool = es_mod.RolloutPool(1, None, (config, policy_config))
     shared = (np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
     (returns, steps, stats), = pool.map([(5, 1, 0.1, [11, 12], True)], shared)
     assert len(returns) == 2 and 2 <= steps <= 60
@@ -277,15 +277,15 @@ def children(pid):
 def cartpole_pool_setup():
     config, policy_config, dim = configs("--hidden-sizes", "8")
     theta = np.random.default_rng(0).normal(0, 0.5, dim).astype(np.float32)
-    return (config, policy_config), (dim, 4, 4), (theta, np.zeros(4, np.float32), np.ones(4, np.float32))
+    return (config, policy_config), (theta, np.zeros(4, np.float32), np.ones(4, np.float32))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
 def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
-    worker_args, sizes, shared = cartpole_pool_setup()
+    worker_args, shared = cartpole_pool_setup()
     tasks = [(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
-    expected = es_mod.RolloutPool(1, None, worker_args, sizes).map(tasks, shared)
-    pool = es_mod.RolloutPool(2, None, worker_args, sizes)
+    expected = es_mod.RolloutPool(1, None, worker_args).map(tasks, shared)
+    pool = es_mod.RolloutPool(2, None, worker_args)
     try:
         assert [r[0] for r in pool.map(tasks, shared)] == [r[0] for r in expected]
         finished = []  # the progress callback: each task's result as it finishes, whatever the order
@@ -307,9 +307,9 @@ def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
 
 
 def test_workers_that_keep_dying_end_the_batch_with_pool_lost(monkeypatch, capsys):
-    worker_args, sizes, shared = cartpole_pool_setup()
+    worker_args, shared = cartpole_pool_setup()
     monkeypatch.setattr(es_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # the forked workers inherit it
-    pool = es_mod.RolloutPool(2, None, worker_args, sizes)
+    pool = es_mod.RolloutPool(2, None, worker_args)
     try:
         with pytest.raises(es_mod.PoolLost, match="keep dying"):
             pool.map([(1, 1, 0.5, [1], True)] * 4, shared)
@@ -510,7 +510,7 @@ def test_trains_on_the_issue_envs(tmp_path, env_id, extra):
 def test_carracing_early_stop_is_training_only():
     config, policy_config, dim = configs("--env-id", "CarRacing-v3", "--max-episode-steps", "120", "--frame-size", "48",
                                          "--frame-stack", "1", "--hidden-sizes", "8")
-    pool = es_mod.RolloutPool(1, None, (config, policy_config), (dim, 0, 0))
+    pool = es_mod.RolloutPool(1, None, (config, policy_config))
     shared = (np.zeros(dim, np.float32), np.zeros(0, np.float32), np.ones(0, np.float32))  # all-zero weights: no gas,
     (_, train_steps, _), (_, eval_steps, _) = pool.map([(0, 0, 0.0, [7], True), (0, 0, 0.0, [7], False)], shared)
     assert train_steps < 60 and eval_steps == 120  # training: stopped after 20 negative rewards in a row
@@ -697,20 +697,20 @@ def test_without_ray_the_flag_is_a_one_line_error_and_nothing_else_needs_ray(tmp
     assert [row["num_cpus"] for row in progress(tmp_path / "runs" / "local", drop=())] == ["2"]
 
 
-def test_ray_rollout_builds_its_worker_once_and_reads_each_batchs_arrays():
+def test_run_chunk_builds_its_worker_once_and_reads_each_batchs_arrays():
     config, policy_config, dim = configs("--hidden-sizes", "8")
     rng = np.random.default_rng(0)
     thetas = [rng.normal(0, 0.5, dim).astype(np.float32) for _ in range(2)]
     stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
     task = (7, 1, 0.5, [3, 4], True)
-    local = es_mod.RolloutPool(1, None, (config, policy_config), (dim, 4, 4))
+    local = es_mod.RolloutPool(1, None, (config, policy_config))
     expected = [local.map([task], (theta, *stats))[0] for theta in thetas]
     assert expected[0][0] != expected[1][0]
     key = "test-pool"
     try:
         for i, theta in enumerate(thetas):
             for _ in range(2):
-                [(returns, steps, obs)] = es_mod.ray_rollout(key, (config, policy_config), (theta, *stats), [task])
+                [(returns, steps, obs)] = es_mod.run_chunk(key, (config, policy_config), (theta, *stats), [task])
                 assert returns == expected[i][0] and steps == expected[i][1]
                 np.testing.assert_array_equal(obs[1], expected[i][2][1])
             worker = es_mod.WORKERS[key]
