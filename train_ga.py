@@ -770,7 +770,7 @@ def train(args, given):
             # Evaluate on schedule, and at once when the best member's training fitness reaches the goal.
             evaluation = None
             at_goal = args.reward_goal is not None and best_fitness >= args.reward_goal
-            if ga.generation % args.eval_every == 0 or ga.generation == args.max_iter or at_goal:
+            if ga.generation % args.eval_every == 0 or at_goal:
                 evaluation = evaluate_best(run, best_params)
                 steps += evaluation["steps"]
             counters["env_steps"] += steps
@@ -789,7 +789,10 @@ def train(args, given):
         if args.multitask:  # the original's noise study, on the final best member
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
             noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir, args.quiet)
-        save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation))
+        final_evaluation = evaluation_of(run, final_params, "final evaluation")[0]  # outside the run's record:
+        run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
+                f"over {final_evaluation['episodes']} episodes")  # a run stopped and resumed stays the same run
+        save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation, final_evaluation))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         code = 0
     except KeyboardInterrupt:
@@ -805,16 +808,24 @@ def train(args, given):
     return 0
 
 
-def evaluate_best(run, best_params):
-    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns {mean, std, episodes[, tasks],
-    returns: float64 (E,), steps}."""
-    args, counters, iteration = run.args, run.counters, run.ga.generation
-    per_task, steps = evaluate(run.pool, best_params, args.seed, iteration, args.num_eval_rollouts,
-                               label=None if args.quiet else f"evaluation {iteration}")
+def evaluation_of(run, params, label):
+    """params over --num-eval-rollouts episodes of this generation's evaluation seeds: ({mean, std, episodes[,
+    tasks]}, fitness-scaled returns: float64 (E,), env steps)."""
+    args = run.args
+    per_task, steps = evaluate(run.pool, params, args.seed, run.ga.generation, args.num_eval_rollouts,
+                               label=None if args.quiet else label)
     returns = (per_task / run.scales).sum(1)
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
     if args.multitask:
         evaluation["tasks"] = {e: float(m) for e, m in zip(run.env_ids, per_task.mean(0))}
+    return evaluation, returns, steps
+
+
+def evaluate_best(run, best_params):
+    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns {mean, std, episodes[, tasks],
+    returns: float64 (E,), steps}."""
+    args, counters, iteration = run.args, run.counters, run.ga.generation
+    evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}")
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
         save_weights(run.paths["best.npz"], best_params, run.meta(best_params, iteration, evaluation))

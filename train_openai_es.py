@@ -652,7 +652,7 @@ def train(args, given):
             gen.evaluation = None
             # Evaluate on schedule, and at once when the center's own rollouts reach the reward goal.
             center_at_goal = args.reward_goal is not None and center_return >= args.reward_goal
-            if gen.iteration % args.eval_every == 0 or gen.iteration == args.max_iter or center_at_goal:
+            if gen.iteration % args.eval_every == 0 or center_at_goal:
                 gen.evaluation = evaluate_center(run, gen.iteration, log)
                 gen.steps += gen.evaluation["steps"]
             counters["env_steps"] += gen.steps
@@ -669,7 +669,7 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation))
+        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final_evaluation(run, log)))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         exit_code = 0
     except (KeyboardInterrupt, PoolLost) as e:
@@ -718,6 +718,14 @@ def evaluate_center(run, iteration, log):
                                derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
         log(f"video {path}")
     return dict(evaluation, steps=steps)
+
+
+def final_evaluation(run, log):
+    """{mean, std, episodes} of the final theta, for final.npz. Outside the run's record (progress.csv, best.npz,
+    the goal streak): a run stopped early and resumed stays exactly the run made in one go."""
+    returns, _ = evaluate(run.pool, run.es.theta, obs_mean_std(run.obs_stats, run.obs_dim), run.args, run.es.generation)
+    log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 
 
 def evaluate(pool, theta, mean_std, args, iteration):

@@ -390,11 +390,14 @@ def test_one_and_two_workers_give_the_same_run(tmp_path):
 
 def test_resume_is_exact(tmp_path):
     straight = train(tmp_path, "straight", "--eval-every", "2", iters=5)
-    split = train(tmp_path, "split", "--eval-every", "2", iters=2)
+    # stopped at generation 3, off the evaluation schedule: that run's final evaluation stays out of the record
+    split = train(tmp_path, "split", "--eval-every", "2", iters=3)
+    assert es_mod.load_weights(str(split / "final.npz"))[1]["evaluation"]["episodes"] > 0
     out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "resuming at generation 2" in out.stdout
+    assert "resuming at generation 3" in out.stdout
     assert progress(straight) == progress(split)
+    assert [r["eval_return_mean"] != "" for r in progress(split)] == [False, True, False, True, False]
     assert np.array_equal(np.load(straight / "final.npz")["params"], np.load(split / "final.npz")["params"])
 
 
