@@ -591,7 +591,7 @@ def train(args, given):
             counters["best_return"] = max(counters["best_return"], float(returns.max()))
 
             eval_returns = None
-            if iteration % args.eval_every == 0 or iteration == args.max_iter:
+            if iteration % args.eval_every == 0:
                 eval_returns, eval_steps = evaluate_mean(run, iteration)  # also best.npz and the video
                 steps += eval_steps
             counters["env_steps"] += steps
@@ -604,6 +604,7 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
                 break
+        final = final_evaluation(run)  # outside the record: a run resumed at any generation gives the same rows
         code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
@@ -615,7 +616,7 @@ def train(args, given):
         if code:
             stop_logging(run, code)
     if code == 0:
-        finish_run(run)
+        finish_run(run, final)
     return code
 
 
@@ -647,6 +648,16 @@ def evaluate_mean(run, iteration):
                                derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
         run.log(f"video {path}")
     return returns, steps
+
+
+def final_evaluation(run):
+    """{mean, std, episodes} of the final distribution mean, for final.npz's meta. Outside the run's record
+    (progress.csv, env steps, best.npz, the goal streak), so a run stopped early and resumed stays exactly
+    the run made in one go."""
+    returns, _ = evaluate(run.pool, run.full(run.es.result.xfavorite), run.args.seed, run.counters["generation"],
+                          run.args.num_eval_rollouts)
+    run.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 
 
 def write_progress_row(run, returns, eval_returns, sigma, now):
@@ -826,10 +837,11 @@ def stop_logging(run, code):
         run.wandb.finish(exit_code=code)
 
 
-def finish_run(run):
-    """final.npz, the last learning curve, and where the files are."""
+def finish_run(run, evaluation):
+    """final.npz (with its final evaluation in meta), the last learning curve, and where the files are."""
     counters = run.counters
-    save_weights(run.paths["final.npz"], run.full(run.es.result.xfavorite), run.meta(counters["generation"]))
+    save_weights(run.paths["final.npz"], run.full(run.es.result.xfavorite),
+                 run.meta(counters["generation"], evaluation))
     plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
     stop_logging(run, 0)
     print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "

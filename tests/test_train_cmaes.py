@@ -160,14 +160,17 @@ def test_authors_weights_drive_better_than_a_random_agent():
 # Whole runs
 # ------------------------------------------------------------------------------------------------
 def test_tiny_run_resumes_exactly_and_writes_nothing_outside_its_folder(tmp_path):
-    straight, out = train(tmp_path, "straight", iters=3)
+    straight, out = train(tmp_path, "straight", "--eval-every", "2", iters=5)
     assert "CMA-ES searches: 3667" in out.stdout
     for name in ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz"):
         assert (straight / name).exists(), name
-    split, _ = train(tmp_path, "split", iters=1)
-    out = run_script(["--resume", str(split), "--max-iter", "3"], cwd=tmp_path)
+    # stopped at generation 3, off the evaluation schedule: that run's final evaluation stays out of the record
+    split, _ = train(tmp_path, "split", "--eval-every", "2", iters=3)
+    assert cm.load_weights(str(split / "final.npz"))[2]["evaluation"]["episodes"] == 1
+    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert progress(straight) == progress(split) and len(progress(split)) == 3
+    assert progress(straight) == progress(split) and len(progress(split)) == 5
+    assert [r["eval_return_mean"] != "" for r in progress(split)] == [False, True, False, True, False]
     assert np.array_equal(np.load(straight / "final.npz")["params"], np.load(split / "final.npz")["params"])
     header = list(progress(straight)[0])
     assert header[:3] == ["iteration", "evaluations", "env_steps"] and "sigma" in header
