@@ -1390,10 +1390,14 @@ def record_video(env_config, agent, path_stem, seed):
 
 
 def versions():
-    """Versions of python and of the libraries a run depends on, for args.json."""
+    """Versions of python and of the libraries a run depends on, for args.json; "blas": numpy's BLAS and the
+    kernels it picked for this CPU (OPENBLAS_CORETYPE overrides), which set the last digits of a run."""
     import importlib.metadata
+    from threadpoolctl import threadpool_info
     return {"python": platform.python_version(),
-            **{name: importlib.metadata.version(name) for name in ("torch", "gymnasium", "numpy", "cma")}}
+            **{name: importlib.metadata.version(name) for name in ("torch", "gymnasium", "numpy", "cma")},
+            "blas": [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+                     for i in threadpool_info() if i["user_api"] == "blas"]}
 
 
 def probe_env(env_config):

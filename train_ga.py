@@ -1532,6 +1532,10 @@ def versions():
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             found[name] = None
+    # numpy's BLAS and the kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits
+    from threadpoolctl import threadpool_info
+    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+                     for i in threadpool_info() if i["user_api"] == "blas"]
     return found
 
 

@@ -856,6 +856,10 @@ def open_run_folder(run, resuming):
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
     versions = {"python": platform.python_version(), **{name: next((d.version for d in metadata.distributions(
         name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
+    # numpy's BLAS and the kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits
+    from threadpoolctl import threadpool_info
+    versions["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+                        for i in threadpool_info() if i["user_api"] == "blas"]
     config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()

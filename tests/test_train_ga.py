@@ -375,6 +375,7 @@ def test_run_folder_files_and_columns(tmp_path):
     assert float(rows[1]["best_fitness"]) <= float(rows[1]["return_max"])
     config = json.loads((run / "args.json").read_text())
     assert config["replacement"] == "generational" and config["versions"]["torch"].startswith("2.13.0")
+    assert any(blas.startswith("openblas ") for blas in config["versions"]["blas"])  # its kernels named
     with np.load(run / "final.npz", allow_pickle=False) as data:
         assert data["params"].dtype == np.float32 and data["params"].ndim == 1
         meta, size = json.loads(str(data["meta"])), data["params"].size

@@ -373,6 +373,7 @@ def test_run_folder_files_and_columns(tmp_path):
     assert all(1 <= int(r["center_rank"]) <= 5 for r in rows)
     config = json.loads((run / "args.json").read_text())
     assert config["sigma"] == 0.1 and config["versions"]["torch"].startswith("2.13.0")
+    assert any(blas.startswith("openblas ") for blas in config["versions"]["blas"])  # its kernels named
     with np.load(run / "final.npz", allow_pickle=False) as data:
         assert data["params"].dtype == np.float32 and data["params"].ndim == 1
         meta = json.loads(str(data["meta"]))
