@@ -47,3 +47,21 @@ def test_shipped_file_plays_above_its_floor(name, tmp_path):
     assert match, last
     assert int(match.group(2)) == episodes
     assert float(match.group(1)) >= floor, f"{name}: mean return {match.group(1)} over {episodes} episodes"
+
+
+def test_ga_lunarlanders_command_gives_its_shipped_rows_again(tmp_path):
+    """The shipped GA LunarLander-v3 file's command (README, pretrained table) at this commit, its first three
+    generations against pretrained/ga_lunarlander.progress.csv (wall clock and CPU count aside; the file was
+    trained with 1 worker, this run has 2)."""
+    import csv
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_ga.py"), "--env-id", "LunarLander-v3",
+                          "--max-iter", "3", "--seed", "1", "--num-workers", "2", "--quiet", "--run-name", "again"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr + out.stdout
+
+    def rows(path):
+        with open(path, newline="") as f:
+            return [{k: v for k, v in row.items() if k not in ("wall_time_s", "num_cpus")}
+                    for row in csv.DictReader(f)]
+    again = rows(tmp_path / "runs" / "again" / "progress.csv")
+    assert len(again) == 3 and again == rows(os.path.join(ROOT, "pretrained", "ga_lunarlander.progress.csv"))[:3]
