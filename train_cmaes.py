@@ -573,6 +573,7 @@ def train(args, given):
     run = setup_run(args, given)  # run folder, agent, pycma object, counters, pool: from flags or a checkpoint
     args, es, counters, pool = run.args, run.es, run.counters, run.pool
     code = 1  # until the loop ends
+    eval_returns = None  # the last generation's evaluation, when it had one
     try:
         while counters["generation"] < args.max_iter:
             start = time.perf_counter()
@@ -604,7 +605,7 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        final = final_evaluation(run)  # outside the record: a run resumed at any generation gives the same rows
+        final = final_evaluation(run, eval_returns)  # outside the record: a resumed run gives the same rows
         code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
@@ -650,12 +651,14 @@ def evaluate_mean(run, iteration):
     return returns, steps
 
 
-def final_evaluation(run):
+def final_evaluation(run, returns=None):
     """{mean, std, episodes} of the final distribution mean, for final.npz's meta. Outside the run's record
     (progress.csv, env steps, best.npz, the goal streak), so a run stopped early and resumed stays exactly
-    the run made in one go."""
-    returns, _ = evaluate(run.pool, run.full(run.es.result.xfavorite), run.args.seed, run.counters["generation"],
-                          run.args.num_eval_rollouts)
+    the run made in one go. returns: the final generation's own evaluation returns, if it had one (the same
+    mean on the same episodes, not run again)."""
+    if returns is None:
+        returns, _ = evaluate(run.pool, run.full(run.es.result.xfavorite), run.args.seed,
+                              run.counters["generation"], run.args.num_eval_rollouts)
     run.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
     return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 

@@ -752,6 +752,7 @@ def train(args, given):
     run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv, TensorBoard
     args, ga, pool, counters = run.args, run.ga, run.pool, run.counters
     code = 1  # the exit code W&B is told, should the run end by an error
+    evaluation = None  # the last generation's, when it had one
     try:
         while ga.generation < args.max_iter:
             started = time.perf_counter()
@@ -789,9 +790,12 @@ def train(args, given):
         if args.multitask:  # the original's noise study, on the final best member
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
             noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir, args.quiet)
-        final_evaluation = evaluation_of(run, final_params, "final evaluation")[0]  # outside the run's record:
+        # Outside the run's record, so a run stopped and resumed stays the same run; where the last generation
+        # was evaluated, that was the same member on the same episodes.
+        final_evaluation = {k: v for k, v in evaluation.items() if k not in ("returns", "steps")} if evaluation \
+            else evaluation_of(run, final_params, "final evaluation")[0]
         run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
-                f"over {final_evaluation['episodes']} episodes")  # a run stopped and resumed stays the same run
+                f"over {final_evaluation['episodes']} episodes")
         save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation, final_evaluation))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         code = 0

@@ -631,6 +631,7 @@ def train(args, given):
     log = (lambda *a, **k: None) if args.quiet else print
     session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
     last_plot, exit_code = -math.inf, 1  # until the run ends well
+    gen = SimpleNamespace(evaluation=None)  # the last generation's record (none yet in this session)
     try:
         while es.generation < args.max_iter:
             t0, tasks = time.perf_counter(), generation_tasks(es, args)
@@ -669,7 +670,8 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final_evaluation(run, log)))
+        final = final_evaluation(run, log, gen.evaluation)
+        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         exit_code = 0
     except (KeyboardInterrupt, PoolLost) as e:
@@ -720,12 +722,16 @@ def evaluate_center(run, iteration, log):
     return dict(evaluation, steps=steps)
 
 
-def final_evaluation(run, log):
+def final_evaluation(run, log, last=None):
     """{mean, std, episodes} of the final theta, for final.npz. Outside the run's record (progress.csv, best.npz,
-    the goal streak): a run stopped early and resumed stays exactly the run made in one go."""
-    returns, _ = evaluate(run.pool, run.es.theta, obs_mean_std(run.obs_stats, run.obs_dim), run.args, run.es.generation)
-    log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    the goal streak): a run stopped early and resumed stays exactly the run made in one go. last: the final
+    generation's own evaluation, if it had one: the same theta on the same episodes, not run again."""
+    if last is None:
+        returns, _ = evaluate(run.pool, run.es.theta, obs_mean_std(run.obs_stats, run.obs_dim), run.args,
+                              run.es.generation)
+        last = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    log(f"final evaluation | return {last['mean']:9.2f} ± {last['std']:8.2f} over {last['episodes']} episodes")
+    return {key: last[key] for key in ("mean", "std", "episodes")}
 
 
 def evaluate(pool, theta, mean_std, args, iteration):

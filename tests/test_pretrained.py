@@ -4,6 +4,7 @@ above what a file that loads wrongly (a shuffled layout, a lost normalization) w
 A file in pretrained/ is a promise that it works: each one must be listed here with its floor.
 """
 
+import csv
 import glob
 import os
 import re
@@ -53,7 +54,6 @@ def test_ga_lunarlanders_command_gives_its_shipped_rows_again(tmp_path):
     """The shipped GA LunarLander-v3 file's command (README, pretrained table) at this commit, its first three
     generations against pretrained/ga_lunarlander.progress.csv (wall clock and CPU count aside; the file was
     trained with 1 worker, this run has 2)."""
-    import csv
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train_ga.py"), "--env-id", "LunarLander-v3",
                           "--max-iter", "3", "--seed", "1", "--num-workers", "2", "--quiet", "--run-name", "again"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)

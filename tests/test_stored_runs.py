@@ -5,9 +5,10 @@ explicit, a resume in some) and compares the files row by row, wall-clock and CP
 Float columns agree to 6 significant digits on a machine whose numpy picks the OpenBLAS kernels of the one
 that stored them (`SkylakeX`: the data passes exactly under OPENBLAS_CORETYPE=SkylakeX on an AMD machine
 whose default `Haswell` kernels move the Box2D continuous-control cases in the 5th digit). So on a CPU with
-AVX-512 the runs get those kernels and must give the stored text exactly; elsewhere a float cell may differ from the stored one by FLOAT_RTOL relative (a spread of returns, which can be a small
-difference of large returns: FLOAT_RTOL of the row's largest return); counts (generations, evaluations, env
-steps) and every other cell must be exactly the stored text.
+AVX-512 the runs get those kernels and must give the stored text exactly; elsewhere a float cell may differ
+from the stored one by FLOAT_RTOL relative (a spread of returns, which can be a small difference of large
+returns: FLOAT_RTOL of the row's largest return); counts (generations, evaluations, env steps) and every
+other cell must be exactly the stored text.
 
 The data is regenerated only when a change is *meant* to change the numbers (a new policy arithmetic,
 say), in a commit of its own that says why:

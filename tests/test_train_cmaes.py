@@ -596,6 +596,9 @@ def test_exp_name_names_the_run_folder_and_tensorboard_holds_the_progress_rows(t
     config = json.loads((run / "args.json").read_text())
     assert config["exp_name"] == "tiny" and any(b.startswith("openblas ") for b in config["versions"]["blas"])
     rows, (curves, acc) = progress(run, drop=()), scalars(run)
+    evaluation = cm.load_weights(str(run / "final.npz"))[2]["evaluation"]  # the last generation's (evaluated)
+    assert sorted(evaluation) == ["episodes", "mean", "std"]
+    assert f"{evaluation['mean']:.6g}" == rows[-1]["eval_return_mean"]
     numeric = [column for column in rows[0] if column != "env_steps"]
     assert sorted(curves) == sorted(numeric)  # every numeric column; the evaluation's columns are filled here
     for tag, points in curves.items():

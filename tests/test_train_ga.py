@@ -381,6 +381,9 @@ def test_run_folder_files_and_columns(tmp_path):
         meta, size = json.loads(str(data["meta"])), data["params"].size
     assert meta["script"] == "train_ga.py" and meta["env_id"] == "CartPole-v1"
     assert meta["policy"]["hidden_sizes"] == [8] and size == 4 * 8 + 8 + 8 * 2 + 2
+    # the last generation was evaluated: final.npz carries that evaluation (same member, same episodes)
+    assert sorted(meta["evaluation"]) == ["episodes", "mean", "std"]
+    assert f"{meta['evaluation']['mean']:.6g}" == rows[-1]["eval_return_mean"]
 
 
 def test_one_and_two_workers_give_the_same_run(tmp_path):

@@ -380,6 +380,9 @@ def test_run_folder_files_and_columns(tmp_path):
     assert meta["script"] == "train_openai_es.py" and meta["env_id"] == "CartPole-v1"
     assert meta["policy"]["hidden_sizes"] == [8] and len(meta["obs_norm"]["mean"]) == 4
     assert meta["obs_norm"]["std"] != [1.0] * 4  # statistics of the rollouts, not the initial ones
+    # the last generation was evaluated: final.npz carries that evaluation (same theta, same episodes)
+    assert sorted(meta["evaluation"]) == ["episodes", "mean", "std"]
+    assert f"{meta['evaluation']['mean']:.6g}" == rows[-1]["eval_return_mean"]
 
 
 def test_one_and_two_workers_give_the_same_run(tmp_path):
