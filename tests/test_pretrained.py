@@ -50,12 +50,26 @@ def test_shipped_file_plays_above_its_floor(name, tmp_path):
     assert float(match.group(1)) >= floor, f"{name}: mean return {match.group(1)} over {episodes} episodes"
 
 
-def test_ga_lunarlanders_command_gives_its_shipped_rows_again(tmp_path):
-    """The shipped GA LunarLander-v3 file's command (README, pretrained table) at this commit, its first three
-    generations against pretrained/ga_lunarlander.progress.csv (wall clock and CPU count aside; the file was
-    trained with 1 worker, this run has 2)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_ga.py"), "--env-id", "LunarLander-v3",
-                          "--max-iter", "3", "--seed", "1", "--num-workers", "2", "--quiet", "--run-name", "again"],
+# file -> (script, its README command's flags, the workers it was trained on): the commands whose first
+# generations are re-run against the shipped progress.csv (the other files' commands are at older commits, or
+# take minutes a generation).
+COMMANDS = {
+    "ga_lunarlander": ("train_ga.py", ["--env-id", "LunarLander-v3", "--seed", "1"], 1),
+    "openai_es_bipedalwalker": ("train_openai_es.py", [
+        "--env-id", "BipedalWalker-v3", "--hidden-sizes", "--population-size", "64", "--sigma", "0.05",
+        "--learning-rate", "0.02", "--max-negative-steps", "100", "--eval-every", "20", "--num-eval-rollouts", "10",
+        "--seed", "1"], 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_shipped_files_command_gives_its_progress_rows_again(name, tmp_path):
+    """A shipped file's command (README, pretrained table) at this commit: its first three generations equal
+    pretrained/<name>.progress.csv's (wall clock and CPU count aside), on a worker count other than the run's."""
+    script, flags, trained_workers = COMMANDS[name]
+    workers = "1" if trained_workers > 1 else "2"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--max-iter", "3",
+                          "--num-workers", workers, "--quiet", "--run-name", "again"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr + out.stdout
 
@@ -64,4 +78,4 @@ def test_ga_lunarlanders_command_gives_its_shipped_rows_again(tmp_path):
             return [{k: v for k, v in row.items() if k not in ("wall_time_s", "num_cpus")}
                     for row in csv.DictReader(f)]
     again = rows(tmp_path / "runs" / "again" / "progress.csv")
-    assert len(again) == 3 and again == rows(os.path.join(ROOT, "pretrained", "ga_lunarlander.progress.csv"))[:3]
+    assert len(again) == 3 and again == rows(os.path.join(ROOT, "pretrained", f"{name}.progress.csv"))[:3]
