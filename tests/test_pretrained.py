@@ -55,6 +55,9 @@ def test_shipped_file_plays_above_its_floor(name, tmp_path):
 # take minutes a generation).
 COMMANDS = {
     "ga_lunarlander": ("train_ga.py", ["--env-id", "LunarLander-v3", "--seed", "1"], 1),
+    "ga_bipedalwalker": ("train_ga.py", [
+        "--env-id", "BipedalWalker-v3", "--hidden-sizes", "--mutation-scale", "0.1", "--num-rollouts", "1",
+        "--max-negative-steps", "100", "--eval-every", "20", "--num-eval-rollouts", "10", "--seed", "1"], 1),
     "openai_es_bipedalwalker": ("train_openai_es.py", [
         "--env-id", "BipedalWalker-v3", "--hidden-sizes", "--population-size", "64", "--sigma", "0.05",
         "--learning-rate", "0.02", "--max-negative-steps", "100", "--eval-every", "20", "--num-eval-rollouts", "10",
