@@ -21,6 +21,7 @@ Examples:
 import argparse
 import contextlib
 import csv
+import importlib
 import inspect
 import io
 import json
@@ -45,8 +46,7 @@ from types import SimpleNamespace
 
 SCRIPT = "train_openai_es.py"
 FORMAT_VERSION = 1  # of checkpoints and weights files
-# Streams of randomness, each derived from (seed, stream, generation, index, rollout).
-NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
+NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3  # the streams of derive_seed
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
 PLACEMENT_FLAGS = {"num_workers", "ray_address"}
 RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
@@ -60,9 +60,7 @@ class UserError(Exception):
     """Bad input (flags, files, environments): reported as one line, exit code 2."""
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Configuration
-# ------------------------------------------------------------------------------------------------
+# -- 1. Configuration ----------------------------------------------------------------------------
 def build_parser():
     """Every flag, each value checked for kind and range as it is parsed."""
     p = Parser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
@@ -76,8 +74,8 @@ def build_parser():
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
     g.add_argument("--seed", type=number(int, 0, 2 ** 64 - 1), default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: usable "
-                   "cores); with --ray-address: the most rollouts at once, all the cluster's CPUs if not given")
+    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: "
+                   "usable cores); with --ray-address: the most rollouts at once (default: all the cluster's CPUs)")
     g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
                    "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
     g.add_argument("--population-size", type=number(int, 2), default=256, help="members, even if mirrored")
@@ -99,8 +97,7 @@ def build_parser():
                    "generation whose center reaches it in training is evaluated at once")
     g.add_argument("--consecutive-goal-stopping", type=size, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bars")
-    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (its TensorBoard curves, "
-                   "weights files and plot)")
+    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (curves, weights, plot)")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
     g.add_argument("--wandb-entity", help="W&B entity (team or user) of --track (default: your default entity)")
     g = p.add_argument_group("OpenAI-ES")
@@ -115,7 +112,7 @@ def build_parser():
     g.add_argument("--sigma-min", type=floor, default=0.0, help="floor of the decayed sigma")
     g.add_argument("--antithetic", action=switch, default=True, help="mirrored pairs theta +/- sigma eps")
     g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank",
-                   help="transform of the returns before the gradient estimate")
+                   help="transform of the returns")
     g.add_argument("--obs-norm", action=switch, default=True, help="normalize vector observations (running mean, std)")
     g = p.add_argument_group("policy")
     g.add_argument("--hidden-sizes", type=size, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
@@ -173,8 +170,7 @@ def env_kwarg(item):
 
 
 def parse_args(argv=None):
-    """Parse and check the command line: (args, the set of flags given). UserError for any bad value: kind,
-    range, finiteness, a path that is not what its flag needs, flags that exclude each other."""
+    """(args, the set of flags given) of a checked command line; UserError for any bad value or combination."""
     parser = build_parser()
     args = parser.parse_args(argv)
     marker = object()  # which flags were typed: parse again into a namespace of markers and see which changed
@@ -191,17 +187,14 @@ def parse_args(argv=None):
     check_settings(args)
     check_paths(args)
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address:
+    if args.ray_address and "num_workers" not in given:
+        args.num_workers = None  # every CPU of the cluster
+    for flag, wanted, module, name, extra in (("--ray-address", args.ray_address, "ray", "Ray", "ray"),
+                                              ("--track", args.track, "wandb", "wandb", "track")):
         try:
-            import ray  # noqa: F401
+            wanted and importlib.import_module(module)
         except ImportError:
-            raise UserError("--ray-address needs Ray, which is not installed: pip install -r requirements-ray.txt")
-        args.num_workers = args.num_workers if "num_workers" in given else None  # None: every CPU of the cluster
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("--track needs wandb: pip install -r requirements-track.txt") from None
+            raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
     return args, given
 
 
@@ -220,8 +213,8 @@ def check_settings(args):
 
 
 def check_paths(args):
-    """UserError unless each path given is what its flag needs: a readable file (a run folder holding one for
-    --resume) or a folder this user can write to."""
+    """UserError unless each path is what its flag needs: a readable file (--resume: or a run folder holding
+    one), folder names without separators, a --logs-dir this user can write to."""
     for flag in ("resume", "from_pretrained", "init_from"):
         path = getattr(args, flag)
         path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
@@ -232,13 +225,13 @@ def check_paths(args):
         if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
             raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
     folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
-    while not os.path.exists(folder):  # the nearest part of the run folder's path that exists
+    while not os.path.exists(folder):  # its nearest existing part
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
-if __name__ == "__main__":  # --help exits here, before the heavy imports (a bad value is reported by main())
+if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -251,11 +244,9 @@ import torch.nn as nn  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. OpenAI-ES: the operators and the ask/tell object
-# ------------------------------------------------------------------------------------------------
+# -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
 def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
+    """A 32-bit seed from non-negative integer keys: (seed, stream, generation, member, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
@@ -270,13 +261,12 @@ def perturb(theta, sigma, noise_seed, sign):
 
 
 def centered_ranks(x):
-    """Ranks of x mapped linearly onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum
-    (Salimans et al. 2017; Wierstra et al. 2014). All-equal returns give zeros, never NaN."""
+    """Ranks of x mapped onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum (Salimans et al.
+    2017). All-equal returns give zeros, never NaN."""
     x = np.asarray(x, dtype=np.float64)
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # rank of the first member of each group of equal values
-    ranks = (first + (counts - 1) / 2.0)[inverse]
-    return ranks / (x.size - 1) - 0.5
+    first = np.cumsum(counts) - counts  # rank of the first of each group of equal values
+    return (first + (counts - 1) / 2.0)[inverse] / (x.size - 1) - 0.5
 
 
 def shape_fitness(returns, method):
@@ -292,11 +282,10 @@ def shape_fitness(returns, method):
 
 class OpenAIES:
     """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
-    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: the N returns in that order
-    (higher is better) give g = 1/(N sigma) sum_i F_i eps_i on shaped fitness F, then, with weight decay, one
-    Adam (Kingma & Ba 2015) or momentum-SGD ascent step. The state is numpy and numbers (`state_dict`): it
-    pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate. On a fitness of
-    your own (maximized), `candidates()` gives the member vectors:
+    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
+    (higher is better) -> g on shaped fitness, weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent
+    step. `state_dict()` pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
+    On a fitness of your own (maximized):
 
         es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
         for generation in range(200):
@@ -311,24 +300,21 @@ class OpenAIES:
         if sigma <= 0 or learning_rate <= 0:
             raise ValueError("sigma and learning_rate must be > 0")
         self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
-        self.population_size = population_size
-        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min  # noise std, its schedule
+        self.population_size, self.antithetic, self.fitness_shaping = population_size, antithetic, fitness_shaping
+        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
         self.learning_rate, self.lr_decay, self.lr_min = learning_rate, lr_decay, lr_min
-        self.optimizer, self.momentum = optimizer, momentum  # "adam" or "sgd" (with momentum)
-        self.weight_decay = weight_decay        # L2 coefficient
-        self.antithetic = antithetic            # mirrored pairs (+eps, -eps)
-        self.fitness_shaping, self.seed, self.generation = fitness_shaping, seed, 0
-        self.m = np.zeros_like(self.theta)      # Adam first moment / SGD velocity
-        self.v = np.zeros_like(self.theta)      # Adam second moment
-        self.grad_norm = 0.0                    # norm of the last ascent direction (diagnostic)
+        self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
+        self.seed, self.generation, self.grad_norm = seed, 0, 0.0  # grad_norm: of the last ascent step
+        self.m = np.zeros_like(self.theta)  # Adam first moment / SGD velocity
+        self.v = np.zeros_like(self.theta)  # Adam second moment
 
     def noise_seeds(self):
-        """Noise seed of each independent direction this generation: N/2 with mirrored sampling, else N."""
+        """The noise seeds of this generation's N/2 (mirrored) or N directions."""
         count = self.population_size // 2 if self.antithetic else self.population_size
         return [derive_seed(self.seed, NOISE_STREAM, self.generation, k) for k in range(count)]
 
     def ask(self):
-        """The population: (N, 2) int64 of (noise seed, sign); mirrored pairs are rows 2k, 2k+1."""
+        """The population: (N, 2) int64 of (noise seed, sign); mirrored pairs are rows 2k, 2k + 1."""
         seeds = np.array(self.noise_seeds(), dtype=np.int64)
         if self.antithetic:
             return np.stack([np.repeat(seeds, 2), np.tile([1, -1], seeds.size)], axis=1)
@@ -350,7 +336,7 @@ class OpenAIES:
         return g / np.float32(self.population_size * self.sigma)
 
     def tell(self, returns):
-        """Update theta from the N returns of the members of `ask()`, in its order (higher is better)."""
+        """Update theta from the N returns of the members of `ask()`, in its order."""
         returns = np.asarray(returns, dtype=np.float64)
         if returns.shape != (self.population_size,):
             raise ValueError(f"expected {self.population_size} returns, got shape {returns.shape}")
@@ -372,7 +358,7 @@ class OpenAIES:
         self.sigma = max(self.sigma * self.sigma_decay, self.sigma_min)
 
     def state_dict(self):
-        """Everything the optimizer holds (numpy arrays and plain numbers): a copy for the checkpoint."""
+        """A copy of everything the optimizer holds (numpy arrays and numbers), for the checkpoint."""
         return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
 
     @classmethod
@@ -383,23 +369,18 @@ class OpenAIES:
         return es
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Policy, environment, rollout
-# ------------------------------------------------------------------------------------------------
+# -- 3. Policy, environment, rollout -------------------------------------------------------------
 ACTIVATIONS = {"tanh": (torch.tanh, np.tanh), "relu": (torch.relu, lambda h: np.maximum(h, np.float32(0))),
                "selu": (torch.selu, lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
                    h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))))}
 
 
 class Policy(nn.Module):
-    """Deterministic policy for one environment, one observation at a time (no batch axis).
-
-    Vector observations (obs_shape (D,)) are normalized by obs_mean/obs_std (float32 numpy (D,)),
-    clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP, computed in numpy (one observation
-    through torch costs twice as much). Images (uint8 (frames, H, W[, 3])) are scaled to [0, 1] and fed
-    to a conv net (8x8/4 -> 16, 4x4/2 -> 32; Mnih et al. 2013), then the MLP. `recurrent` adds an
-    LSTMCell. Discrete actions: argmax; Box actions: tanh (env rescaled to [-1, 1]) or raw (env clips).
-    The genotype is `parameters_to_vector(policy.parameters())`, float32; the statistics lie outside it.
+    """Deterministic policy, one observation at a time. Vectors (obs_shape (O,)) are normalized by obs_mean and
+    obs_std (float32 (O,)), clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP computed in numpy.
+    Images (uint8 (frames, H, W[, 3])) are scaled to [0, 1] and fed to a conv net (8x8/4 -> 16, 4x4/2 -> 32;
+    Mnih et al. 2013), then the MLP in torch; `recurrent` adds an LSTMCell. Discrete actions: argmax; Box:
+    tanh (env rescaled to [-1, 1]) or raw (env clips). Genotype: `parameters_to_vector(parameters())`, float32.
     """
 
     def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
@@ -425,21 +406,20 @@ class Policy(nn.Module):
         self.lstm = nn.LSTMCell(features, features) if recurrent else None
         self.head = nn.Linear(features, num_actions)
         self.requires_grad_(False)  # evolved, never backpropagated
-        # The hot path reads parameters from plain lists (an nn.Module attribute costs ~0.3 us), which
-        # stay valid: vector_to_parameters rebinds each Parameter's .data.
+        # The hot path reads plain lists (a Module attribute costs ~0.3 us); vector_to_parameters keeps them valid.
         self.linear_params = [(layer.weight, layer.bias) for layer in [*self.layers, self.head]]
         self.load(parameters_to_vector(self.parameters()).numpy())
 
     def load(self, params):
-        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        """Set the weights from a flat genotype (D,), copied as float32. Returns the policy."""
         vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
         self.numpy_layers = [(w.numpy()[None], b.numpy()[None]) for w, b in self.linear_params]  # stacked_layers' B=1
         return self
 
     def forward(self, x, state=None):
-        """x: one preprocessed observation, float32 (D,) or (C, H, W). Returns (output (A,), state)."""
+        """x: one preprocessed observation, float32 (O,) or (C, H, W). Returns (output (A,), state)."""
         h = self.conv(x) if self.pixels else x
-        for weight, bias in self.linear_params[:-1]:  # torch.addmv: half of nn.Linear's cost on one vector
+        for weight, bias in self.linear_params[:-1]:  # addmv: half of nn.Linear's cost on one vector
             h = self.activation(torch.addmv(bias, weight, h))
         if self.recurrent:
             state = self.lstm(h, state)
@@ -448,7 +428,7 @@ class Policy(nn.Module):
         return (torch.tanh(out) if self.squash else out), state
 
     def stacked_layers(self, genotypes):
-        """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+        """The MLP layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
         layers, offset = [], 0
         for weight, _ in self.linear_params:
             rows, cols = weight.shape
@@ -458,14 +438,13 @@ class Policy(nn.Module):
         return layers
 
     def normalized(self, obs):
-        """Vector observation(s) (..., O) as float32, normalized and clipped to [-5, 5] when obs_norm is on."""
+        """Vector observation(s) (..., O) as float32, normalized and clipped to [-5, 5] with obs_norm."""
         x = np.asarray(obs, dtype=np.float32)
         return np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0)) if self.normalize else x
 
     def act_batch(self, obs, layers):
-        """B members' vector observations (B, O) through their own MLPs (`stacked_layers`), in numpy (one
-        observation through torch costs twice as much): B actions, ints or float32 (B, A). Row b is exactly
-        what member b's observation alone gives (B gemv calls, elementwise operations)."""
+        """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice as fast as
+        torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives."""
         x = self.normalized(obs)
         for weight, bias in layers[:-1]:
             x = self.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
@@ -489,7 +468,7 @@ class Policy(nn.Module):
 
 def make_policy(policy_config, params=None, obs_mean_std=None):
     """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
-    torch's initialization) and for vector observations the normalization (mean, std)."""
+    torch's initialization) and the normalization (mean, std) of vector observations."""
     torch.set_num_threads(1)
     policy = Policy(**policy_config)
     policy = policy.load(params) if params is not None else policy
@@ -499,8 +478,8 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` consecutive negative rewards: CarRacing's training-time early
-    stop (estool; Tang et al. 2020), a car off the track only collects -0.1 per frame. Not in gymnasium."""
+    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
+    (estool; Tang et al. 2020). Not in gymnasium."""
 
     def __init__(self, env, patience):
         super().__init__(env)
@@ -527,11 +506,9 @@ def register_env_family(env_id):
 
 
 def make_env(env_config, training, render_mode=None):
-    """One environment of an env config (`configs`): `gymnasium.make` plus gymnasium's wrappers.
-
-    Images become uint8 (frame_stack, frame_size, frame_size[, 3]); Box actions are rescaled to [-1, 1]
-    (tanh policies) or clipped. UserError for an env that cannot be made or a space not handled.
-    """
+    """One env of an env config (`configs`): `gymnasium.make` and gymnasium's wrappers. Images become uint8
+    (frame_stack, frame_size, frame_size[, 3]); Box actions are rescaled to [-1, 1] (tanh) or clipped.
+    UserError for an env that cannot be made or a space not handled."""
     env_id, kwargs = env_config["env_id"], dict(env_config["env_kwargs"])
     register_env_family(env_id)
     if env_config["max_episode_steps"] is not None:
@@ -572,10 +549,9 @@ def make_env(env_config, training, render_mode=None):
 
 
 def configs(args):
-    """(env config, policy config): the settings workers, evaluations and weights files need; the policy's
-    sizes read off a probe env."""
+    """(env config, policy config): what workers, evaluations and weights files need; sizes from a probe env."""
     max_negative_steps = args.max_negative_steps
-    if max_negative_steps is None:  # CarRacing's training-time early stop is on by default
+    if max_negative_steps is None:  # CarRacing's early stop is on by default
         max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
     env_config = {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
                   "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
@@ -610,8 +586,8 @@ def rollout(env, policy, seed):
 
 
 def obs_mean_std(stats, dim=0):
-    """(mean, std), float32 (D,) each, of running observation statistics {count, sum, sumsq} (float64, as in
-    the paper; std floored at 0.1); without statistics, zeros and ones of size dim."""
+    """(mean, std), float32 (O,) each, of running statistics {count, sum, sumsq} (float64; std floored at 0.1
+    as in the paper); without statistics, zeros and ones of size dim."""
     if stats is None:
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
     mean = stats["sum"] / stats["count"]
@@ -619,9 +595,7 @@ def obs_mean_std(stats, dim=0):
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Training loop
-# ------------------------------------------------------------------------------------------------
+# -- 4. Training loop ----------------------------------------------------------------------------
 def train(args, given):
     """ask -> rollouts of the population and of the center -> tell -> log -> evaluate -> checkpoint.
     Returns the exit code: 0, 130 when interrupted, 1 when the workers or the Ray cluster are lost."""
@@ -630,8 +604,7 @@ def train(args, given):
     args, es, counters, pool, obs_stats = run.args, run.es, run.counters, run.pool, run.obs_stats
     log = (lambda *a, **k: None) if args.quiet else print
     session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
-    last_plot, exit_code = -math.inf, 1  # until the run ends well
-    gen = SimpleNamespace(evaluation=None)  # the last generation's record (none yet in this session)
+    last_plot, exit_code, gen = -math.inf, 1, SimpleNamespace(evaluation=None)  # 1 until the run ends well
     try:
         while es.generation < args.max_iter:
             t0, tasks = time.perf_counter(), generation_tasks(es, args)
@@ -644,18 +617,15 @@ def train(args, given):
                                   learning_rate=es.learning_rate, steps=sum(r[1] for r in results))
             es.tell(returns)
             for _, _, stats in results if obs_stats else ():  # in task order: independent of scheduling
-                obs_stats["count"] += stats[0]
-                obs_stats["sum"] += stats[1]
-                obs_stats["sumsq"] += stats[2]
-            gen.iteration = es.generation
+                for key, value in zip(("count", "sum", "sumsq"), stats):
+                    obs_stats[key] += value
+            gen.iteration, gen.evaluation = es.generation, None
             counters["evaluations"] += args.population_size
             counters["best_return"] = max(counters["best_return"], float(returns.max()))
-            gen.evaluation = None
-            # Evaluate on schedule, and at once when the center's own rollouts reach the reward goal.
-            center_at_goal = args.reward_goal is not None and center_return >= args.reward_goal
-            if gen.iteration % args.eval_every == 0 or center_at_goal:
-                gen.evaluation = evaluate_center(run, gen.iteration, log)
-                gen.steps += gen.evaluation["steps"]
+            at_goal = args.reward_goal is not None and center_return >= args.reward_goal  # evaluated at once
+            if gen.iteration % args.eval_every == 0 or at_goal:
+                gen.evaluation, eval_steps = evaluate_center(run, gen.iteration, log)
+                gen.steps += eval_steps
             counters["env_steps"] += gen.steps
             now = time.perf_counter()
             counters["wall_time_s"], gen.num_cpus = wall_offset + (now - start_time), pool.num_cpus
@@ -670,7 +640,9 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        final = final_evaluation(run, log, gen.evaluation)
+        # final.npz: the last generation's evaluation, else one outside the record (a resumed run stays the same)
+        final = gen.evaluation or evaluate(pool, es.theta, obs_mean_std(obs_stats, run.obs_dim), args, es.generation)[2]
+        log(f"final evaluation | return {final['mean']:9.2f} ± {final['std']:8.2f} over {final['episodes']} episodes")
         save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         exit_code = 0
@@ -683,7 +655,10 @@ def train(args, given):
     finally:
         run.csv_file.close()
         pool.close()
-        close_logs(run, exit_code)
+        run.tb.close()
+        if run.wandb:
+            upload_files(run)
+            run.wandb.finish(exit_code=exit_code)
     print(f"done: {es.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
@@ -691,8 +666,8 @@ def train(args, given):
 
 
 def generation_tasks(es, args):
-    """The rollout tasks of a generation (`RolloutWorker`): each member of `es.ask()`, a mirrored pair sharing
-    its env seeds, then the unperturbed center."""
+    """A generation's rollout tasks (`RolloutWorker`): the members of `es.ask()` (a mirrored pair shares its env
+    seeds), then the unperturbed center."""
     def seeds(stream, *index):  # the env seeds of one task's episodes
         return [derive_seed(args.seed, stream, es.generation, *index, r) for r in range(args.num_rollouts)]
     tasks = [(int(noise_seed), int(sign), es.sigma, seeds(TRAIN_ENV_STREAM, i // 2 if args.antithetic else i), True)
@@ -701,12 +676,11 @@ def generation_tasks(es, args):
 
 
 def evaluate_center(run, iteration, log):
-    """Evaluate theta over --num-eval-rollouts episodes; keep best.npz, count the goal streak, record a
-    video with --capture-video. Returns {mean, std, episodes, steps}."""
+    """Evaluate theta; keep best.npz, count the goal streak, record a video with --capture-video.
+    Returns ({mean, std, episodes}, env steps)."""
     args, counters, es = run.args, run.counters, run.es
     mean_std = obs_mean_std(run.obs_stats, run.obs_dim)
-    returns, steps = evaluate(run.pool, es.theta, mean_std, args, iteration)
-    evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    returns, steps, evaluation = evaluate(run.pool, es.theta, mean_std, args, iteration)
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
         save_weights(run.paths["best.npz"], es.theta, weights_meta(run, iteration, evaluation))
@@ -719,28 +693,19 @@ def evaluate_center(run, iteration, log):
                                os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
                                derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
         log(f"video {path}")
-    return dict(evaluation, steps=steps)
-
-
-def final_evaluation(run, log, last=None):
-    """{mean, std, episodes} of the final theta, for final.npz. Outside the run's record (progress.csv, best.npz,
-    the goal streak): a run stopped early and resumed stays exactly the run made in one go. last: the final
-    generation's own evaluation, if it had one: the same theta on the same episodes, not run again."""
-    if last is None:
-        returns, _ = evaluate(run.pool, run.es.theta, obs_mean_std(run.obs_stats, run.obs_dim), run.args,
-                              run.es.generation)
-        last = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-    log(f"final evaluation | return {last['mean']:9.2f} ± {last['std']:8.2f} over {last['episodes']} episodes")
-    return {key: last[key] for key in ("mean", "std", "episodes")}
+    return evaluation, steps
 
 
 def evaluate(pool, theta, mean_std, args, iteration):
-    """Returns of theta over --num-eval-rollouts evaluation episodes (no early stop): (float64 (E,), env steps)."""
+    """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean, std,
+    episodes})."""
     tasks = [(0, 0, 0.0, [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, e)], False)
              for e in range(args.num_eval_rollouts)]
     with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
         results = pool.map(tasks, (theta, *mean_std), progress)
-    return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
+    returns = np.array([r[0][0] for r in results])
+    return returns, sum(r[1] for r in results), {"mean": float(returns.mean()), "std": float(returns.std()),
+                                                "episodes": int(returns.size)}
 
 
 PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
@@ -749,8 +714,7 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
 
 
 def write_progress(run, gen):
-    """One generation's row: progress.csv (PROGRESS_COLUMNS), and each of its numbers to TensorBoard under the
-    column's name against env steps (CleanRL's x axis)."""
+    """A generation's row of progress.csv (PROGRESS_COLUMNS); its numbers to TensorBoard against env steps."""
     returns, evaluation, counters, es = gen.returns, gen.evaluation, run.counters, run.es
     values = [gen.iteration, counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
               *(f"{x:.6g}" for x in (returns.min(), returns.mean(), returns.max(), returns.std())),
@@ -777,16 +741,14 @@ def console_line(args, gen, counters, steps_per_s, eta):
             f"{duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}")
 
 
-# ================================================================================================
-# Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
-# ================================================================================================
+# == Machinery: a first-time reader may skip what follows (workers, files, plots, video, main) ===
 NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
                 "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
 
 
 def setup_run(args, given):
-    """Everything a run needs before its first generation: settings (the checkpoint's on resume), configs,
-    optimizer, pool, and last, after every check, the run folder. A namespace; UserError for bad input."""
+    """A namespace of what a run needs: settings (the checkpoint's on resume), configs, optimizer, pool, and
+    last, after every check, the run folder. UserError for bad input."""
     checkpoint = init = None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
@@ -801,17 +763,18 @@ def setup_run(args, given):
     run = SimpleNamespace(args=args, dir=run_dir, title=f"OpenAI-ES on {args.env_id} (seed {args.seed})")
     torch.manual_seed(args.seed)
     run.env_config, run.policy_config, policy, run.dim, run.obs_dim = build_policy(args, init)
+    # Observation statistics: mean 0, variance 1 to start (a pseudo-count of 1e-2), or those saved
     run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
-        if policy.normalize else None  # mean 0, variance 1 to start (a pseudo-count of 1e-2)
+        if policy.normalize else None
     if checkpoint:
-        run.es, run.counters, stats = OpenAIES.from_state_dict(checkpoint["es"]), checkpoint["counters"], \
-            checkpoint["obs_stats"]
+        run.es, run.counters = OpenAIES.from_state_dict(checkpoint["es"]), checkpoint["counters"]
+        stats = checkpoint["obs_stats"]
         if run.obs_stats:  # copies: unpickled arrays may be read-only
             run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
     else:
         theta = init[0] if init else parameters_to_vector(policy.parameters()).numpy()
         norm = init and init[1]["obs_norm"]
-        if run.obs_stats and norm:  # continue the file's running statistics
+        if run.obs_stats and norm:
             mean, std = np.array(norm["mean"]), np.array(norm["std"])
             run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
                              "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
@@ -828,13 +791,21 @@ def setup_run(args, given):
 
 
 def build_policy(args, weights=None):
-    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs) of
-    the settings. UserError when `weights` (params, meta) from a file do not fit them."""
+    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs).
+    UserError unless `weights` (params, meta) from a file fit the env's spaces and the policy's sizes."""
     env_config, policy_config = configs(args)
     policy = make_policy(policy_config)
     dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
     if weights:
-        check_weights_fit(args.init_from or args.from_pretrained, *weights, policy_config, dim, obs_dim)
+        (params, meta), path, want = weights, args.init_from or args.from_pretrained, weights[1]["policy"]
+        if any(want.get(key) != policy_config[key] for key in ("obs_shape", "discrete", "num_actions")):
+            raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes observations "
+                            f"{want.get('obs_shape')} and {want.get('num_actions')} actions, the env gives "
+                            f"{policy_config['obs_shape']} and {policy_config['num_actions']}")
+        norm_size = len(meta["obs_norm"]["mean"]) if meta["obs_norm"] else 0
+        if params.size != dim or norm_size != obs_dim:
+            raise UserError(f"{path} holds {params.size} parameters and {norm_size} observation statistics but "
+                            f"its architecture needs {dim} and {obs_dim}")
     return env_config, policy_config, policy, dim, obs_dim
 
 
@@ -844,17 +815,17 @@ def run_name(args, *parts):
 
 
 def open_run_folder(run, resuming):
-    """Create the run folder and args.json, open progress.csv to append (keeping on resume the rows up to the
-    checkpoint's generation) and tell the pool what a lost run keeps."""
+    """Create the run folder, args.json, progress.csv (on resume: its rows up to the checkpoint's generation),
+    TensorBoard's writer and with --track the W&B run; tell the pool what a lost run keeps."""
     args, run.wandb = run.args, None
     os.makedirs(os.path.join(run.dir, "videos") if args.capture_video else run.dir, exist_ok=True)
-    if args.track:  # before TensorBoard's writer, whose files it mirrors; a resume continues the same W&B run
+    if args.track:  # before TensorBoard's writer; a resume continues the same W&B run
         import wandb
         args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
         try:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
                        name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
-            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly (below)
+            wandb.define_metric("*", step_metric="env_steps")
         except Exception as e:
             raise UserError(f"--track: W&B refused the run: {str(e).strip().splitlines()[0]}") from None
         run.wandb = wandb
@@ -862,9 +833,8 @@ def open_run_folder(run, resuming):
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
     versions = {"python": platform.python_version(), **{name: next((d.version for d in metadata.distributions(
         name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
-    # numpy's BLAS and the kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits
     from threadpoolctl import threadpool_info
-    versions["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+    versions["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"  # the kernels: last digits
                         for i in threadpool_info() if i["user_api"] == "blas"]
     config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
     atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
@@ -879,7 +849,7 @@ def open_run_folder(run, resuming):
     run.csv_file = open(path, "a", newline="")
     run.writer = csv.DictWriter(run.csv_file, PROGRESS_COLUMNS)
     from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
-    # On resume, the points a killed session wrote after the checkpoint (steps beyond its env steps) are hidden.
+    # On resume, the points a killed session wrote after the checkpoint are hidden.
     run.tb = SummaryWriter(run.dir, purge_step=run.counters["env_steps"] + 1 if resuming else None)
     run.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{key}|{value}|" for key, value in vars(args).items()))
@@ -889,8 +859,8 @@ def open_run_folder(run, resuming):
 
 
 def save_checkpoint(run, upload=False):
-    """checkpoint.pkl, written atomically: format, script, args, the optimizer, the observation statistics,
-    the counters. TensorBoard's files flushed; with `upload` and --track, the weights and plot sent to W&B."""
+    """Write checkpoint.pkl atomically (args, optimizer, observation statistics, counters), flush TensorBoard;
+    with `upload` and --track, send the weights and plot to W&B."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args),
              "es": run.es.state_dict(), "obs_stats": run.obs_stats, "counters": dict(run.counters)}
     atomic_write(run.paths["checkpoint.pkl"], lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
@@ -906,20 +876,12 @@ def upload_files(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-def close_logs(run, exit_code):
-    """Close TensorBoard's writer; with --track send the last files and end the W&B run (its processes too)."""
-    run.tb.close()
-    if run.wandb:
-        upload_files(run)
-        run.wandb.finish(exit_code=exit_code)
-
-
 @contextlib.contextmanager
 def progress_bar(desc, episodes, quiet):
-    """A live tqdm bar of `episodes` episodes on stderr, on a terminal only (none with --quiet or in a redirected
-    log), closed on leaving: gives the `progress(result)` of `RolloutPool.map`, or None where no bar shows."""
+    """A live tqdm bar on stderr, on a terminal only (not with --quiet): the `progress(result)` of
+    `RolloutPool.map`, or None where no bar shows."""
     from tqdm import tqdm
-    columns, rows = shutil.get_terminal_size()  # tqdm takes a terminal of size 0 x 0 (a bare pty) for no room at all
+    columns, rows = shutil.get_terminal_size()  # tqdm takes a bare pty's 0 x 0 for no room at all
     with tqdm(total=episodes, desc=desc, unit="episode", leave=False, disable=quiet or not sys.stderr.isatty(),
               ncols=columns, nrows=rows) as bar:
         steps = [0]
@@ -943,8 +905,8 @@ def weights_meta(run, iteration, evaluation=None):
 # Workers --------------------------------------------------------------------------------------------
 MAX_RESTARTS = 3  # a local batch whose worker died is re-run on new workers this many times at most
 LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
-# Ray: a task whose worker process or node died is re-run RAY_TASK_RETRIES times. A watchdog thread checks
-# every RAY_POLL_S that the cluster's head and this machine's node answer; RAY_LOST_AFTER_S of silence ends it.
+# Ray re-runs a task of a dead worker or node RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S that
+# the cluster's head and this machine's node answer, and ends the run after RAY_LOST_AFTER_S of silence.
 RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
@@ -954,16 +916,14 @@ class PoolLost(Exception):
 
 
 class RolloutWorker:
-    """One worker's envs and policy, built once, and the tasks it runs: (noise_seed, sign, sigma, env_seeds,
-    training), sign 0 for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays
-    (no copy). `run(tasks)` -> per task (returns list, steps, obs sums or None)."""
+    """One worker's envs and policy, built once. A task: (noise_seed, sign, sigma, env_seeds, training), sign 0
+    for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy)."""
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
         self.batched = not (self.policy.pixels or self.policy.recurrent)  # an MLP: lockstep with act_batch
         self.envs = {True: [], False: []}  # training / evaluation envs, one per task of a chunk
-        # A Box2D world keeps state across resets (BipedalWalker-v3 returns drift on a reused env), which would
-        # make results depend on scheduling: those get a fresh env per episode (~0.4 ms).
+        # A Box2D world keeps state across resets (BipedalWalker returns drift on a reused env): a fresh env each.
         probe = make_env(env_config, training=False)
         self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith("gymnasium.envs.box2d")
         probe.close()
@@ -974,7 +934,7 @@ class RolloutWorker:
             self.policy.obs_mean, self.policy.obs_std = obs_mean, obs_std
 
     def reset(self, slot, training, env_seed):
-        """Env number `slot` of this kind (training or evaluation) reset with env_seed: its first observation."""
+        """The first observation of env `slot` of this kind (training or evaluation) reset with env_seed."""
         envs = self.envs[training]
         if slot == len(envs):
             envs.append(make_env(self.env_config, training))
@@ -984,10 +944,9 @@ class RolloutWorker:
         return envs[slot].reset(seed=env_seed)[0]
 
     def run(self, tasks):
-        """Every task's episodes (its env seeds in turn): per task (returns list, steps, obs sums: (count, sum,
-        sum of squares: float64 (O,)) of a training task's observations when they are normalized, else None).
-        An MLP steps the tasks' episodes in lockstep, one batched forward a step (each member keeps its own
-        weights: each episode is exactly what it is alone); conv and LSTM policies run the tasks one by one."""
+        """Every task's episodes: per task (returns list, steps, (count, sum, sum of squares float64 (O,)) of a
+        training task's observations when normalized, else None). An MLP steps the tasks in lockstep (each
+        episode exactly what it is alone); conv and LSTM policies run them one by one."""
         if not self.batched:
             return [result for task in tasks for result in self.lockstep([task])]
         return self.lockstep(tasks)
@@ -1036,8 +995,7 @@ class RolloutWorker:
 
 
 def start_local_worker(parent_pid):
-    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver; a watchdog thread that
-    exits within 0.5 s of the driver's death."""
+    """Initializer of a local worker: Ctrl-C and SIGTERM left to the driver; exit within 0.5 s of its death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -1049,8 +1007,8 @@ def start_local_worker(parent_pid):
 
 
 def run_chunk(pool_key, worker_args, shared, tasks):
-    """`RolloutWorker.run(tasks)` with the batch's arrays `shared` (theta, obs mean, obs std), on the
-    RolloutWorker this process built for the pool at its first chunk: in-process, local process or Ray task."""
+    """`RolloutWorker.run(tasks)` on the batch's arrays `shared` (theta, obs mean, obs std), by the worker this
+    process (driver, local process or Ray) built for the pool at its first chunk."""
     if pool_key not in WORKERS:
         WORKERS[pool_key] = RolloutWorker(*worker_args)
     WORKERS[pool_key].use(*shared)
@@ -1058,15 +1016,10 @@ def run_chunk(pool_key, worker_args, shared, tasks):
 
 
 class RolloutPool:
-    """Where the rollouts run: in-process (num_workers 1), local worker processes, or a Ray cluster.
-
-    `map(tasks, shared)` runs `run_chunk` on chunks of the tasks and returns the results in task order
-    whatever the scheduling; shared: the batch's float32 arrays (theta (D,), obs mean and std (O,)), sent
-    with each chunk. Locally, a ProcessPoolExecutor: a dead worker costs new processes and a re-run of the
-    batch, MAX_RESTARTS times at most, then PoolLost. On Ray, remote tasks (num_cpus=1, re-run on a lost
-    worker or node) share the arrays through one `ray.put` per batch; num_workers, when set, caps the tasks
-    running at once. UserError for an error in a rollout.
-    """
+    """Where the rollouts run: in-process (num_workers 1), local processes or a Ray cluster. `map` gives the
+    results in task order whatever the scheduling. Locally a dead worker costs new processes and a re-run of the
+    batch, MAX_RESTARTS times at most, then PoolLost. On Ray, tasks (num_cpus=1, re-run by Ray) share the arrays
+    through one `ray.put` a batch; num_workers, when set, caps the tasks running at once."""
 
     def __init__(self, num_workers, ray_address, worker_args):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
@@ -1080,16 +1033,14 @@ class RolloutPool:
             self.start_processes()
 
     def start_processes(self):
-        """The worker processes, by multiprocessing's start method (fork on Linux, spawn on macOS and Windows)."""
+        """The worker processes, by multiprocessing's default start method."""
         self.executor = ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=start_local_worker,
                                             initargs=(os.getpid(),))
 
     def map(self, tasks, shared, progress=None):
-        """Run the tasks: their results in task order; `progress(result)` for each as its chunk ends.
-        UserError or PoolLost."""
-        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
-        # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
-        # tasks alone, not on the chunks.
+        """The results of the tasks in order, `progress(result)` for each as its chunk ends; shared: the batch's
+        float32 arrays (theta (D,), obs mean and std (O,)). UserError for an error in a rollout, or PoolLost."""
+        # About 4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (long episodes) spread out.
         count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
         chunks, ordered, shared = [tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared)
 
@@ -1151,8 +1102,8 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
     def start_ray(self):
-        """Join the cluster (an address nobody listens on is refused at once: ray.init would wait on it for
-        minutes), declare the Ray task and start the watchdog."""
+        """Join the cluster (an address nobody listens on is refused at once: ray.init would wait for minutes),
+        declare the Ray task and start the watchdog."""
         import ray
         if self.address != "auto" and not ray.is_initialized():
             host, _, port = self.address.removeprefix("ray://").rpartition(":")
@@ -1162,7 +1113,7 @@ class RolloutPool:
                 raise UserError(f"no Ray cluster answers at {self.address}: start one with `ray start --head` "
                                 "or check the address (HOST:PORT, or auto)") from None
         init_ray(ray, self.address)
-        if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        if __name__ != "__main__":  # imported: ship this module's code by value, as for a script
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.ray, self.probes, self.closed = ray, [], threading.Event()
         self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
@@ -1187,9 +1138,8 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Watchdog thread. Once the cluster is gone, Ray's calls may block until Ray ends the process
-        without a word: after RAY_LOST_AFTER_S of silence this thread says so, with what `on_lost` tells
-        about the checkpoint (written atomically: the last finished generation's), and exits with code 1."""
+        """Watchdog thread: once the cluster is gone Ray's calls may block until Ray ends the process without a
+        word; after RAY_LOST_AFTER_S of silence this says so and what `on_lost` tells, and exits with code 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -1203,7 +1153,7 @@ class RolloutPool:
                 os._exit(1)
 
     def map_ray(self, chunks, shared, report):
-        """`map` of chunks of tasks on the cluster, where Ray itself re-runs the tasks of dead workers."""
+        """`map` of the chunks on the cluster (Ray re-runs the tasks of dead workers)."""
         try:
             shared_ref, refs, running = self.ray.put(tuple(shared)), [], []  # once per batch, not per task
             for chunk in [*chunks, None]:
@@ -1227,11 +1177,9 @@ class RolloutPool:
 
 
 def init_ray(ray, address):
-    """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
-    head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
-    driver given HOST:PORT sends no token unless RAY_AUTH_MODE=token: this machine's token is sent, as
-    `ray start` and the address auto do (with Ray's own helper). Ray's connection warnings are held back;
-    UserError (one line, what to do) when the cluster refuses the token or cannot be joined."""
+    """`ray.init` at `address`, sending this machine's token as `ray start` does (Ray 2.60 sends none to
+    HOST:PORT unless RAY_AUTH_MODE=token). Ray's connection warnings are held back; UserError (one line, what
+    to do) when the cluster refuses the token or cannot be joined."""
     error, stderr = None, os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
@@ -1258,18 +1206,16 @@ def init_ray(ray, address):
 # Weights and checkpoints ----------------------------------------------------------------------------
 def atomic_write(path, write):
     """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                     suffix=os.path.basename(path), delete=False) as f:
+        try:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
 
 
 def save_weights(path, params, meta):
@@ -1330,18 +1276,6 @@ def read_weights_into_args(args, given):
         for key in keys:
             setattr(args, key, meta[part][key])
     return params, meta
-
-
-def check_weights_fit(path, params, meta, policy_config, dim, obs_dim):
-    """UserError unless the file's policy fits the env's spaces and its sizes fit the policy."""
-    want, have = meta["policy"], policy_config
-    if any(want.get(key) != have[key] for key in ("obs_shape", "discrete", "num_actions")):
-        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes observations {want.get('obs_shape')}"
-                        f" and {want.get('num_actions')} actions, the env gives {have['obs_shape']} and "
-                        f"{have['num_actions']}")
-    if params.size != dim or (len(meta["obs_norm"]["mean"]) if meta["obs_norm"] else 0) != obs_dim:
-        raise UserError(f"{path} holds {params.size} parameters and {len((meta['obs_norm'] or {}).get('mean', []))} "
-                        f"observation statistics but its architecture needs {dim} and {obs_dim}")
 
 
 class CheckpointUnpickler(pickle.Unpickler):
@@ -1440,7 +1374,7 @@ def run_from_pretrained(args, given):
           f"workers: {pool.describe()}")
     start = time.perf_counter()
     try:
-        returns, steps = evaluate(pool, params, mean_std, args, 0)
+        returns, steps, _ = evaluate(pool, params, mean_std, args, 0)
     finally:
         pool.close()
     elapsed = time.perf_counter() - start
