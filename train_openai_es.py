@@ -1248,8 +1248,7 @@ def load_weights(path):
             elif isinstance(value, dict):
                 argv += [flag, *(f"{key}={json.dumps(item)}" for key, item in value.items())]
             else:
-                argv += [flag, *(map(json.dumps, value) if isinstance(value, list) else [
-                    value if isinstance(value, str) else json.dumps(value)])]
+                argv += [flag, *map(str, value if isinstance(value, list) else [value])]
         parsed = build_parser().parse_args(argv)
         check_settings(parsed)
         wrong = [key for key, value in settings.items() if getattr(parsed, key) != value]
@@ -1271,10 +1270,8 @@ def read_weights_into_args(args, given):
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
-    args.env_id = meta["env_id"]
-    for part, keys in META_FLAGS.items():
-        for key in keys:
-            setattr(args, key, meta[part][key])
+    vars(args).update({key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys},
+                      env_id=meta["env_id"])
     return params, meta
 
 
@@ -1318,7 +1315,7 @@ def load_checkpoint(path):
 
 
 # Plots, video, main ---------------------------------------------------------------------------------
-PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
+PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often, and at the end
 
 
 def plot_learning_curve(progress_path, image_path, title):
