@@ -21,13 +21,12 @@ Examples:
 import argparse
 import contextlib
 import csv
-import importlib
+import importlib.metadata
 import inspect
 import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import pickle
 import platform
@@ -41,7 +40,6 @@ import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from importlib import metadata
 from types import SimpleNamespace
 
 SCRIPT = "train_openai_es.py"
@@ -515,8 +513,6 @@ def make_env(env_config, training, render_mode=None):
         kwargs["max_episode_steps"] = env_config["max_episode_steps"]
     try:
         env = gym.make(env_id, render_mode=render_mode, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UserError(f"{env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
     except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
         raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
     env = gym.wrappers.RenderCollection(env) if render_mode is not None else env
@@ -831,7 +827,7 @@ def open_run_folder(run, resuming):
         run.wandb = wandb
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    versions = {"python": platform.python_version(), **{name: next((d.version for d in metadata.distributions(
+    versions = {"python": platform.python_version(), **{name: next((d.version for d in importlib.metadata.distributions(
         name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
     from threadpoolctl import threadpool_info
     versions["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"  # the kernels: last digits
@@ -1034,8 +1030,7 @@ class RolloutPool:
 
     def start_processes(self):
         """The worker processes, by multiprocessing's default start method."""
-        self.executor = ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=start_local_worker,
-                                            initargs=(os.getpid(),))
+        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),))
 
     def map(self, tasks, shared, progress=None):
         """The results of the tasks in order, `progress(result)` for each as its chunk ends; shared: the batch's
@@ -1328,8 +1323,8 @@ def plot_learning_curve(progress_path, image_path, title):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for column, label, width, alpha in [("return_mean", "population mean", 1, 1), ("return_max", "population max",
                                         0.8, 0.6), ("center_return", "center (unperturbed)", 0.8, 0.6)]:
-        ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
-                alpha=alpha)
+        ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], lw=width, alpha=alpha,
+                label=label)
     evaluated = np.array([[float(r[key]) for key in ("iteration", "eval_return_mean", "eval_return_std")]
                           for r in rows if r["eval_return_mean"]]).reshape(-1, 3)
     if evaluated.size:
