@@ -48,7 +48,7 @@ import types
 import uuid
 import warnings
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 SCRIPT = "train_ga.py"
@@ -344,7 +344,6 @@ class GeneticAlgorithm:
 def initial_population(policy_config, size, seed, init=None, rng_args=None):
     """float32 (size, D): member i is PyTorch's initialization under seed (seed, INIT_STREAM, i); with `init`
     (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
-
     members = []
     for i in range(size):
         if init is None:
@@ -352,7 +351,6 @@ def initial_population(policy_config, size, seed, init=None, rng_args=None):
             members.append(parameters_to_vector(build_policy(policy_config).parameters()).numpy())
         else:
             rng = np.random.default_rng(derive_seed(seed, INIT_STREAM, i))
-            init = np.asarray(init, np.float32)
             members.append(init if i == 0 else mutate(init, rng, *rng_args))
     return np.stack(members).astype(np.float32)
 
@@ -368,6 +366,12 @@ NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32
 def linear(weight, bias, h):
     """bias + h @ weight.T for one vector h (D,) (torch.addmv: half of nn.Linear's cost) or a batch (B, D)."""
     return torch.addmv(bias, weight, h) if h.dim() == 1 else torch.addmm(bias, h, weight.t())
+
+
+def load_flat(policy, params):
+    """Set a policy's weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+    vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
+    return policy
 
 
 class Policy(nn.Module):
@@ -387,11 +391,9 @@ class Policy(nn.Module):
                                       nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
             with torch.no_grad():
                 features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
-        self.layers = nn.ModuleList()
-        for width in hidden_sizes:
-            self.layers.append(nn.Linear(features, width))
-            features = width
-        self.head = nn.Linear(features, num_actions)
+        widths = [features, *hidden_sizes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], num_actions)
         self.requires_grad_(False)  # evolved; only a distillation student turns gradients on
         # Plain lists for the hot path (nn.Module attribute lookup costs ~0.3 us).
         self.linear_params = [(layer.weight, layer.bias) for layer in [*self.layers, self.head]]
@@ -399,8 +401,7 @@ class Policy(nn.Module):
 
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        # numpy views (stacked_layers' B = 1): they see in-place updates (distillation's Adam).
+        load_flat(self, params)  # act()'s numpy views (stacked_layers' B = 1) see in-place updates (distillation)
         self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
         return self
 
@@ -461,10 +462,7 @@ class MultitaskPolicy(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in tasks)
         self.requires_grad_(False)
 
-    def load(self, params):
-        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        return self
+    load = load_flat
 
     def act(self, observations):
         """observations: one numpy vector per task. Returns one action per task (int or float32 (A_t,))."""
@@ -1028,8 +1026,8 @@ def setup_run(args, given):
     if checkpoint:
         run.ga, run.counters = GeneticAlgorithm.from_state_dict(checkpoint["ga"]), checkpoint["counters"]
     else:
-        if init:
-            check_weights_fit(args.init_from, *init, run.policy_config, dim)
+        if init:  # it fits, or UserError
+            load_policy(args.init_from, *init, run.env_configs, args.hidden_sizes, args.activation)
         population = initial_population(run.policy_config, args.population_size, args.seed, init and init[0],
                                         (args.mutation_rate, args.mutation_scale, args.mutation))
         run.ga = GeneticAlgorithm(population, **{k: getattr(args, k) for k in (
@@ -1143,6 +1141,11 @@ def init_worker(worker_args, buffers):
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+    use_shared(worker_args, buffers)
+
+
+def use_shared(worker_args, buffers):
+    """This process's RolloutWorker of local pools, reading its members from the shared arrays."""
     WORKERS["local"] = RolloutWorker(*worker_args)
     WORKERS["local"].use([np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
@@ -1155,6 +1158,18 @@ def ray_rollout(key, batch, tasks):
             WORKERS[key] = RolloutWorker(*batch[0])
         WORKERS[key].use(batch[1])
     return WORKERS[key].run(tasks)
+
+
+class InProcess:
+    """The executor of --num-workers 1: a call runs when submitted, its future already done."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures=False):
+        pass
 
 
 def live_bar(label, total, unit="episode"):
@@ -1191,13 +1206,14 @@ class RolloutPool:
 
     def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.on_lost, self.executor, self.local = None, None, None
+        self.on_lost, self.executor = None, InProcess()
         if ray_address:
             self.start_ray()
-        elif num_workers == 1:
-            self.local = RolloutWorker(*worker_args)
+            return
+        self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
+        if num_workers == 1:
+            use_shared(worker_args, self.buffers)
         else:
-            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
             self.executor = self.new_executor()
 
     def new_executor(self):
@@ -1216,47 +1232,63 @@ class RolloutPool:
         # tasks alone, not on the chunks.
         count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
         chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
+        if self.address:
+            batch = self.ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
+            submit = lambda chunk: self.remote.remote(self.key, batch, chunk).future()  # noqa: E731
+        else:
+            for buffer, array in zip(self.buffers, shared):
+                np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
+            submit = lambda chunk: self.executor.submit(ray_rollout, "local", None, chunk)  # noqa: E731
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        cap = self.num_workers if self.address or self.num_workers == 1 else None
         with live_bar(label, sum(len(task[1]) for task in tasks)) as bar:
-            def done(results):  # a finished chunk's results, each counted by the bar
-                return [bar.done(result) for result in results]
-            if self.address:
-                results = self.map_ray(chunks, shared, done)
-            elif self.local is not None:
-                self.local.use([np.ravel(a) for a in shared])
-                results = [done(self.local.run(chunk)) for chunk in chunks]
-            else:
-                results = self.map_local(chunks, shared, done)
-            for i, chunk_results in enumerate(results):
-                ordered[i::count] = chunk_results
-            return ordered
+            for attempt in range(1, WORKER_ATTEMPTS + 1):
+                try:
+                    futures, running = [], set()
+                    for chunk in [*chunks, None]:  # None: the end, wait for every chunk
+                        while running and (chunk is None or cap and len(running) >= cap):
+                            finished, running = wait(running, return_when=FIRST_COMPLETED)
+                            for future in finished:
+                                [bar.done(result) for result in future.result()]
+                        if chunk is not None:
+                            futures.append(submit(chunk))
+                            running.add(futures[-1])
+                    break
+                except BrokenProcessPool as e:
+                    self.close()
+                    if attempt == WORKER_ATTEMPTS:
+                        raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries"
+                                        f"{self.lost()}") from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                    self.executor = self.new_executor()
+                except UserError:
+                    raise
+                except Exception as e:
+                    raise self.failure(e) from None
+        for i, future in enumerate(futures):
+            ordered[i::count] = future.result()
+        return ordered
 
-    def map_local(self, chunks, shared, done):
-        """`map` of chunks of tasks on the worker processes; done(chunk's results) as each chunk finishes."""
-        for buffer, array in zip(self.buffers, shared):
-            np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
-        for attempt in range(1, WORKER_ATTEMPTS + 1):
-            try:
-                futures = [self.executor.submit(ray_rollout, "local", None, chunk) for chunk in chunks]
-
-                for future in as_completed(futures):
-                    done(future.result())
-                return [future.result() for future in futures]
-            except BrokenProcessPool as e:
-                self.close()
-                if attempt == WORKER_ATTEMPTS:
-                    raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}")
-                print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
-                self.executor = self.new_executor()
-            except Exception as e:  # raised by the rollout code in a worker: one line, not a worker's traceback
-                raise UserError(f"rollout failed in a worker: {type(e).__name__}: {e}") from None
+    def failure(self, e):
+        """The one-line error of an exception a batch raised: our code's, in a worker, or a lost Ray cluster."""
+        ray = self.ray if self.address else None
+        if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
+            return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
+        if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        silent = self.silent() or ("this machine's Ray node" if isinstance(
+            e, ray.exceptions.LocalRayletDiedError) else None)
+        what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
+                f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
+                f"{RAY_TASK_RETRIES + 1} times)")
+        return PoolError(f"{what} ({reason}){self.lost()}")
 
     def close(self):
         """Stop the workers now (a busy one is killed, not awaited) and the Ray watchdog."""
-        if self.executor is not None:
-            for process in list((self.executor._processes or {}).values()):
-                process.kill()
-            self.executor.shutdown(cancel_futures=True)
-            self.executor = None
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            process.kill()
+        self.executor.shutdown(cancel_futures=True)
         if self.address:
             self.closed.set()
 
@@ -1316,32 +1348,6 @@ class RolloutPool:
                       f"{RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, chunks, shared, done):
-        """`map` of chunks on the cluster, done(results) as each finishes. Ray re-runs the tasks of dead workers;
-        PoolError when the cluster is gone."""
-        ray = self.ray
-        try:
-            batch = ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
-            refs, running = [], []
-            for chunk in [*chunks, None]:  # None: the end, wait for every chunk
-                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
-                    finished, running = ray.wait(running)  # one at a time, as they finish
-                    done(ray.get(finished[0]))
-                if chunk is not None:
-                    refs.append(self.remote.remote(self.key, batch, chunk))
-                    running.append(refs[-1])
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
-            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
-        except (ray.exceptions.RayError, ConnectionError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            silent = self.silent() or ("this machine's Ray node" if isinstance(
-                e, ray.exceptions.LocalRayletDiedError) else None)
-            what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
-                    f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
-                    f"{RAY_TASK_RETRIES + 1} times)")
-            raise PoolError(f"{what} ({reason}){self.lost()}") from None
-
 
 def require(module, message):
     """An optional package's module (ray, wandb), or UserError(message) where it is not installed."""
@@ -1352,28 +1358,20 @@ def require(module, message):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. UserError when
-    no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process, sending this machine's auth token
+    as `ray start` does (Ray 2.60 wants one where the head found a token; a driver given HOST:PORT sends none
+    unless RAY_AUTH_MODE=token); the ray module. A silent address is probed first (ray.init would wait minutes),
+    Ray's connection warnings held back; UserError when no cluster answers or it refuses the token."""
     ray = require("ray", RAY_MISSING)
     if ray.is_initialized():
         return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        if address != "auto":
             socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
-    init_ray(ray, address)
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray
-
-
-def init_ray(ray, address):
-    """`ray.init` at `address`, sending this machine's auth token as `ray start` does (Ray 2.60 wants one where
-    the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token). Ray's connection
-    warnings are held back; UserError when the cluster refuses the token or cannot be joined."""
+    except (OSError, ValueError):
+        raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                        "or check the address (HOST:PORT, or auto)") from None
     error, stderr = None, os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
@@ -1395,6 +1393,9 @@ def init_ray(ray, address):
                         "on its head) or put it in ~/.ray/auth_token")
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
 
 
 def atomic_write(path, data):
@@ -1434,16 +1435,14 @@ def load_weights(path):
         raise UserError(f"weights file {path} does not exist") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): {e}") from None
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT:
-        owner = meta.get("script") if isinstance(meta, dict) else None
+    owner = meta.get("script") if isinstance(meta, dict) else None
+    if owner != SCRIPT:
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
     policy, env_ids = meta.get("policy"), meta.get("env_ids")
     tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
-
-    def sizes(values):
-        return isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)
+    sizes = lambda values: isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)  # noqa: E731
     if not (isinstance(env_ids, list) and env_ids and all(isinstance(e, str) for e in env_ids)
             and isinstance(meta.get("env_id"), str) and isinstance(meta.get("env"), dict)
             and set(META_ENV_FLAGS) <= set(meta["env"]) and isinstance(tasks, list) and len(tasks) == len(env_ids)
@@ -1479,15 +1478,18 @@ def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iterati
                  "iteration": iteration, "num_params": dim}, **extra)
 
 
-def check_weights_fit(path, params, meta, policy_config, dim):
-    """Raise UserError unless the file's policy fits the envs' spaces and its size fits the architecture."""
-    def spaces(config):
-        return [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in config.get("multitask", [config])]
-    if spaces(meta["policy"]) != spaces(policy_config):
+def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
+    """(policy config, policy holding `params`) of a weights file on its envs. UserError unless the file's policy
+    fits the envs' spaces and its size fits the architecture."""
+    config = policy_config_from_envs(env_configs, hidden_sizes, activation)
+    policy = build_policy(config)
+    spaces = lambda c: [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]  # noqa
+    if spaces(meta["policy"]) != spaces(config):
         raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes (observations, discrete, actions) "
-                        f"{spaces(meta['policy'])}, the env gives {spaces(policy_config)}")
-    if params.size != dim:
-        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {dim}")
+                        f"{spaces(meta['policy'])}, the env gives {spaces(config)}")
+    if params.size != num_params(policy):
+        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
+    return config, policy.load(params)
 
 
 class CheckpointUnpickler(pickle.Unpickler):
@@ -1515,8 +1517,8 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("script") != SCRIPT:
-        owner = state.get("script") if isinstance(state, dict) else None
+    owner = state.get("script") if isinstance(state, dict) else None
+    if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
@@ -1528,16 +1530,14 @@ def load_checkpoint(path):
 
 
 def versions():
-    """Versions of python and of the libraries a run depends on (None: not installed), for args.json."""
+    """Versions of python and of the libraries a run depends on (None: not installed), and numpy's BLAS with the
+    kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits. For args.json."""
     import importlib.metadata as md
-    found = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    # numpy's BLAS and the kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits
     from threadpoolctl import threadpool_info
+    found = {"python": platform.python_version(), **dict.fromkeys(("torch", "gymnasium", "numpy", "cma"))}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[name] = md.version(name)
     found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
                      for i in threadpool_info() if i["user_api"] == "blas"]
     return found
@@ -1551,12 +1551,18 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """Tight layout, PNG at 100 dpi, figure closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def plot_learning_curve(progress_path, image_path, title):
     """learning_curve.png from progress.csv: candidates' mean/max, the best member, evaluations +/- std."""
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for column, label, width, alpha in (("return_mean", "candidates mean", 1, 1), ("return_max", "candidates max",
                                         0.8, 0.6), ("best_fitness", "best member's fitness", 0.8, 0.6)):
         ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
@@ -1569,13 +1575,6 @@ def plot_learning_curve(progress_path, image_path, title):
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     save_figure(fig, image_path)
-
-
-def save_figure(fig, path):
-    """Tight layout, PNG at 100 dpi, figure closed."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
 
 
 def record_video(env_config, policy, path_stem, seed):
@@ -1606,13 +1605,12 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
     width = max(len(name) for name, _ in study)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
     for name, returns in study:
-        cells = (f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0)))
-        print(f"{name:<{width}} | " + " | ".join(cells))
+        print(f"{name:<{width}} | " + " | ".join(f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0),
+                                                                                           returns.std(0))))
     write_csv(os.path.join(run_dir, "noise_study.csv"),
               ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids],
               [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study])
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(env_ids), figsize=(4 * len(env_ids), 4))
+    fig, axes = pyplot().subplots(1, len(env_ids), figsize=(4 * len(env_ids), 4))
     for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
         ax.bar(range(len(study)), [r[:, t].mean() for _, r in study], yerr=[r[:, t].std() for _, r in study],
                capsize=3, color=["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)])
@@ -1633,12 +1631,23 @@ def default_run_name(args, kind=""):
     return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
 
 
-def load_policy(path, params, meta, hidden_sizes, activation, env_configs):
-    """(policy config, policy holding `params`) of a weights file on its envs; UserError if it does not fit."""
-    config = policy_config_from_envs(env_configs, hidden_sizes, activation)
-    policy = build_policy(config)
-    check_weights_fit(path, params, meta, config, num_params(policy))
-    return config, policy.load(params)
+def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None, noise_dir=None):
+    """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env steps, seconds).
+    header: printed with the workers; noise_dir: where the noise study goes (None: none)."""
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size])
+    if header:
+        print(f"{header}workers: {pool.describe()}")
+    try:
+        start = time.perf_counter()
+        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=None if args.quiet
+                                  else label)
+        elapsed = time.perf_counter() - start
+        if noise_dir:
+            os.makedirs(noise_dir, exist_ok=True)
+            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, noise_dir, args.quiet)
+        return returns, steps, elapsed
+    finally:
+        pool.close()
 
 
 def run_from_pretrained(args, given):
@@ -1646,23 +1655,13 @@ def run_from_pretrained(args, given):
     noise study first)."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
-    policy_config, policy = load_policy(args.from_pretrained, params, meta, args.hidden_sizes, args.activation,
-                                        env_configs)
+    policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs, args.hidden_sizes,
+                                        args.activation)
     print(policy)
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size])
-    print(f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
-          f"workers: {pool.describe()}")
-    start = time.perf_counter()
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    try:
-        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
-                                  label=None if args.quiet else "evaluation")
-        elapsed = time.perf_counter() - start
-        if args.multitask:
-            os.makedirs(run_dir, exist_ok=True)
-            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir, args.quiet)
-    finally:
-        pool.close()
+    returns, steps, elapsed = evaluate_in_pool(args, env_configs, policy_config, params, "evaluation", (
+        f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "),
+        args.multitask and run_dir)
     if args.capture_video and not args.multitask:
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
         path, video_return = record_video(env_configs[0], policy, os.path.join(run_dir, "videos", "pretrained"),
@@ -1674,47 +1673,43 @@ def run_from_pretrained(args, given):
     return 0
 
 
-def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, label=None):
-    """Observations met while `driver` acts, labelled by `teacher` (logits or tanh actions): (float32 (S, O),
-    float32 (S, A), the driver's returns (episodes,))."""
-    observations, returns = [], []
-    with live_bar(label, episodes) as bar:
-        for e in range(episodes):
+def distill_round(student, teacher, env_config, args, round_index, pairs):
+    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher (round 0) or the
+    student (DAgger) drives, labelled by the teacher (logits or tanh actions); the student is fitted to all pairs
+    with Adam (cross-entropy on the teacher's argmax, or MSE on the tanh actions). Returns (the driver's returns
+    (episodes,), the last epoch's mean loss)."""
+    label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
+    driver, observations, returns = teacher if round_index == 0 else student, [], []
+    with live_bar(label and label + ("teacher" if round_index == 0 else "student"), args.distill_episodes) as bar:
+        for e in range(args.distill_episodes):
             env = make_env(env_config, training=False)
-            episode_return, steps = rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e),
+            episode_return, steps = rollout(env, driver, derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e),
                                             observations)
             returns.append(bar.done(([episode_return], steps))[0][0])
             env.close()
-    x = torch.stack([teacher.preprocess(o) for o in observations])
+    pairs[0].append(torch.stack([teacher.preprocess(o) for o in observations]).numpy())
     with torch.inference_mode():
-        y = teacher(x)
-    return x.numpy(), y.numpy(), np.array(returns)
-
-
-def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed, label=None):
-    """Fit the student to (x, y) with Adam: cross-entropy on the teacher's argmax (discrete) or MSE on the tanh
-    actions. Returns the last epoch's mean loss."""
-    torch.manual_seed(seed)
+        pairs[1].append(teacher(torch.from_numpy(pairs[0][-1])).numpy())
+    x, y = torch.from_numpy(np.concatenate(pairs[0])), torch.from_numpy(np.concatenate(pairs[1]))
+    labels = y.argmax(1) if teacher.discrete else y
+    loss_fn = nn.functional.cross_entropy if teacher.discrete else nn.functional.mse_loss
+    torch.manual_seed(derive_seed(args.seed, GA_STREAM, round_index))
     student.requires_grad_(True)
-    optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    labels = y.argmax(1) if discrete else y
-    loss_fn = nn.functional.cross_entropy if discrete else nn.functional.mse_loss
-    bar = live_bar(label, epochs, "epoch")
-    for _ in range(epochs):
-        order, total = torch.randperm(len(x)), 0.0
-        for start in range(0, len(x), batch_size):
-            batch = order[start:start + batch_size]
-            loss = loss_fn(student(x[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
-        bar.update()
-    bar.close()
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+    with live_bar(label and label + "student fit", args.distill_epochs, "epoch") as bar:
+        for _ in range(args.distill_epochs):
+            order, total = torch.randperm(len(x)), 0.0
+            for start in range(0, len(x), args.batch_size):
+                batch = order[start:start + args.batch_size]
+                loss = loss_fn(student(x[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
+            bar.update()
     student.requires_grad_(False)
-    return total / len(x)
+    return np.array(returns), total / len(x)
 
 
 def run_distillation(args, given):
@@ -1729,9 +1724,8 @@ def run_distillation(args, given):
     args.hidden_sizes = student_hidden
     args.activation = student_activation if "activation" in given else teacher_meta["policy"]["activation"]
     env_configs = env_configs_from_args(args)
-    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta,
-                                          teacher_meta["policy"]["hidden_sizes"], teacher_meta["policy"]["activation"],
-                                          env_configs)
+    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta, env_configs,
+                                          teacher_meta["policy"]["hidden_sizes"], teacher_meta["policy"]["activation"])
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
     student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation)
@@ -1744,29 +1738,16 @@ def run_distillation(args, given):
     config = dict(vars(args), env_config=env_configs[0], versions=versions())
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(config, indent=2).encode())
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
-    start, xs, ys = time.perf_counter(), [], []
+    start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        who = "teacher" if round_index == 0 else "student"  # DAgger: later rounds visit the student's states
-        label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
-        x, y, driver_returns = collect_pairs(env_configs[0], teacher if round_index == 0 else student, teacher,
-                                             args.distill_episodes, args.seed, round_index, label and label + who)
-        xs.append(x)
-        ys.append(y)
-        loss = fit_student(student, np.concatenate(xs), np.concatenate(ys), teacher.discrete, args.distill_epochs,
-                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index),
-                           label and label + "student fit")
-        print(f"round {round_index + 1}/{args.distill_rounds}: {who} drove "
+        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index, pairs)
+        print(f"round {round_index + 1}/{args.distill_rounds}: {'student' if round_index else 'teacher'} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
-              f"{sum(len(x) for x in xs)} pairs; loss {loss:.3g}")
+              f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}")
     rows = []
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, config, params.size), [params.size])
-        try:
-            returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
-                               label=None if args.quiet else f"evaluation of the {name}")[0][:, 0]
-        finally:
-            pool.close()
+        returns = evaluate_in_pool(args, env_configs, config, params, f"evaluation of the {name}")[0][:, 0]
         architecture = "-".join(map(str, [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]))
         rows.append([name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"])
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
