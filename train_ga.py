@@ -738,7 +738,6 @@ class RolloutWorker:
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None):
     """Per-task returns of `params` over evaluation episodes (no early stop): (float64 (E, T), env steps).
     Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
-
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
     results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
@@ -801,8 +800,13 @@ def train(args, given):
         print(f"\ninterrupted: {run.kept()}", file=sys.stderr)
         code = 130
         return code
-    finally:
-        close_run(run, code)
+    finally:  # the files stay; W&B gets them and the exit code
+        run.csv_file.close()
+        run.pool.close()
+        run.tb.close()
+        if run.wandb:
+            upload(run)
+            run.wandb.finish(exit_code=code)
     print(f"done: {ga.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else "")
@@ -890,8 +894,7 @@ def parse_args(argv=None):
     """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
-    marker = object()
+    marker = object()  # the flags typed: parse again into a namespace of markers, which argparse leaves be
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(typed).items() if value is not marker}
     if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
@@ -910,7 +913,13 @@ def parse_args(argv=None):
         fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
     if fixed:
         raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
-    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
+    items, args.env_kwargs = args.env_kwargs, {}
+    for key, sep, value in (item.partition("=") for item in items):  # VALUE: JSON where it parses (true, 3, 0.5)
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        args.env_kwargs[key] = value
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
         require("ray", RAY_MISSING)
@@ -922,19 +931,6 @@ def parse_args(argv=None):
     check_args(args)
     check_paths(args)
     return args, given
-
-
-def parse_env_kwargs(items):
-    """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string."""
-    kwargs = {}
-    for key, sep, value in (item.partition("=") for item in items):
-        if not sep or not key.isidentifier():
-            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
 
 
 def check_args(args):
@@ -978,12 +974,7 @@ def check_args(args):
 
 
 def check_paths(args):
-    """Every path flag must name the kind of thing it stands for. Raises UserError."""
-    for flag in ("from_pretrained", "init_from", "distill_from"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
+    """Run and experiment names must be folder names, --logs-dir a writable folder. Raises UserError."""
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
         if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
             raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
@@ -995,19 +986,16 @@ def check_paths(args):
 
 
 def setup_run(args, given):
-    """A run's state (new, or from --resume): args, GA, counters, pool, files, console header. Every input is
-    checked and the pool started before the run folder is touched. Raises UserError."""
+    """A run (new or resumed): inputs checked and pool started before its folder is touched. UserError."""
     checkpoint, init = None, None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)})
-        args = argparse.Namespace(**saved)
+        given_anew = {key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)}
+        args = argparse.Namespace(**dict(checkpoint["args"], **given_anew))
         check_args(args)
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
-        if args.init_from:
-            init = read_weights_into_args(args.init_from, args, given)
+        init = read_weights_into_args(args.init_from, args, given) if args.init_from else None
         run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
@@ -1018,7 +1006,6 @@ def setup_run(args, given):
         args.wandb_id = uuid.uuid4().hex[:16]  # (wandb 0.31 has no wandb.util.generate_id)
     run.env_configs = env_configs_from_args(args)
     run.env_ids = [c["env_id"] for c in run.env_configs]
-    # Multitask fitness sums each task's return over its scale; a single task's fitness is its return.
     run.scales = np.array([return_scale(c) for c in run.env_configs]) if args.multitask else np.ones(1)
     run.policy_config = policy_config_from_envs(run.env_configs, args.hidden_sizes, args.activation)
     policy = build_policy(run.policy_config)
@@ -1101,16 +1088,6 @@ def upload(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-def close_run(run, code):
-    """Close progress.csv, the pool and TensorBoard (the files stay); W&B gets the files and the exit code."""
-    run.csv_file.close()
-    run.pool.close()
-    run.tb.close()
-    if run.wandb:
-        upload(run)
-        run.wandb.finish(exit_code=code)
-
-
 def save_checkpoint(run):
     """checkpoint.pkl: format version, script, args, the GA's state, counters; written atomically."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "ga": run.ga.state_dict(),
@@ -1129,8 +1106,7 @@ WORKERS = {}
 
 
 def init_worker(worker_args, buffers):
-    """A local worker process: ignores Ctrl-C (the driver handles it), exits within 0.5 s of its parent's death
-    (a portable watchdog thread), builds its RolloutWorker on the shared arrays."""
+    """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
@@ -1151,8 +1127,7 @@ def use_shared(worker_args, buffers):
 
 
 def ray_rollout(key, batch, tasks):
-    """A chunk of tasks in a worker process: a local one (batch None: its arrays are shared), or Ray's, whose
-    RolloutWorker of pool `key` is built once (batch: (worker_args, arrays) from the object store)."""
+    """A chunk of tasks in a local worker (batch None: shared arrays) or Ray's (batch: (worker_args, arrays))."""
     if batch is not None:
         if key not in WORKERS:
             WORKERS[key] = RolloutWorker(*batch[0])
@@ -1173,8 +1148,7 @@ class InProcess:
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on stderr, on a terminal only, when `label` is not None; it leaves no line. bar.done((returns,
-    steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
+    """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(task's result) counts its episodes."""
     columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
     bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
                ncols=columns, nrows=lines)
@@ -1225,8 +1199,7 @@ class RolloutPool:
         return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
 
     def map(self, tasks, shared, label=None):
-        """Run the tasks; the list of results in task order. label: the title of a live bar of the tasks'
-        episodes as they finish (tqdm on stderr, a terminal only; None: no bar). Raises UserError or PoolError."""
+        """Run the tasks; their results in task order. label: the live bar's (None: none). UserError, PoolError."""
         # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
         # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
         # tasks alone, not on the chunks.
@@ -1309,15 +1282,47 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
     def start_ray(self):
-        """Join the cluster, declare the Ray task, start the watchdog on its head and this machine's node."""
-        self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        """Join the cluster (once per process) with this machine's auth token, as `ray start` does (Ray 2.60 wants
+        one where the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token), Ray's
+        connection warnings held back; declare the Ray task; start the watchdog. UserError: no cluster, no token."""
+        ray, address = require("ray", RAY_MISSING), self.address
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:  # a silent address first: ray.init would wait minutes
+            if address != "auto" and not ray.is_initialized():
+                socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError):
+            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                            "or check the address (HOST:PORT, or auto)") from None
+        error, stderr = None, os.dup(2)
+        with tempfile.TemporaryFile() as said:
+            os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
+            try:
+                if "RAY_AUTH_MODE" not in os.environ:
+                    from ray._private.authentication import authentication_token_setup as auth
+                    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+                ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+            except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
+                error = e
+            finally:
+                os.dup2(stderr, 2)
+                os.close(stderr)
+            said.seek(0)
+            said = said.read().decode(errors="replace")
+        if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
+            raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
+                            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token "
+                            "(`ray get-auth-token` on its head) or put it in ~/.ray/auth_token")
+        if error is not None:
+            raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+        if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.ray, self.remote = ray, ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
         self.key, self.probes = uuid.uuid4().hex, []  # probes: (what, host, port) that must keep answering TCP
         try:
-            context = self.ray.get_runtime_context()
+            context = ray.get_runtime_context()
             host, _, port = context.gcs_address.rpartition(":")
             self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
-            node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
+            node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
             host, port = node["NodeManagerAddress"], int(node["NodeManagerPort"])
             self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
         except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
@@ -1335,8 +1340,7 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Watchdog thread: a lost cluster may block Ray's calls, then end the process without a word; after
-        RAY_LOST_AFTER_S of silence this says so (and what is kept) and exits with 1."""
+        """Thread: a lost cluster may block Ray's calls; after RAY_LOST_AFTER_S of silence, say so and exit 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -1355,47 +1359,6 @@ def require(module, message):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(message) from None
-
-
-def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process, sending this machine's auth token
-    as `ray start` does (Ray 2.60 wants one where the head found a token; a driver given HOST:PORT sends none
-    unless RAY_AUTH_MODE=token); the ray module. A silent address is probed first (ray.init would wait minutes),
-    Ray's connection warnings held back; UserError when no cluster answers or it refuses the token."""
-    ray = require("ray", RAY_MISSING)
-    if ray.is_initialized():
-        return ray
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        if address != "auto":
-            socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError):
-        raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                        "or check the address (HOST:PORT, or auto)") from None
-    error, stderr = None, os.dup(2)
-    with tempfile.TemporaryFile() as said:
-        os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
-        try:
-            if "RAY_AUTH_MODE" not in os.environ:
-                from ray._private.authentication import authentication_token_setup as auth
-                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
-        except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
-            error = e
-        finally:
-            os.dup2(stderr, 2)
-            os.close(stderr)
-        said.seek(0)
-        said = said.read().decode(errors="replace")
-    if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
-                        "on its head) or put it in ~/.ray/auth_token")
-    if error is not None:
-        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray
 
 
 def atomic_write(path, data):
@@ -1426,13 +1389,14 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of this script's weights file. UserError: missing, corrupt or foreign
-    file, non-finite parameters, a meta without valid env ids and policy sizes."""
+    """(params float32 (D,), meta dict) of this script's weights file. UserError: unusable file or meta."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
     except FileNotFoundError:
         raise UserError(f"weights file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a weights file (.npz)") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): {e}") from None
     owner = meta.get("script") if isinstance(meta, dict) else None
@@ -1479,8 +1443,7 @@ def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iterati
 
 
 def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
-    """(policy config, policy holding `params`) of a weights file on its envs. UserError unless the file's policy
-    fits the envs' spaces and its size fits the architecture."""
+    """(policy config, policy holding `params`) of a weights file on its envs. UserError: it does not fit."""
     config = policy_config_from_envs(env_configs, hidden_sizes, activation)
     policy = build_policy(config)
     spaces = lambda c: [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]  # noqa
@@ -1530,8 +1493,7 @@ def load_checkpoint(path):
 
 
 def versions():
-    """Versions of python and of the libraries a run depends on (None: not installed), and numpy's BLAS with the
-    kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits. For args.json."""
+    """For args.json: python's and the libraries' versions; numpy's BLAS kernels set the last digits."""
     import importlib.metadata as md
     from threadpoolctl import threadpool_info
     found = {"python": platform.python_version(), **dict.fromkeys(("torch", "gymnasium", "numpy", "cma"))}
@@ -1595,8 +1557,7 @@ def record_video(env_config, policy, path_stem, seed):
 
 
 def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
-    """Multitask noise study: per-task returns with all inputs real, noise into each task's input, into all, on
-    the same episodes. Prints a table; writes noise_study.csv/png."""
+    """Returns with all inputs real, noise into each task's, into all, on the same episodes: table, csv, png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
@@ -1651,8 +1612,7 @@ def evaluate_in_pool(args, env_configs, policy_config, params, label, header=Non
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file; last line: the `episode_return mean=...` summary (multitask: of the fitness, the
-    noise study first)."""
+    """Evaluate a weights file (and the noise study of a multitask one); last line: `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
     policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs, args.hidden_sizes,
@@ -1713,8 +1673,7 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
 
 
 def run_distillation(args, given):
-    """Distillation: teacher-labelled pairs -> a smaller student (Adam), both evaluated on the same episodes.
-    Writes args.json, student.npz and distillation.csv; prints the table."""
+    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz, a table."""
     if "hidden_sizes" not in given:
         raise UserError("--distill-from needs --hidden-sizes: the student's layer widths")
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
