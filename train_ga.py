@@ -793,7 +793,7 @@ def train(args, given):
             else evaluation_of(run, final_params, "final evaluation")[0]
         run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
                 f"over {final_evaluation['episodes']} episodes")
-        save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation, final_evaluation))
+        save_weights(run.paths["final.npz"], final_params, run.meta(ga.generation, final_evaluation))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         code = 0
     except KeyboardInterrupt:
@@ -834,7 +834,7 @@ def evaluate_best(run, best_params):
     evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}")
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
-        save_weights(run.paths["best.npz"], best_params, run.meta(best_params, iteration, evaluation))
+        save_weights(run.paths["best.npz"], best_params, run.meta(iteration, evaluation))
     reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
     counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
     tasks = "  (" + ", ".join(f"{e} {m:.2f}" for e, m in evaluation["tasks"].items()) + ")" if args.multitask else ""
@@ -1022,8 +1022,8 @@ def setup_run(args, given):
             "mutation", "mutation_rate", "mutation_scale", "replacement", "elite_size", "seed")})
         run.counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
                         "best_eval": -math.inf, "goal_streak": 0}
-    run.meta = lambda params, iteration, evaluation=None: weights_meta(args, run.env_configs, run.policy_config,
-                                                                         dim, evaluation, iteration)
+    run.meta = lambda iteration, evaluation: weights_meta(args, run.env_configs, run.policy_config, dim, evaluation,
+                                                          iteration)
     run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_configs, run.policy_config, dim),
                            [args.population_size * dim])
     open_run_files(run, checkpoint is not None)
@@ -1505,26 +1505,13 @@ def versions():
     return found
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    """Tight layout, PNG at 100 dpi, figure closed."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
-
-
 def plot_learning_curve(progress_path, image_path, title):
     """learning_curve.png from progress.csv: candidates' mean/max, the best member, evaluations +/- std."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for column, label, width, alpha in (("return_mean", "candidates mean", 1, 1), ("return_max", "candidates max",
                                         0.8, 0.6), ("best_fitness", "best member's fitness", 0.8, 0.6)):
         ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
@@ -1536,7 +1523,8 @@ def plot_learning_curve(progress_path, image_path, title):
            ylabel="fitness (sum of normalized returns)" if "+" in title else "episode return")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    save_figure(fig, image_path)
+    fig.tight_layout()
+    fig.savefig(image_path, dpi=100)
 
 
 def record_video(env_config, policy, path_stem, seed):
@@ -1571,14 +1559,17 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
     write_csv(os.path.join(run_dir, "noise_study.csv"),
               ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids],
               [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study])
-    fig, axes = pyplot().subplots(1, len(env_ids), figsize=(4 * len(env_ids), 4))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4 * len(env_ids), 4))
+    axes = fig.subplots(1, len(env_ids))
     for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
         ax.bar(range(len(study)), [r[:, t].mean() for _, r in study], yerr=[r[:, t].std() for _, r in study],
                capsize=3, color=["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)])
         ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8)
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, os.path.join(run_dir, "noise_study.png"))
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "noise_study.png"), dpi=100)
 
 
 def summary_line(returns):
