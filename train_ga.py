@@ -1222,7 +1222,8 @@ class RolloutPool:
                         while running and (chunk is None or cap and len(running) >= cap):
                             finished, running = wait(running, return_when=FIRST_COMPLETED)
                             for future in finished:
-                                [bar.done(result) for result in future.result()]
+                                for result in future.result():
+                                    bar.done(result)
                         if chunk is not None:
                             futures.append(submit(chunk))
                             running.add(futures[-1])
