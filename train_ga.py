@@ -258,23 +258,13 @@ class GeneticAlgorithm:
         n = population.shape[0]
         if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
             raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
-        self.population = population.copy()  # (N, D) the current members
-        self.fitness = None                   # (N,) their fitness; None before the first tell
-        self.selection = selection            # "ranking", "roulette" or "tournament"
-        self.selection_pressure = selection_pressure
-        self.tournament_size = tournament_size
-        self.crossover = crossover            # "blx-alpha", "one-point" or "uniform"
-        self.crossover_rate = crossover_rate
-        self.blx_alpha = blx_alpha
-        self.mutation = mutation              # "gaussian" or "uniform"
-        self.mutation_rate = mutation_rate    # per-gene probability
-        self.mutation_scale = mutation_scale
-        self.replacement = replacement        # "parents-vs-children" or "generational"
-        self.elite_size = elite_size
-        self.seed = seed
-        self.generation = 0
-        self.pending = None                   # (candidates, parent indices) between ask and tell
-        self.children_accepted = 0            # new members of the last population (diagnostic)
+        self.population, self.fitness = population.copy(), None  # (N, D) members, (N,) fitness (None: not told)
+        self.selection, self.selection_pressure, self.tournament_size = selection, selection_pressure, tournament_size
+        self.crossover, self.crossover_rate, self.blx_alpha = crossover, crossover_rate, blx_alpha
+        self.mutation, self.mutation_rate, self.mutation_scale = mutation, mutation_rate, mutation_scale  # per gene
+        self.replacement, self.elite_size, self.seed, self.generation = replacement, elite_size, seed, 0
+        self.pending = None          # (candidates, parent indices) between ask and tell
+        self.children_accepted = 0   # new members of the last population (diagnostic)
 
     def breed(self, count, rng):
         """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
