@@ -560,7 +560,7 @@ def make_env(env_config, training, render_mode=None):
         env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
     space = env.action_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
-        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        if not space.is_bounded():
             raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot map onto it")
         if not (np.all(space.low == -1) and np.all(space.high == 1)):
             env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
