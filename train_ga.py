@@ -48,7 +48,7 @@ import types
 import uuid
 import warnings
 import zipfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 SCRIPT = "train_ga.py"
@@ -258,23 +258,13 @@ class GeneticAlgorithm:
         n = population.shape[0]
         if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
             raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
-        self.population = population.copy()  # (N, D) the current members
-        self.fitness = None                   # (N,) their fitness; None before the first tell
-        self.selection = selection            # "ranking", "roulette" or "tournament"
-        self.selection_pressure = selection_pressure
-        self.tournament_size = tournament_size
-        self.crossover = crossover            # "blx-alpha", "one-point" or "uniform"
-        self.crossover_rate = crossover_rate
-        self.blx_alpha = blx_alpha
-        self.mutation = mutation              # "gaussian" or "uniform"
-        self.mutation_rate = mutation_rate    # per-gene probability
-        self.mutation_scale = mutation_scale
-        self.replacement = replacement        # "parents-vs-children" or "generational"
-        self.elite_size = elite_size
-        self.seed = seed
-        self.generation = 0
-        self.pending = None                   # (candidates, parent indices) between ask and tell
-        self.children_accepted = 0            # new members of the last population (diagnostic)
+        self.population, self.fitness = population.copy(), None  # (N, D) members, (N,) fitness (None: not told)
+        self.selection, self.selection_pressure, self.tournament_size = selection, selection_pressure, tournament_size
+        self.crossover, self.crossover_rate, self.blx_alpha = crossover, crossover_rate, blx_alpha
+        self.mutation, self.mutation_rate, self.mutation_scale = mutation, mutation_rate, mutation_scale  # per gene
+        self.replacement, self.elite_size, self.seed, self.generation = replacement, elite_size, seed, 0
+        self.pending = None          # (candidates, parent indices) between ask and tell
+        self.children_accepted = 0   # new members of the last population (diagnostic)
 
     def breed(self, count, rng):
         """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
@@ -344,7 +334,6 @@ class GeneticAlgorithm:
 def initial_population(policy_config, size, seed, init=None, rng_args=None):
     """float32 (size, D): member i is PyTorch's initialization under seed (seed, INIT_STREAM, i); with `init`
     (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
-
     members = []
     for i in range(size):
         if init is None:
@@ -352,7 +341,6 @@ def initial_population(policy_config, size, seed, init=None, rng_args=None):
             members.append(parameters_to_vector(build_policy(policy_config).parameters()).numpy())
         else:
             rng = np.random.default_rng(derive_seed(seed, INIT_STREAM, i))
-            init = np.asarray(init, np.float32)
             members.append(init if i == 0 else mutate(init, rng, *rng_args))
     return np.stack(members).astype(np.float32)
 
@@ -368,6 +356,12 @@ NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32
 def linear(weight, bias, h):
     """bias + h @ weight.T for one vector h (D,) (torch.addmv: half of nn.Linear's cost) or a batch (B, D)."""
     return torch.addmv(bias, weight, h) if h.dim() == 1 else torch.addmm(bias, h, weight.t())
+
+
+def load_flat(policy, params):
+    """Set a policy's weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+    vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
+    return policy
 
 
 class Policy(nn.Module):
@@ -387,11 +381,9 @@ class Policy(nn.Module):
                                       nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
             with torch.no_grad():
                 features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
-        self.layers = nn.ModuleList()
-        for width in hidden_sizes:
-            self.layers.append(nn.Linear(features, width))
-            features = width
-        self.head = nn.Linear(features, num_actions)
+        widths = [features, *hidden_sizes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], num_actions)
         self.requires_grad_(False)  # evolved; only a distillation student turns gradients on
         # Plain lists for the hot path (nn.Module attribute lookup costs ~0.3 us).
         self.linear_params = [(layer.weight, layer.bias) for layer in [*self.layers, self.head]]
@@ -399,8 +391,7 @@ class Policy(nn.Module):
 
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        # numpy views (stacked_layers' B = 1): they see in-place updates (distillation's Adam).
+        load_flat(self, params)  # act()'s numpy views (stacked_layers' B = 1) see in-place updates (distillation)
         self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
         return self
 
@@ -461,10 +452,7 @@ class MultitaskPolicy(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in tasks)
         self.requires_grad_(False)
 
-    def load(self, params):
-        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), self.parameters())
-        return self
+    load = load_flat
 
     def act(self, observations):
         """observations: one numpy vector per task. Returns one action per task (int or float32 (A_t,))."""
@@ -572,7 +560,7 @@ def make_env(env_config, training, render_mode=None):
         env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
     space = env.action_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
-        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        if not space.is_bounded():
             raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot map onto it")
         if not (np.all(space.low == -1) and np.all(space.high == 1)):
             env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
@@ -740,7 +728,6 @@ class RolloutWorker:
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None):
     """Per-task returns of `params` over evaluation episodes (no early stop): (float64 (E, T), env steps).
     Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
-
     tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
     results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
@@ -796,15 +783,20 @@ def train(args, given):
             else evaluation_of(run, final_params, "final evaluation")[0]
         run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
                 f"over {final_evaluation['episodes']} episodes")
-        save_weights(run.paths["final.npz"], final_params, run.meta(final_params, ga.generation, final_evaluation))
+        save_weights(run.paths["final.npz"], final_params, run.meta(ga.generation, final_evaluation))
         plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
         code = 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.kept()}", file=sys.stderr)
         code = 130
         return code
-    finally:
-        close_run(run, code)
+    finally:  # the files stay; W&B gets them and the exit code
+        run.csv_file.close()
+        run.pool.close()
+        run.tb.close()
+        if run.wandb:
+            upload(run)
+            run.wandb.finish(exit_code=code)
     print(f"done: {ga.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
           f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
           + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else "")
@@ -832,7 +824,7 @@ def evaluate_best(run, best_params):
     evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}")
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
-        save_weights(run.paths["best.npz"], best_params, run.meta(best_params, iteration, evaluation))
+        save_weights(run.paths["best.npz"], best_params, run.meta(iteration, evaluation))
     reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
     counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
     tasks = "  (" + ", ".join(f"{e} {m:.2f}" for e, m in evaluation["tasks"].items()) + ")" if args.multitask else ""
@@ -892,8 +884,7 @@ def parse_args(argv=None):
     """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The flags typed: parse again into a namespace of markers; argparse leaves alone what it holds.
-    marker = object()
+    marker = object()  # the flags typed: parse again into a namespace of markers, which argparse leaves be
     typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(typed).items() if value is not marker}
     if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
@@ -912,7 +903,13 @@ def parse_args(argv=None):
         fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
     if fixed:
         raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
-    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
+    items, args.env_kwargs = args.env_kwargs, {}
+    for key, sep, value in (item.partition("=") for item in items):  # VALUE: JSON where it parses (true, 3, 0.5)
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        args.env_kwargs[key] = value
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
         require("ray", RAY_MISSING)
@@ -924,19 +921,6 @@ def parse_args(argv=None):
     check_args(args)
     check_paths(args)
     return args, given
-
-
-def parse_env_kwargs(items):
-    """--env-kwargs KEY=VALUE items -> dict; VALUE is JSON when it parses (true, 3, 0.5), else a string."""
-    kwargs = {}
-    for key, sep, value in (item.partition("=") for item in items):
-        if not sep or not key.isidentifier():
-            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
 
 
 def check_args(args):
@@ -980,12 +964,7 @@ def check_args(args):
 
 
 def check_paths(args):
-    """Every path flag must name the kind of thing it stands for. Raises UserError."""
-    for flag in ("from_pretrained", "init_from", "distill_from"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            what = "is a directory, not" if os.path.isdir(path) else "does not exist: it must be"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {what} a weights file (.npz)")
+    """Run and experiment names must be folder names, --logs-dir a writable folder. Raises UserError."""
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
         if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
             raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
@@ -997,19 +976,16 @@ def check_paths(args):
 
 
 def setup_run(args, given):
-    """A run's state (new, or from --resume): args, GA, counters, pool, files, console header. Every input is
-    checked and the pool started before the run folder is touched. Raises UserError."""
+    """A run (new or resumed): inputs checked and pool started before its folder is touched. UserError."""
     checkpoint, init = None, None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)})
-        args = argparse.Namespace(**saved)
+        given_anew = {key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)}
+        args = argparse.Namespace(**dict(checkpoint["args"], **given_anew))
         check_args(args)
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
-        if args.init_from:
-            init = read_weights_into_args(args.init_from, args, given)
+        init = read_weights_into_args(args.init_from, args, given) if args.init_from else None
         run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
         if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
@@ -1020,7 +996,6 @@ def setup_run(args, given):
         args.wandb_id = uuid.uuid4().hex[:16]  # (wandb 0.31 has no wandb.util.generate_id)
     run.env_configs = env_configs_from_args(args)
     run.env_ids = [c["env_id"] for c in run.env_configs]
-    # Multitask fitness sums each task's return over its scale; a single task's fitness is its return.
     run.scales = np.array([return_scale(c) for c in run.env_configs]) if args.multitask else np.ones(1)
     run.policy_config = policy_config_from_envs(run.env_configs, args.hidden_sizes, args.activation)
     policy = build_policy(run.policy_config)
@@ -1028,8 +1003,8 @@ def setup_run(args, given):
     if checkpoint:
         run.ga, run.counters = GeneticAlgorithm.from_state_dict(checkpoint["ga"]), checkpoint["counters"]
     else:
-        if init:
-            check_weights_fit(args.init_from, *init, run.policy_config, dim)
+        if init:  # it fits, or UserError
+            load_policy(args.init_from, *init, run.env_configs, args.hidden_sizes, args.activation)
         population = initial_population(run.policy_config, args.population_size, args.seed, init and init[0],
                                         (args.mutation_rate, args.mutation_scale, args.mutation))
         run.ga = GeneticAlgorithm(population, **{k: getattr(args, k) for k in (
@@ -1037,8 +1012,8 @@ def setup_run(args, given):
             "mutation", "mutation_rate", "mutation_scale", "replacement", "elite_size", "seed")})
         run.counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
                         "best_eval": -math.inf, "goal_streak": 0}
-    run.meta = lambda params, iteration, evaluation=None: weights_meta(args, run.env_configs, run.policy_config,
-                                                                         dim, evaluation, iteration)
+    run.meta = lambda iteration, evaluation: weights_meta(args, run.env_configs, run.policy_config, dim, evaluation,
+                                                          iteration)
     run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_configs, run.policy_config, dim),
                            [args.population_size * dim])
     open_run_files(run, checkpoint is not None)
@@ -1103,16 +1078,6 @@ def upload(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-def close_run(run, code):
-    """Close progress.csv, the pool and TensorBoard (the files stay); W&B gets the files and the exit code."""
-    run.csv_file.close()
-    run.pool.close()
-    run.tb.close()
-    if run.wandb:
-        upload(run)
-        run.wandb.finish(exit_code=code)
-
-
 def save_checkpoint(run):
     """checkpoint.pkl: format version, script, args, the GA's state, counters; written atomically."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "ga": run.ga.state_dict(),
@@ -1131,8 +1096,7 @@ WORKERS = {}
 
 
 def init_worker(worker_args, buffers):
-    """A local worker process: ignores Ctrl-C (the driver handles it), exits within 0.5 s of its parent's death
-    (a portable watchdog thread), builds its RolloutWorker on the shared arrays."""
+    """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
@@ -1143,13 +1107,17 @@ def init_worker(worker_args, buffers):
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+    use_shared(worker_args, buffers)
+
+
+def use_shared(worker_args, buffers):
+    """This process's RolloutWorker of local pools, reading its members from the shared arrays."""
     WORKERS["local"] = RolloutWorker(*worker_args)
     WORKERS["local"].use([np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
 
 def ray_rollout(key, batch, tasks):
-    """A chunk of tasks in a worker process: a local one (batch None: its arrays are shared), or Ray's, whose
-    RolloutWorker of pool `key` is built once (batch: (worker_args, arrays) from the object store)."""
+    """A chunk of tasks in a local worker (batch None: shared arrays) or Ray's (batch: (worker_args, arrays))."""
     if batch is not None:
         if key not in WORKERS:
             WORKERS[key] = RolloutWorker(*batch[0])
@@ -1157,9 +1125,20 @@ def ray_rollout(key, batch, tasks):
     return WORKERS[key].run(tasks)
 
 
+class InProcess:
+    """The executor of --num-workers 1: a call runs when submitted, its future already done."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures=False):
+        pass
+
+
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on stderr, on a terminal only, when `label` is not None; it leaves no line. bar.done((returns,
-    steps)) counts a task's episodes and env steps (postfix: env steps/s) and returns it."""
+    """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(task's result) counts its episodes."""
     columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
     bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
                ncols=columns, nrows=lines)
@@ -1191,13 +1170,14 @@ class RolloutPool:
 
     def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.on_lost, self.executor, self.local = None, None, None
+        self.on_lost, self.executor = None, InProcess()
         if ray_address:
             self.start_ray()
-        elif num_workers == 1:
-            self.local = RolloutWorker(*worker_args)
+            return
+        self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
+        if num_workers == 1:
+            use_shared(worker_args, self.buffers)
         else:
-            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
             self.executor = self.new_executor()
 
     def new_executor(self):
@@ -1209,54 +1189,70 @@ class RolloutPool:
         return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
 
     def map(self, tasks, shared, label=None):
-        """Run the tasks; the list of results in task order. label: the title of a live bar of the tasks'
-        episodes as they finish (tqdm on stderr, a terminal only; None: no bar). Raises UserError or PoolError."""
+        """Run the tasks; their results in task order. label: the live bar's (None: none). UserError, PoolError."""
         # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
         # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
         # tasks alone, not on the chunks.
         count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
         chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
+        if self.address:
+            batch = self.ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
+            submit = lambda chunk: self.remote.remote(self.key, batch, chunk).future()  # noqa: E731
+        else:
+            for buffer, array in zip(self.buffers, shared):
+                np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
+            submit = lambda chunk: self.executor.submit(ray_rollout, "local", None, chunk)  # noqa: E731
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        cap = self.num_workers if self.address or self.num_workers == 1 else None
         with live_bar(label, sum(len(task[1]) for task in tasks)) as bar:
-            def done(results):  # a finished chunk's results, each counted by the bar
-                return [bar.done(result) for result in results]
-            if self.address:
-                results = self.map_ray(chunks, shared, done)
-            elif self.local is not None:
-                self.local.use([np.ravel(a) for a in shared])
-                results = [done(self.local.run(chunk)) for chunk in chunks]
-            else:
-                results = self.map_local(chunks, shared, done)
-            for i, chunk_results in enumerate(results):
-                ordered[i::count] = chunk_results
-            return ordered
+            for attempt in range(1, WORKER_ATTEMPTS + 1):
+                try:
+                    futures, running = [], set()
+                    for chunk in [*chunks, None]:  # None: the end, wait for every chunk
+                        while running and (chunk is None or cap and len(running) >= cap):
+                            finished, running = wait(running, return_when=FIRST_COMPLETED)
+                            for future in finished:
+                                for result in future.result():
+                                    bar.done(result)
+                        if chunk is not None:
+                            futures.append(submit(chunk))
+                            running.add(futures[-1])
+                    break
+                except BrokenProcessPool as e:
+                    self.close()
+                    if attempt == WORKER_ATTEMPTS:
+                        raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries"
+                                        f"{self.lost()}") from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                    self.executor = self.new_executor()
+                except UserError:
+                    raise
+                except Exception as e:
+                    raise self.failure(e) from None
+        for i, future in enumerate(futures):
+            ordered[i::count] = future.result()
+        return ordered
 
-    def map_local(self, chunks, shared, done):
-        """`map` of chunks of tasks on the worker processes; done(chunk's results) as each chunk finishes."""
-        for buffer, array in zip(self.buffers, shared):
-            np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
-        for attempt in range(1, WORKER_ATTEMPTS + 1):
-            try:
-                futures = [self.executor.submit(ray_rollout, "local", None, chunk) for chunk in chunks]
-
-                for future in as_completed(futures):
-                    done(future.result())
-                return [future.result() for future in futures]
-            except BrokenProcessPool as e:
-                self.close()
-                if attempt == WORKER_ATTEMPTS:
-                    raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}")
-                print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
-                self.executor = self.new_executor()
-            except Exception as e:  # raised by the rollout code in a worker: one line, not a worker's traceback
-                raise UserError(f"rollout failed in a worker: {type(e).__name__}: {e}") from None
+    def failure(self, e):
+        """The one-line error of an exception a batch raised: our code's, in a worker, or a lost Ray cluster."""
+        ray = self.ray if self.address else None
+        if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
+            return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
+        if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        silent = self.silent() or ("this machine's Ray node" if isinstance(
+            e, ray.exceptions.LocalRayletDiedError) else None)
+        what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
+                f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
+                f"{RAY_TASK_RETRIES + 1} times)")
+        return PoolError(f"{what} ({reason}){self.lost()}")
 
     def close(self):
         """Stop the workers now (a busy one is killed, not awaited) and the Ray watchdog."""
-        if self.executor is not None:
-            for process in list((self.executor._processes or {}).values()):
-                process.kill()
-            self.executor.shutdown(cancel_futures=True)
-            self.executor = None
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            process.kill()
+        self.executor.shutdown(cancel_futures=True)
         if self.address:
             self.closed.set()
 
@@ -1277,15 +1273,47 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
     def start_ray(self):
-        """Join the cluster, declare the Ray task, start the watchdog on its head and this machine's node."""
-        self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        """Join the cluster (once per process) with this machine's auth token, as `ray start` does (Ray 2.60 wants
+        one where the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token), Ray's
+        connection warnings held back; declare the Ray task; start the watchdog. UserError: no cluster, no token."""
+        ray, address = require("ray", RAY_MISSING), self.address
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:  # a silent address first: ray.init would wait minutes
+            if address != "auto" and not ray.is_initialized():
+                socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError):
+            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                            "or check the address (HOST:PORT, or auto)") from None
+        error, stderr = None, os.dup(2)
+        with tempfile.TemporaryFile() as said:
+            os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
+            try:
+                if "RAY_AUTH_MODE" not in os.environ:
+                    from ray._private.authentication import authentication_token_setup as auth
+                    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+                ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+            except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
+                error = e
+            finally:
+                os.dup2(stderr, 2)
+                os.close(stderr)
+            said.seek(0)
+            said = said.read().decode(errors="replace")
+        if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
+            raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
+                            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token "
+                            "(`ray get-auth-token` on its head) or put it in ~/.ray/auth_token")
+        if error is not None:
+            raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+        if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.ray, self.remote = ray, ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
         self.key, self.probes = uuid.uuid4().hex, []  # probes: (what, host, port) that must keep answering TCP
         try:
-            context = self.ray.get_runtime_context()
+            context = ray.get_runtime_context()
             host, _, port = context.gcs_address.rpartition(":")
             self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
-            node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
+            node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
             host, port = node["NodeManagerAddress"], int(node["NodeManagerPort"])
             self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
         except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
@@ -1303,8 +1331,7 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Watchdog thread: a lost cluster may block Ray's calls, then end the process without a word; after
-        RAY_LOST_AFTER_S of silence this says so (and what is kept) and exits with 1."""
+        """Thread: a lost cluster may block Ray's calls; after RAY_LOST_AFTER_S of silence, say so and exit 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -1316,32 +1343,6 @@ class RolloutPool:
                       f"{RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, chunks, shared, done):
-        """`map` of chunks on the cluster, done(results) as each finishes. Ray re-runs the tasks of dead workers;
-        PoolError when the cluster is gone."""
-        ray = self.ray
-        try:
-            batch = ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
-            refs, running = [], []
-            for chunk in [*chunks, None]:  # None: the end, wait for every chunk
-                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
-                    finished, running = ray.wait(running)  # one at a time, as they finish
-                    done(ray.get(finished[0]))
-                if chunk is not None:
-                    refs.append(self.remote.remote(self.key, batch, chunk))
-                    running.append(refs[-1])
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
-            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
-        except (ray.exceptions.RayError, ConnectionError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            silent = self.silent() or ("this machine's Ray node" if isinstance(
-                e, ray.exceptions.LocalRayletDiedError) else None)
-            what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
-                    f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
-                    f"{RAY_TASK_RETRIES + 1} times)")
-            raise PoolError(f"{what} ({reason}){self.lost()}") from None
-
 
 def require(module, message):
     """An optional package's module (ray, wandb), or UserError(message) where it is not installed."""
@@ -1349,52 +1350,6 @@ def require(module, message):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(message) from None
-
-
-def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. UserError when
-    no cluster answers (a silent address is probed first: ray.init would wait minutes)."""
-    ray = require("ray", RAY_MISSING)
-    if ray.is_initialized():
-        return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
-    init_ray(ray, address)
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray
-
-
-def init_ray(ray, address):
-    """`ray.init` at `address`, sending this machine's auth token as `ray start` does (Ray 2.60 wants one where
-    the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token). Ray's connection
-    warnings are held back; UserError when the cluster refuses the token or cannot be joined."""
-    error, stderr = None, os.dup(2)
-    with tempfile.TemporaryFile() as said:
-        os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
-        try:
-            if "RAY_AUTH_MODE" not in os.environ:
-                from ray._private.authentication import authentication_token_setup as auth
-                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
-        except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
-            error = e
-        finally:
-            os.dup2(stderr, 2)
-            os.close(stderr)
-        said.seek(0)
-        said = said.read().decode(errors="replace")
-    if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
-                        "on its head) or put it in ~/.ray/auth_token")
-    if error is not None:
-        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
 
 
 def atomic_write(path, data):
@@ -1425,25 +1380,24 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of this script's weights file. UserError: missing, corrupt or foreign
-    file, non-finite parameters, a meta without valid env ids and policy sizes."""
+    """(params float32 (D,), meta dict) of this script's weights file. UserError: unusable file or meta."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
     except FileNotFoundError:
         raise UserError(f"weights file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a weights file (.npz)") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): {e}") from None
-    if not isinstance(meta, dict) or meta.get("script") != SCRIPT:
-        owner = meta.get("script") if isinstance(meta, dict) else None
+    owner = meta.get("script") if isinstance(meta, dict) else None
+    if owner != SCRIPT:
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
     policy, env_ids = meta.get("policy"), meta.get("env_ids")
     tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
-
-    def sizes(values):
-        return isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)
+    sizes = lambda values: isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)  # noqa: E731
     if not (isinstance(env_ids, list) and env_ids and all(isinstance(e, str) for e in env_ids)
             and isinstance(meta.get("env_id"), str) and isinstance(meta.get("env"), dict)
             and set(META_ENV_FLAGS) <= set(meta["env"]) and isinstance(tasks, list) and len(tasks) == len(env_ids)
@@ -1479,15 +1433,17 @@ def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iterati
                  "iteration": iteration, "num_params": dim}, **extra)
 
 
-def check_weights_fit(path, params, meta, policy_config, dim):
-    """Raise UserError unless the file's policy fits the envs' spaces and its size fits the architecture."""
-    def spaces(config):
-        return [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in config.get("multitask", [config])]
-    if spaces(meta["policy"]) != spaces(policy_config):
+def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
+    """(policy config, policy holding `params`) of a weights file on its envs. UserError: it does not fit."""
+    config = policy_config_from_envs(env_configs, hidden_sizes, activation)
+    policy = build_policy(config)
+    spaces = lambda c: [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]  # noqa
+    if spaces(meta["policy"]) != spaces(config):
         raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes (observations, discrete, actions) "
-                        f"{spaces(meta['policy'])}, the env gives {spaces(policy_config)}")
-    if params.size != dim:
-        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {dim}")
+                        f"{spaces(meta['policy'])}, the env gives {spaces(config)}")
+    if params.size != num_params(policy):
+        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
+    return config, policy.load(params)
 
 
 class CheckpointUnpickler(pickle.Unpickler):
@@ -1515,8 +1471,8 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("script") != SCRIPT:
-        owner = state.get("script") if isinstance(state, dict) else None
+    owner = state.get("script") if isinstance(state, dict) else None
+    if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
@@ -1528,35 +1484,25 @@ def load_checkpoint(path):
 
 
 def versions():
-    """Versions of python and of the libraries a run depends on (None: not installed), for args.json."""
+    """For args.json: python's and the libraries' versions; numpy's BLAS kernels set the last digits."""
     import importlib.metadata as md
-    found = {"python": platform.python_version()}
-    for name in ("torch", "gymnasium", "numpy", "cma"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    # numpy's BLAS and the kernels it picked for this CPU (OPENBLAS_CORETYPE overrides): they set the last digits
     from threadpoolctl import threadpool_info
+    found = {"python": platform.python_version(), **dict.fromkeys(("torch", "gymnasium", "numpy", "cma"))}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found[name] = md.version(name)
     found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
                      for i in threadpool_info() if i["user_api"] == "blas"]
     return found
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_learning_curve(progress_path, image_path, title):
     """learning_curve.png from progress.csv: candidates' mean/max, the best member, evaluations +/- std."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for column, label, width, alpha in (("return_mean", "candidates mean", 1, 1), ("return_max", "candidates max",
                                         0.8, 0.6), ("best_fitness", "best member's fitness", 0.8, 0.6)):
         ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
@@ -1568,14 +1514,8 @@ def plot_learning_curve(progress_path, image_path, title):
            ylabel="fitness (sum of normalized returns)" if "+" in title else "episode return")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    save_figure(fig, image_path)
-
-
-def save_figure(fig, path):
-    """Tight layout, PNG at 100 dpi, figure closed."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
+    fig.savefig(image_path, dpi=100)
 
 
 def record_video(env_config, policy, path_stem, seed):
@@ -1596,8 +1536,7 @@ def record_video(env_config, policy, path_stem, seed):
 
 
 def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
-    """Multitask noise study: per-task returns with all inputs real, noise into each task's input, into all, on
-    the same episodes. Prints a table; writes noise_study.csv/png."""
+    """Returns with all inputs real, noise into each task's, into all, on the same episodes: table, csv, png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
@@ -1606,20 +1545,22 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
     width = max(len(name) for name, _ in study)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
     for name, returns in study:
-        cells = (f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0)))
-        print(f"{name:<{width}} | " + " | ".join(cells))
+        print(f"{name:<{width}} | " + " | ".join(f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0),
+                                                                                           returns.std(0))))
     write_csv(os.path.join(run_dir, "noise_study.csv"),
               ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids],
               [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study])
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(env_ids), figsize=(4 * len(env_ids), 4))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4 * len(env_ids), 4))
+    axes = fig.subplots(1, len(env_ids))
     for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
         ax.bar(range(len(study)), [r[:, t].mean() for _, r in study], yerr=[r[:, t].std() for _, r in study],
                capsize=3, color=["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)])
         ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8)
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, os.path.join(run_dir, "noise_study.png"))
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "noise_study.png"), dpi=100)
 
 
 def summary_line(returns):
@@ -1633,36 +1574,36 @@ def default_run_name(args, kind=""):
     return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
 
 
-def load_policy(path, params, meta, hidden_sizes, activation, env_configs):
-    """(policy config, policy holding `params`) of a weights file on its envs; UserError if it does not fit."""
-    config = policy_config_from_envs(env_configs, hidden_sizes, activation)
-    policy = build_policy(config)
-    check_weights_fit(path, params, meta, config, num_params(policy))
-    return config, policy.load(params)
+def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None, noise_dir=None):
+    """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env steps, seconds).
+    header: printed with the workers; noise_dir: where the noise study goes (None: none)."""
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size])
+    if header:
+        print(f"{header}workers: {pool.describe()}")
+    try:
+        start = time.perf_counter()
+        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=None if args.quiet
+                                  else label)
+        elapsed = time.perf_counter() - start
+        if noise_dir:
+            os.makedirs(noise_dir, exist_ok=True)
+            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, noise_dir, args.quiet)
+        return returns, steps, elapsed
+    finally:
+        pool.close()
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file; last line: the `episode_return mean=...` summary (multitask: of the fitness, the
-    noise study first)."""
+    """Evaluate a weights file (and the noise study of a multitask one); last line: `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
-    policy_config, policy = load_policy(args.from_pretrained, params, meta, args.hidden_sizes, args.activation,
-                                        env_configs)
+    policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs, args.hidden_sizes,
+                                        args.activation)
     print(policy)
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size])
-    print(f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
-          f"workers: {pool.describe()}")
-    start = time.perf_counter()
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    try:
-        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
-                                  label=None if args.quiet else "evaluation")
-        elapsed = time.perf_counter() - start
-        if args.multitask:
-            os.makedirs(run_dir, exist_ok=True)
-            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir, args.quiet)
-    finally:
-        pool.close()
+    returns, steps, elapsed = evaluate_in_pool(args, env_configs, policy_config, params, "evaluation", (
+        f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "),
+        args.multitask and run_dir)
     if args.capture_video and not args.multitask:
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
         path, video_return = record_video(env_configs[0], policy, os.path.join(run_dir, "videos", "pretrained"),
@@ -1674,52 +1615,47 @@ def run_from_pretrained(args, given):
     return 0
 
 
-def collect_pairs(env_config, driver, teacher, episodes, seed, round_index, label=None):
-    """Observations met while `driver` acts, labelled by `teacher` (logits or tanh actions): (float32 (S, O),
-    float32 (S, A), the driver's returns (episodes,))."""
-    observations, returns = [], []
-    with live_bar(label, episodes) as bar:
-        for e in range(episodes):
+def distill_round(student, teacher, env_config, args, round_index, pairs):
+    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher (round 0) or the
+    student (DAgger) drives, labelled by the teacher (logits or tanh actions); the student is fitted to all pairs
+    with Adam (cross-entropy on the teacher's argmax, or MSE on the tanh actions). Returns (the driver's returns
+    (episodes,), the last epoch's mean loss)."""
+    label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
+    driver, observations, returns = teacher if round_index == 0 else student, [], []
+    with live_bar(label and label + ("teacher" if round_index == 0 else "student"), args.distill_episodes) as bar:
+        for e in range(args.distill_episodes):
             env = make_env(env_config, training=False)
-            episode_return, steps = rollout(env, driver, derive_seed(seed, TRAIN_ENV_STREAM, round_index, e),
+            episode_return, steps = rollout(env, driver, derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e),
                                             observations)
             returns.append(bar.done(([episode_return], steps))[0][0])
             env.close()
-    x = torch.stack([teacher.preprocess(o) for o in observations])
+    pairs[0].append(torch.stack([teacher.preprocess(o) for o in observations]).numpy())
     with torch.inference_mode():
-        y = teacher(x)
-    return x.numpy(), y.numpy(), np.array(returns)
-
-
-def fit_student(student, x, y, discrete, epochs, learning_rate, batch_size, seed, label=None):
-    """Fit the student to (x, y) with Adam: cross-entropy on the teacher's argmax (discrete) or MSE on the tanh
-    actions. Returns the last epoch's mean loss."""
-    torch.manual_seed(seed)
+        pairs[1].append(teacher(torch.from_numpy(pairs[0][-1])).numpy())
+    x, y = torch.from_numpy(np.concatenate(pairs[0])), torch.from_numpy(np.concatenate(pairs[1]))
+    labels = y.argmax(1) if teacher.discrete else y
+    loss_fn = nn.functional.cross_entropy if teacher.discrete else nn.functional.mse_loss
+    torch.manual_seed(derive_seed(args.seed, GA_STREAM, round_index))
     student.requires_grad_(True)
-    optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    labels = y.argmax(1) if discrete else y
-    loss_fn = nn.functional.cross_entropy if discrete else nn.functional.mse_loss
-    bar = live_bar(label, epochs, "epoch")
-    for _ in range(epochs):
-        order, total = torch.randperm(len(x)), 0.0
-        for start in range(0, len(x), batch_size):
-            batch = order[start:start + batch_size]
-            loss = loss_fn(student(x[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
-        bar.update()
-    bar.close()
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+    with live_bar(label and label + "student fit", args.distill_epochs, "epoch") as bar:
+        for _ in range(args.distill_epochs):
+            order, total = torch.randperm(len(x)), 0.0
+            for start in range(0, len(x), args.batch_size):
+                batch = order[start:start + args.batch_size]
+                loss = loss_fn(student(x[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
+            bar.update()
     student.requires_grad_(False)
-    return total / len(x)
+    return np.array(returns), total / len(x)
 
 
 def run_distillation(args, given):
-    """Distillation: teacher-labelled pairs -> a smaller student (Adam), both evaluated on the same episodes.
-    Writes args.json, student.npz and distillation.csv; prints the table."""
+    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz, a table."""
     if "hidden_sizes" not in given:
         raise UserError("--distill-from needs --hidden-sizes: the student's layer widths")
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
@@ -1729,9 +1665,8 @@ def run_distillation(args, given):
     args.hidden_sizes = student_hidden
     args.activation = student_activation if "activation" in given else teacher_meta["policy"]["activation"]
     env_configs = env_configs_from_args(args)
-    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta,
-                                          teacher_meta["policy"]["hidden_sizes"], teacher_meta["policy"]["activation"],
-                                          env_configs)
+    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta, env_configs,
+                                          teacher_meta["policy"]["hidden_sizes"], teacher_meta["policy"]["activation"])
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
     student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation)
@@ -1744,29 +1679,16 @@ def run_distillation(args, given):
     config = dict(vars(args), env_config=env_configs[0], versions=versions())
     atomic_write(os.path.join(run_dir, "args.json"), json.dumps(config, indent=2).encode())
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
-    start, xs, ys = time.perf_counter(), [], []
+    start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        who = "teacher" if round_index == 0 else "student"  # DAgger: later rounds visit the student's states
-        label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
-        x, y, driver_returns = collect_pairs(env_configs[0], teacher if round_index == 0 else student, teacher,
-                                             args.distill_episodes, args.seed, round_index, label and label + who)
-        xs.append(x)
-        ys.append(y)
-        loss = fit_student(student, np.concatenate(xs), np.concatenate(ys), teacher.discrete, args.distill_epochs,
-                           args.learning_rate, args.batch_size, derive_seed(args.seed, GA_STREAM, round_index),
-                           label and label + "student fit")
-        print(f"round {round_index + 1}/{args.distill_rounds}: {who} drove "
+        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index, pairs)
+        print(f"round {round_index + 1}/{args.distill_rounds}: {'student' if round_index else 'teacher'} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
-              f"{sum(len(x) for x in xs)} pairs; loss {loss:.3g}")
+              f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}")
     rows = []
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, config, params.size), [params.size])
-        try:
-            returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts,
-                               label=None if args.quiet else f"evaluation of the {name}")[0][:, 0]
-        finally:
-            pool.close()
+        returns = evaluate_in_pool(args, env_configs, config, params, f"evaluation of the {name}")[0][:, 0]
         architecture = "-".join(map(str, [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]))
         rows.append([name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"])
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
