@@ -284,7 +284,7 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
     losses)` takes one float per candidate, lower is better (here: negated mean returns) and updates the mean,
     the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
-    `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (with `detach_randn`).
+    `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (`attach_randn(es, None)` first).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
     and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
     run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
@@ -1013,11 +1013,9 @@ class RolloutPool:
         when the cluster is gone or a task's retries ran out."""
         if isinstance(e, self.ray.exceptions.RayTaskError):  # an exception raised by our code in a worker
             return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        silent = self.silent()
-        if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
-            silent = silent or "this machine's Ray node"
-        if silent:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raylet_died = isinstance(e, self.ray.exceptions.LocalRayletDiedError)
+        if silent := self.silent() or ("this machine's Ray node" if raylet_died else None):
             return PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})")
         return PoolLost(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
                         f"tried {MAX_RESTARTS + 1} times): {reason}")
