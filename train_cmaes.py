@@ -639,6 +639,9 @@ def save_final(run, returns=None):
     plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
 
 
+# ------------------------------------------------------------------------------------------------
+# Machinery: a first-time reader may skip what follows (run set-up and logging, workers, files, plots, video, main)
+# ------------------------------------------------------------------------------------------------
 def write_progress_row(run, returns, eval_returns, sigma, now):
     """Append the generation's row to progress.csv and its numbers to TensorBoard (x axis: env steps) and, with
     --track, to W&B; redraw the curve after an evaluation, at most every PLOT_INTERVAL_S. Returns the row."""
@@ -812,9 +815,6 @@ def stop_logging(run, code):
         run.wandb.finish(exit_code=code)
 
 
-# ------------------------------------------------------------------------------------------------
-# Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
-# ------------------------------------------------------------------------------------------------
 WORKERS = {}  # this process's envs and agent of each pool, built at its first task (locally: at its start)
 
 
@@ -858,7 +858,7 @@ class RolloutPool:
     """Runs rollout tasks, each as a concurrent.futures.Future, on worker processes of this machine, in this
     process (num_workers == 1), or as Ray tasks on a cluster (ray_address): the same results in the same order.
 
-    `map(tasks, shared)`: tasks are small tuples for `RolloutWorker.run`, `shared` the batch's float32 arrays (at
+    `map(tasks, shared)`: tasks are small tuples for `run_task`, `shared` the batch's float32 arrays (at
     most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor, or put once a batch
     into Ray's object store. A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
     then PoolLost; Ray re-runs a task MAX_RESTARTS times itself, num_workers (None: every CPU of the cluster)
