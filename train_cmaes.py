@@ -57,15 +57,13 @@ AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array of this si
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
 MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: each task)
 RAY_POLL_S, RAY_LOST_AFTER_S = 1.0, 10.0  # the Ray watchdog's probe interval, and when it gives the cluster up
-# Flags that --resume may set anew; everything else comes from the checkpoint. Where a run executes
-# (PLACEMENT_FLAGS) is never taken from its checkpoint: a run resumes on any cluster or locally.
+# Flags that --resume may set anew; the rest comes from the checkpoint, except where the run executes.
 RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
                 "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "stock_env"}
-PLACEMENT_FLAGS = ("num_workers", "ray_address")
+PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
 # The agent's architecture flags: a weights file's meta brings them along.
 AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
 CONTROLLERS = ("lstm", "rnn", "mlp")
-# A run's counters, in its checkpoint.
 COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 INT_MAX, SIZE_MAX = 2**31 - 1, 4096
 # (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file's meta sets.
@@ -210,13 +208,10 @@ def check_agent_config(config, label):
     if not isinstance(config["bias"], bool) or config["controller"] not in CONTROLLERS:
         raise UserError(f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}")
     size, patch, stride = config["image_size"], config["patch_size"], config["patch_stride"]
-    if patch > size or stride > size:
-        raise UserError(f"{label('patch_size')} {patch} and {label('patch_stride')} {stride} must fit the "
-                        f"{size}x{size} frame")
     n = (size - patch) // stride + 1
-    if config["top_k"] > n * n:
-        raise UserError(f"{label('top_k')} {config['top_k']} exceeds the {n * n} patches of {patch}x{patch} at "
-                        f"stride {stride} in a {size}x{size} frame")
+    if patch > size or stride > size or config["top_k"] > n * n:
+        raise UserError(f"{label('top_k')} {config['top_k']}, {label('patch_size')} {patch} and "
+                        f"{label('patch_stride')} {stride} must give at least top-k patches in the {size}x{size} frame")
 
 
 def check_env_id(env_id, label):
@@ -238,8 +233,8 @@ def check_flags(args, given):
         raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
                         "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
                         "the architecture"))
-    for flag in ("env_id", "logs_dir", "exp_name", "run_name", "resume", "from_pretrained", "init_from", "ray_address"):
-        if "\0" in (getattr(args, flag) or ""):
+    for flag, value in vars(args).items():
+        if isinstance(value, str) and "\0" in value:
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
@@ -289,7 +284,7 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
     losses)` takes one float per candidate, lower is better (here: negated mean returns) and updates the mean,
     the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
-    `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (with `detach_randn`).
+    `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (`attach_randn(es, None)` first).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
     and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
     run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
@@ -312,19 +307,13 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
 class AttentionAgent(nn.Module):
     """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time.
 
-    frame uint8 (S, S, 3) -> [0, 1] -> patches of `patch_size` x `patch_size` at `patch_stride`
-    (n x n of them, row-major, each flattened as (row, col, channel): d = patch_size^2 * 3 values)
-    -> Q = fc_q(patches), K = fc_k(patches) (n^2, query_dim) -> A = softmax(Q K^T / sqrt(d)) over
-    the last axis (n^2, n^2) -> importance = column sums of A -> the `top_k` most important patches'
-    centers (row, col) / S, flattened (2 top_k,) -> controller -> fc -> tanh (action_dim,).
-
-    Controllers: 'lstm' LSTM(2k, hidden) reset at each episode (the paper); 'rnn' ReLU RNN(2k,
-    hidden); 'mlp' Linear(2k F, hidden) + ReLU over the last F feature vectors (zeros before the
-    episode's first frames). Then fc: Linear(hidden, action_dim) + tanh.
-
-    The flat genotype follows the authors' file: module by module (fc_q, fc_k, the controller,
-    fc), inside each module its state-dict keys in sorted order (`flat_layout`). Settings are checked
-    by `check_agent_config`.
+    frame uint8 (S, S, 3) -> [0, 1] -> n x n patches of `patch_size`^2 at `patch_stride` (row-major, each as
+    (row, col, channel): d = patch_size^2 * 3 values) -> Q = fc_q(patches), K = fc_k(patches) (n^2, query_dim)
+    -> A = softmax(Q K^T / sqrt(d)) by rows -> importance = column sums of A -> the `top_k` most important
+    patches' centers (row, col) / S (2 top_k,) -> controller: 'lstm' LSTM(2k, hidden) (the paper), 'rnn' ReLU
+    RNN(2k, hidden), or 'mlp' Linear(2k F, hidden) + ReLU over the last F feature vectors -> fc -> tanh.
+    The flat genotype is the authors' layout: fc_q, fc_k, the controller, fc, each module's state-dict keys
+    sorted (`flat_layout`). Settings are checked by `check_agent_config`.
     """
 
     def __init__(self, image_size=96, action_dim=3, patch_size=7, patch_stride=4, query_dim=4, top_k=10,
@@ -371,8 +360,7 @@ class AttentionAgent(nn.Module):
 
     def set_flat(self, vector):
         """Load a float32 (D,) genotype in the authors' layout. Raises ValueError on a wrong size."""
-        vector = torch.tensor(np.asarray(vector, dtype=np.float32))
-        layout = self.flat_layout()
+        vector, layout = torch.tensor(np.asarray(vector, dtype=np.float32)), self.flat_layout()
         if vector.numel() != sum(t.numel() for _, t in layout):
             raise ValueError(f"expected {sum(t.numel() for _, t in layout)} values, got {vector.numel()}")
         start = 0
@@ -441,17 +429,11 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class FastCarRacing(car_racing.CarRacing):
-    """gymnasium 1.4.0's CarRacing with the same observations, rewards and terminations, bit for bit,
-    at about twice the speed.
-
-    Three quarters of a stock step is `_render_road` drawing the frame: every frame it rotates and
-    bounds-checks all ~400 grass and ~300-600 road polygons in Python, one vertex at a time, and
-    draws only ~4% of them. Here the vertices of each track are kept in one array, a vectorized test
-    with a one-pixel margin drops the polygons that cannot pass the screen check, and the survivors go
-    through gymnasium's unchanged `_draw_colored_polygon` (its own check, its own arithmetic, the same
-    draw calls in the same order). Tile colors are read live (a visited tile changes color); the score
-    font is loaded once. Relies on gymnasium's internals: requirements.txt pins gymnasium exactly, and
-    a test compares every frame with the stock env's.
+    """gymnasium 1.4.0's CarRacing with the same observations, rewards and terminations, bit for bit, at about
+    twice the speed. A stock step spends 3/4 of its time in `_render_road` rotating ~1000 polygons in Python, one
+    vertex at a time, to draw ~4% of them; here a vectorized test drops those that cannot pass the screen check,
+    and the rest go through gymnasium's unchanged `_draw_colored_polygon`, in the same order. The score font is
+    loaded once. Relies on gymnasium's internals: requirements.txt pins gymnasium, a test compares the frames.
     """
 
     GRASS = [[(car_racing.GRASS_DIM * x + dx, car_racing.GRASS_DIM * y + dy)
@@ -462,13 +444,9 @@ class FastCarRacing(car_racing.CarRacing):
     FONT_CLASS = pygame.font.Font
 
     def _maybe_visible(self, vertices, zoom, translation, angle):
-        """Boolean (P,): polygons (P, V, 2) that may change a pixel of the frame.
-
-        Same rotation and transform as gymnasium's, vectorized. A polygon is dropped when it cannot
-        pass `_draw_colored_polygon`'s own screen check, or when its bounding box misses the surface:
-        then no draw call can touch a pixel. Both tests are widened by a margin (1 and 2 pixels), so
-        float differences can only keep a polygon, never drop one that draws.
-        """
+        """Boolean (P,): polygons (P, V, 2) that may change a pixel: gymnasium's transform, vectorized; dropped
+        are those failing `_draw_colored_polygon`'s screen check or whose bounding box misses the surface, both
+        widened by a margin (1 and 2 pixels) so float differences can only keep a polygon."""
         cos, sin = math.cos(angle), math.sin(angle)
         x = (vertices[..., 0] * cos - vertices[..., 1] * sin) * zoom + translation[0]
         y = (vertices[..., 0] * sin + vertices[..., 1] * cos) * zoom + translation[1]
@@ -514,13 +492,9 @@ class FastCarRacing(car_racing.CarRacing):
 
 
 def make_env(env_config, training):
-    """CarRacing-v3 (or a like env): `gymnasium.make` with the episode limit, the training-time
-    early stop, and `RescaleAction` so that the agent's tanh output in [-1, 1] maps linearly onto the
-    action bounds (steer [-1, 1], gas [0, 1], brake [0, 1]).
-
-    Observations: uint8 (H, W, 3) frames, H == W. Raises gymnasium's errors for an unknown id or a
-    missing dependency, UserError for spaces the AttentionAgent cannot use.
-    """
+    """CarRacing-v3 (or a like env: uint8 (H, H, 3) frames) from `gymnasium.make` with the episode limit, the
+    training-time early stop, and `RescaleAction` (the agent's tanh output in [-1, 1] onto the action bounds).
+    Raises gymnasium's errors for an unknown id, UserError for spaces the AttentionAgent cannot use."""
     env_id, spec = env_config["env_id"], gym.spec(env_config["env_id"])
     if not env_config["stock_env"] and spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing":
         spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
@@ -546,10 +520,8 @@ def env_config_from_args(args):
 
 
 def rollout(env, agent, seed, on_step=None):
-    """Run one episode with `env.reset(seed=seed)`. Returns (episode return: float, steps: int).
-
-    on_step(frame, top_k_indices): called for every frame the agent sees (videos), or None.
-    """
+    """Run one episode with `env.reset(seed=seed)`: (episode return: float, steps: int). on_step(frame, top-k
+    indices), if given, sees every frame (videos)."""
     obs, _ = env.reset(seed=seed)
     state, total, steps = agent.initial_state(), 0.0, 0
     with torch.inference_mode():
@@ -572,12 +544,10 @@ def train(args, given):
     Returns the exit code: 0, 1 when the workers are lost, 130 when interrupted."""
     run = setup_run(args, given)  # run folder, agent, pycma object, counters, pool: from flags or a checkpoint
     args, es, counters, pool = run.args, run.es, run.counters, run.pool
-    code = 1  # until the loop ends
-    eval_returns = None  # the last generation's evaluation, when it had one
+    code, eval_returns = 1, None  # the exit code until the loop ends; the last generation's evaluation
     try:
         while counters["generation"] < args.max_iter:
-            start = time.perf_counter()
-            generation = counters["generation"]
+            start, generation = time.perf_counter(), counters["generation"]
             candidates = es.ask()  # population_size float64 vectors of the searched dimension
             # Every member of a generation drives the same --num-rollouts tracks (common env seeds).
             seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, generation, r) for r in range(args.num_rollouts)]
@@ -590,7 +560,6 @@ def train(args, given):
             iteration = counters["generation"] = generation + 1
             counters["evaluations"] += len(candidates)
             counters["best_return"] = max(counters["best_return"], float(returns.max()))
-
             eval_returns = None
             if iteration % args.eval_every == 0:
                 eval_returns, eval_steps = evaluate_mean(run, iteration)  # also best.npz and the video
@@ -605,7 +574,7 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        final = final_evaluation(run, eval_returns)  # outside the record: a resumed run gives the same rows
+        save_final(run, eval_returns)  # final.npz and the curve, outside the record: resumed runs give the same rows
         code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
@@ -614,10 +583,12 @@ def train(args, given):
     finally:
         run.csv_file.close()
         pool.close()
-        if code:
-            stop_logging(run, code)
+        stop_logging(run, code)
     if code == 0:
-        finish_run(run, final)
+        print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "
+              f"{counters['wall_time_s']:.1f} s. Files in {run.dir}: args.json progress.csv learning_curve.png "
+              "checkpoint.pkl final.npz" + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "")
+              + (" videos/" if args.capture_video else ""))
     return code
 
 
@@ -629,19 +600,23 @@ def evaluate(pool, params, seed, iteration, episodes):
     return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
 
 
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+
+
 def evaluate_mean(run, iteration):
     """Evaluate the distribution mean (xfavorite): best.npz when it is the best so far, the goal streak,
     the console line, the video. Returns (returns float64 (E,), env steps)."""
     args, counters = run.args, run.counters
     center = run.full(run.es.result.xfavorite)
     returns, steps = evaluate(run.pool, center, args.seed, iteration, args.num_eval_rollouts)
-    evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-    if evaluation["mean"] > counters["best_eval"]:
-        counters["best_eval"] = evaluation["mean"]
-        save_weights(run.paths["best.npz"], center, run.meta(iteration, evaluation))
-    reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
+    if returns.mean() > counters["best_eval"]:
+        counters["best_eval"] = float(returns.mean())
+        save_weights(run.paths["best.npz"], center, run.meta(iteration, summary(returns)))
+    reached = args.reward_goal is not None and returns.mean() >= args.reward_goal
     counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
-    run.log(f"eval {iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+    run.log(f"eval {iteration:>5d} | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
             f"{returns.size} episodes | best eval {counters['best_eval']:9.2f}")
     if args.capture_video:
         run.agent.set_flat(center)
@@ -651,21 +626,25 @@ def evaluate_mean(run, iteration):
     return returns, steps
 
 
-def final_evaluation(run, returns=None):
-    """{mean, std, episodes} of the final distribution mean, for final.npz's meta. Outside the run's record
+def save_final(run, returns=None):
+    """final.npz, the final distribution mean with its evaluation in meta, and the last learning curve.
+    returns: the final generation's own evaluation, if it had one; else one is run outside the run's record
     (progress.csv, env steps, best.npz, the goal streak), so a run stopped early and resumed stays exactly
-    the run made in one go. returns: the final generation's own evaluation returns, if it had one (the same
-    mean on the same episodes, not run again)."""
+    the run made in one go."""
+    center, iteration = run.full(run.es.result.xfavorite), run.counters["generation"]
     if returns is None:
-        returns, _ = evaluate(run.pool, run.full(run.es.result.xfavorite), run.args.seed,
-                              run.counters["generation"], run.args.num_eval_rollouts)
+        returns, _ = evaluate(run.pool, center, run.args.seed, iteration, run.args.num_eval_rollouts)
     run.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    save_weights(run.paths["final.npz"], center, run.meta(iteration, summary(returns)))
+    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
 
 
+# ------------------------------------------------------------------------------------------------
+# Machinery: a first-time reader may skip what follows (run set-up and logging, workers, files, plots, video, main)
+# ------------------------------------------------------------------------------------------------
 def write_progress_row(run, returns, eval_returns, sigma, now):
-    """Append the generation's row to progress.csv (and redraw the curve after an evaluation, at most
-    every PLOT_INTERVAL_S). Returns the row (a dict)."""
+    """Append the generation's row to progress.csv and its numbers to TensorBoard (x axis: env steps) and, with
+    --track, to W&B; redraw the curve after an evaluation, at most every PLOT_INTERVAL_S. Returns the row."""
     counters, evaluated, es = run.counters, eval_returns is not None, run.es
     row = dict(zip(PROGRESS_COLUMNS, [
         counters["generation"], counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
@@ -675,7 +654,7 @@ def write_progress_row(run, returns, eval_returns, sigma, now):
     run.writer.writerow(row)
     run.csv_file.flush()
     scalars = {column: float(value) for column, value in row.items() if column != "env_steps" and value != ""}
-    for column, value in scalars.items():  # TensorBoard: every numeric cell, x axis env steps
+    for column, value in scalars.items():
         run.tb.add_scalar(column, value, global_step=counters["env_steps"])
     if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
         run.wandb.log({**scalars, "env_steps": counters["env_steps"]})
@@ -688,11 +667,12 @@ def write_progress_row(run, returns, eval_returns, sigma, now):
 def print_generation(run, returns, sigma, num_cpus, steps_per_s, now):
     """The generation's console line (none with --quiet)."""
     args, counters, iteration = run.args, run.counters, run.counters["generation"]
-    eta = (now - run.session_start) / (iteration - run.first_generation) * (args.max_iter - iteration)
+    eta = (now - run.start) / (iteration - run.first_generation) * (args.max_iter - iteration)
+    duration = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
     run.log(f"iter {iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
             f"{returns.min():8.2f} mean {returns.mean():8.2f} max {returns.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | {steps_per_s:7,.0f} steps/s | cpus {num_cpus} | "
-            f"{format_duration(counters['wall_time_s'])} elapsed | ETA {format_duration(eta)}")
+            f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | {steps_per_s:7,.0f} steps/s | cpus "
+            f"{num_cpus} | {duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}")
 
 
 def setup_run(args, given):
@@ -703,8 +683,7 @@ def setup_run(args, given):
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
         saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in given & RESUME_FLAGS})
-        saved.update({key: getattr(args, key) for key in PLACEMENT_FLAGS})
+        saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
         args = argparse.Namespace(**saved)
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
@@ -757,13 +736,11 @@ def setup_run(args, given):
           f"workers: {pool.describe()}   run folder: {run_dir}")
     if checkpoint:
         print(f"resuming at generation {counters['generation']} from {checkpoint_path}")
-    now = time.perf_counter()
     return types.SimpleNamespace(
         args=args, dir=run_dir, paths=paths, env_config=env_config, agent=agent, dim=dim, full=full, meta=meta,
         kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer, tb=tb,
-        wandb=wandb,
-        log=(lambda *a, **k: None) if args.quiet else print, title=f"CMA-ES AttentionAgent on {args.env_id} "
-        f"(seed {args.seed})", start=now, session_start=now, first_generation=counters["generation"],
+        wandb=wandb, log=(lambda *a, **k: None) if args.quiet else print, start=time.perf_counter(),
+        title=f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})", first_generation=counters["generation"],
         wall_offset=counters["wall_time_s"], last_plot=-math.inf)
 
 
@@ -771,14 +748,13 @@ def build_agent(args, env_shape):
     """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
     weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
     modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
-    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1], **{key: getattr(args, key) for key in
-                                                                             AGENT_FLAGS}}
+    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1],
+                    **{key: getattr(args, key) for key in AGENT_FLAGS}}
     check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
     if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # A searched part may differ from the file's (e.g. --controller rnn, or --train attention --query-dim 2)
-        # and then starts fresh; a frozen part must fit.
+        # A searched part may differ from the file's (e.g. --controller rnn) and starts fresh; a frozen one must fit.
         source, _, _ = agent_from_file(args.init_from, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
@@ -812,10 +788,9 @@ def upload(run):
 
 def start_logging(args, run_dir, env_steps):
     """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
-    first (it syncs the event files) and continues the run's W&B run on resume (its id is in the checkpoint).
-    W&B keeps its files in the run folder's wandb/ and gets the scalars from `wandb.log`, not from syncing the
-    event files (its tensorboard sync would find its own copies of them in wandb/, again and again).
-    A resumed run (env_steps > 0) hides the points that a killed session wrote after its checkpoint."""
+    first and continues the run's W&B run on resume (its id is in the checkpoint); W&B keeps its files in the run
+    folder's wandb/ and gets the scalars from `wandb.log` (its tensorboard sync would find its own copies of the
+    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
     wandb = import_optional("wandb", "--track", "track") if args.track else None
     if wandb:
         args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
@@ -840,50 +815,18 @@ def stop_logging(run, code):
         run.wandb.finish(exit_code=code)
 
 
-def finish_run(run, evaluation):
-    """final.npz (with its final evaluation in meta), the last learning curve, and where the files are."""
-    counters = run.counters
-    save_weights(run.paths["final.npz"], run.full(run.es.result.xfavorite),
-                 run.meta(counters["generation"], evaluation))
-    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
-    stop_logging(run, 0)
-    print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "
-          f"{counters['wall_time_s']:.1f} s. Files in {run.dir}: args.json progress.csv learning_curve.png "
-          "checkpoint.pkl final.npz" + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "")
-          + (" videos/" if run.args.capture_video else ""))
-
-
-# ------------------------------------------------------------------------------------------------
-# Machinery: a first-time reader may skip what follows (workers, files, plots, video, main)
-# ------------------------------------------------------------------------------------------------
-class RolloutWorker:
-    """One worker's envs and agent, built once. A task (row, env_seeds, training) drives the agent with row
-    `row` of the float32 (R, D) parameter matrix held flat in `self.shared[0]` -> (episode returns, steps)."""
-
-    def __init__(self, worker_args, shared):
-        env_config, agent_config = worker_args
-        self.envs = {training: make_env(env_config, training) for training in (True, False)}
-        self.agent, self.shared = AttentionAgent(**agent_config), shared
-
-    def run(self, task):
-        row, env_seeds, training = task
-        self.agent.set_flat(self.shared[0].reshape(-1, self.agent.get_flat().size)[row])
-        episodes = [rollout(self.envs[training], self.agent, env_seed) for env_seed in env_seeds]
-        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
-
-
-WORKERS = {}
+WORKERS = {}  # this process's envs and agent of each pool, built at its first task (locally: at its start)
 
 
 def init_worker(worker_args, buffers, in_process=False):
-    """Build this process's RolloutWorker on the shared float32 buffers (mp.RawArray). A worker process
-    ignores Ctrl-C (the driver handles it, then stops the workers) and exits when its parent dies."""
-    torch.set_num_threads(1)
+    """The local pool's worker on the shared float32 buffers (mp.RawArray). A worker process ignores Ctrl-C
+    (the driver handles it, then stops the workers) and exits when its parent dies."""
     if not in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    WORKERS["local"] = RolloutWorker(worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
+    WORKERS.pop("local", None)  # a forked process's copy of its parent's
+    run_task(None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
 
 def exit_with_parent(parent):
@@ -893,39 +836,38 @@ def exit_with_parent(parent):
     os._exit(1)
 
 
-def run_task(task):
-    """A task of a local pool, in this process's RolloutWorker."""
-    return WORKERS["local"].run(task)
-
-
-def ray_rollout(pool_key, worker_args, shared, task):
-    """A Ray task: RolloutWorker.run(task) in this Ray worker process, on the batch's arrays `shared`
-    (from the object store). The RolloutWorker (envs and agent) is built at the process's first task
-    of the pool and reused."""
-    if pool_key not in WORKERS:
+def run_task(task, key="local", worker_args=None, shared=None):
+    """A task (row, env_seeds, training): row `row` of the float32 (R, D) parameter matrix held flat in shared[0]
+    drives this process's agent of pool `key` -> (episode returns, steps). Its envs and agent are built at the
+    first call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays."""
+    if key not in WORKERS:
         torch.set_num_threads(1)
-        WORKERS[pool_key] = RolloutWorker(worker_args, shared)
-    WORKERS[pool_key].shared = shared
-    return WORKERS[pool_key].run(task)
+        env_config, agent_config = worker_args
+        WORKERS[key] = types.SimpleNamespace(envs={training: make_env(env_config, training) for training in
+                                                   (True, False)}, agent=AttentionAgent(**agent_config))
+    worker = WORKERS[key]
+    worker.shared = worker.shared if shared is None else shared
+    if task is not None:
+        row, env_seeds, training = task
+        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[row])
+        episodes = [rollout(worker.envs[training], worker.agent, env_seed) for env_seed in env_seeds]
+        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
 
 
 class RolloutPool:
-    """Runs rollout tasks on worker processes of this machine, in this process (num_workers == 1), or
-    as Ray tasks on a cluster (ray_address); the same tasks give the same results in the same order.
+    """Runs rollout tasks, each as a concurrent.futures.Future, on worker processes of this machine, in this
+    process (num_workers == 1), or as Ray tasks on a cluster (ray_address): the same results in the same order.
 
-    `map(tasks, shared)`: tasks are small tuples for `RolloutWorker.run`; `shared` the batch's float32
-    arrays (at most `shared_sizes` values each). Locally they go through mp.RawArray shared memory into
-    a ProcessPoolExecutor's workers (multiprocessing's start method); a dead worker (BrokenProcessPool) costs a
-    warning and a re-run of the batch on a new executor, MAX_RESTARTS times, then PoolLost. On Ray they
-    go once per batch into the object store (`ray.put`), each task is re-run up to MAX_RESTARTS times if
-    its worker process or node dies, num_workers (None: every CPU of the cluster) caps the tasks running
-    at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
+    `map(tasks, shared)`: tasks are small tuples for `run_task`, `shared` the batch's float32 arrays (at
+    most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor, or put once a batch
+    into Ray's object store. A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
+    then PoolLost; Ray re-runs a task MAX_RESTARTS times itself, num_workers (None: every CPU of the cluster)
+    caps the tasks running at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
     def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False):
         self.num_workers, self.address, self.worker_args, self.quiet = num_workers, ray_address, worker_args, quiet
-        self.on_lost = None  # () -> what to tell about the checkpoint when the workers are lost
-        self.executor = None
+        self.on_lost, self.executor, self.ray_errors = None, None, ()  # on_lost: () -> what to tell when lost
         if ray_address:
             self.start_ray()
         else:
@@ -935,43 +877,65 @@ class RolloutPool:
     def start_executor(self):
         if self.num_workers == 1:
             init_worker(self.worker_args, self.buffers, in_process=True)
-            return
-        self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(),
-                                                               initializer=init_worker,
-                                                               initargs=(self.worker_args, self.buffers))
+        else:
+            self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(),
+                                                                   initializer=init_worker,
+                                                                   initargs=(self.worker_args, self.buffers))
+
+    def submit(self, task, shared):
+        """A Future of the task's result: a Ray task's, a worker process's, or this process's (done)."""
+        if self.address:
+            return self.remote.remote(task, self.key, self.worker_args, shared).future()
+        if self.executor:
+            return self.executor.submit(run_task, task)
+        future = concurrent.futures.Future()
+        future.set_result(run_task(task))
+        return future
 
     def map(self, tasks, shared, what="rollouts"):
         """Run the tasks; a list of their results in task order. On a terminal (and not quiet), a progress bar of
-        the episodes on stderr, described by `what`, that goes when the tasks are done."""
+        the episodes on stderr, described by `what`, that goes when the tasks are done. Raises PoolLost, and
+        UserError for an error of the rollout code in a Ray worker."""
         start, steps = time.perf_counter(), 0
         columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
         with tqdm.tqdm(total=sum(len(task[1]) for task in tasks), desc=what, unit="episode", leave=False,
                        ncols=columns - 1, nrows=lines, disable=self.quiet or not sys.stderr.isatty()) as bar:
-            def progress(result):  # a task's (episode returns, steps), as it finishes
+            def progress(future):  # a task's (episode returns, steps), as it finishes
                 nonlocal steps
+                result = future.result()
                 steps += result[1]
                 bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
                 bar.update(len(result[0]))
-            return self.map_ray(tasks, shared, progress) if self.address else self.map_local(tasks, shared, progress)
+            for attempt in range(MAX_RESTARTS + 1):
+                try:
+                    return self.run_batch(tasks, shared, progress)
+                except concurrent.futures.process.BrokenProcessPool as e:
+                    self.close()
+                    if attempt == MAX_RESTARTS:
+                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} restarts") from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                    self.start_executor()
+                except self.ray_errors as e:
+                    raise self.ray_failure(e) from None
 
-    def map_local(self, tasks, shared, progress):
-        """`map` on this machine: a dead worker costs a re-run of the batch on new workers, MAX_RESTARTS times."""
-        for buffer, array in zip(self.buffers, shared):
-            np.frombuffer(buffer, dtype=np.float32)[:array.size] = array.ravel()
-        for attempt in range(MAX_RESTARTS + 1):
-            try:
-                if not self.executor:  # in this process
-                    return [progress(result) or result for result in map(run_task, tasks)]
-                futures = [self.executor.submit(run_task, task) for task in tasks]
-                for future in concurrent.futures.as_completed(futures):
-                    progress(future.result())
-                return [future.result() for future in futures]
-            except concurrent.futures.process.BrokenProcessPool as e:
-                self.close()
-                if attempt == MAX_RESTARTS:
-                    raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} restarts") from None
-                print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
-                self.start_executor()
+    def run_batch(self, tasks, shared, progress):
+        """One try of `map`: the arrays into shared memory (Ray: once into the object store), then the tasks,
+        at most num_workers running at once (a local executor queues them all)."""
+        if self.address:
+            shared = self.ray.put(tuple(np.asarray(a, dtype=np.float32).ravel() for a in shared))
+        else:
+            for buffer, array in zip(self.buffers, shared):
+                np.frombuffer(buffer, dtype=np.float32)[:array.size] = array.ravel()
+        limit = len(tasks) if self.executor else self.num_workers or len(tasks)
+        futures, running = [], set()
+        for task in tasks:
+            if len(running) >= limit:  # wait for a free slot
+                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                list(map(progress, done))
+            futures.append(self.submit(task, shared))
+            running.add(futures[-1])
+        list(map(progress, concurrent.futures.as_completed(running)))
+        return [future.result() for future in futures]
 
     def close(self):
         """Stop the workers at once (a running rollout is not waited for); on Ray, the watchdog."""
@@ -1005,7 +969,8 @@ class RolloutPool:
         """Join the cluster, declare the Ray task, and start the watchdog on the cluster's head and this
         machine's Ray node (where this connection mode exposes them; else Ray's own timeouts apply)."""
         self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(ray_rollout)
+        self.ray_errors = (self.ray.exceptions.RayError, ConnectionError)
+        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(name="ray_rollout")
         self.key, self.probes = uuid.uuid4().hex, []  # (what, host, port) that must keep accepting TCP connections
         try:
             context = self.ray.get_runtime_context()
@@ -1020,8 +985,7 @@ class RolloutPool:
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def silent(self):
-        """The first of the cluster's head and this machine's Ray node that refuses a TCP connection
-        (a description), or None when both answer."""
+        """The first of the probed Ray endpoints that refuses a TCP connection (a description), or None."""
         for what, host, port in self.probes:
             try:
                 socket.create_connection((host, port), timeout=2).close()
@@ -1030,10 +994,8 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Watchdog thread. Once the cluster is gone, Ray's calls in the main thread may block until
-        Ray ends the process without a word, so after RAY_LOST_AFTER_S of silence from the head or
-        this machine's node, this thread says so (and what `on_lost` tells about the checkpoint,
-        which is the last finished generation's: it is written atomically) and exits with code 1."""
+        """Watchdog thread: without the cluster Ray's calls may block until Ray ends the process without a word,
+        so after RAY_LOST_AFTER_S of silence this says so (and `on_lost()`, the checkpoint) and exits with code 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
@@ -1046,33 +1008,17 @@ class RolloutPool:
                       file=sys.stderr, flush=True)
                 os._exit(1)
 
-    def map_ray(self, tasks, shared, progress):
-        """`map` on the cluster. Raises UserError for an error in the rollout code, PoolLost when the
-        cluster is gone or a task's retries ran out."""
-        try:
-            shared_ref = self.ray.put(tuple(np.asarray(a, dtype=np.float32).ravel() for a in shared))  # once a batch
-            refs, running = [], []
-            for task in tasks:
-                if self.num_workers and len(running) >= self.num_workers:  # wait for a free slot
-                    done, running = self.ray.wait(running, num_returns=len(running) - self.num_workers + 1)
-                    list(map(progress, self.ray.get(done)))
-                refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, task))
-                running.append(refs[-1])
-            while running:  # the last tasks, as each finishes
-                done, running = self.ray.wait(running)
-                list(map(progress, self.ray.get(done)))
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
-            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
-        except (self.ray.exceptions.RayError, ConnectionError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            silent = self.silent()
-            if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
-                silent = silent or "this machine's Ray node"
-            if silent:
-                raise PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})") from None
-            raise PoolLost(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
-                           f"tried {MAX_RESTARTS + 1} times): {reason}") from None
+    def ray_failure(self, e):
+        """The exception to raise for a Ray error `e`: UserError for an error in the rollout code, PoolLost
+        when the cluster is gone or a task's retries ran out."""
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # an exception raised by our code in a worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raylet_died = isinstance(e, self.ray.exceptions.LocalRayletDiedError)
+        if silent := self.silent() or ("this machine's Ray node" if raylet_died else None):
+            return PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})")
+        return PoolLost(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
+                        f"tried {MAX_RESTARTS + 1} times): {reason}")
 
 
 def import_optional(name, flag, extra):
@@ -1084,11 +1030,10 @@ def import_optional(name, flag, extra):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head), once per process.
-
-    Returns the ray module. Raises UserError when no cluster answers there (an address nobody listens
-    on is probed first: ray.init would wait on it for minutes).
-    """
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
+    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
+    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
@@ -1099,18 +1044,6 @@ def connect_ray(address):
         except (OSError, ValueError):
             raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
                             "or check the address (HOST:PORT, or auto)") from None
-    init_ray(ray, address)
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return ray
-
-
-def init_ray(ray, address):
-    """`ray.init` of this driver at `address`. Ray 2.60 runs a cluster with token authentication when its
-    head was started where a token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), but a
-    driver given HOST:PORT sends no token unless RAY_AUTH_MODE=token: this machine's token is sent, as
-    `ray start` and the address auto do (with Ray's own helper). Ray's connection warnings are held back;
-    UserError (one line, what to do) when the cluster refuses the token or cannot be joined."""
     error, stderr = None, os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
@@ -1132,6 +1065,9 @@ def init_ray(ray, address):
                         "on its head) or put it in ~/.ray/auth_token")
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
 
 
 def atomic_write(path, data):
@@ -1158,12 +1094,9 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), agent settings dict or None for the authors' file, meta dict or None).
-
-    Accepts this script's files and the authors' published file (a bare `params` array of 3667
-    values, read as the paper's architecture). Raises UserError for a missing or corrupt file, a
-    file of another script, a bare array of another size, or a meta whose ids and sizes are not real.
-    """
+    """(params float32 (D,), agent settings dict or None, meta dict or None) of this script's file or the authors'
+    (a bare `params` array of 3667 values: the paper's architecture). UserError for a missing or corrupt file,
+    another script's, a bare array of another size, or a meta whose ids and sizes are not real."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params = data["params"].astype(np.float32).ravel()
@@ -1206,14 +1139,10 @@ def agent_from_file(path, image_size, action_dim):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler for checkpoints: it admits only numpy's and pycma's own names and a few builtins, and
-    calls nothing but numpy's array and RNG constructors and plain builtin types.
-
-    Objects of pycma's classes are rebuilt from their saved state (pickle's NEWOBJ + BUILD), never
-    by calling the class: pycma evaluates option strings in its constructors, so a crafted pickle
-    that called one could run code. Built on the pure-Python unpickler, whose REDUCE this class
-    checks; anything else raises pickle.UnpicklingError before it runs.
-    """
+    """Unpickler for checkpoints: it admits only numpy's and pycma's names and a few builtins, and calls (REDUCE,
+    checked on the pure-Python unpickler) nothing but numpy's array and RNG constructors and builtin types. pycma
+    objects are rebuilt from their state (NEWOBJ + BUILD), never by calling the class, whose constructor evaluates
+    option strings. Anything else raises pickle.UnpicklingError before it runs."""
 
     # (module, name) that REDUCE may call.
     CALLS = {("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -1247,32 +1176,23 @@ class CheckpointUnpickler(pickle._Unpickler):
     dispatch[pickle.REDUCE[0]] = load_reduce
 
 
-def detach_randn(es):
-    """Set pycma's references to the sampler `randn` to None; returns `attach(randn)`, which puts them back.
-
-    pycma keeps the 'randn' option (a bound method of the run's RandomState, which would pickle as a
-    `getattr` call) in its options, its input options and its sampler.
-    """
-    options = [es.opts, es.inputargs["inopts"]]
-    sampler = es.sm if hasattr(es.sm, "randn") else None
-
-    def attach(randn):
-        for option in options:
-            option["randn"] = randn
-        if sampler is not None:
-            sampler.randn = randn
-    attach(None)
-    return attach
+def attach_randn(es, randn):
+    """Point pycma's references to the sampler `randn` (its options, its input options and its sampler) at
+    `randn`: None before pickling (a bound method of the run's RandomState pickles as a `getattr` call)."""
+    for option in (es.opts, es.inputargs["inopts"]):
+        option["randn"] = randn
+    if hasattr(es.sm, "randn"):
+        es.sm.randn = randn
 
 
 def save_checkpoint(path, state):
     """Pickle the checkpoint dict atomically: {format_version, script, args (dict), cma (the pycma object,
     its sampler detached), cma_rng (numpy RandomState behind the sampler), counters (dict)}."""
-    attach = detach_randn(state["cma"])
+    attach_randn(state["cma"], None)
     try:
         data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
     finally:
-        attach(state["cma_rng"].randn)
+        attach_randn(state["cma"], state["cma_rng"].randn)
     atomic_write(path, data)
 
 
@@ -1299,13 +1219,8 @@ def load_checkpoint(path):
     if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not (
             set(state["args"]) >= set(vars(build_parser().parse_args([]))) and set(state["counters"]) >= set(COUNTERS)):
         raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
-    detach_randn(state["cma"])(state["cma_rng"].randn)
+    attach_randn(state["cma"], state["cma_rng"].randn)
     return path, state
-
-
-def format_duration(seconds):
-    """Seconds as H:MM:SS."""
-    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
 def open_progress(path, last_iteration):
@@ -1336,15 +1251,14 @@ def plot_learning_curve(progress_path, image_path, title):
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    it = np.array([float(r["iteration"]) for r in rows])
+    column = lambda name: np.array([float(r[name]) for r in rows if r[name]])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(it, [float(r["return_mean"]) for r in rows], label="population mean", lw=1)
-    ax.plot(it, [float(r["return_max"]) for r in rows], label="population max", lw=0.8, alpha=0.6)
-    ev = [(float(r["iteration"]), float(r["eval_return_mean"]), float(r["eval_return_std"]))
-          for r in rows if r["eval_return_mean"]]
-    if ev:
-        e = np.array(ev)
-        ax.errorbar(e[:, 0], e[:, 1], yerr=e[:, 2], fmt="o-", ms=3, capsize=2, label="evaluation of the mean ± std")
+    ax.plot(column("iteration"), column("return_mean"), label="population mean", lw=1)
+    ax.plot(column("iteration"), column("return_max"), label="population max", lw=0.8, alpha=0.6)
+    evaluated = [float(r["iteration"]) for r in rows if r["eval_return_mean"]]
+    if evaluated:
+        ax.errorbar(evaluated, column("eval_return_mean"), yerr=column("eval_return_std"), fmt="o-", ms=3,
+                    capsize=2, label="evaluation of the mean ± std")
     ax.set(xlabel="generation", ylabel="episode return", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
