@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -470,6 +471,42 @@ def test_reward_goal_with_consecutive_stopping(tmp_path):
     run = train(tmp_path, "center", "--eval-every", "1000", "--reward-goal", "1", iters=6)
     rows = progress(run)
     assert len(rows) == 1 and rows[0]["eval_return_mean"] and float(rows[0]["center_return"]) >= 1
+
+
+def test_an_off_schedule_evaluation_is_screened_by_its_first_episodes():
+    class Pool:  # each episode's return: its env seed mod 1000, known and different per episode
+        def __init__(self):
+            self.sizes = []
+
+        def map(self, tasks, shared, progress=None):
+            self.sizes.append(len(tasks))
+            return [([float(task[3][0] % 1000)], 7, None) for task in tasks]
+
+    first = [es_mod.derive_seed(4, es_mod.EVAL_ENV_STREAM, 9, e) % 1000 for e in range(es_mod.SCREEN_EPISODES)]
+    args = SimpleNamespace(seed=4, num_eval_rollouts=30, quiet=True, reward_goal=float(np.mean(first)))
+    theta, mean_std = np.zeros(3, np.float32), (np.zeros(0, np.float32), np.ones(0, np.float32))
+    full_pool, passed_pool, stopped_pool = Pool(), Pool(), Pool()
+    full = es_mod.evaluate(full_pool, theta, mean_std, args, 9)
+    passed = es_mod.evaluate(passed_pool, theta, mean_std, args, 9, screen=True)  # first episodes at the goal
+    assert full_pool.sizes == [30] and passed_pool.sizes == [es_mod.SCREEN_EPISODES, 30 - es_mod.SCREEN_EPISODES]
+    assert np.array_equal(passed[0], full[0]) and passed[1:] == full[1:] and passed[2]["episodes"] == 30
+    args.reward_goal += 0.5  # the first episodes now fall short: the evaluation stops after them
+    returns, steps, summary = es_mod.evaluate(stopped_pool, theta, mean_std, args, 9, screen=True)
+    assert stopped_pool.sizes == [es_mod.SCREEN_EPISODES] and np.array_equal(returns, full[0][:len(first)])
+    assert steps == 7 * len(first) and summary["episodes"] == len(first)
+
+
+def test_a_screened_out_center_gets_no_evaluation_row(tmp_path):
+    # Seed 3: the center reaches 40 in training at generations 1 and 2, but its first 10 evaluation episodes
+    # average 30.6 and 23.0: no evaluation is recorded, and only those 10 episodes' steps are spent.
+    flags = ["--seed", "3", "--num-eval-rollouts", "20", "--eval-every"]
+    screened = progress(train(tmp_path, "screened", *flags, "1000", "--reward-goal", "40", iters=8))
+    never = progress(train(tmp_path, "never", *flags, "1000", "--reward-goal", "1e9", iters=8))
+    full = progress(train(tmp_path, "full", *flags, "1", iters=8))  # full 20-episode evaluations each generation
+    assert [float(r["center_return"]) >= 40 for r in screened[:2]] == [True, True]
+    assert [r["eval_return_mean"] for r in screened[:2]] == ["", ""] and screened[-1]["eval_return_mean"]
+    first_steps = int(screened[0]["env_steps"]) - int(never[0]["env_steps"])
+    assert 0 < first_steps < int(full[0]["env_steps"]) - int(never[0]["env_steps"])
 
 
 def test_from_pretrained_round_trip(tmp_path):
