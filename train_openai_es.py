@@ -13,8 +13,8 @@ integers (noise seed, sign, env seeds) and regenerate the noise themselves.
 Examples:
     python train_openai_es.py --env-id CartPole-v1 --hidden-sizes 16 --population-size 32 \
         --sigma 0.1 --learning-rate 0.2 --reward-goal 500
-    python train_openai_es.py --env-id LunarLander-v3 --hidden-sizes 32 32 --population-size 64 \
-        --sigma 0.1 --learning-rate 0.03 --eval-every 25 --reward-goal 200
+    python train_openai_es.py --env-id LunarLander-v3 --hidden-sizes 32 32 --population-size 32 \
+        --sigma 0.1 --learning-rate 0.04 --eval-every 25 --reward-goal 200
     python train_openai_es.py --from-pretrained pretrained/openai_es_lunarlander.npz --capture-video
 """
 
