@@ -1370,6 +1370,9 @@ def main(argv=None):
     except (UserError, gym.error.Error, PoolLost) as e:  # bad input (gymnasium's messages are clear), lost workers
         print(f"{SCRIPT}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1 if isinstance(e, PoolLost) else 2
+    except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
+        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

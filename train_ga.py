@@ -1725,6 +1725,9 @@ def main(argv=None):
     except UserError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
+        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -1416,6 +1416,9 @@ def main(argv=None):
         print(f"{SCRIPT}: error: {e}" + (" (a size too large for this machine)" if isinstance(e, MemoryError) else ""),
               file=sys.stderr)
         return 1 if isinstance(e, PoolLost) else 2
+    except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
+        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
