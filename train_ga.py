@@ -467,9 +467,12 @@ class MultitaskPolicy(nn.Module):
 def build_policy(policy_config):
     """Policy or MultitaskPolicy from a config dict (see `policy_config_from_envs`); float32."""
     torch.set_num_threads(1)
-    if "multitask" in policy_config:
+    try:
+        if "multitask" not in policy_config:
+            return Policy(**policy_config)
         return MultitaskPolicy(policy_config["multitask"], policy_config["hidden_sizes"], policy_config["activation"])
-    return Policy(**policy_config)
+    except (RuntimeError, MemoryError):  # torch's allocator refused the layers' weights
+        raise UserError(f"hidden layers {policy_config['hidden_sizes']} do not fit in this machine's memory") from None
 
 
 def num_params(policy):

@@ -468,7 +468,10 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
     """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
     torch's initialization) and the normalization (mean, std) of vector observations."""
     torch.set_num_threads(1)
-    policy = Policy(**policy_config)
+    try:
+        policy = Policy(**policy_config)
+    except RuntimeError:  # torch's allocator refused the layers' weights
+        raise MemoryError(f"hidden layers {policy_config['hidden_sizes']} do not fit in memory") from None
     policy = policy.load(params) if params is not None else policy
     if policy.normalize and obs_mean_std is not None:
         policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)

@@ -598,6 +598,7 @@ def test_capture_video(tmp_path):
     (["--env-id", "FrozenLake-v1"], "observation space"),
     (["--from-pretrained", "missing.npz"], "does not exist"),
     (["--resume", "nowhere"], "no checkpoint"),
+    (["--hidden-sizes", "1000000000000"], "memory"),  # 4 TB of weights: torch's allocator refuses
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
