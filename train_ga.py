@@ -948,6 +948,8 @@ def check_args(args):
             if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) \
                     or not math.isfinite(value):
                 raise UserError(f"{flag} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+            if kind is int and name != "seed" and value > 2 ** 31 - 1:  # counts and sizes: a C int at most
+                raise UserError(f"{flag} must be at most {2 ** 31 - 1}, got {value!r}")
             if not low <= value <= high or (kind == "positive" and value == low):
                 what = f"in [{low:g}, {high:g}]" if high < inf else f"> {low:g}" if kind == "positive" else \
                     f"at least {low:g}"

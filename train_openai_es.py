@@ -142,11 +142,15 @@ class Parser(argparse.ArgumentParser):
 
 def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
     """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open; text that
-    is no `kind` gets argparse's own message (invalid int value: 'x')."""
+    is no `kind` gets argparse's own message (invalid int value: 'x'). Counts stop at 2^31 - 1 unless told."""
+    cap = 2 ** 31 - 1 if kind is int and high == math.inf else high
+
     def parse(text):
         value = kind(text)
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value > cap:
+            raise argparse.ArgumentTypeError(f"must be at most {cap}, got {text}")
         if value < low or value > high or (open_low and value == low) or (open_high and value == high):
             bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
                 f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"

@@ -543,7 +543,7 @@ def test_capture_video(tmp_path):
     (["--env-id", "FrozenLake-v1"], "observation space"),
     (["--from-pretrained", "missing.npz"], "does not exist"),
     (["--resume", "nowhere"], "no checkpoint"),
-    (["--hidden-sizes", "1000000000000"], "memory"),  # 4 TB of weights: torch's allocator refuses
+    (["--hidden-sizes", "1000000000000"], "at most 2147483647"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
@@ -563,8 +563,8 @@ def weights_with(tmp_path, name, change):
 
 BAD_INPUTS = [  # (flags, a word the error line names)
     *[([flag, value], flag) for flag, values in {
-        "--population-size": ["0", "-3", "1.5", "abc"], "--max-iter": ["0", "-1"], "--num-workers": ["0"],
-        "--num-rollouts": ["0"], "--num-eval-rollouts": ["0"], "--eval-every": ["0"], "--seed": ["-1", "nan"],
+        "--population-size": ["0", "-3", "1.5", "abc", "100000000000"], "--max-iter": ["0", "-1"],
+        "--num-workers": ["0"], "--num-rollouts": ["0", "3000000000"], "--num-eval-rollouts": ["0"], "--eval-every": ["0"], "--seed": ["-1", "nan"],
         "--max-episode-steps": ["0"], "--max-negative-steps": ["-1"], "--consecutive-goal-stopping": ["0"],
         "--tournament-size": ["0", "65"], "--elite-size": ["-1"], "--hidden-sizes": ["0", "-4"],
         "--frame-size": ["8"], "--frame-stack": ["0"], "--distill-episodes": ["0"], "--distill-rounds": ["0"],
@@ -1012,3 +1012,10 @@ def test_a_pixel_policy_squashes_continuous_actions_once():
     action = policy.act(frame)
     np.testing.assert_allclose(action, np.tanh([3.0, -3.0, 0.5]), rtol=1e-6)
     np.testing.assert_allclose(action, policy(policy.preprocess(frame)).numpy(), rtol=1e-6)
+
+
+def test_a_policy_too_large_for_memory_is_a_clear_error():
+    # (2^31 - 1)^2 float32 weights, about 2^64 bytes: torch's allocator refuses them on any machine.
+    config = dict(obs_shape=[2 ** 31 - 1], discrete=True, num_actions=2, hidden_sizes=[2 ** 31 - 1], activation="tanh")
+    with pytest.raises(ga_mod.UserError, match="do not fit in"):
+        ga_mod.build_policy(dict(config))

@@ -598,7 +598,7 @@ def test_capture_video(tmp_path):
     (["--env-id", "FrozenLake-v1"], "observation space"),
     (["--from-pretrained", "missing.npz"], "does not exist"),
     (["--resume", "nowhere"], "no checkpoint"),
-    (["--hidden-sizes", "1000000000000"], "memory"),  # 4 TB of weights: torch's allocator refuses
+    (["--hidden-sizes", "1000000000000"], "at most 2147483647"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
@@ -609,7 +609,8 @@ BAD_FLAGS = [
     ["--sigma", "nan"], ["--sigma", "inf"], ["--sigma", "-0.1"], ["--learning-rate", "-inf"], ["--learning-rate", "x"],
     ["--momentum", "1"], ["--momentum", "-0.5"], ["--weight-decay", "-1"], ["--lr-decay", "0"], ["--lr-decay", "1.5"],
     ["--sigma-decay", "nan"], ["--lr-min", "-1e-9"], ["--sigma-min", "inf"], ["--population-size", "0"],
-    ["--population-size", "2.5"], ["--population-size", "nan"], ["--max-iter", "0"], ["--num-rollouts", "-2"],
+    ["--population-size", "2.5"], ["--population-size", "nan"], ["--population-size", "100000000000"],
+    ["--num-rollouts", "3000000000"], ["--max-iter", "0"], ["--num-rollouts", "-2"],
     ["--num-eval-rollouts", "0"], ["--eval-every", "0"], ["--max-episode-steps", "0"], ["--max-negative-steps", "-1"],
     ["--hidden-sizes", "8", "0"], ["--hidden-sizes", "8.5"], ["--frame-size", "20"], ["--frame-stack", "0"],
     ["--seed", "-1"], ["--seed", "1e3"], ["--seed", str(2 ** 64)], ["--consecutive-goal-stopping", "0"],
@@ -1034,3 +1035,10 @@ def test_python_api_on_a_fitness_of_your_own():
         es.tell([fitness(x) for x in candidates])
     assert fitness(np.zeros(10)) == -90 and fitness(es.theta) > -0.5
     assert np.allclose(es.candidates()[0], es_mod.perturb(es.theta, es.sigma, *es.ask()[0]))
+
+
+def test_a_policy_too_large_for_memory_is_a_clear_error():
+    # (2^31 - 1)^2 float32 weights, about 2^64 bytes: torch's allocator refuses them on any machine.
+    config = dict(obs_shape=[2 ** 31 - 1], discrete=True, num_actions=2, hidden_sizes=[2 ** 31 - 1], activation="tanh")
+    with pytest.raises(MemoryError, match="do not fit in"):
+        es_mod.make_policy(dict(config, obs_norm=False))
