@@ -194,7 +194,8 @@ def parse_args(argv=None):
     for flag, wanted, module, name, extra in (("--ray-address", args.ray_address, "ray", "Ray", "ray"),
                                               ("--track", args.track, "wandb", "wandb", "track")):
         try:
-            wanted and importlib.import_module(module)
+            if wanted:
+                importlib.import_module(module)
         except ImportError:
             raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
     return args, given
@@ -625,10 +626,10 @@ def train(args, given):
             gen.iteration, gen.evaluation = es.generation, None
             counters["evaluations"] += args.population_size
             counters["best_return"] = max(counters["best_return"], float(returns.max()))
+            scheduled = gen.iteration % args.eval_every == 0
             at_goal = args.reward_goal is not None and center_return >= args.reward_goal  # evaluated at once
-            if gen.iteration % args.eval_every == 0 or at_goal:
-                screen = gen.iteration % args.eval_every != 0  # off schedule: screened first
-                gen.evaluation, eval_steps = evaluate_center(run, gen.iteration, log, screen)
+            if scheduled or at_goal:  # off schedule, screened by its first episodes (SCREEN_EPISODES)
+                gen.evaluation, eval_steps = evaluate_center(run, gen.iteration, log, screen=not scheduled)
                 gen.steps += eval_steps
             counters["env_steps"] += gen.steps
             now = time.perf_counter()
@@ -644,7 +645,8 @@ def train(args, given):
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
                 break
-        # final.npz: the last generation's evaluation, else one outside the record (a resumed run stays the same)
+        # final.npz: the last generation's evaluation, else one outside the record (progress.csv, best.npz, the
+        # goal streak), so that a run stopped early and resumed stays exactly the run made in one go
         final = gen.evaluation or evaluate(pool, es.theta, obs_mean_std(obs_stats, run.obs_dim), args, es.generation)[2]
         log(f"final evaluation | return {final['mean']:9.2f} ± {final['std']:8.2f} over {final['episodes']} episodes")
         save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final))
