@@ -1,19 +1,26 @@
 """Time to solve, the user's figure: process start to the end of a run that stops at its first evaluation
 over --num-eval-rollouts episodes whose mean reaches --reward-goal, for several seeds, side by side with
-the script as it is at older git revisions (interleaved seed by seed, on the same machine state).
+the script as it is at older git revisions (interleaved seed by seed, on the same machine state), with
+the same flags or, given --compare-flags, with the command those revisions shipped.
 
     python benchmarks/time_to_solve.py --seeds 1 2 3 --compare 0dad489 -- \
         --env-id LunarLander-v3 --hidden-sizes 32 32 --population-size 64 --sigma 0.1 --learning-rate 0.03 \
         --eval-every 25 --reward-goal 200
+    python benchmarks/time_to_solve.py --seeds 1 2 3 --compare 5278065 \
+        --compare-flags "--env-id LunarLander-v3 --hidden-sizes 32 32 --population-size 64 --sigma 0.1 \
+        --learning-rate 0.03 --eval-every 25 --reward-goal 200" -- --env-id LunarLander-v3 --hidden-sizes 32 32 \
+        --population-size 32 --sigma 0.1 --learning-rate 0.04 --eval-every 1000 --reward-goal 200
     python benchmarks/time_to_solve.py --script train_ga.py --seeds 1 2 3 -- --env-id LunarLander-v3 --reward-goal 200
 
-Arguments after `--` go to the training script (with `--num-eval-rollouts 100` unless given). A run that
-ends without reaching the goal (its --max-iter) is reported as such.
+Arguments after `--` go to the training script (with `--num-eval-rollouts 100` unless given), and to the
+--compare revisions too unless --compare-flags gives theirs. A run that ends without reaching the goal
+(its --max-iter) is reported as such.
 """
 
 import argparse
 import csv
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,16 +50,24 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--compare", nargs="+", default=[], metavar="REV",
                         help="also time the script as it is at these git revisions")
+    parser.add_argument("--compare-flags", metavar="FLAGS", help="the --compare revisions' flags, quoted as one "
+                        "argument (default: the working tree's, after --)")
     parser.add_argument("flags", nargs="*", help="the training script's flags (after --)")
     args = parser.parse_args()
-    flags = args.flags + ([] if "--num-eval-rollouts" in args.flags else ["--num-eval-rollouts", "100"])
+
+    def with_eval_rollouts(flags):
+        return flags + ([] if "--num-eval-rollouts" in flags else ["--num-eval-rollouts", "100"])
+    flags = with_eval_rollouts(args.flags)
+    compare_flags = flags if args.compare_flags is None else with_eval_rollouts(shlex.split(args.compare_flags))
     old_versions = tempfile.TemporaryDirectory()
     versions = script_versions(args.script, args.compare, old_versions.name)
     print(f"{args.script} {' '.join(flags)}")
+    if args.compare and compare_flags != flags:
+        print(f"{' '.join(args.compare)}: {args.script} {' '.join(compare_flags)}")
     times = {version: [] for version, _ in versions}
     for seed in args.seeds:
         for version, path in versions:
-            seconds, generations, solved = solve(path, flags, seed)
+            seconds, generations, solved = solve(path, compare_flags if version in args.compare else flags, seed)
             times[version].append(seconds)
             print(f"{version:>12} seed {seed}: {seconds:7.1f} s, {generations} generations"
                   + ("" if solved else ", goal NOT reached"), flush=True)

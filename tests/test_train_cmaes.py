@@ -534,6 +534,24 @@ def test_agent_acts_identically_on_both_envs():
     assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
+def test_fast_env_draws_the_stock_frame_from_any_pose():
+    # The culling (bounding circles, then the vertices) against the stock drawing, wherever the car is: on
+    # and off the track, near the playfield's edge, any heading, and while the first second zooms in.
+    stock, fast = car_env(True, 10).unwrapped, car_env(False, 10).unwrapped
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        for env in (stock, fast):
+            env.reset(seed=trial % 4)
+        x, y = (rng.uniform(-1.1, 1.1, size=2) * cm.car_racing.PLAYFIELD if trial % 2 else
+                stock.track[rng.integers(len(stock.track))][2:] + rng.normal(0, 5, size=2))
+        angle, t = rng.uniform(-np.pi, np.pi), rng.choice([0.0, 0.3, 1.0, 5.0])
+        frames = []
+        for env in (stock, fast):
+            env.car.hull.position, env.car.hull.angle, env.t = (float(x), float(y)), float(angle), float(t)
+            frames.append(env._render("state_pixels"))
+        assert np.array_equal(*frames), (trial, x, y, angle, t)
+
+
 def test_stock_env_flag(tmp_path):
     args = cm.parse_args(["--stock-env"])[0]
     assert type(cm.make_env(cm.env_config_from_args(args), training=True).unwrapped).__name__ == "CarRacing"
@@ -546,7 +564,9 @@ def test_fast_env_culls_with_the_current_tracks_vertices():
     for seed in range(6):  # every reset makes a new track; the culling must use its vertices
         env.reset(seed=seed)
         expected = np.array([poly for poly, _ in env.road_poly], dtype=np.float64)
-        assert np.array_equal(env._road_vertices(), expected)
+        vertices, centers, radii = env._road_polygons()
+        assert np.array_equal(vertices, expected)
+        assert np.all(np.linalg.norm(vertices - centers[:, None], axis=2) <= radii[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
