@@ -1261,7 +1261,7 @@ def open_progress(path, last_iteration):
 
 def plot_learning_curve(progress_path, image_path, title):
     """learning_curve.png from progress.csv: population mean and max, evaluations +/- std."""
-    from matplotlib.figure import Figure  # no pyplot (~0.3 s to import): no display, no figure to close
+    from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:

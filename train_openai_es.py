@@ -1340,7 +1340,7 @@ PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most
 
 def plot_learning_curve(progress_path, image_path, title):
     """learning_curve.png from progress.csv: population mean/max, the center, evaluations +/- std."""
-    from matplotlib.figure import Figure  # no pyplot (~0.3 s to import): no display, no figure to close
+    from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     fig = Figure(figsize=(7, 4.5))
