@@ -118,7 +118,8 @@ def build_parser():
     add("--init-from", metavar="PATH.npz", help="start from these weights (member 0; the others mutated copies)")
     add("--capture-video", action="store_true", help="record an episode at each evaluation (GIF, or mp4 with moviepy)")
     add("--reward-goal", type=float, help="stop when the evaluation mean reaches this return (a generation "
-        "whose best member reaches it in training is evaluated at once)")
+        "whose best member reaches it in training is evaluated at once: its first 10 episodes, the rest if these "
+        "average at the goal)")
     add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     add("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
     add("--track", action="store_true", help="track the run with Weights & Biases (its TensorBoard scalars, "
@@ -728,10 +729,11 @@ class RolloutWorker:
         return list(zip(returns, steps))
 
 
-def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None):
-    """Per-task returns of `params` over evaluation episodes (no early stop): (float64 (E, T), env steps).
-    Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
-    tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy)) for e in range(episodes)]
+def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
+    """Per-task returns of `params` over evaluation episodes start..episodes-1 (no early stop): (float64 (E, T), env
+    steps). Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
+    tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy))
+             for e in range(start, episodes)]
     results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
 
@@ -761,9 +763,9 @@ def train(args, given):
             # Evaluate on schedule, and at once when the best member's training fitness reaches the goal.
             evaluation = None
             at_goal = args.reward_goal is not None and best_fitness >= args.reward_goal
-            if ga.generation % args.eval_every == 0 or at_goal:
-                evaluation = evaluate_best(run, best_params)
-                steps += evaluation["steps"]
+            if ga.generation % args.eval_every == 0 or at_goal:  # off schedule: screened (SCREEN_EPISODES)
+                evaluation, eval_steps = evaluate_best(run, best_params, screen=ga.generation % args.eval_every != 0)
+                steps += eval_steps
             counters["env_steps"] += steps
             counters["wall_time_s"] = run.wall_offset + (time.perf_counter() - run.started)
             write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness)  # CSV, TensorBoard
@@ -782,7 +784,7 @@ def train(args, given):
             noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir, args.quiet)
         # Outside the run's record, so a run stopped and resumed stays the same run; where the last generation
         # was evaluated, that was the same member on the same episodes.
-        final_evaluation = {k: v for k, v in evaluation.items() if k not in ("returns", "steps")} if evaluation \
+        final_evaluation = {k: v for k, v in evaluation.items() if k != "returns"} if evaluation \
             else evaluation_of(run, final_params, "final evaluation")[0]
         run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
                 f"over {final_evaluation['episodes']} episodes")
@@ -807,12 +809,24 @@ def train(args, given):
     return 0
 
 
-def evaluation_of(run, params, label):
+# The best member reaching --reward-goal in training is evaluated at once, off schedule. Most such members are
+# a lucky few episodes: their evaluation stops after its first SCREEN_EPISODES episodes when these average
+# below the goal (no evaluation is recorded), which saves most of the evaluations' env steps on the way to it.
+SCREEN_EPISODES = 10
+
+
+def evaluation_of(run, params, label, screen=False):
     """params over --num-eval-rollouts episodes of this generation's evaluation seeds: ({mean, std, episodes[,
-    tasks]}, fitness-scaled returns: float64 (E,), env steps)."""
-    args = run.args
-    per_task, steps = evaluate(run.pool, params, args.seed, run.ga.generation, args.num_eval_rollouts,
-                               label=None if args.quiet else label)
+    tasks]}, fitness-scaled returns: float64 (E,), env steps). With `screen`, the other episodes run only when
+    the first SCREEN_EPISODES reach --reward-goal on average (else E = SCREEN_EPISODES); an evaluation that
+    passes is the same as one without a screen."""
+    args, label = run.args, None if run.args.quiet else label
+    first = min(SCREEN_EPISODES, args.num_eval_rollouts) if screen else args.num_eval_rollouts
+    per_task, steps = evaluate(run.pool, params, args.seed, run.ga.generation, first, label=label)
+    if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
+        rest, rest_steps = evaluate(run.pool, params, args.seed, run.ga.generation, args.num_eval_rollouts,
+                                    label=label, start=first)
+        per_task, steps = np.concatenate([per_task, rest]), steps + rest_steps
     returns = (per_task / run.scales).sum(1)
     evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
     if args.multitask:
@@ -820,11 +834,16 @@ def evaluation_of(run, params, label):
     return evaluation, returns, steps
 
 
-def evaluate_best(run, best_params):
-    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns {mean, std, episodes[, tasks],
-    returns: float64 (E,), steps}."""
+def evaluate_best(run, best_params, screen=False):
+    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns ({mean, std, episodes[, tasks],
+    returns: float64 (E,)}, env steps); (None, env steps) when `screen` stops the evaluation early."""
     args, counters, iteration = run.args, run.counters, run.ga.generation
-    evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}")
+    evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}", screen)
+    if returns.size < args.num_eval_rollouts:
+        counters["goal_streak"] = 0
+        run.log(f"eval {iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over the first "
+                f"{returns.size} episodes, below the goal")
+        return None, steps
     if evaluation["mean"] > counters["best_eval"]:
         counters["best_eval"] = evaluation["mean"]
         save_weights(run.paths["best.npz"], best_params, run.meta(iteration, evaluation))
@@ -839,7 +858,7 @@ def evaluate_best(run, best_params):
                                derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
         run.log(f"video {path}")
     upload(run)
-    return dict(evaluation, returns=returns, steps=steps)
+    return dict(evaluation, returns=returns), steps
 
 
 def write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -448,6 +449,47 @@ def test_reward_goal_stops_the_run(tmp_path):
     run = train(tmp_path, "g", "--eval-every", "1000", "--reward-goal", "5", iters=6)
     rows = progress(run)
     assert len(rows) == 1 and rows[0]["eval_return_mean"]  # the best member reached it: evaluated at once
+
+
+def test_an_off_schedule_evaluation_is_screened_by_its_first_episodes():
+    class Pool:  # each episode's return: its env seed mod 1000, known and different per episode
+        def __init__(self):
+            self.sizes = []
+
+        def map(self, tasks, shared, label=None):
+            self.sizes.append(len(tasks))
+            return [([[float(task[1][0] % 1000)]], 7) for task in tasks]
+
+    first = [ga_mod.derive_seed(4, ga_mod.EVAL_ENV_STREAM, 9, e) % 1000 for e in range(ga_mod.SCREEN_EPISODES)]
+    args = SimpleNamespace(seed=4, num_eval_rollouts=30, quiet=True, reward_goal=float(np.mean(first)), multitask=False)
+
+    def evaluation(screen):
+        run = SimpleNamespace(args=args, pool=Pool(), ga=SimpleNamespace(generation=9), scales=np.ones(1))
+        return run.pool.sizes, ga_mod.evaluation_of(run, np.zeros(3, np.float32), "evaluation 9", screen)
+    full_sizes, full = evaluation(False)
+    passed_sizes, passed = evaluation(True)  # the first episodes at the goal: the rest run too
+    assert full_sizes == [30] and passed_sizes == [ga_mod.SCREEN_EPISODES, 30 - ga_mod.SCREEN_EPISODES]
+    assert passed[0] == full[0] and np.array_equal(passed[1], full[1]) and passed[2] == full[2] == 7 * 30
+    args.reward_goal += 0.5  # the first episodes now fall short: the evaluation stops after them
+    stopped_sizes, (summary, returns, steps) = evaluation(True)
+    assert stopped_sizes == [ga_mod.SCREEN_EPISODES] and np.array_equal(returns, full[1][:len(first)])
+    assert steps == 7 * len(first) and summary["episodes"] == len(first)
+
+
+def test_a_screened_out_best_member_gets_no_evaluation_row(tmp_path):
+    # Seed 3: the best member reaches 60 in training at generation 2, but its first 10 evaluation episodes
+    # average 44.5: no evaluation is recorded, and only those 10 episodes' steps are spent. Generation 3's
+    # best member passes the screen (89.35 over 20 episodes) and the run stops there.
+    flags = ["--seed", "3", "--max-episode-steps", "200", "--num-eval-rollouts", "20", "--eval-every"]
+    screened = progress(train(tmp_path, "screened", *flags, "1000", "--reward-goal", "60", iters=6))
+    never = progress(train(tmp_path, "never", *flags, "1000", "--reward-goal", "1e9", iters=3))
+    full = progress(train(tmp_path, "full", *flags, "1", iters=3))  # full 20-episode evaluations each generation
+    assert len(screened) == 3 and float(screened[1]["best_fitness"]) >= 60
+    assert [r["eval_return_mean"] for r in screened] == ["", "", "89.35"]
+
+    def spent(rows):  # env steps of generation 2
+        return int(rows[1]["env_steps"]) - int(rows[0]["env_steps"])
+    assert 0 < spent(screened) - spent(never) < spent(full) - spent(never)
 
 
 def test_from_pretrained_and_init_from(tmp_path):
