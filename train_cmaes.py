@@ -440,7 +440,6 @@ class FastCarRacing(car_racing.CarRacing):
               for dx, dy in ((car_racing.GRASS_DIM, 0), (0, 0), (0, car_racing.GRASS_DIM),
                              (car_racing.GRASS_DIM, car_racing.GRASS_DIM))]
              for x in range(-20, 20, 2) for y in range(-20, 20, 2)]  # the stock grass, in its order
-    GRASS_VERTICES = np.array(GRASS, dtype=np.float64)  # (400, 4, 2)
     FONT_CLASS = pygame.font.Font
 
     @staticmethod
@@ -449,7 +448,7 @@ class FastCarRacing(car_racing.CarRacing):
         centers = vertices.mean(axis=1)
         return vertices, centers, np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1)
 
-    GRASS_POLYGONS = _polygons(GRASS_VERTICES)
+    GRASS_POLYGONS = _polygons(np.array(GRASS, dtype=np.float64))  # (400, 4, 2) vertices
 
     def _maybe_visible(self, polygons, zoom, translation, angle):
         """Ascending indices of the `_polygons` that may change a pixel, with gymnasium's transform, vectorized.
@@ -478,7 +477,7 @@ class FastCarRacing(car_racing.CarRacing):
 
     def _road_polygons(self):
         """`_polygons` of `self.road_poly` ((R, 4, 2) float64 vertices), gathered once per track."""
-        if getattr(self, "_road", None) is None:
+        if self._road is None:  # reset() sets it before its first frame
             self._road = self._polygons(np.array([poly for poly, _ in self.road_poly], dtype=np.float64)
                                         .reshape(-1, 4, 2))
         return self._road

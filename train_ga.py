@@ -762,9 +762,10 @@ def train(args, given):
             counters["best_return"] = max(counters["best_return"], float(fitness.max()))
             # Evaluate on schedule, and at once when the best member's training fitness reaches the goal.
             evaluation = None
+            scheduled = ga.generation % args.eval_every == 0
             at_goal = args.reward_goal is not None and best_fitness >= args.reward_goal
-            if ga.generation % args.eval_every == 0 or at_goal:  # off schedule: screened (SCREEN_EPISODES)
-                evaluation, eval_steps = evaluate_best(run, best_params, screen=ga.generation % args.eval_every != 0)
+            if scheduled or at_goal:  # off schedule, screened by its first episodes (SCREEN_EPISODES)
+                evaluation, eval_steps = evaluate_best(run, best_params, screen=not scheduled)
                 steps += eval_steps
             counters["env_steps"] += steps
             counters["wall_time_s"] = run.wall_offset + (time.perf_counter() - run.started)
