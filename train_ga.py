@@ -178,7 +178,98 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 
-# ---- 2. Genetic algorithm ------------------------------------------------------------------------
+# ---- 2. Genetic algorithm: the ask/tell object and its operators -------------------------------
+class GeneticAlgorithm:
+    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher is better).
+
+    Generation 0 evaluates the initial population; later ones select N parents, recombine consecutive pairs
+    (with probability crossover_rate) and mutate every child. Replacement 'parents-vs-children' (ga-openai-gym):
+    children pair k replaces its parents only if f(c1) + f(c2) > f(p1) + f(p2) (even N); 'generational': the
+    `elite_size` best, unchanged and re-evaluated on fresh episodes, then children (Such et al. 2017). Draws of
+    generation g come from (seed, GA_STREAM, g); attribute names are the checkpoint format (`state_dict`).
+    Raises ValueError for a population it cannot run. Example: README.md, "Python API".
+    """
+
+    def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
+                 crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5, mutation="gaussian",
+                 mutation_rate=1.0, mutation_scale=0.02, replacement="generational", elite_size=4, seed=0):
+        population = np.asarray(population, dtype=np.float32)
+        n = population.shape[0]
+        if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
+            raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
+        self.population, self.fitness = population.copy(), None  # (N, D) members, (N,) fitness (None: not told)
+        self.selection, self.selection_pressure, self.tournament_size = selection, selection_pressure, tournament_size
+        self.crossover, self.crossover_rate, self.blx_alpha = crossover, crossover_rate, blx_alpha
+        self.mutation, self.mutation_rate, self.mutation_scale = mutation, mutation_rate, mutation_scale  # per gene
+        self.replacement, self.elite_size, self.seed, self.generation = replacement, elite_size, seed, 0
+        self.pending = None          # (candidates, parent indices) between ask and tell
+        self.children_accepted = 0   # new members of the last population (diagnostic)
+
+    def ask(self):
+        """The candidates of this generation: float32 (N, D). Generational: the elites come first."""
+        if self.fitness is None:
+            self.pending = (self.population, None)
+            return self.population.copy()
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, GA_STREAM, self.generation]))
+        if self.replacement == "generational":
+            elites = self.population[np.argsort(-self.fitness, kind="stable")[:self.elite_size]]
+            children, parents = self.breed(len(self.population) - self.elite_size, rng)
+            candidates = np.concatenate([elites, children])
+        else:
+            candidates, parents = self.breed(len(self.population), rng)
+        self.pending = (candidates, parents)
+        return candidates.copy()
+
+    def tell(self, fitness):
+        """Form the next population from the fitness (N,) of `ask()`'s candidates. Raises ValueError on a bad shape."""
+        fitness = np.asarray(fitness, dtype=np.float64)
+        candidates, parents = self.pending
+        if fitness.shape != (len(candidates),):
+            raise ValueError(f"expected {len(candidates)} fitness values, got shape {fitness.shape}")
+        if parents is None or self.replacement == "generational":
+            self.population, self.fitness = candidates.copy(), fitness
+            self.children_accepted = len(candidates) - (0 if parents is None else self.elite_size)
+        else:
+            population, new_fitness = self.population[parents.ravel()], self.fitness[parents.ravel()]
+            accepted = fitness[0::2] + fitness[1::2] > new_fitness[0::2] + new_fitness[1::2]
+            keep = np.repeat(accepted, 2)
+            self.population = np.where(keep[:, None], candidates, population).astype(np.float32)
+            self.fitness = np.where(keep, fitness, new_fitness)
+            self.children_accepted = int(keep.sum())
+        self.pending = None
+        self.generation += 1
+
+    def breed(self, count, rng):
+        """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
+        pairs = (count + 1) // 2
+        parents = select_parents(self.fitness, 2 * pairs, rng, self.selection, self.selection_pressure,
+                                 self.tournament_size).reshape(pairs, 2)
+        children = []
+        for a, b in parents:
+            x, y = self.population[a], self.population[b]
+            if rng.random() < self.crossover_rate:  # main bit: recombine, then mutate each child
+                x, y = crossover(x, y, rng, self.crossover, self.blx_alpha)
+            children += [mutate(x, rng, self.mutation_rate, self.mutation_scale, self.mutation),
+                         mutate(y, rng, self.mutation_rate, self.mutation_scale, self.mutation)]
+        return np.stack(children[:count]), parents
+
+    def best(self):
+        """(parameters float32 (D,), fitness) of the current population's fittest member."""
+        i = int(np.argmax(self.fitness))
+        return self.population[i].copy(), float(self.fitness[i])
+
+    def state_dict(self):
+        """Everything the GA holds (numpy arrays and plain values), copied, for the checkpoint."""
+        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """The GA exactly as `state_dict()` saw it."""
+        ga = cls.__new__(cls)
+        vars(ga).update(state)
+        return ga
+
+
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
@@ -239,97 +330,6 @@ def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
     mask = rng.random(x.size) < rate
     noise = rng.standard_normal(x.size) * scale if method == "gaussian" else rng.uniform(-scale, scale, x.size)
     return (x + np.where(mask, noise, 0.0)).astype(np.float32)
-
-
-class GeneticAlgorithm:
-    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher is better).
-
-    Generation 0 evaluates the initial population; later ones select N parents, recombine consecutive pairs
-    (with probability crossover_rate) and mutate every child. Replacement 'parents-vs-children' (ga-openai-gym):
-    children pair k replaces its parents only if f(c1) + f(c2) > f(p1) + f(p2) (even N); 'generational': the
-    `elite_size` best, unchanged and re-evaluated on fresh episodes, then children (Such et al. 2017). Draws of
-    generation g come from (seed, GA_STREAM, g); attribute names are the checkpoint format (`state_dict`).
-    Raises ValueError for a population it cannot run. Example: README.md, "Python API".
-    """
-
-    def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
-                 crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5, mutation="gaussian",
-                 mutation_rate=1.0, mutation_scale=0.02, replacement="generational", elite_size=4, seed=0):
-        population = np.asarray(population, dtype=np.float32)
-        n = population.shape[0]
-        if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
-            raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
-        self.population, self.fitness = population.copy(), None  # (N, D) members, (N,) fitness (None: not told)
-        self.selection, self.selection_pressure, self.tournament_size = selection, selection_pressure, tournament_size
-        self.crossover, self.crossover_rate, self.blx_alpha = crossover, crossover_rate, blx_alpha
-        self.mutation, self.mutation_rate, self.mutation_scale = mutation, mutation_rate, mutation_scale  # per gene
-        self.replacement, self.elite_size, self.seed, self.generation = replacement, elite_size, seed, 0
-        self.pending = None          # (candidates, parent indices) between ask and tell
-        self.children_accepted = 0   # new members of the last population (diagnostic)
-
-    def breed(self, count, rng):
-        """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
-        pairs = (count + 1) // 2
-        parents = select_parents(self.fitness, 2 * pairs, rng, self.selection, self.selection_pressure,
-                                 self.tournament_size).reshape(pairs, 2)
-        children = []
-        for a, b in parents:
-            x, y = self.population[a], self.population[b]
-            if rng.random() < self.crossover_rate:  # main bit: recombine, then mutate each child
-                x, y = crossover(x, y, rng, self.crossover, self.blx_alpha)
-            children += [mutate(x, rng, self.mutation_rate, self.mutation_scale, self.mutation),
-                         mutate(y, rng, self.mutation_rate, self.mutation_scale, self.mutation)]
-        return np.stack(children[:count]), parents
-
-    def ask(self):
-        """The candidates of this generation: float32 (N, D). Generational: the elites come first."""
-        if self.fitness is None:
-            self.pending = (self.population, None)
-            return self.population.copy()
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, GA_STREAM, self.generation]))
-        if self.replacement == "generational":
-            elites = self.population[np.argsort(-self.fitness, kind="stable")[:self.elite_size]]
-            children, parents = self.breed(len(self.population) - self.elite_size, rng)
-            candidates = np.concatenate([elites, children])
-        else:
-            candidates, parents = self.breed(len(self.population), rng)
-        self.pending = (candidates, parents)
-        return candidates.copy()
-
-    def tell(self, fitness):
-        """Form the next population from the fitness (N,) of `ask()`'s candidates. Raises ValueError on a bad shape."""
-        fitness = np.asarray(fitness, dtype=np.float64)
-        candidates, parents = self.pending
-        if fitness.shape != (len(candidates),):
-            raise ValueError(f"expected {len(candidates)} fitness values, got shape {fitness.shape}")
-        if parents is None or self.replacement == "generational":
-            self.population, self.fitness = candidates.copy(), fitness
-            self.children_accepted = len(candidates) - (0 if parents is None else self.elite_size)
-        else:
-            population, new_fitness = self.population[parents.ravel()], self.fitness[parents.ravel()]
-            accepted = fitness[0::2] + fitness[1::2] > new_fitness[0::2] + new_fitness[1::2]
-            keep = np.repeat(accepted, 2)
-            self.population = np.where(keep[:, None], candidates, population).astype(np.float32)
-            self.fitness = np.where(keep, fitness, new_fitness)
-            self.children_accepted = int(keep.sum())
-        self.pending = None
-        self.generation += 1
-
-    def best(self):
-        """(parameters float32 (D,), fitness) of the current population's fittest member."""
-        i = int(np.argmax(self.fitness))
-        return self.population[i].copy(), float(self.fitness[i])
-
-    def state_dict(self):
-        """Everything the GA holds (numpy arrays and plain values), copied, for the checkpoint."""
-        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        """The GA exactly as `state_dict()` saw it."""
-        ga = cls.__new__(cls)
-        vars(ga).update(state)
-        return ga
 
 
 def initial_population(policy_config, size, seed, init=None, rng_args=None):

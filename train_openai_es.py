@@ -247,7 +247,96 @@ import torch.nn as nn  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 
-# -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
+# -- 2. OpenAI-ES: the ask/tell object and its operators ----------------------------------------
+class OpenAIES:
+    """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
+    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
+    (higher is better) -> g on shaped fitness, weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent
+    step. `state_dict()` pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
+    On a fitness of your own (maximized):
+
+        es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
+        for generation in range(200):
+            es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
+    """
+
+    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
+                 weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank", lr_decay=1.0, lr_min=0.0,
+                 sigma_decay=1.0, sigma_min=0.0, seed=0):
+        if population_size < 2 or (antithetic and population_size % 2):
+            raise ValueError("population_size must be >= 2, and even with antithetic sampling")
+        if sigma <= 0 or learning_rate <= 0:
+            raise ValueError("sigma and learning_rate must be > 0")
+        self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
+        self.population_size, self.antithetic, self.fitness_shaping = population_size, antithetic, fitness_shaping
+        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
+        self.learning_rate, self.lr_decay, self.lr_min = learning_rate, lr_decay, lr_min
+        self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
+        self.seed, self.generation, self.grad_norm = seed, 0, 0.0  # grad_norm: of the last ascent step
+        self.m = np.zeros_like(self.theta)  # Adam first moment / SGD velocity
+        self.v = np.zeros_like(self.theta)  # Adam second moment
+
+    def ask(self):
+        """The population: (N, 2) int64 of (noise seed, sign); mirrored pairs are rows 2k, 2k + 1."""
+        seeds = np.array(self.noise_seeds(), dtype=np.int64)
+        if self.antithetic:
+            return np.stack([np.repeat(seeds, 2), np.tile([1, -1], seeds.size)], axis=1)
+        return np.stack([seeds, np.ones_like(seeds)], axis=1)
+
+    def tell(self, returns):
+        """Update theta from the N returns of the members of `ask()`, in its order."""
+        returns = np.asarray(returns, dtype=np.float64)
+        if returns.shape != (self.population_size,):
+            raise ValueError(f"expected {self.population_size} returns, got shape {returns.shape}")
+        step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta  # main bit: the ascent direction
+        self.grad_norm = float(np.linalg.norm(step))
+        if self.optimizer == "adam":
+            beta1, beta2, eps = 0.9, 0.999, 1e-8
+            t = self.generation + 1
+            self.m = beta1 * self.m + (1 - beta1) * step
+            self.v = beta2 * self.v + (1 - beta2) * step * step
+            a = self.learning_rate * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            self.theta = self.theta + np.float32(a) * self.m / (np.sqrt(self.v) + np.float32(eps))
+        else:
+            self.m = self.momentum * self.m + (1 - self.momentum) * step
+            self.theta = self.theta + np.float32(self.learning_rate) * self.m
+        self.theta = self.theta.astype(np.float32)
+        self.generation += 1
+        self.learning_rate = max(self.learning_rate * self.lr_decay, self.lr_min)
+        self.sigma = max(self.sigma * self.sigma_decay, self.sigma_min)
+
+    def gradient(self, returns):
+        """The ES gradient estimate g = 1/(N sigma) sum_i F_i eps_i: float32 (D,)."""
+        fitness = shape_fitness(returns, self.fitness_shaping)
+        if self.antithetic:  # +eps and -eps share eps: weight (F+ - F-)
+            fitness = fitness[0::2] - fitness[1::2]
+        g = np.zeros_like(self.theta)
+        for weight, noise_seed in zip(fitness, self.noise_seeds()):
+            if weight != 0:
+                g += np.float32(weight) * sample_noise(noise_seed, self.theta.size)
+        return g / np.float32(self.population_size * self.sigma)
+
+    def noise_seeds(self):
+        """The noise seeds of this generation's N/2 (mirrored) or N directions."""
+        count = self.population_size // 2 if self.antithetic else self.population_size
+        return [derive_seed(self.seed, NOISE_STREAM, self.generation, k) for k in range(count)]
+
+    def candidates(self):
+        """The members of `ask()` as vectors theta + sign * sigma * eps, in its order: float32 (N, D)."""
+        return np.stack([perturb(self.theta, self.sigma, *member) for member in self.ask()])
+
+    def state_dict(self):
+        """A copy of everything the optimizer holds (numpy arrays and numbers), for the checkpoint."""
+        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """The optimizer exactly as `state_dict()` saw it."""
+        es = cls.__new__(cls)
+        vars(es).update(state)
+        return es
+
+
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys: (seed, stream, generation, member, rollout)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
@@ -281,95 +370,6 @@ def shape_fitness(returns, method):
         std = returns.std()
         return (returns - returns.mean()) / std if std > 0 else np.zeros_like(returns)
     return returns
-
-
-class OpenAIES:
-    """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
-    (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
-    (higher is better) -> g on shaped fitness, weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent
-    step. `state_dict()` pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
-    On a fitness of your own (maximized):
-
-        es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
-        for generation in range(200):
-            es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
-    """
-
-    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
-                 weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank", lr_decay=1.0, lr_min=0.0,
-                 sigma_decay=1.0, sigma_min=0.0, seed=0):
-        if population_size < 2 or (antithetic and population_size % 2):
-            raise ValueError("population_size must be >= 2, and even with antithetic sampling")
-        if sigma <= 0 or learning_rate <= 0:
-            raise ValueError("sigma and learning_rate must be > 0")
-        self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
-        self.population_size, self.antithetic, self.fitness_shaping = population_size, antithetic, fitness_shaping
-        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
-        self.learning_rate, self.lr_decay, self.lr_min = learning_rate, lr_decay, lr_min
-        self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
-        self.seed, self.generation, self.grad_norm = seed, 0, 0.0  # grad_norm: of the last ascent step
-        self.m = np.zeros_like(self.theta)  # Adam first moment / SGD velocity
-        self.v = np.zeros_like(self.theta)  # Adam second moment
-
-    def noise_seeds(self):
-        """The noise seeds of this generation's N/2 (mirrored) or N directions."""
-        count = self.population_size // 2 if self.antithetic else self.population_size
-        return [derive_seed(self.seed, NOISE_STREAM, self.generation, k) for k in range(count)]
-
-    def ask(self):
-        """The population: (N, 2) int64 of (noise seed, sign); mirrored pairs are rows 2k, 2k + 1."""
-        seeds = np.array(self.noise_seeds(), dtype=np.int64)
-        if self.antithetic:
-            return np.stack([np.repeat(seeds, 2), np.tile([1, -1], seeds.size)], axis=1)
-        return np.stack([seeds, np.ones_like(seeds)], axis=1)
-
-    def candidates(self):
-        """The members of `ask()` as vectors theta + sign * sigma * eps, in its order: float32 (N, D)."""
-        return np.stack([perturb(self.theta, self.sigma, *member) for member in self.ask()])
-
-    def gradient(self, returns):
-        """The ES gradient estimate g = 1/(N sigma) sum_i F_i eps_i: float32 (D,)."""
-        fitness = shape_fitness(returns, self.fitness_shaping)
-        if self.antithetic:  # +eps and -eps share eps: weight (F+ - F-)
-            fitness = fitness[0::2] - fitness[1::2]
-        g = np.zeros_like(self.theta)
-        for weight, noise_seed in zip(fitness, self.noise_seeds()):
-            if weight != 0:
-                g += np.float32(weight) * sample_noise(noise_seed, self.theta.size)
-        return g / np.float32(self.population_size * self.sigma)
-
-    def tell(self, returns):
-        """Update theta from the N returns of the members of `ask()`, in its order."""
-        returns = np.asarray(returns, dtype=np.float64)
-        if returns.shape != (self.population_size,):
-            raise ValueError(f"expected {self.population_size} returns, got shape {returns.shape}")
-        step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta  # main bit: the ascent direction
-        self.grad_norm = float(np.linalg.norm(step))
-        if self.optimizer == "adam":
-            beta1, beta2, eps = 0.9, 0.999, 1e-8
-            t = self.generation + 1
-            self.m = beta1 * self.m + (1 - beta1) * step
-            self.v = beta2 * self.v + (1 - beta2) * step * step
-            a = self.learning_rate * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-            self.theta = self.theta + np.float32(a) * self.m / (np.sqrt(self.v) + np.float32(eps))
-        else:
-            self.m = self.momentum * self.m + (1 - self.momentum) * step
-            self.theta = self.theta + np.float32(self.learning_rate) * self.m
-        self.theta = self.theta.astype(np.float32)
-        self.generation += 1
-        self.learning_rate = max(self.learning_rate * self.lr_decay, self.lr_min)
-        self.sigma = max(self.sigma * self.sigma_decay, self.sigma_min)
-
-    def state_dict(self):
-        """A copy of everything the optimizer holds (numpy arrays and numbers), for the checkpoint."""
-        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
-
-    @classmethod
-    def from_state_dict(cls, state):
-        """The optimizer exactly as `state_dict()` saw it."""
-        es = cls.__new__(cls)
-        vars(es).update(state)
-        return es
 
 
 # -- 3. Policy, environment, rollout -------------------------------------------------------------
