@@ -273,6 +273,11 @@ from gymnasium.envs.box2d import car_racing
 # ------------------------------------------------------------------------------------------------
 # 2. CMA-ES: pycma's CMAEvolutionStrategy
 # ------------------------------------------------------------------------------------------------
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, rollout)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
 
@@ -294,11 +299,6 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
                "verbose": -9, "verb_disp": 0, "verb_log": 0,
                "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep}
     return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), init_sigma, options), rng
-
-
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, rollout)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------------

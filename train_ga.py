@@ -178,7 +178,69 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 
-# ---- 2. Genetic algorithm: the ask/tell object and its operators -------------------------------
+# ---- 2. Genetic algorithm: the operators and the ask/tell object -------------------------------
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def selection_probabilities(fitness, method, pressure=2.0):
+    """Each member's probability to be drawn as a parent: float64 (N,), summing to one. Raises ValueError.
+
+    'ranking' (Baker 1985): rank r (0 = worst, ties share their mean rank) gets (2 - s) / N + 2 r (s - 1) /
+    (N (N - 1)), s = `pressure` in [1, 2]. 'roulette': proportional to fitness - min(fitness) (all equal: uniform).
+    """
+    fitness = np.asarray(fitness, dtype=np.float64)
+    n = fitness.size
+    if method == "ranking":
+        values, inverse, counts = np.unique(fitness, return_inverse=True, return_counts=True)
+        ranks = (np.cumsum(counts) - counts + (counts - 1) / 2.0)[inverse]
+        return (2 - pressure) / n + 2 * ranks * (pressure - 1) / (n * (n - 1))
+    if method == "roulette":
+        shifted = fitness - fitness.min()
+        total = shifted.sum()
+        return shifted / total if total > 0 else np.full(n, 1.0 / n)
+    raise ValueError(f"no selection probabilities for {method!r}")
+
+
+def select_parents(fitness, count, rng, method="ranking", pressure=2.0, tournament_size=3):
+    """Indices of `count` parents drawn with replacement, int64 (count,): from `selection_probabilities`, or
+    ('tournament') the fittest of `tournament_size` members drawn uniformly per parent."""
+    fitness = np.asarray(fitness, dtype=np.float64)
+    if method == "tournament":
+        contestants = rng.integers(0, fitness.size, size=(count, tournament_size))
+        return contestants[np.arange(count), np.argmax(fitness[contestants], axis=1)]
+    return rng.choice(fitness.size, size=count, p=selection_probabilities(fitness, method, pressure))
+
+
+def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
+    """Two children (float32 (D,) each) of parents x, y. Raises ValueError for an unknown method.
+
+    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d], d = |x - y|.
+    'one-point': the genes after a cut in [1, D - 1] swapped. 'uniform': each gene swapped with probability 1/2.
+    """
+    if method == "blx-alpha":
+        low, high = np.minimum(x, y), np.maximum(x, y)
+        d = high - low
+        low, high = low - alpha * d, high + alpha * d
+        return tuple((low + rng.random(x.size) * (high - low)).astype(np.float32) for _ in range(2))
+    if method == "one-point":
+        cut = int(rng.integers(1, x.size)) if x.size > 1 else 0
+        return np.concatenate([x[:cut], y[cut:]]), np.concatenate([y[:cut], x[cut:]])
+    if method == "uniform":
+        swap = rng.random(x.size) < 0.5
+        return np.where(swap, y, x), np.where(swap, x, y)
+    raise ValueError(f"unknown crossover {method!r}")
+
+
+def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
+    """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene gets
+    N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
+    mask = rng.random(x.size) < rate
+    noise = rng.standard_normal(x.size) * scale if method == "gaussian" else rng.uniform(-scale, scale, x.size)
+    return (x + np.where(mask, noise, 0.0)).astype(np.float32)
+
+
 class GeneticAlgorithm:
     """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher is better).
 
@@ -268,68 +330,6 @@ class GeneticAlgorithm:
         ga = cls.__new__(cls)
         vars(ga).update(state)
         return ga
-
-
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def selection_probabilities(fitness, method, pressure=2.0):
-    """Each member's probability to be drawn as a parent: float64 (N,), summing to one. Raises ValueError.
-
-    'ranking' (Baker 1985): rank r (0 = worst, ties share their mean rank) gets (2 - s) / N + 2 r (s - 1) /
-    (N (N - 1)), s = `pressure` in [1, 2]. 'roulette': proportional to fitness - min(fitness) (all equal: uniform).
-    """
-    fitness = np.asarray(fitness, dtype=np.float64)
-    n = fitness.size
-    if method == "ranking":
-        values, inverse, counts = np.unique(fitness, return_inverse=True, return_counts=True)
-        ranks = (np.cumsum(counts) - counts + (counts - 1) / 2.0)[inverse]
-        return (2 - pressure) / n + 2 * ranks * (pressure - 1) / (n * (n - 1))
-    if method == "roulette":
-        shifted = fitness - fitness.min()
-        total = shifted.sum()
-        return shifted / total if total > 0 else np.full(n, 1.0 / n)
-    raise ValueError(f"no selection probabilities for {method!r}")
-
-
-def select_parents(fitness, count, rng, method="ranking", pressure=2.0, tournament_size=3):
-    """Indices of `count` parents drawn with replacement, int64 (count,): from `selection_probabilities`, or
-    ('tournament') the fittest of `tournament_size` members drawn uniformly per parent."""
-    fitness = np.asarray(fitness, dtype=np.float64)
-    if method == "tournament":
-        contestants = rng.integers(0, fitness.size, size=(count, tournament_size))
-        return contestants[np.arange(count), np.argmax(fitness[contestants], axis=1)]
-    return rng.choice(fitness.size, size=count, p=selection_probabilities(fitness, method, pressure))
-
-
-def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
-    """Two children (float32 (D,) each) of parents x, y. Raises ValueError for an unknown method.
-
-    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d], d = |x - y|.
-    'one-point': the genes after a cut in [1, D - 1] swapped. 'uniform': each gene swapped with probability 1/2.
-    """
-    if method == "blx-alpha":
-        low, high = np.minimum(x, y), np.maximum(x, y)
-        d = high - low
-        low, high = low - alpha * d, high + alpha * d
-        return tuple((low + rng.random(x.size) * (high - low)).astype(np.float32) for _ in range(2))
-    if method == "one-point":
-        cut = int(rng.integers(1, x.size)) if x.size > 1 else 0
-        return np.concatenate([x[:cut], y[cut:]]), np.concatenate([y[:cut], x[cut:]])
-    if method == "uniform":
-        swap = rng.random(x.size) < 0.5
-        return np.where(swap, y, x), np.where(swap, x, y)
-    raise ValueError(f"unknown crossover {method!r}")
-
-
-def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
-    """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene gets
-    N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
-    mask = rng.random(x.size) < rate
-    noise = rng.standard_normal(x.size) * scale if method == "gaussian" else rng.uniform(-scale, scale, x.size)
-    return (x + np.where(mask, noise, 0.0)).astype(np.float32)
 
 
 def initial_population(policy_config, size, seed, init=None, rng_args=None):

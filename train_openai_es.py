@@ -247,7 +247,42 @@ import torch.nn as nn  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 
-# -- 2. OpenAI-ES: the ask/tell object and its operators ----------------------------------------
+# -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys: (seed, stream, generation, member, rollout)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def sample_noise(noise_seed, dim):
+    """The perturbation direction eps ~ N(0, I) of one member: float32 (dim,), from its seed alone."""
+    return np.random.default_rng(noise_seed).standard_normal(dim, dtype=np.float32)
+
+
+def perturb(theta, sigma, noise_seed, sign):
+    """Member parameters theta + sign * sigma * eps(noise_seed): float32 (D,). sign in {+1, -1}."""
+    return theta + np.float32(sign * sigma) * sample_noise(noise_seed, theta.size)
+
+
+def centered_ranks(x):
+    """Ranks of x mapped onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum (Salimans et al.
+    2017). All-equal returns give zeros, never NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # rank of the first of each group of equal values
+    return (first + (counts - 1) / 2.0)[inverse] / (x.size - 1) - 0.5
+
+
+def shape_fitness(returns, method):
+    """Fitness shaping: 'centered-rank', 'z-score' (zeros when all returns are equal) or 'none'."""
+    returns = np.asarray(returns, dtype=np.float64)
+    if method == "centered-rank":
+        return centered_ranks(returns)
+    if method == "z-score":
+        std = returns.std()
+        return (returns - returns.mean()) / std if std > 0 else np.zeros_like(returns)
+    return returns
+
+
 class OpenAIES:
     """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
     (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
@@ -335,41 +370,6 @@ class OpenAIES:
         es = cls.__new__(cls)
         vars(es).update(state)
         return es
-
-
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys: (seed, stream, generation, member, rollout)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def sample_noise(noise_seed, dim):
-    """The perturbation direction eps ~ N(0, I) of one member: float32 (dim,), from its seed alone."""
-    return np.random.default_rng(noise_seed).standard_normal(dim, dtype=np.float32)
-
-
-def perturb(theta, sigma, noise_seed, sign):
-    """Member parameters theta + sign * sigma * eps(noise_seed): float32 (D,). sign in {+1, -1}."""
-    return theta + np.float32(sign * sigma) * sample_noise(noise_seed, theta.size)
-
-
-def centered_ranks(x):
-    """Ranks of x mapped onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum (Salimans et al.
-    2017). All-equal returns give zeros, never NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # rank of the first of each group of equal values
-    return (first + (counts - 1) / 2.0)[inverse] / (x.size - 1) - 0.5
-
-
-def shape_fitness(returns, method):
-    """Fitness shaping: 'centered-rank', 'z-score' (zeros when all returns are equal) or 'none'."""
-    returns = np.asarray(returns, dtype=np.float64)
-    if method == "centered-rank":
-        return centered_ranks(returns)
-    if method == "z-score":
-        std = returns.std()
-        return (returns - returns.mean()) / std if std > 0 else np.zeros_like(returns)
-    return returns
 
 
 # -- 3. Policy, environment, rollout -------------------------------------------------------------
