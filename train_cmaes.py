@@ -71,7 +71,7 @@ LIMITS = {"seed": (0, 2**32 - 1), "num_workers": (1, SIZE_MAX), "population_size
           "max_iter": (1, INT_MAX), "num_rollouts": (1, INT_MAX), "max_episode_steps": (1, INT_MAX),
           "max_negative_steps": (0, INT_MAX), "eval_every": (1, INT_MAX), "num_eval_rollouts": (1, INT_MAX),
           "consecutive_goal_stopping": (1, INT_MAX), "reward_goal": (-math.inf, math.inf),
-          "init_sigma": (0.0, math.inf, True), "image_size": (1, SIZE_MAX), "action_dim": (1, SIZE_MAX),
+          "init_sigma": (0.0, math.inf, True), "separable": (0, INT_MAX), "image_size": (1, SIZE_MAX), "action_dim": (1, SIZE_MAX),
           **{key: (1, SIZE_MAX) for key in ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size",
                                             "num_frames")}}
 
@@ -146,8 +146,15 @@ def build_parser():
     g.add_argument("--wandb-entity", help="W&B team or user of --track (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
+    g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS",
+                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first GENERATIONS "
+                   "generations, then the full covariance; 0: full from the start, >= --max-iter: separable "
+                   "throughout")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
-                   help="which part CMA-ES searches; the rest is frozen (needs --init-from)")
+                   help="which part CMA-ES searches; the rest is frozen at --init-from's weights (without "
+                   "--init-from: at fresh weights drawn from --seed)")
+    g.add_argument("--fresh", action="store_true", help="with --train attention|controller and --init-from: the "
+                   "searched part starts from fresh weights drawn from --seed, only the frozen part from the file")
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
     g.add_argument("--patch-stride", type=int, default=4, help="step between patches, pixels")
@@ -226,8 +233,8 @@ def check_flags(args, given):
     """UserError for flags that exclude each other, and for paths that are not what they must be."""
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
         raise UserError("--resume, --from-pretrained and --init-from exclude each other")
-    if args.train != "all" and not args.init_from:
-        raise UserError(f"--train {args.train} needs --init-from FILE for the frozen part")
+    if args.fresh and (args.train == "all" or not args.init_from):
+        raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
     fixed = sorted(given - RESUME_FLAGS if args.resume else given & set(AGENT_FLAGS) if args.from_pretrained else ())
     if fixed:
         raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
@@ -278,13 +285,14 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
+def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
     """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
 
     The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
     losses)` takes one float per candidate, lower is better (here: negated mean returns) and updates the mean,
     the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
-    `es.D` the square roots of the covariance's eigenvalues. The whole object pickles (`attach_randn(es, None)` first).
+    `es.D` the square roots of the covariance's eigenvalues. separable > 0: pycma's CMA_diagonal, a diagonal
+    covariance (sep-CMA-ES, Ros & Hansen 2008: O(n) a sample, learns n times faster) for that many generations. The whole object pickles (`attach_randn(es, None)` first).
     The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
     and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
     run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
@@ -298,6 +306,8 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None):
     options = {"popsize": population_size, "seed": derive_seed(seed, CMA_STREAM, 1), "randn": rng.randn,
                "verbose": -9, "verb_disp": 0, "verb_log": 0,
                "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep}
+    if separable:
+        options["CMA_diagonal"] = separable
     return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), init_sigma, options), rng
 
 
@@ -698,7 +708,7 @@ def setup_run(args, given):
     checkpoint = None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
+        saved = vars(build_parser().parse_args([])) | checkpoint["args"]  # a flag added since takes its default
         saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
         args = argparse.Namespace(**saved)
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
@@ -716,7 +726,8 @@ def setup_run(args, given):
     if checkpoint:
         es, cma_rng, counters = checkpoint["cma"], checkpoint["cma_rng"], checkpoint["counters"]
     else:
-        es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir)
+        es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir,
+                               args.separable)
         counters = dict.fromkeys(COUNTERS, 0) | {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config),
                        [args.population_size * base.size], args.quiet)  # before any file is touched
@@ -774,6 +785,8 @@ def build_agent(args, env_shape):
         source, _, _ = agent_from_file(args.init_from, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
+            if args.fresh and part == args.train:
+                continue  # the searched part keeps its fresh weights
             for name in names:
                 target, origin = getattr(agent, name), getattr(source, name, None)
                 if origin is not None and shapes(target) == shapes(origin):
