@@ -708,7 +708,7 @@ def setup_run(args, given):
     checkpoint = None
     if args.resume:
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = vars(build_parser().parse_args([])) | checkpoint["args"]  # a flag added since takes its default
+        saved = dict(checkpoint["args"])
         saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
         args = argparse.Namespace(**saved)
         check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
@@ -1241,12 +1241,11 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
-    if isinstance(state.get("args"), dict):  # a run from before these logging flags
-        state["args"] = {"exp_name": SCRIPT[:-3], "track": False, "wandb_project_name": "neuroevolution",
-                         "wandb_entity": None} | state["args"]
+    if isinstance(state.get("args"), dict):  # a flag added since the checkpoint was written takes its default
+        state["args"] = vars(build_parser().parse_args([])) | state["args"]
     kinds = {"args": dict, "cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState, "counters": dict}
-    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not (
-            set(state["args"]) >= set(vars(build_parser().parse_args([]))) and set(state["counters"]) >= set(COUNTERS)):
+    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not set(state["counters"]) >= set(
+            COUNTERS):
         raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
     attach_randn(state["cma"], state["cma_rng"].randn)
     return path, state

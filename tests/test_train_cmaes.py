@@ -314,6 +314,55 @@ def test_init_from_a_file_of_another_controller_starts_searched_parts_fresh_and_
 
 
 @needs_authors
+@pytest.mark.parametrize("part", ["attention", "controller"])
+def test_fresh_starts_the_searched_part_from_the_seed_and_takes_only_the_frozen_part_from_the_file(part):
+    authors, searched = authors_params(), cm.AttentionAgent().part_mask(part)
+    for seed in (1, 7):
+        args = cm.parse_args(["--train", part, "--fresh", "--init-from", AUTHORS, "--seed", str(seed)])[0]
+        params = cm.build_agent(args, (96, 3))[0].get_flat()
+        torch.manual_seed(seed)
+        fresh = cm.AttentionAgent().get_flat()
+        assert np.array_equal(params[~searched], authors[~searched])
+        assert np.array_equal(params[searched], fresh[searched])
+    without = cm.build_agent(cm.parse_args(["--train", part, "--init-from", AUTHORS])[0], (96, 3))[0].get_flat()
+    assert np.array_equal(without, authors)  # without --fresh the file provides both parts
+
+
+def test_train_a_part_without_init_from_freezes_the_other_at_fresh_weights(tmp_path):
+    run, out = train(tmp_path, "staged", "--train", "controller", "--seed", "3", iters=1)
+    assert "CMA-ES searches: 2483 (controller)" in out.stdout
+    torch.manual_seed(3)
+    fresh, attention = cm.AttentionAgent().get_flat(), cm.AttentionAgent().part_mask("attention")
+    params = np.load(run / "final.npz")["params"]
+    assert np.array_equal(params[attention], fresh[attention])
+    assert not np.array_equal(params[~attention], fresh[~attention])
+
+
+def test_separable_keeps_a_diagonal_covariance_for_its_generations_then_learns_the_full_one():
+    for separable, diagonal_generations in ((0, 0), (3, 3)):
+        es, _ = cm.make_cma(np.zeros(6), population_size=8, separable=separable)
+        diagonal = []
+        for _ in range(5):
+            x = es.ask()
+            es.tell(x, [float((v[0] + v[1]) ** 2 + v[2:] @ v[2:]) for v in x])
+            diagonal.append(np.ndim(es.C) < 2)  # pycma keeps no n x n matrix while separable
+        assert diagonal == [True] * diagonal_generations + [False] * (5 - diagonal_generations)
+
+
+def test_separable_run_and_a_checkpoint_without_the_flags_added_since_resume_exactly(tmp_path):
+    run, _ = train(tmp_path, "sep", "--separable", "100", iters=1)
+    straight, _ = train(tmp_path, "sep_straight", "--separable", "100", iters=2)
+    checkpoint = pickle.loads((run / "checkpoint.pkl").read_bytes())
+    assert checkpoint["args"]["separable"] == 100
+    del checkpoint["args"]["fresh"]  # as a checkpoint of a version before --fresh writes it
+    (run / "checkpoint.pkl").write_bytes(pickle.dumps(checkpoint))
+    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert progress(run) == progress(straight)
+    assert json.loads((run / "args.json").read_text())["fresh"] is False
+
+
+@needs_authors
 def test_from_pretrained_authors_file_and_attention_video(tmp_path):
     out = run_script(["--from-pretrained", AUTHORS, "--num-eval-rollouts", "2", "--max-episode-steps", "60",
                       "--num-workers", "2", "--capture-video", "--run-name", "v"], cwd=tmp_path)
@@ -350,7 +399,8 @@ def test_bad_inputs_are_one_line(tmp_path):
     assert "train_openai_es.py" in assert_one_line_error(run_script(["--init-from", "es.npz"], cwd=tmp_path))
     assert "--init-sigma" in assert_one_line_error(run_script(["--init-sigma", "0"], cwd=tmp_path))
     assert "--init-sigma" in assert_one_line_error(run_script(["--init-sigma", "-0.1"], cwd=tmp_path))
-    assert "--init-from" in assert_one_line_error(run_script(["--train", "controller"], cwd=tmp_path))
+    for flags in (["--fresh"], ["--fresh", "--train", "controller"], ["--fresh", "--init-from", "short.npz"]):
+        assert "--fresh" in assert_one_line_error(run_script(flags, cwd=tmp_path))
     assert "NoSuchEnv" in assert_one_line_error(run_script(["--env-id", "NoSuchEnv-v0"], cwd=tmp_path))
     assert "observation space" in assert_one_line_error(run_script(["--env-id", "CartPole-v1"], cwd=tmp_path))
     if os.path.exists(AUTHORS):
