@@ -60,31 +60,42 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
                     "children_accepted", "mutation_rate", "mutation_scale", "param_norm", "num_cpus"]
 # Streams of randomness, each derived from (seed, stream, generation, member, rollout).
 INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
+# learning_curve.png's lines, the first drawn boldest
+CURVES = [("return_mean", "candidates mean"), ("return_max", "candidates max"),
+          ("best_fitness", "best member's fitness")]
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
-RAY_MISSING = "--ray-address needs Ray, not installed here: pip install -r requirements-ray.txt"
 SLIME_ID = "SlimeVolley-v0"  # optional slimevolleygym package (old gym API), adapted by this script
 
 
 class UserError(Exception):
-    """Bad input (flags, files, environments): one line `train_ga.py: error: ...`, exit code 2."""
-    exit_code = 2
+    """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
+
+
+class PoolLost(Exception):
+    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
 
 # ---- 1. Configuration ----------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UserError (main() reports it in one line)."""
+    """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
 
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples as written; each default shown once (appended unless the help states it or there is none)."""
+    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
+    a switch shows none, an --x/--no-x pair the one that is on."""
 
     def _get_help_string(self, action):
-        if "(default" in action.help or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
-            return action.help
-        return action.help + " (default: %(default)s)"
+        text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+        if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text + f" (default: {action.option_strings[0 if action.default else 1]})"
+        if isinstance(action.default, bool):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser():
@@ -177,10 +188,14 @@ import torch.nn as nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
+# gymnasium's image wrappers build float64-bounded Boxes and warn about it; harmless, it would bury errors.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
+
 
 # ---- 2. Genetic algorithm: the operators and the ask/tell object -------------------------------
 def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout)."""
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
@@ -483,11 +498,13 @@ def num_params(policy):
 
 class NegativeRewardEarlyStop(gym.Wrapper):
     """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020), which gymnasium lacks. Training rollouts only."""
+    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
+    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
 
     def __init__(self, env, patience):
         super().__init__(env)
-        self.patience, self.negative_steps = patience, 0
+        self.patience = patience  # negative rewards in a row that end the episode
+        self.negative_steps = 0  # negative rewards in a row so far
 
     def reset(self, **kwargs):
         self.negative_steps = 0
@@ -495,7 +512,10 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
+        if reward < 0:
+            self.negative_steps += 1
+        else:
+            self.negative_steps = 0
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
@@ -741,6 +761,8 @@ def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, star
 # ---- 4. Training loop ----------------------------------------------------------------------------
 def train(args, given):
     """The GA: ask -> rollouts -> tell -> log -> evaluate the best member -> checkpoint, to --max-iter."""
+    if args.distill_from:
+        return run_distillation(args, given)
     run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv, TensorBoard
     args, ga, pool, counters = run.args, run.ga, run.pool, run.counters
     code = 1  # the exit code W&B is told, should the run end by an error
@@ -772,9 +794,10 @@ def train(args, given):
             write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness)  # CSV, TensorBoard
             print_generation(run, fitness, best_fitness, steps, started)
             if evaluation and time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
-                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES,
+                                    run.ylabel)
                 run.last_plot = time.perf_counter()
-            save_checkpoint(run)
+            save_run(run)
             if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {ga.generation} ({counters['wall_time_s']:.1f} s)")
@@ -790,7 +813,7 @@ def train(args, given):
         run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
                 f"over {final_evaluation['episodes']} episodes")
         save_weights(run.paths["final.npz"], final_params, run.meta(ga.generation, final_evaluation))
-        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES, run.ylabel)
         code = 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.kept()}", file=sys.stderr)
@@ -901,6 +924,23 @@ PLACEMENT_FLAGS = ("num_workers", "ray_address")
 # Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
 META_POLICY_FLAGS = ("hidden_sizes", "activation")
+INT_MAX = 2 ** 31 - 1  # counts and sizes: a C int at most
+# (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights meta sets; ints
+# where the flag is an int. The limits between flags (tournament and elites within the population) are check_args's.
+LIMITS = {"seed": (0, math.inf), "num_workers": (1, INT_MAX), "population_size": (2, INT_MAX),
+          "max_iter": (1, INT_MAX), "num_rollouts": (1, INT_MAX), "max_episode_steps": (1, INT_MAX),
+          "max_negative_steps": (0, INT_MAX), "eval_every": (1, INT_MAX), "num_eval_rollouts": (1, INT_MAX),
+          "reward_goal": (-math.inf, math.inf), "consecutive_goal_stopping": (1, INT_MAX),
+          "selection_pressure": (1.0, 2.0), "tournament_size": (1, INT_MAX), "crossover_rate": (0.0, 1.0),
+          "blx_alpha": (0.0, math.inf), "mutation_rate": (0.0, 1.0), "mutation_scale": (0.0, math.inf, True),
+          "elite_size": (0, INT_MAX), "hidden_sizes": (1, INT_MAX), "frame_size": (36, INT_MAX),
+          "frame_stack": (1, INT_MAX), "distill_episodes": (1, INT_MAX), "distill_rounds": (1, INT_MAX),
+          "distill_epochs": (1, INT_MAX), "learning_rate": (0.0, math.inf, True), "batch_size": (1, INT_MAX)}
+OPTIONAL_NUMBERS = ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal")  # None: unset
+# What a checkpoint holds beyond its format version, script, args and counters, and the counters.
+CHECKPOINT_PARTS = {"ga": dict}  # GeneticAlgorithm.state_dict(): numpy arrays and plain values
+CHECKPOINT_MODULES = ()  # packages whose objects a checkpoint holds, beyond numpy's and builtins: none
+COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 
 
 def parse_args(argv=None):
@@ -935,45 +975,53 @@ def parse_args(argv=None):
         args.env_kwargs[key] = value
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address:
-        require("ray", RAY_MISSING)
+        import_optional("ray", "--ray-address", "ray")
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
             raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
         if "num_workers" not in given:
             args.num_workers = None  # every CPU of the cluster
+    check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
     check_args(args)
     check_paths(args)
     return args, given
 
 
+def check_numbers(values, label):
+    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
+    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
+    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
+    smallest itself is excluded."""
+    for key, value in values.items():
+        if key not in LIMITS or value is None:
+            continue
+        low, high, *low_excluded = LIMITS[key]
+        integer = isinstance(low, int)
+        rules = []
+        if math.isfinite(low):
+            rules.append(f"> {low}" if low_excluded else f">= {low}")
+        if math.isfinite(high):
+            rules.append(f"<= {high}")
+        kind = "an integer" if integer else "a finite number"
+        message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
+                raise UserError(f"{message}, got {number!r}")
+            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
+                raise UserError(f"{message}, got {number!r}")
+
+
 def check_args(args):
-    """Check every setting (flags, a checkpoint's, a weights meta's) by kind and range. Raises UserError."""
-    n, inf, generational = args.population_size, math.inf, args.replacement == "generational"
-    ranges = {  # flag: (kind, low, high), both inclusive; "positive": a float > low
-        "seed": (int, 0, inf), "num_workers": (int, 1, inf), "population_size": (int, 2, inf),
-        "max_iter": (int, 1, inf), "num_rollouts": (int, 1, inf), "max_episode_steps": (int, 1, inf),
-        "max_negative_steps": (int, 0, inf), "eval_every": (int, 1, inf), "num_eval_rollouts": (int, 1, inf),
-        "reward_goal": (float, -inf, inf), "consecutive_goal_stopping": (int, 1, inf),
-        "selection_pressure": (float, 1, 2), "tournament_size": (int, 1, n if args.selection == "tournament" else inf),
-        "crossover_rate": (float, 0, 1), "blx_alpha": (float, 0, inf), "mutation_rate": (float, 0, 1),
-        "mutation_scale": ("positive", 0, inf), "elite_size": (int, 0, n - 1 if generational else inf),
-        "hidden_sizes": (int, 1, inf), "frame_size": (int, 36, inf),
-        "frame_stack": (int, 1, inf), "distill_episodes": (int, 1, inf), "distill_rounds": (int, 1, inf),
-        "distill_epochs": (int, 1, inf), "learning_rate": ("positive", 0, inf), "batch_size": (int, 1, inf)}
-    for name, (kind, low, high) in ranges.items():
-        flag, values = "--" + name.replace("_", "-"), getattr(args, name)
-        for value in values if isinstance(values, list) else [values]:
-            if value is None and name in ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) \
-                    or not math.isfinite(value):
-                raise UserError(f"{flag} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
-            if kind is int and name != "seed" and value > 2 ** 31 - 1:  # counts and sizes: a C int at most
-                raise UserError(f"{flag} must be at most {2 ** 31 - 1}, got {value!r}")
-            if not low <= value <= high or (kind == "positive" and value == low):
-                what = f"in [{low:g}, {high:g}]" if high < inf else f"> {low:g}" if kind == "positive" else \
-                    f"at least {low:g}"
-                raise UserError(f"{flag} must be {what}, got {value!r}")
+    """Check the rules between settings (flags, a checkpoint's, a weights meta's) and those that are not numbers;
+    check_numbers checks each number by LIMITS first. Raises UserError."""
+    n = args.population_size
+    unset = [key for key in LIMITS if getattr(args, key) is None and key not in OPTIONAL_NUMBERS]
+    if unset:
+        raise UserError(f"--{unset[0].replace('_', '-')} must be set, got None")
+    if args.selection == "tournament" and args.tournament_size > n:
+        raise UserError(f"--tournament-size must be in [1, {n}], got {args.tournament_size!r}")
+    if args.replacement == "generational" and args.elite_size > n - 1:
+        raise UserError(f"--elite-size must be in [0, {n - 1}], got {args.elite_size!r}")
     if args.replacement == "parents-vs-children" and n % 2:
         raise UserError("--population-size must be even with --replacement parents-vs-children (pairs of members)")
     if args.multitask is not None and len(args.hidden_sizes) < 2:
@@ -1007,6 +1055,7 @@ def setup_run(args, given):
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
         given_anew = {key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)}
         args = argparse.Namespace(**dict(checkpoint["args"], **given_anew))
+        check_numbers(vars(args), lambda key: f"{checkpoint_path}: its {key}")
         check_args(args)
         run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     else:
@@ -1016,7 +1065,9 @@ def setup_run(args, given):
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             "or pick another --run-name")
     run = types.SimpleNamespace(args=args, dir=run_dir, started=time.perf_counter(), last_plot=-math.inf)
-    run.wandb = require("wandb", "--track needs wandb: pip install -r requirements-track.txt") if args.track else None
+    run.wandb = None
+    if args.track:
+        run.wandb = import_optional("wandb", "--track", "track")
     if run.wandb and not getattr(args, "wandb_id", None):  # in args.json and the checkpoint: --resume continues it
         args.wandb_id = uuid.uuid4().hex[:16]  # (wandb 0.31 has no wandb.util.generate_id)
     run.env_configs = env_configs_from_args(args)
@@ -1053,6 +1104,9 @@ def setup_run(args, given):
     run.wall_offset = run.counters["wall_time_s"]
     run.log = (lambda *a, **k: None) if args.quiet else print
     run.title = f"GA on {args.env_id} (seed {args.seed})"
+    run.ylabel = "episode return"
+    if args.multitask:
+        run.ylabel = "fitness (sum of normalized returns)"
     run.kept = lambda: (f"the checkpoint of generation {run.ga.generation} is kept in {run.paths['checkpoint.pkl']}\n"
                         f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, "
                         "or locally)")
@@ -1103,11 +1157,11 @@ def upload(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-def save_checkpoint(run):
-    """checkpoint.pkl: format version, script, args, the GA's state, counters; written atomically."""
+def save_run(run):
+    """checkpoint.pkl (format version, script, args, the GA's state, counters; atomically), TensorBoard flushed."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "ga": run.ga.state_dict(),
              "counters": dict(run.counters)}
-    atomic_write(run.paths["checkpoint.pkl"], pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    save_checkpoint(run.paths["checkpoint.pkl"], state)
     run.tb.flush()
 
 
@@ -1124,15 +1178,16 @@ def init_worker(worker_args, buffers):
     """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    parent = os.getppid()
-
-    def watch_parent():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     use_shared(worker_args, buffers)
+
+
+def exit_with_parent(parent):
+    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
+    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def use_shared(worker_args, buffers):
@@ -1178,18 +1233,13 @@ def live_bar(label, total, unit="episode"):
     return bar
 
 
-class PoolError(UserError):
-    """The worker processes keep dying or the Ray cluster is lost: the run stops, its checkpoint kept (exit 1)."""
-    exit_code = 1
-
-
 class RolloutPool:
     """Rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster: one interface.
 
     worker_args: (env_configs, policy_config, D), each process builds its RolloutWorker from them once;
     shared_sizes: float32 sizes of a batch's arrays (members, rows x D). `map(tasks, shared)`: results in task
     order. Locally: mp.RawArray shared memory; a dead worker costs a warning and a re-run of the batch on new
-    workers, PoolError after WORKER_ATTEMPTS tries. Ray: remote tasks, arrays `ray.put` once per batch, at most
+    workers, PoolLost after WORKER_ATTEMPTS tries. Ray: remote tasks, arrays `ray.put` once per batch, at most
     num_workers at once (None: every CPU), a lost-cluster watchdog. `on_lost()`: what the run keeps if it stops.
     """
 
@@ -1214,7 +1264,7 @@ class RolloutPool:
         return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
 
     def map(self, tasks, shared, label=None):
-        """Run the tasks; their results in task order. label: the live bar's (None: none). UserError, PoolError."""
+        """Run the tasks; their results in task order. label: the live bar's (None: none). UserError, PoolLost."""
         # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
         # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
         # tasks alone, not on the chunks.
@@ -1246,11 +1296,11 @@ class RolloutPool:
                 except BrokenProcessPool as e:
                     self.close()
                     if attempt == WORKER_ATTEMPTS:
-                        raise PoolError(f"worker processes keep dying ({e}); stopped after {attempt} tries"
+                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} tries"
                                         f"{self.lost()}") from None
                     print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
                     self.executor = self.new_executor()
-                except UserError:
+                except (UserError, PoolLost):
                     raise
                 except Exception as e:
                     raise self.failure(e) from None
@@ -1271,7 +1321,7 @@ class RolloutPool:
         what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
                 f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
                 f"{RAY_TASK_RETRIES + 1} times)")
-        return PoolError(f"{what} ({reason}){self.lost()}")
+        return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
         """Stop the workers now (a busy one is killed, not awaited) and the Ray watchdog."""
@@ -1298,40 +1348,8 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
     def start_ray(self):
-        """Join the cluster (once per process) with this machine's auth token, as `ray start` does (Ray 2.60 wants
-        one where the head found a token; a driver given HOST:PORT sends none unless RAY_AUTH_MODE=token), Ray's
-        connection warnings held back; declare the Ray task; start the watchdog. UserError: no cluster, no token."""
-        ray, address = require("ray", RAY_MISSING), self.address
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:  # a silent address first: ray.init would wait minutes
-            if address != "auto" and not ray.is_initialized():
-                socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
-        error, stderr = None, os.dup(2)
-        with tempfile.TemporaryFile() as said:
-            os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
-            try:
-                if "RAY_AUTH_MODE" not in os.environ:
-                    from ray._private.authentication import authentication_token_setup as auth
-                    auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-                ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
-            except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
-                error = e
-            finally:
-                os.dup2(stderr, 2)
-                os.close(stderr)
-            said.seek(0)
-            said = said.read().decode(errors="replace")
-        if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-            raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token "
-                            "(`ray get-auth-token` on its head) or put it in ~/.ray/auth_token")
-        if error is not None:
-            raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
-        if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        """Join the cluster (`connect_ray`), declare the Ray task, start the watchdog. UserError: no cluster, no token."""
+        ray = connect_ray(self.address)
         self.ray, self.remote = ray, ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
         self.key, self.probes = uuid.uuid4().hex, []  # probes: (what, host, port) that must keep answering TCP
         try:
@@ -1369,25 +1387,74 @@ class RolloutPool:
                 os._exit(1)
 
 
-def require(module, message):
-    """An optional package's module (ray, wandb), or UserError(message) where it is not installed."""
+def import_optional(name, flag, extra):
+    """The module `name` (ray, wandb); UserError when it is not installed: it is optional, in
+    requirements-<extra>.txt, and `flag` asked for it."""
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
-        raise UserError(message) from None
+        raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
+
+
+def connect_ray(address):
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
+    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
+    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    ray = import_optional("ray", "--ray-address", "ray")
+    if ray.is_initialized():
+        return ray
+    if address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError):
+            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                            "or check the address (HOST:PORT, or auto)") from None
+    error = None
+    stderr = os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
+        try:
+            if "RAY_AUTH_MODE" not in os.environ:
+                from ray._private.authentication import authentication_token_setup as auth
+                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
+            error = e
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+        said.seek(0)
+        said = said.read().decode(errors="replace")
+    if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
+        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
+                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
+    if error is not None:
+        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
 
 
 def atomic_write(path, data):
-    """Write bytes (or what `data(file)` writes) into a temp file beside `path`, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
+    temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
+    new one, never a part."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data) if isinstance(data, bytes) else data(f)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):  # an interrupt may come after os.replace
+        if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
@@ -1400,8 +1467,10 @@ def write_csv(path, header, rows):
 
 
 def save_weights(path, params, meta):
-    """Weights file: `params` float32 (D,) and `meta`, a 0-d unicode array holding JSON; written atomically."""
-    atomic_write(path, lambda f: np.savez(f, params=np.asarray(params, np.float32), meta=np.array(json.dumps(meta))))
+    """Weights file (.npz), written atomically: `params` float32 (D,) and `meta`, a dict stored as a 0-d
+    unicode array holding JSON (np.load(path, allow_pickle=False) reads it)."""
+    params = np.asarray(params, dtype=np.float32)
+    atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
 
 def load_weights(path):
@@ -1444,6 +1513,7 @@ def read_weights_into_args(path, args, given):
     for key in META_ENV_FLAGS + META_POLICY_FLAGS:
         setattr(args, key, meta["policy" if key in META_POLICY_FLAGS else "env"][key])
     try:
+        check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
         check_args(args)
     except UserError as e:
         raise UserError(f"{path} has a bad meta: {e}") from None
@@ -1471,72 +1541,118 @@ def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
     return config, policy.load(params)
 
 
-class CheckpointUnpickler(pickle.Unpickler):
-    """Unpickler that admits only what a checkpoint holds: numpy arrays, dtypes and scalars, builtins."""
+class CheckpointUnpickler(pickle._Unpickler):
+    """Unpickler for checkpoints: it admits only numpy's names, those of the modules in CHECKPOINT_MODULES (the
+    optimizer's package) and a few builtins, and calls (REDUCE, checked on the pure-Python unpickler) nothing but
+    numpy's array, dtype and RNG constructors and builtin types. Objects of CHECKPOINT_MODULES are rebuilt from
+    their state (NEWOBJ + BUILD), never by calling their class. Anything else raises pickle.UnpicklingError
+    before it runs."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (f"numpy{core}.{module}", name) for core in ("._core", ".core")
-        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+    # (module, name) that REDUCE may call.
+    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
+             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
+             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
+                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
+    # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
+    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
+                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.callables = []
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (module.startswith("numpy") and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
+        dtype_class = module == "numpy.dtypes" and name.endswith("DType")
+        if (module, name) not in self.NAMES and module.partition(".")[0] not in CHECKPOINT_MODULES and not dtype_class:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
+        found = super().find_class(module, name)
+        if (module, name) in self.CALLS:
+            self.callables.append(found)
+        return found
+
+    def load_reduce(self):
+        func = self.stack[-2]
+        if not any(func is allowed for allowed in self.callables):
+            raise pickle.UnpicklingError(f"it calls {getattr(func, '__qualname__', func)!s}, which no checkpoint does")
+        super().load_reduce()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+
+def save_checkpoint(path, state):
+    """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
+    CHECKPOINT_PARTS) into `path`, atomically."""
+    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_checkpoint(path):
-    """(path, checkpoint dict) of a checkpoint.pkl or a run folder. Raises UserError if unusable."""
-    path = os.path.join(path, "checkpoint.pkl") if os.path.isdir(path) else path
+    """(path, the checkpoint dict) of a checkpoint.pkl or of a run folder holding one. A flag added since the
+    checkpoint was written takes its default. UserError when the file is unreadable, names anything
+    CheckpointUnpickler refuses, is another script's or another format's, or misses a part (CHECKPOINT_PARTS:
+    name -> type) or a counter (COUNTERS)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pkl")
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"no checkpoint at {path}: --resume takes a checkpoint.pkl or a run folder") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    owner = state.get("script") if isinstance(state, dict) else None
+    owner = None
+    if isinstance(state, dict):
+        owner = state.get("script")
     if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
-    defaults = vars(build_parser().parse_args([]))  # of the flags added since (--exp-name, --track, ...)
-    if not all(isinstance(state.get(key), dict) for key in ("args", "ga", "counters")) \
-            or not set(defaults) - {"exp_name", *RESUME_FLAGS} <= set(state["args"]):
-        raise UserError(f"{path} is damaged: its args, GA state or counters are missing")
-    return path, dict(state, args=dict(defaults, **state["args"]))
+    parts = {"args": dict, "counters": dict, **CHECKPOINT_PARTS}
+    missing = [name for name, kind in parts.items() if not isinstance(state.get(name), kind)]
+    if missing or not set(COUNTERS) <= set(state["counters"]):
+        raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
+    state["args"] = vars(build_parser().parse_args([])) | state["args"]
+    return path, state
 
 
 def versions():
-    """For args.json: python's and the libraries' versions; numpy's BLAS kernels set the last digits."""
-    import importlib.metadata as md
+    """For args.json: the versions of python and of the libraries a run depends on (None where one is not
+    installed), and "blas": numpy's BLAS and the kernels it picked for this CPU, which set a run's last digits."""
+    import importlib.metadata
     from threadpoolctl import threadpool_info
-    found = {"python": platform.python_version(), **dict.fromkeys(("torch", "gymnasium", "numpy", "cma"))}
+    found = {"python": platform.python_version()}
     for name in ("torch", "gymnasium", "numpy", "cma"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            found[name] = md.version(name)
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
     found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
                      for i in threadpool_info() if i["user_api"] == "blas"]
     return found
 
 
-def plot_learning_curve(progress_path, image_path, title):
-    """learning_curve.png from progress.csv: candidates' mean/max, the best member, evaluations +/- std."""
-    from matplotlib.figure import Figure  # no pyplot: no display, no figure to close
+def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
+    """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
+    boldest) against the generation, and the evaluations +/- std."""
+    from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
+    if not rows:
+        return
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for column, label, width, alpha in (("return_mean", "candidates mean", 1, 1), ("return_max", "candidates max",
-                                        0.8, 0.6), ("best_fitness", "best member's fitness", 0.8, 0.6)):
-        ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], label=label, lw=width,
-                alpha=alpha)
-    ev = np.array([(float(r["iteration"]), float(r["eval_return_mean"]), float(r["eval_return_std"]))
-                   for r in rows if r["eval_return_mean"]]).reshape(-1, 3)
-    ax.errorbar(ev[:, 0], ev[:, 1], yerr=ev[:, 2], fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
-    ax.set(xlabel="generation", title=title,
-           ylabel="fitness (sum of normalized returns)" if "+" in title else "episode return")
+    iterations = [float(row["iteration"]) for row in rows]
+    for i, (column, label) in enumerate(curves):
+        values = [float(row[column]) for row in rows]
+        ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
+    evaluated = [row for row in rows if row["eval_return_mean"]]
+    if evaluated:
+        ax.errorbar([float(row["iteration"]) for row in evaluated],
+                    [float(row["eval_return_mean"]) for row in evaluated],
+                    yerr=[float(row["eval_return_std"]) for row in evaluated],
+                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+    ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -1731,27 +1847,34 @@ def run_distillation(args, given):
 
 
 def main(argv=None):
-    """Entry point. Returns the exit code: 0; 2 bad input; 1 workers or Ray cluster lost; 130 SIGINT/SIGTERM."""
+    """Entry point; returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost
+    or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
+    the checkpoint of the last finished generation kept."""
+    sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
     def stop(signum, frame):
         raise KeyboardInterrupt
-
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
-    sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
     torch.set_num_threads(1)
-    # gymnasium's image wrappers build float64-bounded Boxes and warn about it; harmless, it would bury errors.
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
     try:
         args, given = parse_args(argv)
         if args.from_pretrained:
             return run_from_pretrained(args, given)
-        return run_distillation(args, given) if args.distill_from else train(args, given)
-    except UserError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return train(args, given)
+    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's own messages are clear
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, MemoryError):
+            message += " (a size too large for this machine)"
+        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+        if isinstance(e, PoolLost):
+            return 1
+        return 2
     except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
-        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        if e.filename:
+            print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -337,7 +337,7 @@ def test_workers_that_keep_dying_stop_the_run_with_the_checkpoint_kept(monkeypat
     pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
     pool.on_lost = lambda: "the checkpoint of generation 7 is kept"
     try:
-        with pytest.raises(ga_mod.PoolError, match="keep dying.*stopped after 3 tries: the checkpoint of generation 7"):
+        with pytest.raises(ga_mod.PoolLost, match="keep dying.*stopped after 3 tries: the checkpoint of generation 7"):
             pool.map([(0, [1], True, ())] * 4, [np.zeros(sizes[0], np.float32)])
     finally:
         pool.close()
@@ -422,6 +422,21 @@ def test_resume_refuses_algorithm_changes_and_drops_late_rows(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = progress(run)
     assert rows[:1] == reference and len(rows) == 2 and rows[1]["evaluations"] == "12"
+
+
+def test_a_checkpoint_written_before_exp_name_and_track_existed_resumes(tmp_path):
+    run = train(tmp_path, "old", iters=1)
+    with open(run / "checkpoint.pkl", "rb") as f:
+        state = pickle.load(f)  # our own file: the plain unpickler may read it
+    for key in ("exp_name", "track", "wandb_project_name", "wandb_entity"):  # flags added since
+        del state["args"][key]
+    with open(run / "checkpoint.pkl", "wb") as f:
+        pickle.dump(state, f)
+    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resuming at generation 1" in out.stdout and len(progress(run)) == 2
+    config = json.loads((run / "args.json").read_text())
+    assert config["exp_name"] == "train_ga" and config["track"] is False  # the defaults: the old behavior
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -573,10 +588,10 @@ def test_capture_video(tmp_path):
 # Bad input: one line, non-zero exit, nothing damaged
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,expected", [
-    (["--mutation-rate", "1.5"], "--mutation-rate must be in [0, 1]"),
-    (["--mutation-rate", "-0.1"], "--mutation-rate must be in [0, 1]"),
-    (["--crossover-rate", "2"], "--crossover-rate must be in [0, 1]"),
-    (["--population-size", "1"], "at least 2"),
+    (["--mutation-rate", "1.5"], "--mutation-rate must be a finite number >= 0.0 and <= 1.0"),
+    (["--mutation-rate", "-0.1"], "--mutation-rate must be a finite number >= 0.0 and <= 1.0"),
+    (["--crossover-rate", "2"], "--crossover-rate must be a finite number >= 0.0 and <= 1.0"),
+    (["--population-size", "1"], "--population-size must be an integer >= 2"),
     (["--population-size", "5", "--replacement", "parents-vs-children"], "even"),
     (["--elite-size", "64"], "--elite-size"),
     (["--selection-pressure", "3"], "--selection-pressure"),
@@ -584,8 +599,8 @@ def test_capture_video(tmp_path):
     (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"),
     (["--env-id", "FrozenLake-v1"], "observation space"),
     (["--from-pretrained", "missing.npz"], "does not exist"),
-    (["--resume", "nowhere"], "no checkpoint"),
-    (["--hidden-sizes", "1000000000000"], "at most 2147483647"),
+    (["--resume", "nowhere"], "nowhere is not a readable checkpoint"),
+    (["--hidden-sizes", "1000000000000"], "<= 2147483647"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     line = assert_one_line_error(run_script(args + ["--max-iter", "1"], cwd=tmp_path))
@@ -622,7 +637,7 @@ BAD_INPUTS = [  # (flags, a word the error line names)
     (["--logs-dir", "afile"], "--logs-dir"), (["--logs-dir", "afile/runs"], "--logs-dir"),
     (["--run-name", "a/b"], "--run-name"), (["--run-name", ".."], "--run-name"), (["--run-name", ""], "--run-name"),
     (["--exp-name", "a/b"], "--exp-name"), (["--exp-name", ""], "--exp-name"),
-    (["--resume", "adir"], "no checkpoint"), (["--resume", "missing"], "no checkpoint"),
+    (["--resume", "adir"], "not a readable checkpoint"), (["--resume", "missing"], "not a readable checkpoint"),
     (["--resume", "afile"], "checkpoint"), (["--from-pretrained", "adir"], "directory"),
     (["--init-from", "missing.npz"], "does not exist"),
     (["--distill-from", "adir", "--hidden-sizes", "2"], "directory"),
