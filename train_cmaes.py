@@ -1,17 +1,19 @@
 """CMA-ES training the self-attention AttentionAgent on CarRacing-v3, in one file.
 
 Tang, Nguyen, Ha (2020), "Neuroevolution of Self-Interpretable Agents", GECCO 2020
-(arXiv:2003.08165): the agent cuts each 96x96 frame into 529 patches, lets them vote for each
-other with a tiny self-attention (query and key Linear(147, 4)), keeps only the positions of the
-10 most voted-for patches, and drives with an LSTM(20, 16) on those 20 numbers: 3667 parameters,
-914 +/- 15 on CarRacing. The flat parameter vector uses the authors' layout, so their published
-weights load as they are. The agent is trained without gradients by CMA-ES (Hansen 2016, "The CMA
-Evolution Strategy: A Tutorial"), here pycma's `cma.CMAEvolutionStrategy`. Each generation:
+(arXiv:2003.08165): the agent cuts each 96x96 frame into 529 patches, lets them vote for
+each other with a tiny self-attention (query and key Linear(147, 4)), keeps only the
+positions of the 10 most voted-for patches, and drives with an LSTM(20, 16) on those 20
+numbers: 3667 parameters, 914 +/- 15 on CarRacing. The flat parameter vector uses the
+authors' layout, so their published weights load as they are. The agent is trained
+without gradients by CMA-ES (Hansen 2016, "The CMA Evolution Strategy: A Tutorial"),
+here pycma's `cma.CMAEvolutionStrategy`. Each generation:
 
-    x_i = m + sigma * N(0, C), i = 1..lambda;   F(x_i) = mean return over --num-rollouts episodes
-    m <- sum_j w_j x_(j) (x_(j) the j-th best by F);  C and sigma adapt towards the steps that paid
+    x_i = m + sigma * N(0, C), i = 1..lambda;  F(x_i) = mean return over --num-rollouts
+    m <- sum_j w_j x_(j) (x_(j) the j-th best by F);  C, sigma adapt towards steps that paid
 
-pycma minimizes, so it is told -F. The distribution mean m (`es.result.xfavorite`) is the solution.
+pycma minimizes, so it is told -F. The distribution mean m (`es.result.xfavorite`) is the
+solution.
 
 Examples:
     # the authors' weights over 100 episodes (no early stop; 1000 steps)
@@ -24,248 +26,161 @@ Examples:
 
 import argparse
 import collections
-import concurrent.futures
-import csv
 import dataclasses
-import importlib
-import io
-import json
-import logging
 import math
-import multiprocessing as mp
 import os
-import pickle
-import platform
-import shutil
-import signal
-import socket
-import sys
-import tempfile
-import threading
-import time
-import types
-import uuid
+import typing
 
 SCRIPT = "train_cmaes.py"
 FORMAT_VERSION = 1
-# The columns every script of the project writes first, then the CMA-ES scalars.
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
-                    "return_max", "return_std", "eval_return_mean", "eval_return_std",
-                    "sigma", "axis_ratio", "dim", "num_cpus"]
-CMA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2  # randomness: derive_seed(seed, stream, generation, ...)
-AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array of this size, the paper's architecture
-PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
-MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: each task)
-RAY_POLL_S, RAY_LOST_AFTER_S = 1.0, 10.0  # the Ray watchdog's probe interval, and when it gives the cluster up
-# Flags that --resume may set anew; the rest comes from the checkpoint, except where the run executes.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "stock_env"}
-PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
-# The agent's architecture flags: a weights file's meta brings them along.
-AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
 CONTROLLERS = ("lstm", "rnn", "mlp")
-COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
-INT_MAX, SIZE_MAX = 2**31 - 1, 4096
-# (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file's meta sets.
-LIMITS = {"seed": (0, 2**32 - 1), "num_workers": (1, SIZE_MAX), "population_size": (2, INT_MAX),
-          "max_iter": (1, INT_MAX), "num_rollouts": (1, INT_MAX), "max_episode_steps": (1, INT_MAX),
-          "max_negative_steps": (0, INT_MAX), "eval_every": (1, INT_MAX), "num_eval_rollouts": (1, INT_MAX),
-          "consecutive_goal_stopping": (1, INT_MAX), "reward_goal": (-math.inf, math.inf),
-          "init_sigma": (0.0, math.inf, True), "separable": (0, INT_MAX), "image_size": (1, SIZE_MAX), "action_dim": (1, SIZE_MAX),
-          **{key: (1, SIZE_MAX) for key in ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size",
-                                            "num_frames")}}
+# Randomness: derive_seed(seed, stream, generation, ...), one stream per use.
+CMA_STREAM = 0
+TRAIN_ENV_STREAM = 1
+EVAL_ENV_STREAM = 2
 
 
 class UserError(Exception):
-    """Bad input (flags, files, environments): reported as one line, exit code 2."""
-
-
-class PoolLost(Exception):
-    """The workers are gone for good (they keep dying, or the Ray cluster is lost): exit code 1."""
+    """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each default shown once: appended unless the help says it already or the flag is a switch."""
+    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
+    a switch shows none, an --x/--no-x pair the one that is on."""
 
     def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool) or "(default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
+        text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+        if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text + f" (default: {action.option_strings[0 if action.default else 1]})"
+        if isinstance(action.default, bool):
+            return text
+        return text + " (default: %(default)s)"
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage block)."""
+    """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UserError(message)
 
 
 def build_parser():
     """The argparse parser of every flag."""
-    p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
-                      formatter_class=HelpFormatter, epilog=__doc__[__doc__.index("Examples:"):]
-                      + f'\nMore: README.md, section "{SCRIPT}"')
+    p = OneLineParser(
+        prog=SCRIPT,
+        description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
+        formatter_class=HelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
+    usable_cores = os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        usable_cores = len(os.sched_getaffinity(0))
     g = p.add_argument_group("run")
-    g.add_argument("--env-id", default="CarRacing-v3", help="gymnasium id of a CarRacing-like pixel env")
+    g.add_argument("--env-id", default="CarRacing-v3",
+                   help="gymnasium id of a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
-    g.add_argument("--num-workers", type=int, help="rollout worker processes (default: usable cores); 1 runs "
-                   "in-process. With --ray-address: the most rollouts at once (default there: the cluster's CPUs)",
-                   default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT "
-                   "of its head, or auto (default: $RAY_ADDRESS if set, else local worker processes)")
+    g.add_argument("--num-workers", type=int, default=usable_cores,
+                   help="rollout worker processes (default: usable cores); 1 runs in-process. "
+                   "With --ray-address: the most rollouts at once (default there: the cluster's CPUs)")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or "
+                   "auto (default: $RAY_ADDRESS if set, else local worker processes)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
-    g.add_argument("--max-iter", type=int, default=2000, help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness evaluation (fitness: their mean)")
+    g.add_argument("--max-iter", type=int, default=2000,
+                   help="generations, counted from the run's start")
+    g.add_argument("--num-rollouts", type=int, default=16,
+                   help="episodes per fitness evaluation (fitness: their mean)")
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
-    g.add_argument("--max-negative-steps", type=int, default=20, help="training episodes end after this many "
-                   "consecutive negative rewards (0 = off); never in evaluation")
+    g.add_argument("--max-negative-steps", type=int, default=20,
+                   help="training episodes end after this many consecutive negative rewards "
+                   "(0 = off); never in evaluation")
     g.add_argument("--stock-env", action="store_true",
                    help="use gymnasium's CarRacing as is, not the faster subclass with identical frames")
     g.add_argument("--eval-every", type=int, default=10,
                    help="evaluate the distribution mean (xfavorite) every this many generations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
-    g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
-    g.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint.pkl or its run folder")
-    g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights (this script's or the "
-                   "authors' file) over --num-eval-rollouts episodes; no training")
-    g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz", help="start from these weights; with "
-                   "--train attention|controller the other part stays frozen at the file's values")
-    g.add_argument("--capture-video", action="store_true", help="record an episode at each evaluation with the "
-                   "top-k patches highlighted (GIF; mp4 when moviepy is installed)")
-    g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return")
-    g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many consecutive evaluations")
-    g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
-    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (TensorBoard's scalars, the "
-                   "weights files, the curve); needs: pip install -r requirements-track.txt")
+    g.add_argument("--exp-name", default=SCRIPT[:-3],
+                   help="experiment name, in the default run folder name")
+    g.add_argument("--run-name",
+                   help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
+    g.add_argument("--resume", metavar="PATH",
+                   help="continue a run from its checkpoint.pkl or its run folder")
+    g.add_argument("--from-pretrained", metavar="PATH.npz",
+                   help="evaluate these weights (this script's or the authors' file) over "
+                   "--num-eval-rollouts episodes; no training")
+    g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz",
+                   help="start from these weights; with --train attention|controller the other part "
+                   "stays frozen at the file's values")
+    g.add_argument("--capture-video", action="store_true",
+                   help="record an episode at each evaluation with the top-k patches highlighted "
+                   "(GIF; mp4 when moviepy is installed)")
+    g.add_argument("--reward-goal", type=float,
+                   help="stop when the evaluation mean reaches this return")
+    g.add_argument("--consecutive-goal-stopping", type=int, default=1,
+                   help="... in this many consecutive evaluations")
+    g.add_argument("--quiet", action="store_true",
+                   help="no per-generation console lines, no progress bar")
+    g.add_argument("--track", action="store_true",
+                   help="log the run to Weights & Biases (TensorBoard's scalars, the weights files, "
+                   "the curve); needs: pip install -r requirements-track.txt")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
-    g.add_argument("--wandb-entity", help="W&B team or user of --track (default: your default entity)")
+    g.add_argument("--wandb-entity",
+                   help="W&B team or user of --track (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
     g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS",
-                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first GENERATIONS "
-                   "generations, then the full covariance; 0: full from the start, >= --max-iter: separable "
-                   "throughout")
+                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first "
+                   "GENERATIONS generations, then the full covariance; 0: full from the start, "
+                   ">= --max-iter: separable throughout")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
-                   help="which part CMA-ES searches; the rest is frozen at --init-from's weights (without "
-                   "--init-from: at fresh weights drawn from --seed)")
-    g.add_argument("--fresh", action="store_true", help="with --train attention|controller and --init-from: the "
-                   "searched part starts from fresh weights drawn from --seed, only the frozen part from the file")
+                   help="which part CMA-ES searches; the rest is frozen at --init-from's weights "
+                   "(without --init-from: at fresh weights drawn from --seed)")
+    g.add_argument("--fresh", action="store_true",
+                   help="with --train attention|controller and --init-from: the searched part "
+                   "starts from fresh weights drawn from --seed, only the frozen part from the file")
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
     g.add_argument("--patch-stride", type=int, default=4, help="step between patches, pixels")
-    g.add_argument("--query-dim", type=int, default=4, help="width of the query and key projections")
-    g.add_argument("--top-k", type=int, default=10, help="patches whose centers feed the controller")
+    g.add_argument("--query-dim", type=int, default=4,
+                   help="width of the query and key projections")
+    g.add_argument("--top-k", type=int, default=10,
+                   help="patches whose centers feed the controller")
     g.add_argument("--hidden-size", type=int, default=16, help="controller width")
-    g.add_argument("--no-bias", dest="bias", action="store_false", help="query and key projections without bias")
-    g.add_argument("--controller", choices=CONTROLLERS, default="lstm", help="lstm: LSTM + Linear (the paper); "
-                   "rnn: ReLU RNN + Linear; mlp: over --num-frames stacked top-k features")
-    g.add_argument("--num-frames", type=int, default=4, help="mlp controller: stacked feature vectors")
+    g.add_argument("--no-bias", dest="bias", action="store_false",
+                   help="query and key projections without bias")
+    g.add_argument("--controller", choices=CONTROLLERS, default="lstm",
+                   help="lstm: LSTM + Linear (the paper); rnn: ReLU RNN + Linear; "
+                   "mlp: over --num-frames stacked top-k features")
+    g.add_argument("--num-frames", type=int, default=4,
+                   help="mlp controller: stacked feature vectors")
     return p
 
 
 def parse_args(argv=None):
-    """Parse and check the command line: (args, the set of flags given explicitly). A bad value ends
-    the process with one line on stderr (exit code 2) before anything is run or written."""
+    """(args, the set of flags given explicitly), checked (kind, range, finiteness, paths, flags
+    that exclude each other) before anything is run or written: UserError otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # argparse leaves alone what a namespace already holds: the flags typed are those whose marker changed.
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: parser for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not parser}
-    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    try:
-        check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
-        check_flags(args, given)
-        if args.ray_address:
-            import_optional("ray", "--ray-address", "ray")
-        if args.track:
-            import_optional("wandb", "--track", "track")
-    except UserError as e:
-        parser.error(str(e))
+    given = flags_given(parser, argv, args)
+    if not args.ray_address:
+        args.ray_address = os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
+    check_flags(args, given)
     if args.ray_address and "num_workers" not in given:
         args.num_workers = None  # every CPU of the cluster
     return args, given
 
 
-def check_numbers(values, label):
-    """UserError unless each entry of the dict `values` that LIMITS names is None or a number of its kind
-    (an int where the limits are ints), finite, and within its limits; label(key) names it in the message."""
-    for key, value in values.items():
-        if key not in LIMITS or value is None:
-            continue
-        low, high, *above = LIMITS[key]
-        kind = "an integer" if isinstance(low, int) else "a finite number"
-        rule = " and ".join(text for text, bound in ((f"{'>' if above else '>='} {low}", low), (f"<= {high}", high))
-                            if math.isfinite(bound))
-        if (isinstance(value, bool) or not isinstance(value, int if isinstance(low, int) else (int, float))
-                or not (low < value if above else low <= value) or not value <= high or not math.isfinite(value)):
-            raise UserError(f"{label(key)} must be {kind}{' ' * bool(rule)}{rule}, got {value!r}")
-
-
-def check_agent_config(config, label):
-    """UserError unless `config` (flags, or a weights file's meta) is an AttentionAgent's settings:
-    every key, sizes in range, a known controller, patches that fit the frame, top-k <= patches."""
-    if not isinstance(config, dict) or set(config) != {"image_size", "action_dim", *AGENT_FLAGS}:
-        raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
-    check_numbers(config, label)
-    if not isinstance(config["bias"], bool) or config["controller"] not in CONTROLLERS:
-        raise UserError(f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}")
-    size, patch, stride = config["image_size"], config["patch_size"], config["patch_stride"]
-    n = (size - patch) // stride + 1
-    if patch > size or stride > size or config["top_k"] > n * n:
-        raise UserError(f"{label('top_k')} {config['top_k']}, {label('patch_size')} {patch} and "
-                        f"{label('patch_stride')} {stride} must give at least top-k patches in the {size}x{size} frame")
-
-
-def check_env_id(env_id, label):
-    """UserError unless gymnasium has `env_id` registered."""
+if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"{label}: unknown env {env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def check_flags(args, given):
-    """UserError for flags that exclude each other, and for paths that are not what they must be."""
-    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
-        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
-    if args.fresh and (args.train == "all" or not args.init_from):
-        raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
-    fixed = sorted(given - RESUME_FLAGS if args.resume else given & set(AGENT_FLAGS) if args.from_pretrained else ())
-    if fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
-                        "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
-                        "the architecture"))
-    for flag, value in vars(args).items():
-        if isinstance(value, str) and "\0" in value:
-            raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
-    if not args.resume or "env_id" in given:
-        check_env_id(args.env_id, "--env-id")
-    resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
-    files = {"--resume": resume, "--from-pretrained": args.from_pretrained, "--init-from": args.init_from}
-    for flag, path in files.items():
-        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
-                flag == "--resume"))
-    for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
-        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
-            raise UserError(f"{flag} {name!r} must be a plain folder name")
-    folder = os.path.abspath(args.logs_dir)
-    for path in (os.path.join(folder, args.run_name or ""), folder):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise UserError(f"{path} exists and is not a folder: pick another --logs-dir or --run-name")
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: cannot create a folder under {folder}")
-
-
-if __name__ == "__main__":
-    build_parser().parse_known_args()  # --help exits here, before the heavy imports
+        build_parser().parse_known_args()
+    except UserError:
+        pass
 
 import cma
 import gymnasium as gym
@@ -281,21 +196,22 @@ from gymnasium.envs.box2d import car_racing
 # 2. CMA-ES: pycma's CMAEvolutionStrategy
 # ------------------------------------------------------------------------------------------------
 def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, rollout)."""
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
-    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
+    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)), step
+    size init_sigma, `population_size` candidates a generation.
 
-    The ask/tell contract: `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates,
-    losses)` takes one float per candidate, lower is better (here: negated mean returns) and updates the mean,
-    the covariance and sigma; `es.result.xfavorite` is the distribution mean; `es.sigma` the step size;
-    `es.D` the square roots of the covariance's eigenvalues. separable > 0: pycma's CMA_diagonal, a diagonal
-    covariance (sep-CMA-ES, Ros & Hansen 2008: O(n) a sample, learns n times faster) for that many generations. The whole object pickles (`attach_randn(es, None)` first).
-    The sampler draws from a RandomState of its own (option 'randn'), so the run depends on --seed alone
-    and the checkpoint holds that state; pycma writes no files (verb_log 0; its prefix points into
-    run_dir anyway). On a fitness(x) of your own, x: the agent's parameters (`agent.set_flat(x)`):
+    `es.ask()` returns the candidates, float64 (n,) each; `es.tell(candidates, losses)` takes
+    one float per candidate, lower is better (here: negated mean returns), and updates the mean,
+    the covariance and sigma; `es.result.xfavorite` is the mean, `es.sigma` the step size.
+    separable > 0: a diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen
+    2008: O(n) a sample, learns n times faster). The sampler draws from a RandomState of its
+    own, so a run depends on --seed alone and the checkpoint holds it. pycma writes no files.
+    On a fitness(x) of your own, x the agent's parameters (`agent.set_flat(x)`):
 
         es, _ = make_cma(AttentionAgent().get_flat(), population_size=16)
         for generation in range(30):
@@ -303,12 +219,19 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
             es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
     """
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
-    options = {"popsize": population_size, "seed": derive_seed(seed, CMA_STREAM, 1), "randn": rng.randn,
-               "verbose": -9, "verb_disp": 0, "verb_log": 0,
-               "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep}
+    options = {
+        "popsize": population_size,  # lambda
+        "seed": derive_seed(seed, CMA_STREAM, 1),
+        "randn": rng.randn,  # the sampler's normal draws
+        "verbose": -9,  # pycma prints nothing
+        "verb_disp": 0,
+        "verb_log": 0,  # and writes no files
+        "verb_filenameprefix": os.path.join(run_dir or "", "outcmaes") + os.sep,
+    }
     if separable:
         options["CMA_diagonal"] = separable
-    return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64), init_sigma, options), rng
+    x0 = np.asarray(x0, dtype=np.float64)
+    return cma.CMAEvolutionStrategy(x0, init_sigma, options), rng
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,22 +240,27 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
 class AttentionAgent(nn.Module):
     """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time.
 
-    frame uint8 (S, S, 3) -> [0, 1] -> n x n patches of `patch_size`^2 at `patch_stride` (row-major, each as
-    (row, col, channel): d = patch_size^2 * 3 values) -> Q = fc_q(patches), K = fc_k(patches) (n^2, query_dim)
-    -> A = softmax(Q K^T / sqrt(d)) by rows -> importance = column sums of A -> the `top_k` most important
-    patches' centers (row, col) / S (2 top_k,) -> controller: 'lstm' LSTM(2k, hidden) (the paper), 'rnn' ReLU
-    RNN(2k, hidden), or 'mlp' Linear(2k F, hidden) + ReLU over the last F feature vectors -> fc -> tanh.
-    The flat genotype is the authors' layout: fc_q, fc_k, the controller, fc, each module's state-dict keys
-    sorted (`flat_layout`). Settings are checked by `check_agent_config`.
+    frame uint8 (S, S, 3) -> [0, 1] -> n x n patches of `patch_size`^2 at `patch_stride`
+    (row-major, each as (row, col, channel): d = patch_size^2 * 3 values) -> Q = fc_q(patches),
+    K = fc_k(patches) (n^2, query_dim) -> A = softmax(Q K^T / sqrt(d)) by rows -> importance =
+    column sums of A -> the `top_k` most important patches' centers (row, col) / S (2 top_k,)
+    -> controller: 'lstm' LSTM(2k, hidden) (the paper), 'rnn' ReLU RNN(2k, hidden), or 'mlp'
+    Linear(2k F, hidden) + ReLU over the last F feature vectors -> fc -> tanh. The flat genotype
+    is the authors' layout: fc_q, fc_k, the controller, fc, each module's state-dict keys sorted
+    (`flat_layout`). Settings are checked by `check_agent_config`.
     """
 
-    def __init__(self, image_size=96, action_dim=3, patch_size=7, patch_stride=4, query_dim=4, top_k=10,
-                 hidden_size=16, bias=True, controller="lstm", num_frames=4):
+    def __init__(self, image_size=96, action_dim=3, patch_size=7, patch_stride=4, query_dim=4,
+                 top_k=10, hidden_size=16, bias=True, controller="lstm", num_frames=4):
         super().__init__()
-        n = (image_size - patch_size) // patch_stride + 1
-        self.image_size, self.patch_size, self.patch_stride, self.top_k = image_size, patch_size, patch_stride, top_k
-        self.patch_dim = patch_size * patch_size * 3
-        self.controller, self.num_frames = controller, num_frames
+        n = (image_size - patch_size) // patch_stride + 1  # patches per row and per column
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.top_k = top_k  # patches the controller sees
+        self.patch_dim = patch_size * patch_size * 3  # d
+        self.controller = controller
+        self.num_frames = num_frames  # the mlp controller's stacked feature vectors
         self.fc_q = nn.Linear(self.patch_dim, query_dim, bias=bias)
         self.fc_k = nn.Linear(self.patch_dim, query_dim, bias=bias)
         features = 2 * top_k
@@ -346,7 +274,7 @@ class AttentionAgent(nn.Module):
         self.requires_grad_(False)  # evolved, never backpropagated
         grid = patch_size // 2 + patch_stride * torch.arange(n, dtype=torch.float32)
         rows, cols = torch.meshgrid(grid, grid, indexing="ij")
-        # Patch centers (row, col) / image size, (n^2, 2), row-major like the patches: the controller's inputs.
+        # Patch centers (row, col) / image size, (n^2, 2), row-major like the patches.
         self.patch_positions = torch.stack([rows.flatten(), cols.flatten()], dim=1) / image_size
         self.attention_scale = 1.0 / math.sqrt(self.patch_dim)
 
@@ -369,10 +297,12 @@ class AttentionAgent(nn.Module):
         return torch.cat([t.detach().flatten() for _, t in self.flat_layout()]).numpy()
 
     def set_flat(self, vector):
-        """Load a float32 (D,) genotype in the authors' layout. Raises ValueError on a wrong size."""
-        vector, layout = torch.tensor(np.asarray(vector, dtype=np.float32)), self.flat_layout()
-        if vector.numel() != sum(t.numel() for _, t in layout):
-            raise ValueError(f"expected {sum(t.numel() for _, t in layout)} values, got {vector.numel()}")
+        """Load a float32 (D,) genotype in the authors' layout. ValueError on a wrong size."""
+        vector = torch.tensor(np.asarray(vector, dtype=np.float32))
+        layout = self.flat_layout()
+        size = sum(t.numel() for _, t in layout)
+        if vector.numel() != size:
+            raise ValueError(f"expected {size} values, got {vector.numel()}")
         start = 0
         for _, tensor in layout:
             tensor.copy_(vector[start:start + tensor.numel()].view_as(tensor))
@@ -383,16 +313,17 @@ class AttentionAgent(nn.Module):
         return np.concatenate([np.full(t.numel(), p == part) for p, t in self.flat_layout()])
 
     def patches(self, frame):
-        """frame uint8 (S, S, 3) -> float32 (n^2, patch_dim) in [0, 1], each patch as (row, col, channel)."""
-        p, s = self.patch_size, self.patch_stride
-        patches = torch.from_numpy(frame).unfold(0, p, s).unfold(1, p, s)  # uint8 view (n, n, 3, p, p)
+        """frame uint8 (S, S, 3) -> float32 (n^2, d) in [0, 1], each patch as (row, col, channel)."""
+        p = self.patch_size
+        s = self.patch_stride
+        patches = torch.from_numpy(frame).unfold(0, p, s).unfold(1, p, s)  # uint8 (n, n, 3, p, p)
         return patches.permute(0, 1, 3, 4, 2).reshape(-1, self.patch_dim).float().div_(255.0)
 
     def attend(self, frame):
         """Indices of the top-k patches, most important first: int64 (k,).
 
-        importance_j = sum_i softmax(Q K^T / sqrt(d))_ij, computed as exp(L - rowmax)^T (1 / rowsums):
-        one pass over the n^2 x n^2 matrix fewer than normalizing it, and no copy of it.
+        importance_j = sum_i softmax(Q K^T / sqrt(d))_ij, computed as exp(L - rowmax)^T
+        (1 / rowsums): one pass over the n^2 x n^2 matrix fewer than normalizing it, no copy.
         """
         patches = self.patches(frame)
         logits = torch.mm(self.fc_q(patches), self.fc_k(patches).T).mul_(self.attention_scale)
@@ -403,11 +334,13 @@ class AttentionAgent(nn.Module):
     def initial_state(self):
         """The controller's state at an episode's start."""
         if self.controller == "mlp":
-            return collections.deque([torch.zeros(2 * self.top_k)] * self.num_frames, maxlen=self.num_frames)
+            frames = [torch.zeros(2 * self.top_k)] * self.num_frames
+            return collections.deque(frames, maxlen=self.num_frames)
         return None
 
     def forward(self, frame, state):
-        """frame uint8 (S, S, 3), controller state -> (action float32 (action_dim,) in [-1, 1], state, top-k)."""
+        """frame uint8 (S, S, 3), controller state -> (action float32 (action_dim,) in [-1, 1],
+        state, top-k indices)."""
         top = self.attend(frame)
         features = self.patch_positions[top].flatten()
         if self.controller == "mlp":
@@ -419,14 +352,685 @@ class AttentionAgent(nn.Module):
         return action.numpy(), state, top
 
 
+def make_env(env_config, training):
+    """CarRacing-v3 (or a like env: uint8 (H, H, 3) frames) from `gymnasium.make` with the
+    episode limit, the training-time early stop, and `RescaleAction` (the agent's tanh output in
+    [-1, 1] onto the action bounds). FastCarRacing stands in for gymnasium's CarRacing class
+    unless --stock-env. Raises gymnasium's errors for an unknown id, UserError for spaces the
+    AttentionAgent cannot use."""
+    spec = gym.spec(env_config["env_id"])
+    stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
+    if stock and not env_config["stock_env"]:
+        spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
+    env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
+    check_spaces(env, env_config["env_id"])
+    if training and env_config["max_negative_steps"] > 0:
+        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
+    bound = np.ones(env.action_space.shape, dtype=env.action_space.dtype)  # no precision warning
+    return gym.wrappers.RescaleAction(env, -bound, bound)
+
+
+def rollout(env, agent, seed, on_step=None):
+    """Run one episode with `env.reset(seed=seed)`: (episode return: float, steps: int).
+    on_step(frame, top-k indices), if given, sees every frame (videos)."""
+    obs, _ = env.reset(seed=seed)
+    state = agent.initial_state()
+    total = 0.0
+    steps = 0
+    with torch.inference_mode():
+        while True:
+            action, state, top = agent(obs, state)
+            if on_step is not None:
+                on_step(obs, top)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            if terminated or truncated:
+                return total, steps
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Training loop
+# ------------------------------------------------------------------------------------------------
+class RolloutTask(typing.NamedTuple):
+    """A worker's job: row `member` of the batch's float32 (rows, D) parameter matrix drives one
+    episode per env seed, with the training-time early stop or without (evaluation)."""
+    member: int
+    env_seeds: list
+    training: bool
+
+
+class RolloutResult(typing.NamedTuple):
+    """A task's episode returns (floats, one per env seed) and its env steps in all."""
+    episode_returns: list
+    steps: int
+
+
+def train(args, given):
+    """CMA-ES on the AttentionAgent, each generation: ask -> rollouts -> tell -> record ->
+    evaluate the mean -> checkpoint. Returns the exit code: 0; 1 when the workers are lost;
+    130 when interrupted (Ctrl-C, SIGTERM), the last generation's checkpoint kept."""
+    with Run(args, given) as run:  # from the flags or a checkpoint: folder, agent, pycma, workers
+        es = run.es
+        evaluation = None
+        while run.generation < run.args.max_iter:
+            candidates = es.ask()  # population_size float64 vectors of the searched dimension
+            population = np.stack([run.full(x) for x in candidates])  # float32 (lambda, D)
+            # Every member of a generation drives the same --num-rollouts tracks (common seeds).
+            seeds = [derive_seed(run.args.seed, TRAIN_ENV_STREAM, run.generation, r)
+                     for r in range(run.args.num_rollouts)]
+            tasks = [RolloutTask(member, seeds, True) for member in range(len(candidates))]
+            results = run.pool.map(tasks, [population])
+            returns = np.array([np.mean(result.episode_returns) for result in results])
+            sigma = float(es.sigma)  # the step size these candidates were drawn with
+            es.tell(candidates, (-returns).tolist())  # pycma minimizes
+            run.count_generation(returns, sum(result.steps for result in results))
+            evaluation = None
+            if run.generation % run.args.eval_every == 0:
+                evaluation = evaluate_mean(run)  # best.npz, the goal streak, the video
+            run.record(returns, evaluation, sigma)  # progress.csv, TensorBoard, W&B, console
+            run.save_checkpoint()
+            if run.goal_reached():
+                break
+        run.finish(evaluation)  # final.npz and the learning curve
+    return run.exit_code
+
+
+def evaluate(pool, params, seed, iteration, episodes):
+    """Returns of `params` (float (D,)) over `episodes` evaluation episodes, without the early
+    stop: (float64 (episodes,), env steps)."""
+    tasks = []
+    for episode in range(episodes):
+        tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
+    params = np.asarray(params, dtype=np.float32)
+    results = pool.map(tasks, [params], what="evaluation")
+    returns = np.array([result.episode_returns[0] for result in results])
+    return returns, sum(result.steps for result in results)
+
+
+def evaluate_mean(run):
+    """Evaluate the distribution mean (xfavorite) after this generation: best.npz when it is
+    the best so far, the goal streak, the console line, the video. Returns float64 (E,)."""
+    args = run.args
+    center = run.full(run.es.result.xfavorite)
+    returns, steps = evaluate(run.pool, center, args.seed, run.generation, args.num_eval_rollouts)
+    run.count_steps(steps)
+    run.record_evaluation(center, returns)
+    if args.capture_video:
+        run.agent.set_flat(center)
+        seed = derive_seed(args.seed, EVAL_ENV_STREAM, run.generation, 0)
+        stem = os.path.join(run.dir, "videos", f"iter-{run.generation:05d}")
+        path, _ = record_video(run.env_config, run.agent, stem, seed)
+        run.log(f"video {path}")
+    return returns
+
+
+# ------------------------------------------------------------------------------------------------
+# Machinery: a first-time reader may skip what follows (checks, the run's folder and logs,
+# the fast CarRacing, workers, files, plots, video, main)
+# ------------------------------------------------------------------------------------------------
+import concurrent.futures
+import csv
+import importlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import pickle
+import platform
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import types
+import uuid
+
+# The columns every script of the project writes first, then the CMA-ES scalars.
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min",
+                    "return_mean", "return_max", "return_std", "eval_return_mean",
+                    "eval_return_std", "sigma", "axis_ratio", "dim", "num_cpus"]
+CURVES = [("return_mean", "population mean"), ("return_max", "population max")]  # in the plot
+AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array, the paper's architecture
+PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
+MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: each task)
+RAY_POLL_S = 1.0  # the Ray watchdog's probe interval
+RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
+# Flags that --resume may set anew; the rest comes from the checkpoint.
+RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every",
+                "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
+                "consecutive_goal_stopping", "stock_env"}
+PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
+# The agent's architecture flags: a weights file's meta brings them along.
+AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias",
+               "controller", "num_frames")
+COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval",
+            "goal_streak")
+CHECKPOINT_PARTS = {"cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState}
+CHECKPOINT_MODULES = ("cma",)  # a checkpoint holds pycma's objects, numpy's and builtins
+INT_MAX = 2**31 - 1
+SIZE_MAX = 4096
+# (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file sets.
+LIMITS = {
+    "seed": (0, 2**32 - 1),
+    "num_workers": (1, SIZE_MAX),
+    "population_size": (2, INT_MAX),
+    "max_iter": (1, INT_MAX),
+    "num_rollouts": (1, INT_MAX),
+    "max_episode_steps": (1, INT_MAX),
+    "max_negative_steps": (0, INT_MAX),
+    "eval_every": (1, INT_MAX),
+    "num_eval_rollouts": (1, INT_MAX),
+    "consecutive_goal_stopping": (1, INT_MAX),
+    "reward_goal": (-math.inf, math.inf),
+    "init_sigma": (0.0, math.inf, True),
+    "separable": (0, INT_MAX),
+    "image_size": (1, SIZE_MAX),
+    "action_dim": (1, SIZE_MAX),
+    "patch_size": (1, SIZE_MAX),
+    "patch_stride": (1, SIZE_MAX),
+    "query_dim": (1, SIZE_MAX),
+    "top_k": (1, SIZE_MAX),
+    "hidden_size": (1, SIZE_MAX),
+    "num_frames": (1, SIZE_MAX),
+}
+
+
+class PoolLost(Exception):
+    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
+
+
+# Checks: flags, settings, environments
+def check_numbers(values, label):
+    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
+    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
+    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
+    smallest itself is excluded."""
+    for key, value in values.items():
+        if key not in LIMITS or value is None:
+            continue
+        low, high, *low_excluded = LIMITS[key]
+        integer = isinstance(low, int)
+        rules = []
+        if math.isfinite(low):
+            rules.append(f"> {low}" if low_excluded else f">= {low}")
+        if math.isfinite(high):
+            rules.append(f"<= {high}")
+        kind = "an integer" if integer else "a finite number"
+        message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
+                raise UserError(f"{message}, got {number!r}")
+            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
+                raise UserError(f"{message}, got {number!r}")
+
+
+def flags_given(parser, argv, args):
+    """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
+    a namespace already holds, so the flags typed are those whose marker changed."""
+    markers = argparse.Namespace(**{name: parser for name in vars(args)})
+    typed = parser.parse_args(argv, namespace=markers)
+    return {name for name, value in vars(typed).items() if value is not parser}
+
+
+def check_flags(args, given):
+    """UserError for flags that exclude each other, and for paths that are not what they must be."""
+    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
+        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
+    if args.fresh and (args.train == "all" or not args.init_from):
+        raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
+    fixed = sorted(given - RESUME_FLAGS if args.resume else given & set(AGENT_FLAGS) if args.from_pretrained else ())
+    if fixed:
+        raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
+                        "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
+                        "the architecture"))
+    for flag, value in vars(args).items():
+        if isinstance(value, str) and "\0" in value:
+            raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
+    if args.ray_address:
+        import_optional("ray", "--ray-address", "ray")
+    if args.track:
+        import_optional("wandb", "--track", "track")
+    if not args.resume or "env_id" in given:
+        check_env_id(args.env_id, "--env-id")
+    resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
+    files = {"--resume": resume, "--from-pretrained": args.from_pretrained, "--init-from": args.init_from}
+    for flag, path in files.items():
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
+                flag == "--resume"))
+    for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
+        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
+            raise UserError(f"{flag} {name!r} must be a plain folder name")
+    folder = os.path.abspath(args.logs_dir)
+    for path in (os.path.join(folder, args.run_name or ""), folder):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{path} exists and is not a folder: pick another --logs-dir or --run-name")
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: cannot create a folder under {folder}")
+
+
+def check_env_id(env_id, label):
+    """UserError unless gymnasium has `env_id` registered."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"{label}: unknown env {env_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_agent_config(config, label):
+    """UserError unless `config` (flags, or a weights file's meta) is an AttentionAgent's settings:
+    every key, sizes in range, a known controller, patches that fit the frame, top-k <= patches."""
+    if not isinstance(config, dict) or set(config) != {"image_size", "action_dim", *AGENT_FLAGS}:
+        raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
+    check_numbers(config, label)
+    if not isinstance(config["bias"], bool) or config["controller"] not in CONTROLLERS:
+        raise UserError(f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}")
+    size, patch, stride = config["image_size"], config["patch_size"], config["patch_stride"]
+    n = (size - patch) // stride + 1
+    if patch > size or stride > size or config["top_k"] > n * n:
+        raise UserError(f"{label('top_k')} {config['top_k']}, {label('patch_size')} {patch} and "
+                        f"{label('patch_stride')} {stride} must give at least top-k patches in the {size}x{size} frame")
+
+
+def env_config_from_args(args):
+    """The env settings that a worker, an evaluation and a weights file's meta all need."""
+    return {"env_id": args.env_id, "max_episode_steps": args.max_episode_steps,
+            "max_negative_steps": args.max_negative_steps, "stock_env": args.stock_env}
+
+
+def check_spaces(env, env_id):
+    """UserError unless the env gives square RGB uint8 frames and takes a bounded 1-D Box action."""
+    obs_space = env.observation_space
+    action_space = env.action_space
+    frames = (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8
+              and len(obs_space.shape) == 3 and obs_space.shape[0] == obs_space.shape[1]
+              and obs_space.shape[2] == 3)
+    if not frames:
+        raise UserError(f"{env_id}'s observation space {obs_space} is not supported: the "
+                        "AttentionAgent takes square RGB uint8 frames")
+    bounded = (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
+               and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)))
+    if not bounded:
+        raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D "
+                        "Box only")
+
+
+# The run: its folder, records and logs
+class Run:
+    """A training run, as a context manager: what `train` needs, from the flags or from a
+    checkpoint (--resume): the settings, the run folder (args.json, progress.csv, TensorBoard and
+    W&B, learning_curve.png, best.npz, final.npz, checkpoint.pkl), the agent and the searched
+    part of its genotype, the pycma object, the counters and the goal streak, the workers.
+    Leaving it closes the workers and the logs on any exit and turns Ctrl-C or SIGTERM
+    (KeyboardInterrupt) and lost workers (PoolLost) into the resume hint and `exit_code` 130
+    or 1. Raises UserError before anything is written."""
+
+    def __init__(self, args, given):
+        checkpoint = None
+        if args.resume:
+            checkpoint_path, checkpoint = load_checkpoint(args.resume)
+            attach_randn(checkpoint["cma"], checkpoint["cma_rng"].randn)
+            saved = dict(checkpoint["args"])
+            for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
+                saved[key] = getattr(args, key)
+            args = argparse.Namespace(**saved)
+            check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        else:
+            run_name = args.run_name
+            if run_name is None:
+                run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            run_dir = os.path.join(args.logs_dir, run_name)
+            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
+                raise UserError(f"{run_dir} already holds a run: continue it with --resume "
+                                f"{run_dir}, or pick another --run-name")
+        self.args = args
+        self.dir = run_dir
+        self.env_config = env_config_from_args(args)
+        self.agent, self.agent_config = build_agent(args, probe_env(self.env_config))
+        self.base = self.agent.get_flat()  # the full genotype, float32 (D,); CMA-ES searches ...
+        self.mask = np.ones(self.base.size, dtype=bool)  # ... base[mask]
+        if args.train != "all":
+            self.mask = self.agent.part_mask(args.train)
+        self.dim = int(self.mask.sum())
+        if checkpoint:
+            self.es = checkpoint["cma"]
+            self.cma_rng = checkpoint["cma_rng"]
+            self.counters = checkpoint["counters"]
+        else:
+            self.es, self.cma_rng = make_cma(self.base[self.mask], args.init_sigma,
+                                             args.population_size, args.seed, run_dir, args.separable)
+            self.counters = dict.fromkeys(COUNTERS, 0)
+            self.counters["wall_time_s"] = 0.0
+            self.counters["best_return"] = -math.inf
+            self.counters["best_eval"] = -math.inf
+        self.pool = RolloutPool(args.num_workers, args.ray_address,
+                                (self.env_config, self.agent_config),
+                                [args.population_size * self.base.size], args.quiet, self.kept)
+        try:
+            self.open_folder(checkpoint is not None)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.title = f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})"
+        self.start = time.perf_counter()
+        self.last_row = self.start  # when the last progress row was written
+        self.first_generation = self.counters["generation"]
+        self.wall_offset = self.counters["wall_time_s"]
+        self.last_plot = -math.inf
+        self.steps = 0  # env steps of the generation under way
+        self.exit_code = 1
+        print(self.agent)
+        parts = {part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")}
+        print(f"parameters: {self.base.size} (attention {parts['attention']}, controller "
+              f"{parts['controller']})   CMA-ES searches: {self.dim} ({args.train})   population: "
+              f"{args.population_size}   workers: {self.pool.describe()}   run folder: {run_dir}")
+        if checkpoint:
+            print(f"resuming at generation {self.counters['generation']} from {checkpoint_path}")
+
+    def open_folder(self, resumed):
+        """The run folder and its files: args.json, progress.csv (open to append), the logs."""
+        args = self.args
+        os.makedirs(os.path.join(self.dir, "videos") if args.capture_video else self.dir,
+                    exist_ok=True)
+        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
+                 "final.npz")
+        self.paths = {name: os.path.join(self.dir, name) for name in names}
+        self.tb, self.wandb = start_logging(args, self.dir, self.counters["env_steps"])
+        config = dict(vars(args), env_config=self.env_config, agent_config=self.agent_config,
+                      num_params=int(self.base.size), search_dim=self.dim, versions=versions())
+        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+        last_iteration = None
+        if resumed:
+            last_iteration = self.counters["generation"]
+        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], last_iteration)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.csv_file.close()
+        self.pool.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):
+            print(f"{SCRIPT}: error: {error}: {self.kept()}", file=sys.stderr)
+        stop_logging(self, self.exit_code)
+        if kind is None:
+            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
+            if os.path.exists(self.paths["best.npz"]):
+                files += " best.npz"
+            if self.args.capture_video:
+                files += " videos/"
+            print(f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
+                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+        return stopped
+
+    @property
+    def generation(self):
+        """Generations finished."""
+        return self.counters["generation"]
+
+    def full(self, x):
+        """The searched part x (float (dim,)) put into the genotype: float32 (D,)."""
+        vector = self.base.copy()
+        vector[self.mask] = x
+        return vector
+
+    def meta(self, evaluation=None):
+        """A weights file's meta after this generation, with its evaluation's summary."""
+        args = self.args
+        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
+                "env": self.env_config, "agent": self.agent_config, "train": args.train,
+                "evaluation": evaluation, "seed": args.seed, "iteration": self.generation,
+                "num_params": int(self.base.size)}
+
+    def kept(self):
+        """What to tell about the checkpoint when the run stops early."""
+        return (f"the checkpoint of generation {self.generation} is kept in "
+                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+                "   (on any Ray cluster with --ray-address, or locally)")
+
+    def count_steps(self, steps):
+        """Env steps spent in this generation (rollouts, evaluations)."""
+        self.steps += steps
+        self.counters["env_steps"] += steps
+
+    def count_generation(self, returns, steps):
+        """A generation done: its rollouts' returns (float64 (lambda,)) and env steps."""
+        self.counters["generation"] += 1
+        self.counters["evaluations"] += len(returns)
+        self.counters["best_return"] = max(self.counters["best_return"], float(returns.max()))
+        self.count_steps(steps)
+
+    def record_evaluation(self, center, returns):
+        """An evaluation of the mean `center`: best.npz if the best so far, the goal streak."""
+        counters = self.counters
+        if returns.mean() > counters["best_eval"]:
+            counters["best_eval"] = float(returns.mean())
+            save_weights(self.paths["best.npz"], center, self.meta(summary(returns)))
+        goal = self.args.reward_goal
+        if goal is not None and returns.mean() >= goal:
+            counters["goal_streak"] += 1
+        else:
+            counters["goal_streak"] = 0
+        self.log(f"eval {self.generation:>5d} | return {returns.mean():9.2f} ± "
+                 f"{returns.std():8.2f} over {returns.size} episodes | best eval "
+                 f"{counters['best_eval']:9.2f}")
+
+    def record(self, returns, evaluation, sigma):
+        """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
+        the console line; the curve redrawn after an evaluation, at most every PLOT_INTERVAL_S."""
+        counters = self.counters
+        now = time.perf_counter()
+        counters["wall_time_s"] = self.wall_offset + (now - self.start)
+        row = {
+            "iteration": self.generation,
+            "evaluations": counters["evaluations"],
+            "env_steps": counters["env_steps"],
+            "wall_time_s": round(counters["wall_time_s"], 3),
+            "return_min": float(returns.min()),
+            "return_mean": float(returns.mean()),
+            "return_max": float(returns.max()),
+            "return_std": float(returns.std()),
+            "eval_return_mean": None,
+            "eval_return_std": None,
+            "sigma": sigma,
+            "axis_ratio": float(self.es.D.max() / self.es.D.min()),
+            "dim": self.dim,
+            "num_cpus": self.pool.num_cpus,
+        }
+        if evaluation is not None:
+            row["eval_return_mean"] = float(evaluation.mean())
+            row["eval_return_std"] = float(evaluation.std())
+        self.writer.writerow({column: csv_cell(value) for column, value in row.items()})
+        self.csv_file.flush()
+        scalars = {column: value for column, value in row.items() if value is not None}
+        del scalars["env_steps"]
+        for column, value in scalars.items():
+            self.tb.add_scalar(column, value, global_step=counters["env_steps"])
+        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
+            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
+        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
+            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
+                                self.title, CURVES)
+            self.last_plot = now
+        done = self.generation - self.first_generation
+        eta = (now - self.start) / done * (self.args.max_iter - self.generation)
+        self.log(f"iter {self.generation:>5d}/{self.args.max_iter} | evals "
+                 f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
+                 f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
+                 f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | "
+                 f"{self.steps / (now - self.last_row):7,.0f} steps/s | cpus "
+                 f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
+                 f"ETA {duration(eta)}")
+        self.steps = 0
+        self.last_row = now
+
+    def save_checkpoint(self):
+        """checkpoint.pkl (atomically), TensorBoard's events flushed, and after an evaluation
+        (--track) the files sent to W&B."""
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
+                 "cma": self.es, "cma_rng": self.cma_rng, "counters": dict(self.counters)}
+        attach_randn(self.es, None)  # a RandomState's bound method pickles as a `getattr` call
+        try:
+            save_checkpoint(self.paths["checkpoint.pkl"], state)
+        finally:
+            attach_randn(self.es, self.cma_rng.randn)
+        self.tb.flush()
+        if self.generation % self.args.eval_every == 0:
+            upload(self)
+
+    def goal_reached(self):
+        """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
+        goal = self.args.reward_goal
+        streak = self.counters["goal_streak"]
+        if goal is None or streak < self.args.consecutive_goal_stopping:
+            return False
+        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+              f"{self.generation} ({self.counters['wall_time_s']:.1f} s)")
+        return True
+
+    def finish(self, returns=None):
+        """final.npz, the final distribution mean with its evaluation in meta, and the last
+        learning curve. returns: the last generation's own evaluation, if it had one; else one is
+        run outside the run's record (progress.csv, env steps, best.npz, the goal streak), so a
+        run stopped early and resumed stays exactly the run made in one go."""
+        center = self.full(self.es.result.xfavorite)
+        if returns is None:
+            returns, _ = evaluate(self.pool, center, self.args.seed, self.generation,
+                                  self.args.num_eval_rollouts)
+        self.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
+                 f"{returns.size} episodes")
+        save_weights(self.paths["final.npz"], center, self.meta(summary(returns)))
+        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
+                            self.title, CURVES)
+
+
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+
+
+def duration(seconds):
+    """H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def csv_cell(value):
+    """A progress.csv cell: a float to 6 significant digits, None as empty, the rest as is."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def build_agent(args, env_shape):
+    """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
+    weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
+    modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
+    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1],
+                    **{key: getattr(args, key) for key in AGENT_FLAGS}}
+    check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
+    torch.manual_seed(args.seed)
+    agent = AttentionAgent(**agent_config)
+    if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
+        # A searched part may differ from the file's (e.g. --controller rnn) and starts fresh; a frozen one must fit.
+        source, _, _ = agent_from_file(args.init_from, *env_shape)
+        shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
+        for part, names in agent.part_modules().items():
+            if args.fresh and part == args.train:
+                continue  # the searched part keeps its fresh weights
+            for name in names:
+                target, origin = getattr(agent, name), getattr(source, name, None)
+                if origin is not None and shapes(target) == shapes(origin):
+                    target.load_state_dict(origin.state_dict())
+                elif args.train not in ("all", part):
+                    raise UserError(f"{args.init_from} cannot provide the {part}: its {name} does not match this "
+                                    f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
+                                    f"hidden size {source.fc.in_features} in the file)")
+    return agent, agent_config
+
+
+def start_logging(args, run_dir, env_steps):
+    """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
+    first and continues the run's W&B run on resume (its id is in the checkpoint); W&B keeps its files in the run
+    folder's wandb/ and gets the scalars from `wandb.log` (its tensorboard sync would find its own copies of the
+    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
+    wandb = import_optional("wandb", "--track", "track") if args.track else None
+    if wandb:
+        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
+        try:
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                       name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
+            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
+        except Exception as e:
+            raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
+    from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
+    writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
+    table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+    return writer, wandb
+
+
+def stop_logging(run, code):
+    """Close the event files; with --track upload the files and end the W&B run with the run's exit code."""
+    run.tb.close()
+    if run.wandb:
+        upload(run)
+        run.wandb.finish(exit_code=code)
+
+
+def upload(run):
+    """With --track: send best.npz, final.npz and learning_curve.png, those that exist, to W&B now."""
+    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
+        if os.path.exists(run.paths[name]):
+            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
+
+
+def open_progress(path, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter). A new run (last_iteration None) starts it anew; a
+    resumed one keeps the rows up to `last_iteration` (the checkpoint's; rows written after it go)."""
+    rows = []
+    if last_iteration is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
+        if len(kept) != len(rows):
+            text = io.StringIO()
+            csv.writer(text).writerows(kept)
+            atomic_write(path, text.getvalue().encode())
+    csv_file = open(path, "a" if rows else "w", newline="")
+    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
+    if not rows:
+        writer.writeheader()
+    return csv_file, writer
+
+
+# The environment: the early stop, and CarRacing at twice the speed
 class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` consecutive steps with a negative reward: CarRacing's training-time
-    early stop (Tang et al. 2020; estool), as a car off the track only collects -0.1 a frame. gymnasium has no
-    such wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
+    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
+    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
+    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
 
     def __init__(self, env, patience):
         super().__init__(env)
-        self.patience, self.negative_steps = patience, 0
+        self.patience = patience  # negative rewards in a row that end the episode
+        self.negative_steps = 0  # negative rewards in a row so far
 
     def reset(self, **kwargs):
         self.negative_steps = 0
@@ -434,7 +1038,10 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
+        if reward < 0:
+            self.negative_steps += 1
+        else:
+            self.negative_steps = 0
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
@@ -517,334 +1124,8 @@ class FastCarRacing(car_racing.CarRacing):
         return self._font
 
 
-def make_env(env_config, training):
-    """CarRacing-v3 (or a like env: uint8 (H, H, 3) frames) from `gymnasium.make` with the episode limit, the
-    training-time early stop, and `RescaleAction` (the agent's tanh output in [-1, 1] onto the action bounds).
-    Raises gymnasium's errors for an unknown id, UserError for spaces the AttentionAgent cannot use."""
-    env_id, spec = env_config["env_id"], gym.spec(env_config["env_id"])
-    if not env_config["stock_env"] and spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing":
-        spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
-    env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
-    obs_space, action_space = env.observation_space, env.action_space
-    if not (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) == 3
-            and obs_space.shape[0] == obs_space.shape[1] and obs_space.shape[2] == 3):
-        raise UserError(f"{env_id}'s observation space {obs_space} is not supported: the AttentionAgent "
-                        "takes square RGB uint8 frames")
-    if not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
-            and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-        raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D Box only")
-    if training and env_config["max_negative_steps"] > 0:
-        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
-    bound = np.ones(action_space.shape, dtype=action_space.dtype)  # bounds in the space's dtype: no precision warning
-    return gym.wrappers.RescaleAction(env, -bound, bound)
-
-
-def env_config_from_args(args):
-    """The env settings that a worker, an evaluation and a weights file's meta all need."""
-    return {"env_id": args.env_id, "max_episode_steps": args.max_episode_steps,
-            "max_negative_steps": args.max_negative_steps, "stock_env": args.stock_env}
-
-
-def rollout(env, agent, seed, on_step=None):
-    """Run one episode with `env.reset(seed=seed)`: (episode return: float, steps: int). on_step(frame, top-k
-    indices), if given, sees every frame (videos)."""
-    obs, _ = env.reset(seed=seed)
-    state, total, steps = agent.initial_state(), 0.0, 0
-    with torch.inference_mode():
-        while True:
-            action, state, top = agent(obs, state)
-            if on_step is not None:
-                on_step(obs, top)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            if terminated or truncated:
-                return total, steps
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Training loop
-# ------------------------------------------------------------------------------------------------
-def train(args, given):
-    """CMA-ES on the AttentionAgent: ask -> rollouts -> tell -> log -> evaluate the mean -> checkpoint.
-    Returns the exit code: 0, 1 when the workers are lost, 130 when interrupted."""
-    run = setup_run(args, given)  # run folder, agent, pycma object, counters, pool: from flags or a checkpoint
-    args, es, counters, pool = run.args, run.es, run.counters, run.pool
-    code, eval_returns = 1, None  # the exit code until the loop ends; the last generation's evaluation
-    try:
-        while counters["generation"] < args.max_iter:
-            start, generation = time.perf_counter(), counters["generation"]
-            candidates = es.ask()  # population_size float64 vectors of the searched dimension
-            # Every member of a generation drives the same --num-rollouts tracks (common env seeds).
-            seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, generation, r) for r in range(args.num_rollouts)]
-            population = np.stack([run.full(x) for x in candidates])  # float32 (population_size, D)
-            results = pool.map([(i, seeds, True) for i in range(len(candidates))], [population])
-            returns = np.array([np.mean(episode_returns) for episode_returns, _ in results])
-            steps = sum(episode_steps for _, episode_steps in results)
-            sigma = float(es.sigma)  # the step size these candidates were drawn with
-            es.tell(candidates, (-returns).tolist())  # pycma minimizes
-            iteration = counters["generation"] = generation + 1
-            counters["evaluations"] += len(candidates)
-            counters["best_return"] = max(counters["best_return"], float(returns.max()))
-            eval_returns = None
-            if iteration % args.eval_every == 0:
-                eval_returns, eval_steps = evaluate_mean(run, iteration)  # also best.npz and the video
-                steps += eval_steps
-            counters["env_steps"] += steps
-            now = time.perf_counter()
-            counters["wall_time_s"] = run.wall_offset + (now - run.start)
-            row = write_progress_row(run, returns, eval_returns, sigma, now)
-            print_generation(run, returns, sigma, row["num_cpus"], steps / (now - start), now)
-            save_run(run, uploads=eval_returns is not None)  # checkpoint.pkl; TensorBoard flushed; W&B files
-            if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
-                print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
-                      f"evaluation(s) at generation {iteration} ({counters['wall_time_s']:.1f} s)")
-                break
-        save_final(run, eval_returns)  # final.npz and the curve, outside the record: resumed runs give the same rows
-        code = 0
-    except (KeyboardInterrupt, PoolLost) as e:
-        reason = "\ninterrupted" if isinstance(e, KeyboardInterrupt) else f"{SCRIPT}: error: {e}"
-        print(f"{reason}: {run.kept()}", file=sys.stderr)
-        code = 130 if isinstance(e, KeyboardInterrupt) else 1
-    finally:
-        run.csv_file.close()
-        pool.close()
-        stop_logging(run, code)
-    if code == 0:
-        print(f"done: {counters['generation']} generations, {counters['env_steps']} env steps, "
-              f"{counters['wall_time_s']:.1f} s. Files in {run.dir}: args.json progress.csv learning_curve.png "
-              "checkpoint.pkl final.npz" + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "")
-              + (" videos/" if args.capture_video else ""))
-    return code
-
-
-def evaluate(pool, params, seed, iteration, episodes):
-    """Returns of `params` (float (D,)) over `episodes` evaluation episodes, no early stop:
-    (float64 (episodes,), env steps)."""
-    tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False) for e in range(episodes)]
-    results = pool.map(tasks, [np.asarray(params, dtype=np.float32)], what="evaluation")
-    return np.array([r[0][0] for r in results]), sum(r[1] for r in results)
-
-
-def summary(returns):
-    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-
-
-def evaluate_mean(run, iteration):
-    """Evaluate the distribution mean (xfavorite): best.npz when it is the best so far, the goal streak,
-    the console line, the video. Returns (returns float64 (E,), env steps)."""
-    args, counters = run.args, run.counters
-    center = run.full(run.es.result.xfavorite)
-    returns, steps = evaluate(run.pool, center, args.seed, iteration, args.num_eval_rollouts)
-    if returns.mean() > counters["best_eval"]:
-        counters["best_eval"] = float(returns.mean())
-        save_weights(run.paths["best.npz"], center, run.meta(iteration, summary(returns)))
-    reached = args.reward_goal is not None and returns.mean() >= args.reward_goal
-    counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
-    run.log(f"eval {iteration:>5d} | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
-            f"{returns.size} episodes | best eval {counters['best_eval']:9.2f}")
-    if args.capture_video:
-        run.agent.set_flat(center)
-        path, _ = record_video(run.env_config, run.agent, os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
-                               derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
-        run.log(f"video {path}")
-    return returns, steps
-
-
-def save_final(run, returns=None):
-    """final.npz, the final distribution mean with its evaluation in meta, and the last learning curve.
-    returns: the final generation's own evaluation, if it had one; else one is run outside the run's record
-    (progress.csv, env steps, best.npz, the goal streak), so a run stopped early and resumed stays exactly
-    the run made in one go."""
-    center, iteration = run.full(run.es.result.xfavorite), run.counters["generation"]
-    if returns is None:
-        returns, _ = evaluate(run.pool, center, run.args.seed, iteration, run.args.num_eval_rollouts)
-    run.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes")
-    save_weights(run.paths["final.npz"], center, run.meta(iteration, summary(returns)))
-    plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
-
-
-# ------------------------------------------------------------------------------------------------
-# Machinery: a first-time reader may skip what follows (run set-up and logging, workers, files, plots, video, main)
-# ------------------------------------------------------------------------------------------------
-def write_progress_row(run, returns, eval_returns, sigma, now):
-    """Append the generation's row to progress.csv and its numbers to TensorBoard (x axis: env steps) and, with
-    --track, to W&B; redraw the curve after an evaluation, at most every PLOT_INTERVAL_S. Returns the row."""
-    counters, evaluated, es = run.counters, eval_returns is not None, run.es
-    row = dict(zip(PROGRESS_COLUMNS, [
-        counters["generation"], counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
-        f"{returns.min():.6g}", f"{returns.mean():.6g}", f"{returns.max():.6g}", f"{returns.std():.6g}",
-        f"{eval_returns.mean():.6g}" if evaluated else "", f"{eval_returns.std():.6g}" if evaluated else "",
-        f"{sigma:.6g}", f"{float(es.D.max() / es.D.min()):.6g}", run.dim, run.pool.num_cpus]))
-    run.writer.writerow(row)
-    run.csv_file.flush()
-    scalars = {column: float(value) for column, value in row.items() if column != "env_steps" and value != ""}
-    for column, value in scalars.items():
-        run.tb.add_scalar(column, value, global_step=counters["env_steps"])
-    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
-        run.wandb.log({**scalars, "env_steps": counters["env_steps"]})
-    if evaluated and now - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
-        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
-        run.last_plot = now
-    return row
-
-
-def print_generation(run, returns, sigma, num_cpus, steps_per_s, now):
-    """The generation's console line (none with --quiet)."""
-    args, counters, iteration = run.args, run.counters, run.counters["generation"]
-    eta = (now - run.start) / (iteration - run.first_generation) * (args.max_iter - iteration)
-    duration = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
-    run.log(f"iter {iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
-            f"{returns.min():8.2f} mean {returns.mean():8.2f} max {returns.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | {steps_per_s:7,.0f} steps/s | cpus "
-            f"{num_cpus} | {duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}")
-
-
-def setup_run(args, given):
-    """Everything a run needs, from the flags or from a checkpoint (--resume): settings, run folder, agent, the
-    searched part of the genotype, the pycma object, counters, the pool, progress.csv open for appending.
-    Raises UserError before anything is written."""
-    checkpoint = None
-    if args.resume:
-        checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
-        args = argparse.Namespace(**saved)
-        check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
-        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-    else:
-        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.logs_dir, run_name)
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            "or pick another --run-name")
-    env_config = env_config_from_args(args)
-    agent, agent_config = build_agent(args, probe_env(env_config))
-    base = agent.get_flat()  # the full genotype, float32 (D,); CMA-ES searches base[mask]
-    mask = np.ones(base.size, dtype=bool) if args.train == "all" else agent.part_mask(args.train)
-    if checkpoint:
-        es, cma_rng, counters = checkpoint["cma"], checkpoint["cma_rng"], checkpoint["counters"]
-    else:
-        es, cma_rng = make_cma(base[mask], args.init_sigma, args.population_size, args.seed, run_dir,
-                               args.separable)
-        counters = dict.fromkeys(COUNTERS, 0) | {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config),
-                       [args.population_size * base.size], args.quiet)  # before any file is touched
-    os.makedirs(os.path.join(run_dir, "videos") if args.capture_video else run_dir, exist_ok=True)
-    paths = {name: os.path.join(run_dir, name) for name in
-             ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    dim = int(mask.sum())
-    tb, wandb = start_logging(args, run_dir, counters["env_steps"])  # with --track: args.wandb_id
-    config = dict(vars(args), env_config=env_config, agent_config=agent_config, num_params=int(base.size),
-                  search_dim=dim, versions=versions())
-    atomic_write(paths["args.json"], json.dumps(config, indent=2).encode())
-    csv_file, writer = open_progress(paths["progress.csv"], counters["generation"] if checkpoint else None)
-
-    def full(x):  # the searched part x (float (dim,)) put into the genotype: float32 (D,)
-        vector = base.copy()
-        vector[mask] = x
-        return vector
-
-    def meta(iteration, evaluation=None):  # a weights file's meta
-        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id, "env": env_config,
-                "agent": agent_config, "train": args.train, "evaluation": evaluation, "seed": args.seed,
-                "iteration": iteration, "num_params": int(base.size)}
-
-    def kept():  # what to tell about the checkpoint when the run stops early
-        return (f"the checkpoint of generation {counters['generation']} is kept in {paths['checkpoint.pkl']}\n"
-                f"resume with: python {SCRIPT} --resume {run_dir}   "
-                "(on any Ray cluster with --ray-address, or locally)")
-    pool.on_lost = kept
-    print(agent)
-    parts = {part: int(agent.part_mask(part).sum()) for part in ("attention", "controller")}
-    print(f"parameters: {base.size} (attention {parts['attention']}, controller {parts['controller']})   "
-          f"CMA-ES searches: {dim} ({args.train})   population: {args.population_size}   "
-          f"workers: {pool.describe()}   run folder: {run_dir}")
-    if checkpoint:
-        print(f"resuming at generation {counters['generation']} from {checkpoint_path}")
-    return types.SimpleNamespace(
-        args=args, dir=run_dir, paths=paths, env_config=env_config, agent=agent, dim=dim, full=full, meta=meta,
-        kept=kept, es=es, cma_rng=cma_rng, counters=counters, pool=pool, csv_file=csv_file, writer=writer, tb=tb,
-        wandb=wandb, log=(lambda *a, **k: None) if args.quiet else print, start=time.perf_counter(),
-        title=f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})", first_generation=counters["generation"],
-        wall_offset=counters["wall_time_s"], last_plot=-math.inf)
-
-
-def build_agent(args, env_shape):
-    """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
-    weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
-    modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
-    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1],
-                    **{key: getattr(args, key) for key in AGENT_FLAGS}}
-    check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
-    torch.manual_seed(args.seed)
-    agent = AttentionAgent(**agent_config)
-    if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # A searched part may differ from the file's (e.g. --controller rnn) and starts fresh; a frozen one must fit.
-        source, _, _ = agent_from_file(args.init_from, *env_shape)
-        shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
-        for part, names in agent.part_modules().items():
-            if args.fresh and part == args.train:
-                continue  # the searched part keeps its fresh weights
-            for name in names:
-                target, origin = getattr(agent, name), getattr(source, name, None)
-                if origin is not None and shapes(target) == shapes(origin):
-                    target.load_state_dict(origin.state_dict())
-                elif args.train not in ("all", part):
-                    raise UserError(f"{args.init_from} cannot provide the {part}: its {name} does not match this "
-                                    f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
-                                    f"hidden size {source.fc.in_features} in the file)")
-    return agent, agent_config
-
-
-def save_run(run, uploads):
-    """checkpoint.pkl (atomically), TensorBoard's events flushed, and (uploads, --track) the files sent to W&B."""
-    save_checkpoint(run.paths["checkpoint.pkl"], {
-        "format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "cma": run.es,
-        "cma_rng": run.cma_rng, "counters": dict(run.counters)})
-    run.tb.flush()
-    if uploads:
-        upload(run)
-
-
-def upload(run):
-    """With --track: send best.npz, final.npz and learning_curve.png, those that exist, to W&B now."""
-    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
-        if os.path.exists(run.paths[name]):
-            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
-
-
-def start_logging(args, run_dir, env_steps):
-    """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
-    first and continues the run's W&B run on resume (its id is in the checkpoint); W&B keeps its files in the run
-    folder's wandb/ and gets the scalars from `wandb.log` (its tensorboard sync would find its own copies of the
-    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
-    wandb = import_optional("wandb", "--track", "track") if args.track else None
-    if wandb:
-        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
-        try:
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                       name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
-            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
-        except Exception as e:
-            raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
-    from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
-    writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
-    table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
-    return writer, wandb
-
-
-def stop_logging(run, code):
-    """Close the event files; with --track upload the files and end the W&B run with the run's exit code."""
-    run.tb.close()
-    if run.wandb:
-        upload(run)
-        run.wandb.finish(exit_code=code)
-
-
-WORKERS = {}  # this process's envs and agent of each pool, built at its first task (locally: at its start)
+# Workers: local processes, this process, or a Ray cluster
+WORKERS = {}  # this process's envs and agent of each pool, built at its first task
 
 
 def init_worker(worker_args, buffers, in_process=False):
@@ -859,16 +1140,17 @@ def init_worker(worker_args, buffers, in_process=False):
 
 
 def exit_with_parent(parent):
-    """Watchdog thread of a worker process: exit once the parent is gone (then os.getppid() changes)."""
+    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
+    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
 
 
 def run_task(task, key="local", worker_args=None, shared=None):
-    """A task (row, env_seeds, training): row `row` of the float32 (R, D) parameter matrix held flat in shared[0]
-    drives this process's agent of pool `key` -> (episode returns, steps). Its envs and agent are built at the
-    first call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays."""
+    """Run a RolloutTask on this process's agent of pool `key` -> (episode returns, steps): row `task.member` of the
+    float32 (rows, D) parameter matrix held flat in shared[0]. Its envs and agent are built at the first
+    call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays."""
     if key not in WORKERS:
         torch.set_num_threads(1)
         env_config, agent_config = worker_args
@@ -877,9 +1159,10 @@ def run_task(task, key="local", worker_args=None, shared=None):
     worker = WORKERS[key]
     worker.shared = worker.shared if shared is None else shared
     if task is not None:
-        row, env_seeds, training = task
-        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[row])
-        episodes = [rollout(worker.envs[training], worker.agent, env_seed) for env_seed in env_seeds]
+        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member])
+        env = worker.envs[task.training]
+        episodes = [rollout(env, worker.agent, env_seed) for env_seed in task.env_seeds]
+        # A plain tuple: a class of the main script, made in a spawned worker, would not unpickle in the driver.
         return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
 
 
@@ -894,9 +1177,14 @@ class RolloutPool:
     caps the tasks running at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False):
-        self.num_workers, self.address, self.worker_args, self.quiet = num_workers, ray_address, worker_args, quiet
-        self.on_lost, self.executor, self.ray_errors = None, None, ()  # on_lost: () -> what to tell when lost
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
+        self.num_workers = num_workers
+        self.address = ray_address
+        self.worker_args = worker_args
+        self.quiet = quiet
+        self.on_lost = on_lost  # () -> what to tell when the cluster is lost (the checkpoint kept)
+        self.executor = None
+        self.ray_errors = ()
         if ray_address:
             self.start_ray()
         else:
@@ -964,7 +1252,7 @@ class RolloutPool:
             futures.append(self.submit(task, shared))
             running.add(futures[-1])
         list(map(progress, concurrent.futures.as_completed(running)))
-        return [future.result() for future in futures]
+        return [RolloutResult(*future.result()) for future in futures]
 
     def close(self):
         """Stop the workers at once (a running rollout is not waited for); on Ray, the watchdog."""
@@ -1051,7 +1339,8 @@ class RolloutPool:
 
 
 def import_optional(name, flag, extra):
-    """The module `name` (ray, wandb). UserError when it is not installed: it is optional (requirements-<extra>.txt)."""
+    """The module `name` (ray, wandb); UserError when it is not installed: it is optional, in
+    requirements-<extra>.txt, and `flag` asked for it."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -1073,7 +1362,8 @@ def connect_ray(address):
         except (OSError, ValueError):
             raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
                             "or check the address (HOST:PORT, or auto)") from None
-    error, stderr = None, os.dup(2)
+    error = None
+    stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
@@ -1090,8 +1380,8 @@ def connect_ray(address):
         said = said.read().decode(errors="replace")
     if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
         raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
-                        "on its head) or put it in ~/.ray/auth_token")
+                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
     if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
@@ -1099,13 +1389,19 @@ def connect_ray(address):
     return ray
 
 
+# Files: weights and checkpoints
 def atomic_write(path, data):
-    """Write bytes into a temp file beside `path`, fsync, then os.replace: a kill leaves the old file intact."""
+    """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
+    temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
+    new one, never a part."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1116,10 +1412,10 @@ def atomic_write(path, data):
 
 
 def save_weights(path, params, meta):
-    """Weights file: `params` float32 (D,) in the authors' layout and `meta`, a 0-d unicode array of JSON."""
-    buffer = io.BytesIO()
-    np.savez(buffer, params=np.asarray(params, dtype=np.float32), meta=np.array(json.dumps(meta)))
-    atomic_write(path, buffer.getvalue())
+    """Weights file (.npz), written atomically: `params` float32 (D,) and `meta`, a dict stored as a 0-d
+    unicode array holding JSON (np.load(path, allow_pickle=False) reads it)."""
+    params = np.asarray(params, dtype=np.float32)
+    atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
 
 def load_weights(path):
@@ -1168,27 +1464,29 @@ def agent_from_file(path, image_size, action_dim):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler for checkpoints: it admits only numpy's and pycma's names and a few builtins, and calls (REDUCE,
-    checked on the pure-Python unpickler) nothing but numpy's array and RNG constructors and builtin types. pycma
-    objects are rebuilt from their state (NEWOBJ + BUILD), never by calling the class, whose constructor evaluates
-    option strings. Anything else raises pickle.UnpicklingError before it runs."""
+    """Unpickler for checkpoints: it admits only numpy's names, those of the modules in CHECKPOINT_MODULES (the
+    optimizer's package) and a few builtins, and calls (REDUCE, checked on the pure-Python unpickler) nothing but
+    numpy's array, dtype and RNG constructors and builtin types. Objects of CHECKPOINT_MODULES are rebuilt from
+    their state (NEWOBJ + BUILD), never by calling their class. Anything else raises pickle.UnpicklingError
+    before it runs."""
 
     # (module, name) that REDUCE may call.
-    CALLS = {("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-             ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-             ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-             ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
-             ("builtins", "range"), ("builtins", "slice"), ("builtins", "set"), ("builtins", "frozenset"),
-             ("builtins", "complex"), ("builtins", "bytearray")}
+    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
+             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
+             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
+                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
     # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
-    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937")}
+    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
+                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
 
     def __init__(self, file):
         super().__init__(file)
         self.callables = []
 
     def find_class(self, module, name):
-        if (module, name) not in self.NAMES and module != "cma" and not module.startswith("cma."):
+        dtype_class = module == "numpy.dtypes" and name.endswith("DType")
+        if (module, name) not in self.NAMES and module.partition(".")[0] not in CHECKPOINT_MODULES and not dtype_class:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
         found = super().find_class(module, name)
         if (module, name) in self.CALLS:
@@ -1215,18 +1513,16 @@ def attach_randn(es, randn):
 
 
 def save_checkpoint(path, state):
-    """Pickle the checkpoint dict atomically: {format_version, script, args (dict), cma (the pycma object,
-    its sampler detached), cma_rng (numpy RandomState behind the sampler), counters (dict)}."""
-    attach_randn(state["cma"], None)
-    try:
-        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        attach_randn(state["cma"], state["cma_rng"].randn)
-    atomic_write(path, data)
+    """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
+    CHECKPOINT_PARTS) into `path`, atomically."""
+    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_checkpoint(path):
-    """(path, the checkpoint dict) from a checkpoint.pkl or a run folder; UserError if unusable."""
+    """(path, the checkpoint dict) of a checkpoint.pkl or of a run folder holding one. A flag added since the
+    checkpoint was written takes its default. UserError when the file is unreadable, names anything
+    CheckpointUnpickler refuses, is another script's or another format's, or misses a part (CHECKPOINT_PARTS:
+    name -> type) or a counter (COUNTERS)."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pkl")
     try:
@@ -1236,57 +1532,43 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("script") != SCRIPT:
-        owner = state.get("script") if isinstance(state, dict) else None
+    owner = None
+    if isinstance(state, dict):
+        owner = state.get("script")
+    if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
-    if isinstance(state.get("args"), dict):  # a flag added since the checkpoint was written takes its default
-        state["args"] = vars(build_parser().parse_args([])) | state["args"]
-    kinds = {"args": dict, "cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState, "counters": dict}
-    if not all(isinstance(state.get(key), kind) for key, kind in kinds.items()) or not set(state["counters"]) >= set(
-            COUNTERS):
+    parts = {"args": dict, "counters": dict, **CHECKPOINT_PARTS}
+    missing = [name for name, kind in parts.items() if not isinstance(state.get(name), kind)]
+    if missing or not set(COUNTERS) <= set(state["counters"]):
         raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
-    attach_randn(state["cma"], state["cma_rng"].randn)
+    state["args"] = vars(build_parser().parse_args([])) | state["args"]
     return path, state
 
 
-def open_progress(path, last_iteration):
-    """(progress.csv open for appending, its csv.DictWriter). A new run (last_iteration None) starts it anew; a
-    resumed one keeps the rows up to `last_iteration` (the checkpoint's; rows written after it go)."""
-    rows = []
-    if last_iteration is not None and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-        if len(kept) != len(rows):
-            text = io.StringIO()
-            csv.writer(text).writerows(kept)
-            atomic_write(path, text.getvalue().encode())
-    csv_file = open(path, "a" if rows else "w", newline="")
-    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
-    if not rows:
-        writer.writeheader()
-    return csv_file, writer
-
-
-def plot_learning_curve(progress_path, image_path, title):
-    """learning_curve.png from progress.csv: population mean and max, evaluations +/- std."""
+# Plots, video, evaluation of a weights file, main
+def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
+    """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
+    boldest) against the generation, and the evaluations +/- std."""
     from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    column = lambda name: np.array([float(r[name]) for r in rows if r[name]])
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(column("iteration"), column("return_mean"), label="population mean", lw=1)
-    ax.plot(column("iteration"), column("return_max"), label="population max", lw=0.8, alpha=0.6)
-    evaluated = [float(r["iteration"]) for r in rows if r["eval_return_mean"]]
+    iterations = [float(row["iteration"]) for row in rows]
+    for i, (column, label) in enumerate(curves):
+        values = [float(row[column]) for row in rows]
+        ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
+    evaluated = [row for row in rows if row["eval_return_mean"]]
     if evaluated:
-        ax.errorbar(evaluated, column("eval_return_mean"), yerr=column("eval_return_std"), fmt="o-", ms=3,
-                    capsize=2, label="evaluation of the mean ± std")
-    ax.set(xlabel="generation", ylabel="episode return", title=title)
+        ax.errorbar([float(row["iteration"]) for row in evaluated],
+                    [float(row["eval_return_mean"]) for row in evaluated],
+                    yerr=[float(row["eval_return_std"]) for row in evaluated],
+                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+    ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -1333,14 +1615,19 @@ def record_video(env_config, agent, path_stem, seed):
 
 
 def versions():
-    """Versions of python and of the libraries a run depends on, for args.json; "blas": numpy's BLAS and the
-    kernels it picked for this CPU (OPENBLAS_CORETYPE overrides), which set the last digits of a run."""
+    """For args.json: the versions of python and of the libraries a run depends on (None where one is not
+    installed), and "blas": numpy's BLAS and the kernels it picked for this CPU, which set a run's last digits."""
     import importlib.metadata
     from threadpoolctl import threadpool_info
-    return {"python": platform.python_version(),
-            **{name: importlib.metadata.version(name) for name in ("torch", "gymnasium", "numpy", "cma")},
-            "blas": [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
-                     for i in threadpool_info() if i["user_api"] == "blas"]}
+    found = {"python": platform.python_version()}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+                     for i in threadpool_info() if i["user_api"] == "blas"]
+    return found
 
 
 def probe_env(env_config):
@@ -1381,23 +1668,34 @@ def run_from_pretrained(args, given):
 
 
 def main(argv=None):
-    """Entry point: returns the exit code (0; 2 for bad input; 1 when the workers are lost; 130 when
-    interrupted by Ctrl-C or SIGTERM)."""
-    args, given = parse_args(argv)
+    """Entry point; returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost
+    or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
+    the checkpoint of the last finished generation kept."""
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
-    def interrupt(signum, frame):
+    def stop(signum, frame):
         raise KeyboardInterrupt
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
+        signal.signal(signum, stop)
     torch.set_num_threads(1)
     try:
-        return run_from_pretrained(args, given) if args.from_pretrained else train(args, given)
-    except (UserError, gym.error.Error, PoolLost) as e:  # bad input (gymnasium's messages are clear), lost workers
-        print(f"{SCRIPT}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1 if isinstance(e, PoolLost) else 2
+        args, given = parse_args(argv)
+        if args.from_pretrained:
+            return run_from_pretrained(args, given)
+        return train(args, given)
+    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's own messages are clear
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, MemoryError):
+            message += " (a size too large for this machine)"
+        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+        if isinstance(e, PoolLost):
+            return 1
+        return 2
     except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
-        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        if e.filename:
+            print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

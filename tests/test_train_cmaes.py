@@ -227,7 +227,7 @@ def test_pool_is_the_same_in_process_and_in_workers_and_gives_up_on_dying_worker
     agent_config = {"image_size": 96, "action_dim": 3, **{k: getattr(cm.parse_args([])[0], k) for k in cm.AGENT_FLAGS}}
     torch.manual_seed(0)
     params = cm.AttentionAgent(**agent_config).get_flat()
-    shared, tasks = [np.stack([params, 3 * params])], [(i % 2, [i], False) for i in range(4)]
+    shared, tasks = [np.stack([params, 3 * params])], [cm.RolloutTask(i % 2, [i], False) for i in range(4)]
     expected = cm.RolloutPool(1, None, (env_config, agent_config), [2 * params.size]).map(tasks, shared)
     pool = cm.RolloutPool(2, None, (env_config, agent_config), [2 * params.size])
     try:
