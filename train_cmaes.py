@@ -44,9 +44,7 @@ class UserError(Exception):
     """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Configuration
-# ------------------------------------------------------------------------------------------------
+# 1. Configuration ---------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once: appended unless the help states it or nothing is set;
     a switch shows none, an --x/--no-x pair the one that is on."""
@@ -80,36 +78,29 @@ def build_parser():
     if hasattr(os, "sched_getaffinity"):
         usable_cores = len(os.sched_getaffinity(0))
     g = p.add_argument_group("run")
-    g.add_argument("--env-id", default="CarRacing-v3",
-                   help="gymnasium id of a CarRacing-like pixel env")
+    g.add_argument("--env-id", default="CarRacing-v3", help="a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     g.add_argument("--num-workers", type=int, default=usable_cores,
-                   help="rollout worker processes (default: usable cores); 1 runs in-process. "
-                   "With --ray-address: the most rollouts at once (default there: the cluster's CPUs)")
+                   help="rollout worker processes (default: usable cores); 1 runs in-process; "
+                   "with --ray-address the most rollouts at once (default there: the cluster's CPUs)")
     g.add_argument("--ray-address", metavar="ADDRESS",
                    help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or "
                    "auto (default: $RAY_ADDRESS if set, else local worker processes)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
-    g.add_argument("--max-iter", type=int, default=2000,
-                   help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=int, default=16,
-                   help="episodes per fitness evaluation (fitness: their mean)")
+    g.add_argument("--max-iter", type=int, default=2000, help="generations, from the run's start")
+    g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness (their mean)")
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
     g.add_argument("--max-negative-steps", type=int, default=20,
-                   help="training episodes end after this many consecutive negative rewards "
-                   "(0 = off); never in evaluation")
+                   help="training episodes end after this many negative rewards in a row (0: off)")
     g.add_argument("--stock-env", action="store_true",
-                   help="use gymnasium's CarRacing as is, not the faster subclass with identical frames")
-    g.add_argument("--eval-every", type=int, default=10,
-                   help="evaluate the distribution mean (xfavorite) every this many generations")
+                   help="gymnasium's CarRacing, not the faster subclass with identical frames")
+    g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
-    g.add_argument("--exp-name", default=SCRIPT[:-3],
-                   help="experiment name, in the default run folder name")
+    g.add_argument("--exp-name", default=SCRIPT[:-3], help="in the default run folder name")
     g.add_argument("--run-name",
                    help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
-    g.add_argument("--resume", metavar="PATH",
-                   help="continue a run from its checkpoint.pkl or its run folder")
+    g.add_argument("--resume", metavar="PATH", help="continue a run (checkpoint.pkl or run folder)")
     g.add_argument("--from-pretrained", metavar="PATH.npz",
                    help="evaluate these weights (this script's or the authors' file) over "
                    "--num-eval-rollouts episodes; no training")
@@ -117,20 +108,16 @@ def build_parser():
                    help="start from these weights; with --train attention|controller the other part "
                    "stays frozen at the file's values")
     g.add_argument("--capture-video", action="store_true",
-                   help="record an episode at each evaluation with the top-k patches highlighted "
-                   "(GIF; mp4 when moviepy is installed)")
-    g.add_argument("--reward-goal", type=float,
-                   help="stop when the evaluation mean reaches this return")
+                   help="an episode at each evaluation, top-k patches highlighted (GIF; mp4: moviepy)")
+    g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this")
     g.add_argument("--consecutive-goal-stopping", type=int, default=1,
                    help="... in this many consecutive evaluations")
-    g.add_argument("--quiet", action="store_true",
-                   help="no per-generation console lines, no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no console line a generation, no bar")
     g.add_argument("--track", action="store_true",
                    help="log the run to Weights & Biases (TensorBoard's scalars, the weights files, "
                    "the curve); needs: pip install -r requirements-track.txt")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
-    g.add_argument("--wandb-entity",
-                   help="W&B team or user of --track (default: your default entity)")
+    g.add_argument("--wandb-entity", help="W&B team or user (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
     g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS",
@@ -146,18 +133,14 @@ def build_parser():
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
     g.add_argument("--patch-stride", type=int, default=4, help="step between patches, pixels")
-    g.add_argument("--query-dim", type=int, default=4,
-                   help="width of the query and key projections")
-    g.add_argument("--top-k", type=int, default=10,
-                   help="patches whose centers feed the controller")
+    g.add_argument("--query-dim", type=int, default=4, help="width of the query and key")
+    g.add_argument("--top-k", type=int, default=10, help="patches whose centers it sees")
     g.add_argument("--hidden-size", type=int, default=16, help="controller width")
-    g.add_argument("--no-bias", dest="bias", action="store_false",
-                   help="query and key projections without bias")
+    g.add_argument("--no-bias", dest="bias", action="store_false", help="query and key: no bias")
     g.add_argument("--controller", choices=CONTROLLERS, default="lstm",
                    help="lstm: LSTM + Linear (the paper); rnn: ReLU RNN + Linear; "
                    "mlp: over --num-frames stacked top-k features")
-    g.add_argument("--num-frames", type=int, default=4,
-                   help="mlp controller: stacked feature vectors")
+    g.add_argument("--num-frames", type=int, default=4, help="mlp: stacked feature vectors")
     return p
 
 
@@ -192,9 +175,7 @@ import tqdm
 from gymnasium.envs.box2d import car_racing
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. CMA-ES: pycma's CMAEvolutionStrategy
-# ------------------------------------------------------------------------------------------------
+# 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
     numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
@@ -234,9 +215,7 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
     return cma.CMAEvolutionStrategy(x0, init_sigma, options), rng
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Policy, environment, rollout
-# ------------------------------------------------------------------------------------------------
+# 3. Policy, environment, rollout ------------------------------------------------------------------
 class AttentionAgent(nn.Module):
     """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time.
 
@@ -389,9 +368,7 @@ def rollout(env, agent, seed, on_step=None):
                 return total, steps
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Training loop
-# ------------------------------------------------------------------------------------------------
+# 4. Training loop ---------------------------------------------------------------------------------
 class RolloutTask(typing.NamedTuple):
     """A worker's job: row `member` of the batch's float32 (rows, D) parameter matrix drives one
     episode per env seed, with the training-time early stop or without (evaluation)."""
