@@ -7,9 +7,11 @@ if ROOT not in sys.path:
 
 
 import functools
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import uuid
@@ -33,16 +35,20 @@ class RayCluster:
     """A one-node Ray cluster of this machine: `ray start --head --block` on free loopback ports.
 
     `--block` keeps the CLI in the foreground, so stop() ends this cluster and no other Ray on the
-    machine. Every port the head would take by default gets a free one: two clusters can coexist.
+    machine. Every port the head would take by default gets a free one: two clusters can coexist. Its
+    temp folder is its own (`--temp-dir`, short for Ray's socket paths), removed by stop(): Ray's default
+    one (/tmp/ray) never names a cluster of the tests, whose `ray_current_cluster` file would send a
+    later `ray.init()` or `--ray-address auto` on this machine to a cluster that is gone.
     """
 
     def __init__(self, num_cpus=2, env=None):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--num-cpus={num_cpus}",
              f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-             "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}"],
+             "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.temp_dir}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
         deadline = time.monotonic() + 60
         while True:
@@ -82,6 +88,7 @@ class RayCluster:
         except OSError:
             pass
         self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
