@@ -21,7 +21,7 @@ Examples:
 import argparse
 import contextlib
 import csv
-import importlib.metadata
+import importlib
 import inspect
 import io
 import json
@@ -55,35 +55,34 @@ META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
 
 
 class UserError(Exception):
-    """Bad input (flags, files, environments): reported as one line, exit code 2."""
+    """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
 
 
 # -- 1. Configuration ----------------------------------------------------------------------------
 def build_parser():
-    """Every flag, each value checked for kind and range as it is parsed."""
-    p = Parser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
-               formatter_class=Parser.Formatter,
-               epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
-    size, rate, floor = number(int, 1), number(float, 0, open_low=True), number(float, 0)
-    factor, switch = number(float, 0, 1, open_low=True), argparse.BooleanOptionalAction
+    """Every flag; parse_args checks the numbers against LIMITS."""
+    p = OneLineParser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
+                      formatter_class=HelpFormatter,
+                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
+    switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
     g.add_argument("--env-kwargs", nargs="*", type=env_kwarg, default=[], metavar="KEY=VALUE",
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
-    g.add_argument("--seed", type=number(int, 0, 2 ** 64 - 1), default=1, help="seed of every random draw")
+    g.add_argument("--seed", type=int, default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=size, default=cores, help="rollout processes, 1 = in-process (default: "
+    g.add_argument("--num-workers", type=int, default=cores, help="rollout processes, 1 = in-process (default: "
                    "usable cores); with --ray-address: the most rollouts at once (default: all the cluster's CPUs)")
     g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
                    "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
-    g.add_argument("--population-size", type=number(int, 2), default=256, help="members, even if mirrored")
-    g.add_argument("--max-iter", type=size, default=1000, help="generations, counted from the run's start")
-    g.add_argument("--num-rollouts", type=size, default=1, help="episodes per fitness evaluation (their mean)")
-    g.add_argument("--max-episode-steps", type=size, help="episode length limit (default: the env's TimeLimit)")
-    g.add_argument("--max-negative-steps", type=number(int, 0), help="end training episodes after this many negative "
+    g.add_argument("--population-size", type=int, default=256, help="members, even if mirrored")
+    g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
+    g.add_argument("--num-rollouts", type=int, default=1, help="episodes per fitness evaluation (their mean)")
+    g.add_argument("--max-episode-steps", type=int, help="episode length limit (default: the env's TimeLimit)")
+    g.add_argument("--max-negative-steps", type=int, help="end training episodes after this many negative "
                    "rewards in a row (default: 20 on CarRacing, else 0 = off); never in evaluation")
-    g.add_argument("--eval-every", type=size, default=10, help="evaluate the center every this many generations")
-    g.add_argument("--num-eval-rollouts", type=size, default=100, help="episodes per evaluation")
+    g.add_argument("--eval-every", type=int, default=10, help="evaluate the center every this many generations")
+    g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
     g.add_argument("--exp-name", default=SCRIPT[:-3], help="experiment name, part of the default run folder name")
     g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
@@ -91,73 +90,59 @@ def build_parser():
     g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights; no training")
     g.add_argument("--init-from", metavar="PATH.npz", help="start training from these weights")
     g.add_argument("--capture-video", action="store_true", help="record an episode per evaluation (GIF or mp4)")
-    g.add_argument("--reward-goal", type=number(float), help="stop when the evaluation mean reaches this return; a "
+    g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return; a "
                    "generation whose center reaches it in training is evaluated at once")
-    g.add_argument("--consecutive-goal-stopping", type=size, default=1, help="... in this many evaluations in a row")
+    g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bars")
     g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (curves, weights, plot)")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
     g.add_argument("--wandb-entity", help="W&B entity (team or user) of --track (default: your default entity)")
     g = p.add_argument_group("OpenAI-ES")
-    g.add_argument("--sigma", type=rate, default=0.02, help="noise standard deviation")
-    g.add_argument("--learning-rate", type=rate, default=0.01, help="step size of the optimizer")
+    g.add_argument("--sigma", type=float, default=0.02, help="noise standard deviation")
+    g.add_argument("--learning-rate", type=float, default=0.01, help="step size of the optimizer")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="update rule on the ES gradient")
-    g.add_argument("--momentum", type=number(float, 0, 1, open_high=True), default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=floor, default=0.005, help="L2 coefficient on the parameters")
-    g.add_argument("--lr-decay", type=factor, default=1.0, help="learning rate factor per generation")
-    g.add_argument("--lr-min", type=floor, default=0.0, help="floor of the decayed learning rate")
-    g.add_argument("--sigma-decay", type=factor, default=1.0, help="sigma factor per generation")
-    g.add_argument("--sigma-min", type=floor, default=0.0, help="floor of the decayed sigma")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
+    g.add_argument("--weight-decay", type=float, default=0.005, help="L2 coefficient on the parameters")
+    g.add_argument("--lr-decay", type=float, default=1.0, help="learning rate factor per generation")
+    g.add_argument("--lr-min", type=float, default=0.0, help="floor of the decayed learning rate")
+    g.add_argument("--sigma-decay", type=float, default=1.0, help="sigma factor per generation")
+    g.add_argument("--sigma-min", type=float, default=0.0, help="floor of the decayed sigma")
     g.add_argument("--antithetic", action=switch, default=True, help="mirrored pairs theta +/- sigma eps")
     g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank",
                    help="transform of the returns")
     g.add_argument("--obs-norm", action=switch, default=True, help="normalize vector observations (running mean, std)")
     g = p.add_argument_group("policy")
-    g.add_argument("--hidden-sizes", type=size, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
+    g.add_argument("--hidden-sizes", type=int, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
     g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale",
                    help="Box actions: tanh mapped onto the bounds, or raw outputs clipped to them")
-    g.add_argument("--frame-size", type=number(int, 36), default=64, help="pixels: square frame size (36 at least)")
-    g.add_argument("--frame-stack", type=size, default=4, help="pixels: number of stacked frames")
+    g.add_argument("--frame-size", type=int, default=64, help="pixels: square frame size (36 at least)")
+    g.add_argument("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
     g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
     return p
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError (one line, nothing written) and whose --help shows each
-    default once: not where the help names it or nothing is set; a switch that is on by its name."""
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        def _get_help_string(self, action):
-            text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
-            if "(default" in text or action.default in (None, [], argparse.SUPPRESS) or action.default is False:
-                return text
-            return text + (f" (default: {action.option_strings[0]})" if action.default is True else
-                           " (default: %(default)s)")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
 
     def error(self, message):
         raise UserError(message)
 
 
-def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite `kind` (int or float) in [low, high], an end excluded where open; text that
-    is no `kind` gets argparse's own message (invalid int value: 'x'). Counts stop at 2^31 - 1 unless told."""
-    cap = 2 ** 31 - 1 if kind is int and high == math.inf else high
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
+    a switch shows none, an --x/--no-x pair the one that is on."""
 
-    def parse(text):
-        value = kind(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value > cap:
-            raise argparse.ArgumentTypeError(f"must be at most {cap}, got {text}")
-        if value < low or value > high or (open_low and value == low) or (open_high and value == high):
-            bound = (f"> {low}" if open_low else f"at least {low}") if high == math.inf else \
-                f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
+    def _get_help_string(self, action):
+        text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
+        if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return text + f" (default: {action.option_strings[0 if action.default else 1]})"
+        if isinstance(action.default, bool):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def env_kwarg(item):
@@ -178,6 +163,7 @@ def parse_args(argv=None):
     marker = object()  # which flags were typed: parse again into a namespace of markers and see which changed
     typed = parser.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
     given = {name for name, value in vars(typed).items() if value is not marker}
+    check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
         raise UserError("--resume, --from-pretrained and --init-from exclude each other")
     fixed = sorted(given - RESUME_FLAGS) if args.resume else sorted(
@@ -191,13 +177,10 @@ def parse_args(argv=None):
     args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
     if args.ray_address and "num_workers" not in given:
         args.num_workers = None  # every CPU of the cluster
-    for flag, wanted, module, name, extra in (("--ray-address", args.ray_address, "ray", "Ray", "ray"),
-                                              ("--track", args.track, "wandb", "wandb", "track")):
-        try:
-            if wanted:
-                importlib.import_module(module)
-        except ImportError:
-            raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
+    if args.ray_address:
+        import_optional("ray", "--ray-address", "ray")
+    if args.track:
+        import_optional("wandb", "--track", "track")
     return args, given
 
 
@@ -249,7 +232,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E
 
 # -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
 def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys: (seed, stream, generation, member, rollout)."""
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
@@ -485,11 +469,13 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
 
 class NegativeRewardEarlyStop(gym.Wrapper):
     """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020). Not in gymnasium."""
+    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
+    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
 
     def __init__(self, env, patience):
         super().__init__(env)
-        self.patience, self.negative_steps = patience, 0
+        self.patience = patience  # negative rewards in a row that end the episode
+        self.negative_steps = 0  # negative rewards in a row so far
 
     def reset(self, **kwargs):
         self.negative_steps = 0
@@ -497,7 +483,10 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
+        if reward < 0:
+            self.negative_steps += 1
+        else:
+            self.negative_steps = 0
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
@@ -638,9 +627,9 @@ def train(args, given):
             eta = (now - session_start) / (gen.iteration - first_generation) * (args.max_iter - gen.iteration)
             log(console_line(args, gen, counters, gen.steps / (now - t0), eta))
             if gen.evaluation and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
-                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES)
                 last_plot = now
-            save_checkpoint(run, upload=gen.evaluation is not None)
+            write_checkpoint(run, upload=gen.evaluation is not None)
             if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
                 print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
                       f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
@@ -650,7 +639,7 @@ def train(args, given):
         final = gen.evaluation or evaluate(pool, es.theta, obs_mean_std(obs_stats, run.obs_dim), args, es.generation)[2]
         log(f"final evaluation | return {final['mean']:9.2f} ± {final['std']:8.2f} over {final['episodes']} episodes")
         save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final))
-        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title)
+        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES)
         exit_code = 0
     except (KeyboardInterrupt, PoolLost) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -734,6 +723,11 @@ PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "ret
                     "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
 
 
+# learning_curve.png's curves of progress.csv's columns (the first drawn boldest), with the evaluations.
+CURVES = [("return_mean", "population mean"), ("return_max", "population max"),
+          ("center_return", "center (unperturbed)")]
+
+
 def write_progress(run, gen):
     """A generation's row of progress.csv (PROGRESS_COLUMNS); its numbers to TensorBoard against env steps."""
     returns, evaluation, counters, es = gen.returns, gen.evaluation, run.counters, run.es
@@ -763,8 +757,63 @@ def console_line(args, gen, counters, steps_per_s, eta):
 
 
 # == Machinery: a first-time reader may skip what follows (workers, files, plots, video, main) ===
-NEW_COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                "best_eval": -math.inf, "goal_streak": 0}  # a run's totals, kept in its checkpoint
+# A run's totals, kept in its checkpoint, and what they start at.
+COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf,
+            "goal_streak": 0}
+# What a checkpoint holds beyond args and counters (observation statistics: None without --obs-norm), and the
+# packages whose objects it may hold beyond numpy's and builtins: none.
+CHECKPOINT_PARTS = {"es": dict, "obs_stats": (dict, type(None))}
+CHECKPOINT_MODULES = ()
+INT_MAX = 2 ** 31 - 1  # counts and sizes stop here
+# (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file's meta sets.
+LIMITS = {
+    "seed": (0, 2 ** 64 - 1),
+    "num_workers": (1, INT_MAX),
+    "population_size": (2, INT_MAX),
+    "max_iter": (1, INT_MAX),
+    "num_rollouts": (1, INT_MAX),
+    "max_episode_steps": (1, INT_MAX),
+    "max_negative_steps": (0, INT_MAX),
+    "eval_every": (1, INT_MAX),
+    "num_eval_rollouts": (1, INT_MAX),
+    "consecutive_goal_stopping": (1, INT_MAX),
+    "reward_goal": (-math.inf, math.inf),
+    "sigma": (0.0, math.inf, True),
+    "learning_rate": (0.0, math.inf, True),
+    "momentum": (0.0, math.nextafter(1.0, 0.0)),  # [0, 1): up to the largest float below 1
+    "weight_decay": (0.0, math.inf),
+    "lr_decay": (0.0, 1.0, True),
+    "lr_min": (0.0, math.inf),
+    "sigma_decay": (0.0, 1.0, True),
+    "sigma_min": (0.0, math.inf),
+    "hidden_sizes": (1, INT_MAX),
+    "frame_size": (36, INT_MAX),
+    "frame_stack": (1, INT_MAX),
+}
+
+
+def check_numbers(values, label):
+    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
+    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
+    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
+    smallest itself is excluded."""
+    for key, value in values.items():
+        if key not in LIMITS or value is None:
+            continue
+        low, high, *low_excluded = LIMITS[key]
+        integer = isinstance(low, int)
+        rules = []
+        if math.isfinite(low):
+            rules.append(f"> {low}" if low_excluded else f">= {low}")
+        if math.isfinite(high):
+            rules.append(f"<= {high}")
+        kind = "an integer" if integer else "a finite number"
+        message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
+                raise UserError(f"{message}, got {number!r}")
+            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
+                raise UserError(f"{message}, got {number!r}")
 
 
 def setup_run(args, given):
@@ -788,8 +837,12 @@ def setup_run(args, given):
     run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
         if policy.normalize else None
     if checkpoint:
+        stats = checkpoint.get("obs_stats")  # None without --obs-norm
+        es_complete = set(vars(OpenAIES(np.zeros(1), 2))) <= set(checkpoint["es"])
+        stats_complete = not run.obs_stats or (stats is not None and {"count", "sum", "sumsq"} <= set(stats))
+        if not (es_complete and stats_complete):
+            raise UserError(f"{checkpoint_path} is not a complete {SCRIPT} checkpoint")
         run.es, run.counters = OpenAIES.from_state_dict(checkpoint["es"]), checkpoint["counters"]
-        stats = checkpoint["obs_stats"]
         if run.obs_stats:  # copies: unpickled arrays may be read-only
             run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
     else:
@@ -801,7 +854,7 @@ def setup_run(args, given):
                              "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
         settings = inspect.signature(OpenAIES).parameters  # the algorithm's flags bear its arguments' names
         run.es = OpenAIES(theta, **{key: value for key, value in vars(args).items() if key in settings})
-        run.counters = dict(NEW_COUNTERS)
+        run.counters = dict(COUNTERS)
     run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config))  # no file yet
     open_run_folder(run, checkpoint is not None)
     print(f"{policy}\nparameters: {run.dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
@@ -852,13 +905,8 @@ def open_run_folder(run, resuming):
         run.wandb = wandb
     run.paths = {name: os.path.join(run.dir, name) for name in
                  ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    versions = {"python": platform.python_version(), **{name: next((d.version for d in importlib.metadata.distributions(
-        name=name)), None) for name in ("torch", "gymnasium", "numpy", "cma")}}  # None: not installed
-    from threadpoolctl import threadpool_info
-    versions["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"  # the kernels: last digits
-                        for i in threadpool_info() if i["user_api"] == "blas"]
-    config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions)
-    atomic_write(run.paths["args.json"], lambda f: f.write(json.dumps(config, indent=2).encode()))
+    config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions())
+    atomic_write(run.paths["args.json"], json.dumps(config, indent=2).encode())
     path, rows, text = run.paths["progress.csv"], [], io.StringIO()
     if resuming and os.path.exists(path):
         with open(path, newline="") as f:
@@ -866,7 +914,7 @@ def open_run_folder(run, resuming):
     writer = csv.DictWriter(text, PROGRESS_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write(path, text.getvalue().encode())
     run.csv_file = open(path, "a", newline="")
     run.writer = csv.DictWriter(run.csv_file, PROGRESS_COLUMNS)
     from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
@@ -879,12 +927,12 @@ def open_run_folder(run, resuming):
         f"resume with: python {SCRIPT} --resume {run.dir}   (on any Ray cluster with --ray-address, or locally)")
 
 
-def save_checkpoint(run, upload=False):
-    """Write checkpoint.pkl atomically (args, optimizer, observation statistics, counters), flush TensorBoard;
-    with `upload` and --track, send the weights and plot to W&B."""
+def write_checkpoint(run, upload=False):
+    """Write checkpoint.pkl (args, optimizer, observation statistics, counters), flush TensorBoard; with
+    `upload` and --track, send the weights and plot to W&B."""
     state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args),
              "es": run.es.state_dict(), "obs_stats": run.obs_stats, "counters": dict(run.counters)}
-    atomic_write(run.paths["checkpoint.pkl"], lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+    save_checkpoint(run.paths["checkpoint.pkl"], state)
     run.tb.flush()
     if upload:
         upload_files(run)
@@ -933,7 +981,7 @@ WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 
 class PoolLost(Exception):
-    """The workers keep dying or the Ray cluster is gone: the run stops with its last checkpoint intact."""
+    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
 
 class RolloutWorker:
@@ -1019,12 +1067,15 @@ def start_local_worker(parent_pid):
     """Initializer of a local worker: Ctrl-C and SIGTERM left to the driver; exit within 0.5 s of its death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
 
-    def exit_with_parent():
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+def exit_with_parent(parent):
+    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
+    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def run_chunk(pool_key, worker_args, shared, tasks):
@@ -1122,19 +1173,8 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
 
     def start_ray(self):
-        """Join the cluster (an address nobody listens on is refused at once: ray.init would wait for minutes),
-        declare the Ray task and start the watchdog."""
-        import ray
-        if self.address != "auto" and not ray.is_initialized():
-            host, _, port = self.address.removeprefix("ray://").rpartition(":")
-            try:
-                socket.create_connection((host, int(port)), timeout=5).close()
-            except (OSError, ValueError, OverflowError):
-                raise UserError(f"no Ray cluster answers at {self.address}: start one with `ray start --head` "
-                                "or check the address (HOST:PORT, or auto)") from None
-        init_ray(ray, self.address)
-        if __name__ != "__main__":  # imported: ship this module's code by value, as for a script
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        """Join the cluster (`connect_ray`), declare the Ray task and start the watchdog."""
+        ray = connect_ray(self.address)
         self.ray, self.probes, self.closed = ray, [], threading.Event()
         self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
             name="ray_rollout")  # the process title of a running task: ray::ray_rollout
@@ -1196,11 +1236,32 @@ class RolloutPool:
                            f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
 
 
-def init_ray(ray, address):
-    """`ray.init` at `address`, sending this machine's token as `ray start` does (Ray 2.60 sends none to
-    HOST:PORT unless RAY_AUTH_MODE=token). Ray's connection warnings are held back; UserError (one line, what
-    to do) when the cluster refuses the token or cannot be joined."""
-    error, stderr = None, os.dup(2)
+def import_optional(name, flag, extra):
+    """The module `name` (ray, wandb); UserError when it is not installed: it is optional, in
+    requirements-<extra>.txt, and `flag` asked for it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{flag} needs {name}: pip install -r requirements-{extra}.txt") from None
+
+
+def connect_ray(address):
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
+    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
+    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    ray = import_optional("ray", "--ray-address", "ray")
+    if ray.is_initialized():
+        return ray
+    if address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError, OverflowError):
+            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
+                            "or check the address (HOST:PORT, or auto)") from None
+    error = None
+    stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
@@ -1217,31 +1278,42 @@ def init_ray(ray, address):
         said = said.read().decode(errors="replace")
     if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
         raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
-                        "on its head) or put it in ~/.ray/auth_token")
+                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray
 
 
 # Weights and checkpoints ----------------------------------------------------------------------------
-def atomic_write(path, write):
-    """Write a file through `write(file)` into a temp file beside it, fsync, then os.replace."""
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                                     suffix=os.path.basename(path), delete=False) as f:
-        try:
-            write(f)
+def atomic_write(path, data):
+    """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
+    temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
+    new one, never a part."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_weights(path, params, meta):
-    """Weights file: `params` float32 (D,) and `meta`, a 0-d unicode array holding JSON."""
-    atomic_write(path, lambda f: np.savez(f, params=np.asarray(params, dtype=np.float32),
-                                          meta=np.array(json.dumps(meta))))
+    """Weights file (.npz), written atomically: `params` float32 (D,) and `meta`, a dict stored as a 0-d
+    unicode array holding JSON (np.load(path, allow_pickle=False) reads it)."""
+    params = np.asarray(params, dtype=np.float32)
+    atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
 
 def load_weights(path):
@@ -1270,6 +1342,7 @@ def load_weights(path):
             else:
                 argv += [flag, *map(str, value if isinstance(value, list) else [value])]
         parsed = build_parser().parse_args(argv)
+        check_numbers(vars(parsed), lambda key: f"its {key}")
         check_settings(parsed)
         wrong = [key for key, value in settings.items() if getattr(parsed, key) != value]
         norm = meta["obs_norm"]
@@ -1295,22 +1368,59 @@ def read_weights_into_args(args, given):
     return params, meta
 
 
-class CheckpointUnpickler(pickle.Unpickler):
-    """Unpickler that admits only what a checkpoint holds: numpy arrays and dtypes, builtins."""
+class CheckpointUnpickler(pickle._Unpickler):
+    """Unpickler for checkpoints: it admits only numpy's names, those of the modules in CHECKPOINT_MODULES (the
+    optimizer's package) and a few builtins, and calls (REDUCE, checked on the pure-Python unpickler) nothing but
+    numpy's array, dtype and RNG constructors and builtin types. Objects of CHECKPOINT_MODULES are rebuilt from
+    their state (NEWOBJ + BUILD), never by calling their class. Anything else raises pickle.UnpicklingError
+    before it runs."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), *((f"numpy.{core}.{module}", name) for core in (
-        "core", "_core") for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
-                                              ("numeric", "_frombuffer")))}
+    # (module, name) that REDUCE may call.
+    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
+             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
+             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
+                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
+    # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
+    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
+                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.callables = []
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
+        dtype_class = module == "numpy.dtypes" and name.endswith("DType")
+        if (module, name) not in self.NAMES and module.partition(".")[0] not in CHECKPOINT_MODULES and not dtype_class:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no checkpoint holds")
+        found = super().find_class(module, name)
+        if (module, name) in self.CALLS:
+            self.callables.append(found)
+        return found
+
+    def load_reduce(self):
+        func = self.stack[-2]
+        if not any(func is allowed for allowed in self.callables):
+            raise pickle.UnpicklingError(f"it calls {getattr(func, '__qualname__', func)!s}, which no checkpoint does")
+        super().load_reduce()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+
+def save_checkpoint(path, state):
+    """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
+    CHECKPOINT_PARTS) into `path`, atomically."""
+    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_checkpoint(path):
-    """(path, checkpoint dict) of a checkpoint.pkl or a run folder; UserError if unusable."""
-    path = os.path.join(path, "checkpoint.pkl") if os.path.isdir(path) else path
+    """(path, the checkpoint dict) of a checkpoint.pkl or of a run folder holding one. A flag added since the
+    checkpoint was written takes its default. UserError when the file is unreadable, names anything
+    CheckpointUnpickler refuses, is another script's or another format's, or misses a part (CHECKPOINT_PARTS:
+    name -> type) or a counter (COUNTERS)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pkl")
     try:
         with open(path, "rb") as f:
             state = CheckpointUnpickler(f).load()
@@ -1318,19 +1428,18 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    owner = state.get("script") if isinstance(state, dict) else None
+    owner = None
+    if isinstance(state, dict):
+        owner = state.get("script")
     if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
-    try:  # every part a run reads from it
-        complete = (set(vars(build_parser().parse_args([]))) <= set(state["args"]) and set(NEW_COUNTERS) <= set(
-            state["counters"]) and set(vars(OpenAIES(np.zeros(1), 2))) <= set(state["es"]) and (
-            state["obs_stats"] is None or {"count", "sum", "sumsq"} <= set(state["obs_stats"])))
-    except (KeyError, TypeError):
-        complete = False
-    if not complete:
+    parts = {"args": dict, "counters": dict, **CHECKPOINT_PARTS}
+    missing = [name for name, kind in parts.items() if not isinstance(state.get(name), kind)]
+    if missing or not set(COUNTERS) <= set(state["counters"]):
         raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
+    state["args"] = vars(build_parser().parse_args([])) | state["args"]
     return path, state
 
 
@@ -1338,27 +1447,47 @@ def load_checkpoint(path):
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often, and at the end
 
 
-def plot_learning_curve(progress_path, image_path, title):
-    """learning_curve.png from progress.csv: population mean/max, the center, evaluations +/- std."""
+def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
+    """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
+    boldest) against the generation, and the evaluations +/- std."""
     from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
+    if not rows:
+        return
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for column, label, width, alpha in [("return_mean", "population mean", 1, 1), ("return_max", "population max",
-                                        0.8, 0.6), ("center_return", "center (unperturbed)", 0.8, 0.6)]:
-        ax.plot([float(r["iteration"]) for r in rows], [float(r[column]) for r in rows], lw=width, alpha=alpha,
-                label=label)
-    evaluated = np.array([[float(r[key]) for key in ("iteration", "eval_return_mean", "eval_return_std")]
-                          for r in rows if r["eval_return_mean"]]).reshape(-1, 3)
-    if evaluated.size:
-        ax.errorbar(*evaluated[:, :2].T, yerr=evaluated[:, 2], fmt="o-", ms=3, capsize=2,
-                    label="evaluation mean ± std")
-    ax.set(xlabel="generation", ylabel="episode return", title=title)
+    iterations = [float(row["iteration"]) for row in rows]
+    for i, (column, label) in enumerate(curves):
+        values = [float(row[column]) for row in rows]
+        ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
+    evaluated = [row for row in rows if row["eval_return_mean"]]
+    if evaluated:
+        ax.errorbar([float(row["iteration"]) for row in evaluated],
+                    [float(row["eval_return_mean"]) for row in evaluated],
+                    yerr=[float(row["eval_return_std"]) for row in evaluated],
+                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+    ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(image_path, dpi=100)
+
+
+def versions():
+    """For args.json: the versions of python and of the libraries a run depends on (None where one is not
+    installed), and "blas": numpy's BLAS and the kernels it picked for this CPU, which set a run's last digits."""
+    import importlib.metadata
+    from threadpoolctl import threadpool_info
+    found = {"python": platform.python_version()}
+    for name in ("torch", "gymnasium", "numpy", "cma"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+                     for i in threadpool_info() if i["user_api"] == "blas"]
+    return found
 
 
 def record_video(env_config, policy, path_stem, seed):
@@ -1407,8 +1536,9 @@ def run_from_pretrained(args, given):
 
 
 def main(argv=None):
-    """Entry point: the exit code (0; 2 for bad input; 1 when the workers or the Ray cluster are lost;
-    130 when interrupted by Ctrl-C or SIGTERM, the checkpoint kept)."""
+    """Entry point; returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost
+    or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
+    the checkpoint of the last finished generation kept."""
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
 
     def stop(signum, frame):
@@ -1418,13 +1548,22 @@ def main(argv=None):
     torch.set_num_threads(1)
     try:
         args, given = parse_args(argv)
-        return run_from_pretrained(args, given) if args.from_pretrained else train(args, given)
-    except (UserError, PoolLost, MemoryError) as e:
-        print(f"{SCRIPT}: error: {e}" + (" (a size too large for this machine)" if isinstance(e, MemoryError) else ""),
-              file=sys.stderr)
-        return 1 if isinstance(e, PoolLost) else 2
+        if args.from_pretrained:
+            return run_from_pretrained(args, given)
+        return train(args, given)
+    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's own messages are clear
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, MemoryError):
+            message += " (a size too large for this machine)"
+        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+        if isinstance(e, PoolLost):
+            return 1
+        return 2
     except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
-        print(f"{SCRIPT}: error: " + (f"{e.filename}: {e.strerror}" if e.filename else str(e)), file=sys.stderr)
+        if e.filename:
+            print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
