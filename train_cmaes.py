@@ -1336,7 +1336,7 @@ def connect_ray(address):
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
+        except (OSError, ValueError, OverflowError):
             raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
                             "or check the address (HOST:PORT, or auto)") from None
     error = None
