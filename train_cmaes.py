@@ -1326,19 +1326,28 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
     it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
     start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
+    target = address
+    where = ""
+    if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError, OverflowError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
+            target = ray._private.services.canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError):
+            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
+                            "`ray start --head`, or give its HOST:PORT") from None
+        where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError, OverflowError):
+        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
+                        "--head` or check the address (HOST:PORT, or auto)") from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
