@@ -448,6 +448,7 @@ def evaluate_mean(run):
 # ------------------------------------------------------------------------------------------------
 import concurrent.futures
 import csv
+import fcntl
 import importlib
 import io
 import json
@@ -663,9 +664,6 @@ class Run:
             if run_name is None:
                 run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
             run_dir = os.path.join(args.logs_dir, run_name)
-            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-                raise UserError(f"{run_dir} already holds a run: continue it with --resume "
-                                f"{run_dir}, or pick another --run-name")
         self.args = args
         self.dir = run_dir
         self.env_config = env_config_from_args(args)
@@ -714,13 +712,18 @@ class Run:
             print(f"resuming at generation {self.counters['generation']} from {checkpoint_path}")
 
     def open_folder(self, resumed):
-        """The run folder and its files: args.json, progress.csv (open to append), the logs."""
+        """The run folder, locked for the run's life, and its files: args.json, progress.csv (open
+        to append), the logs. UserError when another run holds it, or a new run finds one there."""
         args = self.args
-        os.makedirs(os.path.join(self.dir, "videos") if args.capture_video else self.dir,
-                    exist_ok=True)
+        self.lock = open_run_folder(self.dir)
         names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
                  "final.npz")
         self.paths = {name: os.path.join(self.dir, name) for name in names}
+        if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
+            raise UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
+                            "or pick another --run-name")
+        if args.capture_video:
+            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         self.tb, self.wandb = start_logging(args, self.dir, self.counters["env_steps"])
         config = dict(vars(args), env_config=self.env_config, agent_config=self.agent_config,
                       num_params=int(self.base.size), search_dim=self.dim, versions=versions())
@@ -1395,6 +1398,25 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def open_run_folder(folder):
+    """Create the run folder if need be and lock it for this process's life: an open file whose
+    exclusive lock (fcntl.flock on `.lock`) the system drops at any exit, a kill included. Then
+    remove the temp files (.tmp-*) of atomic writes a kill interrupted. UserError when another
+    run holds the folder."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
+                        "--run-name") from None
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(folder, name))
+    return lock
 
 
 def save_weights(path, params, meta):

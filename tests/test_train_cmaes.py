@@ -759,3 +759,27 @@ def test_importing_the_script_has_no_side_effect(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0 and out.stdout == "quiet\n" and out.stderr == "" and os.listdir(tmp_path) == []
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_cleaned(tmp_path):
+    first = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "same", "--num-workers", "1", "--max-iter", "50",
+                              *TINY], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "runs" / "same" / "progress.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
+        assert "in use by another run" in assert_one_line_error(second)
+        resumed = run_script(["--resume", str(tmp_path / "runs" / "same"), "--max-iter", "60"], cwd=tmp_path)
+        assert "in use by another run" in assert_one_line_error(resumed)
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    run = tmp_path / "runs" / "same"
+    (run / ".tmp-abc123checkpoint.pkl").write_bytes(b"half a checkpoint")  # a kill in an atomic write
+    out = run_script(["--resume", str(run), "--max-iter", str(len(progress(run)) + 1)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
+    again = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
+    assert "already holds a run" in assert_one_line_error(again)  # ended runs are not started over
