@@ -731,7 +731,8 @@ class Run:
         last_iteration = None
         if resumed:
             last_iteration = self.counters["generation"]
-        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], last_iteration)
+        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], PROGRESS_COLUMNS,
+                                                   last_iteration)
 
     def __enter__(self):
         return self
@@ -982,21 +983,36 @@ def upload(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-def open_progress(path, last_iteration):
-    """(progress.csv open for appending, its csv.DictWriter). A new run (last_iteration None) starts it anew; a
-    resumed one keeps the rows up to `last_iteration` (the checkpoint's; rows written after it go)."""
-    rows = []
+def open_progress(path, columns, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
+    (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
+    checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
+    or a full disk cut short; a missing file starts anew with the next generation. UserError, the
+    file left as it is, when it is emptied, holds another header, or its rows stop short of the
+    checkpoint or have gaps."""
+    kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-        if len(kept) != len(rows):
-            text = io.StringIO()
-            csv.writer(text).writerows(kept)
-            atomic_write(path, text.getvalue().encode())
-    csv_file = open(path, "a" if rows else "w", newline="")
-    writer = csv.DictWriter(csv_file, PROGRESS_COLUMNS)
-    if not rows:
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        rows = list(csv.reader(io.StringIO(complete)))
+        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
+                f"generation {last_iteration + 1}")
+        if not rows or rows[0] != columns:
+            raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
+        kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit()]
+        kept = [row for row in kept if int(row[0]) <= last_iteration]
+        iterations = [int(row[0]) for row in kept]
+        if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
+                            f"{hint}")
+        if kept != rows[1:] or complete != text:
+            table = io.StringIO()
+            csv.writer(table).writerows([columns, *kept])
+            atomic_write(path, table.getvalue().encode())
+    csv_file = open(path, "a" if kept else "w", newline="")
+    writer = csv.DictWriter(csv_file, columns)
+    if not kept:
         writer.writeheader()
     return csv_file, writer
 

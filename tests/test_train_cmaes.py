@@ -783,3 +783,24 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
     assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
     again = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
     assert "already holds a run" in assert_one_line_error(again)  # ended runs are not started over
+
+
+def test_resume_after_a_cut_last_row_gives_the_straight_runs_rows_and_an_emptied_file_is_one_line(tmp_path):
+    run, _ = train(tmp_path, "cut", iters=1)
+    straight, _ = train(tmp_path, "straight", iters=2)
+    with open(run / "progress.csv", "a", newline="") as f:
+        f.write("2,8,19")  # a crash (or a full disk) in the middle of generation 2's row
+    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert progress(run) == progress(straight)
+    with open(run / "progress.csv", newline="") as f:
+        assert all(len(row) == len(cm.PROGRESS_COLUMNS) for row in csv.reader(f))
+    checkpoint = (run / "checkpoint.pkl").read_bytes()
+    (run / "progress.csv").write_bytes(b"")  # `: > progress.csv`
+    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    assert "progress.csv" in assert_one_line_error(out)
+    assert (run / "progress.csv").read_bytes() == b"" and (run / "checkpoint.pkl").read_bytes() == checkpoint
+    (run / "progress.csv").unlink()  # moved away: the run goes on with a new file
+    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [row["iteration"] for row in progress(run)] == ["3"]
