@@ -29,6 +29,8 @@ import collections
 import dataclasses
 import math
 import os
+import signal
+import sys
 import typing
 
 SCRIPT = "train_cmaes.py"
@@ -159,7 +161,15 @@ def parse_args(argv=None):
     return args, given
 
 
+def interrupted(signum, frame):
+    """Ctrl-C or SIGTERM before main() takes them over (during the imports): one line, exit 130."""
+    print("\ninterrupted", file=sys.stderr)
+    os._exit(130)
+
+
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -457,9 +467,7 @@ import multiprocessing as mp
 import pickle
 import platform
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
