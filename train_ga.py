@@ -1,12 +1,13 @@
 """A simple genetic algorithm (GA) over a policy's flat weight vector, on any gymnasium environment.
 
 The genetic algorithm of the ga-openai-gym project in one file. The genotype is the policy's flat
-parameter vector. Each generation selects parents (linear ranking, roulette or tournament), recombines
-pairs of them (BLX-alpha, Eshelman & Schaffer 1993; one-point; uniform), mutates the genes (by default
-every gene, by N(0, 0.02^2)), runs every child for --num-rollouts episodes and forms the next
-generation: the original's rule (a pair of children replaces its parents only if their summed fitness
-is higher) or generational replacement with elites re-evaluated on fresh episodes (Such et al. 2017,
-"Deep Neuroevolution", arXiv:1712.06567). One generation, for a pair of parents x, y drawn by selection:
+parameter vector. Each generation selects parents (linear ranking, roulette or tournament),
+recombines pairs of them (BLX-alpha, Eshelman & Schaffer 1993; one-point; uniform), mutates the
+genes (by default every gene, by N(0, 0.02^2)), runs every child for --num-rollouts episodes and
+forms the next generation: the original's rule (a pair of children replaces its parents only if
+their summed fitness is higher) or generational replacement with elites re-evaluated on fresh
+episodes (Such et al. 2017, "Deep Neuroevolution", arXiv:1712.06567). One generation, for a pair
+of parents x, y drawn by selection:
 
     c_i ~ U[min(x_i, y_i) - alpha d_i, max(x_i, y_i) + alpha d_i],  d_i = |x_i - y_i|   (BLX-alpha)
     c_i <- c_i + m_i * N(0, scale^2),  m_i ~ Bernoulli(mutation_rate)                   (mutation)
@@ -16,8 +17,8 @@ smaller one (`--distill-from`), and one network for several environments with ha
 (`--multitask`), followed by a noise study.
 
 Examples:
-    # CartPole-v1 to 500 over 100 evaluation episodes (the defaults: tournaments of 5, 4 elites, BLX-0.5,
-    # every gene mutated by N(0, 0.02^2), fitness over 3 episodes, a 32-32 tanh MLP)
+    # CartPole-v1 to 500 over 100 evaluation episodes (the defaults: tournaments of 5, 4 elites,
+    # BLX-0.5, every gene mutated by N(0, 0.02^2), fitness over 3 episodes, a 32-32 tanh MLP)
     python train_ga.py --env-id CartPole-v1 --reward-goal 500
     # distill a CartPole policy into a 4-2-2 student and compare both over the same 100 episodes
     python train_ga.py --distill-from pretrained/ga_cartpole.npz --hidden-sizes 2
@@ -26,53 +27,21 @@ Examples:
 """
 
 import argparse
-import contextlib
-import csv
-import importlib
-import io
-import json
-import logging
-import math
-import multiprocessing as mp
 import os
-import pickle
-import platform
-import shutil
-import signal
-import socket
-import sys
-import tempfile
-import threading
-import time
-import types
-import uuid
-import warnings
-import zipfile
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+import typing
 
 SCRIPT = "train_ga.py"
 FORMAT_VERSION = 1
-# The columns every script of the project writes first; the GA's own follow (and, with --multitask,
-# the population's mean raw return on each task).
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
-                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "best_fitness",
-                    "children_accepted", "mutation_rate", "mutation_scale", "param_norm", "num_cpus"]
-# Streams of randomness, each derived from (seed, stream, generation, member, rollout).
-INIT_STREAM, GA_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3
-# learning_curve.png's lines, the first drawn boldest
-CURVES = [("return_mean", "candidates mean"), ("return_max", "candidates max"),
-          ("best_fitness", "best member's fitness")]
-PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often (and at the end)
+# Streams of randomness: derive_seed(seed, stream, generation, member, rollout), one per use.
+INIT_STREAM = 0  # the initial population
+GA_STREAM = 1  # a generation's selection, crossover and mutation
+TRAIN_ENV_STREAM = 2  # the training episodes' env seeds
+EVAL_ENV_STREAM = 3  # the evaluation episodes' env seeds
 SLIME_ID = "SlimeVolley-v0"  # optional slimevolleygym package (old gym API), adapted by this script
 
 
 class UserError(Exception):
     """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
-
-
-class PoolLost(Exception):
-    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
 
 # ---- 1. Configuration ----------------------------------------------------------------------------
@@ -100,9 +69,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser():
     """The parser of every flag: kebab-case, a help string on each, defaults shown once."""
-    p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0],
+                      formatter_class=HelpFormatter,
+                      epilog=__doc__[__doc__.index("Examples:"):]
+                      + f'\nMore: README.md, section "{SCRIPT}"')
+    cores = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
     add = p.add_argument_group("run").add_argument
     add("--env-id", default="CartPole-v1", help=f"gymnasium environment id, or {SLIME_ID}")
     add("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
@@ -111,85 +84,125 @@ def build_parser():
     add("--num-workers", type=int, default=cores,
         help=f"rollout worker processes; 1 runs in-process (default: usable cores, here {cores}). "
              "With --ray-address: the most rollouts running at once (default there: every CPU)")
-    add("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster at HOST:PORT of its head, "
-        "or auto (default: $RAY_ADDRESS if set, else local worker processes)")
+    add("--ray-address", metavar="ADDRESS",
+        help="run the rollouts on the Ray cluster at HOST:PORT of its head, or auto "
+             "(default: $RAY_ADDRESS if set, else local worker processes)")
     add("--population-size", type=int, default=64, help="members per generation")
     add("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
-    add("--num-rollouts", type=int, default=3, help="episodes per fitness evaluation (fitness: their mean)")
-    add("--max-episode-steps", type=int, help="episode length limit (default: the env's own TimeLimit)")
-    add("--max-negative-steps", type=int, help="training episodes end after this many negative rewards in a "
-        "row; never in evaluation (default: 20 on CarRacing, 0 = off elsewhere)")
-    add("--eval-every", type=int, default=10, help="evaluate the best member every this many generations")
+    add("--num-rollouts", type=int, default=3, help="episodes per fitness evaluation (their mean)")
+    add("--max-episode-steps", type=int, help="episode length limit (default: the env's TimeLimit)")
+    add("--max-negative-steps", type=int,
+        help="training episodes end after this many negative rewards in a row; never in "
+             "evaluation (default: 20 on CarRacing, 0 = off elsewhere)")
+    add("--eval-every", type=int, default=10,
+        help="evaluate the best member every this many generations")
     add("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     add("--logs-dir", default="runs", help="parent folder of run folders")
-    add("--exp-name", default=SCRIPT[:-3], help="experiment name, part of the default run folder name")
+    add("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
     add("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     add("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its run folder")
-    add("--from-pretrained", metavar="PATH.npz", help="evaluate these weights over --num-eval-rollouts episodes")
-    add("--init-from", metavar="PATH.npz", help="start from these weights (member 0; the others mutated copies)")
-    add("--capture-video", action="store_true", help="record an episode at each evaluation (GIF, or mp4 with moviepy)")
-    add("--reward-goal", type=float, help="stop when the evaluation mean reaches this return (a generation "
-        "whose best member reaches it in training is evaluated at once: its first 10 episodes, the rest if these "
-        "average at the goal)")
-    add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
+    add("--from-pretrained", metavar="PATH.npz",
+        help="evaluate these weights over --num-eval-rollouts episodes")
+    add("--init-from", metavar="PATH.npz",
+        help="start from these weights (member 0; the others mutated copies)")
+    add("--capture-video", action="store_true",
+        help="record an episode at each evaluation (GIF, or mp4 with moviepy)")
+    add("--reward-goal", type=float,
+        help="stop when the evaluation mean reaches this return (a generation whose best member "
+             "reaches it in training is evaluated at once: its first 10 episodes, the rest if "
+             "these average at the goal)")
+    add("--consecutive-goal-stopping", type=int, default=1,
+        help="... in this many evaluations in a row")
     add("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
-    add("--track", action="store_true", help="track the run with Weights & Biases (its TensorBoard scalars, "
-        "weights files and learning curve; needs requirements-track.txt)")
+    add("--track", action="store_true",
+        help="track the run with Weights & Biases (its TensorBoard scalars, weights files and "
+             "learning curve; needs requirements-track.txt)")
     add("--wandb-project-name", default="neuroevolution", help="the W&B project of --track")
     add("--wandb-entity", help="the W&B team or user of --track (default: your W&B default)")
     add = p.add_argument_group("genetic algorithm").add_argument
     add("--selection", choices=["ranking", "roulette", "tournament"], default="tournament",
-        help="parent selection: linear ranking, fitness-proportional, or the best of --tournament-size")
+        help="parent selection: linear ranking, fitness-proportional, or the best of "
+             "--tournament-size")
     add("--selection-pressure", type=float, default=2.0,
         help="linear ranking: expected offspring of the best member, in [1, 2] (1 = uniform)")
     add("--tournament-size", type=int, default=5, help="tournament selection: contestants per draw")
     add("--crossover", choices=["blx-alpha", "one-point", "uniform"], default="blx-alpha",
         help="recombination of a pair of parents into two children")
-    add("--crossover-rate", type=float, default=0.9, help="probability that a pair recombines (else copies)")
-    add("--blx-alpha", type=float, default=0.5, help="BLX-alpha: child genes on [min - alpha d, max + alpha d]")
+    add("--crossover-rate", type=float, default=0.9,
+        help="probability that a pair recombines (else copies)")
+    add("--blx-alpha", type=float, default=0.5,
+        help="BLX-alpha: child genes on [min - alpha d, max + alpha d]")
     add("--mutation", choices=["gaussian", "uniform"], default="gaussian",
         help="noise of a mutated gene: N(0, scale^2) or U(-scale, scale)")
     add("--mutation-rate", type=float, default=1.0, help="probability that a gene mutates")
-    add("--mutation-scale", type=float, default=0.02, help="standard deviation or half-width of a mutation")
+    add("--mutation-scale", type=float, default=0.02,
+        help="standard deviation or half-width of a mutation")
     add("--replacement", choices=["parents-vs-children", "generational"], default="generational",
-        help="parents-vs-children: a pair of children replaces its parents only if fitter in sum; "
-             "generational: children replace all but --elite-size elites")
-    add("--elite-size", type=int, default=4, help="generational: best members kept, re-evaluated each generation")
+        help="parents-vs-children: a pair of children replaces its parents only if fitter in "
+             "sum; generational: children replace all but --elite-size elites")
+    add("--elite-size", type=int, default=4,
+        help="generational: best members kept, re-evaluated each generation")
     add = p.add_argument_group("policy").add_argument
-    add("--hidden-sizes", type=int, nargs="*", default=[32, 32], help="fully connected widths (after the conv "
-        "net on pixels); with --multitask the first is each task's input layer, the rest the shared trunk "
-        "(default: 32 32; the original's BipedalWalker net is 20 12 12)")
+    add("--hidden-sizes", type=int, nargs="*", default=[32, 32],
+        help="fully connected widths (after the conv net on pixels); with --multitask the first "
+             "is each task's input layer, the rest the shared trunk (default: 32 32; the "
+             "original's BipedalWalker net is 20 12 12)")
     add("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     add("--frame-size", type=int, default=64, help="pixels: frames resized to this square size")
     add("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
-    add("--grayscale", action=argparse.BooleanOptionalAction, default=True, help="pixels: frames in grayscale")
-    add("--slime-fitness", choices=["score", "shaped"], default="score", help=f"{SLIME_ID} training reward: the "
-        "score, or the original's shaped fitness (+0.01 a step survived, +1 an opponent life taken)")
+    add("--grayscale", action=argparse.BooleanOptionalAction, default=True,
+        help="pixels: frames in grayscale")
+    add("--slime-fitness", choices=["score", "shaped"], default="score",
+        help=f"{SLIME_ID} training reward: the score, or the original's shaped fitness (+0.01 a "
+             "step survived, +1 an opponent life taken)")
     add = p.add_argument_group("experiments").add_argument
-    add("--distill-from", metavar="TEACHER.npz", help="distillation: fit a student of --hidden-sizes to this policy")
+    add("--distill-from", metavar="TEACHER.npz",
+        help="distillation: fit a student of --hidden-sizes to this policy")
     add("--distill-episodes", type=int, default=20, help="teacher episodes collected per round")
-    add("--distill-rounds", type=int, default=1, help="1: behaviour cloning; more: DAgger rounds (the student drives)")
+    add("--distill-rounds", type=int, default=1,
+        help="1: behaviour cloning; more: DAgger rounds (the student drives)")
     add("--distill-epochs", type=int, default=100, help="passes over the collected pairs per round")
     add("--learning-rate", type=float, default=3e-3, help="distillation: Adam step size")
     add("--batch-size", type=int, default=256, help="distillation: minibatch size")
-    add("--multitask", nargs="+", metavar="ENV_ID", help="evolve one network on these envs at once (shared trunk); "
-        "fitness = sum of each task's return / its env's reward threshold")
+    add("--multitask", nargs="+", metavar="ENV_ID",
+        help="evolve one network on these envs at once (shared trunk); fitness = sum of each "
+             "task's return / its env's reward threshold")
     return p
 
 
-if __name__ == "__main__":
-    with contextlib.suppress(UserError):  # --help prints and exits here, before the heavy imports; errors: main()
+def parse_args(argv=None):
+    """(args, the set of flags given explicitly), checked (kind, range, finiteness, paths, flags
+    that exclude each other) before anything is run or written: UserError otherwise."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = flags_given(parser, argv, args)
+    check_flags(args, given)
+    if args.multitask is not None:
+        args.env_id = "+".join(args.multitask)
+    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
+    if not args.ray_address:
+        args.ray_address = os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    if args.ray_address:
+        check_ray_address(args.ray_address)
+        if "num_workers" not in given:
+            args.num_workers = None  # every CPU of the cluster
+    check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
+    check_args(args)
+    check_paths(args)
+    return args, given
+
+
+if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports errors)
+    try:
         build_parser().parse_known_args()
+    except UserError:
+        pass
 
 import gymnasium as gym  # the heavy imports, after the configuration: --help needs none of them
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
-from tqdm import tqdm
-
-# gymnasium's image wrappers build float64-bounded Boxes and warn about it; harmless, it would bury errors.
-warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
 
 
 # ---- 2. Genetic algorithm: the operators and the ask/tell object -------------------------------
@@ -200,10 +213,11 @@ def derive_seed(*keys):
 
 
 def selection_probabilities(fitness, method, pressure=2.0):
-    """Each member's probability to be drawn as a parent: float64 (N,), summing to one. Raises ValueError.
+    """Each member's probability to be drawn as a parent: float64 (N,), summing to one.
 
-    'ranking' (Baker 1985): rank r (0 = worst, ties share their mean rank) gets (2 - s) / N + 2 r (s - 1) /
-    (N (N - 1)), s = `pressure` in [1, 2]. 'roulette': proportional to fitness - min(fitness) (all equal: uniform).
+    'ranking' (Baker 1985): rank r (0 = worst, ties share their mean rank) gets
+    (2 - s) / N + 2 r (s - 1) / (N (N - 1)), s = `pressure` in [1, 2]. 'roulette': proportional
+    to fitness - min(fitness) (all equal: uniform). Raises ValueError for another method.
     """
     fitness = np.asarray(fitness, dtype=np.float64)
     n = fitness.size
@@ -219,26 +233,31 @@ def selection_probabilities(fitness, method, pressure=2.0):
 
 
 def select_parents(fitness, count, rng, method="ranking", pressure=2.0, tournament_size=3):
-    """Indices of `count` parents drawn with replacement, int64 (count,): from `selection_probabilities`, or
-    ('tournament') the fittest of `tournament_size` members drawn uniformly per parent."""
+    """Indices of `count` parents drawn with replacement, int64 (count,): from
+    `selection_probabilities`, or ('tournament') the fittest of `tournament_size` members drawn
+    uniformly per parent."""
     fitness = np.asarray(fitness, dtype=np.float64)
     if method == "tournament":
         contestants = rng.integers(0, fitness.size, size=(count, tournament_size))
         return contestants[np.arange(count), np.argmax(fitness[contestants], axis=1)]
-    return rng.choice(fitness.size, size=count, p=selection_probabilities(fitness, method, pressure))
+    probabilities = selection_probabilities(fitness, method, pressure)
+    return rng.choice(fitness.size, size=count, p=probabilities)
 
 
 def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
     """Two children (float32 (D,) each) of parents x, y. Raises ValueError for an unknown method.
 
-    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d], d = |x - y|.
-    'one-point': the genes after a cut in [1, D - 1] swapped. 'uniform': each gene swapped with probability 1/2.
+    'blx-alpha' (Eshelman & Schaffer 1993): each gene uniform on [min - alpha d, max + alpha d],
+    d = |x - y|. 'one-point': the genes after a cut in [1, D - 1] swapped. 'uniform': each gene
+    swapped with probability 1/2.
     """
     if method == "blx-alpha":
         low, high = np.minimum(x, y), np.maximum(x, y)
         d = high - low
         low, high = low - alpha * d, high + alpha * d
-        return tuple((low + rng.random(x.size) * (high - low)).astype(np.float32) for _ in range(2))
+        first = (low + rng.random(x.size) * (high - low)).astype(np.float32)
+        second = (low + rng.random(x.size) * (high - low)).astype(np.float32)
+        return first, second
     if method == "one-point":
         cut = int(rng.integers(1, x.size)) if x.size > 1 else 0
         return np.concatenate([x[:cut], y[cut:]]), np.concatenate([y[:cut], x[cut:]])
@@ -249,41 +268,58 @@ def crossover(x, y, rng, method="blx-alpha", alpha=0.5):
 
 
 def mutate(x, rng, rate=1.0, scale=0.02, method="gaussian"):
-    """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene gets
-    N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
+    """x with each gene mutated with probability `rate`, a new float32 (D,) array: a mutated gene
+    gets N(0, scale^2) ('gaussian') or U(-scale, scale) ('uniform') added."""
     mask = rng.random(x.size) < rate
-    noise = rng.standard_normal(x.size) * scale if method == "gaussian" else rng.uniform(-scale, scale, x.size)
+    if method == "gaussian":
+        noise = rng.standard_normal(x.size) * scale
+    else:
+        noise = rng.uniform(-scale, scale, x.size)
     return (x + np.where(mask, noise, 0.0)).astype(np.float32)
 
 
 class GeneticAlgorithm:
-    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher is better).
+    """The GA as ask/tell: `ask()` -> candidates float32 (N, D); `tell(fitness)`, N values (higher
+    is better).
 
-    Generation 0 evaluates the initial population; later ones select N parents, recombine consecutive pairs
-    (with probability crossover_rate) and mutate every child. Replacement 'parents-vs-children' (ga-openai-gym):
-    children pair k replaces its parents only if f(c1) + f(c2) > f(p1) + f(p2) (even N); 'generational': the
-    `elite_size` best, unchanged and re-evaluated on fresh episodes, then children (Such et al. 2017). Draws of
-    generation g come from (seed, GA_STREAM, g); attribute names are the checkpoint format (`state_dict`).
-    Raises ValueError for a population it cannot run. Example: README.md, "Python API".
+    Generation 0 evaluates the initial population; later ones select N parents, recombine
+    consecutive pairs (with probability crossover_rate) and mutate every child. Replacement
+    'parents-vs-children' (ga-openai-gym): children pair k replaces its parents only if
+    f(c1) + f(c2) > f(p1) + f(p2) (even N); 'generational': the `elite_size` best, unchanged and
+    re-evaluated on fresh episodes, then children (Such et al. 2017). Draws of generation g come
+    from (seed, GA_STREAM, g); attribute names are the checkpoint format (`state_dict`). Raises
+    ValueError for a population it cannot run. Example: README.md, "Python API".
     """
 
-    def __init__(self, population, selection="tournament", selection_pressure=2.0, tournament_size=5,
-                 crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5, mutation="gaussian",
-                 mutation_rate=1.0, mutation_scale=0.02, replacement="generational", elite_size=4, seed=0):
+    def __init__(self, population, selection="tournament", selection_pressure=2.0,
+                 tournament_size=5, crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5,
+                 mutation="gaussian", mutation_rate=1.0, mutation_scale=0.02,
+                 replacement="generational", elite_size=4, seed=0):
         population = np.asarray(population, dtype=np.float32)
         n = population.shape[0]
         if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
-            raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
-        self.population, self.fitness = population.copy(), None  # (N, D) members, (N,) fitness (None: not told)
-        self.selection, self.selection_pressure, self.tournament_size = selection, selection_pressure, tournament_size
-        self.crossover, self.crossover_rate, self.blx_alpha = crossover, crossover_rate, blx_alpha
-        self.mutation, self.mutation_rate, self.mutation_scale = mutation, mutation_rate, mutation_scale  # per gene
-        self.replacement, self.elite_size, self.seed, self.generation = replacement, elite_size, seed, 0
-        self.pending = None          # (candidates, parent indices) between ask and tell
-        self.children_accepted = 0   # new members of the last population (diagnostic)
+            raise ValueError("population must have >= 2 members (even for parents-vs-children), "
+                             "0 <= elite_size < N")
+        self.population = population.copy()  # (N, D) members
+        self.fitness = None  # (N,) their fitness; None until the first tell
+        self.selection = selection  # "ranking", "roulette" or "tournament"
+        self.selection_pressure = selection_pressure  # ranking: the best's expected offspring
+        self.tournament_size = tournament_size  # tournament: contestants per draw
+        self.crossover = crossover  # "blx-alpha", "one-point" or "uniform"
+        self.crossover_rate = crossover_rate  # probability that a pair recombines
+        self.blx_alpha = blx_alpha  # BLX-alpha: how far children reach beyond their parents
+        self.mutation = mutation  # a mutated gene's noise: "gaussian" or "uniform"
+        self.mutation_rate = mutation_rate  # probability that a gene mutates
+        self.mutation_scale = mutation_scale  # the noise's standard deviation or half-width
+        self.replacement = replacement  # "generational" or "parents-vs-children"
+        self.elite_size = elite_size  # generational: best members kept unchanged
+        self.seed = seed  # generation g draws from (seed, GA_STREAM, g)
+        self.generation = 0  # generations told
+        self.pending = None  # (candidates, parent indices) between ask and tell
+        self.children_accepted = 0  # new members of the last population (diagnostic)
 
     def ask(self):
-        """The candidates of this generation: float32 (N, D). Generational: the elites come first."""
+        """The candidates of this generation: float32 (N, D). Generational: the elites first."""
         if self.fitness is None:
             self.pending = (self.population, None)
             return self.population.copy()
@@ -298,16 +334,19 @@ class GeneticAlgorithm:
         return candidates.copy()
 
     def tell(self, fitness):
-        """Form the next population from the fitness (N,) of `ask()`'s candidates. Raises ValueError on a bad shape."""
+        """Form the next population from the fitness (N,) of `ask()`'s candidates. Raises
+        ValueError on a bad shape."""
         fitness = np.asarray(fitness, dtype=np.float64)
         candidates, parents = self.pending
         if fitness.shape != (len(candidates),):
-            raise ValueError(f"expected {len(candidates)} fitness values, got shape {fitness.shape}")
+            raise ValueError(f"expected {len(candidates)} fitness values, "
+                             f"got shape {fitness.shape}")
         if parents is None or self.replacement == "generational":
             self.population, self.fitness = candidates.copy(), fitness
             self.children_accepted = len(candidates) - (0 if parents is None else self.elite_size)
-        else:
-            population, new_fitness = self.population[parents.ravel()], self.fitness[parents.ravel()]
+        else:  # main bit of parents-vs-children: a pair of children replaces its parents if fitter
+            population = self.population[parents.ravel()]
+            new_fitness = self.fitness[parents.ravel()]
             accepted = fitness[0::2] + fitness[1::2] > new_fitness[0::2] + new_fitness[1::2]
             keep = np.repeat(accepted, 2)
             self.population = np.where(keep[:, None], candidates, population).astype(np.float32)
@@ -319,15 +358,16 @@ class GeneticAlgorithm:
     def breed(self, count, rng):
         """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
         pairs = (count + 1) // 2
-        parents = select_parents(self.fitness, 2 * pairs, rng, self.selection, self.selection_pressure,
-                                 self.tournament_size).reshape(pairs, 2)
+        parents = select_parents(self.fitness, 2 * pairs, rng, self.selection,
+                                 self.selection_pressure, self.tournament_size).reshape(pairs, 2)
         children = []
         for a, b in parents:
             x, y = self.population[a], self.population[b]
             if rng.random() < self.crossover_rate:  # main bit: recombine, then mutate each child
                 x, y = crossover(x, y, rng, self.crossover, self.blx_alpha)
-            children += [mutate(x, rng, self.mutation_rate, self.mutation_scale, self.mutation),
-                         mutate(y, rng, self.mutation_rate, self.mutation_scale, self.mutation)]
+            for child in (x, y):
+                children.append(mutate(child, rng, self.mutation_rate, self.mutation_scale,
+                                       self.mutation))
         return np.stack(children[:count]), parents
 
     def best(self):
@@ -337,7 +377,8 @@ class GeneticAlgorithm:
 
     def state_dict(self):
         """Everything the GA holds (numpy arrays and plain values), copied, for the checkpoint."""
-        return {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in vars(self).items()}
+        return {key: value.copy() if isinstance(value, np.ndarray) else value
+                for key, value in vars(self).items()}
 
     @classmethod
     def from_state_dict(cls, state):
@@ -348,30 +389,23 @@ class GeneticAlgorithm:
 
 
 def initial_population(policy_config, size, seed, init=None, rng_args=None):
-    """float32 (size, D): member i is PyTorch's initialization under seed (seed, INIT_STREAM, i); with `init`
-    (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
+    """float32 (size, D): member i is PyTorch's initialization under seed (seed, INIT_STREAM, i);
+    with `init` (D,), member 0 is `init`, the others mutate(init, *rng_args)."""
     members = []
     for i in range(size):
         if init is None:
             torch.manual_seed(derive_seed(seed, INIT_STREAM, i))
             members.append(parameters_to_vector(build_policy(policy_config).parameters()).numpy())
+        elif i == 0:
+            members.append(init)
         else:
             rng = np.random.default_rng(derive_seed(seed, INIT_STREAM, i))
-            members.append(init if i == 0 else mutate(init, rng, *rng_args))
+            members.append(mutate(init, rng, *rng_args))
     return np.stack(members).astype(np.float32)
 
 
 # ---- 3. Policy, environment, rollout -------------------------------------------------------------
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
-# The same on float32 numpy arrays, for the MLP's numpy forward (selu with torch's constants).
-NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
-                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(
-                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))}
-
-
-def linear(weight, bias, h):
-    """bias + h @ weight.T for one vector h (D,) (torch.addmv: half of nn.Linear's cost) or a batch (B, D)."""
-    return torch.addmv(bias, weight, h) if h.dim() == 1 else torch.addmm(bias, h, weight.t())
 
 
 def load_flat(policy, params):
@@ -381,16 +415,21 @@ def load_flat(policy, params):
 
 
 class Policy(nn.Module):
-    """Deterministic policy for one env: an MLP on float32 vectors (D,); on uint8 frames (frames, H, W[, 3]),
-    scaled to [0, 1], first Conv 8x8/4 -> 16, Conv 4x4/2 -> 32 (Mnih et al. 2013). Discrete: argmax of the
-    logits; Box: tanh (the env rescaled to [-1, 1]). `act` runs a vector MLP in numpy (half torch's cost);
-    `forward` (torch) serves pixels and distillation. Genotype: `parameters_to_vector`, float32."""
+    """Deterministic policy for one env: an MLP on float32 vectors (D,); on uint8 frames (frames,
+    H, W[, 3]), scaled to [0, 1], first Conv 8x8/4 -> 16, Conv 4x4/2 -> 32 (Mnih et al. 2013).
+    Discrete: argmax of the logits; Box: tanh (the env rescaled to [-1, 1]). `act` runs a vector
+    MLP in numpy (half torch's cost, `act_batch`); `forward` (torch) serves pixels and
+    distillation. Genotype: `parameters_to_vector`, float32."""
 
     def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
-        self.obs_shape, self.discrete, self.pixels = tuple(obs_shape), discrete, len(obs_shape) > 1
-        self.activation, self.numpy_activation = ACTIVATIONS[activation], NUMPY_ACTIVATIONS[activation]
-        self.conv, features = None, self.obs_shape[0]
+        self.obs_shape = tuple(obs_shape)  # (O,) floats, or (frames, H, W[, 3]) uint8 frames
+        self.discrete = discrete  # Discrete actions, else a Box on [-1, 1]
+        self.pixels = len(obs_shape) > 1
+        self.activation = ACTIVATIONS[activation]
+        self.numpy_activation = NUMPY_ACTIVATIONS[activation]  # the same on numpy arrays
+        self.conv = None
+        features = self.obs_shape[0]
         if self.pixels:
             channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)
             self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
@@ -407,31 +446,13 @@ class Policy(nn.Module):
 
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
-        load_flat(self, params)  # act()'s numpy views (stacked_layers' B = 1) see in-place updates (distillation)
-        self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
+        load_flat(self, params)
+        self.numpy_layers = numpy_views(self.linear_params)  # act()'s
         return self
 
-    def stacked_layers(self, genotypes):
-        """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
-        layers, offset = [], 0
-        for weight, _ in self.linear_params:
-            rows, cols = weight.shape
-            layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
-                           genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
-            offset += rows * cols + rows
-        return layers
-
-    def act_batch(self, obs, layers):
-        """B members' observations (B, O) through their own MLPs (`stacked_layers`), numpy: B actions, ints or
-        float32 (B, A) in [-1, 1]; row b is exactly what member b's observation alone gives (B gemv calls)."""
-        h = np.asarray(obs, dtype=np.float32)
-        for weight, bias in layers[:-1]:
-            h = self.numpy_activation(np.matmul(weight, h[:, :, None])[:, :, 0] + bias)
-        out = np.matmul(layers[-1][0], h[:, :, None])[:, :, 0] + layers[-1][1]
-        return out.argmax(axis=1).tolist() if self.discrete else np.tanh(out)
-
     def forward(self, x):
-        """x: float32 (D,), (B, D) or (C, H, W). Returns logits (discrete) or tanh actions, (A,) or (B, A)."""
+        """x: float32 (D,), (B, D) or (C, H, W). Returns logits (discrete) or tanh actions, (A,)
+        or (B, A)."""
         h = self.conv(x) if self.pixels else x
         for weight, bias in self.linear_params[:-1]:
             h = self.activation(linear(weight, bias, h))
@@ -439,61 +460,871 @@ class Policy(nn.Module):
         return out if self.discrete else torch.tanh(out)
 
     def preprocess(self, obs):
-        """One env observation (numpy) -> float32 tensor for `forward` (frames scaled to [0, 1])."""
+        """One env observation (numpy) -> float32 tensor for `forward`: frames scaled to [0, 1],
+        RGB ones (frames, H, W, 3) as (frames * 3, H, W)."""
         x = torch.from_numpy(np.asarray(obs))
         if not self.pixels:
             return x.float()
         x = x.float().div_(255.0)
-        return x.permute(0, 3, 1, 2).flatten(0, 1) if x.dim() == 4 else x  # (frames, H, W, 3) -> (frames*3, H, W)
+        return x.permute(0, 3, 1, 2).flatten(0, 1) if x.dim() == 4 else x
 
     def act(self, obs):
         """obs: one env observation (numpy). Returns the action: int, or float32 (A,) in [-1, 1]."""
         if not self.pixels:
-            return self.act_batch(np.asarray(obs)[None], self.numpy_layers)[0]
+            return act_batch(self, np.asarray(obs)[None], self.numpy_layers)[0]
         out = self(self.preprocess(obs)).numpy()  # logits, or actions already squashed by tanh
         return int(out.argmax()) if self.discrete else out
-
-
-class MultitaskPolicy(nn.Module):
-    """One network for several vector tasks (hard parameter sharing). tasks: [{obs_shape: [O_t], discrete,
-    num_actions: A_t}]. Each task's input layer (O_t -> hidden_sizes[0]), concatenated, feeds the shared trunk
-    (hidden_sizes[1:]) and a head per task: each head sees every task's input, which the noise study probes."""
-
-    def __init__(self, tasks, hidden_sizes=(32, 32), activation="tanh"):
-        super().__init__()
-        self.tasks, self.activation = tasks, ACTIVATIONS[activation]
-        self.inputs = nn.ModuleList(nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in tasks)
-        widths = [hidden_sizes[0] * len(tasks), *hidden_sizes[1:]]
-        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
-        self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in tasks)
-        self.requires_grad_(False)
-
-    load = load_flat
-
-    def act(self, observations):
-        """observations: one numpy vector per task. Returns one action per task (int or float32 (A_t,))."""
-        xs = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in observations]
-        h = torch.cat([self.activation(layer(x)) for layer, x in zip(self.inputs, xs)])
-        for layer in self.trunk:
-            h = self.activation(layer(h))
-        outs = [head(h) if t["discrete"] else torch.tanh(head(h)) for head, t in zip(self.heads, self.tasks)]
-        return [int(o.argmax()) if t["discrete"] else o.numpy() for o, t in zip(outs, self.tasks)]
 
 
 def build_policy(policy_config):
     """Policy or MultitaskPolicy from a config dict (see `policy_config_from_envs`); float32."""
     torch.set_num_threads(1)
     try:
-        if "multitask" not in policy_config:
-            return Policy(**policy_config)
-        return MultitaskPolicy(policy_config["multitask"], policy_config["hidden_sizes"], policy_config["activation"])
+        if "multitask" in policy_config:
+            return MultitaskPolicy(**policy_config)
+        return Policy(**policy_config)
     except (RuntimeError, MemoryError):  # torch's allocator refused the layers' weights
-        raise UserError(f"hidden layers {policy_config['hidden_sizes']} do not fit in this machine's memory") from None
+        raise UserError(f"hidden layers {policy_config['hidden_sizes']} do not fit in this "
+                        "machine's memory") from None
 
 
 def num_params(policy):
     """Length of the policy's flat genotype: int."""
     return sum(p.numel() for p in policy.parameters())
+
+
+def make_env(env_config, training, render_mode=None):
+    """`gymnasium.make` (or the SlimeVolley adapter) plus gymnasium's wrappers: frames uint8
+    (frame_stack, size, size[, 3]), Box actions on [-1, 1]. UserError: unknown id, missing
+    dependency, bad kwargs, unusable space."""
+    env = make_bare_env(env_config, training, render_mode)  # gymnasium.make, or SlimeVolley's
+    if render_mode is not None:
+        env = gym.wrappers.RenderCollection(env)
+    if training and env_config["max_negative_steps"] > 0:
+        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
+    check_spaces(env)  # Discrete or bounded 1-D Box actions; vectors or uint8 frames
+    space = env.action_space
+    if isinstance(space, gym.spaces.Box) and (np.any(space.low != -1) or np.any(space.high != 1)):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    space = env.observation_space
+    if is_frames(space):
+        if env_config["grayscale"] and len(space.shape) == 3:
+            env = gym.wrappers.GrayscaleObservation(env)
+        try:
+            env = gym.wrappers.ResizeObservation(env, (env_config["frame_size"],) * 2)
+        except gym.error.DependencyNotInstalled:
+            message = "resizing frames needs OpenCV: pip install opencv-python-headless"
+            raise UserError(message) from None
+        env = gym.wrappers.FrameStackObservation(env, env_config["frame_stack"])
+    return env
+
+
+def rollout(env, policy, seed, record=None):
+    """One episode from `env.reset(seed=seed)`: (return float, steps int). record: a list that
+    gets every observation the policy sees (distillation), or None."""
+    obs, _ = env.reset(seed=seed)
+    total = 0.0
+    steps = 0
+    with torch.inference_mode():
+        while True:
+            action = policy.act(obs)
+            if record is not None:
+                record.append(obs)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            if terminated or truncated:
+                return total, steps
+
+
+# ---- 4. Training loop ----------------------------------------------------------------------------
+class RolloutTask(typing.NamedTuple):
+    """A worker's job: row `member` of the batch's float32 (rows, D) members matrix drives one
+    episode per env seed, in training (early stop, shaped fitness) or in evaluation; `noisy`: the
+    tasks whose observations the noise study replaces by noise."""
+    member: int
+    env_seeds: list
+    training: bool
+    noisy: tuple = ()
+
+
+class RolloutResult(typing.NamedTuple):
+    """A task's returns, a list per env seed (one return per task of the policy), and its env
+    steps in all."""
+    episode_returns: list
+    steps: int
+
+
+def train(args, given):
+    """The GA, each generation: ask -> rollouts -> tell -> record -> evaluate the best member ->
+    checkpoint, to --max-iter. Returns the exit code: 0; 1 when the workers are lost; 130 when
+    interrupted (Ctrl-C, SIGTERM), the last generation's checkpoint kept."""
+    if args.distill_from:
+        return run_distillation(args, given)
+    with Run(args, given) as run:  # from the flags or a checkpoint: the GA, the workers, the logs
+        args, ga = run.args, run.ga
+        evaluation = None
+        while ga.generation < args.max_iter:
+            candidates = ga.ask()  # float32 (N, D); generational: the elites first
+            tasks = []
+            for i in range(len(candidates)):  # every candidate, elites too, meets fresh episodes
+                seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, ga.generation, i, r)
+                         for r in range(args.num_rollouts)]
+                tasks.append(RolloutTask(i, seeds, True))
+            results = run.pool.map(tasks, [candidates], f"generation {ga.generation + 1}")
+            returns = np.array([result.episode_returns for result in results])  # (N, rollouts, T)
+            fitness = (returns / run.scales).sum(2).mean(1)  # (N,): the rollouts' mean
+            ga.tell(fitness)
+            run.count_generation(fitness, sum(result.steps for result in results))
+            # Evaluate on schedule, and at once when the best member's fitness reaches the goal.
+            scheduled = ga.generation % args.eval_every == 0
+            evaluation = None
+            if scheduled or run.reaches_goal(ga.best()[1]):
+                evaluation = evaluate_best(run, screen=not scheduled)
+            run.record(fitness, returns, evaluation)  # progress.csv, TensorBoard, W&B, console
+            run.save_checkpoint()
+            if run.goal_reached():
+                break
+        run.finish(evaluation)  # the noise study (--multitask), final.npz, the learning curve
+    return run.exit_code
+
+
+def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
+    """Per-task returns of `params` over evaluation episodes start..episodes-1, without the early
+    stop: (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM,
+    iteration, e). label: the progress bar's (None: none)."""
+    tasks = []
+    for episode in range(start, episodes):
+        env_seed = derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)
+        tasks.append(RolloutTask(0, [env_seed], False, tuple(noisy)))
+    results = pool.map(tasks, [np.asarray(params, np.float32)], label)
+    returns = np.array([result.episode_returns[0] for result in results], dtype=np.float64)
+    return returns, sum(result.steps for result in results)
+
+
+def evaluate_best(run, screen=False):
+    """Evaluate the best member after this generation: best.npz when it is the best so far, the
+    goal streak, the console line, the video. Returns its {mean, std, episodes[, tasks]}, or None
+    when `screen` stopped it after its first episodes (then no evaluation is recorded)."""
+    params = run.ga.best()[0]
+    evaluation, returns, steps = evaluation_of(run, params, f"evaluation {run.generation}", screen)
+    run.count_steps(steps)
+    if returns.size < run.args.num_eval_rollouts:
+        run.screened_out(evaluation)  # the goal streak ends
+        return None
+    run.record_evaluation(params, evaluation)  # best.npz, the goal streak, the console, a video
+    return evaluation
+
+
+# ---- Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main)
+import contextlib
+import csv
+import importlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import pickle
+import platform
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+import zipfile
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from tqdm import tqdm
+
+# gymnasium's image wrappers build float64-bounded Boxes and warn about it: harmless, it would
+# bury errors.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
+
+# The columns every script of the project writes first; the GA's own follow (and, with --multitask,
+# the population's mean raw return on each task).
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min",
+                    "return_mean", "return_max", "return_std", "eval_return_mean",
+                    "eval_return_std", "best_fitness", "children_accepted", "mutation_rate",
+                    "mutation_scale", "param_norm", "num_cpus"]
+# learning_curve.png's lines, the first drawn boldest
+CURVES = [("return_mean", "candidates mean"), ("return_max", "candidates max"),
+          ("best_fitness", "best member's fitness")]
+PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
+# Flags that --resume may set anew; the rest comes from the checkpoint.
+RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every",
+                "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
+                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity"}
+PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
+# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
+META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
+META_POLICY_FLAGS = ("hidden_sizes", "activation")
+# The GeneticAlgorithm's settings, flags of the same names.
+GA_FLAGS = ("selection", "selection_pressure", "tournament_size", "crossover", "crossover_rate",
+            "blx_alpha", "mutation", "mutation_rate", "mutation_scale", "replacement",
+            "elite_size", "seed")
+INT_MAX = 2 ** 31 - 1  # counts and sizes: a C int at most
+# (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights
+# meta sets; ints where the flag is an int. The limits between flags (tournament and elites within
+# the population) are check_args's.
+LIMITS = {
+    "seed": (0, math.inf),
+    "num_workers": (1, INT_MAX),
+    "population_size": (2, INT_MAX),
+    "max_iter": (1, INT_MAX),
+    "num_rollouts": (1, INT_MAX),
+    "max_episode_steps": (1, INT_MAX),
+    "max_negative_steps": (0, INT_MAX),
+    "eval_every": (1, INT_MAX),
+    "num_eval_rollouts": (1, INT_MAX),
+    "reward_goal": (-math.inf, math.inf),
+    "consecutive_goal_stopping": (1, INT_MAX),
+    "selection_pressure": (1.0, 2.0),
+    "tournament_size": (1, INT_MAX),
+    "crossover_rate": (0.0, 1.0),
+    "blx_alpha": (0.0, math.inf),
+    "mutation_rate": (0.0, 1.0),
+    "mutation_scale": (0.0, math.inf, True),
+    "elite_size": (0, INT_MAX),
+    "hidden_sizes": (1, INT_MAX),
+    "frame_size": (36, INT_MAX),
+    "frame_stack": (1, INT_MAX),
+    "distill_episodes": (1, INT_MAX),
+    "distill_rounds": (1, INT_MAX),
+    "distill_epochs": (1, INT_MAX),
+    "learning_rate": (0.0, math.inf, True),
+    "batch_size": (1, INT_MAX),
+}
+# The numbers that None leaves unset.
+OPTIONAL_NUMBERS = ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal")
+# What a checkpoint holds beyond its format version, script, args and counters, and the counters.
+CHECKPOINT_PARTS = {"ga": dict}  # GeneticAlgorithm.state_dict(): numpy arrays and plain values
+CHECKPOINT_MODULES = ()  # packages whose objects a checkpoint holds, beyond numpy's and builtins
+COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
+
+
+class PoolLost(Exception):
+    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
+
+
+# Checks: flags, settings, environments
+def check_numbers(values, label):
+    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
+    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
+    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
+    smallest itself is excluded."""
+    for key, value in values.items():
+        if key not in LIMITS or value is None:
+            continue
+        low, high, *low_excluded = LIMITS[key]
+        integer = isinstance(low, int)
+        rules = []
+        if math.isfinite(low):
+            rules.append(f"> {low}" if low_excluded else f">= {low}")
+        if math.isfinite(high):
+            rules.append(f"<= {high}")
+        kind = "an integer" if integer else "a finite number"
+        message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
+                raise UserError(f"{message}, got {number!r}")
+            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
+                raise UserError(f"{message}, got {number!r}")
+
+
+def flags_given(parser, argv, args):
+    """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
+    a namespace already holds, so the flags typed are those whose marker changed."""
+    markers = argparse.Namespace(**{name: parser for name in vars(args)})
+    typed = parser.parse_args(argv, namespace=markers)
+    return {name for name, value in vars(typed).items() if value is not parser}
+
+
+def check_flags(args, given):
+    """UserError for flags that exclude each other, and for flags given where their value comes
+    from a checkpoint or a weights file."""
+    exclusive = (args.resume, args.from_pretrained, args.init_from, args.distill_from)
+    if sum(value is not None for value in exclusive) > 1:
+        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each "
+                        "other")
+    if args.multitask is not None:
+        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
+            raise UserError("--multitask needs at least two different env ids")
+        if {"env_id", "capture_video", "distill_from"} & given:
+            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video "
+                            "and --distill-from")
+    fixed = set()
+    if args.resume:  # a resumed run keeps its settings
+        fixed = given - RESUME_FLAGS
+        source = "the checkpoint (a resumed run keeps its settings)"
+    elif args.init_from or args.from_pretrained:  # weights bring their env and architecture
+        fixed = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}
+        source = "the weights file's meta"
+    elif args.distill_from:  # the teacher brings its env
+        fixed = given & set(META_ENV_FLAGS)
+        source = "the teacher's meta"
+    if fixed:
+        flag = "--" + min(fixed).replace("_", "-")
+        raise UserError(f"{flag} cannot be given here: it comes from {source}")
+
+
+def parse_env_kwargs(items):
+    """The --env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses (true, 3, 0.5),
+    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got "
+                            f"{item!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        kwargs[key] = value
+    return kwargs
+
+
+def check_ray_address(address):
+    """UserError unless ray is installed and `address` is HOST:PORT (port 1-65535) or auto."""
+    import_optional("ray", "--ray-address", "ray")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got "
+                        f"{address!r}")
+
+
+def check_args(args):
+    """Check the rules between settings (flags, a checkpoint's, a weights meta's) and those that
+    are not numbers; check_numbers checks each number by LIMITS first. Raises UserError."""
+    n = args.population_size
+    unset = [key for key in LIMITS if getattr(args, key) is None and key not in OPTIONAL_NUMBERS]
+    if unset:
+        raise UserError(f"--{unset[0].replace('_', '-')} must be set, got None")
+    if args.selection == "tournament" and args.tournament_size > n:
+        raise UserError(f"--tournament-size must be in [1, {n}], got {args.tournament_size!r}")
+    if args.replacement == "generational" and args.elite_size > n - 1:
+        raise UserError(f"--elite-size must be in [0, {n - 1}], got {args.elite_size!r}")
+    if args.replacement == "parents-vs-children" and n % 2:
+        raise UserError("--population-size must be even with --replacement parents-vs-children "
+                        "(pairs of members)")
+    if args.multitask is not None and len(args.hidden_sizes) < 2:
+        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then "
+                        "the shared trunk)")
+    known = (args.activation in ACTIVATIONS and args.slime_fitness in ("score", "shaped")
+             and isinstance(args.grayscale, bool) and isinstance(args.env_kwargs, dict))
+    if not known:
+        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an "
+                        "unknown value")
+    for key, value in args.env_kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
+    for env_id in args.multitask or [args.env_id]:
+        check_env_id(env_id)
+
+
+def check_paths(args):
+    """Run and experiment names must be folder names, --logs-dir a writable folder. UserError."""
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is None:
+            continue
+        if name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255:
+            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got "
+                            f"{name!r}")
+    folder = os.path.abspath(args.logs_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in "
+                        f"({folder} is not)")
+
+
+def check_env_id(env_id):
+    """UserError unless `env_id` is an env this machine can make (registering Atari's on the
+    way)."""
+    package = None
+    if env_id == SLIME_ID:
+        package = "slimevolleygym"
+    elif str(env_id).startswith("ALE/"):
+        package = "ale-py"
+    try:
+        if package == "slimevolleygym":
+            return __import__("slimevolleygym")
+        if package:
+            gym.register_envs(__import__("ale_py"))
+        gym.spec(env_id)
+    except ImportError:
+        raise UserError(f"{env_id} needs an optional package: pip install {package}") from None
+    except (gym.error.Error, TypeError) as e:
+        raise UserError(f"unknown env id {env_id!r}: {first_line(e)}") from None
+
+
+def check_spaces(env):
+    """UserError unless the env takes Discrete or bounded 1-D Box actions and gives 1-D Box
+    vectors or uint8 frames."""
+    space = env.action_space
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if not space.is_bounded():
+            raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot "
+                            "map onto it")
+    elif not isinstance(space, gym.spaces.Discrete):
+        raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
+    space = env.observation_space
+    vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    if not (is_frames(space) or vectors):
+        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and "
+                        "uint8 images")
+
+
+def is_frames(space):
+    """Whether an observation space holds uint8 frames: (H, W) or (H, W, 3)."""
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8):
+        return False
+    return len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)
+
+
+def first_line(error):
+    """The first line of an exception's message (its type's name if it has none)."""
+    lines = str(error).splitlines()
+    if not lines:
+        return type(error).__name__
+    return lines[0]
+
+
+# The run: its folder, records and logs
+# The best member reaching --reward-goal in training is evaluated at once, off schedule. Most such
+# members are a lucky few episodes: their evaluation stops after its first SCREEN_EPISODES episodes
+# when these average below the goal (no evaluation is recorded), which saves most of the
+# evaluations' env steps on the way to it.
+SCREEN_EPISODES = 10
+
+
+def evaluation_of(run, params, label, screen=False):
+    """params over --num-eval-rollouts episodes of this generation's evaluation seeds: ({mean,
+    std, episodes[, tasks]}, fitness-scaled returns: float64 (E,), env steps). With `screen`, the
+    other episodes run only when the first SCREEN_EPISODES reach --reward-goal on average (else
+    E = SCREEN_EPISODES); an evaluation that passes is the same as one without a screen."""
+    args = run.args
+    generation = run.ga.generation
+    first = args.num_eval_rollouts
+    if screen:
+        first = min(SCREEN_EPISODES, args.num_eval_rollouts)
+    per_task, steps = evaluate(run.pool, params, args.seed, generation, first, label=label)
+    if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
+        rest, rest_steps = evaluate(run.pool, params, args.seed, generation,
+                                    args.num_eval_rollouts, label=label, start=first)
+        per_task = np.concatenate([per_task, rest])
+        steps += rest_steps
+    returns = (per_task / run.scales).sum(1)
+    evaluation = summary(returns)
+    if args.multitask:
+        evaluation["tasks"] = {e: float(m) for e, m in zip(run.env_ids, per_task.mean(0))}
+    return evaluation, returns, steps
+
+
+class Run:
+    """A training run, as a context manager: what `train` needs, from the flags or from a
+    checkpoint (--resume): the settings, the envs and the policy's layout, the GA (new, from
+    --init-from's weights, or the checkpoint's), the counters and the goal streak, the workers,
+    and the run folder (args.json, progress.csv, TensorBoard and W&B, learning_curve.png,
+    best.npz, final.npz, checkpoint.pkl). Leaving it closes the workers and the logs on any exit
+    and turns Ctrl-C or SIGTERM (KeyboardInterrupt) and lost workers (PoolLost) into the resume
+    hint and `exit_code` 130 or 1. Raises UserError before anything is written."""
+
+    def __init__(self, args, given):
+        self.started = time.perf_counter()
+        checkpoint = None
+        init = None
+        if args.resume:
+            checkpoint_path, checkpoint = load_checkpoint(args.resume)
+            saved = dict(checkpoint["args"])
+            for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
+                saved[key] = getattr(args, key)
+            args = argparse.Namespace(**saved)
+            check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+            check_args(args)
+            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        else:
+            if args.init_from:
+                init = read_weights_into_args(args.init_from, args, given)
+            run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
+            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
+                raise UserError(f"{run_dir} already holds a run: continue it with --resume "
+                                f"{run_dir}, or pick another --run-name")
+        self.wandb = None
+        if args.track:
+            self.wandb = import_optional("wandb", "--track", "track")
+            if not getattr(args, "wandb_id", None):  # in args.json and the checkpoint: --resume
+                args.wandb_id = uuid.uuid4().hex[:16]  # continues it (wandb 0.31: no generate_id)
+        self.args = args
+        self.dir = run_dir
+        self.env_configs = env_configs_from_args(args)
+        self.env_ids = [config["env_id"] for config in self.env_configs]
+        self.scales = np.ones(1)  # fitness: the sum over tasks of return / scale
+        if args.multitask:
+            self.scales = np.array([return_scale(config) for config in self.env_configs])
+        self.policy_config = policy_config_from_envs(self.env_configs, args.hidden_sizes,
+                                                     args.activation)
+        policy = build_policy(self.policy_config)
+        self.dim = num_params(policy)
+        if checkpoint:
+            self.ga = GeneticAlgorithm.from_state_dict(checkpoint["ga"])
+            self.counters = checkpoint["counters"]
+        else:
+            self.ga = self.new_ga(init)
+            self.counters = dict.fromkeys(COUNTERS, 0)
+            self.counters["wall_time_s"] = 0.0
+            self.counters["best_return"] = -math.inf
+            self.counters["best_eval"] = -math.inf
+        self.pool = RolloutPool(args.num_workers, args.ray_address,
+                                (self.env_configs, self.policy_config, self.dim),
+                                [args.population_size * self.dim], args.quiet, self.kept)
+        try:
+            self.open_folder(checkpoint is not None)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.title = f"GA on {args.env_id} (seed {args.seed})"
+        self.ylabel = "episode return"
+        if args.multitask:
+            self.ylabel = "fitness (sum of normalized returns)"
+        self.last_plot = -math.inf
+        self.steps = 0  # env steps of the generation under way
+        self.exit_code = 1
+        print(policy)
+        print(f"parameters: {self.dim}   population: {args.population_size}   workers: "
+              f"{self.pool.describe()}   run folder: {run_dir}")
+        if args.multitask:
+            terms = [f"{env_id} / {scale:g}" for env_id, scale in zip(self.env_ids, self.scales)]
+            print("multitask fitness = " + " + ".join(terms))
+        if checkpoint:
+            print(f"resuming at generation {self.generation} from {checkpoint_path}")
+        self.session_start = time.perf_counter()
+        self.last_row = self.session_start  # when the last progress row was written
+        self.first_generation = self.generation
+        self.wall_offset = self.counters["wall_time_s"]
+
+    def new_ga(self, init):
+        """A new GA on the initial population: PyTorch's initialization, or --init-from's weights
+        (`init`: (params, meta)) and mutated copies."""
+        args = self.args
+        params = None
+        if init:  # it fits, or UserError
+            load_policy(args.init_from, *init, self.env_configs, args.hidden_sizes,
+                        args.activation)
+            params = init[0]
+        population = initial_population(self.policy_config, args.population_size, args.seed,
+                                        params, (args.mutation_rate, args.mutation_scale,
+                                                 args.mutation))
+        return GeneticAlgorithm(population, **{key: getattr(args, key) for key in GA_FLAGS})
+
+    def open_folder(self, resumed):
+        """The run folder and its files: args.json, progress.csv (open to append; on resume the
+        rows past the checkpoint go), W&B with --track, TensorBoard."""
+        args = self.args
+        os.makedirs(os.path.join(self.dir, "videos") if args.capture_video else self.dir,
+                    exist_ok=True)
+        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
+                 "final.npz")
+        self.paths = {name: os.path.join(self.dir, name) for name in names}
+        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim,
+                      versions=versions())
+        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+        columns = list(PROGRESS_COLUMNS)
+        if args.multitask:
+            columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
+        last_iteration = None
+        if resumed:
+            last_iteration = self.generation
+        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns,
+                                                   last_iteration)
+        if self.wandb:  # before the SummaryWriter: W&B then syncs its scalars
+            try:
+                self.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                config=vars(args), name=os.path.basename(self.dir), dir=self.dir,
+                                id=args.wandb_id, resume="allow")
+                self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
+            except Exception as e:
+                reason = str(e).strip().splitlines()[0]
+                raise UserError(f"--track: W&B did not start the run: {reason}") from None
+        from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for training
+        # A resumed run hides the points a killed session wrote after its checkpoint.
+        purge_step = None
+        if resumed:
+            purge_step = self.counters["env_steps"] + 1
+        self.tb = SummaryWriter(self.dir, purge_step=purge_step)
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.csv_file.close()
+        self.pool.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
+        self.tb.close()
+        if self.wandb:  # the files, and the exit code
+            self.upload()
+            self.wandb.finish(exit_code=self.exit_code)
+        if kind is None:
+            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
+            if os.path.exists(self.paths["best.npz"]):
+                files += " best.npz"
+            if self.args.capture_video:
+                files += " videos/"
+            if self.args.multitask:
+                files += " noise_study.csv noise_study.png"
+            files += " events.out.tfevents.* (TensorBoard)"
+            print(f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
+                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+        return stopped
+
+    @property
+    def generation(self):
+        """Generations finished."""
+        return self.ga.generation
+
+    def meta(self, evaluation=None):
+        """A weights file's meta after this generation, with its evaluation's summary."""
+        return weights_meta(self.args, self.env_configs, self.policy_config, self.dim,
+                            evaluation, self.generation)
+
+    def kept(self):
+        """What to tell about the checkpoint when the run stops early."""
+        return (f"the checkpoint of generation {self.generation} is kept in "
+                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume "
+                f"{self.dir}   (on any Ray cluster with --ray-address, or locally)")
+
+    def reaches_goal(self, value):
+        """Whether `value` reaches --reward-goal (never without one)."""
+        return self.args.reward_goal is not None and value >= self.args.reward_goal
+
+    def count_steps(self, steps):
+        """Env steps spent in this generation (rollouts, evaluations)."""
+        self.steps += steps
+        self.counters["env_steps"] += steps
+
+    def count_generation(self, fitness, steps):
+        """A generation told: its candidates' fitness (float64 (N,)) and their env steps."""
+        self.counters["evaluations"] += len(fitness)
+        self.counters["best_return"] = max(self.counters["best_return"], float(fitness.max()))
+        self.count_steps(steps)
+
+    def screened_out(self, evaluation):
+        """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
+        self.counters["goal_streak"] = 0
+        self.log(f"eval {self.generation:>5d} | screened out: return {evaluation['mean']:9.2f} "
+                 f"over the first {evaluation['episodes']} episodes, below the goal")
+
+    def record_evaluation(self, params, evaluation):
+        """An evaluation of the best member `params`: best.npz if the best so far, the goal
+        streak, the console line, with --capture-video a video, the files sent to W&B."""
+        counters = self.counters
+        if evaluation["mean"] > counters["best_eval"]:
+            counters["best_eval"] = evaluation["mean"]
+            save_weights(self.paths["best.npz"], params, self.meta(evaluation))
+        if self.reaches_goal(evaluation["mean"]):
+            counters["goal_streak"] += 1
+        else:
+            counters["goal_streak"] = 0
+        tasks = ""
+        if self.args.multitask:
+            means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
+            tasks = "  (" + ", ".join(means) + ")"
+        self.log(f"eval {self.generation:>5d} | return {evaluation['mean']:9.2f} ± "
+                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
+                 f"{counters['best_eval']:9.2f}{tasks}")
+        if self.args.capture_video:
+            policy = build_policy(self.policy_config).load(params)
+            stem = os.path.join(self.dir, "videos", f"iter-{self.generation:05d}")
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
+            path, _ = record_video(self.env_configs[0], policy, stem, seed)
+            self.log(f"video {path}")
+        self.upload()
+
+    def record(self, fitness, returns, evaluation):
+        """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
+        the console line; the curve redrawn after an evaluation, at most every PLOT_INTERVAL_S.
+        returns: the raw returns, float64 (N, rollouts, tasks)."""
+        counters = self.counters
+        ga = self.ga
+        best_params, best_fitness = ga.best()
+        now = time.perf_counter()
+        counters["wall_time_s"] = self.wall_offset + (now - self.started)
+        row = {
+            "iteration": ga.generation,
+            "evaluations": counters["evaluations"],
+            "env_steps": counters["env_steps"],
+            "wall_time_s": counters["wall_time_s"],
+            "return_min": float(fitness.min()),
+            "return_mean": float(fitness.mean()),
+            "return_max": float(fitness.max()),
+            "return_std": float(fitness.std()),
+            "eval_return_mean": None,
+            "eval_return_std": None,
+            "best_fitness": best_fitness,
+            "children_accepted": ga.children_accepted,
+            "mutation_rate": float(ga.mutation_rate),
+            "mutation_scale": float(ga.mutation_scale),
+            "param_norm": float(np.linalg.norm(best_params)),
+            "num_cpus": self.pool.num_cpus,
+        }
+        if evaluation is not None:
+            row["eval_return_mean"] = evaluation["mean"]
+            row["eval_return_std"] = evaluation["std"]
+        if self.args.multitask:
+            for env_id, mean in zip(self.env_ids, returns.mean((0, 1))):
+                row[f"return_mean[{env_id}]"] = float(mean)
+        self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
+        self.csv_file.flush()
+        scalars = {column: value for column, value in row.items() if value is not None}
+        del scalars["env_steps"]
+        for column, value in scalars.items():
+            self.tb.add_scalar(column, value, global_step=counters["env_steps"])
+        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
+            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
+        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
+            self.plot()
+        done = ga.generation - self.first_generation
+        eta = (now - self.session_start) / done * (self.args.max_iter - ga.generation)
+        hms = tqdm.format_interval  # [H:]MM:SS
+        self.log(f"iter {ga.generation:>5d}/{self.args.max_iter} | evals "
+                 f"{counters['evaluations']:>8d} | return min {fitness.min():8.2f} mean "
+                 f"{fitness.mean():8.2f} max {fitness.max():8.2f} | best "
+                 f"{counters['best_return']:8.2f} | best member {best_fitness:8.2f} | children in "
+                 f"{ga.children_accepted:>4d} | {self.steps / (now - self.last_row):8,.0f} steps/s "
+                 f"| cpus {row['num_cpus']} | {hms(counters['wall_time_s'])} elapsed | "
+                 f"ETA {hms(eta)}")
+        self.steps = 0
+        self.last_row = time.perf_counter()  # the next generation's speed: from here
+
+    def save_checkpoint(self):
+        """checkpoint.pkl (format version, script, args, the GA's state, counters; atomically),
+        TensorBoard's events flushed."""
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
+                 "ga": self.ga.state_dict(), "counters": dict(self.counters)}
+        save_checkpoint(self.paths["checkpoint.pkl"], state)
+        self.tb.flush()
+
+    def goal_reached(self):
+        """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
+        goal = self.args.reward_goal
+        streak = self.counters["goal_streak"]
+        if goal is None or streak < self.args.consecutive_goal_stopping:
+            return False
+        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+              f"{self.generation} ({self.counters['wall_time_s']:.1f} s)")
+        return True
+
+    def finish(self, evaluation=None):
+        """The noise study (--multitask) and final.npz of the final best member with its
+        evaluation: the last generation's, if it had one; else one run outside the run's record
+        (progress.csv, env steps, best.npz, the goal streak), so that a run stopped and resumed
+        stays the run made in one go. Then the last learning curve."""
+        args = self.args
+        params = self.ga.best()[0]
+        if args.multitask:  # the original's noise study, on the final best member
+            print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
+            noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts,
+                        self.dir)
+        if evaluation is None:
+            evaluation = evaluation_of(self, params, "final evaluation")[0]
+        self.log(f"final evaluation | return {evaluation['mean']:9.2f} ± "
+                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes")
+        save_weights(self.paths["final.npz"], params, self.meta(evaluation))
+        self.plot()
+
+    def plot(self):
+        """learning_curve.png redrawn from progress.csv."""
+        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
+                            self.title, CURVES, self.ylabel)
+        self.last_plot = time.perf_counter()
+
+    def upload(self):
+        """With --track: best.npz, final.npz and learning_curve.png, those that exist, saved to
+        W&B now."""
+        for name in ("best.npz", "final.npz", "learning_curve.png"):
+            if self.wandb and os.path.exists(self.paths[name]):
+                self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
+
+
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+
+
+def csv_cell(column, value):
+    """A progress.csv cell: wall_time_s to the millisecond, another float to 6 significant digits,
+    None as empty, the rest as is."""
+    if value is None:
+        return ""
+    if column == "wall_time_s":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def open_progress(path, columns, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter of `columns`). A new run
+    (last_iteration None) starts it anew; a resumed one keeps the rows up to `last_iteration`
+    (the checkpoint's; rows written after it go)."""
+    rows = []
+    if last_iteration is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
+        if len(kept) != len(rows):
+            write_csv(path, kept, "\r\n")
+    csv_file = open(path, "a" if rows else "w", newline="")
+    writer = csv.DictWriter(csv_file, columns)
+    if not rows:
+        writer.writeheader()
+    return csv_file, writer
+
+
+def default_run_name(args, kind=""):
+    """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
+    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
+
+
+# The environments: gymnasium's or SlimeVolley, the early stop, the settings
+def make_bare_env(env_config, training, render_mode=None):
+    """The env of `env_config` before the wrappers of `make_env`: `gymnasium.make` with the
+    config's kwargs and max_episode_steps (None: the env's own TimeLimit), or the SlimeVolley
+    adapter. UserError: unknown id, missing dependency, bad kwargs."""
+    env_id = env_config["env_id"]
+    kwargs = dict(env_config["env_kwargs"])
+    steps = env_config["max_episode_steps"]
+    check_env_id(env_id)
+    try:
+        if env_id == SLIME_ID:
+            env = SlimeVolleyAdapter(training and env_config["slime_fitness"] == "shaped",
+                                     render_mode)
+            if steps is not None:
+                env = gym.wrappers.TimeLimit(env, steps)
+            return env
+        if steps is None:
+            return gym.make(env_id, render_mode=render_mode, **kwargs)
+        return gym.make(env_id, render_mode=render_mode, **kwargs, max_episode_steps=steps)
+    except gym.error.DependencyNotInstalled as e:
+        raise UserError(f"{env_id} needs an optional dependency: {first_line(e)}") from None
+    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {first_line(e)}") from None
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
@@ -520,15 +1351,18 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class SlimeVolleyAdapter(gym.Env):
-    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in opponent:
-    observations float32 (12,), Discrete(6) actions, reward +1/-1 per life lost by the opponent/the agent;
-    shaped: the original's fitness, +0.01 a step survived and +1 an opponent life taken."""
+    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in
+    opponent: observations float32 (12,), Discrete(6) actions, reward +1/-1 per life lost by the
+    opponent/the agent; shaped: the original's fitness, +0.01 a step survived and +1 an opponent
+    life taken."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, shaped=False, render_mode=None):
         import slimevolleygym
-        self.env, self.shaped, self.render_mode = slimevolleygym.SlimeVolleyEnv(), shaped, render_mode
+        self.env = slimevolleygym.SlimeVolleyEnv()
+        self.shaped = shaped
+        self.render_mode = render_mode
         self.action_table = [np.array(a) for a in self.env.action_table]
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (12,), np.float32)
         self.action_space = gym.spaces.Discrete(len(self.action_table))
@@ -541,156 +1375,141 @@ class SlimeVolleyAdapter(gym.Env):
 
     def step(self, action):
         obs, reward, done, info = self.env.step(self.action_table[int(action)])
-        reward = 0.01 + max(float(reward), 0.0) if self.shaped else float(reward)
+        reward = float(reward)
+        if self.shaped:
+            reward = 0.01 + max(reward, 0.0)
         return np.asarray(obs, dtype=np.float32), reward, bool(done), False, info
 
     def render(self):
         return self.env.render(mode="rgb_array")
 
 
-def check_env_id(env_id):
-    """Raise UserError unless `env_id` is an env this machine can make (registering Atari's on the way)."""
-    package = "slimevolleygym" if env_id == SLIME_ID else "ale-py" if str(env_id).startswith("ALE/") else None
-    try:
-        if package == "slimevolleygym":
-            return __import__("slimevolleygym")
-        if package:
-            gym.register_envs(__import__("ale_py"))
-        gym.spec(env_id)
-    except ImportError:
-        raise UserError(f"{env_id} needs an optional package: pip install {package}") from None
-    except (gym.error.Error, TypeError) as e:
-        raise UserError(f"unknown env id {env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def make_env(env_config, training, render_mode=None):
-    """`gymnasium.make` (or the SlimeVolley adapter) plus gymnasium's wrappers: frames uint8 (frame_stack, size,
-    size[, 3]), Box actions on [-1, 1]. UserError: unknown id, missing dependency, bad kwargs, unusable space."""
-    env_id, kwargs, steps = env_config["env_id"], dict(env_config["env_kwargs"]), env_config["max_episode_steps"]
-    check_env_id(env_id)
-    try:
-        if env_id == SLIME_ID:
-            env = SlimeVolleyAdapter(training and env_config["slime_fitness"] == "shaped", render_mode)
-            env = gym.wrappers.TimeLimit(env, steps) if steps is not None else env
-        else:
-            env = gym.make(env_id, render_mode=render_mode, **kwargs, **({} if steps is None else
-                                                                        {"max_episode_steps": steps}))
-    except gym.error.DependencyNotInstalled as e:
-        raise UserError(f"{env_id} needs an optional dependency: {str(e).splitlines()[0]}") from None
-    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
-    env = gym.wrappers.RenderCollection(env) if render_mode is not None else env
-    if training and env_config["max_negative_steps"] > 0:
-        env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
-    space = env.action_space
-    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
-        if not space.is_bounded():
-            raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot map onto it")
-        if not (np.all(space.low == -1) and np.all(space.high == 1)):
-            env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
-    elif not isinstance(space, gym.spaces.Discrete):
-        raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
-    space = env.observation_space
-    if isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and (
-            len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)):  # frames
-        if env_config["grayscale"] and len(space.shape) == 3:
-            env = gym.wrappers.GrayscaleObservation(env)
-        try:
-            env = gym.wrappers.ResizeObservation(env, (env_config["frame_size"],) * 2)
-        except gym.error.DependencyNotInstalled:
-            raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
-        env = gym.wrappers.FrameStackObservation(env, env_config["frame_stack"])
-    elif not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
-        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
-    return env
-
-
 def env_configs_from_args(args):
-    """One env config dict per task (one, or one per --multitask id): what workers and weights files need."""
-    return [{"env_id": env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
-             # CarRacing's training-time early stop is on by default
-             "max_negative_steps": args.max_negative_steps if args.max_negative_steps is not None else
-             20 if env_id.startswith("CarRacing") else 0, "frame_size": args.frame_size,
-             "frame_stack": args.frame_stack, "grayscale": args.grayscale, "slime_fitness": args.slime_fitness}
-            for env_id in args.multitask or [args.env_id]]
+    """One env config dict per task (one, or one per --multitask id): what workers and weights
+    files need."""
+    configs = []
+    for env_id in args.multitask or [args.env_id]:
+        negative_steps = args.max_negative_steps
+        if negative_steps is None:  # CarRacing's training-time early stop is on by default
+            negative_steps = 20 if env_id.startswith("CarRacing") else 0
+        configs.append({"env_id": env_id, "env_kwargs": args.env_kwargs,
+                        "max_episode_steps": args.max_episode_steps,
+                        "max_negative_steps": negative_steps, "frame_size": args.frame_size,
+                        "frame_stack": args.frame_stack, "grayscale": args.grayscale,
+                        "slime_fitness": args.slime_fitness})
+    return configs
 
 
 def policy_config_from_envs(env_configs, hidden_sizes, activation):
-    """What `build_policy` needs: {obs_shape, discrete, num_actions, hidden_sizes, activation}, or for
-    several tasks {hidden_sizes, activation, multitask: [tasks]}. Raises UserError for multitask images."""
+    """What `build_policy` needs: {obs_shape, discrete, num_actions, hidden_sizes, activation}, or
+    for several tasks {hidden_sizes, activation, multitask: [tasks]}. UserError for multitask
+    images."""
     tasks = []
     for config in env_configs:
         env = make_env(config, training=False)
         discrete = isinstance(env.action_space, gym.spaces.Discrete)
+        if discrete:
+            num_actions = int(env.action_space.n)
+        else:
+            num_actions = int(env.action_space.shape[0])
         tasks.append({"obs_shape": list(env.observation_space.shape), "discrete": discrete,
-                      "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0])})
+                      "num_actions": num_actions})
         env.close()
         if len(env_configs) > 1 and len(tasks[-1]["obs_shape"]) != 1:
-            raise UserError(f"--multitask takes vector observations only; {config['env_id']} gives images")
+            raise UserError(f"--multitask takes vector observations only; {config['env_id']} "
+                            "gives images")
     base = {"hidden_sizes": list(hidden_sizes), "activation": activation}
-    return dict(tasks[0], **base) if len(tasks) == 1 else dict(base, multitask=tasks)
+    if len(tasks) == 1:
+        return dict(tasks[0], **base)
+    return dict(base, multitask=tasks)
 
 
-def return_scale(env_config):
-    """Multitask normalization of a task's return: its env's reward threshold (5 on SlimeVolley; else 1)."""
-    return 5.0 if env_config["env_id"] == SLIME_ID else float(gym.spec(env_config["env_id"]).reward_threshold or 1)
+
+# The policy's speed: the MLP in numpy, for one member or B members at once
+# The activations on float32 numpy arrays (selu with torch's constants).
+NUMPY_ACTIVATIONS = {
+    "tanh": np.tanh,
+    "relu": lambda h: np.maximum(h, np.float32(0)),
+    "selu": lambda h: np.float32(1.0507009873554805) * np.where(
+        h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))),
+}
 
 
-def rollout(env, policy, seed, record=None):
-    """One episode from `env.reset(seed=seed)`: (return float, steps int). record: a list that gets every
-    observation the policy sees (distillation), or None."""
-    obs, _ = env.reset(seed=seed)
-    total, steps, done = 0.0, 0, False
-    with torch.inference_mode():
-        while not done:
-            action = policy.act(obs)
-            if record is not None:
-                record.append(obs)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total, steps, done = total + float(reward), steps + 1, terminated or truncated
-    return total, steps
+def linear(weight, bias, h):
+    """bias + h @ weight.T for one vector h (D,) (torch.addmv: half of nn.Linear's cost) or a
+    batch (B, D)."""
+    if h.dim() == 1:
+        return torch.addmv(bias, weight, h)
+    return torch.addmm(bias, h, weight.t())
 
 
-def multitask_rollout(envs, policy, seed, noisy=()):
-    """One episode of every task, stepped together, each env reset with `seed`: (T returns, steps). A finished
-    task feeds its last observation; `noisy` tasks get uniform noise on [-1, 1] (generator seeded by `seed`)."""
-    rng = np.random.default_rng(seed)
-    observations = [env.reset(seed=seed)[0] for env in envs]
-    running, totals, steps = [True] * len(envs), [0.0] * len(envs), 0
-    with torch.inference_mode():
-        while any(running):
-            actions = policy.act([rng.uniform(-1, 1, np.shape(o)).astype(np.float32) if t in noisy else o
-                                  for t, o in enumerate(observations)])
-            for t, env in enumerate(envs):
-                if running[t]:
-                    observations[t], reward, terminated, truncated, _ = env.step(actions[t])
-                    totals[t], steps, running[t] = totals[t] + float(reward), steps + 1, not (terminated or truncated)
-    return totals, steps
+def numpy_views(linear_params):
+    """The layers [(weight, bias)] of a policy as numpy views of a batch of one: [(weights
+    (1, out, in), biases (1, out))], for `act_batch`; they see in-place updates."""
+    return [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in linear_params]
+
+
+def stacked_layers(policy, genotypes):
+    """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases
+    (B, out))], views."""
+    layers, offset = [], 0
+    for weight, _ in policy.linear_params:
+        rows, cols = weight.shape
+        layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
+                       genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+        offset += rows * cols + rows
+    return layers
+
+
+def act_batch(policy, obs, layers):
+    """B members' observations (B, O) through their own MLPs (`stacked_layers`), numpy: B
+    actions, ints or float32 (B, A) in [-1, 1]; row b is exactly what member b's observation
+    alone gives (B gemv calls)."""
+    h = np.asarray(obs, dtype=np.float32)
+    for weight, bias in layers[:-1]:
+        h = policy.numpy_activation(np.matmul(weight, h[:, :, None])[:, :, 0] + bias)
+    out = np.matmul(layers[-1][0], h[:, :, None])[:, :, 0] + layers[-1][1]
+    if policy.discrete:
+        return out.argmax(axis=1).tolist()
+    return np.tanh(out)
+
+
+# Workers: local processes, this process, or a Ray cluster
+WORKER_ATTEMPTS = 3  # a batch whose worker process died is re-run on fresh workers: tries in all
+LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
+RAY_TASK_RETRIES = 3  # a Ray task whose worker or node died is re-run this many times
+RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: the head and this machine's node answer?
+RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
+WORKERS = {}  # a worker process's RolloutWorker of each pool (local or Ray), built at its first task
 
 
 class RolloutWorker:
-    """One process's envs and policy, built once. A task is (member, env_seeds, training, noisy): a row of the
-    members matrix float32 (rows, D) (`use`), a seed per episode, training (early stops, shaped fitness) or
-    evaluation, the noise-study condition. Its result: (returns [[T floats] per episode], env steps)."""
+    """One process's envs and policy, built once. `run(tasks)`: per RolloutTask its result
+    (episode returns [[T floats] per episode], env steps) as a plain tuple (RolloutPool.map makes
+    it a RolloutResult), the members read from a matrix float32 (rows, D) (`use`)."""
 
     def __init__(self, env_configs, policy_config, dim):
         torch.set_num_threads(1)
-        self.env_configs, self.dim, self.members = env_configs, dim, None
-        # (task t, training) -> its envs, one per episode stepped at once (lockstep), built at first use
+        self.env_configs = env_configs
+        self.dim = dim
+        self.members = None
+        # (task t, training) -> its envs, one per episode stepped at once (lockstep), built at
+        # first use
         self.envs = {(t, training): [make_env(config, training)]
                      for t, config in enumerate(env_configs) for training in (True, False)}
-        # A Box2D world keeps state across resets (BipedalWalker's returns drift on a reused env with the same
-        # seed): Box2D envs are rebuilt per episode (~0.4 ms), the others built once.
-        self.fresh = [type(self.envs[t, True][0].unwrapped).__module__.startswith("gymnasium.envs.box2d")
-                      for t in range(len(env_configs))]
+        # A Box2D world keeps state across resets (BipedalWalker's returns drift on a reused env
+        # with the same seed): Box2D envs are rebuilt per episode (~0.4 ms), the others built once.
+        self.fresh = [type(self.envs[t, True][0].unwrapped).__module__.startswith(
+            "gymnasium.envs.box2d") for t in range(len(env_configs))]
         self.policy = build_policy(policy_config)
 
     def use(self, shared):
-        """Read members from shared[0], a flat float32 array of rows x D values (a view, not a copy)."""
+        """Read members from shared[0], a flat float32 array of rows x D values (a view)."""
         self.members = np.asarray(shared[0], dtype=np.float32).reshape(-1, self.dim)
 
     def env(self, t, training, slot=0):
-        """Env number `slot` of task t for a new episode: built at its first use, rebuilt when it is a Box2D env."""
+        """Env number `slot` of task t for a new episode: built at its first use, rebuilt when it
+        is a Box2D env."""
         envs = self.envs[t, training]
         if slot == len(envs):
             envs.append(make_env(self.env_configs[t], training))
@@ -700,21 +1519,22 @@ class RolloutWorker:
         return envs[slot]
 
     def run(self, tasks):
-        """Per task (returns, steps). An MLP on one env steps the tasks' episodes in lockstep, one batched forward
-        a step, each episode exactly what it is alone; other policies run the tasks one by one."""
+        """Per task (returns, steps). An MLP on one env steps the tasks' episodes in lockstep,
+        one batched forward a step, each episode exactly what it is alone; other policies run the
+        tasks one by one."""
         if isinstance(self.policy, MultitaskPolicy) or self.policy.pixels:
             return [self.run_one(task) for task in tasks]
         return self.lockstep(tasks)
 
     def run_one(self, task):
         """One task's episodes, one after the other: (returns [[T floats] per episode], steps)."""
-        member, env_seeds, training, noisy = task
-        self.policy.load(self.members[member])
+        self.policy.load(self.members[task.member])
         returns, steps = [], 0
-        for env_seed in env_seeds:
-            envs = [self.env(t, training) for t in range(len(self.env_configs))]
+        for env_seed in task.env_seeds:
+            envs = [self.env(t, task.training) for t in range(len(self.env_configs))]
             if isinstance(self.policy, MultitaskPolicy):
-                episode_returns, episode_steps = multitask_rollout(envs, self.policy, env_seed, noisy)
+                episode_returns, episode_steps = multitask_rollout(envs, self.policy, env_seed,
+                                                                   task.noisy)
             else:
                 episode_return, episode_steps = rollout(envs[0], self.policy, env_seed)
                 episode_returns = [episode_return]
@@ -724,15 +1544,19 @@ class RolloutWorker:
 
     def lockstep(self, tasks):
         """`run` of one env's tasks of one kind (training or evaluation), stepped together."""
-        n, training = len(tasks), tasks[0][2]
-        genotypes, seeds = self.members[[task[0] for task in tasks]], [list(task[1]) for task in tasks]
+        n, training = len(tasks), tasks[0].training
+        genotypes = self.members[[task.member for task in tasks]]
+        seeds = [list(task.env_seeds) for task in tasks]
         envs = self.envs[0, training]  # env k serves the chunk's k-th task
-        reset = lambda k: self.env(0, training, k).reset(seed=seeds[k].pop(0))[0]  # noqa: E731
+
+        def reset(k):
+            return self.env(0, training, k).reset(seed=seeds[k].pop(0))[0]
         returns, steps, totals = [[] for _ in tasks], [0] * n, [0.0] * n
         obs, active = [reset(k) for k in range(n)], list(range(n))
-        layers = self.policy.stacked_layers(genotypes)
+        layers = stacked_layers(self.policy, genotypes)
         while active:
-            actions, finished = self.policy.act_batch(np.stack([obs[k] for k in active]), layers), []
+            actions = act_batch(self.policy, np.stack([obs[k] for k in active]), layers)
+            finished = []
             for action, k in zip(actions, active):
                 obs[k], reward, terminated, truncated, _ = envs[k].step(action)
                 totals[k], steps[k] = totals[k] + float(reward), steps[k] + 1
@@ -745,437 +1569,13 @@ class RolloutWorker:
                         finished.append(k)
             if finished:
                 active = [k for k in active if k not in finished]
-                layers = self.policy.stacked_layers(genotypes[active])
+                layers = stacked_layers(self.policy, genotypes[active])
         return list(zip(returns, steps))
 
 
-def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
-    """Per-task returns of `params` over evaluation episodes start..episodes-1 (no early stop): (float64 (E, T), env
-    steps). Episode e meets env seed (seed, EVAL_ENV_STREAM, iteration, e). label: the progress bar's (None: none)."""
-    tasks = [(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, e)], False, tuple(noisy))
-             for e in range(start, episodes)]
-    results = pool.map(tasks, [np.asarray(params, np.float32)], label)
-    return np.array([r[0][0] for r in results], dtype=np.float64), sum(r[1] for r in results)
-
-
-# ---- 4. Training loop ----------------------------------------------------------------------------
-def train(args, given):
-    """The GA: ask -> rollouts -> tell -> log -> evaluate the best member -> checkpoint, to --max-iter."""
-    if args.distill_from:
-        return run_distillation(args, given)
-    run = setup_run(args, given)  # the run folder, the GA (new or resumed), the pool, progress.csv, TensorBoard
-    args, ga, pool, counters = run.args, run.ga, run.pool, run.counters
-    code = 1  # the exit code W&B is told, should the run end by an error
-    evaluation = None  # the last generation's, when it had one
-    try:
-        while ga.generation < args.max_iter:
-            started = time.perf_counter()
-            generation, candidates = ga.generation, ga.ask()
-            # Every candidate, elites included, meets fresh episodes: env seeds from (seed, generation, member).
-            tasks = [(i, [derive_seed(args.seed, TRAIN_ENV_STREAM, generation, i, r) for r in range(args.num_rollouts)],
-                      True, ()) for i in range(len(candidates))]
-            results = pool.map(tasks, [candidates], None if args.quiet else f"generation {generation + 1}")
-            task_returns = np.array([r[0] for r in results], dtype=np.float64)  # (N, rollouts, tasks)
-            fitness = (task_returns / run.scales).sum(2).mean(1)                  # (N,)
-            steps = sum(r[1] for r in results)
-            ga.tell(fitness)
-            best_params, best_fitness = ga.best()
-            counters["evaluations"] += len(candidates)
-            counters["best_return"] = max(counters["best_return"], float(fitness.max()))
-            # Evaluate on schedule, and at once when the best member's training fitness reaches the goal.
-            evaluation = None
-            scheduled = ga.generation % args.eval_every == 0
-            at_goal = args.reward_goal is not None and best_fitness >= args.reward_goal
-            if scheduled or at_goal:  # off schedule, screened by its first episodes (SCREEN_EPISODES)
-                evaluation, eval_steps = evaluate_best(run, best_params, screen=not scheduled)
-                steps += eval_steps
-            counters["env_steps"] += steps
-            counters["wall_time_s"] = run.wall_offset + (time.perf_counter() - run.started)
-            write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness)  # CSV, TensorBoard
-            print_generation(run, fitness, best_fitness, steps, started)
-            if evaluation and time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
-                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES,
-                                    run.ylabel)
-                run.last_plot = time.perf_counter()
-            save_run(run)
-            if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
-                print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
-                      f"evaluation(s) at generation {ga.generation} ({counters['wall_time_s']:.1f} s)")
-                break
-        final_params = ga.best()[0]
-        if args.multitask:  # the original's noise study, on the final best member
-            print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
-            noise_study(pool, final_params, run.env_ids, args.seed, args.num_eval_rollouts, run.dir, args.quiet)
-        # Outside the run's record, so a run stopped and resumed stays the same run; where the last generation
-        # was evaluated, that was the same member on the same episodes.
-        final_evaluation = {k: v for k, v in evaluation.items() if k != "returns"} if evaluation \
-            else evaluation_of(run, final_params, "final evaluation")[0]
-        run.log(f"final evaluation | return {final_evaluation['mean']:9.2f} ± {final_evaluation['std']:8.2f} "
-                f"over {final_evaluation['episodes']} episodes")
-        save_weights(run.paths["final.npz"], final_params, run.meta(ga.generation, final_evaluation))
-        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES, run.ylabel)
-        code = 0
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {run.kept()}", file=sys.stderr)
-        code = 130
-        return code
-    finally:  # the files stay; W&B gets them and the exit code
-        run.csv_file.close()
-        run.pool.close()
-        run.tb.close()
-        if run.wandb:
-            upload(run)
-            run.wandb.finish(exit_code=code)
-    print(f"done: {ga.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
-          f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
-          + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else "")
-          + (" noise_study.csv noise_study.png" if args.multitask else "") + " events.out.tfevents.* (TensorBoard)")
-    return 0
-
-
-# The best member reaching --reward-goal in training is evaluated at once, off schedule. Most such members are
-# a lucky few episodes: their evaluation stops after its first SCREEN_EPISODES episodes when these average
-# below the goal (no evaluation is recorded), which saves most of the evaluations' env steps on the way to it.
-SCREEN_EPISODES = 10
-
-
-def evaluation_of(run, params, label, screen=False):
-    """params over --num-eval-rollouts episodes of this generation's evaluation seeds: ({mean, std, episodes[,
-    tasks]}, fitness-scaled returns: float64 (E,), env steps). With `screen`, the other episodes run only when
-    the first SCREEN_EPISODES reach --reward-goal on average (else E = SCREEN_EPISODES); an evaluation that
-    passes is the same as one without a screen."""
-    args, label = run.args, None if run.args.quiet else label
-    first = min(SCREEN_EPISODES, args.num_eval_rollouts) if screen else args.num_eval_rollouts
-    per_task, steps = evaluate(run.pool, params, args.seed, run.ga.generation, first, label=label)
-    if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
-        rest, rest_steps = evaluate(run.pool, params, args.seed, run.ga.generation, args.num_eval_rollouts,
-                                    label=label, start=first)
-        per_task, steps = np.concatenate([per_task, rest]), steps + rest_steps
-    returns = (per_task / run.scales).sum(1)
-    evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-    if args.multitask:
-        evaluation["tasks"] = {e: float(m) for e, m in zip(run.env_ids, per_task.mean(0))}
-    return evaluation, returns, steps
-
-
-def evaluate_best(run, best_params, screen=False):
-    """Evaluate the best member; keep best.npz, the goal streak, a video. Returns ({mean, std, episodes[, tasks],
-    returns: float64 (E,)}, env steps); (None, env steps) when `screen` stops the evaluation early."""
-    args, counters, iteration = run.args, run.counters, run.ga.generation
-    evaluation, returns, steps = evaluation_of(run, best_params, f"evaluation {iteration}", screen)
-    if returns.size < args.num_eval_rollouts:
-        counters["goal_streak"] = 0
-        run.log(f"eval {iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over the first "
-                f"{returns.size} episodes, below the goal")
-        return None, steps
-    if evaluation["mean"] > counters["best_eval"]:
-        counters["best_eval"] = evaluation["mean"]
-        save_weights(run.paths["best.npz"], best_params, run.meta(iteration, evaluation))
-    reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
-    counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
-    tasks = "  (" + ", ".join(f"{e} {m:.2f}" for e, m in evaluation["tasks"].items()) + ")" if args.multitask else ""
-    run.log(f"eval {iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
-            f"{returns.size} episodes | best eval {counters['best_eval']:9.2f}{tasks}")
-    if args.capture_video:
-        path, _ = record_video(run.env_configs[0], build_policy(run.policy_config).load(best_params),
-                               os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
-                               derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
-        run.log(f"video {path}")
-    upload(run)
-    return dict(evaluation, returns=returns), steps
-
-
-def write_progress_row(run, fitness, task_returns, evaluation, best_params, best_fitness):
-    """This generation's row of progress.csv (PROGRESS_COLUMNS, then per-task means); to TensorBoard (and W&B) a
-    scalar per non-empty column against env_steps, CleanRL's way."""
-    c, ga, ev = run.counters, run.ga, evaluation
-    row = [ga.generation, c["evaluations"], c["env_steps"], f"{c['wall_time_s']:.3f}",
-           *(f"{stat:.6g}" for stat in (fitness.min(), fitness.mean(), fitness.max(), fitness.std())),
-           f"{ev['returns'].mean():.6g}" if ev else "", f"{ev['returns'].std():.6g}" if ev else "",
-           f"{best_fitness:.6g}", ga.children_accepted, f"{ga.mutation_rate:.6g}", f"{ga.mutation_scale:.6g}",
-           f"{float(np.linalg.norm(best_params)):.6g}", run.pool.num_cpus,
-           *([f"{m:.6g}" for m in task_returns.mean((0, 1))] if run.args.multitask else [])]
-    run.writer.writerow(row)
-    run.csv_file.flush()
-    scalars = {column: float(cell) for column, cell in zip(run.columns, row) if column != "env_steps" and cell != ""}
-    for column, value in scalars.items():
-        run.tb.add_scalar(column, value, global_step=c["env_steps"])
-    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
-        run.wandb.log({**scalars, "env_steps": c["env_steps"]})
-
-
-def print_generation(run, fitness, best_fitness, steps, started):
-    """The console line of a generation: returns, best so far, children accepted, speed, ETA."""
-    c, ga, now, hms = run.counters, run.ga, time.perf_counter(), tqdm.format_interval  # [H:]MM:SS
-    eta = (now - run.session_start) / (ga.generation - run.first_generation) * (run.args.max_iter - ga.generation)
-    run.log(f"iter {ga.generation:>5d}/{run.args.max_iter} | evals {c['evaluations']:>8d} | return min "
-            f"{fitness.min():8.2f} mean {fitness.mean():8.2f} max {fitness.max():8.2f} | best {c['best_return']:8.2f} "
-            f"| best member {best_fitness:8.2f} | children in {ga.children_accepted:>4d} | "
-            f"{steps / (now - started):8,.0f} steps/s | cpus {run.pool.num_cpus} | "
-            f"{hms(c['wall_time_s'])} elapsed | ETA {hms(eta)}")
-
-
-# ---- Machinery: a first-time reader may skip what follows (checks, workers, files, plots, video, main)
-# Flags that --resume may set anew (the rest comes from the checkpoint); where a run executes never does.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every", "num_eval_rollouts",
-                "capture_video", "quiet", "reward_goal", "consecutive_goal_stopping", "track", "wandb_project_name",
-                "wandb_entity"}
-PLACEMENT_FLAGS = ("num_workers", "ray_address")
-# Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
-META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
-META_POLICY_FLAGS = ("hidden_sizes", "activation")
-INT_MAX = 2 ** 31 - 1  # counts and sizes: a C int at most
-# (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights meta sets; ints
-# where the flag is an int. The limits between flags (tournament and elites within the population) are check_args's.
-LIMITS = {"seed": (0, math.inf), "num_workers": (1, INT_MAX), "population_size": (2, INT_MAX),
-          "max_iter": (1, INT_MAX), "num_rollouts": (1, INT_MAX), "max_episode_steps": (1, INT_MAX),
-          "max_negative_steps": (0, INT_MAX), "eval_every": (1, INT_MAX), "num_eval_rollouts": (1, INT_MAX),
-          "reward_goal": (-math.inf, math.inf), "consecutive_goal_stopping": (1, INT_MAX),
-          "selection_pressure": (1.0, 2.0), "tournament_size": (1, INT_MAX), "crossover_rate": (0.0, 1.0),
-          "blx_alpha": (0.0, math.inf), "mutation_rate": (0.0, 1.0), "mutation_scale": (0.0, math.inf, True),
-          "elite_size": (0, INT_MAX), "hidden_sizes": (1, INT_MAX), "frame_size": (36, INT_MAX),
-          "frame_stack": (1, INT_MAX), "distill_episodes": (1, INT_MAX), "distill_rounds": (1, INT_MAX),
-          "distill_epochs": (1, INT_MAX), "learning_rate": (0.0, math.inf, True), "batch_size": (1, INT_MAX)}
-OPTIONAL_NUMBERS = ("num_workers", "max_episode_steps", "max_negative_steps", "reward_goal")  # None: unset
-# What a checkpoint holds beyond its format version, script, args and counters, and the counters.
-CHECKPOINT_PARTS = {"ga": dict}  # GeneticAlgorithm.state_dict(): numpy arrays and plain values
-CHECKPOINT_MODULES = ()  # packages whose objects a checkpoint holds, beyond numpy's and builtins: none
-COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
-
-
-def parse_args(argv=None):
-    """Parse and check the command line. Returns (args, the set of flags given). Raises UserError."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    marker = object()  # the flags typed: parse again into a namespace of markers, which argparse leaves be
-    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{name: marker for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not marker}
-    if sum(getattr(args, f) is not None for f in ("resume", "from_pretrained", "init_from", "distill_from")) > 1:
-        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
-    if args.multitask is not None:
-        if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
-            raise UserError("--multitask needs at least two different env ids")
-        if {"env_id", "capture_video", "distill_from"} & given:
-            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
-        args.env_id = "+".join(args.multitask)
-    if args.resume:  # a resumed run keeps its settings; weights files bring their env and architecture
-        fixed, source = given - RESUME_FLAGS, "the checkpoint (a resumed run keeps its settings)"
-    elif args.init_from or args.from_pretrained:
-        fixed, source = given & {*META_ENV_FLAGS, *META_POLICY_FLAGS, "multitask"}, "the weights file's meta"
-    else:
-        fixed, source = given & set(META_ENV_FLAGS) if args.distill_from else set(), "the teacher's meta"
-    if fixed:
-        raise UserError(f"--{min(fixed).replace('_', '-')} cannot be given here: it comes from {source}")
-    items, args.env_kwargs = args.env_kwargs, {}
-    for key, sep, value in (item.partition("=") for item in items):  # VALUE: JSON where it parses (true, 3, 0.5)
-        if not sep or not key.isidentifier():
-            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {key + sep + value!r}")
-        with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(value)
-        args.env_kwargs[key] = value
-    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address:
-        import_optional("ray", "--ray-address", "ray")
-        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
-        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
-            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
-        if "num_workers" not in given:
-            args.num_workers = None  # every CPU of the cluster
-    check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
-    check_args(args)
-    check_paths(args)
-    return args, given
-
-
-def check_numbers(values, label):
-    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
-    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
-    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
-    smallest itself is excluded."""
-    for key, value in values.items():
-        if key not in LIMITS or value is None:
-            continue
-        low, high, *low_excluded = LIMITS[key]
-        integer = isinstance(low, int)
-        rules = []
-        if math.isfinite(low):
-            rules.append(f"> {low}" if low_excluded else f">= {low}")
-        if math.isfinite(high):
-            rules.append(f"<= {high}")
-        kind = "an integer" if integer else "a finite number"
-        message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
-        for number in value if isinstance(value, list) else [value]:
-            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
-                raise UserError(f"{message}, got {number!r}")
-            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
-                raise UserError(f"{message}, got {number!r}")
-
-
-def check_args(args):
-    """Check the rules between settings (flags, a checkpoint's, a weights meta's) and those that are not numbers;
-    check_numbers checks each number by LIMITS first. Raises UserError."""
-    n = args.population_size
-    unset = [key for key in LIMITS if getattr(args, key) is None and key not in OPTIONAL_NUMBERS]
-    if unset:
-        raise UserError(f"--{unset[0].replace('_', '-')} must be set, got None")
-    if args.selection == "tournament" and args.tournament_size > n:
-        raise UserError(f"--tournament-size must be in [1, {n}], got {args.tournament_size!r}")
-    if args.replacement == "generational" and args.elite_size > n - 1:
-        raise UserError(f"--elite-size must be in [0, {n - 1}], got {args.elite_size!r}")
-    if args.replacement == "parents-vs-children" and n % 2:
-        raise UserError("--population-size must be even with --replacement parents-vs-children (pairs of members)")
-    if args.multitask is not None and len(args.hidden_sizes) < 2:
-        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then the shared trunk)")
-    if args.activation not in ACTIVATIONS or args.slime_fitness not in ("score", "shaped") \
-            or not isinstance(args.grayscale, bool) or not isinstance(args.env_kwargs, dict):
-        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an unknown value")
-    for key, value in args.env_kwargs.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
-    for env_id in args.multitask or [args.env_id]:
-        check_env_id(env_id)
-
-
-def check_paths(args):
-    """Run and experiment names must be folder names, --logs-dir a writable folder. Raises UserError."""
-    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255):
-            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
-    folder = os.path.abspath(args.logs_dir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in ({folder} is not)")
-
-
-def setup_run(args, given):
-    """A run (new or resumed): inputs checked and pool started before its folder is touched. UserError."""
-    checkpoint, init = None, None
-    if args.resume:
-        checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        given_anew = {key: getattr(args, key) for key in given & RESUME_FLAGS | set(PLACEMENT_FLAGS)}
-        args = argparse.Namespace(**dict(checkpoint["args"], **given_anew))
-        check_numbers(vars(args), lambda key: f"{checkpoint_path}: its {key}")
-        check_args(args)
-        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-    else:
-        init = read_weights_into_args(args.init_from, args, given) if args.init_from else None
-        run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            "or pick another --run-name")
-    run = types.SimpleNamespace(args=args, dir=run_dir, started=time.perf_counter(), last_plot=-math.inf)
-    run.wandb = None
-    if args.track:
-        run.wandb = import_optional("wandb", "--track", "track")
-    if run.wandb and not getattr(args, "wandb_id", None):  # in args.json and the checkpoint: --resume continues it
-        args.wandb_id = uuid.uuid4().hex[:16]  # (wandb 0.31 has no wandb.util.generate_id)
-    run.env_configs = env_configs_from_args(args)
-    run.env_ids = [c["env_id"] for c in run.env_configs]
-    run.scales = np.array([return_scale(c) for c in run.env_configs]) if args.multitask else np.ones(1)
-    run.policy_config = policy_config_from_envs(run.env_configs, args.hidden_sizes, args.activation)
-    policy = build_policy(run.policy_config)
-    dim = num_params(policy)
-    if checkpoint:
-        run.ga, run.counters = GeneticAlgorithm.from_state_dict(checkpoint["ga"]), checkpoint["counters"]
-    else:
-        if init:  # it fits, or UserError
-            load_policy(args.init_from, *init, run.env_configs, args.hidden_sizes, args.activation)
-        population = initial_population(run.policy_config, args.population_size, args.seed, init and init[0],
-                                        (args.mutation_rate, args.mutation_scale, args.mutation))
-        run.ga = GeneticAlgorithm(population, **{k: getattr(args, k) for k in (
-            "selection", "selection_pressure", "tournament_size", "crossover", "crossover_rate", "blx_alpha",
-            "mutation", "mutation_rate", "mutation_scale", "replacement", "elite_size", "seed")})
-        run.counters = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf,
-                        "best_eval": -math.inf, "goal_streak": 0}
-    run.meta = lambda iteration, evaluation: weights_meta(args, run.env_configs, run.policy_config, dim, evaluation,
-                                                          iteration)
-    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_configs, run.policy_config, dim),
-                           [args.population_size * dim])
-    open_run_files(run, checkpoint is not None)
-    print(policy)
-    print(f"parameters: {dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
-          f"run folder: {run_dir}")
-    if args.multitask:
-        print("multitask fitness = " + " + ".join(f"{e} / {s:g}" for e, s in zip(run.env_ids, run.scales)))
-    if checkpoint:
-        print(f"resuming at generation {run.ga.generation} from {checkpoint_path}")
-    run.session_start, run.first_generation = time.perf_counter(), run.ga.generation
-    run.wall_offset = run.counters["wall_time_s"]
-    run.log = (lambda *a, **k: None) if args.quiet else print
-    run.title = f"GA on {args.env_id} (seed {args.seed})"
-    run.ylabel = "episode return"
-    if args.multitask:
-        run.ylabel = "fitness (sum of normalized returns)"
-    run.kept = lambda: (f"the checkpoint of generation {run.ga.generation} is kept in {run.paths['checkpoint.pkl']}\n"
-                        f"resume with: python {SCRIPT} --resume {run_dir}   (on any Ray cluster with --ray-address, "
-                        "or locally)")
-    run.pool.on_lost = run.kept
-    return run
-
-
-def open_run_files(run, resumed):
-    """Create the run folder, write args.json, open progress.csv (on resume: rows past the checkpoint go)."""
-    args = run.args
-    os.makedirs(os.path.join(run.dir, "videos") if args.capture_video else run.dir, exist_ok=True)
-    run.paths = {name: os.path.join(run.dir, name) for name in
-                 ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    config = dict(vars(args), env_configs=run.env_configs, num_params=run.pool.worker_args[2], versions=versions())
-    atomic_write(run.paths["args.json"], json.dumps(config, indent=2).encode())
-    path = run.paths["progress.csv"]
-    if resumed and os.path.exists(path):  # rows written after the checkpoint (a kill in between) go
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= run.ga.generation]
-        if len(kept) != len(rows):
-            atomic_write(path, "".join(",".join(r) + "\r\n" for r in kept).encode())
-    elif not resumed and os.path.exists(path):
-        os.unlink(path)
-    run.csv_file = open(path, "a", newline="")
-    run.writer = csv.writer(run.csv_file)
-    run.columns = PROGRESS_COLUMNS + ([f"return_mean[{e}]" for e in run.env_ids] if args.multitask else [])
-    if run.csv_file.tell() == 0:
-        run.writer.writerow(run.columns)
-    if run.wandb:  # before the SummaryWriter: W&B then syncs its scalars
-        try:
-            run.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                           name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
-            run.wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
-        except Exception as e:
-            raise UserError(f"--track: W&B did not start the run: {str(e).strip().splitlines()[0]}") from None
-    from torch.utils.tensorboard import SummaryWriter  # here, not at the top: importing TensorBoard costs ~2 s
-    # A resumed run hides the points written after its checkpoint (by a killed session) and continues the curves.
-    run.tb = SummaryWriter(run.dir, purge_step=run.counters["env_steps"] + 1 if resumed else None)
-    run.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
-                                                                          vars(args).items()))
-
-
-def upload(run):
-    """With --track: best.npz, final.npz and learning_curve.png, those that exist, saved to W&B now."""
-    for name in ("best.npz", "final.npz", "learning_curve.png"):
-        if run.wandb and os.path.exists(run.paths[name]):
-            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
-
-
-def save_run(run):
-    """checkpoint.pkl (format version, script, args, the GA's state, counters; atomically), TensorBoard flushed."""
-    state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args), "ga": run.ga.state_dict(),
-             "counters": dict(run.counters)}
-    save_checkpoint(run.paths["checkpoint.pkl"], state)
-    run.tb.flush()
-
-
-WORKER_ATTEMPTS = 3     # a batch whose worker process died is re-run on fresh workers, this many tries in all
-LOCKSTEP_MAX = 16       # episodes one worker steps together at most: more gains little on small MLPs
-# Ray: a task whose worker or node died is re-run RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S
-# that the head and this machine's Ray node answer and gives the cluster up after RAY_LOST_AFTER_S.
-RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
-# A worker process (local or Ray) keeps its RolloutWorker, built at its first task, per pool.
-WORKERS = {}
-
-
 def init_worker(worker_args, buffers):
-    """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's death."""
+    """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's
+    death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -1197,7 +1597,9 @@ def use_shared(worker_args, buffers):
 
 
 def ray_rollout(key, batch, tasks):
-    """A chunk of tasks in a local worker (batch None: shared arrays) or Ray's (batch: (worker_args, arrays))."""
+    """A chunk of tasks in a local worker (batch None: shared arrays) or Ray's (batch:
+    (worker_args, arrays)): a plain tuple per task, as a class of the main script made in a
+    spawned worker would not unpickle in the driver."""
     if batch is not None:
         if key not in WORKERS:
             WORKERS[key] = RolloutWorker(*batch[0])
@@ -1218,34 +1620,45 @@ class InProcess:
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(task's result) counts its episodes."""
-    columns, lines = shutil.get_terminal_size()  # a terminal of unknown size (0 x 0) gets 80 x 24, not no bar
-    bar = tqdm(total=total, desc=label, unit=unit, leave=False, disable=label is None or not sys.stderr.isatty(),
-               ncols=columns, nrows=lines)
-    start, steps = time.perf_counter(), [0]
+    """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(episodes, steps)
+    counts a task's episodes and env steps."""
+    columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, ncols=columns, nrows=lines,
+               disable=label is None or not sys.stderr.isatty())
+    start = time.perf_counter()
+    steps = 0
 
-    def done(result):
-        steps[0] += result[1]
-        bar.set_postfix_str(f"{steps[0] / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
-        bar.update(len(result[0]))
-        return result
+    def done(episodes, task_steps):
+        nonlocal steps
+        steps += task_steps
+        speed = steps / (time.perf_counter() - start)
+        bar.set_postfix_str(f"{speed:,.0f} env steps/s", refresh=False)
+        bar.update(episodes)
     bar.done = done
     return bar
 
 
 class RolloutPool:
-    """Rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster: one interface.
+    """Rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster:
+    one interface.
 
-    worker_args: (env_configs, policy_config, D), each process builds its RolloutWorker from them once;
-    shared_sizes: float32 sizes of a batch's arrays (members, rows x D). `map(tasks, shared)`: results in task
-    order. Locally: mp.RawArray shared memory; a dead worker costs a warning and a re-run of the batch on new
-    workers, PoolLost after WORKER_ATTEMPTS tries. Ray: remote tasks, arrays `ray.put` once per batch, at most
-    num_workers at once (None: every CPU), a lost-cluster watchdog. `on_lost()`: what the run keeps if it stops.
+    worker_args: (env_configs, policy_config, D), each process builds its RolloutWorker from them
+    once; shared_sizes: float32 sizes of a batch's arrays (members, rows x D). `map(tasks,
+    shared)`: RolloutResults in task order. Locally: mp.RawArray shared memory; a dead worker
+    costs a warning and a re-run of the batch on new workers, PoolLost after WORKER_ATTEMPTS
+    tries. Ray: remote tasks, arrays `ray.put` once per batch, at most num_workers at once (None:
+    every CPU), a lost-cluster watchdog. quiet: no progress bars. `on_lost()`: what the run keeps
+    if it stops.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes):
-        self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.on_lost, self.executor = None, InProcess()
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False,
+                 on_lost=None):
+        self.num_workers = num_workers
+        self.address = ray_address
+        self.worker_args = worker_args
+        self.quiet = quiet
+        self.on_lost = on_lost
+        self.executor = InProcess()
         if ray_address:
             self.start_ray()
             return
@@ -1256,30 +1669,45 @@ class RolloutPool:
             self.executor = self.new_executor()
 
     def new_executor(self):
-        """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on macOS)."""
+        """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on
+        macOS)."""
         return ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=init_worker,
                                    initargs=(self.worker_args, self.buffers))
 
     def lost(self):
-        return f": {self.on_lost()}" if self.on_lost else ""  # what the run keeps when it stops here
+        """What the run keeps when it stops here, for a message."""
+        if self.on_lost:
+            return f": {self.on_lost()}"
+        return ""
 
     def map(self, tasks, shared, label=None):
-        """Run the tasks; their results in task order. label: the live bar's (None: none). UserError, PoolLost."""
-        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i, i + C, i + 2C...
-        # so that neighbours (the GA's elites, long episodes) spread over the workers. Results depend on the
-        # tasks alone, not on the chunks.
-        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
-        chunks, ordered = [tasks[i::count] for i in range(count)], [None] * len(tasks)
+        """Run the RolloutTasks; their RolloutResults in task order. label: the live bar's (None:
+        none). UserError, PoolLost."""
+        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
+        # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
+        # workers. Results depend on the tasks alone, not on the chunks.
+        per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
+        count = math.ceil(len(tasks) / max(1, per_chunk))
+        chunks = [tasks[i::count] for i in range(count)]
         if self.address:
-            batch = self.ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))  # once per batch
-            submit = lambda chunk: self.remote.remote(self.key, batch, chunk).future()  # noqa: E731
+            batch = self.ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))
+
+            def submit(chunk):
+                return self.remote.remote(self.key, batch, chunk).future()
         else:
             for buffer, array in zip(self.buffers, shared):
                 np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
-            submit = lambda chunk: self.executor.submit(ray_rollout, "local", None, chunk)  # noqa: E731
-        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
-        cap = self.num_workers if self.address or self.num_workers == 1 else None
-        with live_bar(label, sum(len(task[1]) for task in tasks)) as bar:
+
+            def submit(chunk):
+                return self.executor.submit(ray_rollout, "local", None, chunk)
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves;
+        # else all
+        cap = None
+        if self.address or self.num_workers == 1:
+            cap = self.num_workers
+        if self.quiet:
+            label = None
+        with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
             for attempt in range(1, WORKER_ATTEMPTS + 1):
                 try:
                     futures, running = [], set()
@@ -1287,8 +1715,8 @@ class RolloutPool:
                         while running and (chunk is None or cap and len(running) >= cap):
                             finished, running = wait(running, return_when=FIRST_COMPLETED)
                             for future in finished:
-                                for result in future.result():
-                                    bar.done(result)
+                                for result in results_of(future):
+                                    bar.done(len(result.episode_returns), result.steps)
                         if chunk is not None:
                             futures.append(submit(chunk))
                             running.add(futures[-1])
@@ -1296,31 +1724,40 @@ class RolloutPool:
                 except BrokenProcessPool as e:
                     self.close()
                     if attempt == WORKER_ATTEMPTS:
-                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} tries"
-                                        f"{self.lost()}") from None
-                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                        raise PoolLost(f"worker processes keep dying ({e}); stopped after "
+                                       f"{attempt} tries{self.lost()}") from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and "
+                          "re-running this batch")
                     self.executor = self.new_executor()
                 except (UserError, PoolLost):
                     raise
                 except Exception as e:
                     raise self.failure(e) from None
+        ordered = [None] * len(tasks)
         for i, future in enumerate(futures):
-            ordered[i::count] = future.result()
+            ordered[i::count] = results_of(future)
         return ordered
 
     def failure(self, e):
-        """The one-line error of an exception a batch raised: our code's, in a worker, or a lost Ray cluster."""
+        """The one-line error of an exception a batch raised: our code's, in a worker, or a lost
+        Ray cluster."""
         ray = self.ray if self.address else None
         if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
-            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        silent = self.silent() or ("this machine's Ray node" if isinstance(
-            e, ray.exceptions.LocalRayletDiedError) else None)
-        what = (f"lost the Ray cluster at {self.address}: {silent} does not answer" if silent else
-                f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
-                f"{RAY_TASK_RETRIES + 1} times)")
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: "
+                             f"{e.cause}")
+        reason = type(e).__name__
+        if str(e).strip():
+            reason = str(e).strip().splitlines()[0]
+        silent = self.silent()
+        if silent is None and isinstance(e, ray.exceptions.LocalRayletDiedError):
+            silent = "this machine's Ray node"
+        if silent:
+            what = f"lost the Ray cluster at {self.address}: {silent} does not answer"
+        else:
+            what = (f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
+                    f"{RAY_TASK_RETRIES + 1} times)")
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
@@ -1333,7 +1770,8 @@ class RolloutPool:
 
     @property
     def num_cpus(self):
-        """CPUs running rollouts: the worker processes, or the cluster's CPUs capped by num_workers."""
+        """CPUs running rollouts: the worker processes, or the cluster's CPUs capped by
+        num_workers."""
         if not self.address:
             return self.num_workers
         cluster = int(self.ray.cluster_resources().get("CPU", 0))
@@ -1345,13 +1783,17 @@ class RolloutPool:
             return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
         nodes = sum(node["Alive"] for node in self.ray.nodes())
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
-        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
+        plural = "s" if nodes > 1 else ""
+        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{plural}{cap})"
 
     def start_ray(self):
-        """Join the cluster (`connect_ray`), declare the Ray task, start the watchdog. UserError: no cluster, no token."""
+        """Join the cluster (`connect_ray`), declare the Ray task, start the watchdog. UserError:
+        no cluster, no token."""
         ray = connect_ray(self.address)
-        self.ray, self.remote = ray, ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
-        self.key, self.probes = uuid.uuid4().hex, []  # probes: (what, host, port) that must keep answering TCP
+        self.ray = ray
+        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
+        self.key = uuid.uuid4().hex
+        self.probes = []  # (what, host, port) that must keep answering TCP
         try:
             context = ray.get_runtime_context()
             host, _, port = context.gcs_address.rpartition(":")
@@ -1365,7 +1807,8 @@ class RolloutPool:
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def silent(self):
-        """The first of the cluster's head and this machine's Ray node that refuses a TCP connection, or None."""
+        """The first of the cluster's head and this machine's Ray node that refuses a TCP
+        connection, or None."""
         for what, host, port in self.probes:
             try:
                 socket.create_connection((host, port), timeout=2).close()
@@ -1374,17 +1817,27 @@ class RolloutPool:
         return None
 
     def watch(self):
-        """Thread: a lost cluster may block Ray's calls; after RAY_LOST_AFTER_S of silence, say so and exit 1."""
+        """Thread: a lost cluster may block Ray's calls; after RAY_LOST_AFTER_S of silence, say so
+        and exit 1."""
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
             if silent is None:
                 silent_since = None
-            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+                continue
+            if silent_since is None:
+                silent_since = time.monotonic()
+            if time.monotonic() - silent_since >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
-                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
-                      f"{RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr, flush=True)
+                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not "
+                      f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr,
+                      flush=True)
                 os._exit(1)
+
+
+def results_of(future):
+    """A finished chunk's RolloutResults (its worker sends plain tuples)."""
+    return [RolloutResult(*result) for result in future.result()]
 
 
 def import_optional(name, flag, extra):
@@ -1398,19 +1851,28 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
     it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
     start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
+    target = address
+    where = ""
+    if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
+            target = ray._private.services.canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError):
+            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
+                            "`ray start --head`, or give its HOST:PORT") from None
+        where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError, OverflowError):
+        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
+                        "--head` or check the address (HOST:PORT, or auto)") from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
@@ -1438,6 +1900,7 @@ def connect_ray(address):
     return ray
 
 
+# Files: weights and checkpoints
 def atomic_write(path, data):
     """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
     temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
@@ -1459,10 +1922,10 @@ def atomic_write(path, data):
         raise
 
 
-def write_csv(path, header, rows):
-    """A small CSV table (a header, rows of plain values), written atomically."""
+def write_csv(path, rows, lineterminator="\n"):
+    """A small CSV table (rows of plain values, the header first), written atomically."""
     text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    csv.writer(text, lineterminator=lineterminator).writerows(rows)
     atomic_write(path, text.getvalue().encode())
 
 
@@ -1474,44 +1937,62 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of this script's weights file. UserError: unusable file or meta."""
+    """(params float32 (D,), meta dict) of this script's weights file. UserError: unusable file
+    or meta."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
+            params = data["params"].astype(np.float32).ravel()
+            meta = json.loads(str(data["meta"]))
     except FileNotFoundError:
         raise UserError(f"weights file {path} does not exist") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a directory, not a weights file (.npz)") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): {e}") from None
+        raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): "
+                        f"{e}") from None
     owner = meta.get("script") if isinstance(meta, dict) else None
     if owner != SCRIPT:
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
-    policy, env_ids = meta.get("policy"), meta.get("env_ids")
-    tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
-    sizes = lambda values: isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)  # noqa: E731
-    if not (isinstance(env_ids, list) and env_ids and all(isinstance(e, str) for e in env_ids)
-            and isinstance(meta.get("env_id"), str) and isinstance(meta.get("env"), dict)
-            and set(META_ENV_FLAGS) <= set(meta["env"]) and isinstance(tasks, list) and len(tasks) == len(env_ids)
-            and all(isinstance(t, dict) and sizes(t.get("obs_shape")) and sizes([t.get("num_actions")])
-                    and isinstance(t.get("discrete"), bool) for t in tasks) and set(META_POLICY_FLAGS) <= set(policy)):
-        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are missing or invalid")
+        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script "
+                        f"reads {FORMAT_VERSION}")
+    if not meta_is_sound(meta):
+        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are "
+                        "missing or invalid")
     if not np.all(np.isfinite(params)):
         raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
     return params, meta
 
 
+def meta_is_sound(meta):
+    """Whether a weights file's meta has its env ids, env settings and policy sizes."""
+    policy, env_ids = meta.get("policy"), meta.get("env_ids")
+    tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
+
+    def sizes(values):
+        return isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)
+    return (isinstance(env_ids, list) and env_ids and all(isinstance(e, str) for e in env_ids)
+            and isinstance(meta.get("env_id"), str) and isinstance(meta.get("env"), dict)
+            and set(META_ENV_FLAGS) <= set(meta["env"]) and isinstance(tasks, list)
+            and len(tasks) == len(env_ids)
+            and all(isinstance(t, dict) and sizes(t.get("obs_shape"))
+                    and sizes([t.get("num_actions")]) and isinstance(t.get("discrete"), bool)
+                    for t in tasks)
+            and set(META_POLICY_FLAGS) <= set(policy))
+
+
 def read_weights_into_args(path, args, given):
-    """(params, meta) of a weights file whose env(s) and architecture go into args, checked. Raises UserError."""
+    """(params, meta) of a weights file whose env(s) and architecture go into args, checked.
+    Raises UserError."""
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
     args.env_id = meta["env_id"]
     args.multitask = meta["env_ids"] if len(meta["env_ids"]) > 1 else None
-    for key in META_ENV_FLAGS + META_POLICY_FLAGS:
-        setattr(args, key, meta["policy" if key in META_POLICY_FLAGS else "env"][key])
+    for key in META_ENV_FLAGS:
+        setattr(args, key, meta["env"][key])
+    for key in META_POLICY_FLAGS:
+        setattr(args, key, meta["policy"][key])
     try:
         check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
         check_args(args)
@@ -1522,22 +2003,29 @@ def read_weights_into_args(path, args, given):
 
 def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iteration=None, **extra):
     """The `meta` of a weights file: everything needed to rebuild the policy and its envs."""
-    return dict({"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
-                 "env_ids": [c["env_id"] for c in env_configs], "env": env_configs[0], "envs": env_configs,
-                 "policy": policy_config, "obs_norm": None, "evaluation": evaluation, "seed": args.seed,
-                 "iteration": iteration, "num_params": dim}, **extra)
+    meta = {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
+            "env_ids": [c["env_id"] for c in env_configs], "env": env_configs[0],
+            "envs": env_configs, "policy": policy_config, "obs_norm": None,
+            "evaluation": evaluation, "seed": args.seed, "iteration": iteration,
+            "num_params": dim}
+    return dict(meta, **extra)
 
 
 def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
-    """(policy config, policy holding `params`) of a weights file on its envs. UserError: it does not fit."""
+    """(policy config, policy holding `params`) of a weights file on its envs. UserError: it does
+    not fit."""
     config = policy_config_from_envs(env_configs, hidden_sizes, activation)
     policy = build_policy(config)
-    spaces = lambda c: [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]  # noqa
+
+    def spaces(c):
+        return [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]
     if spaces(meta["policy"]) != spaces(config):
-        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes (observations, discrete, actions) "
-                        f"{spaces(meta['policy'])}, the env gives {spaces(config)}")
+        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes (observations, "
+                        f"discrete, actions) {spaces(meta['policy'])}, the env gives "
+                        f"{spaces(config)}")
     if params.size != num_params(policy):
-        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
+        raise UserError(f"{path} holds {params.size} parameters but its architecture needs "
+                        f"{num_params(policy)}")
     return config, policy.load(params)
 
 
@@ -1632,6 +2120,7 @@ def versions():
     return found
 
 
+# Plots and video
 def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
@@ -1660,44 +2149,123 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
 
 
 def record_video(env_config, policy, path_stem, seed):
-    """Record one evaluation episode into path_stem.mp4 (moviepy installed) or .gif. Returns (path, return)."""
+    """Record one evaluation episode into path_stem.mp4 (moviepy installed) or .gif. Returns
+    (path, return)."""
     env = make_env(env_config, training=False, render_mode="rgb_array")
     episode_return, _ = rollout(env, policy, seed)
-    frames, fps = env.render(), env.metadata.get("render_fps", 30)
+    frames = env.render()
+    fps = env.metadata.get("render_fps", 30)
     env.close()
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
         images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:],
+                       duration=int(1000 / fps), loop=0)
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
     return path_stem + ".mp4", episode_return
 
 
-def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
-    """Returns with all inputs real, noise into each task's, into all, on the same episodes: table, csv, png."""
+# Experiments: one network for several tasks and its noise study; distillation; a weights file
+class MultitaskPolicy(nn.Module):
+    """One network for several vector tasks (hard parameter sharing). multitask: the tasks,
+    [{obs_shape: [O_t], discrete, num_actions: A_t}]. Each task's input layer (O_t ->
+    hidden_sizes[0]), concatenated, feeds the shared trunk (hidden_sizes[1:]) and a head per task:
+    each head sees every task's input, which the noise study probes."""
+
+    def __init__(self, multitask, hidden_sizes=(32, 32), activation="tanh"):
+        super().__init__()
+        self.tasks = multitask
+        self.activation = ACTIVATIONS[activation]
+        self.inputs = nn.ModuleList(nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in multitask)
+        widths = [hidden_sizes[0] * len(multitask), *hidden_sizes[1:]]
+        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in multitask)
+        self.requires_grad_(False)
+
+    load = load_flat
+
+    def act(self, observations):
+        """observations: one numpy vector per task. Returns one action per task (int or float32
+        (A_t,))."""
+        xs = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in observations]
+        h = torch.cat([self.activation(layer(x)) for layer, x in zip(self.inputs, xs)])
+        for layer in self.trunk:
+            h = self.activation(layer(h))
+        actions = []
+        for head, task in zip(self.heads, self.tasks):
+            if task["discrete"]:
+                actions.append(int(head(h).argmax()))
+            else:
+                actions.append(torch.tanh(head(h)).numpy())
+        return actions
+
+
+def multitask_rollout(envs, policy, seed, noisy=()):
+    """One episode of every task, stepped together, each env reset with `seed`: (T returns,
+    steps). A finished task feeds its last observation; `noisy` tasks get uniform noise on
+    [-1, 1] (generator seeded by `seed`)."""
+    rng = np.random.default_rng(seed)
+    observations = [env.reset(seed=seed)[0] for env in envs]
+    running = [True] * len(envs)
+    totals = [0.0] * len(envs)
+    steps = 0
+    with torch.inference_mode():
+        while any(running):
+            inputs = []
+            for t, obs in enumerate(observations):
+                if t in noisy:
+                    obs = rng.uniform(-1, 1, np.shape(obs)).astype(np.float32)
+                inputs.append(obs)
+            actions = policy.act(inputs)
+            for t, env in enumerate(envs):
+                if running[t]:
+                    observations[t], reward, terminated, truncated, _ = env.step(actions[t])
+                    totals[t] += float(reward)
+                    steps += 1
+                    running[t] = not (terminated or truncated)
+    return totals, steps
+
+
+def return_scale(env_config):
+    """Multitask normalization of a task's return: its env's reward threshold (5 on SlimeVolley;
+    else 1)."""
+    if env_config["env_id"] == SLIME_ID:
+        return 5.0
+    return float(gym.spec(env_config["env_id"]).reward_threshold or 1)
+
+
+def noise_study(pool, params, env_ids, seed, episodes, run_dir):
+    """Returns with all inputs real, noise into each task's, into all, on the same episodes:
+    table, csv, png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
-    study = [(name, evaluate(pool, params, seed, 0, episodes, noisy, None if quiet else f"noise study: {name}")[0])
-             for name, noisy in conditions + [(f"noise into {every}", tasks)]]
+    conditions.append((f"noise into {every}", tasks))
+    study = []
+    for name, noisy in conditions:
+        label = f"noise study: {name}"
+        study.append((name, evaluate(pool, params, seed, 0, episodes, noisy, label)[0]))
     width = max(len(name) for name, _ in study)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
     for name, returns in study:
-        print(f"{name:<{width}} | " + " | ".join(f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0),
-                                                                                           returns.std(0))))
-    write_csv(os.path.join(run_dir, "noise_study.csv"),
-              ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids],
-              [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study])
+        cells = [f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0))]
+        print(f"{name:<{width}} | " + " | ".join(cells))
+    header = ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids]
+    rows = [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)]
+            for name, r in study]
+    write_csv(os.path.join(run_dir, "noise_study.csv"), [header, *rows])
     from matplotlib.figure import Figure
     fig = Figure(figsize=(4 * len(env_ids), 4))
     axes = fig.subplots(1, len(env_ids))
+    colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)]
     for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
-        ax.bar(range(len(study)), [r[:, t].mean() for _, r in study], yerr=[r[:, t].std() for _, r in study],
-               capsize=3, color=["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)])
-        ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8)
+        ax.bar(range(len(study)), [r[:, t].mean() for _, r in study],
+               yerr=[r[:, t].std() for _, r in study], capsize=3, color=colors)
+        ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right",
+                      fontsize=8)
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -1706,76 +2274,92 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir, quiet=False):
 
 def summary_line(returns):
     """The project's one-line evaluation summary of returns (float (E,))."""
-    return (f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
-            f"max={returns.max():.4f} episodes={returns.size}")
+    return (f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} "
+            f"min={returns.min():.4f} max={returns.max():.4f} episodes={returns.size}")
 
 
-def default_run_name(args, kind=""):
-    """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
-    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
-
-
-def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None, noise_dir=None):
-    """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env steps, seconds).
-    header: printed with the workers; noise_dir: where the noise study goes (None: none)."""
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size])
+def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None,
+                     noise_dir=None):
+    """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env
+    steps, seconds). header: printed with the workers; noise_dir: where the noise study goes
+    (None: none)."""
+    pool = RolloutPool(args.num_workers, args.ray_address,
+                       (env_configs, policy_config, params.size), [params.size], args.quiet)
     if header:
         print(f"{header}workers: {pool.describe()}")
     try:
         start = time.perf_counter()
-        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=None if args.quiet
-                                  else label)
+        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=label)
         elapsed = time.perf_counter() - start
         if noise_dir:
             os.makedirs(noise_dir, exist_ok=True)
-            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, noise_dir, args.quiet)
+            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, noise_dir)
         return returns, steps, elapsed
     finally:
         pool.close()
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file (and the noise study of a multitask one); last line: `episode_return mean=...`."""
+    """Evaluate a weights file (and the noise study of a multitask one); last line:
+    `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
-    policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs, args.hidden_sizes,
-                                        args.activation)
+    policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs,
+                                        args.hidden_sizes, args.activation)
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    returns, steps, elapsed = evaluate_in_pool(args, env_configs, policy_config, params, "evaluation", (
-        f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "),
-        args.multitask and run_dir)
+    header = (f"parameters: {params.size}   env: {args.env_id}   episodes: "
+              f"{args.num_eval_rollouts}   ")
+    noise_dir = run_dir if args.multitask else None
+    returns, steps, elapsed = evaluate_in_pool(args, env_configs, policy_config, params,
+                                               "evaluation", header, noise_dir)
     if args.capture_video and not args.multitask:
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-        path, video_return = record_video(env_configs[0], policy, os.path.join(run_dir, "videos", "pretrained"),
-                                          derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))
+        stem = os.path.join(run_dir, "videos", "pretrained")
+        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+        path, video_return = record_video(env_configs[0], policy, stem, seed)
         print(f"video: {path} (episode return {video_return:.2f})")
     print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
-    scales = np.array([return_scale(c) for c in env_configs])
-    print(summary_line((returns / scales).sum(1) if args.multitask else returns[:, 0]))
+    if args.multitask:
+        scales = np.array([return_scale(c) for c in env_configs])
+        print(summary_line((returns / scales).sum(1)))
+    else:
+        print(summary_line(returns[:, 0]))
     return 0
 
 
 def distill_round(student, teacher, env_config, args, round_index, pairs):
-    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher (round 0) or the
-    student (DAgger) drives, labelled by the teacher (logits or tanh actions); the student is fitted to all pairs
-    with Adam (cross-entropy on the teacher's argmax, or MSE on the tanh actions). Returns (the driver's returns
-    (episodes,), the last epoch's mean loss)."""
-    label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
-    driver, observations, returns = teacher if round_index == 0 else student, [], []
-    with live_bar(label and label + ("teacher" if round_index == 0 else "student"), args.distill_episodes) as bar:
+    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher
+    (round 0) or the student (DAgger) drives, labelled by the teacher (logits or tanh actions);
+    the student is fitted to all pairs with Adam (cross-entropy on the teacher's argmax, or MSE
+    on the tanh actions). Returns (the driver's returns (episodes,), the last epoch's mean
+    loss)."""
+    label = None
+    if not args.quiet:
+        label = f"round {round_index + 1}/{args.distill_rounds}: "
+    driver = student
+    driver_name = "student"
+    if round_index == 0:
+        driver = teacher
+        driver_name = "teacher"
+    observations, returns = [], []
+    with live_bar(label and label + driver_name, args.distill_episodes) as bar:
         for e in range(args.distill_episodes):
             env = make_env(env_config, training=False)
-            episode_return, steps = rollout(env, driver, derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e),
-                                            observations)
-            returns.append(bar.done(([episode_return], steps))[0][0])
+            seed = derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e)
+            episode_return, steps = rollout(env, driver, seed, observations)
+            bar.done(1, steps)
+            returns.append(episode_return)
             env.close()
     pairs[0].append(torch.stack([teacher.preprocess(o) for o in observations]).numpy())
     with torch.inference_mode():
         pairs[1].append(teacher(torch.from_numpy(pairs[0][-1])).numpy())
-    x, y = torch.from_numpy(np.concatenate(pairs[0])), torch.from_numpy(np.concatenate(pairs[1]))
-    labels = y.argmax(1) if teacher.discrete else y
-    loss_fn = nn.functional.cross_entropy if teacher.discrete else nn.functional.mse_loss
+    x = torch.from_numpy(np.concatenate(pairs[0]))
+    y = torch.from_numpy(np.concatenate(pairs[1]))
+    if teacher.discrete:
+        labels, loss_fn = y.argmax(1), nn.functional.cross_entropy
+    else:
+        labels, loss_fn = y, nn.functional.mse_loss
     torch.manual_seed(derive_seed(args.seed, GA_STREAM, round_index))
     student.requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
@@ -1796,21 +2380,27 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
 
 
 def run_distillation(args, given):
-    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz, a table."""
+    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz,
+    a table."""
     if "hidden_sizes" not in given:
         raise UserError("--distill-from needs --hidden-sizes: the student's layer widths")
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
     teacher_params, teacher_meta = read_weights_into_args(args.distill_from, args, given)
     if args.multitask:
-        raise UserError(f"{args.distill_from} is a multitask policy: distillation takes single-task teachers")
+        raise UserError(f"{args.distill_from} is a multitask policy: distillation takes "
+                        "single-task teachers")
     args.hidden_sizes = student_hidden
-    args.activation = student_activation if "activation" in given else teacher_meta["policy"]["activation"]
+    args.activation = teacher_meta["policy"]["activation"]
+    if "activation" in given:
+        args.activation = student_activation
     env_configs = env_configs_from_args(args)
-    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta, env_configs,
-                                          teacher_meta["policy"]["hidden_sizes"], teacher_meta["policy"]["activation"])
+    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta,
+                                          env_configs, teacher_meta["policy"]["hidden_sizes"],
+                                          teacher_meta["policy"]["activation"])
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
-    student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation)
+    student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes),
+                          activation=args.activation)
     torch.manual_seed(derive_seed(args.seed, INIT_STREAM, 0))
     student = build_policy(student_config)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "_distill"))
@@ -1822,20 +2412,27 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index, pairs)
-        print(f"round {round_index + 1}/{args.distill_rounds}: {'student' if round_index else 'teacher'} drove "
+        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index,
+                                             pairs)
+        driver = "student" if round_index else "teacher"
+        print(f"round {round_index + 1}/{args.distill_rounds}: {driver} drove "
               f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
               f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}")
     rows = []
-    for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
+    for name, config, policy in (("teacher", teacher_config, teacher),
+                                 ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        returns = evaluate_in_pool(args, env_configs, config, params, f"evaluation of the {name}")[0][:, 0]
-        architecture = "-".join(map(str, [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]))
-        rows.append([name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"])
-    evaluation = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-    save_weights(os.path.join(run_dir, "student.npz"), params, weights_meta(
-        args, env_configs, student_config, params.size, evaluation, distilled_from=os.path.basename(args.distill_from)))
-    write_csv(os.path.join(run_dir, "distillation.csv"), ["model", "architecture", "parameters", "mean", "std"], rows)
+        label = f"evaluation of the {name}"
+        returns = evaluate_in_pool(args, env_configs, config, params, label)[0][:, 0]
+        sizes = [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]
+        architecture = "-".join(map(str, sizes))
+        rows.append([name, architecture, params.size, f"{returns.mean():.2f}",
+                     f"{returns.std():.2f}"])
+    meta = weights_meta(args, env_configs, student_config, params.size, summary(returns),
+                        distilled_from=os.path.basename(args.distill_from))
+    save_weights(os.path.join(run_dir, "student.npz"), params, meta)
+    header = ["model", "architecture", "parameters", "mean", "std"]
+    write_csv(os.path.join(run_dir, "distillation.csv"), [header, *rows])
     print(f"\ndistillation of {args.env_id} over the same {args.num_eval_rollouts} episodes "
           f"({time.perf_counter() - start:.1f} s)")
     print(f"{'model':<8} | {'architecture':<16} | {'parameters':>10} | return mean ± std")
