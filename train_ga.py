@@ -619,6 +619,7 @@ def evaluate_best(run, screen=False):
 # ---- Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main)
 import contextlib
 import csv
+import fcntl
 import importlib
 import io
 import json
@@ -951,9 +952,6 @@ class Run:
             if args.init_from:
                 init = read_weights_into_args(args.init_from, args, given)
             run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
-            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-                raise UserError(f"{run_dir} already holds a run: continue it with --resume "
-                                f"{run_dir}, or pick another --run-name")
         self.wandb = None
         if args.track:
             self.wandb = import_optional("wandb", "--track", "track")
@@ -1025,17 +1023,20 @@ class Run:
         return GeneticAlgorithm(population, **{key: getattr(args, key) for key in GA_FLAGS})
 
     def open_folder(self, resumed):
-        """The run folder and its files: args.json, progress.csv (open to append; on resume the
-        rows past the checkpoint go), W&B with --track, TensorBoard."""
+        """The run folder, locked for the run's life, and its files: progress.csv (open to
+        append; on resume the rows up to the checkpoint's), args.json, W&B with --track,
+        TensorBoard. UserError when another run holds the folder, a new run finds one there, or
+        a resumed run's progress.csv does not reach its checkpoint."""
         args = self.args
-        os.makedirs(os.path.join(self.dir, "videos") if args.capture_video else self.dir,
-                    exist_ok=True)
+        self.lock = open_run_folder(self.dir)
         names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
                  "final.npz")
         self.paths = {name: os.path.join(self.dir, name) for name in names}
-        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim,
-                      versions=versions())
-        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+        if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
+            raise UserError(f"{self.dir} already holds a run: continue it with --resume "
+                            f"{self.dir}, or pick another --run-name")
+        if args.capture_video:
+            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         columns = list(PROGRESS_COLUMNS)
         if args.multitask:
             columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
@@ -1044,6 +1045,9 @@ class Run:
             last_iteration = self.generation
         self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns,
                                                    last_iteration)
+        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim,
+                      versions=versions())
+        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         if self.wandb:  # before the SummaryWriter: W&B then syncs its scalars
             try:
                 self.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
@@ -1280,19 +1284,35 @@ def csv_cell(column, value):
 
 
 def open_progress(path, columns, last_iteration):
-    """(progress.csv open for appending, its csv.DictWriter of `columns`). A new run
-    (last_iteration None) starts it anew; a resumed one keeps the rows up to `last_iteration`
-    (the checkpoint's; rows written after it go)."""
-    rows = []
+    """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
+    (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
+    checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
+    or a full disk cut short; a missing file starts anew with the next generation. UserError, the
+    file left as it is, when it is emptied, holds another header, or its rows stop short of the
+    checkpoint or have gaps."""
+    kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= last_iteration]
-        if len(kept) != len(rows):
-            write_csv(path, kept, "\r\n")
-    csv_file = open(path, "a" if rows else "w", newline="")
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        rows = list(csv.reader(io.StringIO(complete)))
+        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
+                f"generation {last_iteration + 1}")
+        if not rows or rows[0] != columns:
+            raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
+        kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit()]
+        kept = [row for row in kept if int(row[0]) <= last_iteration]
+        iterations = [int(row[0]) for row in kept]
+        if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
+                            f"{hint}")
+        if kept != rows[1:] or complete != text:
+            table = io.StringIO()
+            csv.writer(table).writerows([columns, *kept])
+            atomic_write(path, table.getvalue().encode())
+    csv_file = open(path, "a" if kept else "w", newline="")
     writer = csv.DictWriter(csv_file, columns)
-    if not rows:
+    if not kept:
         writer.writeheader()
     return csv_file, writer
 
@@ -1922,10 +1942,29 @@ def atomic_write(path, data):
         raise
 
 
-def write_csv(path, rows, lineterminator="\n"):
-    """A small CSV table (rows of plain values, the header first), written atomically."""
+def open_run_folder(folder):
+    """Create the run folder if need be and lock it for this process's life: an open file whose
+    exclusive lock (fcntl.flock on `.lock`) the system drops at any exit, a kill included. Then
+    remove the temp files (.tmp-*) of atomic writes a kill interrupted. UserError when another
+    run holds the folder."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
+                        "--run-name") from None
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(folder, name))
+    return lock
+
+
+def write_csv(path, header, rows):
+    """A small CSV table (a header, rows of plain values), written atomically."""
     text = io.StringIO()
-    csv.writer(text, lineterminator=lineterminator).writerows(rows)
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
     atomic_write(path, text.getvalue().encode())
 
 
@@ -2256,7 +2295,7 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
     header = ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids]
     rows = [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)]
             for name, r in study]
-    write_csv(os.path.join(run_dir, "noise_study.csv"), [header, *rows])
+    write_csv(os.path.join(run_dir, "noise_study.csv"), header, rows)
     from matplotlib.figure import Figure
     fig = Figure(figsize=(4 * len(env_ids), 4))
     axes = fig.subplots(1, len(env_ids))
@@ -2432,7 +2471,7 @@ def run_distillation(args, given):
                         distilled_from=os.path.basename(args.distill_from))
     save_weights(os.path.join(run_dir, "student.npz"), params, meta)
     header = ["model", "architecture", "parameters", "mean", "std"]
-    write_csv(os.path.join(run_dir, "distillation.csv"), [header, *rows])
+    write_csv(os.path.join(run_dir, "distillation.csv"), header, rows)
     print(f"\ndistillation of {args.env_id} over the same {args.num_eval_rollouts} episodes "
           f"({time.perf_counter() - start:.1f} s)")
     print(f"{'model':<8} | {'architecture':<16} | {'parameters':>10} | return mean ± std")

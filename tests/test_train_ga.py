@@ -439,6 +439,47 @@ def test_a_checkpoint_written_before_exp_name_and_track_existed_resumes(tmp_path
     assert config["exp_name"] == "train_ga" and config["track"] is False  # the defaults: the old behavior
 
 
+def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_cleaned(tmp_path):
+    flags = ["--run-name", "same", "--num-workers", "1", "--quiet", *TINY, "--hidden-sizes", "8"]
+    first = subprocess.Popen([sys.executable, SCRIPT, *flags, "--max-iter", "100000", "--eval-every", "1000"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "same"
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pkl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = run_script([*flags, "--max-iter", "1"], cwd=tmp_path)
+        assert "in use by another run" in assert_one_line_error(second)
+        resumed = run_script(["--resume", str(run), "--max-iter", "100001"], cwd=tmp_path)
+        assert "in use by another run" in assert_one_line_error(resumed)
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    (run / ".tmp-abc123checkpoint.pkl").write_bytes(b"half a checkpoint")  # a kill in an atomic write
+    _, state = ga_mod.load_checkpoint(str(run))
+    out = run_script(["--resume", str(run), "--max-iter", str(state["ga"]["generation"] + 1)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
+    again = run_script([*flags, "--max-iter", "1"], cwd=tmp_path)
+    assert "already holds a run" in assert_one_line_error(again)  # ended runs are not started over
+
+
+def test_a_resumed_progress_csv_loses_a_cut_last_line_and_an_emptied_one_is_refused(tmp_path):
+    run = train(tmp_path, "cut", iters=2)
+    whole = (run / "progress.csv").read_text()
+    with open(run / "progress.csv", "a") as f:
+        f.write("3,18,9")  # a crash or a full disk in the middle of the next generation's row
+    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [row["iteration"] for row in progress(run)] == ["1", "2", "3"]
+    assert (run / "progress.csv").read_text().startswith(whole)
+    (run / "progress.csv").write_text("")  # emptied
+    line = assert_one_line_error(run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path))
+    assert "has no header of this run's columns" in line and "generation 4" in line
+    assert (run / "progress.csv").read_text() == ""  # left as it is
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path, signum):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "term", "--num-workers", "2", "--max-iter", "100000",
