@@ -566,12 +566,23 @@ def check_flags(args, given):
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
         raise UserError("--resume, --from-pretrained and --init-from exclude each other")
     if args.fresh and (args.train == "all" or not args.init_from):
-        raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
-    fixed = sorted(given - RESUME_FLAGS if args.resume else given & set(AGENT_FLAGS) if args.from_pretrained else ())
+        raise UserError(
+            "--fresh needs --train attention or controller and --init-from FILE for the frozen part"
+        )
+    fixed = sorted(
+        given - RESUME_FLAGS
+        if args.resume
+        else given & set(AGENT_FLAGS) if args.from_pretrained else ()
+    )
     if fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
-                        "from its checkpoint" if args.resume else "comes from the weights file; do not restate "
-                        "the architecture"))
+        raise UserError(
+            f"--{fixed[0].replace('_', '-')} "
+            + (
+                "cannot be changed on resume: the run's settings come " "from its checkpoint"
+                if args.resume
+                else "comes from the weights file; do not restate " "the architecture"
+            )
+        )
     for flag, value in vars(args).items():
         if isinstance(value, str) and "\0" in value:
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
@@ -581,19 +592,33 @@ def check_flags(args, given):
         import_optional("wandb", "--track", "track")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
-    resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
-    files = {"--resume": resume, "--from-pretrained": args.from_pretrained, "--init-from": args.init_from}
+    resume = (
+        os.path.join(args.resume, "checkpoint.pkl")
+        if args.resume and os.path.isdir(args.resume)
+        else args.resume
+    )
+    files = {
+        "--resume": resume,
+        "--from-pretrained": args.from_pretrained,
+        "--init-from": args.init_from,
+    }
     for flag, path in files.items():
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            raise UserError(f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (
-                flag == "--resume"))
+            raise UserError(
+                f"{flag} {path}: no such readable file"
+                + " (a checkpoint.pkl or a run folder)" * (flag == "--resume")
+            )
     for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
-        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
+        if name is not None and (
+            not name or os.path.basename(name) != name or name in (".", "..")
+        ):
             raise UserError(f"{flag} {name!r} must be a plain folder name")
     folder = os.path.abspath(args.logs_dir)
     for path in (os.path.join(folder, args.run_name or ""), folder):
         if os.path.exists(path) and not os.path.isdir(path):
-            raise UserError(f"{path} exists and is not a folder: pick another --logs-dir or --run-name")
+            raise UserError(
+                f"{path} exists and is not a folder: pick another --logs-dir or --run-name"
+            )
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -615,35 +640,54 @@ def check_agent_config(config, label):
         raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
     check_numbers(config, label)
     if not isinstance(config["bias"], bool) or config["controller"] not in CONTROLLERS:
-        raise UserError(f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}")
+        raise UserError(
+            f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}"
+        )
     size, patch, stride = config["image_size"], config["patch_size"], config["patch_stride"]
     n = (size - patch) // stride + 1
     if patch > size or stride > size or config["top_k"] > n * n:
-        raise UserError(f"{label('top_k')} {config['top_k']}, {label('patch_size')} {patch} and "
-                        f"{label('patch_stride')} {stride} must give at least top-k patches in the {size}x{size} frame")
+        raise UserError(
+            f"{label('top_k')} {config['top_k']}, {label('patch_size')} {patch} and "
+            f"{label('patch_stride')} {stride} must give at least top-k patches in the {size}x{size} frame"
+        )
 
 
 def env_config_from_args(args):
     """The env settings that a worker, an evaluation and a weights file's meta all need."""
-    return {"env_id": args.env_id, "max_episode_steps": args.max_episode_steps,
-            "max_negative_steps": args.max_negative_steps, "stock_env": args.stock_env}
+    return {
+        "env_id": args.env_id,
+        "max_episode_steps": args.max_episode_steps,
+        "max_negative_steps": args.max_negative_steps,
+        "stock_env": args.stock_env,
+    }
 
 
 def check_spaces(env, env_id):
     """UserError unless the env gives square RGB uint8 frames and takes a bounded 1-D Box action."""
     obs_space = env.observation_space
     action_space = env.action_space
-    frames = (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8
-              and len(obs_space.shape) == 3 and obs_space.shape[0] == obs_space.shape[1]
-              and obs_space.shape[2] == 3)
+    frames = (
+        isinstance(obs_space, gym.spaces.Box)
+        and obs_space.dtype == np.uint8
+        and len(obs_space.shape) == 3
+        and obs_space.shape[0] == obs_space.shape[1]
+        and obs_space.shape[2] == 3
+    )
     if not frames:
-        raise UserError(f"{env_id}'s observation space {obs_space} is not supported: the "
-                        "AttentionAgent takes square RGB uint8 frames")
-    bounded = (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
-               and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high)))
+        raise UserError(
+            f"{env_id}'s observation space {obs_space} is not supported: the "
+            "AttentionAgent takes square RGB uint8 frames"
+        )
+    bounded = (
+        isinstance(action_space, gym.spaces.Box)
+        and len(action_space.shape) == 1
+        and np.all(np.isfinite(action_space.low))
+        and np.all(np.isfinite(action_space.high))
+    )
     if not bounded:
-        raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D "
-                        "Box only")
+        raise UserError(
+            f"{env_id}'s action space {action_space} is not supported: bounded 1-D " "Box only"
+        )
 
 
 # The run: its folder, records and logs
@@ -686,15 +730,26 @@ class Run:
             self.cma_rng = checkpoint["cma_rng"]
             self.counters = checkpoint["counters"]
         else:
-            self.es, self.cma_rng = make_cma(self.base[self.mask], args.init_sigma,
-                                             args.population_size, args.seed, run_dir, args.separable)
+            self.es, self.cma_rng = make_cma(
+                self.base[self.mask],
+                args.init_sigma,
+                args.population_size,
+                args.seed,
+                run_dir,
+                args.separable,
+            )
             self.counters = dict.fromkeys(COUNTERS, 0)
             self.counters["wall_time_s"] = 0.0
             self.counters["best_return"] = -math.inf
             self.counters["best_eval"] = -math.inf
-        self.pool = RolloutPool(args.num_workers, args.ray_address,
-                                (self.env_config, self.agent_config),
-                                [args.population_size * self.base.size], args.quiet, self.kept)
+        self.pool = RolloutPool(
+            args.num_workers,
+            args.ray_address,
+            (self.env_config, self.agent_config),
+            [args.population_size * self.base.size],
+            args.quiet,
+            self.kept,
+        )
         try:
             self.open_folder(checkpoint is not None)
         except BaseException:
@@ -712,10 +767,14 @@ class Run:
         self.steps = 0  # env steps of the generation under way
         self.exit_code = 1
         print(self.agent)
-        parts = {part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")}
-        print(f"parameters: {self.base.size} (attention {parts['attention']}, controller "
-              f"{parts['controller']})   CMA-ES searches: {self.dim} ({args.train})   population: "
-              f"{args.population_size}   workers: {self.pool.describe()}   run folder: {run_dir}")
+        parts = {
+            part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")
+        }
+        print(
+            f"parameters: {self.base.size} (attention {parts['attention']}, controller "
+            f"{parts['controller']})   CMA-ES searches: {self.dim} ({args.train})   population: "
+            f"{args.population_size}   workers: {self.pool.describe()}   run folder: {run_dir}"
+        )
         if checkpoint:
             print(f"resuming at generation {self.counters['generation']} from {checkpoint_path}")
 
@@ -724,23 +783,38 @@ class Run:
         to append), the logs. UserError when another run holds it, or a new run finds one there."""
         args = self.args
         self.lock = open_run_folder(self.dir)
-        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
-                 "final.npz")
+        names = (
+            "args.json",
+            "progress.csv",
+            "learning_curve.png",
+            "checkpoint.pkl",
+            "best.npz",
+            "final.npz",
+        )
         self.paths = {name: os.path.join(self.dir, name) for name in names}
         if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
-            raise UserError(f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
-                            "or pick another --run-name")
+            raise UserError(
+                f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
+                "or pick another --run-name"
+            )
         if args.capture_video:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         self.tb, self.wandb = start_logging(args, self.dir, self.counters["env_steps"])
-        config = dict(vars(args), env_config=self.env_config, agent_config=self.agent_config,
-                      num_params=int(self.base.size), search_dim=self.dim, versions=versions())
+        config = dict(
+            vars(args),
+            env_config=self.env_config,
+            agent_config=self.agent_config,
+            num_params=int(self.base.size),
+            search_dim=self.dim,
+            versions=versions(),
+        )
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         last_iteration = None
         if resumed:
             last_iteration = self.counters["generation"]
-        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], PROGRESS_COLUMNS,
-                                                   last_iteration)
+        self.csv_file, self.writer = open_progress(
+            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
+        )
 
     def __enter__(self):
         return self
@@ -763,8 +837,10 @@ class Run:
                 files += " best.npz"
             if self.args.capture_video:
                 files += " videos/"
-            print(f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
-                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+            print(
+                f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
+            )
         return stopped
 
     @property
@@ -781,16 +857,26 @@ class Run:
     def meta(self, evaluation=None):
         """A weights file's meta after this generation, with its evaluation's summary."""
         args = self.args
-        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
-                "env": self.env_config, "agent": self.agent_config, "train": args.train,
-                "evaluation": evaluation, "seed": args.seed, "iteration": self.generation,
-                "num_params": int(self.base.size)}
+        return {
+            "format_version": FORMAT_VERSION,
+            "script": SCRIPT,
+            "env_id": args.env_id,
+            "env": self.env_config,
+            "agent": self.agent_config,
+            "train": args.train,
+            "evaluation": evaluation,
+            "seed": args.seed,
+            "iteration": self.generation,
+            "num_params": int(self.base.size),
+        }
 
     def kept(self):
         """What to tell about the checkpoint when the run stops early."""
-        return (f"the checkpoint of generation {self.generation} is kept in "
-                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
-                "   (on any Ray cluster with --ray-address, or locally)")
+        return (
+            f"the checkpoint of generation {self.generation} is kept in "
+            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+            "   (on any Ray cluster with --ray-address, or locally)"
+        )
 
     def count_steps(self, steps):
         """Env steps spent in this generation (rollouts, evaluations)."""
@@ -815,9 +901,11 @@ class Run:
             counters["goal_streak"] += 1
         else:
             counters["goal_streak"] = 0
-        self.log(f"eval {self.generation:>5d} | return {returns.mean():9.2f} ± "
-                 f"{returns.std():8.2f} over {returns.size} episodes | best eval "
-                 f"{counters['best_eval']:9.2f}")
+        self.log(
+            f"eval {self.generation:>5d} | return {returns.mean():9.2f} ± "
+            f"{returns.std():8.2f} over {returns.size} episodes | best eval "
+            f"{counters['best_eval']:9.2f}"
+        )
 
     def record(self, returns, evaluation, sigma):
         """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
@@ -853,26 +941,35 @@ class Run:
         if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
             self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
         if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
-            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
-                                self.title, CURVES)
+            plot_learning_curve(
+                self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
+            )
             self.last_plot = now
         done = self.generation - self.first_generation
         eta = (now - self.start) / done * (self.args.max_iter - self.generation)
-        self.log(f"iter {self.generation:>5d}/{self.args.max_iter} | evals "
-                 f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
-                 f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
-                 f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | "
-                 f"{self.steps / (now - self.last_row):7,.0f} steps/s | cpus "
-                 f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
-                 f"ETA {duration(eta)}")
+        self.log(
+            f"iter {self.generation:>5d}/{self.args.max_iter} | evals "
+            f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
+            f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
+            f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | "
+            f"{self.steps / (now - self.last_row):7,.0f} steps/s | cpus "
+            f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
+            f"ETA {duration(eta)}"
+        )
         self.steps = 0
         self.last_row = now
 
     def save_checkpoint(self):
         """checkpoint.pkl (atomically), TensorBoard's events flushed, and after an evaluation
         (--track) the files sent to W&B."""
-        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
-                 "cma": self.es, "cma_rng": self.cma_rng, "counters": dict(self.counters)}
+        state = {
+            "format_version": FORMAT_VERSION,
+            "script": SCRIPT,
+            "args": vars(self.args),
+            "cma": self.es,
+            "cma_rng": self.cma_rng,
+            "counters": dict(self.counters),
+        }
         attach_randn(self.es, None)  # a RandomState's bound method pickles as a `getattr` call
         try:
             save_checkpoint(self.paths["checkpoint.pkl"], state)
@@ -888,8 +985,10 @@ class Run:
         streak = self.counters["goal_streak"]
         if goal is None or streak < self.args.consecutive_goal_stopping:
             return False
-        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-              f"{self.generation} ({self.counters['wall_time_s']:.1f} s)")
+        print(
+            f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+            f"{self.generation} ({self.counters['wall_time_s']:.1f} s)"
+        )
         return True
 
     def finish(self, returns=None):
@@ -899,18 +998,26 @@ class Run:
         run stopped early and resumed stays exactly the run made in one go."""
         center = self.full(self.es.result.xfavorite)
         if returns is None:
-            returns, _ = evaluate(self.pool, center, self.args.seed, self.generation,
-                                  self.args.num_eval_rollouts)
-        self.log(f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
-                 f"{returns.size} episodes")
+            returns, _ = evaluate(
+                self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts
+            )
+        self.log(
+            f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
+            f"{returns.size} episodes"
+        )
         save_weights(self.paths["final.npz"], center, self.meta(summary(returns)))
-        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
-                            self.title, CURVES)
+        plot_learning_curve(
+            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
+        )
 
 
 def summary(returns):
     """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    return {
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "episodes": int(returns.size),
+    }
 
 
 def duration(seconds):
@@ -932,8 +1039,11 @@ def build_agent(args, env_shape):
     """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
     weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
     modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
-    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1],
-                    **{key: getattr(args, key) for key in AGENT_FLAGS}}
+    agent_config = {
+        "image_size": env_shape[0],
+        "action_dim": env_shape[1],
+        **{key: getattr(args, key) for key in AGENT_FLAGS},
+    }
     check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
@@ -949,9 +1059,11 @@ def build_agent(args, env_shape):
                 if origin is not None and shapes(target) == shapes(origin):
                     target.load_state_dict(origin.state_dict())
                 elif args.train not in ("all", part):
-                    raise UserError(f"{args.init_from} cannot provide the {part}: its {name} does not match this "
-                                    f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
-                                    f"hidden size {source.fc.in_features} in the file)")
+                    raise UserError(
+                        f"{args.init_from} cannot provide the {part}: its {name} does not match this "
+                        f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
+                        f"hidden size {source.fc.in_features} in the file)"
+                    )
     return agent, agent_config
 
 
@@ -959,17 +1071,30 @@ def start_logging(args, run_dir, env_steps):
     """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
     first and continues the run's W&B run on resume (its id is in the checkpoint); W&B keeps its files in the run
     folder's wandb/ and gets the scalars from `wandb.log` (its tensorboard sync would find its own copies of the
-    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
+    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint.
+    """
     wandb = import_optional("wandb", "--track", "track") if args.track else None
     if wandb:
-        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
+        args.wandb_id = (
+            getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]
+        )  # (wandb 0.31 has no generate_id)
         try:
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                       name=os.path.basename(run_dir), dir=run_dir, id=args.wandb_id, resume="allow")
-            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=vars(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                id=args.wandb_id,
+                resume="allow",
+            )
+            wandb.define_metric(
+                "*", step_metric="env_steps"
+            )  # TensorBoard's scalars, logged directly
         except Exception as e:
             raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
     from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
+
     writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
     table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
@@ -1057,17 +1182,30 @@ class FastCarRacing(car_racing.CarRacing):
     loaded once. Relies on gymnasium's internals: requirements.txt pins gymnasium, a test compares the frames.
     """
 
-    GRASS = [[(car_racing.GRASS_DIM * x + dx, car_racing.GRASS_DIM * y + dy)
-              for dx, dy in ((car_racing.GRASS_DIM, 0), (0, 0), (0, car_racing.GRASS_DIM),
-                             (car_racing.GRASS_DIM, car_racing.GRASS_DIM))]
-             for x in range(-20, 20, 2) for y in range(-20, 20, 2)]  # the stock grass, in its order
+    GRASS = [
+        [
+            (car_racing.GRASS_DIM * x + dx, car_racing.GRASS_DIM * y + dy)
+            for dx, dy in (
+                (car_racing.GRASS_DIM, 0),
+                (0, 0),
+                (0, car_racing.GRASS_DIM),
+                (car_racing.GRASS_DIM, car_racing.GRASS_DIM),
+            )
+        ]
+        for x in range(-20, 20, 2)
+        for y in range(-20, 20, 2)
+    ]  # the stock grass, in its order
     FONT_CLASS = pygame.font.Font
 
     @staticmethod
     def _polygons(vertices):
         """(vertices (P, V, 2), centers (P, 2), radii (P,)): polygons and their circles, in world units."""
         centers = vertices.mean(axis=1)
-        return vertices, centers, np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1)
+        return (
+            vertices,
+            centers,
+            np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1),
+        )
 
     GRASS_POLYGONS = _polygons(np.array(GRASS, dtype=np.float64))  # (400, 4, 2) vertices
 
@@ -1078,18 +1216,34 @@ class FastCarRacing(car_racing.CarRacing):
         bounding box misses the surface, both widened by a margin (1 and 2 pixels) so float differences can only
         keep a polygon."""
         vertices, centers, radii = polygons
-        cos, sin, width, height = math.cos(angle), math.sin(angle), car_racing.WINDOW_W, car_racing.WINDOW_H
+        cos, sin, width, height = (
+            math.cos(angle),
+            math.sin(angle),
+            car_racing.WINDOW_W,
+            car_racing.WINDOW_H,
+        )
 
         def transform(points):  # (..., 2) world -> x, y pixels
-            return ((points[..., 0] * cos - points[..., 1] * sin) * zoom + translation[0],
-                    (points[..., 0] * sin + points[..., 1] * cos) * zoom + translation[1])
+            return (
+                (points[..., 0] * cos - points[..., 1] * sin) * zoom + translation[0],
+                (points[..., 0] * sin + points[..., 1] * cos) * zoom + translation[1],
+            )
+
         (x, y), reach = transform(centers), radii * zoom + 3.0
-        near = np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
+        near = np.flatnonzero(
+            (x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach)
+        )
         x, y = transform(vertices[near])
         margin = car_racing.MAX_SHAPE_DIM + 1.0
-        passes_check = ((x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)).any(axis=1)
-        touches = ((x.max(axis=1) >= -2) & (x.min(axis=1) <= width + 2)
-                   & (y.max(axis=1) >= -2) & (y.min(axis=1) <= height + 2))
+        passes_check = (
+            (x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)
+        ).any(axis=1)
+        touches = (
+            (x.max(axis=1) >= -2)
+            & (x.min(axis=1) <= width + 2)
+            & (y.max(axis=1) >= -2)
+            & (y.min(axis=1) <= height + 2)
+        )
         return near[passes_check & touches]
 
     def reset(self, *, seed=None, options=None):
@@ -1099,20 +1253,31 @@ class FastCarRacing(car_racing.CarRacing):
     def _road_polygons(self):
         """`_polygons` of `self.road_poly` ((R, 4, 2) float64 vertices), gathered once per track."""
         if self._road is None:  # reset() sets it before its first frame
-            self._road = self._polygons(np.array([poly for poly, _ in self.road_poly], dtype=np.float64)
-                                        .reshape(-1, 4, 2))
+            self._road = self._polygons(
+                np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
+            )
         return self._road
 
     def _render_road(self, zoom, translation, angle):
         bounds = car_racing.PLAYFIELD
         field = [(bounds, bounds), (bounds, -bounds), (-bounds, -bounds), (-bounds, bounds)]
-        self._draw_colored_polygon(self.surf, field, self.bg_color, zoom, translation, angle, clip=False)
+        self._draw_colored_polygon(
+            self.surf, field, self.bg_color, zoom, translation, angle, clip=False
+        )
         for i in self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle):
-            self._draw_colored_polygon(self.surf, self.GRASS[i], self.grass_color, zoom, translation, angle)
+            self._draw_colored_polygon(
+                self.surf, self.GRASS[i], self.grass_color, zoom, translation, angle
+            )
         for i in self._maybe_visible(self._road_polygons(), zoom, translation, angle):
             poly, color = self.road_poly[i]
-            self._draw_colored_polygon(self.surf, [(p[0], p[1]) for p in poly], [int(c) for c in color],
-                                       zoom, translation, angle)
+            self._draw_colored_polygon(
+                self.surf,
+                [(p[0], p[1]) for p in poly],
+                [int(c) for c in color],
+                zoom,
+                translation,
+                angle,
+            )
 
     def _render(self, mode):
         # gymnasium's own _render, but the score font it loads from disk every frame comes from a cache
@@ -1140,7 +1305,9 @@ def init_worker(worker_args, buffers, in_process=False):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     WORKERS.pop("local", None)  # a forked process's copy of its parent's
-    run_task(None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
+    run_task(
+        None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers]
+    )
 
 
 def exit_with_parent(parent):
@@ -1154,20 +1321,27 @@ def exit_with_parent(parent):
 def run_task(task, key="local", worker_args=None, shared=None):
     """Run a RolloutTask on this process's agent of pool `key` -> (episode returns, steps): row `task.member` of the
     float32 (rows, D) parameter matrix held flat in shared[0]. Its envs and agent are built at the first
-    call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays."""
+    call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays.
+    """
     if key not in WORKERS:
         torch.set_num_threads(1)
         env_config, agent_config = worker_args
-        WORKERS[key] = types.SimpleNamespace(envs={training: make_env(env_config, training) for training in
-                                                   (True, False)}, agent=AttentionAgent(**agent_config))
+        WORKERS[key] = types.SimpleNamespace(
+            envs={training: make_env(env_config, training) for training in (True, False)},
+            agent=AttentionAgent(**agent_config),
+        )
     worker = WORKERS[key]
     worker.shared = worker.shared if shared is None else shared
     if task is not None:
-        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member])
+        worker.agent.set_flat(
+            worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member]
+        )
         env = worker.envs[task.training]
         episodes = [rollout(env, worker.agent, env_seed) for env_seed in task.env_seeds]
         # A plain tuple: a class of the main script, made in a spawned worker, would not unpickle in the driver.
-        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
+        return [episode_return for episode_return, _ in episodes], sum(
+            steps for _, steps in episodes
+        )
 
 
 class RolloutPool:
@@ -1181,7 +1355,9 @@ class RolloutPool:
     caps the tasks running at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
+    def __init__(
+        self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None
+    ):
         self.num_workers = num_workers
         self.address = ray_address
         self.worker_args = worker_args
@@ -1199,9 +1375,12 @@ class RolloutPool:
         if self.num_workers == 1:
             init_worker(self.worker_args, self.buffers, in_process=True)
         else:
-            self.executor = concurrent.futures.ProcessPoolExecutor(self.num_workers, mp.get_context(),
-                                                                   initializer=init_worker,
-                                                                   initargs=(self.worker_args, self.buffers))
+            self.executor = concurrent.futures.ProcessPoolExecutor(
+                self.num_workers,
+                mp.get_context(),
+                initializer=init_worker,
+                initargs=(self.worker_args, self.buffers),
+            )
 
     def submit(self, task, shared):
         """A Future of the task's result: a Ray task's, a worker process's, or this process's (done)."""
@@ -1218,23 +1397,40 @@ class RolloutPool:
         the episodes on stderr, described by `what`, that goes when the tasks are done. Raises PoolLost, and
         UserError for an error of the rollout code in a Ray worker."""
         start, steps = time.perf_counter(), 0
-        columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
-        with tqdm.tqdm(total=sum(len(task[1]) for task in tasks), desc=what, unit="episode", leave=False,
-                       ncols=columns - 1, nrows=lines, disable=self.quiet or not sys.stderr.isatty()) as bar:
+        columns, lines = (
+            shutil.get_terminal_size()
+        )  # 80 x 24 where the terminal reports none (tqdm: no bar)
+        with tqdm.tqdm(
+            total=sum(len(task[1]) for task in tasks),
+            desc=what,
+            unit="episode",
+            leave=False,
+            ncols=columns - 1,
+            nrows=lines,
+            disable=self.quiet or not sys.stderr.isatty(),
+        ) as bar:
+
             def progress(future):  # a task's (episode returns, steps), as it finishes
                 nonlocal steps
                 result = future.result()
                 steps += result[1]
-                bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
+                bar.set_postfix_str(
+                    f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False
+                )
                 bar.update(len(result[0]))
+
             for attempt in range(MAX_RESTARTS + 1):
                 try:
                     return self.run_batch(tasks, shared, progress)
                 except concurrent.futures.process.BrokenProcessPool as e:
                     self.close()
                     if attempt == MAX_RESTARTS:
-                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} restarts") from None
-                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                        raise PoolLost(
+                            f"worker processes keep dying ({e}); stopped after {attempt} restarts"
+                        ) from None
+                    print(
+                        f"warning: a worker process died ({e}); restarting the workers and re-running this batch"
+                    )
                     self.start_executor()
                 except self.ray_errors as e:
                     raise self.ray_failure(e) from None
@@ -1246,12 +1442,14 @@ class RolloutPool:
             shared = self.ray.put(tuple(np.asarray(a, dtype=np.float32).ravel() for a in shared))
         else:
             for buffer, array in zip(self.buffers, shared):
-                np.frombuffer(buffer, dtype=np.float32)[:array.size] = array.ravel()
+                np.frombuffer(buffer, dtype=np.float32)[: array.size] = array.ravel()
         limit = len(tasks) if self.executor else self.num_workers or len(tasks)
         futures, running = [], set()
         for task in tasks:
             if len(running) >= limit:  # wait for a free slot
-                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                done, running = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
                 list(map(progress, done))
             futures.append(self.submit(task, shared))
             running.add(futures[-1])
@@ -1263,7 +1461,9 @@ class RolloutPool:
         if self.address:
             self.closed.set()
         elif self.executor is not None:
-            processes = list(self.executor._processes.values())  # the executor does not stop running tasks
+            processes = list(
+                self.executor._processes.values()
+            )  # the executor does not stop running tasks
             self.executor.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()
@@ -1288,18 +1488,29 @@ class RolloutPool:
 
     def start_ray(self):
         """Join the cluster, declare the Ray task, and start the watchdog on the cluster's head and this
-        machine's Ray node (where this connection mode exposes them; else Ray's own timeouts apply)."""
+        machine's Ray node (where this connection mode exposes them; else Ray's own timeouts apply).
+        """
         self.ray = connect_ray(self.address)
         self.ray_errors = (self.ray.exceptions.RayError, ConnectionError)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(name="ray_rollout")
-        self.key, self.probes = uuid.uuid4().hex, []  # (what, host, port) that must keep accepting TCP connections
+        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(
+            name="ray_rollout"
+        )
+        self.key, self.probes = (
+            uuid.uuid4().hex,
+            [],
+        )  # (what, host, port) that must keep accepting TCP connections
         try:
             context = self.ray.get_runtime_context()
             host, _, port = context.gcs_address.rpartition(":")
             self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
             node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
-            self.probes.append((f"this machine's Ray node ({node['NodeManagerAddress']}:{node['NodeManagerPort']})",
-                                node["NodeManagerAddress"], int(node["NodeManagerPort"])))
+            self.probes.append(
+                (
+                    f"this machine's Ray node ({node['NodeManagerAddress']}:{node['NodeManagerPort']})",
+                    node["NodeManagerAddress"],
+                    int(node["NodeManagerPort"]),
+                )
+            )
         except Exception:
             pass
         self.closed = threading.Event()
@@ -1316,30 +1527,45 @@ class RolloutPool:
 
     def watch(self):
         """Watchdog thread: without the cluster Ray's calls may block until Ray ends the process without a word,
-        so after RAY_LOST_AFTER_S of silence this says so (and `on_lost()`, the checkpoint) and exits with code 1."""
+        so after RAY_LOST_AFTER_S of silence this says so (and `on_lost()`, the checkpoint) and exits with code 1.
+        """
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
             if silent is None:
                 silent_since = None
-            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+            elif (
+                time.monotonic() - (silent_since := silent_since or time.monotonic())
+                >= RAY_LOST_AFTER_S
+            ):
                 sys.stdout.flush()
-                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
-                      f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
+                    f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)
 
     def ray_failure(self, e):
         """The exception to raise for a Ray error `e`: UserError for an error in the rollout code, PoolLost
         when the cluster is gone or a task's retries ran out."""
-        if isinstance(e, self.ray.exceptions.RayTaskError):  # an exception raised by our code in a worker
-            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        if isinstance(
+            e, self.ray.exceptions.RayTaskError
+        ):  # an exception raised by our code in a worker
+            return UserError(
+                f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}"
+            )
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raylet_died = isinstance(e, self.ray.exceptions.LocalRayletDiedError)
         if silent := self.silent() or ("this machine's Ray node" if raylet_died else None):
-            return PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})")
-        return PoolLost(f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
-                        f"tried {MAX_RESTARTS + 1} times): {reason}")
+            return PoolLost(
+                f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})"
+            )
+        return PoolLost(
+            f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
+            f"tried {MAX_RESTARTS + 1} times): {reason}"
+        )
 
 
 def import_optional(name, flag, extra):
@@ -1462,14 +1688,20 @@ def load_weights(path):
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     if meta is None:
         if params.size != AUTHORS_NUM_PARAMS:
-            raise UserError(f"{path} has no meta and {params.size} values: neither a {SCRIPT} file nor the "
-                            f"authors' AttentionAgent file ({AUTHORS_NUM_PARAMS} values)")
+            raise UserError(
+                f"{path} has no meta and {params.size} values: neither a {SCRIPT} file nor the "
+                f"authors' AttentionAgent file ({AUTHORS_NUM_PARAMS} values)"
+            )
         return params, None, None
     if not isinstance(meta, dict) or meta.get("script") != SCRIPT:
-        raise UserError(f"{path} was written by {meta.get('script') if isinstance(meta, dict) else None}, not "
-                        f"{SCRIPT}: it holds no AttentionAgent")
+        raise UserError(
+            f"{path} was written by {meta.get('script') if isinstance(meta, dict) else None}, not "
+            f"{SCRIPT}: it holds no AttentionAgent"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
+        raise UserError(
+            f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}"
+        )
     if not isinstance(meta.get("env_id"), str):
         raise UserError(f"{path}'s meta names no env id")
     check_env_id(meta["env_id"], f"{path}'s meta")
@@ -1482,11 +1714,16 @@ def agent_from_file(path, image_size, action_dim):
     params, agent_config, meta = load_weights(path)
     if agent_config is None:  # the authors' file: the paper's architecture, this script's defaults
         defaults = build_parser().parse_args([])
-        agent_config = {"image_size": image_size, "action_dim": action_dim,
-                        **{key: getattr(defaults, key) for key in AGENT_FLAGS}}
+        agent_config = {
+            "image_size": image_size,
+            "action_dim": action_dim,
+            **{key: getattr(defaults, key) for key in AGENT_FLAGS},
+        }
     if (agent_config["image_size"], agent_config["action_dim"]) != (image_size, action_dim):
-        raise UserError(f"{path} expects {agent_config['image_size']}-pixel frames and {agent_config['action_dim']} "
-                        f"actions; the env gives {image_size} and {action_dim}")
+        raise UserError(
+            f"{path} expects {agent_config['image_size']}-pixel frames and {agent_config['action_dim']} "
+            f"actions; the env gives {image_size} and {action_dim}"
+        )
     agent = AttentionAgent(**agent_config)
     try:
         agent.set_flat(params)
@@ -1537,7 +1774,8 @@ class CheckpointUnpickler(pickle._Unpickler):
 
 def attach_randn(es, randn):
     """Point pycma's references to the sampler `randn` (its options, its input options and its sampler) at
-    `randn`: None before pickling (a bound method of the run's RandomState pickles as a `getattr` call)."""
+    `randn`: None before pickling (a bound method of the run's RandomState pickles as a `getattr` call).
+    """
     for option in (es.opts, es.inputargs["inopts"]):
         option["randn"] = randn
     if hasattr(es.sm, "randn"):
@@ -1615,16 +1853,19 @@ def attention_frame(frame, top, agent, scale=4):
     """
     n = (agent.image_size - agent.patch_size) // agent.patch_stride + 1
     p, big = agent.patch_size, lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
-    corners = [(r * agent.patch_stride, c * agent.patch_stride) for r, c in (divmod(i, n) for i in top.tolist())]
+    corners = [
+        (r * agent.patch_stride, c * agent.patch_stride)
+        for r, c in (divmod(i, n) for i in top.tolist())
+    ]
     highlighted = (frame.astype(np.float32) * 0.35).astype(np.uint8)
     for r, c in corners:
-        highlighted[r:r + p, c:c + p] = frame[r:r + p, c:c + p]
+        highlighted[r : r + p, c : c + p] = frame[r : r + p, c : c + p]
     right, side = big(highlighted), p * scale
     for rank, (r, c) in enumerate(corners):
         r, c, last = r * scale, c * scale, side - 1
         color = np.array([255, int(255 * rank / max(1, len(corners) - 1)), 0], dtype=np.uint8)
-        right[r, c:c + side] = right[r + last, c:c + side] = color
-        right[r:r + side, c] = right[r:r + side, c + last] = color
+        right[r, c : c + side] = right[r + last, c : c + side] = color
+        right[r : r + side, c] = right[r : r + side, c + last] = color
     gap = np.full((right.shape[0], scale, 3), 255, dtype=np.uint8)
     return np.concatenate([big(frame), gap, right], axis=1)
 
@@ -1633,14 +1874,19 @@ def record_video(env_config, agent, path_stem, seed):
     """Record one evaluation episode with the attention overlay into path_stem.mp4 (moviepy) or .gif (25 fps).
     Returns (path, episode return)."""
     env, frames = make_env(env_config, training=False), []
-    episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
+    episode_return, _ = rollout(
+        env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent))
+    )
     env.close()
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
+
         images = [Image.fromarray(frame) for frame in frames[::2]]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0)
+        images[0].save(
+            path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0
+        )
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=50).write_videofile(path_stem + ".mp4", logger=None)
     return path_stem + ".mp4", episode_return
@@ -1677,10 +1923,14 @@ def run_from_pretrained(args, given):
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
     params = agent.get_flat()
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet)
+    pool = RolloutPool(
+        args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet
+    )
     print(agent)
-    print(f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
-          f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}")
+    print(
+        f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
+        f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}"
+    )
     start = time.perf_counter()
     try:
         returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)
@@ -1688,14 +1938,23 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
+        name = (
+            args.run_name
+            or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
+        )
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
-        path, video_return = record_video(env_config, agent, os.path.join(args.logs_dir, name, "videos", "pretrained"),
-                                          derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))
+        path, video_return = record_video(
+            env_config,
+            agent,
+            os.path.join(args.logs_dir, name, "videos", "pretrained"),
+            derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0),
+        )
         print(f"video: {path} (episode return {video_return:.2f})")
     print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
-    print(f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
-          f"max={returns.max():.4f} episodes={returns.size}")
+    print(
+        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
+        f"max={returns.max():.4f} episodes={returns.size}"
+    )
     return 0
 
 

@@ -751,14 +751,17 @@ def check_flags(args, given):
     from a checkpoint or a weights file."""
     exclusive = (args.resume, args.from_pretrained, args.init_from, args.distill_from)
     if sum(value is not None for value in exclusive) > 1:
-        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each "
-                        "other")
+        raise UserError(
+            "--resume, --from-pretrained, --init-from and --distill-from exclude each " "other"
+        )
     if args.multitask is not None:
         if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
             raise UserError("--multitask needs at least two different env ids")
         if {"env_id", "capture_video", "distill_from"} & given:
-            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video "
-                            "and --distill-from")
+            raise UserError(
+                "--multitask excludes --env-id (it names the envs), --capture-video "
+                "and --distill-from"
+            )
     fixed = set()
     if args.resume:  # a resumed run keeps its settings
         fixed = given - RESUME_FLAGS
@@ -781,8 +784,9 @@ def parse_env_kwargs(items):
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got "
-                            f"{item!r}")
+            raise UserError(
+                f"--env-kwargs expects KEY=VALUE items with a name as KEY, got " f"{item!r}"
+            )
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)
         kwargs[key] = value
@@ -794,8 +798,9 @@ def check_ray_address(address):
     import_optional("ray", "--ray-address", "ray")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
-        raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got "
-                        f"{address!r}")
+        raise UserError(
+            f"--ray-address must be HOST:PORT (port 1-65535) or auto, got " f"{address!r}"
+        )
 
 
 def check_args(args):
@@ -810,16 +815,25 @@ def check_args(args):
     if args.replacement == "generational" and args.elite_size > n - 1:
         raise UserError(f"--elite-size must be in [0, {n - 1}], got {args.elite_size!r}")
     if args.replacement == "parents-vs-children" and n % 2:
-        raise UserError("--population-size must be even with --replacement parents-vs-children "
-                        "(pairs of members)")
+        raise UserError(
+            "--population-size must be even with --replacement parents-vs-children "
+            "(pairs of members)"
+        )
     if args.multitask is not None and len(args.hidden_sizes) < 2:
-        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then "
-                        "the shared trunk)")
-    known = (args.activation in ACTIVATIONS and args.slime_fitness in ("score", "shaped")
-             and isinstance(args.grayscale, bool) and isinstance(args.env_kwargs, dict))
+        raise UserError(
+            "--multitask needs at least two --hidden-sizes (task input layer, then "
+            "the shared trunk)"
+        )
+    known = (
+        args.activation in ACTIVATIONS
+        and args.slime_fitness in ("score", "shaped")
+        and isinstance(args.grayscale, bool)
+        and isinstance(args.env_kwargs, dict)
+    )
     if not known:
-        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an "
-                        "unknown value")
+        raise UserError(
+            "--activation, --slime-fitness, --grayscale or --env-kwargs holds an " "unknown value"
+        )
     for key, value in args.env_kwargs.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
@@ -833,14 +847,17 @@ def check_paths(args):
         if name is None:
             continue
         if name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255:
-            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got "
-                            f"{name!r}")
+            raise UserError(
+                f"{flag} must be a folder name (no '/', at most 255 bytes), got " f"{name!r}"
+            )
     folder = os.path.abspath(args.logs_dir)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in "
-                        f"({folder} is not)")
+        raise UserError(
+            f"--logs-dir {args.logs_dir} must be a folder this user can write in "
+            f"({folder} is not)"
+        )
 
 
 def check_env_id(env_id):
@@ -869,15 +886,18 @@ def check_spaces(env):
     space = env.action_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         if not space.is_bounded():
-            raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot "
-                            "map onto it")
+            raise UserError(
+                f"action space {space} has infinite bounds: the policy's tanh cannot "
+                "map onto it"
+            )
     elif not isinstance(space, gym.spaces.Discrete):
         raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
     space = env.observation_space
     vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     if not (is_frames(space) or vectors):
-        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and "
-                        "uint8 images")
+        raise UserError(
+            f"observation space {space} is not supported: only 1-D Box vectors and " "uint8 images"
+        )
 
 
 def is_frames(space):
@@ -914,9 +934,19 @@ def evaluation_of(run, params, label, screen=False):
     if screen:
         first = min(SCREEN_EPISODES, args.num_eval_rollouts)
     per_task, steps = evaluate(run.pool, params, args.seed, generation, first, label=label)
-    if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
-        rest, rest_steps = evaluate(run.pool, params, args.seed, generation,
-                                    args.num_eval_rollouts, label=label, start=first)
+    if (
+        first < args.num_eval_rollouts
+        and (per_task / run.scales).sum(1).mean() >= args.reward_goal
+    ):
+        rest, rest_steps = evaluate(
+            run.pool,
+            params,
+            args.seed,
+            generation,
+            args.num_eval_rollouts,
+            label=label,
+            start=first,
+        )
         per_task = np.concatenate([per_task, rest])
         steps += rest_steps
     returns = (per_task / run.scales).sum(1)
@@ -964,8 +994,9 @@ class Run:
         self.scales = np.ones(1)  # fitness: the sum over tasks of return / scale
         if args.multitask:
             self.scales = np.array([return_scale(config) for config in self.env_configs])
-        self.policy_config = policy_config_from_envs(self.env_configs, args.hidden_sizes,
-                                                     args.activation)
+        self.policy_config = policy_config_from_envs(
+            self.env_configs, args.hidden_sizes, args.activation
+        )
         policy = build_policy(self.policy_config)
         self.dim = num_params(policy)
         if checkpoint:
@@ -977,9 +1008,14 @@ class Run:
             self.counters["wall_time_s"] = 0.0
             self.counters["best_return"] = -math.inf
             self.counters["best_eval"] = -math.inf
-        self.pool = RolloutPool(args.num_workers, args.ray_address,
-                                (self.env_configs, self.policy_config, self.dim),
-                                [args.population_size * self.dim], args.quiet, self.kept)
+        self.pool = RolloutPool(
+            args.num_workers,
+            args.ray_address,
+            (self.env_configs, self.policy_config, self.dim),
+            [args.population_size * self.dim],
+            args.quiet,
+            self.kept,
+        )
         try:
             self.open_folder(checkpoint is not None)
         except BaseException:
@@ -996,8 +1032,10 @@ class Run:
         self.steps = 0  # env steps of the generation under way
         self.exit_code = 1
         print(policy)
-        print(f"parameters: {self.dim}   population: {args.population_size}   workers: "
-              f"{self.pool.describe()}   run folder: {run_dir}")
+        print(
+            f"parameters: {self.dim}   population: {args.population_size}   workers: "
+            f"{self.pool.describe()}   run folder: {run_dir}"
+        )
         if args.multitask:
             terms = [f"{env_id} / {scale:g}" for env_id, scale in zip(self.env_ids, self.scales)]
             print("multitask fitness = " + " + ".join(terms))
@@ -1014,12 +1052,17 @@ class Run:
         args = self.args
         params = None
         if init:  # it fits, or UserError
-            load_policy(args.init_from, *init, self.env_configs, args.hidden_sizes,
-                        args.activation)
+            load_policy(
+                args.init_from, *init, self.env_configs, args.hidden_sizes, args.activation
+            )
             params = init[0]
-        population = initial_population(self.policy_config, args.population_size, args.seed,
-                                        params, (args.mutation_rate, args.mutation_scale,
-                                                 args.mutation))
+        population = initial_population(
+            self.policy_config,
+            args.population_size,
+            args.seed,
+            params,
+            (args.mutation_rate, args.mutation_scale, args.mutation),
+        )
         return GeneticAlgorithm(population, **{key: getattr(args, key) for key in GA_FLAGS})
 
     def open_folder(self, resumed):
@@ -1029,12 +1072,20 @@ class Run:
         a resumed run's progress.csv does not reach its checkpoint."""
         args = self.args
         self.lock = open_run_folder(self.dir)
-        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
-                 "final.npz")
+        names = (
+            "args.json",
+            "progress.csv",
+            "learning_curve.png",
+            "checkpoint.pkl",
+            "best.npz",
+            "final.npz",
+        )
         self.paths = {name: os.path.join(self.dir, name) for name in names}
         if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
-            raise UserError(f"{self.dir} already holds a run: continue it with --resume "
-                            f"{self.dir}, or pick another --run-name")
+            raise UserError(
+                f"{self.dir} already holds a run: continue it with --resume "
+                f"{self.dir}, or pick another --run-name"
+            )
         if args.capture_video:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         columns = list(PROGRESS_COLUMNS)
@@ -1043,21 +1094,30 @@ class Run:
         last_iteration = None
         if resumed:
             last_iteration = self.generation
-        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns,
-                                                   last_iteration)
-        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim,
-                      versions=versions())
+        self.csv_file, self.writer = open_progress(
+            self.paths["progress.csv"], columns, last_iteration
+        )
+        config = dict(
+            vars(args), env_configs=self.env_configs, num_params=self.dim, versions=versions()
+        )
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         if self.wandb:  # before the SummaryWriter: W&B then syncs its scalars
             try:
-                self.wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
-                                config=vars(args), name=os.path.basename(self.dir), dir=self.dir,
-                                id=args.wandb_id, resume="allow")
+                self.wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    config=vars(args),
+                    name=os.path.basename(self.dir),
+                    dir=self.dir,
+                    id=args.wandb_id,
+                    resume="allow",
+                )
                 self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
             except Exception as e:
                 reason = str(e).strip().splitlines()[0]
                 raise UserError(f"--track: W&B did not start the run: {reason}") from None
         from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for training
+
         # A resumed run hides the points a killed session wrote after its checkpoint.
         purge_step = None
         if resumed:
@@ -1093,8 +1153,10 @@ class Run:
             if self.args.multitask:
                 files += " noise_study.csv noise_study.png"
             files += " events.out.tfevents.* (TensorBoard)"
-            print(f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
-                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+            print(
+                f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
+            )
         return stopped
 
     @property
@@ -1104,14 +1166,17 @@ class Run:
 
     def meta(self, evaluation=None):
         """A weights file's meta after this generation, with its evaluation's summary."""
-        return weights_meta(self.args, self.env_configs, self.policy_config, self.dim,
-                            evaluation, self.generation)
+        return weights_meta(
+            self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.generation
+        )
 
     def kept(self):
         """What to tell about the checkpoint when the run stops early."""
-        return (f"the checkpoint of generation {self.generation} is kept in "
-                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume "
-                f"{self.dir}   (on any Ray cluster with --ray-address, or locally)")
+        return (
+            f"the checkpoint of generation {self.generation} is kept in "
+            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume "
+            f"{self.dir}   (on any Ray cluster with --ray-address, or locally)"
+        )
 
     def reaches_goal(self, value):
         """Whether `value` reaches --reward-goal (never without one)."""
@@ -1131,8 +1196,10 @@ class Run:
     def screened_out(self, evaluation):
         """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
         self.counters["goal_streak"] = 0
-        self.log(f"eval {self.generation:>5d} | screened out: return {evaluation['mean']:9.2f} "
-                 f"over the first {evaluation['episodes']} episodes, below the goal")
+        self.log(
+            f"eval {self.generation:>5d} | screened out: return {evaluation['mean']:9.2f} "
+            f"over the first {evaluation['episodes']} episodes, below the goal"
+        )
 
     def record_evaluation(self, params, evaluation):
         """An evaluation of the best member `params`: best.npz if the best so far, the goal
@@ -1149,9 +1216,11 @@ class Run:
         if self.args.multitask:
             means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
             tasks = "  (" + ", ".join(means) + ")"
-        self.log(f"eval {self.generation:>5d} | return {evaluation['mean']:9.2f} ± "
-                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
-                 f"{counters['best_eval']:9.2f}{tasks}")
+        self.log(
+            f"eval {self.generation:>5d} | return {evaluation['mean']:9.2f} ± "
+            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
+            f"{counters['best_eval']:9.2f}{tasks}"
+        )
         if self.args.capture_video:
             policy = build_policy(self.policy_config).load(params)
             stem = os.path.join(self.dir, "videos", f"iter-{self.generation:05d}")
@@ -1206,21 +1275,28 @@ class Run:
         done = ga.generation - self.first_generation
         eta = (now - self.session_start) / done * (self.args.max_iter - ga.generation)
         hms = tqdm.format_interval  # [H:]MM:SS
-        self.log(f"iter {ga.generation:>5d}/{self.args.max_iter} | evals "
-                 f"{counters['evaluations']:>8d} | return min {fitness.min():8.2f} mean "
-                 f"{fitness.mean():8.2f} max {fitness.max():8.2f} | best "
-                 f"{counters['best_return']:8.2f} | best member {best_fitness:8.2f} | children in "
-                 f"{ga.children_accepted:>4d} | {self.steps / (now - self.last_row):8,.0f} steps/s "
-                 f"| cpus {row['num_cpus']} | {hms(counters['wall_time_s'])} elapsed | "
-                 f"ETA {hms(eta)}")
+        self.log(
+            f"iter {ga.generation:>5d}/{self.args.max_iter} | evals "
+            f"{counters['evaluations']:>8d} | return min {fitness.min():8.2f} mean "
+            f"{fitness.mean():8.2f} max {fitness.max():8.2f} | best "
+            f"{counters['best_return']:8.2f} | best member {best_fitness:8.2f} | children in "
+            f"{ga.children_accepted:>4d} | {self.steps / (now - self.last_row):8,.0f} steps/s "
+            f"| cpus {row['num_cpus']} | {hms(counters['wall_time_s'])} elapsed | "
+            f"ETA {hms(eta)}"
+        )
         self.steps = 0
         self.last_row = time.perf_counter()  # the next generation's speed: from here
 
     def save_checkpoint(self):
         """checkpoint.pkl (format version, script, args, the GA's state, counters; atomically),
         TensorBoard's events flushed."""
-        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
-                 "ga": self.ga.state_dict(), "counters": dict(self.counters)}
+        state = {
+            "format_version": FORMAT_VERSION,
+            "script": SCRIPT,
+            "args": vars(self.args),
+            "ga": self.ga.state_dict(),
+            "counters": dict(self.counters),
+        }
         save_checkpoint(self.paths["checkpoint.pkl"], state)
         self.tb.flush()
 
@@ -1230,8 +1306,10 @@ class Run:
         streak = self.counters["goal_streak"]
         if goal is None or streak < self.args.consecutive_goal_stopping:
             return False
-        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-              f"{self.generation} ({self.counters['wall_time_s']:.1f} s)")
+        print(
+            f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+            f"{self.generation} ({self.counters['wall_time_s']:.1f} s)"
+        )
         return True
 
     def finish(self, evaluation=None):
@@ -1243,19 +1321,27 @@ class Run:
         params = self.ga.best()[0]
         if args.multitask:  # the original's noise study, on the final best member
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
-            noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts,
-                        self.dir)
+            noise_study(
+                self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.dir
+            )
         if evaluation is None:
             evaluation = evaluation_of(self, params, "final evaluation")[0]
-        self.log(f"final evaluation | return {evaluation['mean']:9.2f} ± "
-                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes")
+        self.log(
+            f"final evaluation | return {evaluation['mean']:9.2f} ± "
+            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes"
+        )
         save_weights(self.paths["final.npz"], params, self.meta(evaluation))
         self.plot()
 
     def plot(self):
         """learning_curve.png redrawn from progress.csv."""
-        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
-                            self.title, CURVES, self.ylabel)
+        plot_learning_curve(
+            self.paths["progress.csv"],
+            self.paths["learning_curve.png"],
+            self.title,
+            CURVES,
+            self.ylabel,
+        )
         self.last_plot = time.perf_counter()
 
     def upload(self):
@@ -1268,7 +1354,11 @@ class Run:
 
 def summary(returns):
     """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    return {
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "episodes": int(returns.size),
+    }
 
 
 def csv_cell(column, value):
@@ -1319,7 +1409,9 @@ def open_progress(path, columns, last_iteration):
 
 def default_run_name(args, kind=""):
     """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
-    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
+    return (
+        f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
+    )
 
 
 # The environments: gymnasium's or SlimeVolley, the early stop, the settings
@@ -1333,8 +1425,9 @@ def make_bare_env(env_config, training, render_mode=None):
     check_env_id(env_id)
     try:
         if env_id == SLIME_ID:
-            env = SlimeVolleyAdapter(training and env_config["slime_fitness"] == "shaped",
-                                     render_mode)
+            env = SlimeVolleyAdapter(
+                training and env_config["slime_fitness"] == "shaped", render_mode
+            )
             if steps is not None:
                 env = gym.wrappers.TimeLimit(env, steps)
             return env
@@ -1380,6 +1473,7 @@ class SlimeVolleyAdapter(gym.Env):
 
     def __init__(self, shaped=False, render_mode=None):
         import slimevolleygym
+
         self.env = slimevolleygym.SlimeVolleyEnv()
         self.shaped = shaped
         self.render_mode = render_mode
@@ -1412,11 +1506,18 @@ def env_configs_from_args(args):
         negative_steps = args.max_negative_steps
         if negative_steps is None:  # CarRacing's training-time early stop is on by default
             negative_steps = 20 if env_id.startswith("CarRacing") else 0
-        configs.append({"env_id": env_id, "env_kwargs": args.env_kwargs,
-                        "max_episode_steps": args.max_episode_steps,
-                        "max_negative_steps": negative_steps, "frame_size": args.frame_size,
-                        "frame_stack": args.frame_stack, "grayscale": args.grayscale,
-                        "slime_fitness": args.slime_fitness})
+        configs.append(
+            {
+                "env_id": env_id,
+                "env_kwargs": args.env_kwargs,
+                "max_episode_steps": args.max_episode_steps,
+                "max_negative_steps": negative_steps,
+                "frame_size": args.frame_size,
+                "frame_stack": args.frame_stack,
+                "grayscale": args.grayscale,
+                "slime_fitness": args.slime_fitness,
+            }
+        )
     return configs
 
 
@@ -1432,12 +1533,18 @@ def policy_config_from_envs(env_configs, hidden_sizes, activation):
             num_actions = int(env.action_space.n)
         else:
             num_actions = int(env.action_space.shape[0])
-        tasks.append({"obs_shape": list(env.observation_space.shape), "discrete": discrete,
-                      "num_actions": num_actions})
+        tasks.append(
+            {
+                "obs_shape": list(env.observation_space.shape),
+                "discrete": discrete,
+                "num_actions": num_actions,
+            }
+        )
         env.close()
         if len(env_configs) > 1 and len(tasks[-1]["obs_shape"]) != 1:
-            raise UserError(f"--multitask takes vector observations only; {config['env_id']} "
-                            "gives images")
+            raise UserError(
+                f"--multitask takes vector observations only; {config['env_id']} " "gives images"
+            )
     base = {"hidden_sizes": list(hidden_sizes), "activation": activation}
     if len(tasks) == 1:
         return dict(tasks[0], **base)
@@ -1475,8 +1582,12 @@ def stacked_layers(policy, genotypes):
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
-                       genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+        layers.append(
+            (
+                genotypes[:, offset : offset + rows * cols].reshape(-1, rows, cols),
+                genotypes[:, offset + rows * cols : offset + rows * cols + rows],
+            )
+        )
         offset += rows * cols + rows
     return layers
 
@@ -1515,12 +1626,17 @@ class RolloutWorker:
         self.members = None
         # (task t, training) -> its envs, one per episode stepped at once (lockstep), built at
         # first use
-        self.envs = {(t, training): [make_env(config, training)]
-                     for t, config in enumerate(env_configs) for training in (True, False)}
+        self.envs = {
+            (t, training): [make_env(config, training)]
+            for t, config in enumerate(env_configs)
+            for training in (True, False)
+        }
         # A Box2D world keeps state across resets (BipedalWalker's returns drift on a reused env
         # with the same seed): Box2D envs are rebuilt per episode (~0.4 ms), the others built once.
-        self.fresh = [type(self.envs[t, True][0].unwrapped).__module__.startswith(
-            "gymnasium.envs.box2d") for t in range(len(env_configs))]
+        self.fresh = [
+            type(self.envs[t, True][0].unwrapped).__module__.startswith("gymnasium.envs.box2d")
+            for t in range(len(env_configs))
+        ]
         self.policy = build_policy(policy_config)
 
     def use(self, shared):
@@ -1553,8 +1669,9 @@ class RolloutWorker:
         for env_seed in task.env_seeds:
             envs = [self.env(t, task.training) for t in range(len(self.env_configs))]
             if isinstance(self.policy, MultitaskPolicy):
-                episode_returns, episode_steps = multitask_rollout(envs, self.policy, env_seed,
-                                                                   task.noisy)
+                episode_returns, episode_steps = multitask_rollout(
+                    envs, self.policy, env_seed, task.noisy
+                )
             else:
                 episode_return, episode_steps = rollout(envs[0], self.policy, env_seed)
                 episode_returns = [episode_return]
@@ -1571,6 +1688,7 @@ class RolloutWorker:
 
         def reset(k):
             return self.env(0, training, k).reset(seed=seeds[k].pop(0))[0]
+
         returns, steps, totals = [[] for _ in tasks], [0] * n, [0.0] * n
         obs, active = [reset(k) for k in range(n)], list(range(n))
         layers = stacked_layers(self.policy, genotypes)
@@ -1643,8 +1761,15 @@ def live_bar(label, total, unit="episode"):
     """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(episodes, steps)
     counts a task's episodes and env steps."""
     columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
-    bar = tqdm(total=total, desc=label, unit=unit, leave=False, ncols=columns, nrows=lines,
-               disable=label is None or not sys.stderr.isatty())
+    bar = tqdm(
+        total=total,
+        desc=label,
+        unit=unit,
+        leave=False,
+        ncols=columns,
+        nrows=lines,
+        disable=label is None or not sys.stderr.isatty(),
+    )
     start = time.perf_counter()
     steps = 0
 
@@ -1654,6 +1779,7 @@ def live_bar(label, total, unit="episode"):
         speed = steps / (time.perf_counter() - start)
         bar.set_postfix_str(f"{speed:,.0f} env steps/s", refresh=False)
         bar.update(episodes)
+
     bar.done = done
     return bar
 
@@ -1671,8 +1797,9 @@ class RolloutPool:
     if it stops.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False,
-                 on_lost=None):
+    def __init__(
+        self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None
+    ):
         self.num_workers = num_workers
         self.address = ray_address
         self.worker_args = worker_args
@@ -1691,8 +1818,12 @@ class RolloutPool:
     def new_executor(self):
         """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on
         macOS)."""
-        return ProcessPoolExecutor(self.num_workers, mp.get_context(), initializer=init_worker,
-                                   initargs=(self.worker_args, self.buffers))
+        return ProcessPoolExecutor(
+            self.num_workers,
+            mp.get_context(),
+            initializer=init_worker,
+            initargs=(self.worker_args, self.buffers),
+        )
 
     def lost(self):
         """What the run keeps when it stops here, for a message."""
@@ -1714,12 +1845,14 @@ class RolloutPool:
 
             def submit(chunk):
                 return self.remote.remote(self.key, batch, chunk).future()
+
         else:
             for buffer, array in zip(self.buffers, shared):
-                np.frombuffer(buffer, dtype=np.float32)[:np.size(array)] = np.ravel(array)
+                np.frombuffer(buffer, dtype=np.float32)[: np.size(array)] = np.ravel(array)
 
             def submit(chunk):
                 return self.executor.submit(ray_rollout, "local", None, chunk)
+
         # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves;
         # else all
         cap = None
@@ -1744,10 +1877,14 @@ class RolloutPool:
                 except BrokenProcessPool as e:
                     self.close()
                     if attempt == WORKER_ATTEMPTS:
-                        raise PoolLost(f"worker processes keep dying ({e}); stopped after "
-                                       f"{attempt} tries{self.lost()}") from None
-                    print(f"warning: a worker process died ({e}); restarting the workers and "
-                          "re-running this batch")
+                        raise PoolLost(
+                            f"worker processes keep dying ({e}); stopped after "
+                            f"{attempt} tries{self.lost()}"
+                        ) from None
+                    print(
+                        f"warning: a worker process died ({e}); restarting the workers and "
+                        "re-running this batch"
+                    )
                     self.executor = self.new_executor()
                 except (UserError, PoolLost):
                     raise
@@ -1765,8 +1902,9 @@ class RolloutPool:
         if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
-            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: "
-                             f"{e.cause}")
+            return UserError(
+                f"rollout failed in a Ray worker: {type(e.cause).__name__}: " f"{e.cause}"
+            )
         reason = type(e).__name__
         if str(e).strip():
             reason = str(e).strip().splitlines()[0]
@@ -1776,8 +1914,10 @@ class RolloutPool:
         if silent:
             what = f"lost the Ray cluster at {self.address}: {silent} does not answer"
         else:
-            what = (f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
-                    f"{RAY_TASK_RETRIES + 1} times)")
+            what = (
+                f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
+                f"{RAY_TASK_RETRIES + 1} times)"
+            )
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
@@ -1849,9 +1989,12 @@ class RolloutPool:
                 silent_since = time.monotonic()
             if time.monotonic() - silent_since >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
-                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not "
-                      f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not "
+                    f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)
 
 
@@ -1987,17 +2130,22 @@ def load_weights(path):
     except IsADirectoryError:
         raise UserError(f"{path} is a directory, not a weights file (.npz)") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): "
-                        f"{e}") from None
+        raise UserError(
+            f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): " f"{e}"
+        ) from None
     owner = meta.get("script") if isinstance(meta, dict) else None
     if owner != SCRIPT:
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script "
-                        f"reads {FORMAT_VERSION}")
+        raise UserError(
+            f"{path} has weights format {meta.get('format_version')}, this script "
+            f"reads {FORMAT_VERSION}"
+        )
     if not meta_is_sound(meta):
-        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are "
-                        "missing or invalid")
+        raise UserError(
+            f"{path} has a broken meta: its env ids, env settings or policy sizes are "
+            "missing or invalid"
+        )
     if not np.all(np.isfinite(params)):
         raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
     return params, meta
@@ -2010,14 +2158,25 @@ def meta_is_sound(meta):
 
     def sizes(values):
         return isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)
-    return (isinstance(env_ids, list) and env_ids and all(isinstance(e, str) for e in env_ids)
-            and isinstance(meta.get("env_id"), str) and isinstance(meta.get("env"), dict)
-            and set(META_ENV_FLAGS) <= set(meta["env"]) and isinstance(tasks, list)
-            and len(tasks) == len(env_ids)
-            and all(isinstance(t, dict) and sizes(t.get("obs_shape"))
-                    and sizes([t.get("num_actions")]) and isinstance(t.get("discrete"), bool)
-                    for t in tasks)
-            and set(META_POLICY_FLAGS) <= set(policy))
+
+    return (
+        isinstance(env_ids, list)
+        and env_ids
+        and all(isinstance(e, str) for e in env_ids)
+        and isinstance(meta.get("env_id"), str)
+        and isinstance(meta.get("env"), dict)
+        and set(META_ENV_FLAGS) <= set(meta["env"])
+        and isinstance(tasks, list)
+        and len(tasks) == len(env_ids)
+        and all(
+            isinstance(t, dict)
+            and sizes(t.get("obs_shape"))
+            and sizes([t.get("num_actions")])
+            and isinstance(t.get("discrete"), bool)
+            for t in tasks
+        )
+        and set(META_POLICY_FLAGS) <= set(policy)
+    )
 
 
 def read_weights_into_args(path, args, given):
@@ -2042,11 +2201,20 @@ def read_weights_into_args(path, args, given):
 
 def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iteration=None, **extra):
     """The `meta` of a weights file: everything needed to rebuild the policy and its envs."""
-    meta = {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
-            "env_ids": [c["env_id"] for c in env_configs], "env": env_configs[0],
-            "envs": env_configs, "policy": policy_config, "obs_norm": None,
-            "evaluation": evaluation, "seed": args.seed, "iteration": iteration,
-            "num_params": dim}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "script": SCRIPT,
+        "env_id": args.env_id,
+        "env_ids": [c["env_id"] for c in env_configs],
+        "env": env_configs[0],
+        "envs": env_configs,
+        "policy": policy_config,
+        "obs_norm": None,
+        "evaluation": evaluation,
+        "seed": args.seed,
+        "iteration": iteration,
+        "num_params": dim,
+    }
     return dict(meta, **extra)
 
 
@@ -2058,13 +2226,18 @@ def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
 
     def spaces(c):
         return [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]
+
     if spaces(meta["policy"]) != spaces(config):
-        raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes (observations, "
-                        f"discrete, actions) {spaces(meta['policy'])}, the env gives "
-                        f"{spaces(config)}")
+        raise UserError(
+            f"{path} does not fit {meta['env_id']}: its policy takes (observations, "
+            f"discrete, actions) {spaces(meta['policy'])}, the env gives "
+            f"{spaces(config)}"
+        )
     if params.size != num_params(policy):
-        raise UserError(f"{path} holds {params.size} parameters but its architecture needs "
-                        f"{num_params(policy)}")
+        raise UserError(
+            f"{path} holds {params.size} parameters but its architecture needs "
+            f"{num_params(policy)}"
+        )
     return config, policy.load(params)
 
 
@@ -2199,9 +2372,15 @@ def record_video(env_config, policy, path_stem, seed):
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
+
         images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:],
-                       duration=int(1000 / fps), loop=0)
+        images[0].save(
+            path_stem + ".gif",
+            save_all=True,
+            append_images=images[1:],
+            duration=int(1000 / fps),
+            loop=0,
+        )
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
     return path_stem + ".mp4", episode_return
@@ -2218,7 +2397,9 @@ class MultitaskPolicy(nn.Module):
         super().__init__()
         self.tasks = multitask
         self.activation = ACTIVATIONS[activation]
-        self.inputs = nn.ModuleList(nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in multitask)
+        self.inputs = nn.ModuleList(
+            nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in multitask
+        )
         widths = [hidden_sizes[0] * len(multitask), *hidden_sizes[1:]]
         self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
         self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in multitask)
@@ -2293,18 +2474,27 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
         cells = [f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0))]
         print(f"{name:<{width}} | " + " | ".join(cells))
     header = ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids]
-    rows = [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)]
-            for name, r in study]
+    rows = [
+        [name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)]
+        for name, r in study
+    ]
     write_csv(os.path.join(run_dir, "noise_study.csv"), header, rows)
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4 * len(env_ids), 4))
     axes = fig.subplots(1, len(env_ids))
-    colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][:len(study)]
+    colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][: len(study)]
     for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
-        ax.bar(range(len(study)), [r[:, t].mean() for _, r in study],
-               yerr=[r[:, t].std() for _, r in study], capsize=3, color=colors)
-        ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right",
-                      fontsize=8)
+        ax.bar(
+            range(len(study)),
+            [r[:, t].mean() for _, r in study],
+            yerr=[r[:, t].std() for _, r in study],
+            capsize=3,
+            color=colors,
+        )
+        ax.set_xticks(
+            range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8
+        )
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -2313,17 +2503,23 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
 
 def summary_line(returns):
     """The project's one-line evaluation summary of returns (float (E,))."""
-    return (f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} "
-            f"min={returns.min():.4f} max={returns.max():.4f} episodes={returns.size}")
+    return (
+        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} "
+        f"min={returns.min():.4f} max={returns.max():.4f} episodes={returns.size}"
+    )
 
 
-def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None,
-                     noise_dir=None):
+def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None, noise_dir=None):
     """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env
     steps, seconds). header: printed with the workers; noise_dir: where the noise study goes
     (None: none)."""
-    pool = RolloutPool(args.num_workers, args.ray_address,
-                       (env_configs, policy_config, params.size), [params.size], args.quiet)
+    pool = RolloutPool(
+        args.num_workers,
+        args.ray_address,
+        (env_configs, policy_config, params.size),
+        [params.size],
+        args.quiet,
+    )
     if header:
         print(f"{header}workers: {pool.describe()}")
     try:
@@ -2343,15 +2539,19 @@ def run_from_pretrained(args, given):
     `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
-    policy_config, policy = load_policy(args.from_pretrained, params, meta, env_configs,
-                                        args.hidden_sizes, args.activation)
+    policy_config, policy = load_policy(
+        args.from_pretrained, params, meta, env_configs, args.hidden_sizes, args.activation
+    )
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    header = (f"parameters: {params.size}   env: {args.env_id}   episodes: "
-              f"{args.num_eval_rollouts}   ")
+    header = (
+        f"parameters: {params.size}   env: {args.env_id}   episodes: "
+        f"{args.num_eval_rollouts}   "
+    )
     noise_dir = run_dir if args.multitask else None
-    returns, steps, elapsed = evaluate_in_pool(args, env_configs, policy_config, params,
-                                               "evaluation", header, noise_dir)
+    returns, steps, elapsed = evaluate_in_pool(
+        args, env_configs, policy_config, params, "evaluation", header, noise_dir
+    )
     if args.capture_video and not args.multitask:
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
         stem = os.path.join(run_dir, "videos", "pretrained")
@@ -2406,7 +2606,7 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
         for _ in range(args.distill_epochs):
             order, total = torch.randperm(len(x)), 0.0
             for start in range(0, len(x), args.batch_size):
-                batch = order[start:start + args.batch_size]
+                batch = order[start : start + args.batch_size]
                 loss = loss_fn(student(x[batch]), labels[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -2426,20 +2626,28 @@ def run_distillation(args, given):
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
     teacher_params, teacher_meta = read_weights_into_args(args.distill_from, args, given)
     if args.multitask:
-        raise UserError(f"{args.distill_from} is a multitask policy: distillation takes "
-                        "single-task teachers")
+        raise UserError(
+            f"{args.distill_from} is a multitask policy: distillation takes "
+            "single-task teachers"
+        )
     args.hidden_sizes = student_hidden
     args.activation = teacher_meta["policy"]["activation"]
     if "activation" in given:
         args.activation = student_activation
     env_configs = env_configs_from_args(args)
-    teacher_config, teacher = load_policy(args.distill_from, teacher_params, teacher_meta,
-                                          env_configs, teacher_meta["policy"]["hidden_sizes"],
-                                          teacher_meta["policy"]["activation"])
+    teacher_config, teacher = load_policy(
+        args.distill_from,
+        teacher_params,
+        teacher_meta,
+        env_configs,
+        teacher_meta["policy"]["hidden_sizes"],
+        teacher_meta["policy"]["activation"],
+    )
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
-    student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes),
-                          activation=args.activation)
+    student_config = dict(
+        teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation
+    )
     torch.manual_seed(derive_seed(args.seed, INIT_STREAM, 0))
     student = build_policy(student_config)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "_distill"))
@@ -2451,29 +2659,43 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index,
-                                             pairs)
+        driver_returns, loss = distill_round(
+            student, teacher, env_configs[0], args, round_index, pairs
+        )
         driver = "student" if round_index else "teacher"
-        print(f"round {round_index + 1}/{args.distill_rounds}: {driver} drove "
-              f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
-              f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}")
+        print(
+            f"round {round_index + 1}/{args.distill_rounds}: {driver} drove "
+            f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
+            f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}"
+        )
     rows = []
-    for name, config, policy in (("teacher", teacher_config, teacher),
-                                 ("student", student_config, student)):
+    for name, config, policy in (
+        ("teacher", teacher_config, teacher),
+        ("student", student_config, student),
+    ):
         params = parameters_to_vector(policy.parameters()).numpy()
         label = f"evaluation of the {name}"
         returns = evaluate_in_pool(args, env_configs, config, params, label)[0][:, 0]
         sizes = [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]
         architecture = "-".join(map(str, sizes))
-        rows.append([name, architecture, params.size, f"{returns.mean():.2f}",
-                     f"{returns.std():.2f}"])
-    meta = weights_meta(args, env_configs, student_config, params.size, summary(returns),
-                        distilled_from=os.path.basename(args.distill_from))
+        rows.append(
+            [name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"]
+        )
+    meta = weights_meta(
+        args,
+        env_configs,
+        student_config,
+        params.size,
+        summary(returns),
+        distilled_from=os.path.basename(args.distill_from),
+    )
     save_weights(os.path.join(run_dir, "student.npz"), params, meta)
     header = ["model", "architecture", "parameters", "mean", "std"]
     write_csv(os.path.join(run_dir, "distillation.csv"), header, rows)
-    print(f"\ndistillation of {args.env_id} over the same {args.num_eval_rollouts} episodes "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"\ndistillation of {args.env_id} over the same {args.num_eval_rollouts} episodes "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     print(f"{'model':<8} | {'architecture':<16} | {'parameters':>10} | return mean ± std")
     for name, architecture, size, mean, std in rows:
         print(f"{name:<8} | {architecture:<16} | {size:>10} | {mean} ± {std}")
