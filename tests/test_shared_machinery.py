@@ -1,7 +1,9 @@
 """The machinery the three scripts share is word for word the same code in each file (../shared/DESIGN.md):
 a reader who has read one file's machinery has read all three, and a fix made in one file is in all three."""
 import ast
+import importlib
 import os
+import socket
 
 import pytest
 
@@ -13,7 +15,7 @@ SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numbers", "derive_seed",
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "load_checkpoint", "versions",
-          "plot_learning_curve", "main")
+          "plot_learning_curve", "main", "open_run_folder", "open_progress")
 
 
 def definitions(script):
@@ -45,3 +47,28 @@ def test_the_shared_definitions_stand_below_the_machinery_banner_except_the_conf
                  and node.lineno < banner]
         assert set(above) <= {"UserError", "PoolLost", "OneLineParser", "HelpFormatter", "derive_seed",
                               "NegativeRewardEarlyStop"}, (script, above)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ray_address_auto_where_rays_temp_folder_names_a_cluster_that_is_gone_is_one_line_at_once(
+        script, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    module = importlib.import_module(script[:-3])
+    with socket.socket() as s:  # a port nobody listens on: the cluster's head is gone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")  # left by a crashed head
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: [])  # no other cluster here
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def hangs(*args, **kwargs):  # what ray.init does on such an address: it waits for minutes
+        raise AssertionError("ray.init was called on an address that does not answer")
+    monkeypatch.setattr(ray, "init", hangs)
+    with pytest.raises(module.UserError, match=f"no Ray cluster answers at auto .*:{port},"):
+        module.connect_ray("auto")
+    (tmp_path / "ray" / "ray_current_cluster").unlink()  # and where no cluster was ever started
+    with pytest.raises(module.UserError, match="no Ray cluster runs on this machine"):
+        module.connect_ray("auto")
