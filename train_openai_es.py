@@ -19,39 +19,18 @@ Examples:
 """
 
 import argparse
-import contextlib
-import csv
-import importlib
-import inspect
-import io
 import json
-import logging
 import math
 import os
-import pickle
-import platform
-import shutil
-import signal
-import socket
-import sys
-import tempfile
-import threading
-import time
-import uuid
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from types import SimpleNamespace
+import typing
 
 SCRIPT = "train_openai_es.py"
 FORMAT_VERSION = 1  # of checkpoints and weights files
-NOISE_STREAM, TRAIN_ENV_STREAM, CENTER_ENV_STREAM, EVAL_ENV_STREAM = 0, 1, 2, 3  # the streams of derive_seed
-# Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
-PLACEMENT_FLAGS = {"num_workers", "ray_address"}
-RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity", *PLACEMENT_FLAGS}
-# Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
-META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
-              "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
+# Randomness: derive_seed(seed, stream, generation, ...), one stream per use.
+NOISE_STREAM = 0
+TRAIN_ENV_STREAM = 1
+CENTER_ENV_STREAM = 2
+EVAL_ENV_STREAM = 3
 
 
 class UserError(Exception):
@@ -160,61 +139,13 @@ def parse_args(argv=None):
     """(args, the set of flags given) of a checked command line; UserError for any bad value or combination."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    marker = object()  # which flags were typed: parse again into a namespace of markers and see which changed
-    typed = parser.parse_args(argv, argparse.Namespace(**{name: marker for name in vars(args)}))
-    given = {name for name, value in vars(typed).items() if value is not marker}
+    given = flags_given(parser, argv, args)
     check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
-    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
-        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
-    fixed = sorted(given - RESUME_FLAGS) if args.resume else sorted(
-        given & {*META_FLAGS["env"], *META_FLAGS["policy"]}) if args.init_from or args.from_pretrained else []
-    if fixed:
-        raise UserError(f"--{fixed[0].replace('_', '-')} " + ("cannot be changed on resume: the run's settings come "
-                        "from its checkpoint" if args.resume else "comes from the weights file's meta; do not "
-                        "restate the architecture"))
+    check_flags(args, given)
     check_settings(args)
     check_paths(args)
-    args.ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address and "num_workers" not in given:
-        args.num_workers = None  # every CPU of the cluster
-    if args.ray_address:
-        import_optional("ray", "--ray-address", "ray")
-    if args.track:
-        import_optional("wandb", "--track", "track")
+    check_placement(args, given)
     return args, given
-
-
-def check_settings(args):
-    """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
-    args.env_kwargs = dict(args.env_kwargs)
-    if args.antithetic and args.population_size % 2:
-        raise UserError("--population-size must be even with mirrored sampling (or pass --no-antithetic)")
-    if args.recurrent and not args.hidden_sizes:
-        raise UserError("--recurrent needs at least one hidden layer")
-    try:
-        register_env_family(args.env_id)
-        gym.spec(args.env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def check_paths(args):
-    """UserError unless each path is what its flag needs: a readable file (--resume: or a run folder holding
-    one), folder names without separators, a --logs-dir this user can write to."""
-    for flag in ("resume", "from_pretrained", "init_from"):
-        path = getattr(args, flag)
-        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
-    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
-            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
-    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
-    while not os.path.exists(folder):  # its nearest existing part
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
@@ -279,19 +210,29 @@ class OpenAIES:
             es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
     """
 
-    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam", momentum=0.9,
-                 weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank", lr_decay=1.0, lr_min=0.0,
-                 sigma_decay=1.0, sigma_min=0.0, seed=0):
+    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam",
+                 momentum=0.9, weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank",
+                 lr_decay=1.0, lr_min=0.0, sigma_decay=1.0, sigma_min=0.0, seed=0):
         if population_size < 2 or (antithetic and population_size % 2):
             raise ValueError("population_size must be >= 2, and even with antithetic sampling")
         if sigma <= 0 or learning_rate <= 0:
             raise ValueError("sigma and learning_rate must be > 0")
         self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
-        self.population_size, self.antithetic, self.fitness_shaping = population_size, antithetic, fitness_shaping
-        self.sigma, self.sigma_decay, self.sigma_min = sigma, sigma_decay, sigma_min
-        self.learning_rate, self.lr_decay, self.lr_min = learning_rate, lr_decay, lr_min
-        self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
-        self.seed, self.generation, self.grad_norm = seed, 0, 0.0  # grad_norm: of the last ascent step
+        self.population_size = population_size  # N members a generation
+        self.antithetic = antithetic  # mirrored pairs theta +/- sigma eps
+        self.fitness_shaping = fitness_shaping  # returns -> fitness (`shape_fitness`)
+        self.sigma = sigma  # noise standard deviation
+        self.sigma_decay = sigma_decay  # sigma's factor per generation
+        self.sigma_min = sigma_min  # ... and its floor
+        self.learning_rate = learning_rate  # the optimizer's step size
+        self.lr_decay = lr_decay  # its factor per generation
+        self.lr_min = lr_min  # ... and its floor
+        self.optimizer = optimizer  # "adam" or "sgd" (with momentum)
+        self.momentum = momentum  # SGD's momentum
+        self.weight_decay = weight_decay  # L2 coefficient on theta
+        self.seed = seed  # of every noise draw
+        self.generation = 0  # generations told
+        self.grad_norm = 0.0  # of the last ascent step
         self.m = np.zeros_like(self.theta)  # Adam first moment / SGD velocity
         self.v = np.zeros_like(self.theta)  # Adam second moment
 
@@ -310,7 +251,9 @@ class OpenAIES:
         step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta  # main bit: the ascent direction
         self.grad_norm = float(np.linalg.norm(step))
         if self.optimizer == "adam":
-            beta1, beta2, eps = 0.9, 0.999, 1e-8
+            beta1 = 0.9
+            beta2 = 0.999
+            eps = 1e-8
             t = self.generation + 1
             self.m = beta1 * self.m + (1 - beta1) * step
             self.v = beta2 * self.v + (1 - beta2) * step * step
@@ -357,9 +300,7 @@ class OpenAIES:
 
 
 # -- 3. Policy, environment, rollout -------------------------------------------------------------
-ACTIVATIONS = {"tanh": (torch.tanh, np.tanh), "relu": (torch.relu, lambda h: np.maximum(h, np.float32(0))),
-               "selu": (torch.selu, lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
-                   h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))))}
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}  # NUMPY_ACTIVATIONS: the same
 
 
 class Policy(nn.Module):
@@ -373,19 +314,25 @@ class Policy(nn.Module):
     def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
                  recurrent=False, action_bounding="scale", obs_norm=True):
         super().__init__()
-        self.obs_shape, self.discrete, self.recurrent = tuple(obs_shape), discrete, recurrent
-        self.pixels, self.squash = len(self.obs_shape) > 1, not discrete and action_bounding == "scale"
-        self.activation, self.numpy_activation = ACTIVATIONS[activation]
+        self.obs_shape = tuple(obs_shape)
+        self.discrete = discrete
+        self.recurrent = recurrent
+        self.pixels = len(self.obs_shape) > 1
+        self.squash = not discrete and action_bounding == "scale"  # tanh onto [-1, 1]
+        self.activation = ACTIVATIONS[activation]
+        self.numpy_activation = NUMPY_ACTIVATIONS[activation]  # for the batched forward
         self.normalize = obs_norm and not self.pixels
-        self.conv, features = None, self.obs_shape[0]
+        self.conv = None
+        features = self.obs_shape[0]
         if self.pixels:
-            channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)
+            channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)  # RGB: x 3
             self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
                                       nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
             with torch.no_grad():
                 features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
-        self.obs_mean = np.zeros(features if self.normalize else 0, np.float32)
-        self.obs_std = np.ones(features if self.normalize else 0, np.float32)
+        obs_dim = features if self.normalize else 0  # normalized inputs
+        self.obs_mean = np.zeros(obs_dim, np.float32)
+        self.obs_std = np.ones(obs_dim, np.float32)
         self.layers = nn.ModuleList()
         for width in hidden_sizes:
             self.layers.append(nn.Linear(features, width))
@@ -414,34 +361,15 @@ class Policy(nn.Module):
         out = torch.addmv(self.linear_params[-1][1], self.linear_params[-1][0], h)
         return (torch.tanh(out) if self.squash else out), state
 
-    def stacked_layers(self, genotypes):
-        """The MLP layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
-        layers, offset = [], 0
-        for weight, _ in self.linear_params:
-            rows, cols = weight.shape
-            layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
-                           genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
-            offset += rows * cols + rows
-        return layers
-
     def normalized(self, obs):
         """Vector observation(s) (..., O) as float32, normalized and clipped to [-5, 5] with obs_norm."""
         x = np.asarray(obs, dtype=np.float32)
         return np.clip((x - self.obs_mean) / self.obs_std, np.float32(-5.0), np.float32(5.0)) if self.normalize else x
 
-    def act_batch(self, obs, layers):
-        """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice as fast as
-        torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives."""
-        x = self.normalized(obs)
-        for weight, bias in layers[:-1]:
-            x = self.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
-        out = np.matmul(layers[-1][0], x[:, :, None])[:, :, 0] + layers[-1][1]
-        return out.argmax(axis=1).tolist() if self.discrete else (np.tanh(out) if self.squash else out)
-
     def act(self, obs, state=None):
         """obs: one env observation (numpy). Returns (action: int or float32 (A,), recurrent state)."""
         if not (self.pixels or self.recurrent):
-            return self.act_batch(np.asarray(obs)[None], self.numpy_layers)[0], state
+            return act_batch(self, np.asarray(obs)[None], self.numpy_layers)[0], state
         if self.pixels:
             x = torch.from_numpy(np.asarray(obs)).float().div_(255.0)
             if x.dim() == 4:  # (frames, H, W, 3) -> (frames * 3, H, W)
@@ -453,121 +381,39 @@ class Policy(nn.Module):
         return (int(out.argmax()) if self.discrete else out), state
 
 
-def make_policy(policy_config, params=None, obs_mean_std=None):
-    """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
-    torch's initialization) and the normalization (mean, std) of vector observations."""
-    torch.set_num_threads(1)
-    try:
-        policy = Policy(**policy_config)
-    except RuntimeError:  # torch's allocator refused the layers' weights
-        raise MemoryError(f"hidden layers {policy_config['hidden_sizes']} do not fit in memory") from None
-    policy = policy.load(params) if params is not None else policy
-    if policy.normalize and obs_mean_std is not None:
-        policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
-    return policy
-
-
-class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
-    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
-
-    def __init__(self, env, patience):
-        super().__init__(env)
-        self.patience = patience  # negative rewards in a row that end the episode
-        self.negative_steps = 0  # negative rewards in a row so far
-
-    def reset(self, **kwargs):
-        self.negative_steps = 0
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if reward < 0:
-            self.negative_steps += 1
-        else:
-            self.negative_steps = 0
-        return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
-
-
-def register_env_family(env_id):
-    """Register the optional envs an id needs (ALE/...: ale-py). UserError when they are not installed."""
-    if env_id.startswith("ALE/"):
-        try:
-            import ale_py
-        except ImportError:
-            raise UserError(f"{env_id} needs the Atari extra: pip install ale-py") from None
-        gym.register_envs(ale_py)
-
-
 def make_env(env_config, training, render_mode=None):
     """One env of an env config (`configs`): `gymnasium.make` and gymnasium's wrappers. Images become uint8
     (frame_stack, frame_size, frame_size[, 3]); Box actions are rescaled to [-1, 1] (tanh) or clipped.
     UserError for an env that cannot be made or a space not handled."""
-    env_id, kwargs = env_config["env_id"], dict(env_config["env_kwargs"])
-    register_env_family(env_id)
+    kwargs = dict(env_config["env_kwargs"])
     if env_config["max_episode_steps"] is not None:
         kwargs["max_episode_steps"] = env_config["max_episode_steps"]
-    try:
-        env = gym.make(env_id, render_mode=render_mode, **kwargs)
-    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
+    env = gym_make(env_config["env_id"], render_mode, kwargs)  # gymnasium.make; UserError if it fails
     env = gym.wrappers.RenderCollection(env) if render_mode is not None else env
     if training and env_config["max_negative_steps"] > 0:
         env = NegativeRewardEarlyStop(env, env_config["max_negative_steps"])
+    check_spaces(env, env_config)  # UserError for the spaces the policy cannot handle
     space = env.action_space
-    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+    if isinstance(space, gym.spaces.Box):  # 1-D
         if env_config["action_bounding"] == "clip":
             env = gym.wrappers.ClipAction(env)
-        elif not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-            raise UserError(f"action space {space} has infinite bounds: use --action-bounding clip")
         elif not (np.all(space.low == -1) and np.all(space.high == 1)):
             bound = np.ones(space.shape, dtype=space.dtype)  # in the space's dtype: no precision warning
             env = gym.wrappers.RescaleAction(env, -bound, bound)
-    elif not isinstance(space, gym.spaces.Discrete):
-        raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
-    space = env.observation_space
-    if isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and (
-            len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)):  # frames
-        if env_config["grayscale"] and len(space.shape) == 3:
+    if is_frames(env.observation_space):  # uint8 (H, W) or (H, W, 3)
+        if env_config["grayscale"] and len(env.observation_space.shape) == 3:
             env = gym.wrappers.GrayscaleObservation(env)
-        try:
-            env = gym.wrappers.ResizeObservation(env, (env_config["frame_size"],) * 2)
-        except gym.error.DependencyNotInstalled:
-            raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
+        env = resize_frames(env, env_config["frame_size"])  # gymnasium's ResizeObservation
         env = gym.wrappers.FrameStackObservation(env, env_config["frame_stack"])
-    elif not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
-        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
     return env
-
-
-def configs(args):
-    """(env config, policy config): what workers, evaluations and weights files need; sizes from a probe env."""
-    max_negative_steps = args.max_negative_steps
-    if max_negative_steps is None:  # CarRacing's early stop is on by default
-        max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
-    env_config = {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
-                  "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
-                  "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
-    env = make_env(env_config, training=False)
-    try:  # an env that cannot even take one step is bad input: found now, before any file is written
-        env.reset(seed=0)
-        env.step(env.action_space.sample())
-    except Exception as e:
-        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
-    discrete = isinstance(env.action_space, gym.spaces.Discrete)
-    env.close()
-    return env_config, {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
-                        "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
-                        "hidden_sizes": list(args.hidden_sizes), "activation": args.activation,
-                        "recurrent": args.recurrent, "action_bounding": args.action_bounding,
-                        "obs_norm": args.obs_norm}
 
 
 def rollout(env, policy, seed):
     """One episode from `env.reset(seed=seed)`: (return: float, steps: int)."""
     obs, _ = env.reset(seed=seed)
-    state, total, steps = None, 0.0, 0
+    state = None
+    total = 0.0
+    steps = 0
     with torch.inference_mode():
         while True:
             action, state = policy.act(obs, state)
@@ -578,185 +424,111 @@ def rollout(env, policy, seed):
                 return total, steps
 
 
-def obs_mean_std(stats, dim=0):
-    """(mean, std), float32 (O,) each, of running statistics {count, sum, sumsq} (float64; std floored at 0.1
-    as in the paper); without statistics, zeros and ones of size dim."""
-    if stats is None:
-        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
-    mean = stats["sum"] / stats["count"]
-    std = np.sqrt(np.maximum(stats["sumsq"] / stats["count"] - mean ** 2, 1e-2))
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
 # -- 4. Training loop ----------------------------------------------------------------------------
+class RolloutTask(typing.NamedTuple):
+    """A worker's job: theta + sign * sigma * eps(noise_seed) (sign 0: theta) drives an episode per env seed."""
+    noise_seed: int
+    sign: int
+    sigma: float
+    env_seeds: list
+    training: bool
+
+
+class RolloutResult(typing.NamedTuple):
+    """Its episodes' returns, env steps, and with --obs-norm its observations' (count, sum, sum of squares)."""
+    episode_returns: list
+    steps: int
+    obs_sums: tuple
+
+
 def train(args, given):
-    """ask -> rollouts of the population and of the center -> tell -> log -> evaluate -> checkpoint.
-    Returns the exit code: 0, 130 when interrupted, 1 when the workers or the Ray cluster are lost."""
-    start_time = time.perf_counter()
-    run = setup_run(args, given)
-    args, es, counters, pool, obs_stats = run.args, run.es, run.counters, run.pool, run.obs_stats
-    log = (lambda *a, **k: None) if args.quiet else print
-    session_start, first_generation, wall_offset = time.perf_counter(), es.generation, counters["wall_time_s"]
-    last_plot, exit_code, gen = -math.inf, 1, SimpleNamespace(evaluation=None)  # 1 until the run ends well
-    try:
-        while es.generation < args.max_iter:
-            t0, tasks = time.perf_counter(), generation_tasks(es, args)
-            with progress_bar(f"generation {es.generation + 1}", len(tasks) * args.num_rollouts, args.quiet) as bar:
-                results = pool.map(tasks, (es.theta, *obs_mean_std(obs_stats, run.obs_dim)), bar)
-            returns = np.array([np.mean(r[0]) for r in results[:-1]])
-            center_return = float(np.mean(results[-1][0]))
-            gen = SimpleNamespace(returns=returns, center_return=center_return, sigma=es.sigma,
-                                  center_rank=int(np.sum(returns > center_return)) + 1,  # 1: none beat it
-                                  learning_rate=es.learning_rate, steps=sum(r[1] for r in results))
+    """OpenAI-ES, each generation: ask -> rollouts of the members and the center -> tell -> record ->
+    evaluate the center -> checkpoint. Returns the exit code: 0; 1 when the workers are lost; 130 when
+    interrupted (Ctrl-C, SIGTERM), the last generation's checkpoint kept."""
+    with Run(args, given) as run:  # from the flags or a checkpoint: folder, policy, optimizer, workers
+        es = run.es
+        evaluation = None
+        while es.generation < run.args.max_iter:
+            tasks = generation_tasks(es, run.args)  # the members of es.ask(), then the center
+            results = run.rollouts(tasks)
+            returns = np.array([np.mean(result.episode_returns) for result in results[:-1]])
+            center_return = float(np.mean(results[-1].episode_returns))
+            run.count_generation(results, returns, center_return)  # before tell: this sigma
             es.tell(returns)
-            for _, _, stats in results if obs_stats else ():  # in task order: independent of scheduling
-                for key, value in zip(("count", "sum", "sumsq"), stats):
-                    obs_stats[key] += value
-            gen.iteration, gen.evaluation = es.generation, None
-            counters["evaluations"] += args.population_size
-            counters["best_return"] = max(counters["best_return"], float(returns.max()))
-            scheduled = gen.iteration % args.eval_every == 0
-            at_goal = args.reward_goal is not None and center_return >= args.reward_goal  # evaluated at once
-            if scheduled or at_goal:  # off schedule, screened by its first episodes (SCREEN_EPISODES)
-                gen.evaluation, eval_steps = evaluate_center(run, gen.iteration, log, screen=not scheduled)
-                gen.steps += eval_steps
-            counters["env_steps"] += gen.steps
-            now = time.perf_counter()
-            counters["wall_time_s"], gen.num_cpus = wall_offset + (now - start_time), pool.num_cpus
-            write_progress(run, gen)
-            eta = (now - session_start) / (gen.iteration - first_generation) * (args.max_iter - gen.iteration)
-            log(console_line(args, gen, counters, gen.steps / (now - t0), eta))
-            if gen.evaluation and now - last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s of the driver
-                plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES)
-                last_plot = now
-            write_checkpoint(run, upload=gen.evaluation is not None)
-            if args.reward_goal is not None and counters["goal_streak"] >= args.consecutive_goal_stopping:
-                print(f"reward goal {args.reward_goal:g} reached in {counters['goal_streak']} consecutive "
-                      f"evaluation(s) at generation {gen.iteration} ({counters['wall_time_s']:.1f} s)")
+            run.obs_stats.add(results)  # in task order: independent of scheduling
+            evaluation = None
+            scheduled = es.generation % run.args.eval_every == 0
+            if scheduled or run.at_goal(center_return):  # off schedule: screened first
+                evaluation = evaluate_center(run, screen=not scheduled)
+            run.record(evaluation)  # progress.csv, TensorBoard, W&B, console
+            run.save_checkpoint()
+            if run.goal_reached():
                 break
-        # final.npz: the last generation's evaluation, else one outside the record (progress.csv, best.npz, the
-        # goal streak), so that a run stopped early and resumed stays exactly the run made in one go
-        final = gen.evaluation or evaluate(pool, es.theta, obs_mean_std(obs_stats, run.obs_dim), args, es.generation)[2]
-        log(f"final evaluation | return {final['mean']:9.2f} ± {final['std']:8.2f} over {final['episodes']} episodes")
-        save_weights(run.paths["final.npz"], es.theta, weights_meta(run, es.generation, final))
-        plot_learning_curve(run.paths["progress.csv"], run.paths["learning_curve.png"], run.title, CURVES)
-        exit_code = 0
-    except (KeyboardInterrupt, PoolLost) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        print(f"\ninterrupted: {run.kept()}" if interrupted else f"{SCRIPT}: error: {e}: {run.kept()}",
-              file=sys.stderr)
-        exit_code = 130 if interrupted else 1
-        return exit_code
-    finally:
-        run.csv_file.close()
-        pool.close()
-        run.tb.close()
-        if run.wandb:
-            upload_files(run)
-            run.wandb.finish(exit_code=exit_code)
-    print(f"done: {es.generation} generations, {counters['env_steps']} env steps, {counters['wall_time_s']:.1f} s. "
-          f"Files in {run.dir}: args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
-          + (" best.npz" if os.path.exists(run.paths["best.npz"]) else "") + (" videos/" if args.capture_video else ""))
-    return 0
+        run.finish(evaluation)  # final.npz and the learning curve
+    return run.exit_code
 
 
 def generation_tasks(es, args):
-    """A generation's rollout tasks (`RolloutWorker`): the members of `es.ask()` (a mirrored pair shares its env
-    seeds), then the unperturbed center."""
-    def seeds(stream, *index):  # the env seeds of one task's episodes
-        return [derive_seed(args.seed, stream, es.generation, *index, r) for r in range(args.num_rollouts)]
-    tasks = [(int(noise_seed), int(sign), es.sigma, seeds(TRAIN_ENV_STREAM, i // 2 if args.antithetic else i), True)
-             for i, (noise_seed, sign) in enumerate(es.ask())]
-    return tasks + [(0, 0, 0.0, seeds(CENTER_ENV_STREAM), True)]
+    """A generation's RolloutTasks: the members of `es.ask()`, then the unperturbed center."""
+    tasks = []
+    for i, (noise_seed, sign) in enumerate(es.ask()):
+        pair = i // 2 if args.antithetic else i  # a mirrored pair shares its env seeds
+        seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, es.generation, pair, r)
+                 for r in range(args.num_rollouts)]
+        tasks.append(RolloutTask(int(noise_seed), int(sign), es.sigma, seeds, True))
+    seeds = [derive_seed(args.seed, CENTER_ENV_STREAM, es.generation, r) for r in range(args.num_rollouts)]
+    tasks.append(RolloutTask(0, 0, 0.0, seeds, True))
+    return tasks
 
 
-def evaluate_center(run, iteration, log, screen=False):
-    """Evaluate theta; keep best.npz, count the goal streak, record a video with --capture-video.
-    Returns ({mean, std, episodes}, env steps); (None, env steps) when `screen` stops the evaluation early."""
-    args, counters, es = run.args, run.counters, run.es
-    mean_std = obs_mean_std(run.obs_stats, run.obs_dim)
-    returns, steps, evaluation = evaluate(run.pool, es.theta, mean_std, args, iteration, screen)
-    if returns.size < args.num_eval_rollouts:
-        counters["goal_streak"] = 0
-        log(f"eval {iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over the first {returns.size} "
-            "episodes, below the goal")
-        return None, steps
-    if evaluation["mean"] > counters["best_eval"]:
-        counters["best_eval"] = evaluation["mean"]
-        save_weights(run.paths["best.npz"], es.theta, weights_meta(run, iteration, evaluation))
-    reached = args.reward_goal is not None and evaluation["mean"] >= args.reward_goal
-    counters["goal_streak"] = counters["goal_streak"] + 1 if reached else 0
-    log(f"eval {iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
-        f"{returns.size} episodes | best eval {counters['best_eval']:9.2f}")
-    if args.capture_video:
-        path, _ = record_video(run.env_config, make_policy(run.policy_config, es.theta, mean_std),
-                               os.path.join(run.dir, "videos", f"iter-{iteration:05d}"),
-                               derive_seed(args.seed, EVAL_ENV_STREAM, iteration, 0))
-        log(f"video {path}")
-    return evaluation, steps
+def evaluate_center(run, screen=False):
+    """Evaluate theta after this generation: best.npz when the best so far, the goal streak, the console
+    line, the video. Returns {mean, std, episodes}; None when `screen` stopped the evaluation early."""
+    mean_std = run.obs_stats.mean_std()
+    returns, steps, evaluation = evaluate(run.pool, run.es.theta, mean_std, run.args, run.es.generation, screen)
+    run.count_steps(steps)
+    if returns.size < run.args.num_eval_rollouts:
+        run.record_screened(evaluation)
+        return None
+    run.record_evaluation(evaluation)
+    if run.args.capture_video:
+        run.record_video(mean_std)
+    return evaluation
 
 
-# A center that reaches --reward-goal in training is evaluated at once, off schedule. Most such centers are
-# one lucky episode: their evaluation stops after its first SCREEN_EPISODES episodes when these average
-# below the goal (no evaluation is recorded), which saves most of the evaluations' env steps on the way to it.
-SCREEN_EPISODES = 10
-
-
-def evaluate(pool, theta, mean_std, args, iteration, screen=False):
-    """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean, std,
-    episodes}). With `screen`, the other episodes run only when the first SCREEN_EPISODES reach --reward-goal
-    on average (else E = SCREEN_EPISODES); an evaluation that passes is the same as one without a screen."""
-    tasks = [(0, 0, 0.0, [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, e)], False)
-             for e in range(args.num_eval_rollouts)]
-    first = SCREEN_EPISODES if screen else len(tasks)
-    with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
-        results = pool.map(tasks[:first], (theta, *mean_std), progress)
-        if tasks[first:] and np.mean([r[0][0] for r in results]) >= args.reward_goal:
-            results += pool.map(tasks[first:], (theta, *mean_std), progress)
-    returns = np.array([r[0][0] for r in results])
-    return returns, sum(r[1] for r in results), {"mean": float(returns.mean()), "std": float(returns.std()),
-                                                "episodes": int(returns.size)}
-
+# == Machinery: a first-time reader may skip what follows (workers, files, plots, video, main) ===
+import contextlib
+import csv
+import fcntl
+import importlib
+import io
+import logging
+import pickle
+import platform
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
                     "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
                     "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
-
-
 # learning_curve.png's curves of progress.csv's columns (the first drawn boldest), with the evaluations.
 CURVES = [("return_mean", "population mean"), ("return_max", "population max"),
           ("center_return", "center (unperturbed)")]
-
-
-def write_progress(run, gen):
-    """A generation's row of progress.csv (PROGRESS_COLUMNS); its numbers to TensorBoard against env steps."""
-    returns, evaluation, counters, es = gen.returns, gen.evaluation, run.counters, run.es
-    values = [gen.iteration, counters["evaluations"], counters["env_steps"], f"{counters['wall_time_s']:.3f}",
-              *(f"{x:.6g}" for x in (returns.min(), returns.mean(), returns.max(), returns.std())),
-              *((f"{evaluation['mean']:.6g}", f"{evaluation['std']:.6g}") if evaluation else ("", "")),
-              f"{gen.center_return:.6g}", gen.center_rank, f"{gen.sigma:.6g}", f"{gen.learning_rate:.6g}",
-              f"{es.grad_norm:.6g}", f"{float(np.linalg.norm(es.theta)):.6g}", gen.num_cpus]
-    run.writer.writerow(dict(zip(PROGRESS_COLUMNS, values)))
-    run.csv_file.flush()
-    scalars = {column: float(value) for column, value in zip(PROGRESS_COLUMNS, values)
-               if column != "env_steps" and value != ""}  # no evaluation: no point
-    for column, value in scalars.items():
-        run.tb.add_scalar(column, value, global_step=counters["env_steps"])
-    if run.wandb:  # logged, not synced from the event files: W&B's copies inside the run folder would be synced too
-        run.wandb.log({**scalars, "env_steps": counters["env_steps"]})
-
-
-def console_line(args, gen, counters, steps_per_s, eta):
-    """The console line of one generation."""
-    duration = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"  # noqa: E731
-    return (f"iter {gen.iteration:>5d}/{args.max_iter} | evals {counters['evaluations']:>8d} | return min "
-            f"{gen.returns.min():8.2f} mean {gen.returns.mean():8.2f} max {gen.returns.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | center {gen.center_return:8.2f} rank {gen.center_rank:>4d} | sigma "
-            f"{gen.sigma:.4f} lr {gen.learning_rate:.4f} | {steps_per_s:8,.0f} steps/s | cpus {gen.num_cpus} | "
-            f"{duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}")
-
-
-# == Machinery: a first-time reader may skip what follows (workers, files, plots, video, main) ===
+# Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
+PLACEMENT_FLAGS = {"num_workers", "ray_address"}
+RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
+                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity", *PLACEMENT_FLAGS}
+# Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
+META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
+              "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
 # A run's totals, kept in its checkpoint, and what they start at.
 COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf,
             "goal_streak": 0}
@@ -791,6 +563,155 @@ LIMITS = {
     "frame_stack": (1, INT_MAX),
 }
 
+# Checks: flags, settings, environments
+def flags_given(parser, argv, args):
+    """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
+    a namespace already holds, so the flags typed are those whose marker changed."""
+    markers = argparse.Namespace(**{name: parser for name in vars(args)})
+    typed = parser.parse_args(argv, namespace=markers)
+    return {name for name, value in vars(typed).items() if value is not parser}
+
+
+def check_flags(args, given):
+    """UserError for flags that exclude each other, or that the checkpoint or the weights file sets."""
+    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
+        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
+    fixed = []
+    if args.resume:
+        fixed = sorted(given - RESUME_FLAGS)
+    elif args.init_from or args.from_pretrained:
+        fixed = sorted(given & {*META_FLAGS["env"], *META_FLAGS["policy"]})
+    if not fixed:
+        return
+    flag = "--" + fixed[0].replace("_", "-")
+    if args.resume:
+        raise UserError(f"{flag} cannot be changed on resume: the run's settings come from its checkpoint")
+    raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
+
+
+def check_placement(args, given):
+    """Where the rollouts run: --ray-address, else $RAY_ADDRESS (as Ray itself reads it); on a cluster
+    --num-workers None (every CPU of the cluster) unless given. UserError when a flag needs an optional
+    package that is not installed."""
+    if not args.ray_address:
+        args.ray_address = os.environ.get("RAY_ADDRESS") or None
+    if args.ray_address and "num_workers" not in given:
+        args.num_workers = None
+    if args.ray_address:
+        import_optional("ray", "--ray-address", "ray")
+    if args.track:
+        import_optional("wandb", "--track", "track")
+
+
+def check_settings(args):
+    """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
+    args.env_kwargs = dict(args.env_kwargs)
+    if args.antithetic and args.population_size % 2:
+        raise UserError("--population-size must be even with mirrored sampling (or pass --no-antithetic)")
+    if args.recurrent and not args.hidden_sizes:
+        raise UserError("--recurrent needs at least one hidden layer")
+    try:
+        register_env_family(args.env_id)
+        gym.spec(args.env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
+
+
+
+def check_paths(args):
+    """UserError unless each path is what its flag needs: a readable file (--resume: or a run folder holding
+    one), folder names without separators, a --logs-dir this user can write to."""
+    for flag in ("resume", "from_pretrained", "init_from"):
+        path = getattr(args, flag)
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
+            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
+    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
+    while not os.path.exists(folder):  # its nearest existing part
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+
+
+
+class NegativeRewardEarlyStop(gym.Wrapper):
+    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
+    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
+    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
+
+    def __init__(self, env, patience):
+        super().__init__(env)
+        self.patience = patience  # negative rewards in a row that end the episode
+        self.negative_steps = 0  # negative rewards in a row so far
+
+    def reset(self, **kwargs):
+        self.negative_steps = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if reward < 0:
+            self.negative_steps += 1
+        else:
+            self.negative_steps = 0
+        return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
+
+
+
+def is_frames(space):
+    """Whether an observation space holds uint8 frames, (H, W) or (H, W, 3)."""
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8):
+        return False
+    return len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)
+
+
+def check_spaces(env, env_config):
+    """UserError unless the policy can use the env's spaces: Discrete or 1-D Box actions (bounded unless
+    clipped), 1-D Box vectors or uint8 frames."""
+    space = env.action_space
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        bounded = np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+        if env_config["action_bounding"] != "clip" and not bounded:
+            raise UserError(f"action space {space} has infinite bounds: use --action-bounding clip")
+    elif not isinstance(space, gym.spaces.Discrete):
+        raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
+    space = env.observation_space
+    vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    if not (is_frames(space) or vectors):
+        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
+
+
+def resize_frames(env, size):
+    """gymnasium's ResizeObservation to size x size; UserError without OpenCV."""
+    try:
+        return gym.wrappers.ResizeObservation(env, (size, size))
+    except gym.error.DependencyNotInstalled:
+        raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
+
+
+def gym_make(env_id, render_mode, kwargs):
+    """gymnasium.make(env_id, render_mode=..., **kwargs), the optional envs it needs registered first;
+    UserError when it fails."""
+    register_env_family(env_id)
+    try:
+        return gym.make(env_id, render_mode=render_mode, **kwargs)
+    except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
+
+
+def register_env_family(env_id):
+    """Register the optional envs an id needs (ALE/...: ale-py). UserError when they are not installed."""
+    if env_id.startswith("ALE/"):
+        try:
+            import ale_py
+        except ImportError:
+            raise UserError(f"{env_id} needs the Atari extra: pip install ale-py") from None
+        gym.register_envs(ale_py)
+
 
 def check_numbers(values, label):
     """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
@@ -816,52 +737,484 @@ def check_numbers(values, label):
                 raise UserError(f"{message}, got {number!r}")
 
 
-def setup_run(args, given):
-    """A namespace of what a run needs: settings (the checkpoint's on resume), configs, optimizer, pool, and
-    last, after every check, the run folder. UserError for bad input."""
-    checkpoint = init = None
-    if args.resume:
-        checkpoint_path, checkpoint = load_checkpoint(args.resume)
-        saved = dict(checkpoint["args"], **{k: getattr(args, k) for k in (given & RESUME_FLAGS) | PLACEMENT_FLAGS})
-        args, run_dir = argparse.Namespace(**saved), os.path.dirname(os.path.abspath(checkpoint_path))
-    else:
-        init = read_weights_into_args(args, given) if args.init_from else None
-        run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            "or pick another --run-name")
-    run = SimpleNamespace(args=args, dir=run_dir, title=f"OpenAI-ES on {args.env_id} (seed {args.seed})")
-    torch.manual_seed(args.seed)
-    run.env_config, run.policy_config, policy, run.dim, run.obs_dim = build_policy(args, init)
-    # Observation statistics: mean 0, variance 1 to start (a pseudo-count of 1e-2), or those saved
-    run.obs_stats = {"count": 1e-2, "sum": np.zeros(run.obs_dim), "sumsq": np.full(run.obs_dim, 1e-2)} \
-        if policy.normalize else None
-    if checkpoint:
+# Observation normalization
+class ObservationStats:
+    """Running statistics of the training episodes' vector observations (Salimans et al. 2017): count, sum and
+    sum of squares, float64 (O,); mean 0 and variance 1 to start (a pseudo-count of 1e-2). O = 0 without
+    --obs-norm (or for images): nothing is counted, mean and std are empty."""
+
+    def __init__(self, dim):
+        self.count = 1e-2
+        self.sum = np.zeros(dim)
+        self.sumsq = np.full(dim, 1e-2)
+
+    def add(self, results):
+        """Count the observations of the RolloutResults that hold them, in task order."""
+        for result in results:
+            if result.obs_sums is not None:
+                count, total, sumsq = result.obs_sums
+                self.count += count
+                self.sum += total
+                self.sumsq += sumsq
+
+    def mean_std(self):
+        """(mean, std), float32 (O,) each; std floored at 0.1 as in the paper."""
+        mean = self.sum / self.count
+        std = np.sqrt(np.maximum(self.sumsq / self.count - mean ** 2, 1e-2))
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def state_dict(self):
+        """For the checkpoint: {count, sum, sumsq}."""
+        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """The statistics of a checkpoint (copies: unpickled arrays may be read-only)."""
+        stats = cls(0)
+        stats.count = float(state["count"])
+        stats.sum = state["sum"].copy()
+        stats.sumsq = state["sumsq"].copy()
+        return stats
+
+    @classmethod
+    def from_meta(cls, norm):
+        """The statistics of a weights file's meta field obs_norm {mean, std, count}."""
+        mean = np.array(norm["mean"])
+        std = np.array(norm["std"])
+        stats = cls(0)
+        stats.count = norm["count"]
+        stats.sum = mean * norm["count"]
+        stats.sumsq = (std ** 2 + mean ** 2) * norm["count"]
+        return stats
+
+    def meta(self):
+        """For a weights file's meta: {mean, std, count}."""
+        mean, std = self.mean_std()
+        return {"mean": mean.tolist(), "std": std.tolist(), "count": self.count}
+
+
+
+# Evaluations
+# A center that reaches --reward-goal in training is evaluated at once, off schedule. Most such centers are
+# one lucky episode: their evaluation stops after its first SCREEN_EPISODES episodes when these average
+# below the goal (no evaluation is recorded), which saves most of the evaluations' env steps on the way to it.
+SCREEN_EPISODES = 10
+
+
+def evaluate(pool, theta, mean_std, args, iteration, screen=False):
+    """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean,
+    std, episodes}). With `screen`, the other episodes run only when the first SCREEN_EPISODES reach
+    --reward-goal on average (else E = SCREEN_EPISODES); an evaluation that passes is the same as one
+    without a screen."""
+    tasks = []
+    for episode in range(args.num_eval_rollouts):
+        seed = derive_seed(args.seed, EVAL_ENV_STREAM, iteration, episode)
+        tasks.append(RolloutTask(0, 0, 0.0, [seed], False))
+    first = len(tasks)
+    if screen:
+        first = SCREEN_EPISODES
+    shared = (theta, *mean_std)
+    with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
+        results = pool.map(tasks[:first], shared, progress)
+        screened = np.mean([result.episode_returns[0] for result in results])
+        if tasks[first:] and screened >= args.reward_goal:
+            results += pool.map(tasks[first:], shared, progress)
+    returns = np.array([result.episode_returns[0] for result in results])
+    steps = sum(result.steps for result in results)
+    summary = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    return returns, steps, summary
+
+
+
+# The run: its folder, records and logs
+class Run:
+    """A training run, as a context manager: what `train` needs, from the flags or from a checkpoint
+    (--resume): the settings, the run folder (args.json, progress.csv, TensorBoard and W&B,
+    learning_curve.png, best.npz, final.npz, checkpoint.pkl), the policy's configs, the optimizer, the
+    observation statistics, the counters and the goal streak, the workers. Leaving it closes the workers
+    and the logs on any exit and turns Ctrl-C or SIGTERM (KeyboardInterrupt) and lost workers (PoolLost)
+    into the resume hint and `exit_code` 130 or 1. Raises UserError before anything is written."""
+
+    def __init__(self, args, given):
+        self.start = time.perf_counter()
+        checkpoint = None
+        init = None
+        if args.resume:
+            checkpoint_path, checkpoint = load_checkpoint(args.resume)
+            saved = dict(checkpoint["args"])
+            for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS:
+                saved[key] = getattr(args, key)
+            args = argparse.Namespace(**saved)
+            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        else:
+            if args.init_from:
+                init = read_weights_into_args(args, given)
+            run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
+            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
+                raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                                "or pick another --run-name")
+        self.args = args
+        self.dir = run_dir
+        self.title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
+        torch.manual_seed(args.seed)
+        self.env_config, self.policy_config, policy, self.dim, obs_dim = build_policy(args, init)
+        self.normalize = policy.normalize
+        self.obs_stats = ObservationStats(obs_dim)
+        if checkpoint:
+            self.resume_from(checkpoint, checkpoint_path)
+        else:
+            theta = parameters_to_vector(policy.parameters()).numpy()
+            if init:
+                theta = init[0]
+                if self.normalize and init[1]["obs_norm"]:
+                    self.obs_stats = ObservationStats.from_meta(init[1]["obs_norm"])
+            self.es = OpenAIES(
+                theta,
+                population_size=args.population_size,
+                sigma=args.sigma,
+                learning_rate=args.learning_rate,
+                optimizer=args.optimizer,
+                momentum=args.momentum,
+                weight_decay=args.weight_decay,
+                antithetic=args.antithetic,
+                fitness_shaping=args.fitness_shaping,
+                lr_decay=args.lr_decay,
+                lr_min=args.lr_min,
+                sigma_decay=args.sigma_decay,
+                sigma_min=args.sigma_min,
+                seed=args.seed)
+            self.counters = dict(COUNTERS)
+        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
+                 "final.npz")
+        self.paths = {name: os.path.join(run_dir, name) for name in names}
+        self.pool = RolloutPool(args.num_workers, args.ray_address, (self.env_config, self.policy_config),
+                                on_lost=self.kept)  # no file written yet
+        try:
+            self.open_folder(checkpoint is not None)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.session_start = time.perf_counter()
+        self.first_generation = self.es.generation
+        self.wall_offset = self.counters["wall_time_s"]
+        self.last_plot = -math.inf
+        self.evaluated = False  # whether the last generation recorded an evaluation
+        self.exit_code = 1
+        print(f"{policy}\nparameters: {self.dim}   population: {args.population_size}   workers: "
+              f"{self.pool.describe()}   run folder: {run_dir}")
+        if checkpoint:
+            print(f"resuming at generation {self.es.generation} from {checkpoint_path}")
+
+    def resume_from(self, checkpoint, path):
+        """The optimizer, counters and observation statistics of a checkpoint; UserError if incomplete."""
         stats = checkpoint.get("obs_stats")  # None without --obs-norm
         es_complete = set(vars(OpenAIES(np.zeros(1), 2))) <= set(checkpoint["es"])
-        stats_complete = not run.obs_stats or (stats is not None and {"count", "sum", "sumsq"} <= set(stats))
-        if not (es_complete and stats_complete):
-            raise UserError(f"{checkpoint_path} is not a complete {SCRIPT} checkpoint")
-        run.es, run.counters = OpenAIES.from_state_dict(checkpoint["es"]), checkpoint["counters"]
-        if run.obs_stats:  # copies: unpickled arrays may be read-only
-            run.obs_stats = {"count": float(stats["count"]), "sum": stats["sum"].copy(), "sumsq": stats["sumsq"].copy()}
-    else:
-        theta = init[0] if init else parameters_to_vector(policy.parameters()).numpy()
-        norm = init and init[1]["obs_norm"]
-        if run.obs_stats and norm:
-            mean, std = np.array(norm["mean"]), np.array(norm["std"])
-            run.obs_stats = {"count": norm["count"], "sum": mean * norm["count"],
-                             "sumsq": (std ** 2 + mean ** 2) * norm["count"]}
-        settings = inspect.signature(OpenAIES).parameters  # the algorithm's flags bear its arguments' names
-        run.es = OpenAIES(theta, **{key: value for key, value in vars(args).items() if key in settings})
-        run.counters = dict(COUNTERS)
-    run.pool = RolloutPool(args.num_workers, args.ray_address, (run.env_config, run.policy_config))  # no file yet
-    open_run_folder(run, checkpoint is not None)
-    print(f"{policy}\nparameters: {run.dim}   population: {args.population_size}   workers: {run.pool.describe()}   "
-          f"run folder: {run_dir}")
-    if checkpoint:
-        print(f"resuming at generation {run.es.generation} from {checkpoint_path}")
-    return run
+        stats_complete = stats is not None and {"count", "sum", "sumsq"} <= set(stats)
+        if not es_complete or (self.normalize and not stats_complete):
+            raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
+        self.es = OpenAIES.from_state_dict(checkpoint["es"])
+        self.counters = checkpoint["counters"]
+        if self.normalize:
+            self.obs_stats = ObservationStats.from_state_dict(stats)
+
+    def open_folder(self, resuming):
+        """The run folder, locked for the run's life, and its files: args.json, progress.csv (on resume:
+        its rows up to the checkpoint's generation), TensorBoard's writer and with --track the W&B run."""
+        args = self.args
+        self.lock = open_run_folder(self.dir)
+        if args.capture_video:
+            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
+        self.wandb = None
+        if args.track:  # before TensorBoard's writer; a resume continues the same W&B run
+            import wandb
+            if not vars(args).get("wandb_id"):
+                args.wandb_id = uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
+            try:
+                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                           name=os.path.basename(self.dir), dir=self.dir, id=args.wandb_id,
+                           resume="allow")
+                wandb.define_metric("*", step_metric="env_steps")
+            except Exception as e:
+                message = str(e).strip().splitlines()[0]
+                raise UserError(f"--track: W&B refused the run: {message}") from None
+            self.wandb = wandb
+        config = dict(vars(args), env_config=self.env_config, num_params=self.dim, versions=versions())
+        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+        last_iteration = None
+        if resuming:
+            last_iteration = self.es.generation
+        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], PROGRESS_COLUMNS,
+                                                   last_iteration)
+        from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
+        purge_step = None
+        if resuming:  # the points a killed session wrote after the checkpoint are hidden
+            purge_step = self.counters["env_steps"] + 1
+        self.tb = SummaryWriter(self.dir, purge_step=purge_step)
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.csv_file.close()
+        self.pool.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):
+            print(f"{SCRIPT}: error: {error}: {self.kept()}", file=sys.stderr)
+        self.tb.close()
+        if self.wandb:
+            upload_files(self)
+            self.wandb.finish(exit_code=self.exit_code)
+        if kind is None:
+            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
+            if os.path.exists(self.paths["best.npz"]):
+                files += " best.npz"
+            if self.args.capture_video:
+                files += " videos/"
+            print(f"done: {self.es.generation} generations, {self.counters['env_steps']} env steps, "
+                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+        self.lock.close()
+        return stopped
+
+    def kept(self):
+        """What to tell about the checkpoint when the run stops early (also the Ray watchdog's)."""
+        return (f"the checkpoint of generation {self.es.generation} is kept in "
+                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+                "   (on any Ray cluster with --ray-address, or locally)")
+
+    def meta(self, evaluation=None):
+        """A weights file's meta after this generation: what rebuilds the policy and its env, the
+        evaluation."""
+        args = self.args
+        norm = None
+        if self.normalize:
+            norm = self.obs_stats.meta()
+        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
+                "env": self.env_config, "policy": self.policy_config, "obs_norm": norm,
+                "evaluation": evaluation, "seed": args.seed, "iteration": self.es.generation,
+                "num_params": self.dim}
+
+    def rollouts(self, tasks):
+        """The generation's RolloutResults, in task order, with a progress bar on a terminal."""
+        self.generation_start = time.perf_counter()
+        shared = (self.es.theta, *self.obs_stats.mean_std())
+        episodes = len(tasks) * self.args.num_rollouts
+        with progress_bar(f"generation {self.es.generation + 1}", episodes, self.args.quiet) as bar:
+            return self.pool.map(tasks, shared, bar)
+
+    def count_steps(self, steps):
+        """Env steps spent in this generation (rollouts, evaluations)."""
+        self.steps += steps
+        self.counters["env_steps"] += steps
+
+    def count_generation(self, results, returns, center_return):
+        """A generation's rollouts done: their results, the members' returns (float64 (N,)) and the
+        center's; the sigma and learning rate they were drawn with (before `tell`)."""
+        self.returns = returns
+        self.center_return = center_return
+        self.sigma = self.es.sigma
+        self.learning_rate = self.es.learning_rate
+        self.steps = 0
+        self.count_steps(sum(result.steps for result in results))
+        self.counters["evaluations"] += self.args.population_size
+        self.counters["best_return"] = max(self.counters["best_return"], float(returns.max()))
+
+    def at_goal(self, center_return):
+        """Whether the center reached --reward-goal in training (then it is evaluated at once)."""
+        return self.args.reward_goal is not None and center_return >= self.args.reward_goal
+
+    def record_screened(self, evaluation):
+        """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
+        self.counters["goal_streak"] = 0
+        self.log(f"eval {self.es.generation:>5d} | screened out: return {evaluation['mean']:9.2f} over "
+                 f"the first {evaluation['episodes']} episodes, below the goal")
+
+    def record_evaluation(self, evaluation):
+        """An evaluation of theta: best.npz if the best so far, the goal streak, the console line."""
+        counters = self.counters
+        if evaluation["mean"] > counters["best_eval"]:
+            counters["best_eval"] = evaluation["mean"]
+            save_weights(self.paths["best.npz"], self.es.theta, self.meta(evaluation))
+        goal = self.args.reward_goal
+        if goal is not None and evaluation["mean"] >= goal:
+            counters["goal_streak"] += 1
+        else:
+            counters["goal_streak"] = 0
+        self.log(f"eval {self.es.generation:>5d} | return {evaluation['mean']:9.2f} ± "
+                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
+                 f"{counters['best_eval']:9.2f}")
+
+    def record(self, evaluation):
+        """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track, the
+        console line; the curve redrawn after an evaluation, at most every PLOT_INTERVAL_S."""
+        counters = self.counters
+        returns = self.returns
+        now = time.perf_counter()
+        counters["wall_time_s"] = self.wall_offset + (now - self.start)
+        row = {
+            "iteration": self.es.generation,
+            "evaluations": counters["evaluations"],
+            "env_steps": counters["env_steps"],
+            "wall_time_s": round(counters["wall_time_s"], 3),
+            "return_min": float(returns.min()),
+            "return_mean": float(returns.mean()),
+            "return_max": float(returns.max()),
+            "return_std": float(returns.std()),
+            "eval_return_mean": None,  # empty without an evaluation
+            "eval_return_std": None,
+            "center_return": self.center_return,
+            "center_rank": int(np.sum(returns > self.center_return)) + 1,  # 1: no member beat it
+            "sigma": self.sigma,
+            "learning_rate": self.learning_rate,
+            "grad_norm": self.es.grad_norm,
+            "param_norm": float(np.linalg.norm(self.es.theta)),
+            "num_cpus": self.pool.num_cpus,
+        }
+        if evaluation is not None:
+            row["eval_return_mean"] = evaluation["mean"]
+            row["eval_return_std"] = evaluation["std"]
+        self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
+        self.csv_file.flush()
+        scalars = {column: as_written(column, value) for column, value in row.items() if value is not None}
+        del scalars["env_steps"]
+        for column, value in scalars.items():
+            self.tb.add_scalar(column, value, global_step=counters["env_steps"])
+        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
+            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
+        self.evaluated = evaluation is not None
+        if self.evaluated and now - self.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
+            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
+                                self.title, CURVES)
+            self.last_plot = now
+        done = self.es.generation - self.first_generation
+        eta = (now - self.session_start) / done * (self.args.max_iter - self.es.generation)
+        self.log(f"iter {self.es.generation:>5d}/{self.args.max_iter} | evals "
+                 f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
+                 f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
+                 f"{counters['best_return']:8.2f} | center {self.center_return:8.2f} rank "
+                 f"{row['center_rank']:>4d} | sigma {self.sigma:.4f} lr {self.learning_rate:.4f} | "
+                 f"{self.steps / (now - self.generation_start):8,.0f} steps/s | cpus "
+                 f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
+                 f"ETA {duration(eta)}")
+
+    def save_checkpoint(self):
+        """checkpoint.pkl (args, optimizer, observation statistics, counters), atomically; TensorBoard's
+        events flushed, and after an evaluation (--track) the files sent to W&B."""
+        stats = None
+        if self.normalize:
+            stats = self.obs_stats.state_dict()
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
+                 "es": self.es.state_dict(), "obs_stats": stats, "counters": dict(self.counters)}
+        save_checkpoint(self.paths["checkpoint.pkl"], state)
+        self.tb.flush()
+        if self.evaluated:
+            upload_files(self)
+
+    def goal_reached(self):
+        """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
+        goal = self.args.reward_goal
+        streak = self.counters["goal_streak"]
+        if goal is None or streak < self.args.consecutive_goal_stopping:
+            return False
+        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+              f"{self.es.generation} ({self.counters['wall_time_s']:.1f} s)")
+        return True
+
+    def record_video(self, mean_std):
+        """videos/iter-<generation>: an evaluation episode of theta."""
+        policy = make_policy(self.policy_config, self.es.theta, mean_std)
+        stem = os.path.join(self.dir, "videos", f"iter-{self.es.generation:05d}")
+        seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.es.generation, 0)
+        path, _ = record_video(self.env_config, policy, stem, seed)
+        self.log(f"video {path}")
+
+    def finish(self, evaluation=None):
+        """final.npz, theta with its evaluation in meta, and the last learning curve. evaluation: the
+        last generation's own, if it had one; else one is run outside the run's record (progress.csv,
+        best.npz, the goal streak), so a run stopped early and resumed stays exactly the run made in
+        one go."""
+        if evaluation is None:
+            mean_std = self.obs_stats.mean_std()
+            _, _, evaluation = evaluate(self.pool, self.es.theta, mean_std, self.args, self.es.generation)
+        self.log(f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+                 f"{evaluation['episodes']} episodes")
+        save_weights(self.paths["final.npz"], self.es.theta, self.meta(evaluation))
+        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title,
+                            CURVES)
+
+
+def duration(seconds):
+    """H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def as_written(column, value):
+    """A progress row's number as its csv cell holds it (for TensorBoard and W&B): a float other than
+    wall_time_s (rounded already) to 6 significant digits, the rest as is."""
+    if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, 5 - math.floor(math.log10(abs(value))))
+
+
+def csv_cell(column, value):
+    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None as
+    empty, the rest as is."""
+    if value is None:
+        return ""
+    if column == "wall_time_s":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def configs(args):
+    """(env config, policy config): what workers, evaluations and weights files need; sizes from a probe env."""
+    max_negative_steps = args.max_negative_steps
+    if max_negative_steps is None:  # CarRacing's early stop is on by default
+        max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
+    env_config = {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
+                  "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
+                  "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
+    env = make_env(env_config, training=False)
+    try:  # an env that cannot even take one step is bad input: found now, before any file is written
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except Exception as e:
+        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    env.close()
+    return env_config, {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
+                        "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
+                        "hidden_sizes": list(args.hidden_sizes), "activation": args.activation,
+                        "recurrent": args.recurrent, "action_bounding": args.action_bounding,
+                        "obs_norm": args.obs_norm}
+
+
+
+def make_policy(policy_config, params=None, obs_mean_std=None):
+    """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
+    torch's initialization) and the normalization (mean, std) of vector observations."""
+    torch.set_num_threads(1)
+    try:
+        policy = Policy(**policy_config)
+    except RuntimeError:  # torch's allocator refused the layers' weights
+        raise MemoryError(f"hidden layers {policy_config['hidden_sizes']} do not fit in memory") from None
+    policy = policy.load(params) if params is not None else policy
+    if policy.normalize and obs_mean_std is not None:
+        policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
+    return policy
+
 
 
 def build_policy(args, weights=None):
@@ -888,56 +1241,6 @@ def run_name(args, *parts):
     return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
 
 
-def open_run_folder(run, resuming):
-    """Create the run folder, args.json, progress.csv (on resume: its rows up to the checkpoint's generation),
-    TensorBoard's writer and with --track the W&B run; tell the pool what a lost run keeps."""
-    args, run.wandb = run.args, None
-    os.makedirs(os.path.join(run.dir, "videos") if args.capture_video else run.dir, exist_ok=True)
-    if args.track:  # before TensorBoard's writer; a resume continues the same W&B run
-        import wandb
-        args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
-        try:
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                       name=os.path.basename(run.dir), dir=run.dir, id=args.wandb_id, resume="allow")
-            wandb.define_metric("*", step_metric="env_steps")
-        except Exception as e:
-            raise UserError(f"--track: W&B refused the run: {str(e).strip().splitlines()[0]}") from None
-        run.wandb = wandb
-    run.paths = {name: os.path.join(run.dir, name) for name in
-                 ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")}
-    config = dict(vars(args), env_config=run.env_config, num_params=run.dim, versions=versions())
-    atomic_write(run.paths["args.json"], json.dumps(config, indent=2).encode())
-    path, rows, text = run.paths["progress.csv"], [], io.StringIO()
-    if resuming and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["iteration"]) <= run.es.generation]
-    writer = csv.DictWriter(text, PROGRESS_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, text.getvalue().encode())
-    run.csv_file = open(path, "a", newline="")
-    run.writer = csv.DictWriter(run.csv_file, PROGRESS_COLUMNS)
-    from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
-    # On resume, the points a killed session wrote after the checkpoint are hidden.
-    run.tb = SummaryWriter(run.dir, purge_step=run.counters["env_steps"] + 1 if resuming else None)
-    run.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{key}|{value}|" for key, value in vars(args).items()))
-    run.kept = run.pool.on_lost = lambda: (
-        f"the checkpoint of generation {run.es.generation} is kept in {run.paths['checkpoint.pkl']}\n"
-        f"resume with: python {SCRIPT} --resume {run.dir}   (on any Ray cluster with --ray-address, or locally)")
-
-
-def write_checkpoint(run, upload=False):
-    """Write checkpoint.pkl (args, optimizer, observation statistics, counters), flush TensorBoard; with
-    `upload` and --track, send the weights and plot to W&B."""
-    state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(run.args),
-             "es": run.es.state_dict(), "obs_stats": run.obs_stats, "counters": dict(run.counters)}
-    save_checkpoint(run.paths["checkpoint.pkl"], state)
-    run.tb.flush()
-    if upload:
-        upload_files(run)
-
-
 def upload_files(run):
     """With --track: the weights files and the plot that exist, sent to the W&B run now."""
     for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
@@ -962,15 +1265,6 @@ def progress_bar(desc, episodes, quiet):
         yield None if bar.disable else progress
 
 
-def weights_meta(run, iteration, evaluation=None):
-    """The meta of a weights file: what rebuilds the policy and its env, and the evaluation."""
-    mean, std = obs_mean_std(run.obs_stats)
-    norm = {"mean": mean.tolist(), "std": std.tolist(), "count": run.obs_stats["count"]} if run.obs_stats else None
-    return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": run.args.env_id, "env": run.env_config,
-            "policy": run.policy_config, "obs_norm": norm, "evaluation": evaluation, "seed": run.args.seed,
-            "iteration": iteration, "num_params": run.dim}
-
-
 # Workers --------------------------------------------------------------------------------------------
 MAX_RESTARTS = 3  # a local batch whose worker died is re-run on new workers this many times at most
 LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
@@ -982,6 +1276,33 @@ WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 class PoolLost(Exception):
     """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
+
+
+# The batched forward: B members' MLPs in one numpy pass (lockstep rollouts)
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
+                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
+                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))}
+
+
+def stacked_layers(policy, genotypes):
+    """The MLP layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+    layers, offset = [], 0
+    for weight, _ in policy.linear_params:
+        rows, cols = weight.shape
+        layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
+                       genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+        offset += rows * cols + rows
+    return layers
+
+
+def act_batch(policy, obs, layers):
+    """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice as fast as
+    torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives."""
+    x = policy.normalized(obs)
+    for weight, bias in layers[:-1]:
+        x = policy.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
+    out = np.matmul(layers[-1][0], x[:, :, None])[:, :, 0] + layers[-1][1]
+    return out.argmax(axis=1).tolist() if policy.discrete else (np.tanh(out) if policy.squash else out)
 
 
 class RolloutWorker:
@@ -1030,7 +1351,7 @@ class RolloutWorker:
         returns, steps, totals, states = [[] for _ in tasks], [0] * n, [0.0] * n, [None] * n
         obs, active = [self.reset(k, training, seeds[k].pop(0)) for k in range(n)], list(range(n))
         if self.batched:
-            layers = self.policy.stacked_layers(genotypes)
+            layers = stacked_layers(self.policy, genotypes)
         else:  # one task: the policy holds its weights
             self.policy.load(genotypes[0])
         with torch.inference_mode():
@@ -1039,7 +1360,7 @@ class RolloutWorker:
                     if observations[k] is not None:
                         observations[k].append(obs[k])
                 if self.batched:
-                    actions = self.policy.act_batch(np.stack([obs[k] for k in active]), layers)
+                    actions = act_batch(self.policy, np.stack([obs[k] for k in active]), layers)
                 else:
                     actions, states[0] = self.policy.act(obs[0], states[0])
                     actions = [actions]
@@ -1057,7 +1378,7 @@ class RolloutWorker:
                 if finished:
                     active = [k for k in active if k not in finished]
                     if active and self.batched:
-                        layers = self.policy.stacked_layers(genotypes[active])
+                        layers = stacked_layers(self.policy, genotypes[active])
         sums = [None if o is None else np.asarray(o, dtype=np.float64) for o in observations]
         return [(returns[k], steps[k], None if sums[k] is None else
                  (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]
@@ -1093,9 +1414,10 @@ class RolloutPool:
     batch, MAX_RESTARTS times at most, then PoolLost. On Ray, tasks (num_cpus=1, re-run by Ray) share the arrays
     through one `ray.put` a batch; num_workers, when set, caps the tasks running at once."""
 
-    def __init__(self, num_workers, ray_address, worker_args):
+    def __init__(self, num_workers, ray_address, worker_args, on_lost=None):
         self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.executor = self.on_lost = None  # on_lost: () -> what a lost run keeps
+        self.on_lost = on_lost  # () -> what to tell when the cluster is lost (the checkpoint kept)
+        self.executor = None
         self.key = uuid.uuid4().hex  # names this pool's RolloutWorker in each process
         if ray_address:
             self.start_ray()
@@ -1133,7 +1455,9 @@ class RolloutPool:
                     results = [future.result() for future in futures]
                 for i, chunk_results in enumerate(results):
                     ordered[i::count] = chunk_results
-                return ordered
+                # Plain tuples from the workers: a class of the main script, made in a spawned worker,
+                # would not unpickle here.
+                return [RolloutResult(*result) for result in ordered]
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:
@@ -1247,19 +1571,28 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    An address is probed first (ray.init would wait for minutes). A cluster started where a token exists wants
+    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
     it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
     start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
-    if address != "auto":
-        host, _, port = address.removeprefix("ray://").rpartition(":")
+    target = address
+    where = ""
+    if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError, OverflowError):
-            raise UserError(f"no Ray cluster answers at {address}: start one with `ray start --head` "
-                            "or check the address (HOST:PORT, or auto)") from None
+            target = ray._private.services.canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError):
+            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
+                            "`ray start --head`, or give its HOST:PORT") from None
+        where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError, OverflowError):
+        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
+                        "--head` or check the address (HOST:PORT, or auto)") from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
@@ -1307,6 +1640,59 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def open_run_folder(folder):
+    """Create the run folder if need be and lock it for this process's life: an open file whose
+    exclusive lock (fcntl.flock on `.lock`) the system drops at any exit, a kill included. Then
+    remove the temp files (.tmp-*) of atomic writes a kill interrupted. UserError when another
+    run holds the folder."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
+                        "--run-name") from None
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(folder, name))
+    return lock
+
+
+def open_progress(path, columns, last_iteration):
+    """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
+    (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
+    checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
+    or a full disk cut short; a missing file starts anew with the next generation. UserError, the
+    file left as it is, when it is emptied, holds another header, or its rows stop short of the
+    checkpoint or have gaps."""
+    kept = None
+    if last_iteration is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        rows = list(csv.reader(io.StringIO(complete)))
+        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
+                f"generation {last_iteration + 1}")
+        if not rows or rows[0] != columns:
+            raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
+        kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit()]
+        kept = [row for row in kept if int(row[0]) <= last_iteration]
+        iterations = [int(row[0]) for row in kept]
+        if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
+                            f"{hint}")
+        if kept != rows[1:] or complete != text:
+            table = io.StringIO()
+            csv.writer(table).writerows([columns, *kept])
+            atomic_write(path, table.getvalue().encode())
+    csv_file = open(path, "a" if kept else "w", newline="")
+    writer = csv.DictWriter(csv_file, columns)
+    if not kept:
+        writer.writeheader()
+    return csv_file, writer
 
 
 def save_weights(path, params, meta):
@@ -1512,7 +1898,9 @@ def run_from_pretrained(args, given):
     params, meta = read_weights_into_args(args, given)
     env_config, policy_config, policy, dim, _ = build_policy(args, (params, meta))
     norm = meta["obs_norm"]
-    mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)) if norm else obs_mean_std(None)
+    mean_std = ObservationStats(0).mean_std()
+    if norm:
+        mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32))
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
     print(f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
           f"workers: {pool.describe()}")

@@ -480,7 +480,7 @@ def test_an_off_schedule_evaluation_is_screened_by_its_first_episodes():
 
         def map(self, tasks, shared, progress=None):
             self.sizes.append(len(tasks))
-            return [([float(task[3][0] % 1000)], 7, None) for task in tasks]
+            return [es_mod.RolloutResult([float(task[3][0] % 1000)], 7, None) for task in tasks]
 
     first = [es_mod.derive_seed(4, es_mod.EVAL_ENV_STREAM, 9, e) % 1000 for e in range(es_mod.SCREEN_EPISODES)]
     args = SimpleNamespace(seed=4, num_eval_rollouts=30, quiet=True, reward_goal=float(np.mean(first)))
@@ -865,7 +865,7 @@ def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete, bounding):
             assert action.dtype == np.float32 and np.allclose(action, want, atol=1e-5)
     # load() rebinds the weights: the numpy views must follow
     policy.load(np.zeros(sum(p.numel() for p in policy.parameters())))
-    assert not np.any(policy.act_batch(np.ones((1, 6), np.float32), policy.numpy_layers))
+    assert not np.any(es_mod.act_batch(policy, np.ones((1, 6), np.float32), policy.numpy_layers))
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "selu"])
@@ -880,11 +880,11 @@ def test_a_batched_forward_gives_each_member_exactly_its_own_action(activation, 
     policy.obs_mean = rng.normal(size=obs_dim).astype(np.float32)
     policy.obs_std = rng.uniform(0.5, 2, size=obs_dim).astype(np.float32)
     obs = rng.normal(scale=3, size=(13, obs_dim)).astype(np.float32)
-    batched = policy.act_batch(obs, policy.stacked_layers(genotypes))
+    batched = es_mod.act_batch(policy, obs, es_mod.stacked_layers(policy, genotypes))
     for member in (0, 5, 12):
         alone, _ = policy.load(genotypes[member]).act(obs[member])
         assert alone == batched[member] if discrete else np.array_equal(alone, batched[member])
-    subset = policy.act_batch(obs[[3, 7]], policy.stacked_layers(genotypes[[3, 7]]))
+    subset = es_mod.act_batch(policy, obs[[3, 7]], es_mod.stacked_layers(policy, genotypes[[3, 7]]))
     assert (subset == [batched[3], batched[7]]) if discrete else np.array_equal(subset, batched[[3, 7]])
 
 
