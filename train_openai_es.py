@@ -585,7 +585,9 @@ def check_flags(args, given):
         return
     flag = "--" + fixed[0].replace("_", "-")
     if args.resume:
-        raise UserError(f"{flag} cannot be changed on resume: the run's settings come from its checkpoint")
+        raise UserError(
+            f"{flag} cannot be changed on resume: the run's settings come from its checkpoint"
+        )
     raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
 
 
@@ -607,7 +609,9 @@ def check_settings(args):
     """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
     args.env_kwargs = dict(args.env_kwargs)
     if args.antithetic and args.population_size % 2:
-        raise UserError("--population-size must be even with mirrored sampling (or pass --no-antithetic)")
+        raise UserError(
+            "--population-size must be even with mirrored sampling (or pass --no-antithetic)"
+        )
     if args.recurrent and not args.hidden_sizes:
         raise UserError("--recurrent needs at least one hidden layer")
     try:
@@ -623,18 +627,29 @@ def check_paths(args):
     one), folder names without separators, a --logs-dir this user can write to."""
     for flag in ("resume", "from_pretrained", "init_from"):
         path = getattr(args, flag)
-        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        path = (
+            os.path.join(path, "checkpoint.pkl")
+            if flag == "resume" and path and os.path.isdir(path)
+            else path
+        )
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+            raise UserError(
+                f"--{flag.replace('_', '-')} {path} {problem}"
+                + (": no checkpoint" * (flag == "resume"))
+            )
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
+        if name is not None and (
+            name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name
+        ):
             raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
     folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
     while not os.path.exists(folder):  # its nearest existing part
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+        raise UserError(
+            f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to"
+        )
 
 
 
@@ -676,13 +691,17 @@ def check_spaces(env, env_config):
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         bounded = np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
         if env_config["action_bounding"] != "clip" and not bounded:
-            raise UserError(f"action space {space} has infinite bounds: use --action-bounding clip")
+            raise UserError(
+                f"action space {space} has infinite bounds: use --action-bounding clip"
+            )
     elif not isinstance(space, gym.spaces.Discrete):
         raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
     space = env.observation_space
     vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     if not (is_frames(space) or vectors):
-        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
+        raise UserError(
+            f"observation space {space} is not supported: only 1-D Box vectors and uint8 images"
+        )
 
 
 def resize_frames(env, size):
@@ -690,7 +709,9 @@ def resize_frames(env, size):
     try:
         return gym.wrappers.ResizeObservation(env, (size, size))
     except gym.error.DependencyNotInstalled:
-        raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
+        raise UserError(
+            "resizing frames needs OpenCV: pip install opencv-python-headless"
+        ) from None
 
 
 def gym_make(env_id, render_mode, kwargs):
@@ -700,7 +721,9 @@ def gym_make(env_id, render_mode, kwargs):
     try:
         return gym.make(env_id, render_mode=render_mode, **kwargs)
     except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def register_env_family(env_id):
@@ -760,7 +783,7 @@ class ObservationStats:
     def mean_std(self):
         """(mean, std), float32 (O,) each; std floored at 0.1 as in the paper."""
         mean = self.sum / self.count
-        std = np.sqrt(np.maximum(self.sumsq / self.count - mean ** 2, 1e-2))
+        std = np.sqrt(np.maximum(self.sumsq / self.count - mean**2, 1e-2))
         return mean.astype(np.float32), std.astype(np.float32)
 
     def state_dict(self):
@@ -784,7 +807,7 @@ class ObservationStats:
         stats = cls(0)
         stats.count = norm["count"]
         stats.sum = mean * norm["count"]
-        stats.sumsq = (std ** 2 + mean ** 2) * norm["count"]
+        stats.sumsq = (std**2 + mean**2) * norm["count"]
         return stats
 
     def meta(self):
@@ -821,7 +844,11 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
             results += pool.map(tasks[first:], shared, progress)
     returns = np.array([result.episode_returns[0] for result in results])
     steps = sum(result.steps for result in results)
-    summary = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+    summary = {
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "episodes": int(returns.size),
+    }
     return returns, steps, summary
 
 
@@ -851,8 +878,10 @@ class Run:
                 init = read_weights_into_args(args, given)
             run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
             if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-                raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                                "or pick another --run-name")
+                raise UserError(
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                    "or pick another --run-name"
+                )
         self.args = args
         self.dir = run_dir
         self.title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
@@ -882,13 +911,24 @@ class Run:
                 lr_min=args.lr_min,
                 sigma_decay=args.sigma_decay,
                 sigma_min=args.sigma_min,
-                seed=args.seed)
+                seed=args.seed,
+            )
             self.counters = dict(COUNTERS)
-        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz",
-                 "final.npz")
+        names = (
+            "args.json",
+            "progress.csv",
+            "learning_curve.png",
+            "checkpoint.pkl",
+            "best.npz",
+            "final.npz",
+        )
         self.paths = {name: os.path.join(run_dir, name) for name in names}
-        self.pool = RolloutPool(args.num_workers, args.ray_address, (self.env_config, self.policy_config),
-                                on_lost=self.kept)  # no file written yet
+        self.pool = RolloutPool(
+            args.num_workers,
+            args.ray_address,
+            (self.env_config, self.policy_config),
+            on_lost=self.kept,
+        )  # no file written yet
         try:
             self.open_folder(checkpoint is not None)
         except BaseException:
@@ -903,8 +943,10 @@ class Run:
         self.last_plot = -math.inf
         self.evaluated = False  # whether the last generation recorded an evaluation
         self.exit_code = 1
-        print(f"{policy}\nparameters: {self.dim}   population: {args.population_size}   workers: "
-              f"{self.pool.describe()}   run folder: {run_dir}")
+        print(
+            f"{policy}\nparameters: {self.dim}   population: {args.population_size}   workers: "
+            f"{self.pool.describe()}   run folder: {run_dir}"
+        )
         if checkpoint:
             print(f"resuming at generation {self.es.generation} from {checkpoint_path}")
 
@@ -922,7 +964,8 @@ class Run:
 
     def open_folder(self, resuming):
         """The run folder, locked for the run's life, and its files: args.json, progress.csv (on resume:
-        its rows up to the checkpoint's generation), TensorBoard's writer and with --track the W&B run."""
+        its rows up to the checkpoint's generation), TensorBoard's writer and with --track the W&B run.
+        """
         args = self.args
         self.lock = open_run_folder(self.dir)
         if args.capture_video:
@@ -930,25 +973,36 @@ class Run:
         self.wandb = None
         if args.track:  # before TensorBoard's writer; a resume continues the same W&B run
             import wandb
+
             if not vars(args).get("wandb_id"):
                 args.wandb_id = uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
             try:
-                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                           name=os.path.basename(self.dir), dir=self.dir, id=args.wandb_id,
-                           resume="allow")
+                wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    config=vars(args),
+                    name=os.path.basename(self.dir),
+                    dir=self.dir,
+                    id=args.wandb_id,
+                    resume="allow",
+                )
                 wandb.define_metric("*", step_metric="env_steps")
             except Exception as e:
                 message = str(e).strip().splitlines()[0]
                 raise UserError(f"--track: W&B refused the run: {message}") from None
             self.wandb = wandb
-        config = dict(vars(args), env_config=self.env_config, num_params=self.dim, versions=versions())
+        config = dict(
+            vars(args), env_config=self.env_config, num_params=self.dim, versions=versions()
+        )
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         last_iteration = None
         if resuming:
             last_iteration = self.es.generation
-        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], PROGRESS_COLUMNS,
-                                                   last_iteration)
+        self.csv_file, self.writer = open_progress(
+            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
+        )
         from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
+
         purge_step = None
         if resuming:  # the points a killed session wrote after the checkpoint are hidden
             purge_step = self.counters["env_steps"] + 1
@@ -980,16 +1034,20 @@ class Run:
                 files += " best.npz"
             if self.args.capture_video:
                 files += " videos/"
-            print(f"done: {self.es.generation} generations, {self.counters['env_steps']} env steps, "
-                  f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}")
+            print(
+                f"done: {self.es.generation} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
+            )
         self.lock.close()
         return stopped
 
     def kept(self):
         """What to tell about the checkpoint when the run stops early (also the Ray watchdog's)."""
-        return (f"the checkpoint of generation {self.es.generation} is kept in "
-                f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
-                "   (on any Ray cluster with --ray-address, or locally)")
+        return (
+            f"the checkpoint of generation {self.es.generation} is kept in "
+            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+            "   (on any Ray cluster with --ray-address, or locally)"
+        )
 
     def meta(self, evaluation=None):
         """A weights file's meta after this generation: what rebuilds the policy and its env, the
@@ -998,17 +1056,27 @@ class Run:
         norm = None
         if self.normalize:
             norm = self.obs_stats.meta()
-        return {"format_version": FORMAT_VERSION, "script": SCRIPT, "env_id": args.env_id,
-                "env": self.env_config, "policy": self.policy_config, "obs_norm": norm,
-                "evaluation": evaluation, "seed": args.seed, "iteration": self.es.generation,
-                "num_params": self.dim}
+        return {
+            "format_version": FORMAT_VERSION,
+            "script": SCRIPT,
+            "env_id": args.env_id,
+            "env": self.env_config,
+            "policy": self.policy_config,
+            "obs_norm": norm,
+            "evaluation": evaluation,
+            "seed": args.seed,
+            "iteration": self.es.generation,
+            "num_params": self.dim,
+        }
 
     def rollouts(self, tasks):
         """The generation's RolloutResults, in task order, with a progress bar on a terminal."""
         self.generation_start = time.perf_counter()
         shared = (self.es.theta, *self.obs_stats.mean_std())
         episodes = len(tasks) * self.args.num_rollouts
-        with progress_bar(f"generation {self.es.generation + 1}", episodes, self.args.quiet) as bar:
+        with progress_bar(
+            f"generation {self.es.generation + 1}", episodes, self.args.quiet
+        ) as bar:
             return self.pool.map(tasks, shared, bar)
 
     def count_steps(self, steps):
@@ -1035,8 +1103,10 @@ class Run:
     def record_screened(self, evaluation):
         """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
         self.counters["goal_streak"] = 0
-        self.log(f"eval {self.es.generation:>5d} | screened out: return {evaluation['mean']:9.2f} over "
-                 f"the first {evaluation['episodes']} episodes, below the goal")
+        self.log(
+            f"eval {self.es.generation:>5d} | screened out: return {evaluation['mean']:9.2f} over "
+            f"the first {evaluation['episodes']} episodes, below the goal"
+        )
 
     def record_evaluation(self, evaluation):
         """An evaluation of theta: best.npz if the best so far, the goal streak, the console line."""
@@ -1049,9 +1119,11 @@ class Run:
             counters["goal_streak"] += 1
         else:
             counters["goal_streak"] = 0
-        self.log(f"eval {self.es.generation:>5d} | return {evaluation['mean']:9.2f} ± "
-                 f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
-                 f"{counters['best_eval']:9.2f}")
+        self.log(
+            f"eval {self.es.generation:>5d} | return {evaluation['mean']:9.2f} ± "
+            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
+            f"{counters['best_eval']:9.2f}"
+        )
 
     def record(self, evaluation):
         """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track, the
@@ -1084,7 +1156,9 @@ class Run:
             row["eval_return_std"] = evaluation["std"]
         self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
         self.csv_file.flush()
-        scalars = {column: as_written(column, value) for column, value in row.items() if value is not None}
+        scalars = {
+            column: as_written(column, value) for column, value in row.items() if value is not None
+        }
         del scalars["env_steps"]
         for column, value in scalars.items():
             self.tb.add_scalar(column, value, global_step=counters["env_steps"])
@@ -1092,19 +1166,22 @@ class Run:
             self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
         self.evaluated = evaluation is not None
         if self.evaluated and now - self.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
-            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"],
-                                self.title, CURVES)
+            plot_learning_curve(
+                self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
+            )
             self.last_plot = now
         done = self.es.generation - self.first_generation
         eta = (now - self.session_start) / done * (self.args.max_iter - self.es.generation)
-        self.log(f"iter {self.es.generation:>5d}/{self.args.max_iter} | evals "
-                 f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
-                 f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
-                 f"{counters['best_return']:8.2f} | center {self.center_return:8.2f} rank "
-                 f"{row['center_rank']:>4d} | sigma {self.sigma:.4f} lr {self.learning_rate:.4f} | "
-                 f"{self.steps / (now - self.generation_start):8,.0f} steps/s | cpus "
-                 f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
-                 f"ETA {duration(eta)}")
+        self.log(
+            f"iter {self.es.generation:>5d}/{self.args.max_iter} | evals "
+            f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
+            f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
+            f"{counters['best_return']:8.2f} | center {self.center_return:8.2f} rank "
+            f"{row['center_rank']:>4d} | sigma {self.sigma:.4f} lr {self.learning_rate:.4f} | "
+            f"{self.steps / (now - self.generation_start):8,.0f} steps/s | cpus "
+            f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
+            f"ETA {duration(eta)}"
+        )
 
     def save_checkpoint(self):
         """checkpoint.pkl (args, optimizer, observation statistics, counters), atomically; TensorBoard's
@@ -1112,8 +1189,14 @@ class Run:
         stats = None
         if self.normalize:
             stats = self.obs_stats.state_dict()
-        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args),
-                 "es": self.es.state_dict(), "obs_stats": stats, "counters": dict(self.counters)}
+        state = {
+            "format_version": FORMAT_VERSION,
+            "script": SCRIPT,
+            "args": vars(self.args),
+            "es": self.es.state_dict(),
+            "obs_stats": stats,
+            "counters": dict(self.counters),
+        }
         save_checkpoint(self.paths["checkpoint.pkl"], state)
         self.tb.flush()
         if self.evaluated:
@@ -1125,8 +1208,10 @@ class Run:
         streak = self.counters["goal_streak"]
         if goal is None or streak < self.args.consecutive_goal_stopping:
             return False
-        print(f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-              f"{self.es.generation} ({self.counters['wall_time_s']:.1f} s)")
+        print(
+            f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
+            f"{self.es.generation} ({self.counters['wall_time_s']:.1f} s)"
+        )
         return True
 
     def record_video(self, mean_std):
@@ -1144,12 +1229,17 @@ class Run:
         one go."""
         if evaluation is None:
             mean_std = self.obs_stats.mean_std()
-            _, _, evaluation = evaluate(self.pool, self.es.theta, mean_std, self.args, self.es.generation)
-        self.log(f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
-                 f"{evaluation['episodes']} episodes")
+            _, _, evaluation = evaluate(
+                self.pool, self.es.theta, mean_std, self.args, self.es.generation
+            )
+        self.log(
+            f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes"
+        )
         save_weights(self.paths["final.npz"], self.es.theta, self.meta(evaluation))
-        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title,
-                            CURVES)
+        plot_learning_curve(
+            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
+        )
 
 
 def duration(seconds):
@@ -1161,7 +1251,12 @@ def duration(seconds):
 def as_written(column, value):
     """A progress row's number as its csv cell holds it (for TensorBoard and W&B): a float other than
     wall_time_s (rounded already) to 6 significant digits, the rest as is."""
-    if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
+    if (
+        column == "wall_time_s"
+        or not isinstance(value, float)
+        or value == 0
+        or not math.isfinite(value)
+    ):
         return value
     return round(value, 5 - math.floor(math.log10(abs(value))))
 
@@ -1183,22 +1278,36 @@ def configs(args):
     max_negative_steps = args.max_negative_steps
     if max_negative_steps is None:  # CarRacing's early stop is on by default
         max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
-    env_config = {"env_id": args.env_id, "env_kwargs": args.env_kwargs, "max_episode_steps": args.max_episode_steps,
-                  "max_negative_steps": max_negative_steps, "action_bounding": args.action_bounding,
-                  "frame_size": args.frame_size, "frame_stack": args.frame_stack, "grayscale": args.grayscale}
+    env_config = {
+        "env_id": args.env_id,
+        "env_kwargs": args.env_kwargs,
+        "max_episode_steps": args.max_episode_steps,
+        "max_negative_steps": max_negative_steps,
+        "action_bounding": args.action_bounding,
+        "frame_size": args.frame_size,
+        "frame_stack": args.frame_stack,
+        "grayscale": args.grayscale,
+    }
     env = make_env(env_config, training=False)
     try:  # an env that cannot even take one step is bad input: found now, before any file is written
         env.reset(seed=0)
         env.step(env.action_space.sample())
     except Exception as e:
-        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
+        raise UserError(
+            f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}"
+        ) from None
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
     env.close()
-    return env_config, {"obs_shape": list(env.observation_space.shape), "discrete": discrete,
-                        "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
-                        "hidden_sizes": list(args.hidden_sizes), "activation": args.activation,
-                        "recurrent": args.recurrent, "action_bounding": args.action_bounding,
-                        "obs_norm": args.obs_norm}
+    return env_config, {
+        "obs_shape": list(env.observation_space.shape),
+        "discrete": discrete,
+        "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
+        "hidden_sizes": list(args.hidden_sizes),
+        "activation": args.activation,
+        "recurrent": args.recurrent,
+        "action_bounding": args.action_bounding,
+        "obs_norm": args.obs_norm,
+    }
 
 
 
@@ -1209,7 +1318,9 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
     try:
         policy = Policy(**policy_config)
     except RuntimeError:  # torch's allocator refused the layers' weights
-        raise MemoryError(f"hidden layers {policy_config['hidden_sizes']} do not fit in memory") from None
+        raise MemoryError(
+            f"hidden layers {policy_config['hidden_sizes']} do not fit in memory"
+        ) from None
     policy = policy.load(params) if params is not None else policy
     if policy.normalize and obs_mean_std is not None:
         policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
@@ -1219,26 +1330,39 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
 
 def build_policy(args, weights=None):
     """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs).
-    UserError unless `weights` (params, meta) from a file fit the env's spaces and the policy's sizes."""
+    UserError unless `weights` (params, meta) from a file fit the env's spaces and the policy's sizes.
+    """
     env_config, policy_config = configs(args)
     policy = make_policy(policy_config)
     dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
     if weights:
-        (params, meta), path, want = weights, args.init_from or args.from_pretrained, weights[1]["policy"]
-        if any(want.get(key) != policy_config[key] for key in ("obs_shape", "discrete", "num_actions")):
-            raise UserError(f"{path} does not fit {meta['env_id']}: its policy takes observations "
-                            f"{want.get('obs_shape')} and {want.get('num_actions')} actions, the env gives "
-                            f"{policy_config['obs_shape']} and {policy_config['num_actions']}")
+        (params, meta), path, want = (
+            weights,
+            args.init_from or args.from_pretrained,
+            weights[1]["policy"],
+        )
+        if any(
+            want.get(key) != policy_config[key] for key in ("obs_shape", "discrete", "num_actions")
+        ):
+            raise UserError(
+                f"{path} does not fit {meta['env_id']}: its policy takes observations "
+                f"{want.get('obs_shape')} and {want.get('num_actions')} actions, the env gives "
+                f"{policy_config['obs_shape']} and {policy_config['num_actions']}"
+            )
         norm_size = len(meta["obs_norm"]["mean"]) if meta["obs_norm"] else 0
         if params.size != dim or norm_size != obs_dim:
-            raise UserError(f"{path} holds {params.size} parameters and {norm_size} observation statistics but "
-                            f"its architecture needs {dim} and {obs_dim}")
+            raise UserError(
+                f"{path} holds {params.size} parameters and {norm_size} observation statistics but "
+                f"its architecture needs {dim} and {obs_dim}"
+            )
     return env_config, policy_config, policy, dim, obs_dim
 
 
 def run_name(args, *parts):
     """The default run folder name: <env-id>__<exp-name>__<parts>__<unix-time>."""
-    return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
+    return "__".join(
+        [args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))]
+    )
 
 
 def upload_files(run):
@@ -1253,15 +1377,27 @@ def progress_bar(desc, episodes, quiet):
     """A live tqdm bar on stderr, on a terminal only (not with --quiet): the `progress(result)` of
     `RolloutPool.map`, or None where no bar shows."""
     from tqdm import tqdm
+
     columns, rows = shutil.get_terminal_size()  # tqdm takes a bare pty's 0 x 0 for no room at all
-    with tqdm(total=episodes, desc=desc, unit="episode", leave=False, disable=quiet or not sys.stderr.isatty(),
-              ncols=columns, nrows=rows) as bar:
+    with tqdm(
+        total=episodes,
+        desc=desc,
+        unit="episode",
+        leave=False,
+        disable=quiet or not sys.stderr.isatty(),
+        ncols=columns,
+        nrows=rows,
+    ) as bar:
         steps = [0]
 
         def progress(result):  # a finished task: its episodes and env steps
             steps[0] += result[1]
-            bar.set_postfix_str(f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s", refresh=False)
+            bar.set_postfix_str(
+                f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s",
+                refresh=False,
+            )
             bar.update(len(result[0]))
+
         yield None if bar.disable else progress
 
 
@@ -1289,33 +1425,47 @@ def stacked_layers(policy, genotypes):
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        layers.append((genotypes[:, offset:offset + rows * cols].reshape(-1, rows, cols),
-                       genotypes[:, offset + rows * cols:offset + rows * cols + rows]))
+        layers.append(
+            (
+                genotypes[:, offset : offset + rows * cols].reshape(-1, rows, cols),
+                genotypes[:, offset + rows * cols : offset + rows * cols + rows],
+            )
+        )
         offset += rows * cols + rows
     return layers
 
 
 def act_batch(policy, obs, layers):
     """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice as fast as
-    torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives."""
+    torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives.
+    """
     x = policy.normalized(obs)
     for weight, bias in layers[:-1]:
         x = policy.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
     out = np.matmul(layers[-1][0], x[:, :, None])[:, :, 0] + layers[-1][1]
-    return out.argmax(axis=1).tolist() if policy.discrete else (np.tanh(out) if policy.squash else out)
+    return (
+        out.argmax(axis=1).tolist()
+        if policy.discrete
+        else (np.tanh(out) if policy.squash else out)
+    )
 
 
 class RolloutWorker:
     """One worker's envs and policy, built once. A task: (noise_seed, sign, sigma, env_seeds, training), sign 0
-    for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy)."""
+    for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy).
+    """
 
     def __init__(self, env_config, policy_config):
         self.env_config, self.policy = env_config, make_policy(policy_config)
-        self.batched = not (self.policy.pixels or self.policy.recurrent)  # an MLP: lockstep with act_batch
+        self.batched = not (
+            self.policy.pixels or self.policy.recurrent
+        )  # an MLP: lockstep with act_batch
         self.envs = {True: [], False: []}  # training / evaluation envs, one per task of a chunk
         # A Box2D world keeps state across resets (BipedalWalker returns drift on a reused env): a fresh env each.
         probe = make_env(env_config, training=False)
-        self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith("gymnasium.envs.box2d")
+        self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith(
+            "gymnasium.envs.box2d"
+        )
         probe.close()
 
     def use(self, theta, obs_mean, obs_std):
@@ -1344,8 +1494,12 @@ class RolloutWorker:
     def lockstep(self, tasks):
         """`run` of tasks of one kind (training or evaluation), stepped together."""
         n, training = len(tasks), tasks[0][4]
-        genotypes = np.stack([perturb(self.center, sigma, seed, sign) if sign else self.center
-                              for seed, sign, sigma, _, _ in tasks])
+        genotypes = np.stack(
+            [
+                perturb(self.center, sigma, seed, sign) if sign else self.center
+                for seed, sign, sigma, _, _ in tasks
+            ]
+        )
         seeds = [list(task[3]) for task in tasks]
         observations = [[] if training and self.policy.normalize else None for _ in tasks]
         returns, steps, totals, states = [[] for _ in tasks], [0] * n, [0.0] * n, [None] * n
@@ -1380,8 +1534,18 @@ class RolloutWorker:
                     if active and self.batched:
                         layers = stacked_layers(self.policy, genotypes[active])
         sums = [None if o is None else np.asarray(o, dtype=np.float64) for o in observations]
-        return [(returns[k], steps[k], None if sums[k] is None else
-                 (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))) for k in range(n)]
+        return [
+            (
+                returns[k],
+                steps[k],
+                (
+                    None
+                    if sums[k] is None
+                    else (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))
+                ),
+            )
+            for k in range(n)
+        ]
 
 
 def start_local_worker(parent_pid):
@@ -1428,28 +1592,43 @@ class RolloutPool:
 
     def start_processes(self):
         """The worker processes, by multiprocessing's default start method."""
-        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),))
+        self.executor = ProcessPoolExecutor(
+            self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),)
+        )
 
     def map(self, tasks, shared, progress=None):
         """The results of the tasks in order, `progress(result)` for each as its chunk ends; shared: the batch's
-        float32 arrays (theta (D,), obs mean and std (O,)). UserError for an error in a rollout, or PoolLost."""
+        float32 arrays (theta (D,), obs mean and std (O,)). UserError for an error in a rollout, or PoolLost.
+        """
         # About 4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (long episodes) spread out.
-        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
-        chunks, ordered, shared = [tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared)
+        count = math.ceil(
+            len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
+        )
+        chunks, ordered, shared = (
+            [tasks[i::count] for i in range(count)],
+            [None] * len(tasks),
+            tuple(shared),
+        )
 
         def report(results):  # a finished chunk's results
             for result in results if progress else ():
                 progress(result)
             return results
+
         for attempt in range(MAX_RESTARTS + 1):
             try:
                 if self.address:
                     results = self.map_ray(chunks, shared, report)
                 elif self.executor is None:
-                    results = [report(run_chunk(self.key, self.worker_args, shared, chunk)) for chunk in chunks]
+                    results = [
+                        report(run_chunk(self.key, self.worker_args, shared, chunk))
+                        for chunk in chunks
+                    ]
                 else:
-                    futures = [self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk)
-                               for chunk in chunks]
+                    futures = [
+                        self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk)
+                        for chunk in chunks
+                    ]
                     for future in as_completed(futures):
                         report(future.result())
                     results = [future.result() for future in futures]
@@ -1461,8 +1640,12 @@ class RolloutPool:
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:
-                    raise PoolLost(f"rollout workers keep dying: stopped after {attempt} restarts") from None
-                print("warning: a rollout worker died; restarting the workers and re-running this batch")
+                    raise PoolLost(
+                        f"rollout workers keep dying: stopped after {attempt} restarts"
+                    ) from None
+                print(
+                    "warning: a rollout worker died; restarting the workers and re-running this batch"
+                )
                 self.start_processes()
             except (UserError, PoolLost):
                 raise
@@ -1475,7 +1658,9 @@ class RolloutPool:
         if self.address:
             self.closed.set()
         elif self.executor:
-            processes = list((self.executor._processes or {}).values())  # Python 3.14: executor.kill_workers()
+            processes = list(
+                (self.executor._processes or {}).values()
+            )  # Python 3.14: executor.kill_workers()
             self.executor.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()
@@ -1485,7 +1670,9 @@ class RolloutPool:
     @property
     def num_cpus(self):
         """CPUs running rollouts: one per local worker; on Ray the cluster's, capped by num_workers."""
-        cluster = int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
+        cluster = (
+            int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
+        )
         return min(cluster, self.num_workers or cluster)
 
     def describe(self):
@@ -1501,10 +1688,13 @@ class RolloutPool:
         ray = connect_ray(self.address)
         self.ray, self.probes, self.closed = ray, [], threading.Event()
         self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
-            name="ray_rollout")  # the process title of a running task: ray::ray_rollout
+            name="ray_rollout"
+        )  # the process title of a running task: ray::ray_rollout
         try:  # what must keep answering: (what, host, port)
             context = ray.get_runtime_context()
-            self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
+            self.probes.append(
+                (f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1))
+            )
             node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
             host, port = node["NodeManagerAddress"], node["NodeManagerPort"]
             self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
@@ -1523,41 +1713,61 @@ class RolloutPool:
 
     def watch(self):
         """Watchdog thread: once the cluster is gone Ray's calls may block until Ray ends the process without a
-        word; after RAY_LOST_AFTER_S of silence this says so and what `on_lost` tells, and exits with code 1."""
+        word; after RAY_LOST_AFTER_S of silence this says so and what `on_lost` tells, and exits with code 1.
+        """
         silent_since = None
         while not self.closed.wait(RAY_POLL_S):
             silent = self.silent()
             if silent is None:
                 silent_since = None
-            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+            elif (
+                time.monotonic() - (silent_since := silent_since or time.monotonic())
+                >= RAY_LOST_AFTER_S
+            ):
                 sys.stdout.flush()
-                print(f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
-                      f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
+                    f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)
 
     def map_ray(self, chunks, shared, report):
         """`map` of the chunks on the cluster (Ray re-runs the tasks of dead workers)."""
         try:
-            shared_ref, refs, running = self.ray.put(tuple(shared)), [], []  # once per batch, not per task
+            shared_ref, refs, running = (
+                self.ray.put(tuple(shared)),
+                [],
+                [],
+            )  # once per batch, not per task
             for chunk in [*chunks, None]:
-                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
+                while running and (
+                    chunk is None or self.num_workers and len(running) >= self.num_workers
+                ):
                     done, running = self.ray.wait(running)  # wait for a free slot, or for the end
                     report(self.ray.get(done[0]))
                 if chunk is not None:
                     refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, chunk))
                     running.append(refs[-1])
             return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
-            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
+        except (
+            self.ray.exceptions.RayTaskError
+        ) as e:  # an exception raised by our code in a worker
+            raise UserError(
+                f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}"
+            ) from None
         except (self.ray.exceptions.RayError, ConnectionError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             silent = self.silent()
             if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
                 silent = silent or "this machine's Ray node"
-            raise PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})" if silent
-                           else f"rollouts keep failing on the Ray cluster at {self.address} (each task is tried "
-                           f"{RAY_TASK_RETRIES + 1} times): {reason}") from None
+            raise PoolLost(
+                f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})"
+                if silent
+                else f"rollouts keep failing on the Ray cluster at {self.address} (each task is tried "
+                f"{RAY_TASK_RETRIES + 1} times): {reason}"
+            ) from None
 
 
 def import_optional(name, flag, extra):
@@ -1709,16 +1919,26 @@ def load_weights(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             if "params" not in data or "meta" not in data:
-                raise UserError(f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)")
+                raise UserError(
+                    f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)"
+                )
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
         script, version = meta.get("script", "an unknown script"), meta.get("format_version")
         if script != SCRIPT or version != FORMAT_VERSION:
-            raise UserError(f"{path} was written by {script}, not {SCRIPT}" if script != SCRIPT else
-                            f"{path} has weights format {version}, this script reads {FORMAT_VERSION}")
+            raise UserError(
+                f"{path} was written by {script}, not {SCRIPT}"
+                if script != SCRIPT
+                else f"{path} has weights format {version}, this script reads {FORMAT_VERSION}"
+            )
         if not np.all(np.isfinite(params)):
             raise UserError(f"{path} holds parameters that are not finite numbers")
-        settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
-        argv = []  # the command line that would set these settings: the parser checks them as it checks flags
+        settings = {
+            "env_id": meta["env_id"],
+            **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys},
+        }
+        argv = (
+            []
+        )  # the command line that would set these settings: the parser checks them as it checks flags
         for dest, value in settings.items():
             flag = "--" + dest.replace("_", "-")
             if isinstance(value, bool):
@@ -1732,11 +1952,21 @@ def load_weights(path):
         check_settings(parsed)
         wrong = [key for key, value in settings.items() if getattr(parsed, key) != value]
         norm = meta["obs_norm"]
-        if wrong or norm is not None and not (len(norm["mean"]) == len(norm["std"]) and float(norm["count"]) > 0 and
-                                              np.all(np.isfinite(norm["mean"])) and np.all(np.array(norm["std"]) > 0)):
+        if (
+            wrong
+            or norm is not None
+            and not (
+                len(norm["mean"]) == len(norm["std"])
+                and float(norm["count"]) > 0
+                and np.all(np.isfinite(norm["mean"]))
+                and np.all(np.array(norm["std"]) > 0)
+            )
+        ):
             raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
     except UserError as e:
-        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
+        raise UserError(
+            str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}"
+        ) from None
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     return params, meta
@@ -1749,8 +1979,10 @@ def read_weights_into_args(args, given):
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
-    vars(args).update({key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys},
-                      env_id=meta["env_id"])
+    vars(args).update(
+        {key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys},
+        env_id=meta["env_id"],
+    )
     return params, meta
 
 
@@ -1884,12 +2116,20 @@ def record_video(env_config, policy, path_stem, seed):
     env.close()
     try:
         from moviepy import ImageSequenceClip
+
         ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
         return path_stem + ".mp4", episode_return
     except ImportError:
         from PIL import Image
+
         images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        images[0].save(
+            path_stem + ".gif",
+            save_all=True,
+            append_images=images[1:],
+            duration=int(1000 / fps),
+            loop=0,
+        )
         return path_stem + ".gif", episode_return
 
 
@@ -1902,8 +2142,10 @@ def run_from_pretrained(args, given):
     if norm:
         mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32))
     pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
-    print(f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
-          f"workers: {pool.describe()}")
+    print(
+        f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
+        f"workers: {pool.describe()}"
+    )
     start = time.perf_counter()
     try:
         returns, steps, _ = evaluate(pool, params, mean_std, args, 0)
@@ -1913,13 +2155,18 @@ def run_from_pretrained(args, given):
     if args.capture_video:
         name = args.run_name or run_name(args, "eval", args.seed)
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
-        path, video_return = record_video(env_config, make_policy(policy_config, params, norm and mean_std),
-                                          os.path.join(args.logs_dir, name, "videos", "pretrained"),
-                                          derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0))
+        path, video_return = record_video(
+            env_config,
+            make_policy(policy_config, params, norm and mean_std),
+            os.path.join(args.logs_dir, name, "videos", "pretrained"),
+            derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0),
+        )
         print(f"video: {path} (episode return {video_return:.2f})")
     print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
-    print(f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
-          f"max={returns.max():.4f} episodes={returns.size}")
+    print(
+        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
+        f"max={returns.max():.4f} episodes={returns.size}"
+    )
     return 0
 
 
