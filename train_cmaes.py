@@ -1348,7 +1348,7 @@ class RolloutPool:
     """Runs rollout tasks, each as a concurrent.futures.Future, on worker processes of this machine, in this
     process (num_workers == 1), or as Ray tasks on a cluster (ray_address): the same results in the same order.
 
-    `map(tasks, shared)`: tasks are small tuples for `run_task`, `shared` the batch's float32 arrays (at
+    `map(tasks, shared)`: tasks are RolloutTasks for `run_task` (results: RolloutResults), `shared` the batch's float32 arrays (at
     most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor, or put once a batch
     into Ray's object store. A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
     then PoolLost; Ray re-runs a task MAX_RESTARTS times itself, num_workers (None: every CPU of the cluster)
