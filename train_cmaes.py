@@ -48,8 +48,7 @@ class UserError(Exception):
 
 # 1. Configuration ---------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
-    a switch shows none, an --x/--no-x pair the one that is on."""
+    """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
 
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
@@ -83,11 +82,11 @@ def build_parser():
     g.add_argument("--env-id", default="CarRacing-v3", help="a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     g.add_argument("--num-workers", type=int, default=usable_cores,
-                   help="rollout worker processes (default: usable cores); 1 runs in-process; "
-                   "with --ray-address the most rollouts at once (default there: the cluster's CPUs)")
+                   help="rollout worker processes (default: usable cores; 1: in-process; with "
+                   "--ray-address: rollouts at once, default the cluster's CPUs)")
     g.add_argument("--ray-address", metavar="ADDRESS",
-                   help="run the rollouts on the Ray cluster at ADDRESS: HOST:PORT of its head, or "
-                   "auto (default: $RAY_ADDRESS if set, else local worker processes)")
+                   help="rollouts on the Ray cluster at HOST:PORT of its head or auto (default: "
+                   "$RAY_ADDRESS if set, else local worker processes)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
     g.add_argument("--max-iter", type=int, default=2000, help="generations, from the run's start")
     g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness (their mean)")
@@ -104,11 +103,9 @@ def build_parser():
                    help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run (checkpoint.pkl or run folder)")
     g.add_argument("--from-pretrained", metavar="PATH.npz",
-                   help="evaluate these weights (this script's or the authors' file) over "
-                   "--num-eval-rollouts episodes; no training")
+                   help="evaluate these weights (ours or the authors') over --num-eval-rollouts episodes")
     g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz",
-                   help="start from these weights; with --train attention|controller the other part "
-                   "stays frozen at the file's values")
+                   help="start from these weights (--train attention|controller: the rest frozen at them)")
     g.add_argument("--capture-video", action="store_true",
                    help="an episode at each evaluation, top-k patches highlighted (GIF; mp4: moviepy)")
     g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this")
@@ -116,22 +113,18 @@ def build_parser():
                    help="... in this many consecutive evaluations")
     g.add_argument("--quiet", action="store_true", help="no console line a generation, no bar")
     g.add_argument("--track", action="store_true",
-                   help="log the run to Weights & Biases (TensorBoard's scalars, the weights files, "
-                   "the curve); needs: pip install -r requirements-track.txt")
+                   help="log the run to Weights & Biases (needs requirements-track.txt)")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
     g.add_argument("--wandb-entity", help="W&B team or user (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
     g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS",
-                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first "
-                   "GENERATIONS generations, then the full covariance; 0: full from the start, "
-                   ">= --max-iter: separable throughout")
+                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first GENERATIONS "
+                   "generations, then the full one (0: never, >= --max-iter: throughout)")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
-                   help="which part CMA-ES searches; the rest is frozen at --init-from's weights "
-                   "(without --init-from: at fresh weights drawn from --seed)")
+                   help="the part CMA-ES searches; the rest is frozen at --init-from's weights (else fresh)")
     g.add_argument("--fresh", action="store_true",
-                   help="with --train attention|controller and --init-from: the searched part "
-                   "starts from fresh weights drawn from --seed, only the frozen part from the file")
+                   help="with --train and --init-from: the searched part starts fresh (from --seed)")
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
     g.add_argument("--patch-stride", type=int, default=4, help="step between patches, pixels")
@@ -140,24 +133,19 @@ def build_parser():
     g.add_argument("--hidden-size", type=int, default=16, help="controller width")
     g.add_argument("--no-bias", dest="bias", action="store_false", help="query and key: no bias")
     g.add_argument("--controller", choices=CONTROLLERS, default="lstm",
-                   help="lstm: LSTM + Linear (the paper); rnn: ReLU RNN + Linear; "
-                   "mlp: over --num-frames stacked top-k features")
+                   help="lstm (the paper), rnn (ReLU), mlp (over --num-frames stacked top-k features)")
     g.add_argument("--num-frames", type=int, default=4, help="mlp: stacked feature vectors")
     return p
 
 
 def parse_args(argv=None):
-    """(args, the set of flags given explicitly), checked (kind, range, finiteness, paths, flags
-    that exclude each other) before anything is run or written: UserError otherwise."""
+    """(args, the set of flags given explicitly), checked before anything runs: UserError otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = flags_given(parser, argv, args)
-    if not args.ray_address:
-        args.ray_address = os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
+    check_placement(args, given)
     check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
     check_flags(args, given)
-    if args.ray_address and "num_workers" not in given:
-        args.num_workers = None  # every CPU of the cluster
     return args, given
 
 
@@ -186,29 +174,14 @@ from gymnasium.envs.box2d import car_racing
 
 
 # 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
-    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)), step
-    size init_sigma, `population_size` candidates a generation.
-
-    `es.ask()` returns the candidates, float64 (n,) each; `es.tell(candidates, losses)` takes
-    one float per candidate, lower is better (here: negated mean returns), and updates the mean,
-    the covariance and sigma; `es.result.xfavorite` is the mean, `es.sigma` the step size.
-    separable > 0: a diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen
-    2008: O(n) a sample, learns n times faster). The sampler draws from a RandomState of its
-    own, so a run depends on --seed alone and the checkpoint holds it. pycma writes no files.
-    On a fitness(x) of your own, x the agent's parameters (`agent.set_flat(x)`):
-
-        es, _ = make_cma(AttentionAgent().get_flat(), population_size=16)
-        for generation in range(30):
-            candidates = es.ask()
-            es.tell(candidates, [-fitness(x) for x in candidates])  # pycma minimizes
-    """
+    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with
+    step size init_sigma. `es.ask()` returns `population_size` float64 (n,) candidates;
+    `es.tell(candidates, losses)` takes one float each, lower is better (here: negated mean
+    returns); `es.result.xfavorite` is the mean, `es.sigma` the step size. separable > 0: a
+    diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen 2008: O(n) a
+    sample, learns n times faster). The sampler draws from its own RandomState (in the
+    checkpoint), so a run depends on --seed alone; pycma writes no files."""
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {
         "popsize": population_size,  # lambda
@@ -227,17 +200,12 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
 
 # 3. Policy, environment, rollout ------------------------------------------------------------------
 class AttentionAgent(nn.Module):
-    """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time.
-
-    frame uint8 (S, S, 3) -> [0, 1] -> n x n patches of `patch_size`^2 at `patch_stride`
-    (row-major, each as (row, col, channel): d = patch_size^2 * 3 values) -> Q = fc_q(patches),
-    K = fc_k(patches) (n^2, query_dim) -> A = softmax(Q K^T / sqrt(d)) by rows -> importance =
-    column sums of A -> the `top_k` most important patches' centers (row, col) / S (2 top_k,)
-    -> controller: 'lstm' LSTM(2k, hidden) (the paper), 'rnn' ReLU RNN(2k, hidden), or 'mlp'
-    Linear(2k F, hidden) + ReLU over the last F feature vectors -> fc -> tanh. The flat genotype
-    is the authors' layout: fc_q, fc_k, the controller, fc, each module's state-dict keys sorted
-    (`flat_layout`). Settings are checked by `check_agent_config`.
-    """
+    """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time: uint8 (S, S, 3)
+    -> n x n patches in [0, 1] (d = patch_size^2 * 3 values each) -> Q, K = fc_q, fc_k(patches)
+    -> importance = column sums of softmax(Q K^T / sqrt(d)) -> centers (row, col) / S of the
+    top_k patches (2 top_k,) -> controller ('lstm' the paper's, 'rnn', or 'mlp' over the last
+    num_frames feature vectors) -> fc -> tanh. The flat genotype is the authors' layout: fc_q,
+    fc_k, controller, fc, each module's state-dict keys sorted. Checked by check_agent_config."""
 
     def __init__(self, image_size=96, action_dim=3, patch_size=7, patch_stride=4, query_dim=4,
                  top_k=10, hidden_size=16, bias=True, controller="lstm", num_frames=4):
@@ -309,11 +277,8 @@ class AttentionAgent(nn.Module):
         return patches.permute(0, 1, 3, 4, 2).reshape(-1, self.patch_dim).float().div_(255.0)
 
     def attend(self, frame):
-        """Indices of the top-k patches, most important first: int64 (k,).
-
-        importance_j = sum_i softmax(Q K^T / sqrt(d))_ij, computed as exp(L - rowmax)^T
-        (1 / rowsums): one pass over the n^2 x n^2 matrix fewer than normalizing it, no copy.
-        """
+        """int64 (k,): the top-k patches, most important first; importance_j = sum_i softmax(...)_ij
+        as exp(L - rowmax)^T (1 / rowsums), one pass fewer than normalizing, no copy."""
         patches = self.patches(frame)
         logits = torch.mm(self.fc_q(patches), self.fc_k(patches).T).mul_(self.attention_scale)
         weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
@@ -342,11 +307,9 @@ class AttentionAgent(nn.Module):
 
 
 def make_env(env_config, training):
-    """CarRacing-v3 (or a like env: uint8 (H, H, 3) frames) from `gymnasium.make` with the
-    episode limit, the training-time early stop, and `RescaleAction` (the agent's tanh output in
-    [-1, 1] onto the action bounds). FastCarRacing stands in for gymnasium's CarRacing class
-    unless --stock-env. Raises gymnasium's errors for an unknown id, UserError for spaces the
-    AttentionAgent cannot use."""
+    """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make`
+    (FastCarRacing for CarRacing unless --stock-env) with the episode limit, the training-time
+    early stop, and `RescaleAction` (the agent's tanh output in [-1, 1] onto the action bounds)."""
     spec = gym.spec(env_config["env_id"])
     stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
     if stock and not env_config["stock_env"]:
@@ -360,8 +323,7 @@ def make_env(env_config, training):
 
 
 def rollout(env, agent, seed, on_step=None):
-    """Run one episode with `env.reset(seed=seed)`: (episode return: float, steps: int).
-    on_step(frame, top-k indices), if given, sees every frame (videos)."""
+    """One episode from `env.reset(seed=seed)`: (episode return, steps); on_step(frame, top-k) sees each frame."""
     obs, _ = env.reset(seed=seed)
     state = agent.initial_state()
     total = 0.0
@@ -380,8 +342,8 @@ def rollout(env, agent, seed, on_step=None):
 
 # 4. Training loop ---------------------------------------------------------------------------------
 class RolloutTask(typing.NamedTuple):
-    """A worker's job: row `member` of the batch's float32 (rows, D) parameter matrix drives one
-    episode per env seed, with the training-time early stop or without (evaluation)."""
+    """Row `member` of the batch's float32 (rows, D) parameters drives one episode per env seed,
+    with the training-time early stop or without (evaluation)."""
     member: int
     env_seeds: list
     training: bool
@@ -394,9 +356,8 @@ class RolloutResult(typing.NamedTuple):
 
 
 def train(args, given):
-    """CMA-ES on the AttentionAgent, each generation: ask -> rollouts -> tell -> record ->
-    evaluate the mean -> checkpoint. Returns the exit code: 0; 1 when the workers are lost;
-    130 when interrupted (Ctrl-C, SIGTERM), the last generation's checkpoint kept."""
+    """CMA-ES on the AttentionAgent, each generation: ask -> rollouts -> tell -> record -> evaluate
+    the mean -> checkpoint. The exit code: 0; 1: workers lost; 130: Ctrl-C or SIGTERM (checkpoint kept)."""
     with Run(args, given) as run:  # from the flags or a checkpoint: folder, agent, pycma, workers
         es = run.es
         evaluation = None
@@ -423,32 +384,14 @@ def train(args, given):
     return run.exit_code
 
 
-def evaluate(pool, params, seed, iteration, episodes):
-    """Returns of `params` (float (D,)) over `episodes` evaluation episodes, without the early
-    stop: (float64 (episodes,), env steps)."""
-    tasks = []
-    for episode in range(episodes):
-        tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
-    params = np.asarray(params, dtype=np.float32)
-    results = pool.map(tasks, [params], what="evaluation")
-    returns = np.array([result.episode_returns[0] for result in results])
-    return returns, sum(result.steps for result in results)
-
-
 def evaluate_mean(run):
-    """Evaluate the distribution mean (xfavorite) after this generation: best.npz when it is
-    the best so far, the goal streak, the console line, the video. Returns float64 (E,)."""
+    """Evaluate the distribution mean (xfavorite) after this generation, without the early stop;
+    the run records it (best.npz, the goal streak, the console line, the video). float64 (E,)."""
     args = run.args
     center = run.full(run.es.result.xfavorite)
     returns, steps = evaluate(run.pool, center, args.seed, run.generation, args.num_eval_rollouts)
     run.count_steps(steps)
     run.record_evaluation(center, returns)
-    if args.capture_video:
-        run.agent.set_flat(center)
-        seed = derive_seed(args.seed, EVAL_ENV_STREAM, run.generation, 0)
-        stem = os.path.join(run.dir, "videos", f"iter-{run.generation:05d}")
-        path, _ = record_video(run.env_config, run.agent, stem, seed)
-        run.log(f"video {path}")
     return returns
 
 
@@ -524,6 +467,12 @@ LIMITS = {
 }
 
 
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 class PoolLost(Exception):
     """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
@@ -561,6 +510,24 @@ def flags_given(parser, argv, args):
     return {name for name, value in vars(typed).items() if value is not parser}
 
 
+def check_placement(args, given):
+    """Where the rollouts run, settled once: --ray-address, else $RAY_ADDRESS (as Ray itself reads
+    it), HOST:PORT (port 1-65535) or auto; on a cluster --num-workers None (every CPU of the
+    cluster) unless given. UserError for another address, or when --ray-address or --track needs
+    an optional package that is not installed."""
+    if not args.ray_address:
+        args.ray_address = os.environ.get("RAY_ADDRESS") or None
+    if args.ray_address:
+        import_optional("ray", "--ray-address", "ray")
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
+        if "num_workers" not in given:
+            args.num_workers = None
+    if args.track:
+        import_optional("wandb", "--track", "track")
+
+
 def check_flags(args, given):
     """UserError for flags that exclude each other, and for paths that are not what they must be."""
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
@@ -586,10 +553,6 @@ def check_flags(args, given):
     for flag, value in vars(args).items():
         if isinstance(value, str) and "\0" in value:
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
-    if args.ray_address:
-        import_optional("ray", "--ray-address", "ray")
-    if args.track:
-        import_optional("wandb", "--track", "track")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
     resume = (
@@ -891,7 +854,8 @@ class Run:
         self.count_steps(steps)
 
     def record_evaluation(self, center, returns):
-        """An evaluation of the mean `center`: best.npz if the best so far, the goal streak."""
+        """An evaluation of the mean `center`: best.npz if the best so far, the goal streak, the
+        console line, the video (--capture-video)."""
         counters = self.counters
         if returns.mean() > counters["best_eval"]:
             counters["best_eval"] = float(returns.mean())
@@ -906,6 +870,12 @@ class Run:
             f"{returns.std():8.2f} over {returns.size} episodes | best eval "
             f"{counters['best_eval']:9.2f}"
         )
+        if self.args.capture_video:
+            self.agent.set_flat(center)
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
+            stem = os.path.join(self.dir, "videos", f"iter-{self.generation:05d}")
+            path, _ = record_video(self.env_config, self.agent, stem, seed)
+            self.log(f"video {path}")
 
     def record(self, returns, evaluation, sigma):
         """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
@@ -1009,6 +979,18 @@ class Run:
         plot_learning_curve(
             self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
         )
+
+
+def evaluate(pool, params, seed, iteration, episodes):
+    """Returns of `params` (float (D,)) over `episodes` evaluation episodes, without the early
+    stop: (float64 (episodes,), env steps)."""
+    tasks = []
+    for episode in range(episodes):
+        tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
+    params = np.asarray(params, dtype=np.float32)
+    results = pool.map(tasks, [params], what="evaluation")
+    returns = np.array([result.episode_returns[0] for result in results])
+    return returns, sum(result.steps for result in results)
 
 
 def summary(returns):
