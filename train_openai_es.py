@@ -22,6 +22,8 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
 import typing
 
 SCRIPT = "train_openai_es.py"
@@ -46,14 +48,14 @@ def build_parser():
     switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
-    g.add_argument("--env-kwargs", nargs="*", type=env_kwarg, default=[], metavar="KEY=VALUE",
+    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keyword arguments for gymnasium.make, e.g. continuous=true")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=int, default=cores, help="rollout processes, 1 = in-process (default: "
-                   "usable cores); with --ray-address: the most rollouts at once (default: all the cluster's CPUs)")
-    g.add_argument("--ray-address", metavar="ADDRESS", help="run the rollouts on the Ray cluster whose head is at "
-                   "HOST:PORT, or auto (default: $RAY_ADDRESS if set, else local processes)")
+    g.add_argument("--num-workers", type=int, default=cores,
+                   help="rollout processes, 1: in-process (default: usable cores; Ray: the cluster's CPUs)")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)")
     g.add_argument("--population-size", type=int, default=256, help="members, even if mirrored")
     g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=int, default=1, help="episodes per fitness evaluation (their mean)")
@@ -87,15 +89,14 @@ def build_parser():
     g.add_argument("--sigma-decay", type=float, default=1.0, help="sigma factor per generation")
     g.add_argument("--sigma-min", type=float, default=0.0, help="floor of the decayed sigma")
     g.add_argument("--antithetic", action=switch, default=True, help="mirrored pairs theta +/- sigma eps")
-    g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank",
-                   help="transform of the returns")
+    g.add_argument("--fitness-shaping", choices=["centered-rank", "z-score", "none"], default="centered-rank")
     g.add_argument("--obs-norm", action=switch, default=True, help="normalize vector observations (running mean, std)")
     g = p.add_argument_group("policy")
     g.add_argument("--hidden-sizes", type=int, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
     g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale",
-                   help="Box actions: tanh mapped onto the bounds, or raw outputs clipped to them")
+                   help="Box actions: tanh onto the bounds, or raw outputs clipped")
     g.add_argument("--frame-size", type=int, default=64, help="pixels: square frame size (36 at least)")
     g.add_argument("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
     g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
@@ -110,8 +111,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
-    a switch shows none, an --x/--no-x pair the one that is on."""
+    """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
 
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
@@ -124,22 +124,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def env_kwarg(item):
-    """argparse type of an --env-kwargs item KEY=VALUE: (key, value), VALUE read as JSON when it parses."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expects KEY=VALUE items, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def parse_args(argv=None):
     """(args, the set of flags given) of a checked command line; UserError for any bad value or combination."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = flags_given(parser, argv, args)
+    args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
     check_flags(args, given)
     check_settings(args)
@@ -148,7 +138,15 @@ def parse_args(argv=None):
     return args, given
 
 
+def interrupted(signum, frame):
+    """Ctrl-C or SIGTERM before main() takes them over (during the imports): one line, exit 130."""
+    print("\ninterrupted", file=sys.stderr)
+    os._exit(130)
+
+
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -162,12 +160,6 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E
 
 
 # -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
 def sample_noise(noise_seed, dim):
     """The perturbation direction eps ~ N(0, I) of one member: float32 (dim,), from its seed alone."""
     return np.random.default_rng(noise_seed).standard_normal(dim, dtype=np.float32)
@@ -179,8 +171,7 @@ def perturb(theta, sigma, noise_seed, sign):
 
 
 def centered_ranks(x):
-    """Ranks of x mapped onto [-0.5, 0.5], ties sharing their mean rank: float64 (N,), zero sum (Salimans et al.
-    2017). All-equal returns give zeros, never NaN."""
+    """Ranks of x onto [-0.5, 0.5], ties sharing their mean rank, all equal: zeros (Salimans et al. 2017)."""
     x = np.asarray(x, dtype=np.float64)
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # rank of the first of each group of equal values
@@ -201,9 +192,8 @@ def shape_fitness(returns, method):
 class OpenAIES:
     """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
     (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
-    (higher is better) -> g on shaped fitness, weight decay, one Adam (Kingma & Ba 2015) or momentum-SGD ascent
-    step. `state_dict()` pickles for an exact resume. ValueError for impossible sizes, sigma or learning rate.
-    On a fitness of your own (maximized):
+    (higher is better) -> g on shaped fitness, weight decay, an Adam (Kingma & Ba 2015) or momentum-SGD step.
+    `state_dict()` pickles for an exact resume; ValueError for impossible sizes, sigma, rate. Maximizing:
 
         es = OpenAIES(np.zeros(10), population_size=50, sigma=0.1, learning_rate=0.1)
         for generation in range(200):
@@ -300,16 +290,11 @@ class OpenAIES:
 
 
 # -- 3. Policy, environment, rollout -------------------------------------------------------------
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}  # NUMPY_ACTIVATIONS: the same
-
-
 class Policy(nn.Module):
-    """Deterministic policy, one observation at a time. Vectors (obs_shape (O,)) are normalized by obs_mean and
-    obs_std (float32 (O,)), clipped to [-5, 5] (Salimans et al. 2017) and fed to an MLP computed in numpy.
-    Images (uint8 (frames, H, W[, 3])) are scaled to [0, 1] and fed to a conv net (8x8/4 -> 16, 4x4/2 -> 32;
-    Mnih et al. 2013), then the MLP in torch; `recurrent` adds an LSTMCell. Discrete actions: argmax; Box:
-    tanh (env rescaled to [-1, 1]) or raw (env clips). Genotype: `parameters_to_vector(parameters())`, float32.
-    """
+    """Deterministic policy. Vectors (obs_shape (O,)) are normalized by obs_mean, obs_std (float32 (O,)), clipped
+    to [-5, 5] (Salimans et al. 2017), fed to an MLP in numpy; images (uint8 (frames, H, W[, 3])) in [0, 1] to a
+    conv net (8x8/4 -> 16, 4x4/2 -> 32; Mnih et al. 2013), then the MLP in torch; `recurrent` adds an LSTMCell.
+    Discrete: argmax; Box: tanh (env rescaled to [-1, 1]) or raw (env clips). Genotype: parameters_to_vector."""
 
     def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
                  recurrent=False, action_bounding="scale", obs_norm=True):
@@ -382,9 +367,8 @@ class Policy(nn.Module):
 
 
 def make_env(env_config, training, render_mode=None):
-    """One env of an env config (`configs`): `gymnasium.make` and gymnasium's wrappers. Images become uint8
-    (frame_stack, frame_size, frame_size[, 3]); Box actions are rescaled to [-1, 1] (tanh) or clipped.
-    UserError for an env that cannot be made or a space not handled."""
+    """`gymnasium.make` and gymnasium's wrappers: frames as uint8 (frame_stack, frame_size, frame_size[, 3]), Box
+    actions rescaled to [-1, 1] (tanh) or clipped. UserError for an env that fails or a space not handled."""
     kwargs = dict(env_config["env_kwargs"])
     if env_config["max_episode_steps"] is not None:
         kwargs["max_episode_steps"] = env_config["max_episode_steps"]
@@ -408,20 +392,41 @@ def make_env(env_config, training, render_mode=None):
     return env
 
 
-def rollout(env, policy, seed):
-    """One episode from `env.reset(seed=seed)`: (return: float, steps: int)."""
-    obs, _ = env.reset(seed=seed)
-    state = None
-    total = 0.0
-    steps = 0
+def rollout(policy, genotypes, env_for, env_seeds, observations=None):
+    """The episode loop of training, evaluation and video: member b of genotypes float32 (B, D) plays an
+    episode per seed of env_seeds[b] on env_for(b), the B members stepped together (lockstep), each
+    episode exactly what it is alone (B = 1: the plain loop). observations: None or B lists that get
+    what each member sees (--obs-norm). Returns (B lists of episode returns, B env step counts)."""
+    members = Members(policy, genotypes)  # acts for the members still playing
+    seeds = [list(member_seeds) for member_seeds in env_seeds]
+    returns = [[] for _ in seeds]
+    steps = [0 for _ in seeds]
+    totals = [0.0 for _ in seeds]
+    envs = [env_for(b) for b in range(len(seeds))]
+    obs = [envs[b].reset(seed=seeds[b].pop(0))[0] for b in range(len(seeds))]
+    playing = list(range(len(seeds)))
     with torch.inference_mode():
-        while True:
-            action, state = policy.act(obs, state)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            if terminated or truncated:
-                return total, steps
+        while playing:
+            if observations is not None:
+                for b in playing:
+                    observations[b].append(obs[b])
+            actions = members.act([obs[b] for b in playing], playing)
+            finished = []
+            for b, action in zip(playing, actions):
+                obs[b], reward, terminated, truncated, _ = envs[b].step(action)
+                totals[b] += float(reward)
+                steps[b] += 1
+                if terminated or truncated:
+                    returns[b].append(totals[b])
+                    totals[b] = 0.0
+                    members.end_episode(b)
+                    if seeds[b]:
+                        envs[b] = env_for(b)
+                        obs[b], _ = envs[b].reset(seed=seeds[b].pop(0))
+                    else:
+                        finished.append(b)
+            playing = [b for b in playing if b not in finished]
+    return returns, steps
 
 
 # -- 4. Training loop ----------------------------------------------------------------------------
@@ -442,9 +447,8 @@ class RolloutResult(typing.NamedTuple):
 
 
 def train(args, given):
-    """OpenAI-ES, each generation: ask -> rollouts of the members and the center -> tell -> record ->
-    evaluate the center -> checkpoint. Returns the exit code: 0; 1 when the workers are lost; 130 when
-    interrupted (Ctrl-C, SIGTERM), the last generation's checkpoint kept."""
+    """OpenAI-ES, each generation: ask -> rollouts of the members and the center -> tell -> record -> evaluate
+    the center -> checkpoint. The exit code: 0; 1: workers lost; 130: Ctrl-C or SIGTERM (checkpoint kept)."""
     with Run(args, given) as run:  # from the flags or a checkpoint: folder, policy, optimizer, workers
         es = run.es
         evaluation = None
@@ -473,8 +477,7 @@ def generation_tasks(es, args):
     tasks = []
     for i, (noise_seed, sign) in enumerate(es.ask()):
         pair = i // 2 if args.antithetic else i  # a mirrored pair shares its env seeds
-        seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, es.generation, pair, r)
-                 for r in range(args.num_rollouts)]
+        seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, es.generation, pair, r) for r in range(args.num_rollouts)]
         tasks.append(RolloutTask(int(noise_seed), int(sign), es.sigma, seeds, True))
     seeds = [derive_seed(args.seed, CENTER_ENV_STREAM, es.generation, r) for r in range(args.num_rollouts)]
     tasks.append(RolloutTask(0, 0, 0.0, seeds, True))
@@ -482,17 +485,14 @@ def generation_tasks(es, args):
 
 
 def evaluate_center(run, screen=False):
-    """Evaluate theta after this generation: best.npz when the best so far, the goal streak, the console
-    line, the video. Returns {mean, std, episodes}; None when `screen` stopped the evaluation early."""
-    mean_std = run.obs_stats.mean_std()
+    """Evaluate theta after this generation: {mean, std, episodes}; None when `screen` stopped it early."""
+    mean_std = run.obs_stats.mean_std()  # theta's observation normalization
     returns, steps, evaluation = evaluate(run.pool, run.es.theta, mean_std, run.args, run.es.generation, screen)
     run.count_steps(steps)
     if returns.size < run.args.num_eval_rollouts:
         run.record_screened(evaluation)
         return None
-    run.record_evaluation(evaluation)
-    if run.args.capture_video:
-        run.record_video(mean_std)
+    run.record_evaluation(evaluation)  # best.npz, the goal streak, the console line, the video
     return evaluation
 
 
@@ -506,9 +506,7 @@ import logging
 import pickle
 import platform
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -592,22 +590,46 @@ def check_flags(args, given):
 
 
 def check_placement(args, given):
-    """Where the rollouts run: --ray-address, else $RAY_ADDRESS (as Ray itself reads it); on a cluster
-    --num-workers None (every CPU of the cluster) unless given. UserError when a flag needs an optional
-    package that is not installed."""
+    """Where the rollouts run, settled once: --ray-address, else $RAY_ADDRESS (as Ray itself reads
+    it), HOST:PORT (port 1-65535) or auto; on a cluster --num-workers None (every CPU of the
+    cluster) unless given. UserError for another address, or when --ray-address or --track needs
+    an optional package that is not installed."""
     if not args.ray_address:
         args.ray_address = os.environ.get("RAY_ADDRESS") or None
-    if args.ray_address and "num_workers" not in given:
-        args.num_workers = None
     if args.ray_address:
         import_optional("ray", "--ray-address", "ray")
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
+        if "num_workers" not in given:
+            args.num_workers = None
     if args.track:
         import_optional("wandb", "--track", "track")
+
+
+def parse_env_kwargs(items):
+    """The --env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses (true, 3, 0.5),
+    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY, or for a
+    number that is not finite (NaN, 1e400)."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {item!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
+        kwargs[key] = value
+    return kwargs
 
 
 def check_settings(args):
     """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
     args.env_kwargs = dict(args.env_kwargs)
+    for key, value in args.env_kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
     if args.antithetic and args.population_size % 2:
         raise UserError(
             "--population-size must be even with mirrored sampling (or pass --no-antithetic)"
@@ -1109,7 +1131,8 @@ class Run:
         )
 
     def record_evaluation(self, evaluation):
-        """An evaluation of theta: best.npz if the best so far, the goal streak, the console line."""
+        """An evaluation of theta: best.npz if the best so far, the goal streak, the console line, the video
+        (--capture-video)."""
         counters = self.counters
         if evaluation["mean"] > counters["best_eval"]:
             counters["best_eval"] = evaluation["mean"]
@@ -1124,6 +1147,8 @@ class Run:
             f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
             f"{counters['best_eval']:9.2f}"
         )
+        if self.args.capture_video:
+            self.record_video(self.obs_stats.mean_std())
 
     def record(self, evaluation):
         """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track, the
@@ -1410,11 +1435,18 @@ RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
 WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 class PoolLost(Exception):
     """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
 
 # The batched forward: B members' MLPs in one numpy pass (lockstep rollouts)
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}  # the Policy's; in numpy:
 NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
                      "selu": lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
                          h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))}
@@ -1450,102 +1482,103 @@ def act_batch(policy, obs, layers):
     )
 
 
+class Members:
+    """B genotypes float32 (B, D) acting together in `rollout`: an MLP in one numpy pass (`act_batch` on their
+    stacked layers), a conv or LSTM policy one member (B = 1; ValueError otherwise) loaded into the policy.
+    `act(observations, playing)`: the actions of the members `playing` (ascending indices) for their
+    observations; `end_episode(b)`: member b's recurrent state back to None."""
+
+    def __init__(self, policy, genotypes):
+        self.policy = policy
+        self.genotypes = genotypes
+        self.batched = not (policy.pixels or policy.recurrent)
+        self.states = [None for _ in genotypes]
+        self.playing = list(range(len(genotypes)))
+        if self.batched:
+            self.layers = stacked_layers(policy, genotypes)
+        elif len(genotypes) == 1:
+            policy.load(genotypes[0])
+        else:
+            raise ValueError(f"a conv or LSTM policy plays one member at a time, got {len(genotypes)}")
+
+    def act(self, observations, playing):
+        if not self.batched:
+            action, self.states[0] = self.policy.act(observations[0], self.states[0])
+            return [action]
+        if playing != self.playing:
+            self.playing = playing
+            self.layers = stacked_layers(self.policy, self.genotypes[playing])
+        return act_batch(self.policy, np.stack(observations), self.layers)
+
+    def end_episode(self, b):
+        self.states[b] = None
+
+
 class RolloutWorker:
-    """One worker's envs and policy, built once. A task: (noise_seed, sign, sigma, env_seeds, training), sign 0
-    for the center. `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy).
-    """
+    """One worker's envs and policy, built once; `run(tasks)` plays RolloutTasks (sign 0: the center).
+    `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy)."""
 
     def __init__(self, env_config, policy_config):
-        self.env_config, self.policy = env_config, make_policy(policy_config)
-        self.batched = not (
-            self.policy.pixels or self.policy.recurrent
-        )  # an MLP: lockstep with act_batch
+        self.env_config = env_config
+        self.policy = make_policy(policy_config)
+        self.batched = not (self.policy.pixels or self.policy.recurrent)  # an MLP: a chunk in one rollout
         self.envs = {True: [], False: []}  # training / evaluation envs, one per task of a chunk
         # A Box2D world keeps state across resets (BipedalWalker returns drift on a reused env): a fresh env each.
         probe = make_env(env_config, training=False)
-        self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith(
-            "gymnasium.envs.box2d"
-        )
+        self.fresh_env_per_episode = type(probe.unwrapped).__module__.startswith("gymnasium.envs.box2d")
         probe.close()
 
     def use(self, theta, obs_mean, obs_std):
         self.center = theta
         if self.policy.normalize:
-            self.policy.obs_mean, self.policy.obs_std = obs_mean, obs_std
+            self.policy.obs_mean = obs_mean
+            self.policy.obs_std = obs_std
 
-    def reset(self, slot, training, env_seed):
-        """The first observation of env `slot` of this kind (training or evaluation) reset with env_seed."""
+    def env(self, slot, training):
+        """Env `slot` of this kind (training or evaluation) for a new episode: built at its first use, built
+        anew for each episode when it is a Box2D env."""
         envs = self.envs[training]
         if slot == len(envs):
             envs.append(make_env(self.env_config, training))
         elif self.fresh_env_per_episode:
             envs[slot].close()
             envs[slot] = make_env(self.env_config, training)
-        return envs[slot].reset(seed=env_seed)[0]
+        return envs[slot]
 
     def run(self, tasks):
         """Every task's episodes: per task (returns list, steps, (count, sum, sum of squares float64 (O,)) of a
-        training task's observations when normalized, else None). An MLP steps the tasks in lockstep (each
-        episode exactly what it is alone); conv and LSTM policies run them one by one."""
+        training task's observations when normalized, else None). An MLP steps the tasks together (`rollout`);
+        conv and LSTM policies run them one by one."""
         if not self.batched:
-            return [result for task in tasks for result in self.lockstep([task])]
-        return self.lockstep(tasks)
+            return [result for task in tasks for result in self.run_together([task])]
+        return self.run_together(tasks)
 
-    def lockstep(self, tasks):
-        """`run` of tasks of one kind (training or evaluation), stepped together."""
-        n, training = len(tasks), tasks[0][4]
-        genotypes = np.stack(
-            [
-                perturb(self.center, sigma, seed, sign) if sign else self.center
-                for seed, sign, sigma, _, _ in tasks
-            ]
-        )
-        seeds = [list(task[3]) for task in tasks]
-        observations = [[] if training and self.policy.normalize else None for _ in tasks]
-        returns, steps, totals, states = [[] for _ in tasks], [0] * n, [0.0] * n, [None] * n
-        obs, active = [self.reset(k, training, seeds[k].pop(0)) for k in range(n)], list(range(n))
-        if self.batched:
-            layers = stacked_layers(self.policy, genotypes)
-        else:  # one task: the policy holds its weights
-            self.policy.load(genotypes[0])
-        with torch.inference_mode():
-            while active:
-                for k in active:
-                    if observations[k] is not None:
-                        observations[k].append(obs[k])
-                if self.batched:
-                    actions = act_batch(self.policy, np.stack([obs[k] for k in active]), layers)
-                else:
-                    actions, states[0] = self.policy.act(obs[0], states[0])
-                    actions = [actions]
-                finished = []
-                for action, k in zip(actions, active):
-                    obs[k], reward, terminated, truncated, _ = self.envs[training][k].step(action)
-                    totals[k], steps[k] = totals[k] + float(reward), steps[k] + 1
-                    if terminated or truncated:
-                        returns[k].append(totals[k])
-                        totals[k], states[k] = 0.0, None
-                        if seeds[k]:
-                            obs[k] = self.reset(k, training, seeds[k].pop(0))
-                        else:
-                            finished.append(k)
-                if finished:
-                    active = [k for k in active if k not in finished]
-                    if active and self.batched:
-                        layers = stacked_layers(self.policy, genotypes[active])
-        sums = [None if o is None else np.asarray(o, dtype=np.float64) for o in observations]
-        return [
-            (
-                returns[k],
-                steps[k],
-                (
-                    None
-                    if sums[k] is None
-                    else (len(sums[k]), sums[k].sum(axis=0), np.square(sums[k]).sum(axis=0))
-                ),
-            )
-            for k in range(n)
-        ]
+    def run_together(self, tasks):
+        """`run` of tasks of one kind (training or evaluation), in one `rollout`."""
+        training = tasks[0].training
+        genotypes = []
+        for task in tasks:
+            if task.sign:
+                genotypes.append(perturb(self.center, task.sigma, task.noise_seed, task.sign))
+            else:
+                genotypes.append(self.center)
+        observations = None
+        if training and self.policy.normalize:
+            observations = [[] for _ in tasks]
+        env_seeds = [task.env_seeds for task in tasks]
+
+        def env_for(b):
+            return self.env(b, training)
+
+        returns, steps = rollout(self.policy, np.stack(genotypes), env_for, env_seeds, observations)
+        results = []
+        for b in range(len(tasks)):
+            sums = None
+            if observations is not None:
+                seen = np.asarray(observations[b], dtype=np.float64)
+                sums = (len(seen), seen.sum(axis=0), np.square(seen).sum(axis=0))
+            results.append((returns[b], steps[b], sums))
+        return results
 
 
 def start_local_worker(parent_pid):
@@ -2111,7 +2144,9 @@ def versions():
 def record_video(env_config, policy, path_stem, seed):
     """Record one evaluation episode as path_stem.mp4 (moviepy installed) or .gif. Returns (path, return)."""
     env = make_env(env_config, training=False, render_mode="rgb_array")
-    episode_return, _ = rollout(env, policy, seed)
+    genotype = parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
+    episode_return = returns[0][0]
     frames, fps = env.render(), env.metadata.get("render_fps", 30)
     env.close()
     try:

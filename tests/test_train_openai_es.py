@@ -252,13 +252,13 @@ def test_rollout_worker_runs_members_and_collects_stats(env_id, kwargs):
     obs_dim = policy_config["obs_shape"][0]
     pool = es_mod.RolloutPool(1, None, (config, policy_config))
     shared = (np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
-    (returns, steps, stats), = pool.map([(5, 1, 0.1, [11, 12], True)], shared)
+    (returns, steps, stats), = pool.map([es_mod.RolloutTask(5, 1, 0.1, [11, 12], True)], shared)
     assert len(returns) == 2 and 2 <= steps <= 60
     count, total, total_sq = stats
     assert count == steps and total.shape == (obs_dim,) and np.all(total_sq >= 0)
     for _ in range(4):  # deterministic in (noise seed, sign, env seeds), whatever ran before
-        assert pool.map([(5, 1, 0.1, [11, 12], True)], shared)[0][0] == returns
-    assert pool.map([(5, 1, 0.1, [11], False)], shared)[0][2] is None  # evaluations collect nothing
+        assert pool.map([es_mod.RolloutTask(5, 1, 0.1, [11, 12], True)], shared)[0][0] == returns
+    assert pool.map([es_mod.RolloutTask(5, 1, 0.1, [11], False)], shared)[0][2] is None  # evaluations collect nothing
 
 
 def children(pid):
@@ -284,7 +284,7 @@ def cartpole_pool_setup():
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
 def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
     worker_args, shared = cartpole_pool_setup()
-    tasks = [(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
+    tasks = [es_mod.RolloutTask(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
     expected = es_mod.RolloutPool(1, None, worker_args).map(tasks, shared)
     pool = es_mod.RolloutPool(2, None, worker_args)
     try:
@@ -313,7 +313,7 @@ def test_workers_that_keep_dying_end_the_batch_with_pool_lost(monkeypatch, capsy
     pool = es_mod.RolloutPool(2, None, worker_args)
     try:
         with pytest.raises(es_mod.PoolLost, match="keep dying"):
-            pool.map([(1, 1, 0.5, [1], True)] * 4, shared)
+            pool.map([es_mod.RolloutTask(1, 1, 0.5, [1], True)] * 4, shared)
     finally:
         pool.close()
     assert len([line for line in capsys.readouterr().out.splitlines() if "restarting" in line]) == es_mod.MAX_RESTARTS
@@ -509,6 +509,13 @@ def test_a_screened_out_center_gets_no_evaluation_row(tmp_path):
     assert 0 < first_steps < int(full[0]["env_steps"]) - int(never[0]["env_steps"])
 
 
+def play(policy, env, seed):
+    """The return of one episode of `policy` (its own weights) on `env` reset with `seed`."""
+    genotype = es_mod.parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = es_mod.rollout(policy, genotype[None], lambda b: env, [[seed]])
+    return returns[0][0]
+
+
 def test_from_pretrained_round_trip(tmp_path):
     run = train(tmp_path, "cp", iters=3, env="LunarLander-v3")
     out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "3", "--num-workers", "2",
@@ -522,7 +529,7 @@ def test_from_pretrained_round_trip(tmp_path):
     policy = es_mod.make_policy(meta["policy"], params, (meta["obs_norm"]["mean"], meta["obs_norm"]["std"]))
     config = dict(meta["env"], max_episode_steps=50)
     env = es_mod.make_env(config, training=False)
-    returns = [es_mod.rollout(env, policy, es_mod.derive_seed(1, es_mod.EVAL_ENV_STREAM, 0, e))[0] for e in range(3)]
+    returns = [play(policy, env, es_mod.derive_seed(1, es_mod.EVAL_ENV_STREAM, 0, e)) for e in range(3)]
     assert float(match.group(1)) == pytest.approx(np.mean(returns), abs=1e-3)
 
 
@@ -532,7 +539,7 @@ def test_init_from_starts_at_the_files_weights(tmp_path):
     params, meta = es_mod.load_weights(str(run / "final.npz"))
     policy = es_mod.make_policy(meta["policy"], params, (meta["obs_norm"]["mean"], meta["obs_norm"]["std"]))
     env = es_mod.make_env(dict(meta["env"], max_episode_steps=50), training=True)
-    center = es_mod.rollout(env, policy, es_mod.derive_seed(5, es_mod.CENTER_ENV_STREAM, 0, 0))[0]
+    center = play(policy, env, es_mod.derive_seed(5, es_mod.CENTER_ENV_STREAM, 0, 0))
     assert float(progress(init)[0]["center_return"]) == pytest.approx(center, rel=1e-4)
     line = assert_one_line_error(run_script(["--init-from", str(run / "final.npz"), "--hidden-sizes", "4"], cwd=tmp_path))
     assert "--hidden-sizes" in line
@@ -556,7 +563,7 @@ def test_carracing_early_stop_is_training_only():
                                          "--frame-stack", "1", "--hidden-sizes", "8")
     pool = es_mod.RolloutPool(1, None, (config, policy_config))
     shared = (np.zeros(dim, np.float32), np.zeros(0, np.float32), np.ones(0, np.float32))  # all-zero weights: no gas,
-    (_, train_steps, _), (_, eval_steps, _) = pool.map([(0, 0, 0.0, [7], True), (0, 0, 0.0, [7], False)], shared)
+    (_, train_steps, _), (_, eval_steps, _) = pool.map([es_mod.RolloutTask(0, 0, 0.0, [7], True), es_mod.RolloutTask(0, 0, 0.0, [7], False)], shared)
     assert train_steps < 60 and eval_steps == 120  # training: stopped after 20 negative rewards in a row
 
 
@@ -749,7 +756,7 @@ def test_run_chunk_builds_its_worker_once_and_reads_each_batchs_arrays():
     rng = np.random.default_rng(0)
     thetas = [rng.normal(0, 0.5, dim).astype(np.float32) for _ in range(2)]
     stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
-    task = (7, 1, 0.5, [3, 4], True)
+    task = es_mod.RolloutTask(7, 1, 0.5, [3, 4], True)
     local = es_mod.RolloutPool(1, None, (config, policy_config))
     expected = [local.map([task], (theta, *stats))[0] for theta in thetas]
     assert expected[0][0] != expected[1][0]
@@ -897,15 +904,16 @@ def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
     theta = np.random.default_rng(1).normal(0, 0.5, dim).astype(np.float32)
     obs_dim = policy_config["obs_shape"][0]
     worker.use(theta, np.zeros(obs_dim, np.float32) + 0.1, np.ones(obs_dim, np.float32) * 2)
-    tasks = [(seed, sign, 0.3, [100 + seed, 200 + seed], True) for seed in range(4) for sign in (1, -1)]
-    tasks.append((0, 0, 0.0, [7, 8], True))
+    Task = es_mod.RolloutTask
+    tasks = [Task(seed, sign, 0.3, [100 + seed, 200 + seed], True) for seed in range(4) for sign in (1, -1)]
+    tasks.append(Task(0, 0, 0.0, [7, 8], True))
     together = worker.run(tasks)
     alone = [worker.run([task])[0] for task in tasks]
     assert len({r[1] for r in together}) > 1  # the episodes do end at different steps
     for (returns, steps, sums), (returns_alone, steps_alone, sums_alone) in zip(together, alone):
         assert returns == returns_alone and steps == steps_alone
         assert sums[0] == sums_alone[0] and all(np.array_equal(a, b) for a, b in zip(sums[1:], sums_alone[1:]))
-    evaluation = [(0, 0, 0.0, [e], False) for e in range(5)]
+    evaluation = [Task(0, 0, 0.0, [e], False) for e in range(5)]
     assert worker.run(evaluation) == [worker.run([task])[0] for task in evaluation]
 
 
