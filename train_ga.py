@@ -28,6 +28,8 @@ Examples:
 
 import argparse
 import os
+import signal
+import sys
 import typing
 
 SCRIPT = "train_ga.py"
@@ -53,8 +55,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The examples as written; each default shown once: appended unless the help states it or nothing is set;
-    a switch shows none, an --x/--no-x pair the one that is on."""
+    """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
 
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
@@ -180,19 +181,22 @@ def parse_args(argv=None):
     if args.multitask is not None:
         args.env_id = "+".join(args.multitask)
     args.env_kwargs = parse_env_kwargs(args.env_kwargs)
-    if not args.ray_address:
-        args.ray_address = os.environ.get("RAY_ADDRESS") or None  # as Ray itself reads it
-    if args.ray_address:
-        check_ray_address(args.ray_address)
-        if "num_workers" not in given:
-            args.num_workers = None  # every CPU of the cluster
+    check_placement(args, given)
     check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
     check_args(args)
     check_paths(args)
     return args, given
 
 
-if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports errors)
+def interrupted(signum, frame):
+    """Ctrl-C or SIGTERM before main() takes them over (during the imports): one line, exit 130."""
+    print("\ninterrupted", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -206,12 +210,6 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
 # ---- 2. Genetic algorithm: the operators and the ask/tell object -------------------------------
-def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
 def selection_probabilities(fitness, method, pressure=2.0):
     """Each member's probability to be drawn as a parent: float64 (N,), summing to one.
 
@@ -405,9 +403,6 @@ def initial_population(policy_config, size, seed, init=None, rng_args=None):
 
 
 # ---- 3. Policy, environment, rollout -------------------------------------------------------------
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
-
-
 def load_flat(policy, params):
     """Set a policy's weights from a flat genotype (D,) (copied as float32). Returns the policy."""
     vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
@@ -519,22 +514,40 @@ def make_env(env_config, training, render_mode=None):
     return env
 
 
-def rollout(env, policy, seed, record=None):
-    """One episode from `env.reset(seed=seed)`: (return float, steps int). record: a list that
-    gets every observation the policy sees (distillation), or None."""
-    obs, _ = env.reset(seed=seed)
-    total = 0.0
-    steps = 0
+def rollout(policy, genotypes, env_for, env_seeds, observations=None):
+    """The episode loop of training, evaluation, distillation and video: member b of genotypes
+    float32 (B, D) plays an episode per seed of env_seeds[b] on env_for(b), the B stepped together,
+    each exactly as alone (B = 1: the plain loop). observations: None or B lists that get what each
+    member sees. Returns (B lists of episode returns, B env step counts)."""
+    members = Members(policy, genotypes)  # acts for the members still playing
+    seeds = [list(member_seeds) for member_seeds in env_seeds]
+    returns = [[] for _ in seeds]
+    steps = [0 for _ in seeds]
+    totals = [0.0 for _ in seeds]
+    envs = [env_for(b) for b in range(len(seeds))]
+    obs = [envs[b].reset(seed=seeds[b].pop(0))[0] for b in range(len(seeds))]
+    playing = list(range(len(seeds)))
     with torch.inference_mode():
-        while True:
-            action = policy.act(obs)
-            if record is not None:
-                record.append(obs)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            if terminated or truncated:
-                return total, steps
+        while playing:
+            if observations is not None:
+                for b in playing:
+                    observations[b].append(obs[b])
+            actions = members.act([obs[b] for b in playing], playing)
+            finished = []
+            for b, action in zip(playing, actions):
+                obs[b], reward, terminated, truncated, _ = envs[b].step(action)
+                totals[b] += float(reward)
+                steps[b] += 1
+                if terminated or truncated:
+                    returns[b].append(totals[b])
+                    totals[b] = 0.0
+                    if seeds[b]:
+                        envs[b] = env_for(b)
+                        obs[b], _ = envs[b].reset(seed=seeds[b].pop(0))
+                    else:
+                        finished.append(b)
+            playing = [b for b in playing if b not in finished]
+    return returns, steps
 
 
 # ---- 4. Training loop ----------------------------------------------------------------------------
@@ -589,19 +602,6 @@ def train(args, given):
     return run.exit_code
 
 
-def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
-    """Per-task returns of `params` over evaluation episodes start..episodes-1, without the early
-    stop: (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM,
-    iteration, e). label: the progress bar's (None: none)."""
-    tasks = []
-    for episode in range(start, episodes):
-        env_seed = derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)
-        tasks.append(RolloutTask(0, [env_seed], False, tuple(noisy)))
-    results = pool.map(tasks, [np.asarray(params, np.float32)], label)
-    returns = np.array([result.episode_returns[0] for result in results], dtype=np.float64)
-    return returns, sum(result.steps for result in results)
-
-
 def evaluate_best(run, screen=False):
     """Evaluate the best member after this generation: best.npz when it is the best so far, the
     goal streak, the console line, the video. Returns its {mean, std, episodes[, tasks]}, or None
@@ -629,9 +629,7 @@ import multiprocessing as mp
 import pickle
 import platform
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -709,6 +707,12 @@ CHECKPOINT_MODULES = ()  # packages whose objects a checkpoint holds, beyond num
 COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 
 
+def derive_seed(*keys):
+    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
+    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
 class PoolLost(Exception):
     """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
 
@@ -746,6 +750,24 @@ def flags_given(parser, argv, args):
     return {name for name, value in vars(typed).items() if value is not parser}
 
 
+def check_placement(args, given):
+    """Where the rollouts run, settled once: --ray-address, else $RAY_ADDRESS (as Ray itself reads
+    it), HOST:PORT (port 1-65535) or auto; on a cluster --num-workers None (every CPU of the
+    cluster) unless given. UserError for another address, or when --ray-address or --track needs
+    an optional package that is not installed."""
+    if not args.ray_address:
+        args.ray_address = os.environ.get("RAY_ADDRESS") or None
+    if args.ray_address:
+        import_optional("ray", "--ray-address", "ray")
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise UserError(f"--ray-address must be HOST:PORT (port 1-65535) or auto, got {args.ray_address!r}")
+        if "num_workers" not in given:
+            args.num_workers = None
+    if args.track:
+        import_optional("wandb", "--track", "track")
+
+
 def check_flags(args, given):
     """UserError for flags that exclude each other, and for flags given where their value comes
     from a checkpoint or a weights file."""
@@ -779,28 +801,19 @@ def check_flags(args, given):
 
 def parse_env_kwargs(items):
     """The --env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses (true, 3, 0.5),
-    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY."""
+    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY, or for a
+    number that is not finite (NaN, 1e400)."""
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(
-                f"--env-kwargs expects KEY=VALUE items with a name as KEY, got " f"{item!r}"
-            )
+            raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {item!r}")
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
         kwargs[key] = value
     return kwargs
-
-
-def check_ray_address(address):
-    """UserError unless ray is installed and `address` is HOST:PORT (port 1-65535) or auto."""
-    import_optional("ray", "--ray-address", "ray")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
-        raise UserError(
-            f"--ray-address must be HOST:PORT (port 1-65535) or auto, got " f"{address!r}"
-        )
 
 
 def check_args(args):
@@ -1352,6 +1365,19 @@ class Run:
                 self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
 
 
+def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
+    """Per-task returns of `params` over evaluation episodes start..episodes-1, without the early
+    stop: (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM,
+    iteration, e). label: the progress bar's (None: none)."""
+    tasks = []
+    for episode in range(start, episodes):
+        env_seed = derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)
+        tasks.append(RolloutTask(0, [env_seed], False, tuple(noisy)))
+    results = pool.map(tasks, [np.asarray(params, np.float32)], label)
+    returns = np.array([result.episode_returns[0] for result in results], dtype=np.float64)
+    return returns, sum(result.steps for result in results)
+
+
 def summary(returns):
     """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
     return {
@@ -1553,7 +1579,8 @@ def policy_config_from_envs(env_configs, hidden_sizes, activation):
 
 
 # The policy's speed: the MLP in numpy, for one member or B members at once
-# The activations on float32 numpy arrays (selu with torch's constants).
+# The Policy's activations, and the same on float32 numpy arrays (selu with torch's constants).
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
 NUMPY_ACTIVATIONS = {
     "tanh": np.tanh,
     "relu": lambda h: np.maximum(h, np.float32(0)),
@@ -1614,6 +1641,33 @@ RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster 
 WORKERS = {}  # a worker process's RolloutWorker of each pool (local or Ray), built at its first task
 
 
+class Members:
+    """B genotypes float32 (B, D) acting together in `rollout`: an MLP in one numpy pass
+    (`act_batch` on their stacked layers), a conv policy one member (B = 1; ValueError otherwise)
+    loaded into the policy. `act(observations, playing)`: the actions of the members `playing`
+    (ascending indices) for their observations."""
+
+    def __init__(self, policy, genotypes):
+        self.policy = policy
+        self.genotypes = genotypes
+        self.batched = not policy.pixels
+        self.playing = list(range(len(genotypes)))
+        if self.batched:
+            self.layers = stacked_layers(policy, genotypes)
+        elif len(genotypes) == 1:
+            policy.load(genotypes[0])
+        else:
+            raise ValueError(f"a conv policy plays one member at a time, got {len(genotypes)}")
+
+    def act(self, observations, playing):
+        if not self.batched:
+            return [self.policy.act(observations[0])]
+        if playing != self.playing:
+            self.playing = playing
+            self.layers = stacked_layers(self.policy, self.genotypes[playing])
+        return act_batch(self.policy, np.stack(observations), self.layers)
+
+
 class RolloutWorker:
     """One process's envs and policy, built once. `run(tasks)`: per RolloutTask its result
     (episode returns [[T floats] per episode], env steps) as a plain tuple (RolloutPool.map makes
@@ -1655,60 +1709,37 @@ class RolloutWorker:
         return envs[slot]
 
     def run(self, tasks):
-        """Per task (returns, steps). An MLP on one env steps the tasks' episodes in lockstep,
-        one batched forward a step, each episode exactly what it is alone; other policies run the
-        tasks one by one."""
-        if isinstance(self.policy, MultitaskPolicy) or self.policy.pixels:
-            return [self.run_one(task) for task in tasks]
-        return self.lockstep(tasks)
+        """Per task (returns [[T floats] per episode], steps). An MLP on one env steps the tasks
+        together (`rollout`); a conv policy runs them one by one; a multitask policy plays one
+        episode of every task at once (`multitask_rollout`)."""
+        if isinstance(self.policy, MultitaskPolicy):
+            return [self.run_multitask(task) for task in tasks]
+        if self.policy.pixels:
+            return [result for task in tasks for result in self.run_together([task])]
+        return self.run_together(tasks)
 
-    def run_one(self, task):
-        """One task's episodes, one after the other: (returns [[T floats] per episode], steps)."""
+    def run_together(self, tasks):
+        """`run` of tasks of one kind (training or evaluation) on one env, in one `rollout`."""
+        training = tasks[0].training
+        genotypes = self.members[[task.member for task in tasks]]
+        env_seeds = [task.env_seeds for task in tasks]
+
+        def env_for(b):
+            return self.env(0, training, b)
+
+        returns, steps = rollout(self.policy, genotypes, env_for, env_seeds)
+        return [([[r] for r in returns[b]], steps[b]) for b in range(len(tasks))]
+
+    def run_multitask(self, task):
+        """One task's episodes of the multitask policy, one after the other."""
         self.policy.load(self.members[task.member])
         returns, steps = [], 0
         for env_seed in task.env_seeds:
             envs = [self.env(t, task.training) for t in range(len(self.env_configs))]
-            if isinstance(self.policy, MultitaskPolicy):
-                episode_returns, episode_steps = multitask_rollout(
-                    envs, self.policy, env_seed, task.noisy
-                )
-            else:
-                episode_return, episode_steps = rollout(envs[0], self.policy, env_seed)
-                episode_returns = [episode_return]
+            episode_returns, episode_steps = multitask_rollout(envs, self.policy, env_seed, task.noisy)
             returns.append(episode_returns)
             steps += episode_steps
         return returns, steps
-
-    def lockstep(self, tasks):
-        """`run` of one env's tasks of one kind (training or evaluation), stepped together."""
-        n, training = len(tasks), tasks[0].training
-        genotypes = self.members[[task.member for task in tasks]]
-        seeds = [list(task.env_seeds) for task in tasks]
-        envs = self.envs[0, training]  # env k serves the chunk's k-th task
-
-        def reset(k):
-            return self.env(0, training, k).reset(seed=seeds[k].pop(0))[0]
-
-        returns, steps, totals = [[] for _ in tasks], [0] * n, [0.0] * n
-        obs, active = [reset(k) for k in range(n)], list(range(n))
-        layers = stacked_layers(self.policy, genotypes)
-        while active:
-            actions = act_batch(self.policy, np.stack([obs[k] for k in active]), layers)
-            finished = []
-            for action, k in zip(actions, active):
-                obs[k], reward, terminated, truncated, _ = envs[k].step(action)
-                totals[k], steps[k] = totals[k] + float(reward), steps[k] + 1
-                if terminated or truncated:
-                    returns[k].append([totals[k]])
-                    totals[k] = 0.0
-                    if seeds[k]:
-                        obs[k] = reset(k)
-                    else:
-                        finished.append(k)
-            if finished:
-                active = [k for k in active if k not in finished]
-                layers = stacked_layers(self.policy, genotypes[active])
-        return list(zip(returns, steps))
 
 
 def init_worker(worker_args, buffers):
@@ -2364,7 +2395,9 @@ def record_video(env_config, policy, path_stem, seed):
     """Record one evaluation episode into path_stem.mp4 (moviepy installed) or .gif. Returns
     (path, return)."""
     env = make_env(env_config, training=False, render_mode="rgb_array")
-    episode_return, _ = rollout(env, policy, seed)
+    genotype = parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
+    episode_return = returns[0][0]
     frames = env.render()
     fps = env.metadata.get("render_fps", 30)
     env.close()
@@ -2581,14 +2614,17 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
     if round_index == 0:
         driver = teacher
         driver_name = "teacher"
+    genotype = parameters_to_vector(driver.parameters()).detach().numpy()
     observations, returns = [], []
     with live_bar(label and label + driver_name, args.distill_episodes) as bar:
         for e in range(args.distill_episodes):
             env = make_env(env_config, training=False)
             seed = derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e)
-            episode_return, steps = rollout(env, driver, seed, observations)
-            bar.done(1, steps)
-            returns.append(episode_return)
+            episode_returns, steps = rollout(
+                driver, genotype[None], lambda b: env, [[seed]], [observations]
+            )
+            bar.done(1, steps[0])
+            returns.append(episode_returns[0][0])
             env.close()
     pairs[0].append(torch.stack([teacher.preprocess(o) for o in observations]).numpy())
     with torch.inference_mode():

@@ -15,7 +15,9 @@ SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numbers", "derive_seed",
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "load_checkpoint", "versions",
-          "plot_learning_curve", "main", "open_run_folder", "open_progress")
+          "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted")
+# Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
+SHARED_ES_GA = ("parse_env_kwargs",)
 
 
 def definitions(script):
@@ -24,6 +26,12 @@ def definitions(script):
         source = f.read()
     return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("name", SHARED_ES_GA)
+def test_a_definition_shared_by_es_and_ga_is_the_same_code_in_both(name):
+    found = [definitions(script).get(name) for script in ("train_openai_es.py", "train_ga.py")]
+    assert None not in found and found[0] == found[1], f"{name} differs or is missing"
 
 
 @pytest.mark.parametrize("name", SHARED)
@@ -46,7 +54,7 @@ def test_the_shared_definitions_stand_below_the_machinery_banner_except_the_conf
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SHARED
                  and node.lineno < banner]
         assert set(above) <= {"UserError", "PoolLost", "OneLineParser", "HelpFormatter", "derive_seed",
-                              "NegativeRewardEarlyStop"}, (script, above)
+                              "NegativeRewardEarlyStop", "interrupted"}, (script, above)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

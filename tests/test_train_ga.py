@@ -548,6 +548,24 @@ def test_a_screened_out_best_member_gets_no_evaluation_row(tmp_path):
     assert 0 < spent(screened) - spent(never) < spent(full) - spent(never)
 
 
+def plain_episode(policy, env, seed):
+    """(return, steps) of one episode of `policy` on `env` reset with `seed`, one Policy.act a step."""
+    obs, _ = env.reset(seed=seed)
+    total, steps, done = 0.0, 0, False
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
+        total, steps, done = total + float(reward), steps + 1, terminated or truncated
+    env.close()
+    return total, steps
+
+
+def play(policy, env, seed):
+    """The return of one episode of `policy` (its own weights) on `env` reset with `seed`, by `rollout`."""
+    genotype = ga_mod.parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = ga_mod.rollout(policy, genotype[None], lambda b: env, [[seed]])
+    return returns[0][0]
+
+
 def test_from_pretrained_and_init_from(tmp_path):
     run = train(tmp_path, "ll", iters=2, env="LunarLander-v3")
     out = run_script(["--from-pretrained", str(run / "final.npz"), "--num-eval-rollouts", "3", "--num-workers", "2",
@@ -559,7 +577,7 @@ def test_from_pretrained_and_init_from(tmp_path):
     params, meta = ga_mod.load_weights(str(run / "final.npz"))
     policy = ga_mod.build_policy(meta["policy"]).load(params)
     env = ga_mod.make_env(dict(meta["env"], max_episode_steps=50), training=False)
-    returns = [ga_mod.rollout(env, policy, ga_mod.derive_seed(1, ga_mod.EVAL_ENV_STREAM, 0, e))[0] for e in range(3)]
+    returns = [play(policy, env, ga_mod.derive_seed(1, ga_mod.EVAL_ENV_STREAM, 0, e)) for e in range(3)]
     assert float(match.group(1)) == pytest.approx(np.mean(returns), abs=1e-3)
     # --init-from: member 0 of the first generation is the file's weights.
     init = train(tmp_path, "b", "--init-from", str(run / "final.npz"), "--seed", "5", iters=1, env="LunarLander-v3")
@@ -936,7 +954,11 @@ def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
         tasks = [ga_mod.RolloutTask(member, [100 + member, 200 + member], training) for member in range(9)]
         together = worker.run(tasks)
         assert len({steps for _, steps in together}) > 1  # the episodes do end at different steps
-        assert together == [worker.run_one(task) for task in tasks]  # one by one, through Policy.act
+        assert together == [worker.run([task])[0] for task in tasks]  # B = 1
+        for task, (returns, steps) in zip(tasks, together):  # the plain loop, through Policy.act
+            policy = ga_mod.build_policy(policy_config).load(worker.members[task.member])
+            alone = [plain_episode(policy, ga_mod.make_env(configs[0], training), s) for s in task.env_seeds]
+            assert returns == [[r] for r, _ in alone] and steps == sum(n for _, n in alone)
 
 
 # ------------------------------------------------------------------------------------------------
