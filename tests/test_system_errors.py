@@ -5,8 +5,10 @@ quota or a full disk end the same way. Every script must report it as one line w
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,3 +26,29 @@ def test_a_folder_the_system_cannot_create_is_one_line(tmp_path, script):
     assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"{script}: error: ") and "/proc/no-such-folder" in lines[0]
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6])
+@pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py", "train_cmaes.py"])
+def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, script, delay):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--max-iter", "1", "--logs-dir",
+                             str(tmp_path / "runs")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)  # torch and gymnasium take seconds to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == "interrupted", err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py"])
+@pytest.mark.parametrize("value", ["1e400", "-inf", "nan"])
+def test_a_non_finite_env_kwarg_is_one_line(tmp_path, script, value):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "LunarLander-v3",
+                          "--env-kwargs", "enable_wind=True", f"wind_power={value}", "--max-iter", "1",
+                          "--logs-dir", str(tmp_path / "runs")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"{script}: error: ") and "wind_power" in lines[0], lines
+    assert not (tmp_path / "runs").exists()

@@ -804,13 +804,3 @@ def test_resume_after_a_cut_last_row_gives_the_straight_runs_rows_and_an_emptied
     out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [row["iteration"] for row in progress(run)] == ["3"]
-
-
-@pytest.mark.parametrize("delay", [0.2, 0.6])
-def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, delay):
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--max-iter", "1", *TINY], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)  # torch, gymnasium and pycma take about two seconds to import
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip() == "interrupted", err
