@@ -82,8 +82,8 @@ def build_parser():
     g.add_argument("--env-id", default="CarRacing-v3", help="a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     g.add_argument("--num-workers", type=int, default=usable_cores,
-                   help="rollout worker processes (default: usable cores; 1: in-process; with "
-                   "--ray-address: rollouts at once, default the cluster's CPUs)")
+                   help="rollout worker processes, 1: in-process; with --ray-address: rollouts at "
+                   "once, the cluster's CPUs if not given (default: usable cores)")
     g.add_argument("--ray-address", metavar="ADDRESS",
                    help="rollouts on the Ray cluster at HOST:PORT of its head or auto (default: "
                    "$RAY_ADDRESS if set, else local worker processes)")
