@@ -400,6 +400,7 @@ def evaluate_mean(run):
 # the fast CarRacing, workers, files, plots, video, main)
 # ------------------------------------------------------------------------------------------------
 import concurrent.futures
+import contextlib
 import csv
 import fcntl
 import importlib
@@ -725,6 +726,9 @@ class Run:
         self.start = time.perf_counter()
         self.last_row = self.start  # when the last progress row was written
         self.first_generation = self.counters["generation"]
+        self.checkpointed = None  # the generation checkpoint.pkl holds (None: no checkpoint yet)
+        if checkpoint:
+            self.checkpointed = self.first_generation
         self.wall_offset = self.counters["wall_time_s"]
         self.last_plot = -math.inf
         self.steps = 0  # env steps of the generation under way
@@ -804,6 +808,7 @@ class Run:
                 f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
                 f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
             )
+        self.lock.close()
         return stopped
 
     @property
@@ -835,8 +840,10 @@ class Run:
 
     def kept(self):
         """What to tell about the checkpoint when the run stops early."""
+        if self.checkpointed is None:
+            return "no generation had finished: there is no checkpoint to resume, start the run anew"
         return (
-            f"the checkpoint of generation {self.generation} is kept in "
+            f"the checkpoint of generation {self.checkpointed} is kept in "
             f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
             "   (on any Ray cluster with --ray-address, or locally)"
         )
@@ -945,6 +952,9 @@ class Run:
             save_checkpoint(self.paths["checkpoint.pkl"], state)
         finally:
             attach_randn(self.es, self.cma_rng.randn)
+        self.checkpointed = self.generation  # the generation the resume hint names
+        if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
+            raise KeyboardInterrupt
         self.tb.flush()
         if self.generation % self.args.eval_every == 0:
             upload(self)
@@ -1102,9 +1112,9 @@ def open_progress(path, columns, last_iteration):
     """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
     (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
     checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
-    or a full disk cut short; a missing file starts anew with the next generation. UserError, the
-    file left as it is, when it is emptied, holds another header, or its rows stop short of the
-    checkpoint or have gaps."""
+    or a full disk cut short; a header of an earlier version (fewer columns) gets today's columns; a
+    missing file starts anew with the next generation. UserError, the file left as it is, when it is
+    emptied, holds another header, or its rows stop short of the checkpoint or have gaps."""
     kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
@@ -1113,10 +1123,12 @@ def open_progress(path, columns, last_iteration):
         rows = list(csv.reader(io.StringIO(complete)))
         hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
                 f"generation {last_iteration + 1}")
-        if not rows or rows[0] != columns:
+        header = rows[0] if rows else []
+        if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
-        kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit()]
-        kept = [row for row in kept if int(row[0]) <= last_iteration]
+        # An earlier version of the script wrote fewer columns: its rows get today's, the new cells empty.
+        kept = [dict(zip(header, row)) for row in rows[1:] if len(row) == len(header) and row[0].isdigit()]
+        kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
         if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
             raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
@@ -1874,9 +1886,16 @@ def record_video(env_config, agent, path_stem, seed):
     return path_stem + ".mp4", episode_return
 
 
+# Environment variables that change a run's last digits (numpy's loops, OpenBLAS's, MKL's and torch's kernels).
+DIGIT_SETTINGS = ("NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS",
+                  "OMP_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def versions():
     """For args.json: the versions of python and of the libraries a run depends on (None where one is not
-    installed), and "blas": numpy's BLAS and the kernels it picked for this CPU, which set a run's last digits."""
+    installed), and what sets a run's last digits on this machine: "cpu" (the model: glibc's libm and torch's
+    MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
+    BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
     import importlib.metadata
     from threadpoolctl import threadpool_info
     found = {"python": platform.python_version()}
@@ -1885,8 +1904,22 @@ def versions():
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
-    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}"
+    found["cpu"] = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        found["cpu"] = f"{models[0]} ({len(models)} logical CPUs)" if models else found["cpu"]
+    found["libc"] = " ".join(platform.libc_ver())
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # numpy 1.x
+        from numpy.core import _multiarray_umath as umath
+    targets = [*umath.__cpu_baseline__, *umath.__cpu_dispatch__]
+    found["numpy_simd"] = [target for target in targets if umath.__cpu_features__.get(target)]
+    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
                      for i in threadpool_info() if i["user_api"] == "blas"]
+    found["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
+    found["environment"] = {name: os.environ[name] for name in DIGIT_SETTINGS if name in os.environ}
     return found
 
 
@@ -1945,8 +1978,13 @@ def main(argv=None):
     or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
     the checkpoint of the last finished generation kept."""
     sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
+    streams = (sys.stdout, sys.stderr)
+    sys.stdout = Console(sys.stdout)  # a reader that goes away (`| head`) costs the console, not the run
+    sys.stderr = Console(sys.stderr)
+    STOPPING.clear()
 
     def stop(signum, frame):
+        STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
         raise KeyboardInterrupt
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
@@ -1973,7 +2011,45 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+# Ctrl-C and SIGTERM: main() turns them into KeyboardInterrupt, which `Run` turns into the checkpoint and the resume
+# hint. Python drops an exception raised inside a fork handler, a __del__ or an atexit callback (a Ctrl-C while
+# the workers start, or while tqdm closes a bar): STOPPING remembers it, and save_checkpoint raises it again.
+STOPPING = threading.Event()
+
+
+class Console:
+    """sys.stdout or sys.stderr during main(): when the reader of the stream goes away (a closed pipe, `... | head`),
+    os.devnull takes the stream's place and the run goes on without a console, every generation checkpointed."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.lose_reader()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.lose_reader()
+
+    def lose_reader(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a late Ctrl-C changes no file, no exit code
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)

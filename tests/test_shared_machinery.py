@@ -2,9 +2,11 @@
 a reader who has read one file's machinery has read all three, and a fix made in one file is in all three."""
 import ast
 import importlib
+import json
 import os
 import socket
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,7 +17,8 @@ SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numbers", "derive_seed",
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "load_checkpoint", "versions",
-          "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted")
+          "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
+          "Console")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
 SHARED_ES_GA = ("parse_env_kwargs",)
 
@@ -80,3 +83,17 @@ def test_ray_address_auto_where_rays_temp_folder_names_a_cluster_that_is_gone_is
     (tmp_path / "ray" / "ray_current_cluster").unlink()  # and where no cluster was ever started
     with pytest.raises(module.UserError, match="no Ray cluster runs on this machine"):
         module.connect_ray("auto")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_versions_record_what_sets_a_runs_last_digits(script, monkeypatch):
+    module = importlib.import_module(script[:-3])
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    found = module.versions()
+    assert found["environment"]["OPENBLAS_CORETYPE"] == "Haswell" and "MKL_CBWR" not in found["environment"]
+    assert found["cpu"] and found["torch_cpu"] and isinstance(found["libc"], str)
+    assert found["blas"] and all(b.endswith(" threads") for b in found["blas"])  # kernels and threads
+    umath = np._core._multiarray_umath
+    assert set(found["numpy_simd"]) <= {*umath.__cpu_baseline__, *umath.__cpu_dispatch__}
+    json.dumps(found)  # args.json holds it

@@ -183,3 +183,33 @@ def test_the_comparison_lets_only_the_last_digits_of_a_float_move():
     # a spread of two nearly equal returns near -100: judged against the returns, not against itself
     assert same_cell("0.282289", "0.293692", 104.5) and not same_cell("0.282289", "0.293692")
     assert return_scale({"return_mean": "-104.5", "eval_return_std": "", "sigma": "300"}) == 104.5
+
+
+OLD = os.path.join(ROOT, "tests", "data", "old_checkpoints")  # what its README.md says: made by earlier versions
+
+
+@pytest.mark.parametrize("folder", sorted(d for d in os.listdir(OLD) if os.path.isdir(os.path.join(OLD, d))))
+def test_a_checkpoint_of_an_earlier_version_resumes_and_goes_on_as_that_version_did(folder, tmp_path):
+    # A 2-generation run of an earlier version (its checkpoint.pkl, progress.csv, args.json) resumed to 4 by
+    # today's script: the rows of generations 3-4 are those the old version wrote in one go, and progress.csv
+    # gets today's columns (cells an old version did not write stay empty).
+    script = folder.rsplit("_", 1)[0] + ".py"
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(OLD, folder), run,
+                    ignore=shutil.ignore_patterns("command.txt", "progress_straight_4.csv"))
+    env, exact = storing_kernels()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--resume", str(run), "--max-iter", "4",
+                          "--num-workers", "1", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr + out.stdout
+    want = read_rows(os.path.join(OLD, folder, "progress_straight_4.csv"))
+    got = read_rows(run / "progress.csv")
+    assert [row["iteration"] for row in got] == ["1", "2", "3", "4"]
+    with open(run / "progress.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert all(len(row) == len(table[0]) for row in table)  # well formed: one cell per column in every row
+    for row_got, row_want in zip(got, want):
+        assert set(row_want) <= set(row_got)
+        differing = {k: (row_got[k], v) for k, v in row_want.items() if row_got[k] != v
+                     and (exact or not same_cell(row_got[k], v, return_scale(row_want) if "return" in k else 0))}
+        assert not differing, f"generation {row_want['iteration']}: (got, old version's) {differing}"
