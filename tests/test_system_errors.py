@@ -52,3 +52,34 @@ def test_a_non_finite_env_kwarg_is_one_line(tmp_path, script, value):
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"{script}: error: ") and "wind_power" in lines[0], lines
     assert not (tmp_path / "runs").exists()
+
+
+def read_only_mounts_work():
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind -o ro / / 2>/dev/null || "
+                               "mount --bind -o ro /tmp /tmp"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not read_only_mounts_work(), reason="needs unshare -m and mount (root on Linux)")
+@pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py", "train_cmaes.py"])
+def test_resuming_a_run_folder_on_a_read_only_mount_is_one_line(tmp_path, script):
+    flags = {"train_cmaes.py": ["--population-size", "4", "--num-rollouts", "1", "--max-episode-steps", "20",
+                                "--num-eval-rollouts", "1", "--query-dim", "1", "--top-k", "1", "--hidden-size", "1",
+                                "--patch-stride", "8", "--patch-size", "2", "--controller", "mlp", "--num-frames",
+                                "1"]}.get(script, ["--env-id", "CartPole-v1", "--population-size", "8",
+                                                  "--hidden-sizes", "4", "--num-eval-rollouts", "2"])
+    run = tmp_path / "runs" / "r"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--max-iter", "1", "--num-workers",
+                          "1", "--quiet", "--logs-dir", str(tmp_path / "runs"), "--run-name", "r"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    resume = f"{sys.executable} {os.path.join(ROOT, script)} --resume {run} --max-iter 2 --num-workers 1"
+    out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {run} {run} && {resume}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"{script}: error: ") and "Read-only file system" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
