@@ -1907,8 +1907,9 @@ def open_run_folder(folder):
         raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
                         "--run-name") from None
     for name in os.listdir(folder):
-        if name.startswith(".tmp-"):
-            os.unlink(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
+            os.unlink(path)
     return lock
 
 

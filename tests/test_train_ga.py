@@ -457,10 +457,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     (run / ".tmp-abc123checkpoint.pkl").write_bytes(b"half a checkpoint")  # a kill in an atomic write
+    (run / ".tmp-mine").mkdir()  # not a file of ours: kept, and no reason to fail
     _, state = ga_mod.load_checkpoint(str(run))
     out = run_script(["--resume", str(run), "--max-iter", str(state["ga"]["generation"] + 1)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp-")] == [".tmp-mine"]
     again = run_script([*flags, "--max-iter", "1"], cwd=tmp_path)
     assert "already holds a run" in assert_one_line_error(again)  # ended runs are not started over
 
