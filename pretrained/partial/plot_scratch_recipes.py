@@ -13,9 +13,12 @@ from matplotlib.figure import Figure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # run name -> label (every run: --seed 1 --num-workers 1 --eval-every 10 --num-eval-rollouts 10)
-    "scratch_full_64x2": "CMA-ES, population 64 x 2 rollouts",
-    "scratch_sep_64x2": "sep-CMA-ES (--separable 2000), 64 x 2",
-    "scratch_sep_128x1": "sep-CMA-ES (--separable 2000), 128 x 1",
+    "scratch_full_64x2": "CMA-ES, population 64 x 2 rollouts (20addc5)",
+    "scratch_sep_64x2": "sep-CMA-ES (--separable 2000), 64 x 2 (20addc5)",
+    "scratch_sep_128x1": "sep-CMA-ES (--separable 2000), 128 x 1 (20addc5)",
+    "scratch2_full_64x2": "CMA-ES, 64 x 2, again (d555609)",
+    "scratch2_staged_ctrl_64x2": "staged: the controller on a fresh frozen attention, 64 x 2 (d555609)",
+    "scratch2_sigma03_64x2": "CMA-ES, --init-sigma 0.3, 64 x 2 (d555609)",
 }
 
 
@@ -33,7 +36,7 @@ def cpu_hours_at(samples, generation):
 def main():
     with open(os.path.join(HERE, "cmaes_scratch_cpu.csv"), newline="") as f:
         rows = list(csv.reader(f))
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(12, 5))
     population, evaluation = fig.subplots(1, 2)
     for name, label in RECIPES.items():
         samples = [(int(cpu), int(gen)) for _, run, cpu, gen in rows if run == name and gen.isdigit()]
