@@ -705,8 +705,15 @@ def test_shipped_weights_files_still_load():
     assert params.dtype == np.float32 and meta["env_id"] == "LunarLander-v3"
 
 
-def test_bad_weights_and_checkpoints(tmp_path):
-    run = train(tmp_path, "ok", iters=1)
+def test_bad_weights_and_checkpoints(tmp_path, monkeypatch, capsys):
+    def run_script(args, cwd):  # main() in this process (a subprocess each costs seconds of imports)
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() would install its handlers in pytest
+        code = es_mod.main(args)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    run = train(tmp_path, "ok", iters=1)  # a subprocess: the module-level run_script
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     params, meta = es_mod.load_weights(str(run / "final.npz"))
     np.savez(tmp_path / "short.npz", params=params[:-3], meta=np.array(json.dumps(meta)))
