@@ -201,3 +201,16 @@ def modules_imported_by_help(script):
     out = subprocess.run([sys.executable, "-c", code, script], capture_output=True, text=True, timeout=120)
     import json
     return json.loads(out.stderr.strip().splitlines()[-1]), out.stdout
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """in_process(module, args, cwd): module.main(args) in this process, in folder cwd, as a
+    subprocess.CompletedProcess (returncode, stdout, stderr); a subprocess would cost seconds of imports."""
+    def run(module, args, cwd):
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() would install its handlers in pytest
+        code = module.main(args)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run

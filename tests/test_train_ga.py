@@ -810,13 +810,9 @@ def test_no_worker_outlives_a_killed_driver(tmp_path):
     assert not any(map(running, workers)), "a worker outlived its driver by more than 5 s"
 
 
-def test_bad_weights_and_checkpoints(tmp_path, monkeypatch, capsys):
-    def run_script(args, cwd):  # main() in this process (a subprocess each costs seconds of imports)
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() would install its handlers in pytest
-        code = ga_mod.main(args)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+def test_bad_weights_and_checkpoints(tmp_path, in_process):
+    def run_script(args, cwd):  # the refused inputs in this process
+        return in_process(ga_mod, args, cwd)
 
     run = train(tmp_path, "ok", iters=1)  # a subprocess: the module-level run_script
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}

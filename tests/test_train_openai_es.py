@@ -705,13 +705,9 @@ def test_shipped_weights_files_still_load():
     assert params.dtype == np.float32 and meta["env_id"] == "LunarLander-v3"
 
 
-def test_bad_weights_and_checkpoints(tmp_path, monkeypatch, capsys):
-    def run_script(args, cwd):  # main() in this process (a subprocess each costs seconds of imports)
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() would install its handlers in pytest
-        code = es_mod.main(args)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+def test_bad_weights_and_checkpoints(tmp_path, in_process):
+    def run_script(args, cwd):  # the refused inputs in this process
+        return in_process(es_mod, args, cwd)
 
     run = train(tmp_path, "ok", iters=1)  # a subprocess: the module-level run_script
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
