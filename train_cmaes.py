@@ -718,6 +718,8 @@ class Run:
             self.open_folder(checkpoint is not None)
         except BaseException:
             self.pool.close()
+            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
+                self.lock.close()
             raise
         self.log = print
         if args.quiet:
@@ -764,6 +766,12 @@ class Run:
                 f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
                 "or pick another --run-name"
             )
+        last_iteration = None
+        if resumed:
+            last_iteration = self.counters["generation"]
+        self.csv_file, self.writer = open_progress(
+            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
+        )  # first: a resume it refuses writes nothing
         if args.capture_video:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         self.tb, self.wandb = start_logging(args, self.dir, self.counters["env_steps"])
@@ -776,12 +784,6 @@ class Run:
             versions=versions(),
         )
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
-        last_iteration = None
-        if resumed:
-            last_iteration = self.counters["generation"]
-        self.csv_file, self.writer = open_progress(
-            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
-        )
 
     def __enter__(self):
         return self

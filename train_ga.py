@@ -1033,6 +1033,8 @@ class Run:
             self.open_folder(checkpoint is not None)
         except BaseException:
             self.pool.close()
+            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
+                self.lock.close()
             raise
         self.log = print
         if args.quiet:

@@ -955,6 +955,8 @@ class Run:
             self.open_folder(checkpoint is not None)
         except BaseException:
             self.pool.close()
+            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
+                self.lock.close()
             raise
         self.log = print
         if args.quiet:
@@ -993,6 +995,12 @@ class Run:
         """
         args = self.args
         self.lock = open_run_folder(self.dir)
+        last_iteration = None
+        if resuming:
+            last_iteration = self.es.generation
+        self.csv_file, self.writer = open_progress(
+            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
+        )  # first: a resume it refuses writes nothing
         if args.capture_video:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         self.wandb = None
@@ -1020,12 +1028,6 @@ class Run:
             vars(args), env_config=self.env_config, num_params=self.dim, versions=versions()
         )
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
-        last_iteration = None
-        if resuming:
-            last_iteration = self.es.generation
-        self.csv_file, self.writer = open_progress(
-            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
-        )
         from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
 
         purge_step = None

@@ -203,14 +203,34 @@ def modules_imported_by_help(script):
     return json.loads(out.stderr.strip().splitlines()[-1]), out.stdout
 
 
+def run_main(module, args, cwd):
+    """module.main(args) in this process, in folder cwd, as a subprocess.CompletedProcess (returncode, stdout,
+    stderr); a subprocess would cost seconds of imports. The working folder, sys.stdout / sys.stderr and the
+    SIGINT / SIGTERM handlers main() installs are restored afterwards."""
+    import io
+
+    folder = os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    streams = (sys.stdout, sys.stderr)
+    sys.stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    sys.stderr = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    captured = (sys.stdout, sys.stderr)
+    os.chdir(cwd)
+    try:
+        code = module.main([str(a) for a in args])
+    finally:
+        os.chdir(folder)
+        sys.stdout, sys.stderr = streams
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    for stream in captured:
+        stream.flush()
+    out = captured[0].buffer.getvalue().decode()
+    err = captured[1].buffer.getvalue().decode()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.fixture
-def in_process(monkeypatch, capsys):
-    """in_process(module, args, cwd): module.main(args) in this process, in folder cwd, as a
-    subprocess.CompletedProcess (returncode, stdout, stderr); a subprocess would cost seconds of imports."""
-    def run(module, args, cwd):
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() would install its handlers in pytest
-        code = module.main(args)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return run
+def in_process():
+    """run_main as a fixture: in_process(module, args, cwd)."""
+    return run_main

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 VECTOR = ["--env-id", "CartPole-v1", "--population-size", "8", "--hidden-sizes", "4", "--num-eval-rollouts", "2"]
@@ -115,3 +117,20 @@ def test_a_console_whose_reader_goes_away_costs_the_console_not_the_run(script, 
     module = importlib.import_module(script[:-3])
     _, state = module.load_checkpoint(str(run))
     assert state["args"]["max_iter"] == 5
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_refused_resume_writes_nothing_and_releases_the_run_folder(script, tmp_path, capsys):
+    module = importlib.import_module(script[:-3])
+    assert run_in_process(module, tmp_path, capsys, "--max-iter", "1")[0] == 0
+    run = tmp_path / "runs" / "r"
+    (run / "progress.csv").write_bytes(b"")  # `: > progress.csv`: the resume is refused
+    files = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    resume = ["--resume", run, "--max-iter", "2", "--num-workers", "1", "--quiet"]
+    out = run_main(module, resume, tmp_path)
+    assert out.returncode == 2 and "progress.csv" in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == files
+    (run / "progress.csv").unlink()  # moved away: in this same process, the folder is free again
+    out = run_main(module, resume, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert generations(run) == [2]

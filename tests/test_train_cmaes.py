@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_cmaes as cm
-from conftest import modules_imported_by_help, run_as_on_macos, run_on_terminal, run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_cmaes.py")
@@ -30,9 +30,18 @@ def run_script(args, cwd, timeout=600):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(args, cwd):
+    """run_script's result from main() in this process: no seconds of imports."""
+    return run_main(cm, args, cwd)
+
+
 def train(tmp_path, name, *extra, workers=1, iters=2):
-    out = run_script(["--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY, *extra],
-                     cwd=tmp_path)
+    """A TINY run of `iters` generations; one worker runs in this process, two in worker processes."""
+    args = ["--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY, *extra]
+    if workers == 1:
+        out = run_here(args, cwd=tmp_path)
+    else:
+        out = run_script(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr + out.stdout
     return tmp_path / "runs" / name, out
 
@@ -167,7 +176,7 @@ def test_tiny_run_resumes_exactly_and_writes_nothing_outside_its_folder(tmp_path
     # stopped at generation 3, off the evaluation schedule: that run's final evaluation stays out of the record
     split, _ = train(tmp_path, "split", "--eval-every", "2", iters=3)
     assert cm.load_weights(str(split / "final.npz"))[2]["evaluation"]["episodes"] == 1
-    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
+    out = run_here(["--resume", str(split), "--max-iter", "5", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert progress(straight) == progress(split) and len(progress(split)) == 5
     assert [r["eval_return_mean"] != "" for r in progress(split)] == [False, True, False, True, False]
@@ -281,7 +290,7 @@ def test_frozen_parts_stay_frozen_also_on_resume(tmp_path, part, searched):
     assert np.array_equal(params[frozen], authors[frozen])
     assert not np.array_equal(params[~frozen], authors[~frozen])
     if part == "attention":  # a resumed run takes its frozen part from the file again: it continues exactly
-        out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+        out = run_here(["--resume", str(run), "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         straight, _ = train(tmp_path, "straight", "--train", part, "--init-from", AUTHORS, iters=2)
         assert progress(run) == progress(straight)
@@ -356,7 +365,7 @@ def test_separable_run_and_a_checkpoint_without_the_flags_added_since_resume_exa
     assert checkpoint["args"]["separable"] == 100
     del checkpoint["args"]["fresh"]  # as a checkpoint of a version before --fresh writes it
     (run / "checkpoint.pkl").write_bytes(pickle.dumps(checkpoint))
-    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert progress(run) == progress(straight)
     assert json.loads((run / "args.json").read_text())["fresh"] is False
@@ -475,7 +484,7 @@ def test_help_shows_each_default_once():
 def test_crafted_checkpoints_run_nothing(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "system.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    assert "os.system" in assert_one_line_error(run_script(["--resume", "system.pkl"], cwd=tmp_path))
+    assert "os.system" in assert_one_line_error(run_here(["--resume", "system.pkl"], cwd=tmp_path))
     # pycma evaluates option strings in its constructor: a pickle may rebuild cma objects from
     # their state, but calling a cma class (or anything but numpy's constructors) is refused.
     class CallsCma:
@@ -483,15 +492,15 @@ def test_crafted_checkpoints_run_nothing(tmp_path):
             return cma.CMAEvolutionStrategy, ([0.0, 0.0], 1.0, {"popsize": f"__import__('os').system('touch {marker}')"})
 
     (tmp_path / "cma.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "cma": CallsCma()}))
-    line = assert_one_line_error(run_script(["--resume", "cma.pkl"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--resume", "cma.pkl"], cwd=tmp_path))
     assert "refusing" in line and "calls CMAEvolutionStrategy" in line
     assert not marker.exists()
     (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_ga.py", "format_version": 1}))
-    assert "train_ga.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    assert "train_ga.py" in assert_one_line_error(run_here(["--resume", "foreign.pkl"], cwd=tmp_path))
     (tmp_path / "partial.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
-    assert "not a complete" in assert_one_line_error(run_script(["--resume", "partial.pkl"], cwd=tmp_path))
+    assert "not a complete" in assert_one_line_error(run_here(["--resume", "partial.pkl"], cwd=tmp_path))
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x05junk")
-    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "junk.pkl"], cwd=tmp_path))
+    assert "checkpoint" in assert_one_line_error(run_here(["--resume", "junk.pkl"], cwd=tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,10 +679,10 @@ def test_exp_name_names_the_run_folder_and_tensorboard_holds_the_progress_rows(t
 def test_resumed_run_continues_the_tensorboard_curves_without_the_killed_sessions_points(tmp_path):
     run, _ = train(tmp_path, "tb", "--quiet", iters=2)
     saved = (run / "checkpoint.pkl").read_bytes()
-    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     (run / "checkpoint.pkl").write_bytes(saved)  # as if killed after writing generation 3, before its checkpoint
-    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "4", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     steps = [int(row["env_steps"]) for row in progress(run)]
     assert len(steps) == 4 and [step for step, _ in scalars(run)[0]["return_mean"]] == steps
@@ -759,7 +768,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
             time.sleep(0.2)
         second = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(second)
-        resumed = run_script(["--resume", str(tmp_path / "runs" / "same"), "--max-iter", "60"], cwd=tmp_path)
+        resumed = run_here(["--resume", str(tmp_path / "runs" / "same"), "--max-iter", "60"], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(resumed)
         assert first.poll() is None  # the first run goes on
     finally:
@@ -767,7 +776,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
         first.communicate(timeout=120)
     run = tmp_path / "runs" / "same"
     (run / ".tmp-abc123checkpoint.pkl").write_bytes(b"half a checkpoint")  # a kill in an atomic write
-    out = run_script(["--resume", str(run), "--max-iter", str(len(progress(run)) + 1)], cwd=tmp_path)
+    out = run_here(["--resume", run, "--max-iter", len(progress(run)) + 1, "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
     again = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
@@ -779,17 +788,17 @@ def test_resume_after_a_cut_last_row_gives_the_straight_runs_rows_and_an_emptied
     straight, _ = train(tmp_path, "straight", iters=2)
     with open(run / "progress.csv", "a", newline="") as f:
         f.write("2,8,19")  # a crash (or a full disk) in the middle of generation 2's row
-    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert progress(run) == progress(straight)
     with open(run / "progress.csv", newline="") as f:
         assert all(len(row) == len(cm.PROGRESS_COLUMNS) for row in csv.reader(f))
     checkpoint = (run / "checkpoint.pkl").read_bytes()
     (run / "progress.csv").write_bytes(b"")  # `: > progress.csv`
-    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path)
     assert "progress.csv" in assert_one_line_error(out)
     assert (run / "progress.csv").read_bytes() == b"" and (run / "checkpoint.pkl").read_bytes() == checkpoint
     (run / "progress.csv").unlink()  # moved away: the run goes on with a new file
-    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [row["iteration"] for row in progress(run)] == ["3"]
