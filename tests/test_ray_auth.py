@@ -38,22 +38,36 @@ def test_a_cluster_started_where_a_token_file_exists_takes_every_scripts_driver(
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("0123456789abcdef0123456789abcdef")
     cluster = RayCluster(num_cpus=2, env=user_env(home))
+    started = []
     try:
-        for script, flags in TINY.items():
-            out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--max-iter", "1",
-                                  "--ray-address", cluster.address, "--run-name", script[:-3]],
-                                 cwd=tmp_path, env=user_env(home), capture_output=True, text=True, timeout=300)
-            assert out.returncode == 0, out.stderr + out.stdout
-            assert (tmp_path / "runs" / script[:-3] / "final.npz").exists()
-        # a machine without the cluster's token: one line that says what to do, nothing written
+        # a machine without the cluster's token, started first: Ray takes about 20 s to give up on it
         stranger = tmp_path / "stranger"
         stranger.mkdir()
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "train_openai_es.py"), *TINY["train_openai_es.py"],
-                              "--ray-address", cluster.address, "--run-name", "refused"],
-                             cwd=tmp_path, env=user_env(stranger), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and "token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0], out.stderr
+        refused = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_openai_es.py"),
+                                    *TINY["train_openai_es.py"], "--ray-address", cluster.address, "--run-name",
+                                    "refused"], cwd=tmp_path, env=user_env(stranger), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        started.append(refused)
+        drivers = {  # all at once: most of a driver's time is spent waiting on Ray
+            script: subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--max-iter", "1",
+                                      "--ray-address", cluster.address, "--run-name", script[:-3]],
+                                     cwd=tmp_path, env=user_env(home), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+            for script, flags in TINY.items()
+        }
+        started += drivers.values()
+        for script, driver in drivers.items():
+            stdout, stderr = driver.communicate(timeout=300)
+            assert driver.returncode == 0, stderr + stdout
+            assert (tmp_path / "runs" / script[:-3] / "final.npz").exists()
+        # the stranger gets one line that says what to do, nothing written
+        _, stderr = refused.communicate(timeout=300)
+        assert refused.returncode == 2
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0], stderr
         assert not (tmp_path / "runs" / "refused").exists()
     finally:
+        for process in started:  # none outlives the test, should an assert fail
+            process.kill()
+            process.communicate()
         cluster.stop()

@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_ga as ga_mod
-from conftest import modules_imported_by_help, run_as_on_macos, run_on_terminal, run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_ga.py")
@@ -34,8 +34,12 @@ def run_script(args, cwd, timeout=300, **kwargs):
 def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
     architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
     env_flags = [] if "--multitask" in extra else ["--env-id", env]
-    out = run_script([*env_flags, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters),
-                      *TINY, *architecture, *extra], cwd=tmp_path)
+    args = [*env_flags, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY,
+            *architecture, *extra]
+    if workers == 1:  # in this process: no seconds of imports
+        out = run_main(ga_mod, args, tmp_path)
+    else:
+        out = run_script(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr + out.stdout
     return tmp_path / "runs" / name
 

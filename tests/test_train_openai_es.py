@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_openai_es as es_mod
-from conftest import (RayCluster, free_port, modules_imported_by_help, run_as_on_macos, run_on_terminal,
+from conftest import (RayCluster, free_port, modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal,
                       run_without_ray)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +36,12 @@ def run_script(args, cwd, timeout=300, **kwargs):
 
 def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2, environ=None):
     architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
-    out = run_script(["--env-id", env, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters),
-                      *TINY, *architecture, *extra], cwd=tmp_path, env=environ)
+    args = ["--env-id", env, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY,
+            *architecture, *extra]
+    if workers == 1 and environ is None:  # in this process: no seconds of imports
+        out = run_main(es_mod, args, tmp_path)
+    else:
+        out = run_script(args, cwd=tmp_path, env=environ)
     assert out.returncode == 0, out.stderr + out.stdout
     return tmp_path / "runs" / name
 
