@@ -1890,8 +1890,9 @@ def record_video(env_config, agent, path_stem, seed):
 
 
 # Environment variables that change a run's last digits (numpy's loops, OpenBLAS's, MKL's and torch's kernels).
-DIGIT_SETTINGS = ("NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS",
-                  "OMP_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+# Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
+# NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
+DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")
 
 
 def versions():
@@ -1922,7 +1923,9 @@ def versions():
     found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
                      for i in threadpool_info() if i["user_api"] == "blas"]
     found["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
-    found["environment"] = {name: os.environ[name] for name in DIGIT_SETTINGS if name in os.environ}
+    found["environment"] = {
+        name: value for name, value in sorted(os.environ.items()) if name.startswith(DIGIT_SETTINGS)
+    }
     return found
 
 

@@ -89,9 +89,12 @@ def test_ray_address_auto_where_rays_temp_folder_names_a_cluster_that_is_gone_is
 def test_versions_record_what_sets_a_runs_last_digits(script, monkeypatch):
     module = importlib.import_module(script[:-3])
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")  # a cache size, set on some machines here
     monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.setenv("HOME_NOT_A_SETTING", "x")
     found = module.versions()
     assert found["environment"]["OPENBLAS_CORETYPE"] == "Haswell" and "MKL_CBWR" not in found["environment"]
+    assert found["environment"]["OPENBLAS_L2_SIZE"] == "512" and "HOME_NOT_A_SETTING" not in found["environment"]
     assert found["cpu"] and found["torch_cpu"] and isinstance(found["libc"], str)
     assert found["blas"] and all(b.endswith(" threads") for b in found["blas"])  # kernels and threads
     umath = np._core._multiarray_umath
