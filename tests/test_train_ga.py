@@ -31,6 +31,11 @@ def run_script(args, cwd, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def run_here(args, cwd):
+    """run_script's result from main() in this process: no seconds of imports."""
+    return run_main(ga_mod, args, cwd)
+
+
 def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2):
     architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
     env_flags = [] if "--multitask" in extra else ["--env-id", env]
@@ -407,7 +412,7 @@ def test_resume_is_exact(tmp_path, replacement):
     # stopped at generation 3, off the evaluation schedule: that run's final evaluation stays out of the record
     split = train(tmp_path, "split", *extra, iters=3)
     assert ga_mod.load_weights(str(split / "final.npz"))[1]["evaluation"]["episodes"] > 0
-    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
+    out = run_here(["--resume", str(split), "--max-iter", "5", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "resuming at generation 3" in out.stdout
     assert progress(straight) == progress(split)
@@ -417,12 +422,12 @@ def test_resume_is_exact(tmp_path, replacement):
 
 def test_resume_refuses_algorithm_changes_and_drops_late_rows(tmp_path):
     run = train(tmp_path, "r", iters=1)
-    line = assert_one_line_error(run_script(["--resume", str(run), "--mutation-rate", "0.5"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--resume", str(run), "--mutation-rate", "0.5"], cwd=tmp_path))
     assert "--mutation-rate" in line
     reference = progress(run)
     with open(run / "progress.csv", "a") as f:  # as if killed between the CSV row and the checkpoint
         f.write("2,99,1,1,1,1,1,1,,,1,1,1,1,1\r\n")
-    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     rows = progress(run)
     assert rows[:1] == reference and len(rows) == 2 and rows[1]["evaluations"] == "12"
@@ -436,7 +441,7 @@ def test_a_checkpoint_written_before_exp_name_and_track_existed_resumes(tmp_path
         del state["args"][key]
     with open(run / "checkpoint.pkl", "wb") as f:
         pickle.dump(state, f)
-    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "resuming at generation 1" in out.stdout and len(progress(run)) == 2
     config = json.loads((run / "args.json").read_text())
@@ -454,7 +459,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
             time.sleep(0.2)
         second = run_script([*flags, "--max-iter", "1"], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(second)
-        resumed = run_script(["--resume", str(run), "--max-iter", "100001"], cwd=tmp_path)
+        resumed = run_here(["--resume", str(run), "--max-iter", "100001", "--num-workers", "1"], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(resumed)
         assert first.poll() is None  # the first run goes on
     finally:
@@ -475,12 +480,12 @@ def test_a_resumed_progress_csv_loses_a_cut_last_line_and_an_emptied_one_is_refu
     whole = (run / "progress.csv").read_text()
     with open(run / "progress.csv", "a") as f:
         f.write("3,18,9")  # a crash or a full disk in the middle of the next generation's row
-    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [row["iteration"] for row in progress(run)] == ["1", "2", "3"]
     assert (run / "progress.csv").read_text().startswith(whole)
     (run / "progress.csv").write_text("")  # emptied
-    line = assert_one_line_error(run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--resume", run, "--max-iter", "4", "--num-workers", "1"], cwd=tmp_path))
     assert "has no header of this run's columns" in line and "generation 4" in line
     assert (run / "progress.csv").read_text() == ""  # left as it is
 
@@ -824,7 +829,7 @@ def test_bad_weights_and_checkpoints(tmp_path, in_process):
     # Weights of another architecture: the meta says 8 hidden units, the file holds fewer values.
     np.savez(tmp_path / "short.npz", params=params[:-3], meta=np.array(json.dumps(meta)))
     assert "parameters" in assert_one_line_error(run_script(["--from-pretrained", "short.npz"], cwd=tmp_path))
-    assert "parameters" in assert_one_line_error(run_script(["--init-from", "short.npz"], cwd=tmp_path))
+    assert "parameters" in assert_one_line_error(run_here(["--init-from", "short.npz"], cwd=tmp_path))
     # ... or a policy for other spaces (CartPole's 4 inputs) on another env.
     lunar = dict(meta, env=dict(meta["env"], env_id="LunarLander-v3"), env_id="LunarLander-v3", env_ids=["LunarLander-v3"])
     np.savez(tmp_path / "foreign_env.npz", params=params, meta=np.array(json.dumps(lunar)))
@@ -838,13 +843,13 @@ def test_bad_weights_and_checkpoints(tmp_path, in_process):
     assert "cannot read" in assert_one_line_error(run_script(["--from-pretrained", "junk.npz"], cwd=tmp_path))
     # Checkpoints: truncated, foreign, crafted. None of them runs anything or touches the run folder.
     (tmp_path / "truncated.pkl").write_bytes((run / "checkpoint.pkl").read_bytes()[:100])
-    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "truncated.pkl"], cwd=tmp_path))
+    assert "checkpoint" in assert_one_line_error(run_here(["--resume", "truncated.pkl"], cwd=tmp_path))
     (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
-    assert "train_cmaes.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    assert "train_cmaes.py" in assert_one_line_error(run_here(["--resume", "foreign.pkl"], cwd=tmp_path))
     marker = tmp_path / "pwned"
     crafted = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
     (tmp_path / "crafted.pkl").write_bytes(crafted)
-    assert "os.system" in assert_one_line_error(run_script(["--resume", "crafted.pkl"], cwd=tmp_path))
+    assert "os.system" in assert_one_line_error(run_here(["--resume", "crafted.pkl"], cwd=tmp_path))
     assert not marker.exists()
 
     class Evil:
@@ -852,7 +857,7 @@ def test_bad_weights_and_checkpoints(tmp_path, in_process):
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"script": ga_mod.SCRIPT, "format_version": 1, "x": Evil()}))
-    assert "refusing" in assert_one_line_error(run_script(["--resume", "evil.pkl"], cwd=tmp_path))
+    assert "refusing" in assert_one_line_error(run_here(["--resume", "evil.pkl"], cwd=tmp_path))
     assert not marker.exists()
     # Starting a new run in a folder that holds one would overwrite it: refused.
     assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
@@ -979,7 +984,7 @@ def test_exp_name_names_the_default_run_folder(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"CartPole-v1__mine__1__\d+", run.name), run.name
     assert json.loads((run / "args.json").read_text())["exp_name"] == "mine"
-    line = assert_one_line_error(run_script(["--resume", str(run), "--exp-name", "other"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--resume", str(run), "--exp-name", "other"], cwd=tmp_path))
     assert "--exp-name" in line and "checkpoint" in line  # a resumed run keeps its folder and its name
     assert build_default_run_name().startswith("CartPole-v1__train_ga__1__")
 
@@ -1024,7 +1029,7 @@ def test_resumed_run_continues_the_tensorboard_curves(tmp_path):
     late.add_scalar("return_mean", -1.0, global_step=int(progress(run)[-1]["env_steps"]) + 5)
     late.close()
     time.sleep(1)  # event files are read in the order of their names, which start with the unix time
-    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "4", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     rows = progress(run)
     found, _ = scalars(run)

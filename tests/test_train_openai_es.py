@@ -34,6 +34,11 @@ def run_script(args, cwd, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def run_here(args, cwd):
+    """run_script's result from main() in this process: no seconds of imports."""
+    return run_main(es_mod, args, cwd)
+
+
 def train(tmp_path, name, *extra, env="CartPole-v1", workers=1, iters=2, environ=None):
     architecture = [] if "--init-from" in extra else ["--hidden-sizes", "8"]  # an init file brings its own
     args = ["--env-id", env, "--run-name", name, "--num-workers", str(workers), "--max-iter", str(iters), *TINY,
@@ -402,7 +407,7 @@ def test_resume_is_exact(tmp_path):
     # stopped at generation 3, off the evaluation schedule: that run's final evaluation stays out of the record
     split = train(tmp_path, "split", "--eval-every", "2", iters=3)
     assert es_mod.load_weights(str(split / "final.npz"))[1]["evaluation"]["episodes"] > 0
-    out = run_script(["--resume", str(split), "--max-iter", "5"], cwd=tmp_path)
+    out = run_here(["--resume", str(split), "--max-iter", "5", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "resuming at generation 3" in out.stdout
     assert progress(straight) == progress(split)
@@ -415,7 +420,7 @@ def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
     reference = progress(run)
     with open(run / "progress.csv", "a") as f:  # as if killed between the CSV row and the checkpoint
         f.write("3,12,1,1,1,1,1,1,,,1,1,1,1,1,1\r\n")
-    out = run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     rows = progress(run)
     assert rows[:2] == reference and len(rows) == 3 and rows[2]["evaluations"] == "12" and rows[2]["env_steps"] != "1"
@@ -423,7 +428,7 @@ def test_resume_drops_rows_written_after_the_checkpoint(tmp_path):
 
 def test_resume_refuses_algorithm_changes(tmp_path):
     run = train(tmp_path, "r", iters=1)
-    line = assert_one_line_error(run_script(["--resume", str(run), "--sigma", "0.5"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--resume", str(run), "--sigma", "0.5"], cwd=tmp_path))
     assert "--sigma" in line
 
 
@@ -445,7 +450,7 @@ def test_sigint_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
     _, state = es_mod.load_checkpoint(str(checkpoint))
     done = state["es"]["generation"]
     assert done >= 1 and len(progress(tmp_path / "runs" / "int")) >= done
-    out = run_script(["--resume", str(tmp_path / "runs" / "int"), "--max-iter", str(done + 1)], cwd=tmp_path)
+    out = run_here(["--resume", tmp_path / "runs" / "int", "--max-iter", done + 1, "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [int(r["iteration"]) for r in progress(tmp_path / "runs" / "int")] == list(range(1, done + 2))
 
@@ -545,7 +550,7 @@ def test_init_from_starts_at_the_files_weights(tmp_path):
     env = es_mod.make_env(dict(meta["env"], max_episode_steps=50), training=True)
     center = play(policy, env, es_mod.derive_seed(5, es_mod.CENTER_ENV_STREAM, 0, 0))
     assert float(progress(init)[0]["center_return"]) == pytest.approx(center, rel=1e-4)
-    line = assert_one_line_error(run_script(["--init-from", str(run / "final.npz"), "--hidden-sizes", "4"], cwd=tmp_path))
+    line = assert_one_line_error(run_here(["--init-from", str(run / "final.npz"), "--hidden-sizes", "4"], cwd=tmp_path))
     assert "--hidden-sizes" in line
 
 
@@ -718,7 +723,7 @@ def test_bad_weights_and_checkpoints(tmp_path, in_process):
     params, meta = es_mod.load_weights(str(run / "final.npz"))
     np.savez(tmp_path / "short.npz", params=params[:-3], meta=np.array(json.dumps(meta)))
     assert "parameters" in assert_one_line_error(run_script(["--from-pretrained", "short.npz"], cwd=tmp_path))
-    assert "parameters" in assert_one_line_error(run_script(["--init-from", "short.npz"], cwd=tmp_path))
+    assert "parameters" in assert_one_line_error(run_here(["--init-from", "short.npz"], cwd=tmp_path))
     assert "LunarLander-v3" in assert_one_line_error(
         run_script(["--from-pretrained", str(run / "final.npz"), "--env-id", "LunarLander-v3"], cwd=tmp_path))
     if os.path.exists(AUTHORS_WEIGHTS):  # no meta: not this script's file
@@ -728,13 +733,13 @@ def test_bad_weights_and_checkpoints(tmp_path, in_process):
     assert "cannot read" in assert_one_line_error(run_script(["--from-pretrained", "junk.npz"], cwd=tmp_path))
     # Checkpoints: truncated, foreign, crafted. None of them runs anything or touches the run folder.
     (tmp_path / "truncated.pkl").write_bytes((run / "checkpoint.pkl").read_bytes()[:100])
-    assert "checkpoint" in assert_one_line_error(run_script(["--resume", "truncated.pkl"], cwd=tmp_path))
+    assert "checkpoint" in assert_one_line_error(run_here(["--resume", "truncated.pkl"], cwd=tmp_path))
     (tmp_path / "foreign.pkl").write_bytes(pickle.dumps({"script": "train_cmaes.py", "format_version": 1}))
-    assert "train_cmaes.py" in assert_one_line_error(run_script(["--resume", "foreign.pkl"], cwd=tmp_path))
+    assert "train_cmaes.py" in assert_one_line_error(run_here(["--resume", "foreign.pkl"], cwd=tmp_path))
     marker = tmp_path / "pwned"
     crafted = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
     (tmp_path / "crafted.pkl").write_bytes(crafted)
-    assert "os.system" in assert_one_line_error(run_script(["--resume", "crafted.pkl"], cwd=tmp_path))
+    assert "os.system" in assert_one_line_error(run_here(["--resume", "crafted.pkl"], cwd=tmp_path))
     assert not marker.exists()
     # Starting a new run in a folder that holds one would overwrite it: refused.
     assert "--resume" in assert_one_line_error(run_script(["--run-name", "ok", "--max-iter", "1"], cwd=tmp_path))
@@ -942,11 +947,12 @@ def test_exp_name_names_the_default_run_folder(tmp_path):
     run, = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"CartPole-v1__baseline__7__\d+", run.name), run.name
     assert json.loads((run / "args.json").read_text())["exp_name"] == "baseline"
-    out = run_script(["--resume", str(run), "--max-iter", "2"], cwd=tmp_path)  # it comes from the checkpoint
+    # --exp-name comes from the checkpoint
+    out = run_here(["--resume", run, "--max-iter", "2", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0 and len(progress(run)) == 2, out.stderr
     assert es_mod.parse_args([])[0].exp_name == "train_openai_es"
     for bad in ("", "a/b", ".."):
-        assert "--exp-name" in assert_one_line_error(run_script(["--exp-name", bad], cwd=tmp_path))
+        assert "--exp-name" in assert_one_line_error(run_here(["--exp-name", bad], cwd=tmp_path))
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]
 
 
@@ -967,9 +973,9 @@ def test_tensorboard_scalars_are_the_progress_csv_columns(tmp_path):
 def test_tensorboard_curves_continue_on_resume_without_the_killed_sessions_points(tmp_path):
     run = train(tmp_path, "tb", iters=2)
     checkpoint = (run / "checkpoint.pkl").read_bytes()
-    assert run_script(["--resume", str(run), "--max-iter", "3"], cwd=tmp_path).returncode == 0
+    assert run_here(["--resume", str(run), "--max-iter", "3", "--num-workers", "1"], cwd=tmp_path).returncode == 0
     (run / "checkpoint.pkl").write_bytes(checkpoint)  # as if killed after generation 3's points, before its checkpoint
-    out = run_script(["--resume", str(run), "--max-iter", "4"], cwd=tmp_path)
+    out = run_here(["--resume", str(run), "--max-iter", "4", "--num-workers", "1"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     _, curves = scalars(run)
     rows = progress(run)
