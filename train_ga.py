@@ -810,10 +810,22 @@ def parse_env_kwargs(items):
             raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {item!r}")
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
+        if not all_finite(value):
+            raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")
         kwargs[key] = value
     return kwargs
+
+
+def all_finite(value):
+    """False if the JSON value (a number, string, bool, None, list or dict of these) holds a NaN or
+    an infinite number, at any depth: 1e400, [1, NaN], {"a": -Infinity}."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return all(all_finite(item) for item in value)
+    return True
 
 
 def check_args(args):
@@ -848,8 +860,8 @@ def check_args(args):
             "--activation, --slime-fitness, --grayscale or --env-kwargs holds an " "unknown value"
         )
     for key, value in args.env_kwargs.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--env-kwargs {key} must be a finite number, got {value!r}")
+        if not all_finite(value):
+            raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")
     for env_id in args.multitask or [args.env_id]:
         check_env_id(env_id)
 

@@ -20,7 +20,7 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
           "Console")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
-SHARED_ES_GA = ("parse_env_kwargs",)
+SHARED_ES_GA = ("parse_env_kwargs", "all_finite")
 
 
 def definitions(script):

@@ -4,6 +4,7 @@ Under /proc, root may write (os.access says so) but the kernel creates no folder
 quota or a full disk end the same way. Every script must report it as one line with a non-zero exit.
 """
 
+import importlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import time
 
 import pytest
+
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,14 +47,23 @@ def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, script, de
 @pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py"])
 @pytest.mark.parametrize("value", ["1e400", "-inf", "nan"])
 def test_a_non_finite_env_kwarg_is_one_line(tmp_path, script, value):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "LunarLander-v3",
-                          "--env-kwargs", "enable_wind=True", f"wind_power={value}", "--max-iter", "1",
-                          "--logs-dir", str(tmp_path / "runs")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    module = importlib.import_module(script[:-3])
+    out = run_main(module, ["--env-id", "LunarLander-v3", "--env-kwargs", "enable_wind=True", f"wind_power={value}",
+                            "--max-iter", "1", "--num-workers", "1", "--logs-dir", tmp_path / "runs"], tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"{script}: error: ") and "wind_power" in lines[0], lines
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py"])
+def test_non_finite_numbers_nested_in_an_env_kwarg_are_refused(script):
+    module = importlib.import_module(script[:-3])
+    for value in ("[1.0, 1e400]", '{"a": [0, NaN]}', '{"b": {"c": -Infinity}}'):
+        with pytest.raises(module.UserError, match="--env-kwargs x must hold finite numbers only"):
+            module.parse_env_kwargs([f"x={value}"])
+    assert module.parse_env_kwargs(['x={"a": [0, 1.5, "inf"]}', "y=nan-ish"]) == {
+        "x": {"a": [0, 1.5, "inf"]}, "y": "nan-ish"}
 
 
 def read_only_mounts_work():
