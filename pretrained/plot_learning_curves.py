@@ -15,12 +15,13 @@ PANELS = {
     "CartPole-v1": ["ga_cartpole"],
     "LunarLander-v3": ["openai_es_lunarlander", "ga_lunarlander"],
     "BipedalWalker-v3": ["openai_es_bipedalwalker", "ga_bipedalwalker"],
-    "CarRacing-v3": ["cmaes_carracing_attention", "cmaes_carracing_rnn"],
+    "CarRacing-v3": ["cmaes_carracing_attention", "cmaes_carracing_rnn", "cmaes_carracing_qk"],
 }
 # cores of the two csv files without a num_cpus column, from their provenance in pretrained/README.md:
 # openai_es_lunarlander ran on 2 cores; ga_cartpole on 1 worker (--num-workers 1), counted as 1 core
 # as the other GA runs' core-hours are
 CORES = {"openai_es_lunarlander": 2, "ga_cartpole": 1}
+STYLES = {"rnn": "--", "qk": ":"}  # the CarRacing runs of one color apart
 COLORS = {"openai_es": "tab:blue", "ga": "tab:orange", "cmaes": "tab:green"}
 LABELS = {"openai_es": "OpenAI-ES", "ga": "GA", "cmaes": "CMA-ES"}
 
@@ -43,7 +44,7 @@ def main():
             label = LABELS[algo] + (f" ({name.split('_')[-1]})" if algo == "cmaes" else "")
             steps, hours, returns = load(name)
             for ax, x in zip(axes[:, col], (steps, hours)):
-                ax.plot(x, returns, "--" if name.endswith("_rnn") else "-", marker=".", ms=4,
+                ax.plot(x, returns, STYLES.get(name.split("_")[-1], "-"), marker=".", ms=4,
                         color=COLORS[algo], label=label)
         axes[0, col].set_title(env_id)
         axes[0, col].set_xlabel("env steps (millions)")

@@ -26,6 +26,7 @@ FLOORS = {
     "ga_bipedalwalker.npz": ("train_ga.py", 2, 150.0),
     "cmaes_carracing_attention.npz": ("train_cmaes.py", 1, 500.0),
     "cmaes_carracing_rnn.npz": ("train_cmaes.py", 1, 500.0),
+    "cmaes_carracing_qk.npz": ("train_cmaes.py", 1, 500.0),
 }
 SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "pretrained", "*.npz")))
 
