@@ -49,7 +49,6 @@ class UserError(Exception):
 # 1. Configuration ---------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
-
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -63,21 +62,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
-
     def error(self, message):
         raise UserError(message)
 
 
 def build_parser():
     """The argparse parser of every flag."""
-    p = OneLineParser(
-        prog=SCRIPT,
-        description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
-        formatter_class=HelpFormatter,
-        epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
-    usable_cores = os.cpu_count()
-    if hasattr(os, "sched_getaffinity"):
-        usable_cores = len(os.sched_getaffinity(0))
+    p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
+                      formatter_class=HelpFormatter,
+                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CarRacing-v3", help="a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
@@ -155,9 +149,15 @@ def interrupted(signum, frame):
     os._exit(130)
 
 
+# Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
+    with open("/proc/cpuinfo" if os.path.exists("/proc/cpuinfo") else os.devnull) as cpu:
+        if {"avx2", "fma"} <= set(cpu.read().split()):  # Intel since 2013, AMD since 2015
+            os.environ.update({**AVX2_KERNELS, **os.environ})  # a variable already set wins
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -1605,7 +1605,9 @@ def connect_ray(address):
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+            kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
+                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -1889,7 +1891,6 @@ def record_video(env_config, agent, path_stem, seed):
     return path_stem + ".mp4", episode_return
 
 
-# Environment variables that change a run's last digits (numpy's loops, OpenBLAS's, MKL's and torch's kernels).
 # Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
 # NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
 DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")

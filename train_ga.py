@@ -49,14 +49,12 @@ class UserError(Exception):
 # ---- 1. Configuration ----------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
-
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
-
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -95,8 +93,7 @@ def build_parser():
     add("--max-negative-steps", type=int,
         help="training episodes end after this many negative rewards in a row; never in "
              "evaluation (default: 20 on CarRacing, 0 = off elsewhere)")
-    add("--eval-every", type=int, default=10,
-        help="evaluate the best member every this many generations")
+    add("--eval-every", type=int, default=10, help="evaluate the best member every this many generations")
     add("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     add("--logs-dir", default="runs", help="parent folder of run folders")
     add("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
@@ -112,8 +109,7 @@ def build_parser():
         help="stop when the evaluation mean reaches this return (a generation whose best member "
              "reaches it in training is evaluated at once: its first 10 episodes, the rest if "
              "these average at the goal)")
-    add("--consecutive-goal-stopping", type=int, default=1,
-        help="... in this many evaluations in a row")
+    add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     add("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
     add("--track", action="store_true",
         help="track the run with Weights & Biases (its TensorBoard scalars, weights files and "
@@ -136,8 +132,7 @@ def build_parser():
     add("--mutation", choices=["gaussian", "uniform"], default="gaussian",
         help="noise of a mutated gene: N(0, scale^2) or U(-scale, scale)")
     add("--mutation-rate", type=float, default=1.0, help="probability that a gene mutates")
-    add("--mutation-scale", type=float, default=0.02,
-        help="standard deviation or half-width of a mutation")
+    add("--mutation-scale", type=float, default=0.02, help="standard deviation or half-width of a mutation")
     add("--replacement", choices=["parents-vs-children", "generational"], default="generational",
         help="parents-vs-children: a pair of children replaces its parents only if fitter in "
              "sum; generational: children replace all but --elite-size elites")
@@ -194,9 +189,15 @@ def interrupted(signum, frame):
     os._exit(130)
 
 
+# Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
+    with open("/proc/cpuinfo" if os.path.exists("/proc/cpuinfo") else os.devnull) as cpu:
+        if {"avx2", "fma"} <= set(cpu.read().split()):  # Intel since 2013, AMD since 2015
+            os.environ.update({**AVX2_KERNELS, **os.environ})  # a variable already set wins
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -2100,7 +2101,9 @@ def connect_ray(address):
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+            kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
+                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -2373,7 +2376,6 @@ def load_checkpoint(path):
     return path, state
 
 
-# Environment variables that change a run's last digits (numpy's loops, OpenBLAS's, MKL's and torch's kernels).
 # Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
 # NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
 DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")

@@ -105,14 +105,12 @@ def build_parser():
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
-
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
-
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -144,9 +142,15 @@ def interrupted(signum, frame):
     os._exit(130)
 
 
+# Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
+    with open("/proc/cpuinfo" if os.path.exists("/proc/cpuinfo") else os.devnull) as cpu:
+        if {"avx2", "fma"} <= set(cpu.read().split()):  # Intel since 2013, AMD since 2015
+            os.environ.update({**AVX2_KERNELS, **os.environ})  # a variable already set wins
     try:
         build_parser().parse_known_args()
     except UserError:
@@ -241,9 +245,7 @@ class OpenAIES:
         step = self.gradient(returns) - np.float32(self.weight_decay) * self.theta  # main bit: the ascent direction
         self.grad_norm = float(np.linalg.norm(step))
         if self.optimizer == "adam":
-            beta1 = 0.9
-            beta2 = 0.999
-            eps = 1e-8
+            beta1, beta2, eps = 0.9, 0.999, 1e-8  # Kingma & Ba's defaults
             t = self.generation + 1
             self.m = beta1 * self.m + (1 - beta1) * step
             self.v = beta2 * self.v + (1 - beta2) * step * step
@@ -362,8 +364,7 @@ class Policy(nn.Module):
         else:
             x = torch.from_numpy(self.normalized(obs))
         out, state = self(x, state)
-        out = out.numpy()
-        return (int(out.argmax()) if self.discrete else out), state
+        return (int(out.argmax()) if self.discrete else out.numpy()), state
 
 
 def make_env(env_config, training, render_mode=None):
@@ -1866,7 +1867,9 @@ def connect_ray(address):
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True)
+            kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
+                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -2150,7 +2153,6 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
     fig.savefig(image_path, dpi=100)
 
 
-# Environment variables that change a run's last digits (numpy's loops, OpenBLAS's, MKL's and torch's kernels).
 # Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
 # NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
 DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")

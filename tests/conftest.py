@@ -1,9 +1,30 @@
+import ast
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def avx2_kernels():
+    """The scripts' AVX2_KERNELS (read from a script's source: importing it would load numpy first)."""
+    with open(os.path.join(ROOT, "train_openai_es.py")) as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "AVX2_KERNELS")
+    return ast.literal_eval(node.value)
+
+
+def cpu_has_avx2():
+    """Whether this CPU takes the scripts' AVX2_KERNELS (as a script's start decides it)."""
+    with open("/proc/cpuinfo" if os.path.exists("/proc/cpuinfo") else os.devnull) as cpu:
+        return {"avx2", "fma"} <= set(cpu.read().split())
+
+
+# Runs of main() in this process compute with the kernels a script's own start picks: pinned before numpy loads.
+assert "numpy" not in sys.modules, "numpy was loaded before conftest.py could pin its kernels"
+if cpu_has_avx2():
+    os.environ.update({**avx2_kernels(), **os.environ})
 
 
 import functools

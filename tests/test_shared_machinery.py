@@ -47,6 +47,16 @@ def test_a_shared_definition_is_the_same_code_in_all_three_scripts(name):
     assert not differ, f"{name} differs from {SCRIPTS[0]}'s in {differ}"
 
 
+def test_the_kernel_pin_and_the_start_before_the_heavy_imports_are_the_same_in_all_three_scripts():
+    found = set()
+    for script in SCRIPTS:
+        with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+            source = f.read()
+        start = source.index("# Kernels picked by CPU")
+        found.add(source[start:source.index("\n    try:\n        build_parser().parse_known_args()", start)])
+    assert len(found) == 1 and "os.environ.update({**AVX2_KERNELS, **os.environ})" in found.pop()
+
+
 def test_the_shared_definitions_stand_below_the_machinery_banner_except_the_configurations_parser():
     for script in SCRIPTS:
         with open(os.path.join(ROOT, script), encoding="utf-8") as f:

@@ -2,13 +2,12 @@
 
 A rewrite of a script must not change a number: each case re-runs its commands (every algorithm flag
 explicit, a resume in some) and compares the files row by row, wall-clock and CPU-count columns aside.
-Float columns agree to 6 significant digits on a machine whose numpy picks the OpenBLAS kernels of the one
-that stored them (`SkylakeX`: the data passes exactly under OPENBLAS_CORETYPE=SkylakeX on an AMD machine
-whose default `Haswell` kernels move the Box2D continuous-control cases in the 5th digit). So on a CPU with
-AVX-512 the runs get those kernels and must give the stored text exactly; elsewhere a float cell may differ
-from the stored one by FLOAT_RTOL relative (a spread of returns, which can be a small difference of large
-returns: FLOAT_RTOL of the row's largest return); counts (generations, evaluations, env steps) and every
-other cell must be exactly the stored text.
+The scripts pin the kernels of numpy, OpenBLAS, MKL, oneDNN and torch to their AVX2 ones on an x86-64 CPU
+with AVX2 (AVX2_KERNELS), where the data was made, so there every cell must be the stored text; elsewhere
+(no AVX2, another architecture, a kernel variable set otherwise) a float cell may differ from the stored one
+by FLOAT_RTOL relative (a spread of returns, which can be a small difference of large returns: FLOAT_RTOL of
+the row's largest return); counts (generations, evaluations, env steps) and every other cell must be exactly
+the stored text.
 
 The data is regenerated only when a change is *meant* to change the numbers (a new policy arithmetic,
 say), in a commit of its own that says why:
@@ -18,12 +17,14 @@ say), in a commit of its own that says why:
 
 import csv
 import gzip
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import RayCluster, avx2_kernels, cpu_has_avx2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "stored_runs")
@@ -32,15 +33,17 @@ VOLATILE = {"wall_time_s", "num_cpus"}
 FLOAT_RTOL = 1e-3  # far below what a changed algorithm, policy or seed moves (whole percents, other step counts)
 
 
-def storing_kernels():
-    """The environment under which this CPU computes as the machine that stored the data did, and whether it
-    can: OpenBLAS's SkylakeX kernels need AVX-512."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            avx512 = " avx512f" in f.read()
-    except OSError:
-        avx512 = False
-    return (dict(os.environ, OPENBLAS_CORETYPE="SkylakeX"), True) if avx512 else (dict(os.environ), False)
+def native_env():
+    """This environment without the kernel variables that hold AVX2_KERNELS' values: a script started in it
+    must pin them itself, or compute with the kernels this CPU would pick (AVX-512 ones here, say)."""
+    pins = avx2_kernels()
+    return {name: value for name, value in os.environ.items() if pins.get(name) != value}
+
+
+def pinned_kernels():
+    """Whether this machine computes with the scripts' AVX2_KERNELS (an x86-64 CPU with AVX2, none of those
+    variables set otherwise): then every number must be the stored text; elsewhere a float may move."""
+    return cpu_has_avx2() and all(os.environ.get(name) == value for name, value in avx2_kernels().items())
 
 ES_FLAGS = ["--optimizer", "adam", "--momentum", "0.9", "--weight-decay", "0.005", "--lr-decay", "1.0",
             "--lr-min", "0.0", "--sigma-decay", "1.0", "--sigma-min", "0.0", "--antithetic",
@@ -121,6 +124,44 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", ["es_cartpole", "ga_cartpole", "cmaes_lstm"])
+def test_a_run_pins_the_avx2_kernels_and_a_variable_already_set_wins(name, tmp_path):
+    if not cpu_has_avx2():
+        pytest.skip("the kernels are pinned on x86-64 CPUs with AVX2 only")
+    script, commands = CASES[name]
+    env = dict(native_env(), OPENBLAS_CORETYPE="Sandybridge")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *commands[0], "--max-iter", "1",
+                          "--run-name", "pinned", "--num-workers", "2", "--quiet"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr + out.stdout
+    with open(tmp_path / "runs" / "pinned" / "args.json") as f:
+        found = json.load(f)["versions"]
+    assert found["environment"] == {**avx2_kernels(), **{k: v for k, v in env.items() if k.startswith(
+        ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_"))}}
+    assert found["environment"]["OPENBLAS_CORETYPE"] == "Sandybridge"  # set: kept
+    assert all(blas.split(",")[0].endswith("Sandybridge") for blas in found["blas"]), found["blas"]
+    assert "X86_V4" not in found["numpy_simd"] and "AVX512_ICL" not in found["numpy_simd"]
+    assert found["torch_cpu"] == "AVX2"
+
+
+def test_ray_workers_compute_with_the_drivers_kernels(tmp_path):
+    # A cluster whose processes start without the kernel variables: its workers get the driver's.
+    pytest.importorskip("ray")
+    if not pinned_kernels():
+        pytest.skip("needs the pinned AVX2 kernels")
+    script, commands = CASES["es_bipedalwalker_selu"]
+    cluster = RayCluster(num_cpus=2, env=native_env())
+    try:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *commands[0], "--run-name", "ray",
+                              "--ray-address", cluster.address, "--quiet"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env=native_env())
+    finally:
+        cluster.stop()
+    assert out.returncode == 0, out.stderr + out.stdout
+    got = read_rows(tmp_path / "runs" / "ray" / "progress.csv")
+    assert got == read_rows(os.path.join(DATA, "es_bipedalwalker_selu", "progress.csv"))
+
+
 def same_cell(got, want, scale=0.0):
     """Exactly the stored text, or, for a float that is not a whole number, within FLOAT_RTOL of the larger of
     the two numbers and `scale` (the row's largest return, for the return columns)."""
@@ -150,13 +191,13 @@ def test_stored_run_gives_the_same_numbers(name, tmp_path):
     if any(AUTHORS_WEIGHTS in command for command in commands) and not os.path.exists(AUTHORS_WEIGHTS):
         pytest.skip("needs the authors' weights in ../shared/weights")
     run = tmp_path / "runs" / name
-    env, exact = storing_kernels()
+    exact = pinned_kernels()
     for command in commands:
         command = [arg.replace("{run}", str(run)) for arg in command]
         if "--resume" not in command:
             command += ["--run-name", name]
         out = subprocess.run([sys.executable, os.path.join(ROOT, script), *command, "--num-workers", "2",
-                              "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+                              "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=native_env())
         assert out.returncode == 0, out.stderr + out.stdout
     stored = os.path.join(DATA, name)
     files = ["progress.csv"] + (["noise_study.csv"] if (run / "noise_study.csv").exists() else [])
@@ -200,10 +241,10 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_goes_on_as_that_version_
                     ignore=shutil.ignore_patterns("command.txt", "progress_straight_4.csv", "*.gz"))
     with gzip.open(os.path.join(OLD, folder, "checkpoint.pkl.gz")) as f:  # stored gzipped: no *.pkl tracked
         (run / "checkpoint.pkl").write_bytes(f.read())
-    env, exact = storing_kernels()
+    exact = pinned_kernels()
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--resume", str(run), "--max-iter", "4",
                           "--num-workers", "1", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=env)
+                         timeout=600, env=native_env())
     assert out.returncode == 0, out.stderr + out.stdout
     want = read_rows(os.path.join(OLD, folder, "progress_straight_4.csv"))
     got = read_rows(run / "progress.csv")
