@@ -15,13 +15,15 @@ PANELS = {
     "CartPole-v1": ["ga_cartpole"],
     "LunarLander-v3": ["openai_es_lunarlander", "ga_lunarlander"],
     "BipedalWalker-v3": ["openai_es_bipedalwalker", "ga_bipedalwalker"],
-    "CarRacing-v3": ["cmaes_carracing_attention", "cmaes_carracing_rnn", "cmaes_carracing_qk"],
+    "CarRacing-v3": ["cmaes_carracing_attention", "cmaes_carracing_rnn", "cmaes_carracing_qk",
+                     "cmaes_carracing_scratch"],
 }
 # cores of the two csv files without a num_cpus column, from their provenance in pretrained/README.md:
 # openai_es_lunarlander ran on 2 cores; ga_cartpole on 1 worker (--num-workers 1), counted as 1 core
-# as the other GA runs' core-hours are
-CORES = {"openai_es_lunarlander": 2, "ga_cartpole": 1}
-STYLES = {"rnn": "--", "qk": ":"}  # the CarRacing runs of one color apart
+# as the other GA runs' core-hours are; cmaes_carracing_scratch ran on 1 worker beside another run (its
+# num_cpus column counts the machine's 2 cores)
+CORES = {"openai_es_lunarlander": 2, "ga_cartpole": 1, "cmaes_carracing_scratch": 1}
+STYLES = {"rnn": "--", "qk": ":", "scratch": "-."}  # the CarRacing runs of one color apart
 COLORS = {"openai_es": "tab:blue", "ga": "tab:orange", "cmaes": "tab:green"}
 LABELS = {"openai_es": "OpenAI-ES", "ga": "GA", "cmaes": "CMA-ES"}
 
@@ -31,7 +33,7 @@ def load(name):
     with open(HERE / f"{name}.progress.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if row["eval_return_mean"]]
     steps = [int(row["env_steps"]) / 1e6 for row in rows]
-    hours = [float(row["wall_time_s"]) * int(row.get("num_cpus") or CORES[name]) / 3600 for row in rows]
+    hours = [float(row["wall_time_s"]) * int(CORES.get(name) or row["num_cpus"]) / 3600 for row in rows]
     return steps, hours, [float(row["eval_return_mean"]) for row in rows]
 
 
