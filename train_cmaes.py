@@ -96,6 +96,9 @@ def build_parser():
     g.add_argument("--run-name",
                    help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run (checkpoint.pkl or run folder)")
+    g.add_argument("--restart-from", metavar="PATH.npz",
+                   help="continue a run whose checkpoint is lost from its mean.npz (or best/final.npz): "
+                   "its mean and sigma, a fresh covariance, its generation and env-step counts")
     g.add_argument("--from-pretrained", metavar="PATH.npz",
                    help="evaluate these weights (ours or the authors') over --num-eval-rollouts episodes")
     g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz",
@@ -429,7 +432,7 @@ MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: ea
 RAY_POLL_S = 1.0  # the Ray watchdog's probe interval
 RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
 # Flags that --resume may set anew; the rest comes from the checkpoint.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every",
+RESUME_FLAGS = {"resume", "max_iter", "num_rollouts", "num_workers", "ray_address", "eval_every",
                 "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
                 "consecutive_goal_stopping", "stock_env"}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
@@ -456,6 +459,9 @@ LIMITS = {
     "consecutive_goal_stopping": (1, INT_MAX),
     "reward_goal": (-math.inf, math.inf),
     "init_sigma": (0.0, math.inf, True),
+    "sigma": (0.0, math.inf, True),
+    "iteration": (0, INT_MAX),
+    "env_steps": (0, 2**63 - 1),
     "separable": (0, INT_MAX),
     "image_size": (1, SIZE_MAX),
     "action_dim": (1, SIZE_MAX),
@@ -531,8 +537,9 @@ def check_placement(args, given):
 
 def check_flags(args, given):
     """UserError for flags that exclude each other, and for paths that are not what they must be."""
-    if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
-        raise UserError("--resume, --from-pretrained and --init-from exclude each other")
+    starts = (args.resume, args.from_pretrained, args.init_from, args.restart_from)
+    if sum(x is not None for x in starts) > 1:
+        raise UserError("--resume, --from-pretrained, --init-from and --restart-from exclude each other")
     if args.fresh and (args.train == "all" or not args.init_from):
         raise UserError(
             "--fresh needs --train attention or controller and --init-from FILE for the frozen part"
@@ -540,7 +547,7 @@ def check_flags(args, given):
     fixed = sorted(
         given - RESUME_FLAGS
         if args.resume
-        else given & set(AGENT_FLAGS) if args.from_pretrained else ()
+        else given & set(AGENT_FLAGS) if args.from_pretrained or args.restart_from else ()
     )
     if fixed:
         raise UserError(
@@ -565,6 +572,7 @@ def check_flags(args, given):
         "--resume": resume,
         "--from-pretrained": args.from_pretrained,
         "--init-from": args.init_from,
+        "--restart-from": args.restart_from,
     }
     for flag, path in files.items():
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
@@ -675,7 +683,16 @@ class Run:
             args = argparse.Namespace(**saved)
             check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
             run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+            self.provenance = checkpoint.get("provenance", []) + [
+                segment("resume", args, checkpoint["counters"]["generation"])
+            ]
         else:
+            restart = {"iteration": 0, "env_steps": 0, "provenance": []}
+            if args.restart_from:  # the file's architecture, part and sigma (unless --init-sigma is given)
+                restart = restart_point(args, given)
+            self.provenance = restart["provenance"] + [
+                segment("restart" if args.restart_from else "new", args, restart["iteration"])
+            ]
             run_name = args.run_name
             if run_name is None:
                 run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -703,6 +720,8 @@ class Run:
                 args.separable,
             )
             self.counters = dict.fromkeys(COUNTERS, 0)
+            self.counters["generation"] = restart["iteration"]
+            self.counters["env_steps"] = restart["env_steps"]
             self.counters["wall_time_s"] = 0.0
             self.counters["best_return"] = -math.inf
             self.counters["best_eval"] = -math.inf
@@ -746,6 +765,11 @@ class Run:
         )
         if checkpoint:
             print(f"resuming at generation {self.counters['generation']} from {checkpoint_path}")
+        elif args.restart_from:
+            print(
+                f"restarting at generation {self.generation} from {args.restart_from}: its mean, sigma "
+                f"{args.init_sigma:.6g}, a fresh covariance"
+            )
 
     def open_folder(self, resumed):
         """The run folder, locked for the run's life, and its files: args.json, progress.csv (open
@@ -757,6 +781,7 @@ class Run:
             "progress.csv",
             "learning_curve.png",
             "checkpoint.pkl",
+            "mean.npz",
             "best.npz",
             "final.npz",
         )
@@ -801,7 +826,7 @@ class Run:
             print(f"{SCRIPT}: error: {error}: {self.kept()}", file=sys.stderr)
         stop_logging(self, self.exit_code)
         if kind is None:
-            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
+            files = "args.json progress.csv learning_curve.png checkpoint.pkl mean.npz final.npz"
             if os.path.exists(self.paths["best.npz"]):
                 files += " best.npz"
             if self.args.capture_video:
@@ -838,6 +863,9 @@ class Run:
             "seed": args.seed,
             "iteration": self.generation,
             "num_params": int(self.base.size),
+            "sigma": float(self.es.sigma),  # the step size after this generation
+            "env_steps": self.counters["env_steps"],
+            "provenance": self.provenance,  # the run's segments: new, resume, restart
         }
 
     def kept(self):
@@ -948,6 +976,7 @@ class Run:
             "cma": self.es,
             "cma_rng": self.cma_rng,
             "counters": dict(self.counters),
+            "provenance": self.provenance,
         }
         attach_randn(self.es, None)  # a RandomState's bound method pickles as a `getattr` call
         try:
@@ -955,6 +984,7 @@ class Run:
         finally:
             attach_randn(self.es, self.cma_rng.randn)
         self.checkpointed = self.generation  # the generation the resume hint names
+        save_weights(self.paths["mean.npz"], self.full(self.es.result.xfavorite), self.meta())
         if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
             raise KeyboardInterrupt
         self.tb.flush()
@@ -1041,9 +1071,10 @@ def build_agent(args, env_shape):
     check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
-    if args.init_from:  # on resume too: the frozen part is the file's, not in the checkpoint
+    origin_file = args.init_from or args.restart_from
+    if origin_file:  # on resume too: the frozen part is the file's, not in the checkpoint
         # A searched part may differ from the file's (e.g. --controller rnn) and starts fresh; a frozen one must fit.
-        source, _, _ = agent_from_file(args.init_from, *env_shape)
+        source, _, _ = agent_from_file(origin_file, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
             if args.fresh and part == args.train:
@@ -1054,7 +1085,7 @@ def build_agent(args, env_shape):
                     target.load_state_dict(origin.state_dict())
                 elif args.train not in ("all", part):
                     raise UserError(
-                        f"{args.init_from} cannot provide the {part}: its {name} does not match this "
+                        f"{origin_file} cannot provide the {part}: its {name} does not match this "
                         f"agent's ({source.controller} controller, query dim {source.fc_q.out_features}, "
                         f"hidden size {source.fc.in_features} in the file)"
                     )
@@ -1729,6 +1760,56 @@ def agent_from_file(path, image_size, action_dim):
     except ValueError as e:
         raise UserError(f"{path} does not fit its own architecture: {e}") from None
     return agent, agent_config, meta
+
+
+def restart_point(args, given):
+    """Where the run of --restart-from's file (a mean.npz, best.npz or final.npz of this script) stood:
+    {"iteration", "env_steps", "provenance"} from its meta; into `args` go the file's architecture, its
+    searched part (unless --train is given), its env id (unless --env-id is) and its step size (unless
+    --init-sigma is). CMA-ES then starts anew at the file's mean with that sigma and a fresh covariance
+    (the identity): the lost run's covariance and evolution paths are not in the file. UserError for the
+    authors' file, a meta without its generation, or one without a step size and no --init-sigma."""
+    path = args.restart_from
+    _, agent_config, meta = load_weights(path)
+    if meta is None or not isinstance(meta.get("iteration"), int):
+        raise UserError(
+            f"--restart-from {path}: not a weights file of a {SCRIPT} run (its meta names no generation); "
+            "start from its weights with --init-from"
+        )
+    check_numbers(meta, lambda key: f"{path}'s meta field {key}")
+    if meta.get("sigma") is None and "init_sigma" not in given:
+        raise UserError(f"--restart-from {path}: its meta holds no step size sigma: give it with --init-sigma")
+    provenance = meta.get("provenance") or []
+    if not isinstance(provenance, list) or meta.get("train", "all") not in ("all", "attention", "controller"):
+        raise UserError(f"{path}'s meta fields provenance and train are not a run's")
+    for key in AGENT_FLAGS:
+        setattr(args, key, agent_config[key])
+    if "train" not in given:
+        args.train = meta.get("train", "all")
+    if "env_id" not in given:
+        args.env_id = meta["env_id"]
+    if "init_sigma" not in given:
+        args.init_sigma = meta["sigma"]
+    return {"iteration": meta["iteration"], "env_steps": meta.get("env_steps") or 0, "provenance": provenance}
+
+
+def segment(start, args, generation):
+    """One entry of a run's provenance: how a stretch of its generations began ("new", "resume" or
+    "restart"), after which generation, with the settings its samples were drawn with."""
+    entry = {
+        "start": start,
+        "iteration": generation,
+        "unix_time": int(time.time()),
+        "seed": args.seed,
+        "population_size": args.population_size,
+        "num_rollouts": args.num_rollouts,
+    }
+    if start != "resume":
+        entry["sigma"] = args.init_sigma
+        entry["from"] = None  # random weights drawn from --seed
+        if args.init_from or args.restart_from:
+            entry["from"] = os.path.basename(args.init_from or args.restart_from)
+    return entry
 
 
 class CheckpointUnpickler(pickle._Unpickler):
