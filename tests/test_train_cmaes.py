@@ -187,6 +187,56 @@ def test_tiny_run_resumes_exactly_and_writes_nothing_outside_its_folder(tmp_path
     assert sorted(os.listdir(tmp_path / "runs")) == ["split", "straight"]
 
 
+def meta_of(path):
+    return cm.load_weights(str(path))[2]
+
+
+def test_mean_npz_holds_each_generations_mean_and_sigma_and_a_restart_continues_from_it(tmp_path):
+    lost, _ = train(tmp_path, "lost", iters=3)
+    with open(lost / "checkpoint.pkl", "rb") as f:
+        es = pickle.load(f)["cma"]
+    mean = meta_of(lost / "mean.npz")
+    assert mean["iteration"] == 3 and mean["sigma"] == es.sigma and mean["sigma"] != 0.1
+    assert np.array_equal(np.load(lost / "mean.npz")["params"], es.result.xfavorite.astype(np.float32))
+    assert mean["env_steps"] == int(progress(lost)[-1]["env_steps"])
+    assert [segment["start"] for segment in mean["provenance"]] == ["new"] and mean["provenance"][0]["from"] is None
+    # No generation left to run: final.npz is the restart's first distribution, the file's mean and sigma.
+    same, out = train(tmp_path, "same", "--restart-from", str(lost / "mean.npz"), iters=3)
+    assert "restarting at generation 3" in out.stdout and not (same / "progress.csv").read_text().count("\n") - 1
+    assert np.array_equal(np.load(same / "final.npz")["params"], np.load(lost / "mean.npz")["params"])
+    assert meta_of(same / "final.npz")["sigma"] == mean["sigma"]
+    # Two generations more: the rows go on from generation 4 and the env steps from the file's count.
+    restarted, _ = train(tmp_path, "restarted", "--restart-from", str(lost / "mean.npz"), iters=5)
+    rows = progress(restarted)
+    assert [row["iteration"] for row in rows] == ["4", "5"] and float(rows[0]["sigma"]) == pytest.approx(mean["sigma"], rel=1e-5)
+    assert int(rows[0]["env_steps"]) > mean["env_steps"]
+    with open(restarted / "checkpoint.pkl", "rb") as f:
+        assert pickle.load(f)["cma"].countiter == 2  # a fresh CMA-ES: its own count, not the file's generation
+    with open(restarted / "args.json") as f:
+        assert json.load(f)["init_sigma"] == mean["sigma"]
+    provenance = meta_of(restarted / "final.npz")["provenance"]
+    assert [(s["start"], s["iteration"], s["from"]) for s in provenance] == [("new", 0, None), ("restart", 3, "mean.npz")]
+    assert provenance[1]["sigma"] == mean["sigma"] and provenance[1]["population_size"] == 4
+    # --init-sigma overrides the file's step size (a file written before sigma was recorded needs it).
+    chosen, _ = train(tmp_path, "chosen", "--restart-from", str(lost / "mean.npz"), "--init-sigma", "0.05", iters=4)
+    assert float(progress(chosen)[0]["sigma"]) == 0.05
+
+
+def test_a_resume_may_change_the_episodes_per_member_and_the_provenance_lists_it(tmp_path):
+    run, _ = train(tmp_path, "run", iters=2)
+    out = run_here(["--resume", str(run), "--max-iter", "4", "--num-workers", "1", "--num-rollouts", "3"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with open(run / "args.json") as f:
+        assert json.load(f)["num_rollouts"] == 3
+    provenance = meta_of(run / "final.npz")["provenance"]
+    assert [(s["start"], s["iteration"], s["num_rollouts"]) for s in provenance] == [("new", 0, 1), ("resume", 2, 3)]
+    one, _ = train(tmp_path, "one", iters=4)
+    rows, ones = progress(run), progress(one)
+    assert rows[:2] == ones[:2] and rows[2] != ones[2]  # generations 3-4: other fitness, three tracks each
+    out = run_here(["--resume", str(run), "--max-iter", "5", "--population-size", "8"], cwd=tmp_path)
+    assert out.returncode == 2 and "--population-size cannot be changed on resume" in out.stderr
+
+
 def worker_pids(pid):
     """Live (not zombie) child processes of `pid`, read from /proc."""
     found = []
@@ -420,7 +470,17 @@ BAD_INPUTS = [  # (flags, a word the error line must hold)
         "--run-name": ["", "../elsewhere", "a/b", "nul\0byte"], "--exp-name": ["", "a/b", ".."],
         "--resume": ["missing", "a_folder", "a_file_dir"],
         "--from-pretrained": ["missing.npz", "a_folder"], "--init-from": ["a_folder", "missing.npz"],
+        "--restart-from": ["missing.npz", "a_folder"],
     }.items() for value in values],
+    (["--restart-from", "restart.npz", "--top-k", "5"], "--top-k"), (["--restart-from", "size.npz"], "hidden_size"),
+    (["--restart-from", "restart.npz", "--resume", "a_folder"], "exclude each other"),
+    (["--restart-from", "restart.npz", "--init-from", "restart.npz"], "exclude each other"),
+    (["--restart-from", "short.npz"], "3667"), (["--restart-from", "topk.npz"], "top_k"),
+    (["--restart-from", "noiter.npz"], "no generation"), (["--restart-from", "floatiter.npz"], "no generation"),
+    (["--restart-from", "booliter.npz"], "iteration"), (["--restart-from", "nosigma.npz"], "--init-sigma"),
+    (["--restart-from", "badsigma.npz"], "sigma"), (["--restart-from", "nansigma.npz"], "sigma"),
+    (["--restart-from", "badsteps.npz"], "env_steps"), (["--restart-from", "badprov.npz"], "provenance"),
+    (["--restart-from", "badtrain.npz"], "train"),
     (["--top-k", "100", "--patch-stride", "20"], "--top-k"),
     (["--env-id", "NoSuchEnv-v0"], "NoSuchEnv"), (["--env-id", "CartPole-v1"], "observation space"),
     (["--from-pretrained", "env.npz"], "NoSuchEnv"), (["--from-pretrained", "controller.npz"], "controller"),
@@ -431,7 +491,8 @@ BAD_INPUTS = [  # (flags, a word the error line must hold)
     (["--init-from", "es.npz"], "train_openai_es.py"), (["--fresh"], "--fresh"),
     (["--fresh", "--train", "controller"], "--fresh"), (["--fresh", "--init-from", "short.npz"], "--fresh"),
     *([(["--train", "attention", "--init-from", AUTHORS, "--controller", "rnn"], "controller"),
-       (["--from-pretrained", AUTHORS, "--top-k", "5"], "--top-k")] if os.path.exists(AUTHORS) else []),
+       (["--from-pretrained", AUTHORS, "--top-k", "5"], "--top-k"),
+       (["--restart-from", AUTHORS], "--init-from")] if os.path.exists(AUTHORS) else []),
 ]
 
 
@@ -444,7 +505,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
     for name, changes in {"env": {"env_id": "NoSuchEnv-v0"}, "controller": {"agent_controller": "gru"},
                           "size": {"agent_hidden_size": -16}, "topk": {"agent_top_k": 1000},
                           "script": {"script": "train_ga.py"}, "agent": {"agent": [1, 2]},
-                          "bias": {"agent_bias": "yes"}, "float": {"agent_patch_size": 7.5}}.items():
+                          "bias": {"agent_bias": "yes"}, "float": {"agent_patch_size": 7.5},
+                          "restart": {"iteration": 5, "sigma": 0.1}, "noiter": {"sigma": 0.1},
+                          "floatiter": {"iteration": 5.0, "sigma": 0.1}, "booliter": {"iteration": True, "sigma": 0.1},
+                          "nosigma": {"iteration": 5}, "badsigma": {"iteration": 5, "sigma": -0.1},
+                          "nansigma": {"iteration": 5, "sigma": float("nan")},
+                          "badsteps": {"iteration": 5, "sigma": 0.1, "env_steps": -3},
+                          "badprov": {"iteration": 5, "sigma": 0.1, "provenance": "resumed"},
+                          "badtrain": {"iteration": 5, "sigma": 0.1, "train": "lstm"}}.items():
         weights_file(tmp_path / f"{name}.npz", **changes)
     np.savez(tmp_path / "short.npz", params=np.zeros(100, np.float32))
     es_meta = {"format_version": 1, "script": "train_openai_es.py", "env_id": "CarRacing-v3"}
