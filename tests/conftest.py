@@ -52,35 +52,103 @@ def free_port():
         return s.getsockname()[1]
 
 
+# A driver that joins the cluster at argv[1] and exits 0 if it sees argv[2] CPUs there.
+JOIN_AND_COUNT_CPUS = """
+import logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+cpus = ray.cluster_resources().get("CPU")
+ray.shutdown()
+if cpus != float(sys.argv[2]):
+    sys.exit(f"the cluster has {cpus} CPUs, not {sys.argv[2]}")
+"""
+
+
 class RayCluster:
-    """A one-node Ray cluster of this machine: `ray start --head --block` on free loopback ports.
+    """A one-node Ray cluster of this machine: `ray start --head --block` on free loopback ports, returned ready.
 
     `--block` keeps the CLI in the foreground, so stop() ends this cluster and no other Ray on the
     machine. Every port the head would take by default gets a free one: two clusters can coexist. Its
     temp folder is its own (`--temp-dir`, short for Ray's socket paths), removed by stop(): Ray's default
     one (/tmp/ray) never names a cluster of the tests, whose `ray_current_cluster` file would send a
     later `ray.init()` or `--ray-address auto` on this machine to a cluster that is gone.
+
+    Ready means what the tests rely on, not an open port (the head's port opens seconds before `ray start`
+    has its node up, longer on a machine where Ray starts for the first time): `ray_current_cluster` in its
+    temp folder names it, and then a driver joins it and sees its CPUs. Waited for until `timeout` seconds;
+    a cluster that does not get there is stopped, and RuntimeError names what did not appear, with the
+    end of `ray start`'s output (and of the last driver's).
     """
 
-    def __init__(self, num_cpus=2, env=None):
+    def __init__(self, num_cpus=2, env=None, timeout=120):
+        self.num_cpus = num_cpus
+        self.env = dict(os.environ if env is None else env)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--num-cpus={num_cpus}",
-             f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-             "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.temp_dir}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the test's Ray cluster did not start")
-                time.sleep(0.2)
+        self.state_file = os.path.join(self.temp_dir, "ray_current_cluster")
+        self.output = tempfile.TemporaryFile()  # ray start's stdout and stderr, for the message of a failed start
+        self.driver_said = ""  # the last probing driver's output
+        self.process = subprocess.Popen(self.start_command(), stdout=self.output, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env=self.env)
+        try:
+            self.wait_until_ready(time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_command(self):
+        """The `ray start` command line of this cluster."""
+        return [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                f"--num-cpus={self.num_cpus}", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.temp_dir}"]
+
+    def wait_until_ready(self, deadline):
+        """Return once the state file names this cluster and a driver joins it; RuntimeError at `deadline`."""
+        self.wait_for(self.state_file_names_it, f"{self.state_file} naming port {self.port}", deadline)
+        self.wait_for(lambda: self.driver_joins(deadline), f"a driver that joins {self.address} and sees "
+                      f"{self.num_cpus} CPUs", deadline)
+
+    def state_file_names_it(self):
+        try:
+            with open(self.state_file) as f:
+                return f.read().strip().endswith(f":{self.port}")  # Ray's name for the head's host, this port
+        except OSError:
+            return False
+
+    def driver_joins(self, deadline):
+        """Whether a driver in a process of its own (this cluster's environment) joins it and sees its CPUs. A
+        token ~/.ray/auth_token holds is sent as `ray start` takes it (Ray 2.60's drivers send it only with
+        RAY_AUTH_MODE=token)."""
+        env = dict(self.env)
+        home = env.get("HOME", os.path.expanduser("~"))
+        if "RAY_AUTH_MODE" not in env and os.path.exists(os.path.join(home, ".ray", "auth_token")):
+            env["RAY_AUTH_MODE"] = "token"
+        command = [sys.executable, "-c", JOIN_AND_COUNT_CPUS, self.address, str(self.num_cpus)]
+        try:
+            driver = subprocess.run(command, env=env, capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.driver_said = "(it had not ended by the deadline)"
+            return False
+        self.driver_said = driver.stdout + driver.stderr
+        return driver.returncode == 0
+
+    def wait_for(self, ready, what, deadline):
+        """Poll ready() until it is true; RuntimeError if ray start exits or `deadline` passes first."""
+        while not ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                state = ("not ready in time" if self.process.poll() is None else
+                         f"ray start exited with code {self.process.returncode}")
+                self.output.seek(0)
+                said = self.output.read().decode(errors="replace").strip().splitlines()[-20:]
+                message = (f"the test's Ray cluster at {self.address} did not start ({state}): {what} did not "
+                           "appear; the end of ray start's output:\n" + "\n".join(said))
+                if self.driver_said:
+                    message += "\nthe last driver's:\n" + "\n".join(self.driver_said.strip().splitlines()[-10:])
+                raise RuntimeError(message)
+            time.sleep(0.1)
 
     def kill_head(self):
         """SIGKILL the cluster's GCS server, its head's control service: what a driver on a machine
@@ -109,6 +177,7 @@ class RayCluster:
         except OSError:
             pass
         self.process.wait()
+        self.output.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -119,6 +188,30 @@ def ray_cluster():
     cluster = RayCluster(num_cpus=2)
     yield cluster
     cluster.stop()
+
+
+def wait_until(condition, what, process=None, timeout=120):
+    """Poll condition() until it holds: for a test that started `process` and waits for something it makes (a file,
+    its worker processes) before looking at it or signalling it. The test fails, naming `what`, when `process` ends
+    first or `timeout` seconds pass; a process still running is killed then, and the message ends with its exit
+    code and the end of its output."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = process is not None and process.poll() is not None
+        if ended and condition():  # made just before it ended
+            return
+        if ended or time.monotonic() > deadline:
+            state = f"the process exited with code {process.returncode}" if ended else f"not within {timeout} s"
+            said = ""
+            if process is not None:
+                if not ended:
+                    process.kill()
+                streams = [s.decode(errors="replace") if isinstance(s, bytes) else s or ""
+                           for s in process.communicate(timeout=60)]
+                said = f"; its exit code {process.returncode}, its output's end:\n" + "\n".join(
+                    "\n".join(text.strip().splitlines()[-15:]) for text in streams if text.strip())
+            pytest.fail(f"{what} did not appear ({state}){said}")
+        time.sleep(0.1)
 
 
 def run_without_ray(script, args, cwd, env=None):

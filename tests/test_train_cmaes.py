@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_cmaes as cm
-from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_cmaes.py")
@@ -263,9 +263,7 @@ def start_run(tmp_path, name, *extra):
     """A run with 2 worker processes, started in the background once its workers are up: (process, workers)."""
     proc = subprocess.Popen([sys.executable, SCRIPT, "--run-name", name, "--num-workers", "2", *TINY, *extra],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(worker_pids(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(worker_pids(proc.pid)) >= 2, "the run's 2 worker processes", proc)
     workers = worker_pids(proc.pid)
     assert len(workers) == 2, proc.communicate()
     return proc, workers
@@ -316,9 +314,7 @@ def test_workers_do_not_outlive_a_killed_driver(tmp_path):
 def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_stops_the_workers(tmp_path):
     proc, workers = start_run(tmp_path, "term", "--max-iter", "1000")
     run = tmp_path / "runs" / "term"
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoint.pkl").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until((run / "checkpoint.pkl").exists, "the run's first checkpoint", proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume with: python train_cmaes.py --resume runs/term" in stderr
@@ -830,10 +826,8 @@ def test_importing_the_script_has_no_side_effect(tmp_path):
 def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_cleaned(tmp_path):
     first = subprocess.Popen([sys.executable, SCRIPT, "--run-name", "same", "--num-workers", "1", "--max-iter", "50",
                               *TINY], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "runs" / "same" / "progress.csv").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+    try:  # its checkpoint, not just its folder: the resume below starts from it
+        wait_until((tmp_path / "runs" / "same" / "checkpoint.pkl").exists, "the first run's first checkpoint", first)
         second = run_script(["--run-name", "same", "--num-workers", "1", "--max-iter", "1", *TINY], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(second)
         resumed = run_here(["--resume", str(tmp_path / "runs" / "same"), "--max-iter", "60"], cwd=tmp_path)

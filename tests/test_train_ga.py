@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_ga as ga_mod
-from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray
+from conftest import modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal, run_without_ray, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_ga.py")
@@ -454,9 +454,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_interrupted_writes_are_c
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "runs" / "same"
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoint.pkl").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until((run / "checkpoint.pkl").exists, "the first run's first checkpoint", first)
         second = run_script([*flags, "--max-iter", "1"], cwd=tmp_path)
         assert "in use by another run" in assert_one_line_error(second)
         resumed = run_here(["--resume", str(run), "--max-iter", "100001", "--num-workers", "1"], cwd=tmp_path)
@@ -498,9 +496,7 @@ def test_sigterm_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path, si
                             # started with Ctrl-C ignored, as a non-interactive shell starts a background job
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     checkpoint = tmp_path / "runs" / "term" / "checkpoint.pkl"
-    deadline = time.time() + 60
-    while not checkpoint.exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(checkpoint.exists, "the run's first checkpoint", proc)
     time.sleep(0.3)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
@@ -806,9 +802,7 @@ def test_no_worker_outlives_a_killed_driver(tmp_path):
                              "100000", *TINY, "--hidden-sizes", "8", "--eval-every", "1000", "--quiet"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "runs" / "orphans" / "checkpoint.pkl"
-    deadline = time.monotonic() + 60
-    while not checkpoint.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(checkpoint.exists, "the run's first checkpoint", proc)
     workers = process_children(proc.pid)
     assert len(workers) == 2, workers
     proc.kill()  # SIGKILL: no handler of the driver runs

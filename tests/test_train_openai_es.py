@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import train_openai_es as es_mod
 from conftest import (RayCluster, free_port, modules_imported_by_help, run_as_on_macos, run_main, run_on_terminal,
-                      run_without_ray)
+                      run_without_ray, wait_until)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_openai_es.py")
@@ -334,9 +334,7 @@ def test_no_worker_outlives_a_killed_driver(tmp_path):
                              "100000", *TINY, "--hidden-sizes", "8", "--eval-every", "1000", "--quiet"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "runs" / "orphans" / "checkpoint.pkl"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(checkpoint.exists, "the run's first checkpoint", proc)
     workers = children(proc.pid)
     assert len(workers) >= 2, workers
     proc.kill()
@@ -439,9 +437,7 @@ def test_sigint_keeps_the_checkpoint_and_prints_the_resume_command(tmp_path):
                             # started with Ctrl-C ignored, as a non-interactive shell starts a background job
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     checkpoint = tmp_path / "runs" / "int" / "checkpoint.pkl"
-    deadline = time.time() + 60
-    while not checkpoint.exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(checkpoint.exists, "the run's first checkpoint", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -460,9 +456,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
                              "--max-iter", "100000", *TINY, "--eval-every", "1000"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "runs" / "term" / "checkpoint.pkl"
-    deadline = time.time() + 60
-    while not checkpoint.exists() and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(checkpoint.exists, "the run's first checkpoint", proc)
     proc.terminate()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume with" in stderr
@@ -840,9 +834,7 @@ def test_losing_the_cluster_ends_with_a_message_and_the_run_resumes_locally(tmp_
                                  "--ray-address", cluster.address, "--quiet"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         run = tmp_path / "runs" / "lost"
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoint.pkl").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until((run / "checkpoint.pkl").exists, "the run's first checkpoint", proc)
         time.sleep(1)
         cluster.kill_head()  # the head is lost mid-generation; this machine survives
     finally:
