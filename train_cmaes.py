@@ -88,7 +88,13 @@ def build_parser():
     g.add_argument("--max-negative-steps", type=int, default=20,
                    help="training episodes end after this many negative rewards in a row (0: off)")
     g.add_argument("--stock-env", action="store_true",
-                   help="gymnasium's CarRacing, not the faster subclass with identical frames")
+                   help="gymnasium's CarRacing, not the faster subclass with identical frames (wins over "
+                   "--training-frames)")
+    g.add_argument("--training-frames", choices=["direct", "gymnasium"], default=None,
+                   help="training rollouts' CarRacing frames: direct (drawn at 96x96 with OpenCV, ~3x faster "
+                   "env, close to but not gymnasium's; see benchmarks/README.md) or gymnasium (identical); "
+                   "evaluations always run on gymnasium's; with --from-pretrained, given: the frames it plays "
+                   "on (default: direct; a checkpoint from before this flag: gymnasium)")
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
@@ -167,13 +173,14 @@ if __name__ == "__main__":  # --help exits here, before the heavy imports (main(
         pass
 
 import cma
+import cv2
 import gymnasium as gym
 import numpy as np
 import pygame
 import torch
 import torch.nn as nn
 import tqdm
-from gymnasium.envs.box2d import car_racing
+from gymnasium.envs.box2d import car_dynamics, car_racing
 
 
 # 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
@@ -311,12 +318,15 @@ class AttentionAgent(nn.Module):
 
 def make_env(env_config, training):
     """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make`
-    (FastCarRacing for CarRacing unless --stock-env) with the episode limit, the training-time
+    (for CarRacing unless --stock-env: FastCarRacing, gymnasium's frames, or DirectCarRacing where the
+    config's training_frames / evaluation_frames say direct) with the episode limit, the training-time
     early stop, and `RescaleAction` (the agent's tanh output in [-1, 1] onto the action bounds)."""
     spec = gym.spec(env_config["env_id"])
     stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
+    frames = env_config.get("training_frames" if training else "evaluation_frames")  # None: a config from before
     if stock and not env_config["stock_env"]:
-        spec = dataclasses.replace(spec, entry_point=FastCarRacing)  # gym.make's wrappers, our class
+        fast = DirectCarRacing if frames == "direct" else FastCarRacing
+        spec = dataclasses.replace(spec, entry_point=fast)  # gym.make's wrappers, our class
     env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
     check_spaces(env, env_config["env_id"])
     if training and env_config["max_negative_steps"] > 0:
@@ -434,7 +444,7 @@ RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster 
 # Flags that --resume may set anew; the rest comes from the checkpoint.
 RESUME_FLAGS = {"resume", "max_iter", "num_rollouts", "num_workers", "ray_address", "eval_every",
                 "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", "stock_env"}
+                "consecutive_goal_stopping", "stock_env", "training_frames"}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
 # The agent's architecture flags: a weights file's meta brings them along.
 AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias",
@@ -631,6 +641,8 @@ def env_config_from_args(args):
         "max_episode_steps": args.max_episode_steps,
         "max_negative_steps": args.max_negative_steps,
         "stock_env": args.stock_env,
+        "training_frames": args.training_frames,
+        "evaluation_frames": "gymnasium",  # what every published score is measured on
     }
 
 
@@ -680,6 +692,8 @@ class Run:
             saved = dict(checkpoint["args"])
             for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
                 saved[key] = getattr(args, key)
+            if saved["training_frames"] is None:  # a checkpoint from before --training-frames
+                saved["training_frames"] = "gymnasium"
             args = argparse.Namespace(**saved)
             check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
             run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
@@ -693,6 +707,8 @@ class Run:
             self.provenance = restart["provenance"] + [
                 segment("restart" if args.restart_from else "new", args, restart["iteration"])
             ]
+            if args.training_frames is None:
+                args.training_frames = "direct"
             run_name = args.run_name
             if run_name is None:
                 run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1320,6 +1336,147 @@ class FastCarRacing(car_racing.CarRacing):
         return self._font
 
 
+
+class DirectCarRacing(FastCarRacing):
+    """FastCarRacing whose 96 x 96 observation is drawn straight at that size (OpenCV), for training rollouts
+    (--training-frames direct). gymnasium draws a 1000 x 800 surface (pygame, anti-aliased) and
+    `smoothscale`s it to 96 x 96, which averages ~10 x 8 window pixels into each observation pixel; here
+    the same polygons (background, the culled grass and road, the car's hull and wheels, the indicator bar,
+    the score text) with the same colors, camera, flip and bar are filled into a 4x supersampled
+    384 x 384 canvas at 1/16-pixel precision (`cv2.fillPoly`, shift 4) and box-averaged to 96 x 96
+    (`cv2.resize`, INTER_AREA). Physics, rewards and terminations are FastCarRacing's; only the frames
+    differ, by a few gray levels on edges (benchmarks/README.md: the frame comparison and the scores on
+    both). Other render modes (videos) stay gymnasium's."""
+
+    SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels average into one observation pixel
+    SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
+    FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
+    # smoothscale's fixed-point averaging truncates twice: a uniform area of level v > 1 comes out as v - 2
+    SMOOTHSCALE_LOSS = np.maximum(np.arange(256) - 2, 0).astype(np.uint8)
+
+    def _render(self, mode):
+        if mode != "state_pixels" or "t" not in self.__dict__:
+            return super()._render(mode)
+        canvas = np.zeros((self.SIDE, self.SIDE, 3), dtype=np.uint8)
+        angle = -self.car.hull.angle
+        zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
+        scroll = pygame.math.Vector2(
+            (-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)
+        ).rotate_rad(angle)
+        translation = (car_racing.WINDOW_W / 2 + scroll[0], car_racing.WINDOW_H / 4 + scroll[1])
+        grass = self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle)
+        road = self._maybe_visible(self._road_polygons(), zoom, translation, angle)
+        # (world vertices (V, 2), color) in gymnasium's drawing order: field, grass, road, then the car
+        polygons = [(self.FIELD, self.bg_color)]
+        polygons += [(vertices, self.grass_color) for vertices in self.GRASS_POLYGONS[0][grass]]
+        polygons += [(self._road[0][i], self.road_poly[i][1]) for i in road]
+        for obj in self.car.drawlist:
+            color = [int(c * 255) for c in obj.color]
+            for fixture in obj.fixtures:
+                body = fixture.body.transform
+                polygons.append(([body * v for v in fixture.shape.vertices], color))
+                stripe = self._wheel_stripe(obj.phase) if "phase" in obj.__dict__ else None
+                if stripe is not None:
+                    polygons.append(([body * v for v in stripe], car_dynamics.WHEEL_WHITE))
+        vertices = [np.asarray(poly, dtype=np.float64) for poly, _ in polygons]
+        points = np.concatenate(vertices)
+        cos = math.cos(angle)
+        sin = math.sin(angle)
+        x = (points[:, 0] * cos - points[:, 1] * sin) * zoom + translation[0]
+        y = (points[:, 0] * sin + points[:, 1] * cos) * zoom + translation[1]
+        fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
+        ends = np.cumsum([len(v) for v in vertices])
+        for (_, color), poly in zip(polygons, np.split(fixed, ends[:-1])):
+            cv2.fillPoly(canvas, [poly], [int(c) for c in color], cv2.LINE_8, self.SHIFT)
+        self._indicators(canvas)
+        frame = cv2.resize(canvas, (car_racing.STATE_W, car_racing.STATE_H), interpolation=cv2.INTER_AREA)
+        return cv2.LUT(frame, self.SMOOTHSCALE_LOSS)
+
+    def _fixed(self, x, y):
+        """Window pixels (x, y float64 (N,), pygame's: pixel i covers [i, i + 1)) -> int32 (N, 2) canvas
+        coordinates in OpenCV's fixed point (pixel i covers [i - 0.5, i + 0.5), SHIFT fraction bits)."""
+        x = (x * (self.SIDE / car_racing.WINDOW_W) - 0.5) * (1 << self.SHIFT)
+        y = (y * (self.SIDE / car_racing.WINDOW_H) - 0.5) * (1 << self.SHIFT)
+        return np.stack([np.round(x), np.round(y)], axis=1).astype(np.int32)
+
+    @staticmethod
+    def _wheel_stripe(phase):
+        """The white stripe car_dynamics.Car.draw paints on a wheel at this phase, in the wheel's own units,
+        or None when it is hidden."""
+        s1 = math.sin(phase)
+        s2 = math.sin(phase + 1.2)
+        c1 = math.cos(phase)
+        c2 = math.cos(phase + 1.2)
+        if s1 > 0 and s2 > 0:
+            return None
+        if s1 > 0:
+            c1 = np.sign(c1)
+        if s2 > 0:
+            c2 = np.sign(c2)
+        w = car_dynamics.WHEEL_W * car_dynamics.SIZE
+        r = car_dynamics.WHEEL_R * car_dynamics.SIZE
+        return [(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)]
+
+    def _indicators(self, canvas):
+        """gymnasium's `_render_indicators` (the black bar, speed, ABS, steering, gyro) and the score text, in
+        window pixels (drawn after the flip); the text is rendered once per string and cached at canvas scale."""
+        width = car_racing.WINDOW_W
+        height = car_racing.WINDOW_H
+        s = width / 40.0
+        h = height / 40.0
+        bars = [([(width, height), (width, height - 5 * h), (0, height - 5 * h), (0, height)], (0, 0, 0), 1.0)]
+        hull = self.car.hull
+        wheels = self.car.wheels
+        speed = math.sqrt(hull.linearVelocity[0] ** 2 + hull.linearVelocity[1] ** 2)
+        values = [
+            ("v", 5, 0.02 * speed, speed, (255, 255, 255)),
+            ("v", 7, 0.01 * wheels[0].omega, wheels[0].omega, (0, 0, 255)),
+            ("v", 8, 0.01 * wheels[1].omega, wheels[1].omega, (0, 0, 255)),
+            ("v", 9, 0.01 * wheels[2].omega, wheels[2].omega, (51, 0, 255)),
+            ("v", 10, 0.01 * wheels[3].omega, wheels[3].omega, (51, 0, 255)),
+            ("h", 20, -10.0 * wheels[0].joint.angle, wheels[0].joint.angle, (0, 255, 0)),
+            ("h", 30, -0.8 * hull.angularVelocity, hull.angularVelocity, (255, 0, 0)),
+        ]
+        for kind, place, val, value, color in values:
+            if abs(value) <= 1e-4:
+                continue
+            if kind == "v":
+                top = height - (h + h * val)
+                poly = [(place * s, top), ((place + 1) * s, top), ((place + 1) * s, height - h), (place * s, height - h)]
+            else:
+                right = (place + val) * s
+                poly = [(place * s, height - 4 * h), (right, height - 4 * h), (right, height - 2 * h), (place * s, height - 2 * h)]
+            bars.append((poly, color, 1.0))
+        for poly, color, _ in bars:
+            poly = np.array(poly, dtype=np.float64)
+            cv2.fillPoly(canvas, [self._fixed(poly[:, 0], poly[:, 1])], color, cv2.LINE_8, self.SHIFT)
+        text, (x, y) = self._score_text(f"{self.reward:04.0f}")
+        patch = canvas[y:y + text.shape[0], x:x + text.shape[1]]
+        np.maximum(patch, text[: patch.shape[0], : patch.shape[1]], out=patch)
+
+    def _score_text(self, string):
+        """(uint8 (h, w, 3) image of the score text at canvas scale, its top-left (x, y) canvas pixel), as
+        gymnasium's font renders it centered at window pixel (60, 750), white on black; cached per string."""
+        cache = self.__dict__.setdefault("_texts", {})
+        if string not in cache:
+            pygame.font.init()
+            font = self._score_font(pygame.font.get_default_font(), 42)
+            surface = font.render(string, True, (255, 255, 255), (0, 0, 0))
+            rect = surface.get_rect()
+            rect.center = (60, car_racing.WINDOW_H - car_racing.WINDOW_H * 2.5 / 40.0)
+            image = np.transpose(pygame.surfarray.array3d(surface), (1, 0, 2))
+            sx = self.SIDE / car_racing.WINDOW_W
+            sy = self.SIDE / car_racing.WINDOW_H
+            x0 = max(rect.left, 0) * sx
+            y0 = rect.top * sy
+            x1 = rect.right * sx
+            y1 = rect.bottom * sy
+            size = (max(int(round(x1 - x0)), 1), max(int(round(y1 - y0)), 1))
+            cache[string] = (cv2.resize(image[:, max(-rect.left, 0):], size, interpolation=cv2.INTER_AREA),
+                             (int(round(x0)), int(round(y0))))
+        return cache[string]
+
+
 # Workers: local processes, this process, or a Ray cluster
 WORKERS = {}  # this process's envs and agent of each pool, built at its first task
 
@@ -1352,6 +1509,7 @@ def run_task(task, key="local", worker_args=None, shared=None):
     """
     if key not in WORKERS:
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)  # DirectCarRacing's drawing, on this worker's core
         env_config, agent_config = worker_args
         WORKERS[key] = types.SimpleNamespace(
             envs={training: make_env(env_config, training) for training in (True, False)},
@@ -2021,6 +2179,8 @@ def probe_env(env_config):
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
     env_config = env_config_from_args(args)
+    if "training_frames" in given:  # to compare the frames: play on the training renderer
+        env_config["evaluation_frames"] = args.training_frames
     meta = load_weights(args.from_pretrained)[2]
     if meta is not None and "env_id" not in given:
         env_config["env_id"] = meta["env_id"]
@@ -2032,7 +2192,8 @@ def run_from_pretrained(args, given):
     print(agent)
     print(
         f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
-        f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}"
+        f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}   "
+        f"frames: {env_config['evaluation_frames']}"
     )
     start = time.perf_counter()
     try:

@@ -1,0 +1,92 @@
+"""Issue 38: training rollouts on frames drawn straight at 96 x 96 (DirectCarRacing, --training-frames direct),
+evaluations on gymnasium's frames; the frames compared, the flag's behaviour. Speeds: benchmarks/."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import train_cmaes as cm  # noqa: E402
+import carracing_frames  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "train_cmaes.py")
+AUTHORS_WEIGHTS = os.path.join(ROOT, "..", "shared", "weights", "attentionagent_carracing.npz")
+
+
+def config(**changes):
+    return {"env_id": "CarRacing-v3", "max_episode_steps": 60, "max_negative_steps": 0, "stock_env": False,
+            "training_frames": "direct", "evaluation_frames": "gymnasium", **changes}
+
+
+def test_training_rollouts_draw_direct_frames_and_evaluations_gymnasiums():
+    assert type(cm.make_env(config(), training=True).unwrapped) is cm.DirectCarRacing
+    assert type(cm.make_env(config(), training=False).unwrapped) is cm.FastCarRacing
+    assert type(cm.make_env(config(training_frames="gymnasium"), training=True).unwrapped) is cm.FastCarRacing
+    assert type(cm.make_env(config(stock_env=True), training=True).unwrapped).__name__ == "CarRacing"
+    old = config()
+    del old["training_frames"], old["evaluation_frames"]  # a config of a run from before the flag
+    assert type(cm.make_env(old, training=True).unwrapped) is cm.FastCarRacing
+
+
+def test_direct_frames_keep_rewards_and_terminations_and_stay_close_to_gymnasiums():
+    # Same actions on both: the physics, rewards and ends are FastCarRacing's; the frames differ on edges only.
+    gymnasium_env = cm.make_env(config(max_episode_steps=120), training=False)
+    direct_env = cm.make_env(config(max_episode_steps=120), training=True)
+    rng = np.random.default_rng(3)
+    obs, _ = gymnasium_env.reset(seed=5)
+    twin, _ = direct_env.reset(seed=5)
+    diffs = []
+    while True:
+        assert twin.shape == obs.shape == (96, 96, 3) and twin.dtype == np.uint8
+        diffs.append(np.abs(obs.astype(np.int16) - twin.astype(np.int16)))
+        action = rng.uniform([-1, 0, 0], [1, 1, 0.3]).astype(np.float32)
+        obs, reward, terminated, truncated, _ = gymnasium_env.step(action)
+        twin, twin_reward, twin_terminated, twin_truncated, _ = direct_env.step(action)
+        assert (twin_reward, twin_terminated, twin_truncated) == (reward, terminated, truncated)
+        if terminated or truncated:
+            break
+    diffs = np.stack(diffs)
+    assert diffs.mean() < 0.6 and diffs.mean(axis=(1, 2, 3)).max() < 1.5  # a few gray levels on edges
+    assert np.mean(diffs > 8) < 0.02  # of pixels, so uniform areas and the bar match
+
+
+@pytest.mark.skipif(not os.path.exists(AUTHORS_WEIGHTS), reason="needs the authors' weights in ../shared/weights")
+def test_the_authors_agent_attends_to_nearly_the_same_patches_on_both_frames():
+    agent, _, _ = cm.agent_from_file(AUTHORS_WEIGHTS, 96, 3)
+    torch.set_num_threads(1)
+    rows, _, _ = carracing_frames.compare(agent, [cm.derive_seed(1, cm.EVAL_ENV_STREAM, 0, 0)], 200)
+    assert len(rows) == 200
+    assert rows[:, 0].mean() < 0.6  # mean pixel difference
+    assert rows[:, 4].mean() > 0.85  # share of the top-k patches chosen on both frames
+    assert rows[:, 2].mean() > 0.25  # frames whose top-k sets agree entirely
+
+
+def test_a_new_run_trains_on_direct_frames_and_from_pretrained_plays_on_gymnasiums_unless_told(tmp_path):
+    tiny = ["--population-size", "2", "--max-iter", "1", "--eval-every", "1", "--num-eval-rollouts", "1",
+            "--max-episode-steps", "20", "--num-rollouts", "1", "--num-workers", "1", "--quiet"]
+    out = subprocess.run([sys.executable, SCRIPT, "--run-name", "new", *tiny], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    args = json.loads((tmp_path / "runs" / "new" / "args.json").read_text())
+    assert args["training_frames"] == "direct"
+    weights = str(tmp_path / "runs" / "new" / "final.npz")
+    for flags, frames in (([], "gymnasium"), (["--training-frames", "direct"], "direct"),
+                          (["--training-frames", "gymnasium"], "gymnasium")):
+        out = subprocess.run([sys.executable, SCRIPT, "--from-pretrained", weights, "--num-eval-rollouts", "1",
+                              "--max-episode-steps", "20", "--num-workers", "1", *flags], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert f"frames: {frames}" in out.stdout
+
+
+def test_a_bad_training_frames_value_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--training-frames", "pygame"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "--training-frames" in out.stderr and not list(tmp_path.iterdir())
