@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import run_main
+from conftest import run_main, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,12 +31,23 @@ def test_a_folder_the_system_cannot_create_is_one_line(tmp_path, script):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.6])
+def catches(pid, signum):
+    """Whether process `pid` has a handler of its own for signal `signum` (Linux's /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads a process's signal handlers from Linux's /proc")
+@pytest.mark.parametrize("delay", [0.0, 0.5])
 @pytest.mark.parametrize("script", ["train_openai_es.py", "train_ga.py", "train_cmaes.py"])
 def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, script, delay):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--max-iter", "1", "--logs-dir",
                              str(tmp_path / "runs")], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    # The script takes Ctrl-C and SIGTERM over before its heavy imports (SIGINT, then SIGTERM): not at a fixed
+    # time after its start, later on a busy machine (issue 40: a Ctrl-C 0.2 s in met Python's own handler).
+    wait_until(lambda: catches(proc.pid, signal.SIGTERM), "the script's SIGTERM handler", proc)
     time.sleep(delay)  # torch and gymnasium take seconds to import
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
