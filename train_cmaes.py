@@ -413,6 +413,7 @@ def evaluate_mean(run):
 # the fast CarRacing, workers, files, plots, video, main)
 # ------------------------------------------------------------------------------------------------
 import concurrent.futures
+import concurrent.futures.process  # BrokenProcessPool: also where no pool was started
 import contextlib
 import csv
 import fcntl

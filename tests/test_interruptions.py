@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import run_main
+from conftest import run_main, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
@@ -134,3 +134,19 @@ def test_a_refused_resume_writes_nothing_and_releases_the_run_folder(script, tmp
     out = run_main(module, resume, tmp_path)
     assert out.returncode == 0, out.stderr
     assert generations(run) == [2]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_during_a_rollout_of_a_run_on_one_worker_in_a_fresh_process_is_one_line_and_exit_130(
+        script, tmp_path):
+    # One worker runs the rollouts in the script's own process, which then never imported a process pool: the
+    # KeyboardInterrupt raised inside a rollout must still reach the resume hint (no AttributeError traceback).
+    run = tmp_path / "runs" / "r"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *FLAGS[script], "--num-workers", "1",
+                             "--max-iter", "100000", "--logs-dir", str(tmp_path / "runs"), "--run-name", "r",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (run / "checkpoint.pkl").exists(), "the first checkpoint", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "the checkpoint of generation" in err, err
