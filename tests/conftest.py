@@ -206,9 +206,10 @@ def wait_until(condition, what, process=None, timeout=120):
             if process is not None:
                 if not ended:
                     process.kill()
+                    state += ", the process killed"
                 streams = [s.decode(errors="replace") if isinstance(s, bytes) else s or ""
                            for s in process.communicate(timeout=60)]
-                said = f"; its exit code {process.returncode}, its output's end:\n" + "\n".join(
+                said = "; the end of its output:\n" + "\n".join(
                     "\n".join(text.strip().splitlines()[-15:]) for text in streams if text.strip())
             pytest.fail(f"{what} did not appear ({state}){said}")
         time.sleep(0.1)
