@@ -90,3 +90,28 @@ def test_a_bad_training_frames_value_is_a_one_line_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "--training-frames" in out.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("controller", cm.CONTROLLERS)
+def test_forward_direct_is_forward_in_other_rounding(controller):
+    # The training path's arithmetic (exp2, the cell in plain ops) against forward(), on the same frames and
+    # the same controller inputs: actions within float32 rounding where the top-k patches agree.
+    agent = cm.AttentionAgent(controller=controller)
+    agent.set_flat(np.random.default_rng(4).normal(0, 0.3, agent.get_flat().size).astype(np.float32))
+    env = cm.make_env(config(max_episode_steps=80), training=True)
+    obs, _ = env.reset(seed=2)
+    state = agent.initial_state()
+    twin_state = agent.initial_state()
+    agreed = 0
+    with torch.inference_mode():
+        for step in range(80):
+            action, state, top = agent(obs, state)
+            twin_action, twin_state, twin_top = agent.forward_direct(obs, twin_state)
+            if not torch.equal(top, twin_top):
+                break  # from here on the controllers see other inputs
+            agreed += 1
+            np.testing.assert_allclose(twin_action, action, atol=2e-5)
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                break
+    assert agreed >= 20
