@@ -1,0 +1,110 @@
+"""The from-scratch AttentionAgent run of issue 37 across its segments: the population's mean training
+fitness and the evaluation of the distribution mean against core-hours (the CPU time of the run's process,
+not the wall clock) and against env steps, and the cost to each level. Segments:
+
+1. generations 1-60, `86f3672` (../cmaes_carracing_scratch.progress.csv; its CPU time was sampled at
+   generations 40, 50 and 60 only: 1,539, 2,355 and 3,540 s; before 40 it is taken as proportional to
+   the env steps);
+2. on, restarted from generation 60's mean (--restart-from ../cmaes_carracing_scratch.npz --init-sigma
+   0.128299): cmaes_carracing_<run>.progress.csv for each run in RESTARTS, its CPU time from
+   cmaes_scratch4_cpu.csv (unix time, run, CPU seconds, last generation; once a minute). Its env steps
+   count from 0 (the file had no env_steps in its meta): segment 1's are added.
+
+Writes cmaes_scratch_lineage.png and prints, per level, the first evaluation that reached it.
+
+    python pretrained/partial/plot_scratch_lineage.py
+"""
+import csv
+import os
+
+from matplotlib.figure import Figure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIRST = os.path.join(HERE, "..", "cmaes_carracing_scratch.progress.csv")
+FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of segment 1's process
+RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4)", "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
+LEVELS = (500, 700, 800, 850, 900)
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def first_segment():
+    """[(generation, env steps, core-hours, population mean, evaluation or None)] of generations 1-60."""
+    rows = read(FIRST)
+    steps = {int(row["iteration"]): int(row["env_steps"]) for row in rows}
+    points = []
+    for row in rows:
+        generation = int(row["iteration"])
+        cpu_s = FIRST_CPU_S.get(generation)
+        if cpu_s is None and generation < 40:
+            cpu_s = FIRST_CPU_S[40] * steps[generation] / steps[40]
+        if cpu_s is None:  # between two samples: linear in env steps
+            low = max(g for g in FIRST_CPU_S if g < generation)
+            high = min(g for g in FIRST_CPU_S if g > generation)
+            share = (steps[generation] - steps[low]) / (steps[high] - steps[low])
+            cpu_s = FIRST_CPU_S[low] + share * (FIRST_CPU_S[high] - FIRST_CPU_S[low])
+        evaluation = float(row["eval_return_mean"]) if row["eval_return_mean"] else None
+        points.append((generation, steps[generation], cpu_s / 3600, float(row["return_mean"]), evaluation))
+    return points
+
+
+def restart_segment(run, offset_steps, offset_hours):
+    """The same points for a restarted run: core-hours at the first CPU sample that saw each generation."""
+    path = os.path.join(HERE, f"cmaes_carracing_{run}.progress.csv")
+    if not os.path.exists(path):
+        return []
+    samples = []
+    with open(os.path.join(HERE, "cmaes_scratch4_cpu.csv"), newline="") as f:
+        for _, name, cpu_s, generation in csv.reader(f):
+            if name == run and generation.isdigit():
+                samples.append((int(generation), float(cpu_s)))
+    points = []
+    for row in read(path):
+        generation = int(row["iteration"])
+        seen = [cpu_s for done, cpu_s in samples if done >= generation]
+        if not seen:
+            continue
+        evaluation = float(row["eval_return_mean"]) if row["eval_return_mean"] else None
+        points.append((generation, offset_steps + int(row["env_steps"]), offset_hours + seen[0] / 3600,
+                       float(row["return_mean"]), evaluation))
+    return points
+
+
+def main():
+    first = first_segment()
+    segments = {"generations 1-60, 64 x 2 (86f3672)": first}
+    for run, label in RESTARTS.items():
+        segments[label] = restart_segment(run, first[-1][1], first[-1][2])
+    fig = Figure(figsize=(12, 5))
+    by_hours, by_steps = fig.subplots(1, 2)
+    for label, points in segments.items():
+        if not points:
+            continue
+        evaluated = [p for p in points if p[4] is not None]
+        for ax, x in ((by_hours, 2), (by_steps, 1)):
+            line = ax.plot([p[x] if x == 2 else p[x] / 1e6 for p in points], [p[3] for p in points], "-", lw=1,
+                           label=f"{label}: population mean")[0]
+            ax.plot([p[x] if x == 2 else p[x] / 1e6 for p in evaluated], [p[4] for p in evaluated], "o-", ms=4,
+                    color=line.get_color(), label=f"{label}: evaluation (10 episodes)")
+        print(label)
+        for level in LEVELS:
+            reached = [p for p in evaluated if p[4] >= level]
+            if reached:
+                generation, steps, hours, _, evaluation = reached[0]
+                print(f"  {level}: generation {generation}, {steps:,} env steps, {hours:.2f} core-hours "
+                      f"(evaluation {evaluation:.1f})")
+    by_hours.set(xlabel="core-hours (CPU time of the run)", ylabel="episode return")
+    by_steps.set(xlabel="env steps (millions)")
+    for ax in (by_hours, by_steps):
+        ax.grid(alpha=0.3)
+    by_hours.legend(loc="best", fontsize=7)
+    fig.suptitle("train_cmaes.py from random weights (seed 1): the run and its restarts")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "cmaes_scratch_lineage.png"), dpi=90)
+
+
+if __name__ == "__main__":
+    main()
