@@ -92,10 +92,9 @@ def build_parser():
                    help="gymnasium's CarRacing, not the faster subclass with identical frames (wins over "
                    "--training-frames)")
     g.add_argument("--training-frames", choices=["direct", "gymnasium"], default=None,
-                   help="training rollouts' CarRacing frames: direct (drawn at 96x96 with OpenCV, ~3x faster "
-                   "env, close to but not gymnasium's; see benchmarks/README.md) or gymnasium (identical); "
-                   "evaluations always run on gymnasium's; with --from-pretrained, given: the frames it plays "
-                   "on (default: direct; a checkpoint from before this flag: gymnasium)")
+                   help="training's CarRacing frames: drawn at 96x96 (OpenCV; close to gymnasium's, 2x faster "
+                   "training) or gymnasium's; evaluations: always gymnasium's (--from-pretrained: these if given) "
+                   "(default: direct; a checkpoint from before the flag: gymnasium)")
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
@@ -316,38 +315,6 @@ class AttentionAgent(nn.Module):
         action = torch.tanh(self.fc(h.flatten()))
         return action.numpy(), state, top
 
-    def forward_direct(self, frame, state):
-        """forward() as training on direct frames runs it (--training-frames direct): the same function in
-        cheaper arithmetic, so it rounds otherwise (near-tied top-k patches may swap): the softmax by exp2
-        with log2(e) folded into the scale, the LSTM / RNN cell in plain tensor ops instead of nn.LSTM /
-        nn.RNN (its state: (h, c) or h, float32 (hidden,) each)."""
-        patches = self.patches(frame)
-        queries = self.fc_q(patches).mul_(self.attention_scale * LOG2E)  # the scale on (n^2, q), not (n^2, n^2)
-        logits = torch.mm(queries, self.fc_k(patches).T)
-        weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp2_()
-        importance = torch.mv(weights.T, weights.sum(dim=1).reciprocal_())
-        top = torch.topk(importance, self.top_k).indices
-        x = self.patch_positions[top].flatten()
-        if self.controller == "mlp":
-            state.append(x)
-            h = torch.relu(self.fc1(torch.cat(list(state))))
-        elif self.controller == "rnn":
-            h = torch.zeros(self.fc.in_features) if state is None else state
-            rnn = self.rnn
-            h = torch.relu(torch.addmv(torch.addmv(rnn.bias_ih_l0, rnn.weight_ih_l0, x), rnn.weight_hh_l0, h).add_(rnn.bias_hh_l0))
-            state = h
-        else:
-            h, c = (torch.zeros(self.fc.in_features),) * 2 if state is None else state
-            lstm = self.lstm
-            gates = torch.addmv(torch.addmv(lstm.bias_ih_l0, lstm.weight_ih_l0, x), lstm.weight_hh_l0, h).add_(lstm.bias_hh_l0)
-            i, f, g, o = gates.chunk(4)  # PyTorch's gate order
-            c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
-            h = torch.sigmoid(o).mul_(torch.tanh(c))
-            state = (h, c)
-        action = torch.tanh(self.fc(h))
-        return action.numpy(), state, top
-
-
 def make_env(env_config, training):
     """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make`
     (for CarRacing unless --stock-env: FastCarRacing, gymnasium's frames, or DirectCarRacing where the
@@ -372,12 +339,14 @@ def rollout(env, agent, seed, on_step=None, direct=False):
     direct: the agent's arithmetic of training on direct frames (`forward_direct`)."""
     obs, _ = env.reset(seed=seed)
     state = agent.initial_state()
-    act = agent.forward_direct if direct else agent
     total = 0.0
     steps = 0
     with torch.inference_mode():
         while True:
-            action, state, top = act(obs, state)
+            if direct:
+                action, state, top = forward_direct(agent, obs, state)
+            else:
+                action, state, top = agent(obs, state)
             if on_step is not None:
                 on_step(obs, top)
             obs, reward, terminated, truncated, _ = env.step(action)
@@ -1495,10 +1464,13 @@ class DirectCarRacing(FastCarRacing):
                 continue
             if kind == "v":
                 top = height - (h + h * val)
-                poly = [(place * s, top), ((place + 1) * s, top), ((place + 1) * s, height - h), (place * s, height - h)]
+                left = place * s
+                poly = [(left, top), (left + s, top), (left + s, height - h), (left, height - h)]
             else:
                 right = (place + val) * s
-                poly = [(place * s, height - 4 * h), (right, height - 4 * h), (right, height - 2 * h), (place * s, height - 2 * h)]
+                left = place * s
+                top = height - 4 * h
+                poly = [(left, top), (right, top), (right, height - 2 * h), (left, height - 2 * h)]
             bars.append((poly, color))
         if bars:
             points = np.array([poly for poly, _ in bars], dtype=np.float64)  # (bars, 4, 2)
@@ -1530,6 +1502,40 @@ class DirectCarRacing(FastCarRacing):
             cache[string] = (cv2.resize(image[:, max(-rect.left, 0):], size, interpolation=cv2.INTER_AREA),
                              (int(round(x0)), int(round(y0))))
         return cache[string]
+
+
+def forward_direct(agent, frame, state):
+    """AttentionAgent.forward as training on direct frames runs it (--training-frames direct): the same
+    function in cheaper arithmetic, so it rounds otherwise (near-tied top-k patches may swap): the softmax by exp2
+    with log2(e) folded into the scale, the LSTM / RNN cell in plain tensor ops instead of nn.LSTM /
+    nn.RNN (its state: (h, c) or h, float32 (hidden,) each)."""
+    patches = agent.patches(frame)
+    queries = agent.fc_q(patches).mul_(agent.attention_scale * LOG2E)  # the scale on (n^2, q), not (n^2, n^2)
+    logits = torch.mm(queries, agent.fc_k(patches).T)
+    weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp2_()
+    importance = torch.mv(weights.T, weights.sum(dim=1).reciprocal_())
+    top = torch.topk(importance, agent.top_k).indices
+    x = agent.patch_positions[top].flatten()
+    if agent.controller == "mlp":
+        state.append(x)
+        h = torch.relu(agent.fc1(torch.cat(list(state))))
+    elif agent.controller == "rnn":
+        h = torch.zeros(agent.fc.in_features) if state is None else state
+        rnn = agent.rnn
+        h = torch.addmv(torch.addmv(rnn.bias_ih_l0, rnn.weight_ih_l0, x), rnn.weight_hh_l0, h)
+        h = torch.relu(h.add_(rnn.bias_hh_l0))
+        state = h
+    else:
+        h, c = (torch.zeros(agent.fc.in_features),) * 2 if state is None else state
+        lstm = agent.lstm
+        gates = torch.addmv(torch.addmv(lstm.bias_ih_l0, lstm.weight_ih_l0, x), lstm.weight_hh_l0, h)
+        gates.add_(lstm.bias_hh_l0)
+        i, f, g, o = gates.chunk(4)  # PyTorch's gate order
+        c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
+        h = torch.sigmoid(o).mul_(torch.tanh(c))
+        state = (h, c)
+    action = torch.tanh(agent.fc(h))
+    return action.numpy(), state, top
 
 
 # Workers: local processes, this process, or a Ray cluster

@@ -106,7 +106,7 @@ def test_forward_direct_is_forward_in_other_rounding(controller):
     with torch.inference_mode():
         for step in range(80):
             action, state, top = agent(obs, state)
-            twin_action, twin_state, twin_top = agent.forward_direct(obs, twin_state)
+            twin_action, twin_state, twin_top = cm.forward_direct(agent, obs, twin_state)
             if not torch.equal(top, twin_top):
                 break  # from here on the controllers see other inputs
             agreed += 1
