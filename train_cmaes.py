@@ -40,7 +40,6 @@ CONTROLLERS = ("lstm", "rnn", "mlp")
 CMA_STREAM = 0
 TRAIN_ENV_STREAM = 1
 EVAL_ENV_STREAM = 2
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2(e))
 
 
 class UserError(Exception):
@@ -88,35 +87,27 @@ def build_parser():
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
     g.add_argument("--max-negative-steps", type=int, default=20,
                    help="training episodes end after this many negative rewards in a row (0: off)")
-    g.add_argument("--stock-env", action="store_true",
-                   help="gymnasium's CarRacing, not the faster subclass with identical frames (wins over "
-                   "--training-frames)")
+    g.add_argument("--stock-env", action="store_true", help="gymnasium's own CarRacing, in training too")
     g.add_argument("--training-frames", choices=["direct", "gymnasium"], default=None,
-                   help="training's CarRacing frames: drawn at 96x96 (OpenCV; close to gymnasium's, 2x faster "
-                   "training) or gymnasium's; evaluations: always gymnasium's (--from-pretrained: these if given) "
-                   "(default: direct; a checkpoint from before the flag: gymnasium)")
+                   help="training's frames: drawn at 96x96 (OpenCV, 2x faster) or gymnasium's; evaluations: "
+                   "gymnasium's (default: direct; a checkpoint from before the flag: gymnasium)")
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
     g.add_argument("--exp-name", default=SCRIPT[:-3], help="in the default run folder name")
-    g.add_argument("--run-name",
-                   help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
+    g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run (checkpoint.pkl or run folder)")
     g.add_argument("--restart-from", metavar="PATH.npz",
-                   help="continue a run whose checkpoint is lost from its mean.npz (or best/final.npz): "
-                   "its mean and sigma, a fresh covariance, its generation and env-step counts")
+                   help="continue a lost run from its mean.npz: its mean, sigma and counts, a fresh covariance")
     g.add_argument("--from-pretrained", metavar="PATH.npz",
                    help="evaluate these weights (ours or the authors') over --num-eval-rollouts episodes")
     g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz",
                    help="start from these weights (--train attention|controller: the rest frozen at them)")
-    g.add_argument("--capture-video", action="store_true",
-                   help="an episode at each evaluation, top-k patches highlighted (GIF; mp4: moviepy)")
+    g.add_argument("--capture-video", action="store_true", help="an episode per evaluation, top-k outlined (GIF, mp4)")
     g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this")
-    g.add_argument("--consecutive-goal-stopping", type=int, default=1,
-                   help="... in this many consecutive evaluations")
+    g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no console line a generation, no bar")
-    g.add_argument("--track", action="store_true",
-                   help="log the run to Weights & Biases (needs requirements-track.txt)")
+    g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (requirements-track.txt)")
     g.add_argument("--wandb-project-name", default="neuroevolution", help="W&B project of --track")
     g.add_argument("--wandb-entity", help="W&B team or user (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
@@ -126,8 +117,7 @@ def build_parser():
                    "generations, then the full one (0: never, >= --max-iter: throughout)")
     g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
                    help="the part CMA-ES searches; the rest is frozen at --init-from's weights (else fresh)")
-    g.add_argument("--fresh", action="store_true",
-                   help="with --train and --init-from: the searched part starts fresh (from --seed)")
+    g.add_argument("--fresh", action="store_true", help="with --train, --init-from: the searched part fresh (--seed)")
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
     g.add_argument("--patch-stride", type=int, default=4, help="step between patches, pixels")
@@ -173,7 +163,6 @@ if __name__ == "__main__":  # --help exits here, before the heavy imports (main(
         pass
 
 import cma
-import cv2
 import gymnasium as gym
 import numpy as np
 import pygame
@@ -315,11 +304,11 @@ class AttentionAgent(nn.Module):
         action = torch.tanh(self.fc(h.flatten()))
         return action.numpy(), state, top
 
+
 def make_env(env_config, training):
-    """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make`
-    (for CarRacing unless --stock-env: FastCarRacing, gymnasium's frames, or DirectCarRacing where the
-    config's training_frames / evaluation_frames say direct) with the episode limit, the training-time
-    early stop, and `RescaleAction` (the agent's tanh output in [-1, 1] onto the action bounds)."""
+    """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make` (CarRacing:
+    FastCarRacing, or DirectCarRacing where training_frames / evaluation_frames say direct; --stock-env: gymnasium's)
+    with the episode limit, the training-time early stop, and `RescaleAction` (tanh's [-1, 1] onto the bounds)."""
     spec = gym.spec(env_config["env_id"])
     stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
     frames = env_config.get("training_frames" if training else "evaluation_frames")  # None: a config from before
@@ -343,10 +332,7 @@ def rollout(env, agent, seed, on_step=None, direct=False):
     steps = 0
     with torch.inference_mode():
         while True:
-            if direct:
-                action, state, top = forward_direct(agent, obs, state)
-            else:
-                action, state, top = agent(obs, state)
+            action, state, top = forward_direct(agent, obs, state) if direct else agent(obs, state)
             if on_step is not None:
                 on_step(obs, top)
             obs, reward, terminated, truncated, _ = env.step(action)
@@ -434,6 +420,8 @@ import threading
 import time
 import types
 import uuid
+
+import cv2
 
 # The columns every script of the project writes first, then the CMA-ES scalars.
 PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min",
@@ -1502,6 +1490,9 @@ class DirectCarRacing(FastCarRacing):
             cache[string] = (cv2.resize(image[:, max(-rect.left, 0):], size, interpolation=cv2.INTER_AREA),
                              (int(round(x0)), int(round(y0))))
         return cache[string]
+
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2(e))
 
 
 def forward_direct(agent, frame, state):
