@@ -22,7 +22,10 @@ from matplotlib.figure import Figure
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIRST = os.path.join(HERE, "..", "cmaes_carracing_scratch.progress.csv")
 FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of segment 1's process
-RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4)", "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
+RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)",
+            "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
+# A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
+PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2"]}
 LEVELS = (500, 700, 800, 850, 900)
 
 
@@ -56,11 +59,16 @@ def restart_segment(run, offset_steps, offset_hours):
     path = os.path.join(HERE, f"cmaes_carracing_{run}.progress.csv")
     if not os.path.exists(path):
         return []
-    samples = []
     with open(os.path.join(HERE, "cmaes_scratch4_cpu.csv"), newline="") as f:
-        for _, name, cpu_s, generation in csv.reader(f):
-            if name == run and generation.isdigit():
-                samples.append((int(generation), float(cpu_s)))
+        rows = list(csv.reader(f))
+    samples = []
+    before = 0.0  # CPU seconds of the run's earlier processes
+    for process in PROCESSES.get(run, [run]):
+        mine = [(int(generation), before + float(cpu_s)) for _, name, cpu_s, generation in rows
+                if name == process and generation.isdigit()]
+        samples += mine
+        if mine:
+            before = mine[-1][1]
     points = []
     for row in read(path):
         generation = int(row["iteration"])
