@@ -1171,7 +1171,8 @@ class Run:
             self.exit_code = 130
         elif issubclass(kind, PoolLost):  # its message ends with self.kept()
             print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        self.tb.close()
+        with signals_held():
+            self.tb.close()
         if self.wandb:  # the files, and the exit code
             self.upload()
             self.wandb.finish(exit_code=self.exit_code)
@@ -1300,8 +1301,9 @@ class Run:
         self.csv_file.flush()
         scalars = {column: value for column, value in row.items() if value is not None}
         del scalars["env_steps"]
-        for column, value in scalars.items():
-            self.tb.add_scalar(column, value, global_step=counters["env_steps"])
+        with signals_held():
+            for column, value in scalars.items():
+                self.tb.add_scalar(column, value, global_step=counters["env_steps"])
         if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
             self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
         if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
@@ -1335,7 +1337,8 @@ class Run:
         self.checkpointed = self.generation  # the generation the resume hint names
         if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
             raise KeyboardInterrupt
-        self.tb.flush()
+        with signals_held():
+            self.tb.flush()
 
     def goal_reached(self):
         """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
@@ -2804,7 +2807,8 @@ def main(argv=None):
 
     def stop(signum, frame):
         STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
-        raise KeyboardInterrupt
+        if not HOLDING.is_set():
+            raise KeyboardInterrupt
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)
@@ -2838,6 +2842,22 @@ def main(argv=None):
 # hint. Python drops an exception raised inside a fork handler, a __del__ or an atexit callback (a Ctrl-C while
 # the workers start, or while tqdm closes a bar): STOPPING remembers it, and save_checkpoint raises it again.
 STOPPING = threading.Event()
+HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C or SIGTERM stops the run as the block ends
+
+
+@contextlib.contextmanager
+def signals_held():
+    """A Ctrl-C or SIGTERM inside the block raises KeyboardInterrupt as the block ends, not inside it. Raised
+    inside TensorBoard's writer (its queue's lock and conditions), it could leave the writer's thread asleep
+    until its next timed flush, and close() waiting for it up to 2 minutes."""
+    already = STOPPING.is_set()
+    HOLDING.set()
+    try:
+        yield
+    finally:
+        HOLDING.clear()
+    if STOPPING.is_set() and not already:
+        raise KeyboardInterrupt
 
 
 class Console:
