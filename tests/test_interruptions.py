@@ -151,3 +151,21 @@ def test_sigterm_during_a_rollout_of_a_cmaes_run_on_one_worker_in_a_fresh_proces
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "the checkpoint of generation" in err, err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_ctrl_c_inside_signals_held_stops_the_run_as_the_block_ends_not_inside_it(script):
+    # TensorBoard's calls run inside signals_held(): main()'s handler only sets STOPPING while HOLDING is set, and
+    # the block raises KeyboardInterrupt once the call it guards has returned (and only then).
+    module = importlib.import_module(script[:-3])
+    module.STOPPING.clear()
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with module.signals_held():
+            assert module.HOLDING.is_set()
+            module.STOPPING.set()  # what the handler does for a Ctrl-C that arrives here
+            finished.append(True)  # the guarded call goes on to its end
+    assert finished and not module.HOLDING.is_set()
+    module.STOPPING.clear()
+    with module.signals_held():  # no Ctrl-C: nothing raised
+        pass
