@@ -88,9 +88,8 @@ def build_parser():
     g.add_argument("--max-negative-steps", type=int, default=20,
                    help="training episodes end after this many negative rewards in a row (0: off)")
     g.add_argument("--stock-env", action="store_true", help="gymnasium's own CarRacing, in training too")
-    g.add_argument("--training-frames", choices=["direct", "gymnasium"], default=None,
-                   help="training's frames: drawn at 96x96 (OpenCV, 2x faster) or gymnasium's; evaluations: "
-                   "gymnasium's (default: direct; a checkpoint from before the flag: gymnasium)")
+    g.add_argument("--training-frames", choices=["direct", "gymnasium"], help="training's frames: drawn at 96x96 "
+                   "(2x faster) or gymnasium's, as evaluations' (default: direct; an older checkpoint: gymnasium)")
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
@@ -311,10 +310,9 @@ def make_env(env_config, training):
     with the episode limit, the training-time early stop, and `RescaleAction` (tanh's [-1, 1] onto the bounds)."""
     spec = gym.spec(env_config["env_id"])
     stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
-    frames = env_config.get("training_frames" if training else "evaluation_frames")  # None: a config from before
-    if stock and not env_config["stock_env"]:
-        fast = DirectCarRacing if frames == "direct" else FastCarRacing
-        spec = dataclasses.replace(spec, entry_point=fast)  # gym.make's wrappers, our class
+    if stock and not env_config["stock_env"]:  # gym.make's wrappers, our class
+        direct = env_config.get("training_frames" if training else "evaluation_frames") == "direct"  # None: older
+        spec = dataclasses.replace(spec, entry_point=DirectCarRacing if direct else FastCarRacing)
     env = gym.make(spec, max_episode_steps=env_config["max_episode_steps"])
     check_spaces(env, env_config["env_id"])
     if training and env_config["max_negative_steps"] > 0:
