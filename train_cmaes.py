@@ -1,19 +1,16 @@
 """CMA-ES training the self-attention AttentionAgent on CarRacing-v3, in one file.
 
-Tang, Nguyen, Ha (2020), "Neuroevolution of Self-Interpretable Agents", GECCO 2020
-(arXiv:2003.08165): the agent cuts each 96x96 frame into 529 patches, lets them vote for
-each other with a tiny self-attention (query and key Linear(147, 4)), keeps only the
-positions of the 10 most voted-for patches, and drives with an LSTM(20, 16) on those 20
-numbers: 3667 parameters, 914 +/- 15 on CarRacing. The flat parameter vector uses the
-authors' layout, so their published weights load as they are. The agent is trained
-without gradients by CMA-ES (Hansen 2016, "The CMA Evolution Strategy: A Tutorial"),
-here pycma's `cma.CMAEvolutionStrategy`. Each generation:
+Tang, Nguyen, Ha (2020), "Neuroevolution of Self-Interpretable Agents", GECCO 2020 (arXiv:2003.08165): the agent
+cuts each 96x96 frame into 529 patches, lets them vote for each other with a tiny self-attention (query and key
+Linear(147, 4)), keeps only the positions of the 10 most voted-for patches, and drives with an LSTM(20, 16) on
+those 20 numbers: 3667 parameters, 914 +/- 15 on CarRacing. The flat parameter vector uses the authors' layout,
+so their published weights load as they are. The agent is trained without gradients by CMA-ES (Hansen 2016, "The
+CMA Evolution Strategy: A Tutorial"), here pycma's `cma.CMAEvolutionStrategy`. Each generation:
 
     x_i = m + sigma * N(0, C), i = 1..lambda;  F(x_i) = mean return over --num-rollouts
     m <- sum_j w_j x_(j) (x_(j) the j-th best by F);  C, sigma adapt towards steps that paid
 
-pycma minimizes, so it is told -F. The distribution mean m (`es.result.xfavorite`) is the
-solution.
+pycma minimizes, so it is told -F. The distribution mean m (`es.result.xfavorite`) is the solution.
 
 Examples:
     # the authors' weights over 100 episodes (no early stop; 1000 steps)
@@ -49,6 +46,7 @@ class UserError(Exception):
 # 1. Configuration ---------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
+
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -62,46 +60,47 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
+
     def error(self, message):
         raise UserError(message)
 
 
 def build_parser():
     """The argparse parser of every flag."""
-    p = OneLineParser(prog=SCRIPT, description="CMA-ES training the AttentionAgent (Tang et al. 2020).",
-                      formatter_class=HelpFormatter,
-                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
+    epilog = __doc__[__doc__.index("Examples:") :] + f'\nMore: README.md, section "{SCRIPT}"'
+    description = "CMA-ES training the AttentionAgent (Tang et al. 2020)."
+    p = OneLineParser(prog=SCRIPT, description=description, formatter_class=HelpFormatter, epilog=epilog)
     usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CarRacing-v3", help="a CarRacing-like pixel env")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
-    g.add_argument("--num-workers", type=int, default=usable_cores,
-                   help="rollout worker processes, 1: in-process; with --ray-address: rollouts at "
-                   "once, the cluster's CPUs if not given (default: usable cores)")
-    g.add_argument("--ray-address", metavar="ADDRESS",
-                   help="rollouts on the Ray cluster at HOST:PORT of its head or auto (default: "
-                   "$RAY_ADDRESS if set, else local worker processes)")
+    num_workers = "rollout processes, 1: in-process; Ray: the cluster's CPUs if not given (default: usable cores)"
+    g.add_argument("--num-workers", type=int, default=usable_cores, help=num_workers)
+    ray_address = "the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)"
+    g.add_argument("--ray-address", metavar="ADDRESS", help=ray_address)
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
     g.add_argument("--max-iter", type=int, default=2000, help="generations, from the run's start")
     g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness (their mean)")
     g.add_argument("--max-episode-steps", type=int, default=1000, help="episode length limit")
-    g.add_argument("--max-negative-steps", type=int, default=20,
-                   help="training episodes end after this many negative rewards in a row (0: off)")
+    early_stop = "training episodes end after this many negative rewards in a row (0: off)"
+    g.add_argument("--max-negative-steps", type=int, default=20, help=early_stop)
     g.add_argument("--stock-env", action="store_true", help="gymnasium's own CarRacing, in training too")
-    g.add_argument("--training-frames", choices=["direct", "gymnasium"], help="training's frames: drawn at 96x96 "
-                   "(2x faster) or gymnasium's, as evaluations' (default: direct; an older checkpoint: gymnasium)")
+    frames = (
+        "training's frames: drawn at 96x96 (2x faster) or gymnasium's (default: direct; old checkpoints: gymnasium)"
+    )
+    g.add_argument("--training-frames", choices=["direct", "gymnasium"], help=frames)
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
     g.add_argument("--exp-name", default=SCRIPT[:-3], help="in the default run folder name")
     g.add_argument("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     g.add_argument("--resume", metavar="PATH", help="continue a run (checkpoint.pkl or run folder)")
-    g.add_argument("--restart-from", metavar="PATH.npz",
-                   help="continue a lost run from its mean.npz: its mean, sigma and counts, a fresh covariance")
-    g.add_argument("--from-pretrained", metavar="PATH.npz",
-                   help="evaluate these weights (ours or the authors') over --num-eval-rollouts episodes")
-    g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz",
-                   help="start from these weights (--train attention|controller: the rest frozen at them)")
+    restart = "continue a lost run from its mean.npz: its mean, sigma and counts, a fresh covariance"
+    g.add_argument("--restart-from", metavar="PATH.npz", help=restart)
+    pretrained = "evaluate these weights (ours or the authors') over --num-eval-rollouts episodes"
+    g.add_argument("--from-pretrained", metavar="PATH.npz", help=pretrained)
+    init = "start from these weights (--train attention|controller: the rest frozen at them)"
+    g.add_argument("--init-from", "--base-from-pretrained", metavar="PATH.npz", help=init)
     g.add_argument("--capture-video", action="store_true", help="an episode per evaluation, top-k outlined (GIF, mp4)")
     g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this")
     g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
@@ -111,11 +110,10 @@ def build_parser():
     g.add_argument("--wandb-entity", help="W&B team or user (default: your default entity)")
     g = p.add_argument_group("CMA-ES")
     g.add_argument("--init-sigma", type=float, default=0.1, help="initial step size sigma0")
-    g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS",
-                   help="sep-CMA-ES (diagonal covariance, Ros & Hansen 2008) for the first GENERATIONS "
-                   "generations, then the full one (0: never, >= --max-iter: throughout)")
-    g.add_argument("--train", choices=["all", "attention", "controller"], default="all",
-                   help="the part CMA-ES searches; the rest is frozen at --init-from's weights (else fresh)")
+    separable = "sep-CMA-ES (diagonal, Ros & Hansen 2008) for the first GENERATIONS, then full (0: never)"
+    g.add_argument("--separable", type=int, default=0, metavar="GENERATIONS", help=separable)
+    train = "the part CMA-ES searches; the rest is frozen at --init-from's weights (else fresh)"
+    g.add_argument("--train", choices=["all", "attention", "controller"], default="all", help=train)
     g.add_argument("--fresh", action="store_true", help="with --train, --init-from: the searched part fresh (--seed)")
     g = p.add_argument_group("AttentionAgent")
     g.add_argument("--patch-size", type=int, default=7, help="side of a square patch, pixels")
@@ -124,8 +122,8 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=10, help="patches whose centers it sees")
     g.add_argument("--hidden-size", type=int, default=16, help="controller width")
     g.add_argument("--no-bias", dest="bias", action="store_false", help="query and key: no bias")
-    g.add_argument("--controller", choices=CONTROLLERS, default="lstm",
-                   help="lstm (the paper), rnn (ReLU), mlp (over --num-frames stacked top-k features)")
+    controller = "lstm (the paper), rnn (ReLU), mlp (over --num-frames stacked top-k features)"
+    g.add_argument("--controller", choices=CONTROLLERS, default="lstm", help=controller)
     g.add_argument("--num-frames", type=int, default=4, help="mlp: stacked feature vectors")
     return p
 
@@ -148,8 +146,8 @@ def interrupted(signum, frame):
 
 
 # Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
-AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_KERNELS |= {"ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
@@ -205,8 +203,19 @@ class AttentionAgent(nn.Module):
     num_frames feature vectors) -> fc -> tanh. The flat genotype is the authors' layout: fc_q,
     fc_k, controller, fc, each module's state-dict keys sorted. Checked by check_agent_config."""
 
-    def __init__(self, image_size=96, action_dim=3, patch_size=7, patch_stride=4, query_dim=4,
-                 top_k=10, hidden_size=16, bias=True, controller="lstm", num_frames=4):
+    def __init__(
+        self,
+        image_size=96,
+        action_dim=3,
+        patch_size=7,
+        patch_stride=4,
+        query_dim=4,
+        top_k=10,
+        hidden_size=16,
+        bias=True,
+        controller="lstm",
+        num_frames=4,
+    ):
         super().__init__()
         n = (image_size - patch_size) // patch_stride + 1  # patches per row and per column
         self.image_size = image_size
@@ -260,7 +269,7 @@ class AttentionAgent(nn.Module):
             raise ValueError(f"expected {size} values, got {vector.numel()}")
         start = 0
         for _, tensor in layout:
-            tensor.copy_(vector[start:start + tensor.numel()].view_as(tensor))
+            tensor.copy_(vector[start : start + tensor.numel()].view_as(tensor))
             start += tensor.numel()
 
     def part_mask(self, part):
@@ -344,6 +353,7 @@ def rollout(env, agent, seed, on_step=None, direct=False):
 class RolloutTask(typing.NamedTuple):
     """Row `member` of the batch's float32 (rows, D) parameters drives one episode per env seed,
     with the training-time early stop or without (evaluation)."""
+
     member: int
     env_seeds: list
     training: bool
@@ -351,6 +361,7 @@ class RolloutTask(typing.NamedTuple):
 
 class RolloutResult(typing.NamedTuple):
     """A task's episode returns (floats, one per env seed) and its env steps in all."""
+
     episode_returns: list
     steps: int
 
@@ -365,8 +376,9 @@ def train(args, given):
             candidates = es.ask()  # population_size float64 vectors of the searched dimension
             population = np.stack([run.full(x) for x in candidates])  # float32 (lambda, D)
             # Every member of a generation drives the same --num-rollouts tracks (common seeds).
-            seeds = [derive_seed(run.args.seed, TRAIN_ENV_STREAM, run.generation, r)
-                     for r in range(run.args.num_rollouts)]
+            seeds = [
+                derive_seed(run.args.seed, TRAIN_ENV_STREAM, run.generation, r) for r in range(run.args.num_rollouts)
+            ]
             tasks = [RolloutTask(member, seeds, True) for member in range(len(candidates))]
             results = run.pool.map(tasks, [population])
             returns = np.array([np.mean(result.episode_returns) for result in results])
@@ -422,9 +434,22 @@ import uuid
 import cv2
 
 # The columns every script of the project writes first, then the CMA-ES scalars.
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min",
-                    "return_mean", "return_max", "return_std", "eval_return_mean",
-                    "eval_return_std", "sigma", "axis_ratio", "dim", "num_cpus"]
+PROGRESS_COLUMNS = [
+    "iteration",
+    "evaluations",
+    "env_steps",
+    "wall_time_s",
+    "return_min",
+    "return_mean",
+    "return_max",
+    "return_std",
+    "eval_return_mean",
+    "eval_return_std",
+    "sigma",
+    "axis_ratio",
+    "dim",
+    "num_cpus",
+]
 CURVES = [("return_mean", "population mean"), ("return_max", "population max")]  # in the plot
 AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array, the paper's architecture
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
@@ -432,15 +457,25 @@ MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: ea
 RAY_POLL_S = 1.0  # the Ray watchdog's probe interval
 RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
 # Flags that --resume may set anew; the rest comes from the checkpoint.
-RESUME_FLAGS = {"resume", "max_iter", "num_rollouts", "num_workers", "ray_address", "eval_every",
-                "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", "stock_env", "training_frames"}
+RESUME_FLAGS = {
+    "resume",
+    "max_iter",
+    "num_rollouts",
+    "num_workers",
+    "ray_address",
+    "eval_every",
+    "num_eval_rollouts",
+    "capture_video",
+    "quiet",
+    "reward_goal",
+    "consecutive_goal_stopping",
+    "stock_env",
+    "training_frames",
+}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
 # The agent's architecture flags: a weights file's meta brings them along.
-AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias",
-               "controller", "num_frames")
-COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval",
-            "goal_streak")
+AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
+COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 CHECKPOINT_PARTS = {"cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState}
 CHECKPOINT_MODULES = ("cma",)  # a checkpoint holds pycma's objects, numpy's and builtins
 INT_MAX = 2**31 - 1
@@ -541,21 +576,21 @@ def check_flags(args, given):
     if sum(x is not None for x in starts) > 1:
         raise UserError("--resume, --from-pretrained, --init-from and --restart-from exclude each other")
     if args.fresh and (args.train == "all" or not args.init_from):
-        raise UserError(
-            "--fresh needs --train attention or controller and --init-from FILE for the frozen part"
-        )
+        raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
     fixed = sorted(
         given - RESUME_FLAGS
         if args.resume
-        else given & set(AGENT_FLAGS) if args.from_pretrained or args.restart_from else ()
+        else given & set(AGENT_FLAGS)
+        if args.from_pretrained or args.restart_from
+        else ()
     )
     if fixed:
         raise UserError(
             f"--{fixed[0].replace('_', '-')} "
             + (
-                "cannot be changed on resume: the run's settings come " "from its checkpoint"
+                "cannot be changed on resume: the run's settings come from its checkpoint"
                 if args.resume
-                else "comes from the weights file; do not restate " "the architecture"
+                else "comes from the weights file; do not restate the architecture"
             )
         )
     for flag, value in vars(args).items():
@@ -563,11 +598,7 @@ def check_flags(args, given):
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
-    resume = (
-        os.path.join(args.resume, "checkpoint.pkl")
-        if args.resume and os.path.isdir(args.resume)
-        else args.resume
-    )
+    resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
     files = {
         "--resume": resume,
         "--from-pretrained": args.from_pretrained,
@@ -577,20 +608,15 @@ def check_flags(args, given):
     for flag, path in files.items():
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise UserError(
-                f"{flag} {path}: no such readable file"
-                + " (a checkpoint.pkl or a run folder)" * (flag == "--resume")
+                f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (flag == "--resume")
             )
     for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
-        if name is not None and (
-            not name or os.path.basename(name) != name or name in (".", "..")
-        ):
+        if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
             raise UserError(f"{flag} {name!r} must be a plain folder name")
     folder = os.path.abspath(args.logs_dir)
     for path in (os.path.join(folder, args.run_name or ""), folder):
         if os.path.exists(path) and not os.path.isdir(path):
-            raise UserError(
-                f"{path} exists and is not a folder: pick another --logs-dir or --run-name"
-            )
+            raise UserError(f"{path} exists and is not a folder: pick another --logs-dir or --run-name")
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -612,9 +638,7 @@ def check_agent_config(config, label):
         raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
     check_numbers(config, label)
     if not isinstance(config["bias"], bool) or config["controller"] not in CONTROLLERS:
-        raise UserError(
-            f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}"
-        )
+        raise UserError(f"{label('bias')} must be true or false and {label('controller')} one of {CONTROLLERS}")
     size, patch, stride = config["image_size"], config["patch_size"], config["patch_stride"]
     n = (size - patch) // stride + 1
     if patch > size or stride > size or config["top_k"] > n * n:
@@ -659,9 +683,7 @@ def check_spaces(env, env_id):
         and np.all(np.isfinite(action_space.high))
     )
     if not bounded:
-        raise UserError(
-            f"{env_id}'s action space {action_space} is not supported: bounded 1-D " "Box only"
-        )
+        raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D Box only")
 
 
 # The run: its folder, records and logs
@@ -718,12 +740,7 @@ class Run:
             self.counters = checkpoint["counters"]
         else:
             self.es, self.cma_rng = make_cma(
-                self.base[self.mask],
-                args.init_sigma,
-                args.population_size,
-                args.seed,
-                run_dir,
-                args.separable,
+                self.base[self.mask], args.init_sigma, args.population_size, args.seed, run_dir, args.separable
             )
             self.counters = dict.fromkeys(COUNTERS, 0)
             self.counters["generation"] = restart["iteration"]
@@ -761,9 +778,7 @@ class Run:
         self.steps = 0  # env steps of the generation under way
         self.exit_code = 1
         print(self.agent)
-        parts = {
-            part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")
-        }
+        parts = {part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")}
         print(
             f"parameters: {self.base.size} (attention {parts['attention']}, controller "
             f"{parts['controller']})   CMA-ES searches: {self.dim} ({args.train})   population: "
@@ -794,8 +809,7 @@ class Run:
         self.paths = {name: os.path.join(self.dir, name) for name in names}
         if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
             raise UserError(
-                f"{self.dir} already holds a run: continue it with --resume {self.dir}, "
-                "or pick another --run-name"
+                f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
             )
         last_iteration = None
         if resumed:
@@ -955,9 +969,7 @@ class Run:
         if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
             self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
         if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
-            plot_learning_curve(
-                self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
-            )
+            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
             self.last_plot = now
         done = self.generation - self.first_generation
         eta = (now - self.start) / done * (self.args.max_iter - self.generation)
@@ -1018,17 +1030,11 @@ class Run:
         run stopped early and resumed stays exactly the run made in one go."""
         center = self.full(self.es.result.xfavorite)
         if returns is None:
-            returns, _ = evaluate(
-                self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts
-            )
-        self.log(
-            f"final evaluation | return {returns.mean():9.2f} ± {returns.std():8.2f} over "
-            f"{returns.size} episodes"
-        )
+            returns, _ = evaluate(self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts)
+        result = f"return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes"
+        self.log(f"final evaluation | {result}")
         save_weights(self.paths["final.npz"], center, self.meta(summary(returns)))
-        plot_learning_curve(
-            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
-        )
+        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
 
 
 def evaluate(pool, params, seed, iteration, episodes):
@@ -1045,11 +1051,7 @@ def evaluate(pool, params, seed, iteration, episodes):
 
 def summary(returns):
     """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {
-        "mean": float(returns.mean()),
-        "std": float(returns.std()),
-        "episodes": int(returns.size),
-    }
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 
 
 def duration(seconds):
@@ -1108,9 +1110,7 @@ def start_logging(args, run_dir, env_steps):
     """
     wandb = import_optional("wandb", "--track", "track") if args.track else None
     if wandb:
-        args.wandb_id = (
-            getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]
-        )  # (wandb 0.31 has no generate_id)
+        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
         try:
             wandb.init(
                 project=args.wandb_project_name,
@@ -1121,9 +1121,7 @@ def start_logging(args, run_dir, env_steps):
                 id=args.wandb_id,
                 resume="allow",
             )
-            wandb.define_metric(
-                "*", step_metric="env_steps"
-            )  # TensorBoard's scalars, logged directly
+            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
         except Exception as e:
             raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
     from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
@@ -1161,10 +1159,11 @@ def open_progress(path, columns, last_iteration):
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
             text = f.read()
-        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        complete = text[: text.rfind("\n") + 1]  # without a last line cut short
         rows = list(csv.reader(io.StringIO(complete)))
-        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
-                f"generation {last_iteration + 1}")
+        hint = (
+            f"restore it, or move it away to resume with a progress.csv that starts at generation {last_iteration + 1}"
+        )
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
@@ -1173,8 +1172,7 @@ def open_progress(path, columns, last_iteration):
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
         if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
-            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
-                            f"{hint}")
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: {hint}")
         if kept != rows[1:] or complete != text:
             table = io.StringIO()
             csv.writer(table).writerows([columns, *kept])
@@ -1237,11 +1235,7 @@ class FastCarRacing(car_racing.CarRacing):
     def _polygons(vertices):
         """(vertices (P, V, 2), centers (P, 2), radii (P,)): polygons and their circles, in world units."""
         centers = vertices.mean(axis=1)
-        return (
-            vertices,
-            centers,
-            np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1),
-        )
+        return (vertices, centers, np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1))
 
     GRASS_POLYGONS = _polygons(np.array(GRASS, dtype=np.float64))  # (400, 4, 2) vertices
 
@@ -1252,12 +1246,7 @@ class FastCarRacing(car_racing.CarRacing):
         bounding box misses the surface, both widened by a margin (1 and 2 pixels) so float differences can only
         keep a polygon."""
         vertices, centers, radii = polygons
-        cos, sin, width, height = (
-            math.cos(angle),
-            math.sin(angle),
-            car_racing.WINDOW_W,
-            car_racing.WINDOW_H,
-        )
+        cos, sin, width, height = (math.cos(angle), math.sin(angle), car_racing.WINDOW_W, car_racing.WINDOW_H)
 
         def transform(points):  # (..., 2) world -> x, y pixels
             return (
@@ -1266,19 +1255,12 @@ class FastCarRacing(car_racing.CarRacing):
             )
 
         (x, y), reach = transform(centers), radii * zoom + 3.0
-        near = np.flatnonzero(
-            (x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach)
-        )
+        near = np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
         x, y = transform(vertices[near])
         margin = car_racing.MAX_SHAPE_DIM + 1.0
-        passes_check = (
-            (x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)
-        ).any(axis=1)
+        passes_check = ((x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)).any(axis=1)
         touches = (
-            (x.max(axis=1) >= -2)
-            & (x.min(axis=1) <= width + 2)
-            & (y.max(axis=1) >= -2)
-            & (y.min(axis=1) <= height + 2)
+            (x.max(axis=1) >= -2) & (x.min(axis=1) <= width + 2) & (y.max(axis=1) >= -2) & (y.min(axis=1) <= height + 2)
         )
         return near[passes_check & touches]
 
@@ -1297,22 +1279,13 @@ class FastCarRacing(car_racing.CarRacing):
     def _render_road(self, zoom, translation, angle):
         bounds = car_racing.PLAYFIELD
         field = [(bounds, bounds), (bounds, -bounds), (-bounds, -bounds), (-bounds, bounds)]
-        self._draw_colored_polygon(
-            self.surf, field, self.bg_color, zoom, translation, angle, clip=False
-        )
+        self._draw_colored_polygon(self.surf, field, self.bg_color, zoom, translation, angle, clip=False)
         for i in self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle):
-            self._draw_colored_polygon(
-                self.surf, self.GRASS[i], self.grass_color, zoom, translation, angle
-            )
+            self._draw_colored_polygon(self.surf, self.GRASS[i], self.grass_color, zoom, translation, angle)
         for i in self._maybe_visible(self._road_polygons(), zoom, translation, angle):
             poly, color = self.road_poly[i]
             self._draw_colored_polygon(
-                self.surf,
-                [(p[0], p[1]) for p in poly],
-                [int(c) for c in color],
-                zoom,
-                translation,
-                angle,
+                self.surf, [(p[0], p[1]) for p in poly], [int(c) for c in color], zoom, translation, angle
             )
 
     def _render(self, mode):
@@ -1327,7 +1300,6 @@ class FastCarRacing(car_racing.CarRacing):
         if getattr(self, "_font", None) is None:
             self._font = self.FONT_CLASS(name, size)
         return self._font
-
 
 
 class DirectCarRacing(FastCarRacing):
@@ -1353,9 +1325,9 @@ class DirectCarRacing(FastCarRacing):
         canvas = np.zeros((self.SIDE, self.SIDE, 3), dtype=np.uint8)
         angle = -self.car.hull.angle
         zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
-        scroll = pygame.math.Vector2(
-            (-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)
-        ).rotate_rad(angle)
+        scroll = pygame.math.Vector2((-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)).rotate_rad(
+            angle
+        )
         translation = (car_racing.WINDOW_W / 2 + scroll[0], car_racing.WINDOW_H / 4 + scroll[1])
         grass = self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle)
         road = self._maybe_visible(self._road_polygons(), zoom, translation, angle)
@@ -1382,7 +1354,7 @@ class DirectCarRacing(FastCarRacing):
         fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
         start = 0
         for i, (poly, color) in enumerate(polygons):
-            points = fixed[start:start + len(poly)]
+            points = fixed[start : start + len(poly)]
             start += len(poly)
             if i == 1:  # the grass squares, which do not overlap, in one call
                 points = list(points.reshape(-1, 4, 2))
@@ -1434,7 +1406,7 @@ class DirectCarRacing(FastCarRacing):
         height = car_racing.WINDOW_H
         s = width / 40.0
         h = height / 40.0
-        canvas[round(self.SIDE * (1 - 5 / 40)):] = 0  # the black bar, 5/40 of the height: whole canvas rows
+        canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar, 5/40 of the height: whole canvas rows
         bars = []
         hull = self.car.hull
         wheels = self.car.wheels
@@ -1467,7 +1439,7 @@ class DirectCarRacing(FastCarRacing):
             for (_, color), poly in zip(bars, fixed):
                 cv2.fillPoly(canvas, [poly], color, cv2.LINE_8, self.SHIFT)
         text, (x, y) = self._score_text(f"{self.reward:04.0f}")
-        patch = canvas[y:y + text.shape[0], x:x + text.shape[1]]
+        patch = canvas[y : y + text.shape[0], x : x + text.shape[1]]
         np.maximum(patch, text[: patch.shape[0], : patch.shape[1]], out=patch)
 
     def _score_text(self, string):
@@ -1487,9 +1459,11 @@ class DirectCarRacing(FastCarRacing):
             y0 = rect.top * sy
             x1 = rect.right * sx
             y1 = rect.bottom * sy
-            size = (max(int(round(x1 - x0)), 1), max(int(round(y1 - y0)), 1))
-            cache[string] = (cv2.resize(image[:, max(-rect.left, 0):], size, interpolation=cv2.INTER_AREA),
-                             (int(round(x0)), int(round(y0))))
+            size = (max(round(x1 - x0), 1), max(round(y1 - y0), 1))
+            cache[string] = (
+                cv2.resize(image[:, max(-rect.left, 0) :], size, interpolation=cv2.INTER_AREA),
+                (round(x0), round(y0)),
+            )
         return cache[string]
 
 
@@ -1542,9 +1516,7 @@ def init_worker(worker_args, buffers, in_process=False):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     WORKERS.pop("local", None)  # a forked process's copy of its parent's
-    run_task(
-        None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers]
-    )
+    run_task(None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
 
 
 def exit_with_parent(parent):
@@ -1571,32 +1543,27 @@ def run_task(task, key="local", worker_args=None, shared=None):
     worker = WORKERS[key]
     worker.shared = worker.shared if shared is None else shared
     if task is not None:
-        worker.agent.set_flat(
-            worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member]
-        )
+        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member])
         env = worker.envs[task.training]
         direct = isinstance(env.unwrapped, DirectCarRacing)
         episodes = [rollout(env, worker.agent, env_seed, direct=direct) for env_seed in task.env_seeds]
         # A plain tuple: a class of the main script, made in a spawned worker, would not unpickle in the driver.
-        return [episode_return for episode_return, _ in episodes], sum(
-            steps for _, steps in episodes
-        )
+        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
 
 
 class RolloutPool:
     """Runs rollout tasks, each as a concurrent.futures.Future, on worker processes of this machine, in this
     process (num_workers == 1), or as Ray tasks on a cluster (ray_address): the same results in the same order.
 
-    `map(tasks, shared)`: tasks are RolloutTasks for `run_task` (results: RolloutResults), `shared` the batch's float32 arrays (at
-    most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor, or put once a batch
-    into Ray's object store. A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
+    `map(tasks, shared)`: tasks are RolloutTasks for `run_task` (results: RolloutResults), `shared` the batch's
+    float32 arrays (at most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor,
+    or put once a batch into Ray's object store.
+    A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
     then PoolLost; Ray re-runs a task MAX_RESTARTS times itself, num_workers (None: every CPU of the cluster)
     caps the tasks running at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
     """
 
-    def __init__(
-        self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None
-    ):
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
         self.address = ray_address
         self.worker_args = worker_args
@@ -1615,10 +1582,7 @@ class RolloutPool:
             init_worker(self.worker_args, self.buffers, in_process=True)
         else:
             self.executor = concurrent.futures.ProcessPoolExecutor(
-                self.num_workers,
-                mp.get_context(),
-                initializer=init_worker,
-                initargs=(self.worker_args, self.buffers),
+                self.num_workers, mp.get_context(), initializer=init_worker, initargs=(self.worker_args, self.buffers)
             )
 
     def submit(self, task, shared):
@@ -1636,9 +1600,7 @@ class RolloutPool:
         the episodes on stderr, described by `what`, that goes when the tasks are done. Raises PoolLost, and
         UserError for an error of the rollout code in a Ray worker."""
         start, steps = time.perf_counter(), 0
-        columns, lines = (
-            shutil.get_terminal_size()
-        )  # 80 x 24 where the terminal reports none (tqdm: no bar)
+        columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
         with tqdm.tqdm(
             total=sum(len(task[1]) for task in tasks),
             desc=what,
@@ -1653,9 +1615,7 @@ class RolloutPool:
                 nonlocal steps
                 result = future.result()
                 steps += result[1]
-                bar.set_postfix_str(
-                    f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False
-                )
+                bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
                 bar.update(len(result[0]))
 
             for attempt in range(MAX_RESTARTS + 1):
@@ -1664,12 +1624,8 @@ class RolloutPool:
                 except concurrent.futures.process.BrokenProcessPool as e:
                     self.close()
                     if attempt == MAX_RESTARTS:
-                        raise PoolLost(
-                            f"worker processes keep dying ({e}); stopped after {attempt} restarts"
-                        ) from None
-                    print(
-                        f"warning: a worker process died ({e}); restarting the workers and re-running this batch"
-                    )
+                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} restarts") from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
                     self.start_executor()
                 except self.ray_errors as e:
                     raise self.ray_failure(e) from None
@@ -1686,9 +1642,7 @@ class RolloutPool:
         futures, running = [], set()
         for task in tasks:
             if len(running) >= limit:  # wait for a free slot
-                done, running = concurrent.futures.wait(
-                    running, return_when=concurrent.futures.FIRST_COMPLETED
-                )
+                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 list(map(progress, done))
             futures.append(self.submit(task, shared))
             running.add(futures[-1])
@@ -1700,9 +1654,7 @@ class RolloutPool:
         if self.address:
             self.closed.set()
         elif self.executor is not None:
-            processes = list(
-                self.executor._processes.values()
-            )  # the executor does not stop running tasks
+            processes = list(self.executor._processes.values())  # the executor does not stop running tasks
             self.executor.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()
@@ -1731,13 +1683,8 @@ class RolloutPool:
         """
         self.ray = connect_ray(self.address)
         self.ray_errors = (self.ray.exceptions.RayError, ConnectionError)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(
-            name="ray_rollout"
-        )
-        self.key, self.probes = (
-            uuid.uuid4().hex,
-            [],
-        )  # (what, host, port) that must keep accepting TCP connections
+        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(name="ray_rollout")
+        self.key, self.probes = (uuid.uuid4().hex, [])  # (what, host, port) that must keep accepting TCP connections
         try:
             context = self.ray.get_runtime_context()
             host, _, port = context.gcs_address.rpartition(":")
@@ -1773,10 +1720,7 @@ class RolloutPool:
             silent = self.silent()
             if silent is None:
                 silent_since = None
-            elif (
-                time.monotonic() - (silent_since := silent_since or time.monotonic())
-                >= RAY_LOST_AFTER_S
-            ):
+            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
                 print(
                     f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
@@ -1789,18 +1733,12 @@ class RolloutPool:
     def ray_failure(self, e):
         """The exception to raise for a Ray error `e`: UserError for an error in the rollout code, PoolLost
         when the cluster is gone or a task's retries ran out."""
-        if isinstance(
-            e, self.ray.exceptions.RayTaskError
-        ):  # an exception raised by our code in a worker
-            return UserError(
-                f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}"
-            )
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # an exception raised by our code in a worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raylet_died = isinstance(e, self.ray.exceptions.LocalRayletDiedError)
         if silent := self.silent() or ("this machine's Ray node" if raylet_died else None):
-            return PoolLost(
-                f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})"
-            )
+            return PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})")
         return PoolLost(
             f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
             f"tried {MAX_RESTARTS + 1} times): {reason}"
@@ -1819,9 +1757,10 @@ def import_optional(name, flag, extra):
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
     The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
-    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
-    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
+    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
+    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
@@ -1831,15 +1770,19 @@ def connect_ray(address):
         try:
             target = ray._private.services.canonicalize_bootstrap_address("auto")
         except (ConnectionError, ValueError):
-            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
-                            "`ray start --head`, or give its HOST:PORT") from None
+            raise UserError(
+                "no Ray cluster runs on this machine (--ray-address auto): start one with "
+                "`ray start --head`, or give its HOST:PORT"
+            ) from None
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError, OverflowError):
-        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
-                        "--head` or check the address (HOST:PORT, or auto)") from None
+        raise UserError(
+            f"no Ray cluster answers at {address}{where}: start one with `ray start "
+            "--head` or check the address (HOST:PORT, or auto)"
+        ) from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
@@ -1847,10 +1790,15 @@ def connect_ray(address):
         try:
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
+
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
             kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
-                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
+            ray.init(
+                address=address,
+                logging_level=logging.ERROR,
+                ignore_reinit_error=True,
+                runtime_env={"env_vars": kernels},
+            )  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -1859,9 +1807,11 @@ def connect_ray(address):
         said.seek(0)
         said = said.read().decode(errors="replace")
     if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
-                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
+        raise UserError(
+            f"the Ray cluster at {address} uses token authentication and refused this machine's "
+            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+            "get-auth-token` on its head) or put it in ~/.ray/auth_token"
+        )
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
     if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
@@ -1902,8 +1852,7 @@ def open_run_folder(folder):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
-                        "--run-name") from None
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
@@ -1941,9 +1890,7 @@ def load_weights(path):
             f"{SCRIPT}: it holds no AttentionAgent"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}"
-        )
+        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
     if not isinstance(meta.get("env_id"), str):
         raise UserError(f"{path}'s meta names no env id")
     check_env_id(meta["env_id"], f"{path}'s meta")
@@ -2032,14 +1979,26 @@ class CheckpointUnpickler(pickle._Unpickler):
     before it runs."""
 
     # (module, name) that REDUCE may call.
-    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
-             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
-             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
-                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
-             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
+    CALLS = {
+        ("numpy", "dtype"),
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._pickle", "__generator_ctor"),
+        *(
+            (f"numpy.{core}.{module}", name)
+            for core in ("core", "_core")
+            for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+        ),
+        *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
+    }
     # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
-    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
-                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
+    NAMES = CALLS | {
+        ("numpy", "ndarray"),
+        ("numpy.linalg", "eigh"),
+        ("numpy.random._mt19937", "MT19937"),
+        ("numpy.random._pcg64", "PCG64"),
+        ("numpy.random._generator", "Generator"),
+    }
 
     def __init__(self, file):
         super().__init__(file)
@@ -2114,6 +2073,7 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
     from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
+
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -2126,10 +2086,15 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
         ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
     evaluated = [row for row in rows if row["eval_return_mean"]]
     if evaluated:
-        ax.errorbar([float(row["iteration"]) for row in evaluated],
-                    [float(row["eval_return_mean"]) for row in evaluated],
-                    yerr=[float(row["eval_return_std"]) for row in evaluated],
-                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+        ax.errorbar(
+            [float(row["iteration"]) for row in evaluated],
+            [float(row["eval_return_mean"]) for row in evaluated],
+            yerr=[float(row["eval_return_std"]) for row in evaluated],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label="evaluation mean ± std",
+        )
     ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -2145,10 +2110,7 @@ def attention_frame(frame, top, agent, scale=4):
     """
     n = (agent.image_size - agent.patch_size) // agent.patch_stride + 1
     p, big = agent.patch_size, lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
-    corners = [
-        (r * agent.patch_stride, c * agent.patch_stride)
-        for r, c in (divmod(i, n) for i in top.tolist())
-    ]
+    corners = [(r * agent.patch_stride, c * agent.patch_stride) for r, c in (divmod(i, n) for i in top.tolist())]
     highlighted = (frame.astype(np.float32) * 0.35).astype(np.uint8)
     for r, c in corners:
         highlighted[r : r + p, c : c + p] = frame[r : r + p, c : c + p]
@@ -2166,9 +2128,7 @@ def record_video(env_config, agent, path_stem, seed):
     """Record one evaluation episode with the attention overlay into path_stem.mp4 (moviepy) or .gif (25 fps).
     Returns (path, episode return)."""
     env, frames = make_env(env_config, training=False), []
-    episode_return, _ = rollout(
-        env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent))
-    )
+    episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
     env.close()
     try:
         from moviepy import ImageSequenceClip
@@ -2176,9 +2136,7 @@ def record_video(env_config, agent, path_stem, seed):
         from PIL import Image
 
         images = [Image.fromarray(frame) for frame in frames[::2]]
-        images[0].save(
-            path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0
-        )
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0)
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=50).write_videofile(path_stem + ".mp4", logger=None)
     return path_stem + ".mp4", episode_return
@@ -2195,7 +2153,9 @@ def versions():
     MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
     BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
     import importlib.metadata
+
     from threadpoolctl import threadpool_info
+
     found = {"python": platform.python_version()}
     for name in ("torch", "gymnasium", "numpy", "cma"):
         try:
@@ -2214,8 +2174,11 @@ def versions():
         from numpy.core import _multiarray_umath as umath
     targets = [*umath.__cpu_baseline__, *umath.__cpu_dispatch__]
     found["numpy_simd"] = [target for target in targets if umath.__cpu_features__.get(target)]
-    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
-                     for i in threadpool_info() if i["user_api"] == "blas"]
+    found["blas"] = [
+        f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
     found["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
     found["environment"] = {
         name: value for name, value in sorted(os.environ.items()) if name.startswith(DIGIT_SETTINGS)
@@ -2240,9 +2203,7 @@ def run_from_pretrained(args, given):
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
     params = agent.get_flat()
-    pool = RolloutPool(
-        args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet
-    )
+    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet)
     print(agent)
     print(
         f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
@@ -2256,10 +2217,7 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = (
-            args.run_name
-            or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
-        )
+        name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
         os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
         path, video_return = record_video(
             env_config,
@@ -2290,6 +2248,7 @@ def main(argv=None):
         STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
         if not HOLDING.is_set():
             raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)

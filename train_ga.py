@@ -27,6 +27,7 @@ Examples:
 """
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -49,12 +50,14 @@ class UserError(Exception):
 # ---- 1. Configuration ----------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
+
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
+
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -68,101 +71,87 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser():
     """The parser of every flag: kebab-case, a help string on each, defaults shown once."""
-    p = OneLineParser(prog=SCRIPT, description=__doc__.split("\n\n")[0],
-                      formatter_class=HelpFormatter,
-                      epilog=__doc__[__doc__.index("Examples:"):]
-                      + f'\nMore: README.md, section "{SCRIPT}"')
+    p = OneLineParser(
+        prog=SCRIPT,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:") :] + f'\nMore: README.md, section "{SCRIPT}"',
+    )
     cores = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
     add = p.add_argument_group("run").add_argument
     add("--env-id", default="CartPole-v1", help=f"gymnasium environment id, or {SLIME_ID}")
-    add("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-        help="keyword arguments for gymnasium.make (VALUE parsed as JSON), e.g. continuous=true")
+    env_kwargs = "keyword arguments for gymnasium.make (VALUE parsed as JSON), e.g. continuous=true"
+    add("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help=env_kwargs)
     add("--seed", type=int, default=1, help="seed of every random draw of the run")
-    add("--num-workers", type=int, default=cores,
-        help=f"rollout worker processes; 1 runs in-process (default: usable cores, here {cores}). "
-             "With --ray-address: the most rollouts running at once (default there: every CPU)")
-    add("--ray-address", metavar="ADDRESS",
-        help="run the rollouts on the Ray cluster at HOST:PORT of its head, or auto "
-             "(default: $RAY_ADDRESS if set, else local worker processes)")
+    num_workers = (
+        f"rollout worker processes; 1 runs in-process (default: usable cores, here {cores}). "
+        "With --ray-address: the most rollouts running at once (default there: every CPU)"
+    )
+    add("--num-workers", type=int, default=cores, help=num_workers)
+    ray_address = "the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)"
+    add("--ray-address", metavar="ADDRESS", help=ray_address)
     add("--population-size", type=int, default=64, help="members per generation")
     add("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
     add("--num-rollouts", type=int, default=3, help="episodes per fitness evaluation (their mean)")
     add("--max-episode-steps", type=int, help="episode length limit (default: the env's TimeLimit)")
-    add("--max-negative-steps", type=int,
-        help="training episodes end after this many negative rewards in a row; never in "
-             "evaluation (default: 20 on CarRacing, 0 = off elsewhere)")
+    early_stop = "training episodes end after this many negative rewards in a row (default: 20 on CarRacing, else off)"
+    add("--max-negative-steps", type=int, help=early_stop)
     add("--eval-every", type=int, default=10, help="evaluate the best member every this many generations")
     add("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     add("--logs-dir", default="runs", help="parent folder of run folders")
     add("--exp-name", default=SCRIPT[:-3], help="experiment name, in the default run folder name")
     add("--run-name", help="run folder name (default: <env-id>__<exp-name>__<seed>__<unix-time>)")
     add("--resume", metavar="PATH", help="continue a run: its checkpoint.pkl or its run folder")
-    add("--from-pretrained", metavar="PATH.npz",
-        help="evaluate these weights over --num-eval-rollouts episodes")
-    add("--init-from", metavar="PATH.npz",
-        help="start from these weights (member 0; the others mutated copies)")
-    add("--capture-video", action="store_true",
-        help="record an episode at each evaluation (GIF, or mp4 with moviepy)")
-    add("--reward-goal", type=float,
-        help="stop when the evaluation mean reaches this return (a generation whose best member "
-             "reaches it in training is evaluated at once: its first 10 episodes, the rest if "
-             "these average at the goal)")
+    add("--from-pretrained", metavar="PATH.npz", help="evaluate these weights over --num-eval-rollouts episodes")
+    add("--init-from", metavar="PATH.npz", help="start from these weights (member 0; the others mutated copies)")
+    add("--capture-video", action="store_true", help="record an episode at each evaluation (GIF, or mp4 with moviepy)")
+    goal = "stop when the evaluation mean reaches this; a training best at it is evaluated at once (10 episodes first)"
+    add("--reward-goal", type=float, help=goal)
     add("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     add("--quiet", action="store_true", help="no per-generation console lines, no progress bar")
-    add("--track", action="store_true",
-        help="track the run with Weights & Biases (its TensorBoard scalars, weights files and "
-             "learning curve; needs requirements-track.txt)")
+    add("--track", action="store_true", help="log the run to Weights & Biases (requirements-track.txt)")
     add("--wandb-project-name", default="neuroevolution", help="the W&B project of --track")
     add("--wandb-entity", help="the W&B team or user of --track (default: your W&B default)")
     add = p.add_argument_group("genetic algorithm").add_argument
-    add("--selection", choices=["ranking", "roulette", "tournament"], default="tournament",
-        help="parent selection: linear ranking, fitness-proportional, or the best of "
-             "--tournament-size")
-    add("--selection-pressure", type=float, default=2.0,
-        help="linear ranking: expected offspring of the best member, in [1, 2] (1 = uniform)")
+    selection = "parent selection: linear ranking, fitness-proportional, or the best of --tournament-size"
+    add("--selection", choices=["ranking", "roulette", "tournament"], default="tournament", help=selection)
+    selection_pressure = "linear ranking: expected offspring of the best member, in [1, 2] (1 = uniform)"
+    add("--selection-pressure", type=float, default=2.0, help=selection_pressure)
     add("--tournament-size", type=int, default=5, help="tournament selection: contestants per draw")
-    add("--crossover", choices=["blx-alpha", "one-point", "uniform"], default="blx-alpha",
-        help="recombination of a pair of parents into two children")
-    add("--crossover-rate", type=float, default=0.9,
-        help="probability that a pair recombines (else copies)")
-    add("--blx-alpha", type=float, default=0.5,
-        help="BLX-alpha: child genes on [min - alpha d, max + alpha d]")
-    add("--mutation", choices=["gaussian", "uniform"], default="gaussian",
-        help="noise of a mutated gene: N(0, scale^2) or U(-scale, scale)")
+    crossover = "recombination of a pair of parents into two children"
+    add("--crossover", choices=["blx-alpha", "one-point", "uniform"], default="blx-alpha", help=crossover)
+    add("--crossover-rate", type=float, default=0.9, help="probability that a pair recombines (else copies)")
+    add("--blx-alpha", type=float, default=0.5, help="BLX-alpha: child genes on [min - alpha d, max + alpha d]")
+    mutation = "noise of a mutated gene: N(0, scale^2) or U(-scale, scale)"
+    add("--mutation", choices=["gaussian", "uniform"], default="gaussian", help=mutation)
     add("--mutation-rate", type=float, default=1.0, help="probability that a gene mutates")
     add("--mutation-scale", type=float, default=0.02, help="standard deviation or half-width of a mutation")
-    add("--replacement", choices=["parents-vs-children", "generational"], default="generational",
-        help="parents-vs-children: a pair of children replaces its parents only if fitter in "
-             "sum; generational: children replace all but --elite-size elites")
-    add("--elite-size", type=int, default=4,
-        help="generational: best members kept, re-evaluated each generation")
+    replace = "parents-vs-children: children replace their parents if fitter in sum; generational: all but the elites"
+    add("--replacement", choices=["parents-vs-children", "generational"], default="generational", help=replace)
+    add("--elite-size", type=int, default=4, help="generational: best members kept, re-evaluated each generation")
     add = p.add_argument_group("policy").add_argument
-    add("--hidden-sizes", type=int, nargs="*", default=[32, 32],
-        help="fully connected widths (after the conv net on pixels); with --multitask the first "
-             "is each task's input layer, the rest the shared trunk (default: 32 32; the "
-             "original's BipedalWalker net is 20 12 12)")
+    widths = "fully connected widths (after a conv net on pixels); --multitask: each task's input layer, then the trunk"
+    add("--hidden-sizes", type=int, nargs="*", default=[32, 32], help=widths)
     add("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     add("--frame-size", type=int, default=64, help="pixels: frames resized to this square size")
     add("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
-    add("--grayscale", action=argparse.BooleanOptionalAction, default=True,
-        help="pixels: frames in grayscale")
-    add("--slime-fitness", choices=["score", "shaped"], default="score",
-        help=f"{SLIME_ID} training reward: the score, or the original's shaped fitness (+0.01 a "
-             "step survived, +1 an opponent life taken)")
+    add("--grayscale", action=argparse.BooleanOptionalAction, default=True, help="pixels: frames in grayscale")
+    slime_fitness = (
+        f"{SLIME_ID} training reward: the score, or the original's shaped fitness (+0.01 a "
+        "step survived, +1 an opponent life taken)"
+    )
+    add("--slime-fitness", choices=["score", "shaped"], default="score", help=slime_fitness)
     add = p.add_argument_group("experiments").add_argument
-    add("--distill-from", metavar="TEACHER.npz",
-        help="distillation: fit a student of --hidden-sizes to this policy")
+    add("--distill-from", metavar="TEACHER.npz", help="distillation: fit a student of --hidden-sizes to this policy")
     add("--distill-episodes", type=int, default=20, help="teacher episodes collected per round")
-    add("--distill-rounds", type=int, default=1,
-        help="1: behaviour cloning; more: DAgger rounds (the student drives)")
+    add("--distill-rounds", type=int, default=1, help="1: behaviour cloning; more: DAgger rounds (the student drives)")
     add("--distill-epochs", type=int, default=100, help="passes over the collected pairs per round")
     add("--learning-rate", type=float, default=3e-3, help="distillation: Adam step size")
     add("--batch-size", type=int, default=256, help="distillation: minibatch size")
-    add("--multitask", nargs="+", metavar="ENV_ID",
-        help="evolve one network on these envs at once (shared trunk); fitness = sum of each "
-             "task's return / its env's reward threshold")
+    multitask = "evolve one network on these envs at once (shared trunk); fitness: sum of return / reward threshold"
+    add("--multitask", nargs="+", metavar="ENV_ID", help=multitask)
     return p
 
 
@@ -190,8 +179,8 @@ def interrupted(signum, frame):
 
 
 # Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
-AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_KERNELS |= {"ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
@@ -221,7 +210,7 @@ def selection_probabilities(fitness, method, pressure=2.0):
     fitness = np.asarray(fitness, dtype=np.float64)
     n = fitness.size
     if method == "ranking":
-        values, inverse, counts = np.unique(fitness, return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(fitness, return_inverse=True, return_counts=True)
         ranks = (np.cumsum(counts) - counts + (counts - 1) / 2.0)[inverse]
         return (2 - pressure) / n + 2 * ranks * (pressure - 1) / (n * (n - 1))
     if method == "roulette":
@@ -290,15 +279,26 @@ class GeneticAlgorithm:
     ValueError for a population it cannot run. Example: README.md, "Python API".
     """
 
-    def __init__(self, population, selection="tournament", selection_pressure=2.0,
-                 tournament_size=5, crossover="blx-alpha", crossover_rate=0.9, blx_alpha=0.5,
-                 mutation="gaussian", mutation_rate=1.0, mutation_scale=0.02,
-                 replacement="generational", elite_size=4, seed=0):
+    def __init__(
+        self,
+        population,
+        selection="tournament",
+        selection_pressure=2.0,
+        tournament_size=5,
+        crossover="blx-alpha",
+        crossover_rate=0.9,
+        blx_alpha=0.5,
+        mutation="gaussian",
+        mutation_rate=1.0,
+        mutation_scale=0.02,
+        replacement="generational",
+        elite_size=4,
+        seed=0,
+    ):
         population = np.asarray(population, dtype=np.float32)
         n = population.shape[0]
         if n < 2 or (replacement == "parents-vs-children" and n % 2) or not 0 <= elite_size < n:
-            raise ValueError("population must have >= 2 members (even for parents-vs-children), "
-                             "0 <= elite_size < N")
+            raise ValueError("population must have >= 2 members (even for parents-vs-children), 0 <= elite_size < N")
         self.population = population.copy()  # (N, D) members
         self.fitness = None  # (N,) their fitness; None until the first tell
         self.selection = selection  # "ranking", "roulette" or "tournament"
@@ -324,7 +324,7 @@ class GeneticAlgorithm:
             return self.population.copy()
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, GA_STREAM, self.generation]))
         if self.replacement == "generational":
-            elites = self.population[np.argsort(-self.fitness, kind="stable")[:self.elite_size]]
+            elites = self.population[np.argsort(-self.fitness, kind="stable")[: self.elite_size]]
             children, parents = self.breed(len(self.population) - self.elite_size, rng)
             candidates = np.concatenate([elites, children])
         else:
@@ -338,8 +338,7 @@ class GeneticAlgorithm:
         fitness = np.asarray(fitness, dtype=np.float64)
         candidates, parents = self.pending
         if fitness.shape != (len(candidates),):
-            raise ValueError(f"expected {len(candidates)} fitness values, "
-                             f"got shape {fitness.shape}")
+            raise ValueError(f"expected {len(candidates)} fitness values, got shape {fitness.shape}")
         if parents is None or self.replacement == "generational":
             self.population, self.fitness = candidates.copy(), fitness
             self.children_accepted = len(candidates) - (0 if parents is None else self.elite_size)
@@ -357,16 +356,16 @@ class GeneticAlgorithm:
     def breed(self, count, rng):
         """`count` children (float32 (count, D)) and their parents' indices (int64 (pairs, 2))."""
         pairs = (count + 1) // 2
-        parents = select_parents(self.fitness, 2 * pairs, rng, self.selection,
-                                 self.selection_pressure, self.tournament_size).reshape(pairs, 2)
+        parents = select_parents(
+            self.fitness, 2 * pairs, rng, self.selection, self.selection_pressure, self.tournament_size
+        ).reshape(pairs, 2)
         children = []
         for a, b in parents:
             x, y = self.population[a], self.population[b]
             if rng.random() < self.crossover_rate:  # main bit: recombine, then mutate each child
                 x, y = crossover(x, y, rng, self.crossover, self.blx_alpha)
             for child in (x, y):
-                children.append(mutate(child, rng, self.mutation_rate, self.mutation_scale,
-                                       self.mutation))
+                children.append(mutate(child, rng, self.mutation_rate, self.mutation_scale, self.mutation))
         return np.stack(children[:count]), parents
 
     def best(self):
@@ -376,8 +375,7 @@ class GeneticAlgorithm:
 
     def state_dict(self):
         """Everything the GA holds (numpy arrays and plain values), copied, for the checkpoint."""
-        return {key: value.copy() if isinstance(value, np.ndarray) else value
-                for key, value in vars(self).items()}
+        return {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in vars(self).items()}
 
     @classmethod
     def from_state_dict(cls, state):
@@ -428,12 +426,12 @@ class Policy(nn.Module):
         features = self.obs_shape[0]
         if self.pixels:
             channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)
-            self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
+            conv = [nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2), nn.ReLU()]
+            self.conv = nn.Sequential(*conv, nn.Flatten(0))
             with torch.no_grad():
                 features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
         widths = [features, *hidden_sizes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], num_actions)
         self.requires_grad_(False)  # evolved; only a distillation student turns gradients on
         # Plain lists for the hot path (nn.Module attribute lookup costs ~0.3 us).
@@ -480,8 +478,7 @@ def build_policy(policy_config):
             return MultitaskPolicy(**policy_config)
         return Policy(**policy_config)
     except (RuntimeError, MemoryError):  # torch's allocator refused the layers' weights
-        raise UserError(f"hidden layers {policy_config['hidden_sizes']} do not fit in this "
-                        "machine's memory") from None
+        raise UserError(f"hidden layers {policy_config['hidden_sizes']} do not fit in this machine's memory") from None
 
 
 def num_params(policy):
@@ -556,6 +553,7 @@ class RolloutTask(typing.NamedTuple):
     """A worker's job: row `member` of the batch's float32 (rows, D) members matrix drives one
     episode per env seed, in training (early stop, shaped fitness) or in evaluation; `noisy`: the
     tasks whose observations the noise study replaces by noise."""
+
     member: int
     env_seeds: list
     training: bool
@@ -565,6 +563,7 @@ class RolloutTask(typing.NamedTuple):
 class RolloutResult(typing.NamedTuple):
     """A task's returns, a list per env seed (one return per task of the policy), and its env
     steps in all."""
+
     episode_returns: list
     steps: int
 
@@ -582,8 +581,9 @@ def train(args, given):
             candidates = ga.ask()  # float32 (N, D); generational: the elites first
             tasks = []
             for i in range(len(candidates)):  # every candidate, elites too, meets fresh episodes
-                seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, ga.generation, i, r)
-                         for r in range(args.num_rollouts)]
+                seeds = [
+                    derive_seed(args.seed, TRAIN_ENV_STREAM, ga.generation, i, r) for r in range(args.num_rollouts)
+                ]
                 tasks.append(RolloutTask(i, seeds, True))
             results = run.pool.map(tasks, [candidates], f"generation {ga.generation + 1}")
             returns = np.array([result.episode_returns for result in results])  # (N, rollouts, T)
@@ -648,27 +648,67 @@ warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
 
 # The columns every script of the project writes first; the GA's own follow (and, with --multitask,
 # the population's mean raw return on each task).
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min",
-                    "return_mean", "return_max", "return_std", "eval_return_mean",
-                    "eval_return_std", "best_fitness", "children_accepted", "mutation_rate",
-                    "mutation_scale", "param_norm", "num_cpus"]
+PROGRESS_COLUMNS = [
+    "iteration",
+    "evaluations",
+    "env_steps",
+    "wall_time_s",
+    "return_min",
+    "return_mean",
+    "return_max",
+    "return_std",
+    "eval_return_mean",
+    "eval_return_std",
+    "best_fitness",
+    "children_accepted",
+    "mutation_rate",
+    "mutation_scale",
+    "param_norm",
+    "num_cpus",
+]
 # learning_curve.png's lines, the first drawn boldest
-CURVES = [("return_mean", "candidates mean"), ("return_max", "candidates max"),
-          ("best_fitness", "best member's fitness")]
+CURVES = [
+    ("return_mean", "candidates mean"),
+    ("return_max", "candidates max"),
+    ("best_fitness", "best member's fitness"),
+]
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
 # Flags that --resume may set anew; the rest comes from the checkpoint.
-RESUME_FLAGS = {"resume", "max_iter", "num_workers", "ray_address", "eval_every",
-                "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity"}
+RESUME_FLAGS = {
+    "resume",
+    "max_iter",
+    "num_workers",
+    "ray_address",
+    "eval_every",
+    "num_eval_rollouts",
+    "capture_video",
+    "quiet",
+    "reward_goal",
+    "consecutive_goal_stopping",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
 # Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
 META_POLICY_FLAGS = ("hidden_sizes", "activation")
 # The GeneticAlgorithm's settings, flags of the same names.
-GA_FLAGS = ("selection", "selection_pressure", "tournament_size", "crossover", "crossover_rate",
-            "blx_alpha", "mutation", "mutation_rate", "mutation_scale", "replacement",
-            "elite_size", "seed")
-INT_MAX = 2 ** 31 - 1  # counts and sizes: a C int at most
+GA_FLAGS = (
+    "selection",
+    "selection_pressure",
+    "tournament_size",
+    "crossover",
+    "crossover_rate",
+    "blx_alpha",
+    "mutation",
+    "mutation_rate",
+    "mutation_scale",
+    "replacement",
+    "elite_size",
+    "seed",
+)
+INT_MAX = 2**31 - 1  # counts and sizes: a C int at most
 # (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights
 # meta sets; ints where the flag is an int. The limits between flags (tournament and elites within
 # the population) are check_args's.
@@ -774,17 +814,12 @@ def check_flags(args, given):
     from a checkpoint or a weights file."""
     exclusive = (args.resume, args.from_pretrained, args.init_from, args.distill_from)
     if sum(value is not None for value in exclusive) > 1:
-        raise UserError(
-            "--resume, --from-pretrained, --init-from and --distill-from exclude each " "other"
-        )
+        raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
     if args.multitask is not None:
         if len(args.multitask) < 2 or len(set(args.multitask)) < len(args.multitask):
             raise UserError("--multitask needs at least two different env ids")
         if {"env_id", "capture_video", "distill_from"} & given:
-            raise UserError(
-                "--multitask excludes --env-id (it names the envs), --capture-video "
-                "and --distill-from"
-            )
+            raise UserError("--multitask excludes --env-id (it names the envs), --capture-video and --distill-from")
     fixed = set()
     if args.resume:  # a resumed run keeps its settings
         fixed = given - RESUME_FLAGS
@@ -841,15 +876,9 @@ def check_args(args):
     if args.replacement == "generational" and args.elite_size > n - 1:
         raise UserError(f"--elite-size must be in [0, {n - 1}], got {args.elite_size!r}")
     if args.replacement == "parents-vs-children" and n % 2:
-        raise UserError(
-            "--population-size must be even with --replacement parents-vs-children "
-            "(pairs of members)"
-        )
+        raise UserError("--population-size must be even with --replacement parents-vs-children (pairs of members)")
     if args.multitask is not None and len(args.hidden_sizes) < 2:
-        raise UserError(
-            "--multitask needs at least two --hidden-sizes (task input layer, then "
-            "the shared trunk)"
-        )
+        raise UserError("--multitask needs at least two --hidden-sizes (task input layer, then the shared trunk)")
     known = (
         args.activation in ACTIVATIONS
         and args.slime_fitness in ("score", "shaped")
@@ -857,9 +886,7 @@ def check_args(args):
         and isinstance(args.env_kwargs, dict)
     )
     if not known:
-        raise UserError(
-            "--activation, --slime-fitness, --grayscale or --env-kwargs holds an " "unknown value"
-        )
+        raise UserError("--activation, --slime-fitness, --grayscale or --env-kwargs holds an unknown value")
     for key, value in args.env_kwargs.items():
         if not all_finite(value):
             raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")
@@ -873,17 +900,12 @@ def check_paths(args):
         if name is None:
             continue
         if name in ("", ".", "..") or {"/", os.sep} & set(name) or len(os.fsencode(name)) > 255:
-            raise UserError(
-                f"{flag} must be a folder name (no '/', at most 255 bytes), got " f"{name!r}"
-            )
+            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
     folder = os.path.abspath(args.logs_dir)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(
-            f"--logs-dir {args.logs_dir} must be a folder this user can write in "
-            f"({folder} is not)"
-        )
+        raise UserError(f"--logs-dir {args.logs_dir} must be a folder this user can write in ({folder} is not)")
 
 
 def check_env_id(env_id):
@@ -912,18 +934,13 @@ def check_spaces(env):
     space = env.action_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         if not space.is_bounded():
-            raise UserError(
-                f"action space {space} has infinite bounds: the policy's tanh cannot "
-                "map onto it"
-            )
+            raise UserError(f"action space {space} has infinite bounds: the policy's tanh cannot map onto it")
     elif not isinstance(space, gym.spaces.Discrete):
         raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
     space = env.observation_space
     vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     if not (is_frames(space) or vectors):
-        raise UserError(
-            f"observation space {space} is not supported: only 1-D Box vectors and " "uint8 images"
-        )
+        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
 
 
 def is_frames(space):
@@ -960,18 +977,9 @@ def evaluation_of(run, params, label, screen=False):
     if screen:
         first = min(SCREEN_EPISODES, args.num_eval_rollouts)
     per_task, steps = evaluate(run.pool, params, args.seed, generation, first, label=label)
-    if (
-        first < args.num_eval_rollouts
-        and (per_task / run.scales).sum(1).mean() >= args.reward_goal
-    ):
+    if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
         rest, rest_steps = evaluate(
-            run.pool,
-            params,
-            args.seed,
-            generation,
-            args.num_eval_rollouts,
-            label=label,
-            start=first,
+            run.pool, params, args.seed, generation, args.num_eval_rollouts, label=label, start=first
         )
         per_task = np.concatenate([per_task, rest])
         steps += rest_steps
@@ -1020,9 +1028,7 @@ class Run:
         self.scales = np.ones(1)  # fitness: the sum over tasks of return / scale
         if args.multitask:
             self.scales = np.array([return_scale(config) for config in self.env_configs])
-        self.policy_config = policy_config_from_envs(
-            self.env_configs, args.hidden_sizes, args.activation
-        )
+        self.policy_config = policy_config_from_envs(self.env_configs, args.hidden_sizes, args.activation)
         policy = build_policy(self.policy_config)
         self.dim = num_params(policy)
         if checkpoint:
@@ -1083,9 +1089,7 @@ class Run:
         args = self.args
         params = None
         if init:  # it fits, or UserError
-            load_policy(
-                args.init_from, *init, self.env_configs, args.hidden_sizes, args.activation
-            )
+            load_policy(args.init_from, *init, self.env_configs, args.hidden_sizes, args.activation)
             params = init[0]
         population = initial_population(
             self.policy_config,
@@ -1103,19 +1107,11 @@ class Run:
         a resumed run's progress.csv does not reach its checkpoint."""
         args = self.args
         self.lock = open_run_folder(self.dir)
-        names = (
-            "args.json",
-            "progress.csv",
-            "learning_curve.png",
-            "checkpoint.pkl",
-            "best.npz",
-            "final.npz",
-        )
+        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")
         self.paths = {name: os.path.join(self.dir, name) for name in names}
         if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
             raise UserError(
-                f"{self.dir} already holds a run: continue it with --resume "
-                f"{self.dir}, or pick another --run-name"
+                f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
             )
         if args.capture_video:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
@@ -1125,12 +1121,8 @@ class Run:
         last_iteration = None
         if resumed:
             last_iteration = self.generation
-        self.csv_file, self.writer = open_progress(
-            self.paths["progress.csv"], columns, last_iteration
-        )
-        config = dict(
-            vars(args), env_configs=self.env_configs, num_params=self.dim, versions=versions()
-        )
+        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns, last_iteration)
+        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim, versions=versions())
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         if self.wandb:  # before the SummaryWriter: W&B then syncs its scalars
             try:
@@ -1199,9 +1191,7 @@ class Run:
 
     def meta(self, evaluation=None):
         """A weights file's meta after this generation, with its evaluation's summary."""
-        return weights_meta(
-            self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.generation
-        )
+        return weights_meta(self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.generation)
 
     def kept(self):
         """What to tell about the checkpoint when the run stops early."""
@@ -1361,9 +1351,7 @@ class Run:
         params = self.ga.best()[0]
         if args.multitask:  # the original's noise study, on the final best member
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
-            noise_study(
-                self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.dir
-            )
+            noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.dir)
         if evaluation is None:
             evaluation = evaluation_of(self, params, "final evaluation")[0]
         self.log(
@@ -1376,11 +1364,7 @@ class Run:
     def plot(self):
         """learning_curve.png redrawn from progress.csv."""
         plot_learning_curve(
-            self.paths["progress.csv"],
-            self.paths["learning_curve.png"],
-            self.title,
-            CURVES,
-            self.ylabel,
+            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES, self.ylabel
         )
         self.last_plot = time.perf_counter()
 
@@ -1407,11 +1391,7 @@ def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, star
 
 def summary(returns):
     """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {
-        "mean": float(returns.mean()),
-        "std": float(returns.std()),
-        "episodes": int(returns.size),
-    }
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 
 
 def csv_cell(column, value):
@@ -1437,10 +1417,11 @@ def open_progress(path, columns, last_iteration):
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
             text = f.read()
-        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        complete = text[: text.rfind("\n") + 1]  # without a last line cut short
         rows = list(csv.reader(io.StringIO(complete)))
-        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
-                f"generation {last_iteration + 1}")
+        hint = (
+            f"restore it, or move it away to resume with a progress.csv that starts at generation {last_iteration + 1}"
+        )
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
@@ -1449,8 +1430,7 @@ def open_progress(path, columns, last_iteration):
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
         if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
-            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
-                            f"{hint}")
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: {hint}")
         if kept != rows[1:] or complete != text:
             table = io.StringIO()
             csv.writer(table).writerows([columns, *kept])
@@ -1464,9 +1444,7 @@ def open_progress(path, columns, last_iteration):
 
 def default_run_name(args, kind=""):
     """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
-    return (
-        f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
-    )
+    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
 
 
 # The environments: gymnasium's or SlimeVolley, the early stop, the settings
@@ -1480,9 +1458,7 @@ def make_bare_env(env_config, training, render_mode=None):
     check_env_id(env_id)
     try:
         if env_id == SLIME_ID:
-            env = SlimeVolleyAdapter(
-                training and env_config["slime_fitness"] == "shaped", render_mode
-            )
+            env = SlimeVolleyAdapter(training and env_config["slime_fitness"] == "shaped", render_mode)
             if steps is not None:
                 env = gym.wrappers.TimeLimit(env, steps)
             return env
@@ -1588,23 +1564,14 @@ def policy_config_from_envs(env_configs, hidden_sizes, activation):
             num_actions = int(env.action_space.n)
         else:
             num_actions = int(env.action_space.shape[0])
-        tasks.append(
-            {
-                "obs_shape": list(env.observation_space.shape),
-                "discrete": discrete,
-                "num_actions": num_actions,
-            }
-        )
+        tasks.append({"obs_shape": list(env.observation_space.shape), "discrete": discrete, "num_actions": num_actions})
         env.close()
         if len(env_configs) > 1 and len(tasks[-1]["obs_shape"]) != 1:
-            raise UserError(
-                f"--multitask takes vector observations only; {config['env_id']} " "gives images"
-            )
+            raise UserError(f"--multitask takes vector observations only; {config['env_id']} gives images")
     base = {"hidden_sizes": list(hidden_sizes), "activation": activation}
     if len(tasks) == 1:
         return dict(tasks[0], **base)
     return dict(base, multitask=tasks)
-
 
 
 # The policy's speed: the MLP in numpy, for one member or B members at once
@@ -1613,8 +1580,10 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}
 NUMPY_ACTIVATIONS = {
     "tanh": np.tanh,
     "relu": lambda h: np.maximum(h, np.float32(0)),
-    "selu": lambda h: np.float32(1.0507009873554805) * np.where(
-        h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))),
+    "selu": lambda h: (
+        np.float32(1.0507009873554805)
+        * np.where(h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))
+    ),
 }
 
 
@@ -1857,9 +1826,7 @@ class RolloutPool:
     if it stops.
     """
 
-    def __init__(
-        self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None
-    ):
+    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
         self.address = ray_address
         self.worker_args = worker_args
@@ -1879,10 +1846,7 @@ class RolloutPool:
         """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on
         macOS)."""
         return ProcessPoolExecutor(
-            self.num_workers,
-            mp.get_context(),
-            initializer=init_worker,
-            initargs=(self.worker_args, self.buffers),
+            self.num_workers, mp.get_context(), initializer=init_worker, initargs=(self.worker_args, self.buffers)
         )
 
     def lost(self):
@@ -1938,13 +1902,9 @@ class RolloutPool:
                     self.close()
                     if attempt == WORKER_ATTEMPTS:
                         raise PoolLost(
-                            f"worker processes keep dying ({e}); stopped after "
-                            f"{attempt} tries{self.lost()}"
+                            f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}"
                         ) from None
-                    print(
-                        f"warning: a worker process died ({e}); restarting the workers and "
-                        "re-running this batch"
-                    )
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
                     self.executor = self.new_executor()
                 except (UserError, PoolLost):
                     raise
@@ -1962,9 +1922,7 @@ class RolloutPool:
         if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
-            return UserError(
-                f"rollout failed in a Ray worker: {type(e.cause).__name__}: " f"{e.cause}"
-            )
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
         reason = type(e).__name__
         if str(e).strip():
             reason = str(e).strip().splitlines()[0]
@@ -2075,9 +2033,10 @@ def import_optional(name, flag, extra):
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
     The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
-    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
-    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
+    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
+    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
@@ -2087,15 +2046,19 @@ def connect_ray(address):
         try:
             target = ray._private.services.canonicalize_bootstrap_address("auto")
         except (ConnectionError, ValueError):
-            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
-                            "`ray start --head`, or give its HOST:PORT") from None
+            raise UserError(
+                "no Ray cluster runs on this machine (--ray-address auto): start one with "
+                "`ray start --head`, or give its HOST:PORT"
+            ) from None
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError, OverflowError):
-        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
-                        "--head` or check the address (HOST:PORT, or auto)") from None
+        raise UserError(
+            f"no Ray cluster answers at {address}{where}: start one with `ray start "
+            "--head` or check the address (HOST:PORT, or auto)"
+        ) from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
@@ -2103,10 +2066,15 @@ def connect_ray(address):
         try:
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
+
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
             kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
-                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
+            ray.init(
+                address=address,
+                logging_level=logging.ERROR,
+                ignore_reinit_error=True,
+                runtime_env={"env_vars": kernels},
+            )  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -2115,9 +2083,11 @@ def connect_ray(address):
         said.seek(0)
         said = said.read().decode(errors="replace")
     if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
-                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
+        raise UserError(
+            f"the Ray cluster at {address} uses token authentication and refused this machine's "
+            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+            "get-auth-token` on its head) or put it in ~/.ray/auth_token"
+        )
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
     if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
@@ -2158,8 +2128,7 @@ def open_run_folder(folder):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
-                        "--run-name") from None
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
@@ -2193,22 +2162,14 @@ def load_weights(path):
     except IsADirectoryError:
         raise UserError(f"{path} is a directory, not a weights file (.npz)") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(
-            f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): " f"{e}"
-        ) from None
+        raise UserError(f"cannot read weights file {path} (it needs 'params' and 'meta' arrays): {e}") from None
     owner = meta.get("script") if isinstance(meta, dict) else None
     if owner != SCRIPT:
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has weights format {meta.get('format_version')}, this script "
-            f"reads {FORMAT_VERSION}"
-        )
+        raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
     if not meta_is_sound(meta):
-        raise UserError(
-            f"{path} has a broken meta: its env ids, env settings or policy sizes are "
-            "missing or invalid"
-        )
+        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are missing or invalid")
     if not np.all(np.isfinite(params)):
         raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
     return params, meta
@@ -2297,10 +2258,7 @@ def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
             f"{spaces(config)}"
         )
     if params.size != num_params(policy):
-        raise UserError(
-            f"{path} holds {params.size} parameters but its architecture needs "
-            f"{num_params(policy)}"
-        )
+        raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
     return config, policy.load(params)
 
 
@@ -2312,14 +2270,26 @@ class CheckpointUnpickler(pickle._Unpickler):
     before it runs."""
 
     # (module, name) that REDUCE may call.
-    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
-             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
-             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
-                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
-             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
+    CALLS = {
+        ("numpy", "dtype"),
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._pickle", "__generator_ctor"),
+        *(
+            (f"numpy.{core}.{module}", name)
+            for core in ("core", "_core")
+            for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+        ),
+        *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
+    }
     # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
-    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
-                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
+    NAMES = CALLS | {
+        ("numpy", "ndarray"),
+        ("numpy.linalg", "eigh"),
+        ("numpy.random._mt19937", "MT19937"),
+        ("numpy.random._pcg64", "PCG64"),
+        ("numpy.random._generator", "Generator"),
+    }
 
     def __init__(self, file):
         super().__init__(file)
@@ -2390,7 +2360,9 @@ def versions():
     MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
     BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
     import importlib.metadata
+
     from threadpoolctl import threadpool_info
+
     found = {"python": platform.python_version()}
     for name in ("torch", "gymnasium", "numpy", "cma"):
         try:
@@ -2409,8 +2381,11 @@ def versions():
         from numpy.core import _multiarray_umath as umath
     targets = [*umath.__cpu_baseline__, *umath.__cpu_dispatch__]
     found["numpy_simd"] = [target for target in targets if umath.__cpu_features__.get(target)]
-    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
-                     for i in threadpool_info() if i["user_api"] == "blas"]
+    found["blas"] = [
+        f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
     found["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
     found["environment"] = {
         name: value for name, value in sorted(os.environ.items()) if name.startswith(DIGIT_SETTINGS)
@@ -2423,6 +2398,7 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
     from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
+
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -2435,10 +2411,15 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
         ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
     evaluated = [row for row in rows if row["eval_return_mean"]]
     if evaluated:
-        ax.errorbar([float(row["iteration"]) for row in evaluated],
-                    [float(row["eval_return_mean"]) for row in evaluated],
-                    yerr=[float(row["eval_return_std"]) for row in evaluated],
-                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+        ax.errorbar(
+            [float(row["iteration"]) for row in evaluated],
+            [float(row["eval_return_mean"]) for row in evaluated],
+            yerr=[float(row["eval_return_std"]) for row in evaluated],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label="evaluation mean ± std",
+        )
     ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -2462,13 +2443,7 @@ def record_video(env_config, policy, path_stem, seed):
         from PIL import Image
 
         images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(
-            path_stem + ".gif",
-            save_all=True,
-            append_images=images[1:],
-            duration=int(1000 / fps),
-            loop=0,
-        )
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         return path_stem + ".gif", episode_return
     ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
     return path_stem + ".mp4", episode_return
@@ -2485,11 +2460,9 @@ class MultitaskPolicy(nn.Module):
         super().__init__()
         self.tasks = multitask
         self.activation = ACTIVATIONS[activation]
-        self.inputs = nn.ModuleList(
-            nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in multitask
-        )
+        self.inputs = nn.ModuleList(nn.Linear(t["obs_shape"][0], hidden_sizes[0]) for t in multitask)
         widths = [hidden_sizes[0] * len(multitask), *hidden_sizes[1:]]
-        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.heads = nn.ModuleList(nn.Linear(widths[-1], t["num_actions"]) for t in multitask)
         self.requires_grad_(False)
 
@@ -2562,10 +2535,7 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
         cells = [f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0))]
         print(f"{name:<{width}} | " + " | ".join(cells))
     header = ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids]
-    rows = [
-        [name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)]
-        for name, r in study
-    ]
+    rows = [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study]
     write_csv(os.path.join(run_dir, "noise_study.csv"), header, rows)
     from matplotlib.figure import Figure
 
@@ -2580,9 +2550,7 @@ def noise_study(pool, params, env_ids, seed, episodes, run_dir):
             capsize=3,
             color=colors,
         )
-        ax.set_xticks(
-            range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8
-        )
+        ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8)
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -2602,11 +2570,7 @@ def evaluate_in_pool(args, env_configs, policy_config, params, label, header=Non
     steps, seconds). header: printed with the workers; noise_dir: where the noise study goes
     (None: none)."""
     pool = RolloutPool(
-        args.num_workers,
-        args.ray_address,
-        (env_configs, policy_config, params.size),
-        [params.size],
-        args.quiet,
+        args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size], args.quiet
     )
     if header:
         print(f"{header}workers: {pool.describe()}")
@@ -2632,10 +2596,7 @@ def run_from_pretrained(args, given):
     )
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    header = (
-        f"parameters: {params.size}   env: {args.env_id}   episodes: "
-        f"{args.num_eval_rollouts}   "
-    )
+    header = f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
     noise_dir = run_dir if args.multitask else None
     returns, steps, elapsed = evaluate_in_pool(
         args, env_configs, policy_config, params, "evaluation", header, noise_dir
@@ -2675,9 +2636,7 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
         for e in range(args.distill_episodes):
             env = make_env(env_config, training=False)
             seed = derive_seed(args.seed, TRAIN_ENV_STREAM, round_index, e)
-            episode_returns, steps = rollout(
-                driver, genotype[None], lambda b: env, [[seed]], [observations]
-            )
+            episode_returns, steps = rollout(driver, genotype[None], lambda b, env=env: env, [[seed]], [observations])
             bar.done(1, steps[0])
             returns.append(episode_returns[0][0])
             env.close()
@@ -2717,10 +2676,7 @@ def run_distillation(args, given):
     student_hidden, student_activation = list(args.hidden_sizes), args.activation
     teacher_params, teacher_meta = read_weights_into_args(args.distill_from, args, given)
     if args.multitask:
-        raise UserError(
-            f"{args.distill_from} is a multitask policy: distillation takes "
-            "single-task teachers"
-        )
+        raise UserError(f"{args.distill_from} is a multitask policy: distillation takes single-task teachers")
     args.hidden_sizes = student_hidden
     args.activation = teacher_meta["policy"]["activation"]
     if "activation" in given:
@@ -2736,9 +2692,7 @@ def run_distillation(args, given):
     )
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
-    student_config = dict(
-        teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation
-    )
+    student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation)
     torch.manual_seed(derive_seed(args.seed, INIT_STREAM, 0))
     student = build_policy(student_config)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "_distill"))
@@ -2750,9 +2704,7 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        driver_returns, loss = distill_round(
-            student, teacher, env_configs[0], args, round_index, pairs
-        )
+        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index, pairs)
         driver = "student" if round_index else "teacher"
         print(
             f"round {round_index + 1}/{args.distill_rounds}: {driver} drove "
@@ -2760,18 +2712,13 @@ def run_distillation(args, given):
             f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}"
         )
     rows = []
-    for name, config, policy in (
-        ("teacher", teacher_config, teacher),
-        ("student", student_config, student),
-    ):
+    for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
         label = f"evaluation of the {name}"
         returns = evaluate_in_pool(args, env_configs, config, params, label)[0][:, 0]
         sizes = [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]
         architecture = "-".join(map(str, sizes))
-        rows.append(
-            [name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"]
-        )
+        rows.append([name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"])
     meta = weights_meta(
         args,
         env_configs,
@@ -2809,6 +2756,7 @@ def main(argv=None):
         STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
         if not HOLDING.is_set():
             raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)

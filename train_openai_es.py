@@ -1,14 +1,14 @@
 r"""OpenAI Evolution Strategies (OpenAI-ES) on any gymnasium environment, in one file.
 
-Salimans, Ho, Chen, Sidor, Sutskever (2017), "Evolution Strategies as a Scalable Alternative to
-Reinforcement Learning", arXiv:1703.03864. Each generation perturbs the policy's flat parameters
-theta with N Gaussian directions eps_i (mirrored pairs +eps, -eps by default), runs an episode per
-member, shapes the returns F_i into centered ranks and ascends the gradient estimate
+Salimans, Ho, Chen, Sidor, Sutskever (2017), "Evolution Strategies as a Scalable Alternative to Reinforcement
+Learning", arXiv:1703.03864. Each generation perturbs the policy's flat parameters theta with N Gaussian
+directions eps_i (mirrored pairs +eps, -eps by default), runs an episode per member, shapes the returns F_i into
+centered ranks and ascends the gradient estimate
 
     g = 1 / (N sigma) * sum_i F_i eps_i        (with Adam or momentum SGD, and L2 weight decay)
 
-Rollouts are the only work: they spread over local processes or a Ray cluster, which receive
-integers (noise seed, sign, env seeds) and regenerate the noise themselves.
+Rollouts are the only work: they spread over local processes or a Ray cluster, which receive integers (noise
+seed, sign, env seeds) and regenerate the noise themselves.
 
 Examples:
     python train_openai_es.py --env-id CartPole-v1 --hidden-sizes 16 --population-size 32 \
@@ -19,6 +19,7 @@ Examples:
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,26 +43,29 @@ class UserError(Exception):
 # -- 1. Configuration ----------------------------------------------------------------------------
 def build_parser():
     """Every flag; parse_args checks the numbers against LIMITS."""
-    p = OneLineParser(prog=SCRIPT, description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
-                      formatter_class=HelpFormatter,
-                      epilog=__doc__[__doc__.index("Examples:"):] + f'\nMore: README.md, section "{SCRIPT}"')
+    p = OneLineParser(
+        prog=SCRIPT,
+        description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
+        formatter_class=HelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:") :] + f'\nMore: README.md, section "{SCRIPT}"',
+    )
     switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
-    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="keyword arguments for gymnasium.make, e.g. continuous=true")
+    env_kwargs = "keyword arguments for gymnasium.make, e.g. continuous=true"
+    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help=env_kwargs)
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--num-workers", type=int, default=cores,
-                   help="rollout processes, 1: in-process (default: usable cores; Ray: the cluster's CPUs)")
-    g.add_argument("--ray-address", metavar="ADDRESS",
-                   help="the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)")
+    num_workers = "rollout processes, 1: in-process (default: usable cores; Ray: the cluster's CPUs)"
+    g.add_argument("--num-workers", type=int, default=cores, help=num_workers)
+    ray_address = "the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)"
+    g.add_argument("--ray-address", metavar="ADDRESS", help=ray_address)
     g.add_argument("--population-size", type=int, default=256, help="members, even if mirrored")
     g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=int, default=1, help="episodes per fitness evaluation (their mean)")
     g.add_argument("--max-episode-steps", type=int, help="episode length limit (default: the env's TimeLimit)")
-    g.add_argument("--max-negative-steps", type=int, help="end training episodes after this many negative "
-                   "rewards in a row (default: 20 on CarRacing, else 0 = off); never in evaluation")
+    early_stop = "training episodes end after this many negative rewards in a row (default: 20 on CarRacing, else off)"
+    g.add_argument("--max-negative-steps", type=int, help=early_stop)
     g.add_argument("--eval-every", type=int, default=10, help="evaluate the center every this many generations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
     g.add_argument("--logs-dir", default="runs", help="parent folder of run folders")
@@ -71,8 +75,8 @@ def build_parser():
     g.add_argument("--from-pretrained", metavar="PATH.npz", help="evaluate these weights; no training")
     g.add_argument("--init-from", metavar="PATH.npz", help="start training from these weights")
     g.add_argument("--capture-video", action="store_true", help="record an episode per evaluation (GIF or mp4)")
-    g.add_argument("--reward-goal", type=float, help="stop when the evaluation mean reaches this return; a "
-                   "generation whose center reaches it in training is evaluated at once")
+    goal = "stop when the evaluation mean reaches this; a center at it in training is evaluated at once"
+    g.add_argument("--reward-goal", type=float, help=goal)
     g.add_argument("--consecutive-goal-stopping", type=int, default=1, help="... in this many evaluations in a row")
     g.add_argument("--quiet", action="store_true", help="no per-generation console lines, no progress bars")
     g.add_argument("--track", action="store_true", help="log the run to Weights & Biases (curves, weights, plot)")
@@ -95,8 +99,8 @@ def build_parser():
     g.add_argument("--hidden-sizes", type=int, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
-    g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale",
-                   help="Box actions: tanh onto the bounds, or raw outputs clipped")
+    action_bounding = "Box actions: tanh onto the bounds, or raw outputs clipped"
+    g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale", help=action_bounding)
     g.add_argument("--frame-size", type=int, default=64, help="pixels: square frame size (36 at least)")
     g.add_argument("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
     g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
@@ -105,12 +109,14 @@ def build_parser():
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
+
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
+
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
         if "(default" in text or action.default in (None, [], argparse.SUPPRESS):
@@ -143,8 +149,8 @@ def interrupted(signum, frame):
 
 
 # Kernels picked by CPU set a run's last digits: on x86-64 with AVX2, the same AVX2 ones on every machine.
-AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                "ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+AVX2_KERNELS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_KERNELS |= {"ATEN_CPU_CAPABILITY": "avx2", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 if __name__ == "__main__":  # --help exits here, before the heavy imports (main() reports bad values)
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
@@ -156,11 +162,11 @@ if __name__ == "__main__":  # --help exits here, before the heavy imports (main(
     except UserError:
         pass
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
 # -- 2. OpenAI-ES: the operators and the ask/tell object -----------------------------------------
@@ -177,7 +183,7 @@ def perturb(theta, sigma, noise_seed, sign):
 def centered_ranks(x):
     """Ranks of x onto [-0.5, 0.5], ties sharing their mean rank, all equal: zeros (Salimans et al. 2017)."""
     x = np.asarray(x, dtype=np.float64)
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # rank of the first of each group of equal values
     return (first + (counts - 1) / 2.0)[inverse] / (x.size - 1) - 0.5
 
@@ -193,6 +199,7 @@ def shape_fitness(returns, method):
     return returns
 
 
+@dataclasses.dataclass(eq=False)
 class OpenAIES:
     """OpenAI-ES as ask/tell (Salimans et al. 2017, Algorithm 2, mirrored sampling). `ask()`: (N, 2) int64 rows
     (noise seed, sign), member i = `perturb(theta, sigma, *row_i)`. `tell(returns)`: N returns in that order
@@ -204,29 +211,29 @@ class OpenAIES:
             es.tell([-np.sum((x - 3) ** 2) for x in es.candidates()])  # es.theta -> 3
     """
 
-    def __init__(self, theta, population_size, sigma=0.02, learning_rate=0.01, optimizer="adam",
-                 momentum=0.9, weight_decay=0.005, antithetic=True, fitness_shaping="centered-rank",
-                 lr_decay=1.0, lr_min=0.0, sigma_decay=1.0, sigma_min=0.0, seed=0):
-        if population_size < 2 or (antithetic and population_size % 2):
+    theta: np.ndarray  # the distribution mean, float32 (D,)
+    population_size: int  # N members a generation
+    sigma: float = 0.02  # noise standard deviation
+    learning_rate: float = 0.01  # the optimizer's step size
+    optimizer: str = "adam"  # "adam" or "sgd" (with momentum)
+    momentum: float = 0.9  # SGD's momentum
+    weight_decay: float = 0.005  # L2 coefficient on theta
+    antithetic: bool = True  # mirrored pairs theta +/- sigma eps
+    fitness_shaping: str = "centered-rank"  # returns -> fitness (`shape_fitness`)
+    lr_decay: float = 1.0  # the learning rate's factor per generation
+    lr_min: float = 0.0  # ... and its floor
+    sigma_decay: float = 1.0  # sigma's factor per generation
+    sigma_min: float = 0.0  # ... and its floor
+    seed: int = 0  # of every noise draw
+    generation: int = dataclasses.field(default=0, init=False)  # generations told
+    grad_norm: float = dataclasses.field(default=0.0, init=False)  # of the last ascent step
+
+    def __post_init__(self):
+        if self.population_size < 2 or (self.antithetic and self.population_size % 2):
             raise ValueError("population_size must be >= 2, and even with antithetic sampling")
-        if sigma <= 0 or learning_rate <= 0:
+        if self.sigma <= 0 or self.learning_rate <= 0:
             raise ValueError("sigma and learning_rate must be > 0")
-        self.theta = np.asarray(theta, dtype=np.float32).copy()  # the distribution mean (D,)
-        self.population_size = population_size  # N members a generation
-        self.antithetic = antithetic  # mirrored pairs theta +/- sigma eps
-        self.fitness_shaping = fitness_shaping  # returns -> fitness (`shape_fitness`)
-        self.sigma = sigma  # noise standard deviation
-        self.sigma_decay = sigma_decay  # sigma's factor per generation
-        self.sigma_min = sigma_min  # ... and its floor
-        self.learning_rate = learning_rate  # the optimizer's step size
-        self.lr_decay = lr_decay  # its factor per generation
-        self.lr_min = lr_min  # ... and its floor
-        self.optimizer = optimizer  # "adam" or "sgd" (with momentum)
-        self.momentum = momentum  # SGD's momentum
-        self.weight_decay = weight_decay  # L2 coefficient on theta
-        self.seed = seed  # of every noise draw
-        self.generation = 0  # generations told
-        self.grad_norm = 0.0  # of the last ascent step
+        self.theta = np.asarray(self.theta, dtype=np.float32).copy()
         self.m = np.zeros_like(self.theta)  # Adam first moment / SGD velocity
         self.v = np.zeros_like(self.theta)  # Adam second moment
 
@@ -249,7 +256,7 @@ class OpenAIES:
             t = self.generation + 1
             self.m = beta1 * self.m + (1 - beta1) * step
             self.v = beta2 * self.v + (1 - beta2) * step * step
-            a = self.learning_rate * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            a = self.learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             self.theta = self.theta + np.float32(a) * self.m / (np.sqrt(self.v) + np.float32(eps))
         else:
             self.m = self.momentum * self.m + (1 - self.momentum) * step
@@ -298,8 +305,17 @@ class Policy(nn.Module):
     conv net (8x8/4 -> 16, 4x4/2 -> 32; Mnih et al. 2013), then the MLP in torch; `recurrent` adds an LSTMCell.
     Discrete: argmax; Box: tanh (env rescaled to [-1, 1]) or raw (env clips). Genotype: parameters_to_vector."""
 
-    def __init__(self, obs_shape, num_actions, discrete, hidden_sizes=(64, 64), activation="tanh",
-                 recurrent=False, action_bounding="scale", obs_norm=True):
+    def __init__(
+        self,
+        obs_shape,
+        num_actions,
+        discrete,
+        hidden_sizes=(64, 64),
+        activation="tanh",
+        recurrent=False,
+        action_bounding="scale",
+        obs_norm=True,
+    ):
         super().__init__()
         self.obs_shape = tuple(obs_shape)
         self.discrete = discrete
@@ -313,8 +329,8 @@ class Policy(nn.Module):
         features = self.obs_shape[0]
         if self.pixels:
             channels = self.obs_shape[0] * (self.obs_shape[3] if len(self.obs_shape) == 4 else 1)  # RGB: x 3
-            self.conv = nn.Sequential(nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(0))
+            conv = [nn.Conv2d(channels, 16, 8, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2), nn.ReLU()]
+            self.conv = nn.Sequential(*conv, nn.Flatten(0))
             with torch.no_grad():
                 features = self.conv(torch.zeros(channels, *self.obs_shape[1:3])).numel()
         obs_dim = features if self.normalize else 0  # normalized inputs
@@ -433,6 +449,7 @@ def rollout(policy, genotypes, env_for, env_seeds, observations=None):
 # -- 4. Training loop ----------------------------------------------------------------------------
 class RolloutTask(typing.NamedTuple):
     """A worker's job: theta + sign * sigma * eps(noise_seed) (sign 0: theta) drives an episode per env seed."""
+
     noise_seed: int
     sign: int
     sigma: float
@@ -442,6 +459,7 @@ class RolloutTask(typing.NamedTuple):
 
 class RolloutResult(typing.NamedTuple):
     """Its episodes' returns, env steps, and with --obs-norm its observations' (count, sum, sum of squares)."""
+
     episode_returns: list
     steps: int
     obs_sums: tuple
@@ -515,30 +533,69 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s", "return_min", "return_mean",
-                    "return_max", "return_std", "eval_return_mean", "eval_return_std", "center_return",
-                    "center_rank", "sigma", "learning_rate", "grad_norm", "param_norm", "num_cpus"]
+PROGRESS_COLUMNS = [
+    "iteration",
+    "evaluations",
+    "env_steps",
+    "wall_time_s",
+    "return_min",
+    "return_mean",
+    "return_max",
+    "return_std",
+    "eval_return_mean",
+    "eval_return_std",
+    "center_return",
+    "center_rank",
+    "sigma",
+    "learning_rate",
+    "grad_norm",
+    "param_norm",
+    "num_cpus",
+]
 # learning_curve.png's curves of progress.csv's columns (the first drawn boldest), with the evaluations.
-CURVES = [("return_mean", "population mean"), ("return_max", "population max"),
-          ("center_return", "center (unperturbed)")]
+CURVES = [
+    ("return_mean", "population mean"),
+    ("return_max", "population max"),
+    ("center_return", "center (unperturbed)"),
+]
 # Flags --resume may set anew (the rest comes from the checkpoint); where a run executes is never restored.
 PLACEMENT_FLAGS = {"num_workers", "ray_address"}
-RESUME_FLAGS = {"resume", "max_iter", "eval_every", "num_eval_rollouts", "capture_video", "quiet", "reward_goal",
-                "consecutive_goal_stopping", "track", "wandb_project_name", "wandb_entity", *PLACEMENT_FLAGS}
+RESUME_FLAGS = {
+    "resume",
+    "max_iter",
+    "eval_every",
+    "num_eval_rollouts",
+    "capture_video",
+    "quiet",
+    "reward_goal",
+    "consecutive_goal_stopping",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    *PLACEMENT_FLAGS,
+}
 # Settings that --init-from / --from-pretrained take from the weights file's meta ("env" and "policy").
-META_FLAGS = {"env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
-              "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm")}
+META_FLAGS = {
+    "env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
+    "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm"),
+}
 # A run's totals, kept in its checkpoint, and what they start at.
-COUNTERS = {"evaluations": 0, "env_steps": 0, "wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf,
-            "goal_streak": 0}
+COUNTERS = {
+    "evaluations": 0,
+    "env_steps": 0,
+    "wall_time_s": 0.0,
+    "best_return": -math.inf,
+    "best_eval": -math.inf,
+    "goal_streak": 0,
+}
 # What a checkpoint holds beyond args and counters (observation statistics: None without --obs-norm), and the
 # packages whose objects it may hold beyond numpy's and builtins: none.
 CHECKPOINT_PARTS = {"es": dict, "obs_stats": (dict, type(None))}
 CHECKPOINT_MODULES = ()
-INT_MAX = 2 ** 31 - 1  # counts and sizes stop here
+INT_MAX = 2**31 - 1  # counts and sizes stop here
 # (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file's meta sets.
 LIMITS = {
-    "seed": (0, 2 ** 64 - 1),
+    "seed": (0, 2**64 - 1),
     "num_workers": (1, INT_MAX),
     "population_size": (2, INT_MAX),
     "max_iter": (1, INT_MAX),
@@ -562,6 +619,7 @@ LIMITS = {
     "frame_stack": (1, INT_MAX),
 }
 
+
 # Checks: flags, settings, environments
 def flags_given(parser, argv, args):
     """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
@@ -584,9 +642,7 @@ def check_flags(args, given):
         return
     flag = "--" + fixed[0].replace("_", "-")
     if args.resume:
-        raise UserError(
-            f"{flag} cannot be changed on resume: the run's settings come from its checkpoint"
-        )
+        raise UserError(f"{flag} cannot be changed on resume: the run's settings come from its checkpoint")
     raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
 
 
@@ -644,9 +700,7 @@ def check_settings(args):
         if not all_finite(value):
             raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")
     if args.antithetic and args.population_size % 2:
-        raise UserError(
-            "--population-size must be even with mirrored sampling (or pass --no-antithetic)"
-        )
+        raise UserError("--population-size must be even with mirrored sampling (or pass --no-antithetic)")
     if args.recurrent and not args.hidden_sizes:
         raise UserError("--recurrent needs at least one hidden layer")
     try:
@@ -656,36 +710,23 @@ def check_settings(args):
         raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
 
 
-
 def check_paths(args):
     """UserError unless each path is what its flag needs: a readable file (--resume: or a run folder holding
     one), folder names without separators, a --logs-dir this user can write to."""
     for flag in ("resume", "from_pretrained", "init_from"):
         path = getattr(args, flag)
-        path = (
-            os.path.join(path, "checkpoint.pkl")
-            if flag == "resume" and path and os.path.isdir(path)
-            else path
-        )
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(
-                f"--{flag.replace('_', '-')} {path} {problem}"
-                + (": no checkpoint" * (flag == "resume"))
-            )
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (
-            name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name
-        ):
+        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
             raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
     folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
     while not os.path.exists(folder):  # its nearest existing part
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(
-            f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to"
-        )
-
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
@@ -711,7 +752,6 @@ class NegativeRewardEarlyStop(gym.Wrapper):
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
-
 def is_frames(space):
     """Whether an observation space holds uint8 frames, (H, W) or (H, W, 3)."""
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8):
@@ -726,17 +766,13 @@ def check_spaces(env, env_config):
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         bounded = np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
         if env_config["action_bounding"] != "clip" and not bounded:
-            raise UserError(
-                f"action space {space} has infinite bounds: use --action-bounding clip"
-            )
+            raise UserError(f"action space {space} has infinite bounds: use --action-bounding clip")
     elif not isinstance(space, gym.spaces.Discrete):
         raise UserError(f"action space {space} is not supported: only Discrete and 1-D Box")
     space = env.observation_space
     vectors = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     if not (is_frames(space) or vectors):
-        raise UserError(
-            f"observation space {space} is not supported: only 1-D Box vectors and uint8 images"
-        )
+        raise UserError(f"observation space {space} is not supported: only 1-D Box vectors and uint8 images")
 
 
 def resize_frames(env, size):
@@ -744,9 +780,7 @@ def resize_frames(env, size):
     try:
         return gym.wrappers.ResizeObservation(env, (size, size))
     except gym.error.DependencyNotInstalled:
-        raise UserError(
-            "resizing frames needs OpenCV: pip install opencv-python-headless"
-        ) from None
+        raise UserError("resizing frames needs OpenCV: pip install opencv-python-headless") from None
 
 
 def gym_make(env_id, render_mode, kwargs):
@@ -756,9 +790,7 @@ def gym_make(env_id, render_mode, kwargs):
     try:
         return gym.make(env_id, render_mode=render_mode, **kwargs)
     except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
-        raise UserError(
-            f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}"
-        ) from None
+        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
 
 
 def register_env_family(env_id):
@@ -851,7 +883,6 @@ class ObservationStats:
         return {"mean": mean.tolist(), "std": std.tolist(), "count": self.count}
 
 
-
 # Evaluations
 # A center that reaches --reward-goal in training is evaluated at once, off schedule. Most such centers are
 # one lucky episode: their evaluation stops after its first SCREEN_EPISODES episodes when these average
@@ -879,13 +910,8 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
             results += pool.map(tasks[first:], shared, progress)
     returns = np.array([result.episode_returns[0] for result in results])
     steps = sum(result.steps for result in results)
-    summary = {
-        "mean": float(returns.mean()),
-        "std": float(returns.std()),
-        "episodes": int(returns.size),
-    }
+    summary = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
     return returns, steps, summary
-
 
 
 # The run: its folder, records and logs
@@ -914,8 +940,7 @@ class Run:
             run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
             if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
                 raise UserError(
-                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                    "or pick another --run-name"
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-name"
                 )
         self.args = args
         self.dir = run_dir
@@ -949,20 +974,10 @@ class Run:
                 seed=args.seed,
             )
             self.counters = dict(COUNTERS)
-        names = (
-            "args.json",
-            "progress.csv",
-            "learning_curve.png",
-            "checkpoint.pkl",
-            "best.npz",
-            "final.npz",
-        )
+        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")
         self.paths = {name: os.path.join(run_dir, name) for name in names}
         self.pool = RolloutPool(
-            args.num_workers,
-            args.ray_address,
-            (self.env_config, self.policy_config),
-            on_lost=self.kept,
+            args.num_workers, args.ray_address, (self.env_config, self.policy_config), on_lost=self.kept
         )  # no file written yet
         try:
             self.open_folder(checkpoint is not None)
@@ -1037,9 +1052,7 @@ class Run:
                 message = str(e).strip().splitlines()[0]
                 raise UserError(f"--track: W&B refused the run: {message}") from None
             self.wandb = wandb
-        config = dict(
-            vars(args), env_config=self.env_config, num_params=self.dim, versions=versions()
-        )
+        config = dict(vars(args), env_config=self.env_config, num_params=self.dim, versions=versions())
         atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
         from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
 
@@ -1117,9 +1130,7 @@ class Run:
         self.generation_start = time.perf_counter()
         shared = (self.es.theta, *self.obs_stats.mean_std())
         episodes = len(tasks) * self.args.num_rollouts
-        with progress_bar(
-            f"generation {self.es.generation + 1}", episodes, self.args.quiet
-        ) as bar:
+        with progress_bar(f"generation {self.es.generation + 1}", episodes, self.args.quiet) as bar:
             return self.pool.map(tasks, shared, bar)
 
     def count_steps(self, steps):
@@ -1202,9 +1213,7 @@ class Run:
             row["eval_return_std"] = evaluation["std"]
         self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
         self.csv_file.flush()
-        scalars = {
-            column: as_written(column, value) for column, value in row.items() if value is not None
-        }
+        scalars = {column: as_written(column, value) for column, value in row.items() if value is not None}
         del scalars["env_steps"]
         with signals_held():
             for column, value in scalars.items():
@@ -1213,9 +1222,7 @@ class Run:
             self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
         self.evaluated = evaluation is not None
         if self.evaluated and now - self.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
-            plot_learning_curve(
-                self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
-            )
+            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
             self.last_plot = now
         done = self.es.generation - self.first_generation
         eta = (now - self.session_start) / done * (self.args.max_iter - self.es.generation)
@@ -1280,17 +1287,13 @@ class Run:
         one go."""
         if evaluation is None:
             mean_std = self.obs_stats.mean_std()
-            _, _, evaluation = evaluate(
-                self.pool, self.es.theta, mean_std, self.args, self.es.generation
-            )
+            _, _, evaluation = evaluate(self.pool, self.es.theta, mean_std, self.args, self.es.generation)
         self.log(
             f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
             f"{evaluation['episodes']} episodes"
         )
         save_weights(self.paths["final.npz"], self.es.theta, self.meta(evaluation))
-        plot_learning_curve(
-            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES
-        )
+        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
 
 
 def duration(seconds):
@@ -1302,12 +1305,7 @@ def duration(seconds):
 def as_written(column, value):
     """A progress row's number as its csv cell holds it (for TensorBoard and W&B): a float other than
     wall_time_s (rounded already) to 6 significant digits, the rest as is."""
-    if (
-        column == "wall_time_s"
-        or not isinstance(value, float)
-        or value == 0
-        or not math.isfinite(value)
-    ):
+    if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
         return value
     return round(value, 5 - math.floor(math.log10(abs(value))))
 
@@ -1344,9 +1342,7 @@ def configs(args):
         env.reset(seed=0)
         env.step(env.action_space.sample())
     except Exception as e:
-        raise UserError(
-            f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}"
-        ) from None
+        raise UserError(f"env {args.env_id!r} with {args.env_kwargs} fails to step: {type(e).__name__}: {e}") from None
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
     env.close()
     return env_config, {
@@ -1361,7 +1357,6 @@ def configs(args):
     }
 
 
-
 def make_policy(policy_config, params=None, obs_mean_std=None):
     """Policy of a config dict (`configs`, or a weights file's meta) holding `params` (float32 (D,), else
     torch's initialization) and the normalization (mean, std) of vector observations."""
@@ -1369,14 +1364,11 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
     try:
         policy = Policy(**policy_config)
     except RuntimeError:  # torch's allocator refused the layers' weights
-        raise MemoryError(
-            f"hidden layers {policy_config['hidden_sizes']} do not fit in memory"
-        ) from None
+        raise MemoryError(f"hidden layers {policy_config['hidden_sizes']} do not fit in memory") from None
     policy = policy.load(params) if params is not None else policy
     if policy.normalize and obs_mean_std is not None:
         policy.obs_mean, policy.obs_std = (np.asarray(a, np.float32) for a in obs_mean_std)
     return policy
-
 
 
 def build_policy(args, weights=None):
@@ -1387,14 +1379,8 @@ def build_policy(args, weights=None):
     policy = make_policy(policy_config)
     dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
     if weights:
-        (params, meta), path, want = (
-            weights,
-            args.init_from or args.from_pretrained,
-            weights[1]["policy"],
-        )
-        if any(
-            want.get(key) != policy_config[key] for key in ("obs_shape", "discrete", "num_actions")
-        ):
+        (params, meta), path, want = (weights, args.init_from or args.from_pretrained, weights[1]["policy"])
+        if any(want.get(key) != policy_config[key] for key in ("obs_shape", "discrete", "num_actions")):
             raise UserError(
                 f"{path} does not fit {meta['env_id']}: its policy takes observations "
                 f"{want.get('obs_shape')} and {want.get('num_actions')} actions, the env gives "
@@ -1411,9 +1397,7 @@ def build_policy(args, weights=None):
 
 def run_name(args, *parts):
     """The default run folder name: <env-id>__<exp-name>__<parts>__<unix-time>."""
-    return "__".join(
-        [args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))]
-    )
+    return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
 
 
 def upload_files(run):
@@ -1443,10 +1427,7 @@ def progress_bar(desc, episodes, quiet):
 
         def progress(result):  # a finished task: its episodes and env steps
             steps[0] += result[1]
-            bar.set_postfix_str(
-                f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s",
-                refresh=False,
-            )
+            bar.set_postfix_str(f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s", refresh=False)
             bar.update(len(result[0]))
 
         yield None if bar.disable else progress
@@ -1473,9 +1454,16 @@ class PoolLost(Exception):
 
 # The batched forward: B members' MLPs in one numpy pass (lockstep rollouts)
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}  # the Policy's; in numpy:
-NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)),
-                     "selu": lambda h: np.float32(1.0507009873554805) * np.where(  # torch's constants
-                         h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0))))}
+NUMPY_ACTIVATIONS = {
+    "tanh": np.tanh,
+    "relu": lambda h: np.maximum(h, np.float32(0)),
+    "selu": lambda h: (
+        np.float32(1.0507009873554805)
+        * np.where(  # torch's constants
+            h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))
+        )
+    ),
+}
 
 
 def stacked_layers(policy, genotypes):
@@ -1501,11 +1489,7 @@ def act_batch(policy, obs, layers):
     for weight, bias in layers[:-1]:
         x = policy.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
     out = np.matmul(layers[-1][0], x[:, :, None])[:, :, 0] + layers[-1][1]
-    return (
-        out.argmax(axis=1).tolist()
-        if policy.discrete
-        else (np.tanh(out) if policy.squash else out)
-    )
+    return out.argmax(axis=1).tolist() if policy.discrete else (np.tanh(out) if policy.squash else out)
 
 
 class Members:
@@ -1651,23 +1635,15 @@ class RolloutPool:
 
     def start_processes(self):
         """The worker processes, by multiprocessing's default start method."""
-        self.executor = ProcessPoolExecutor(
-            self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),)
-        )
+        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),))
 
     def map(self, tasks, shared, progress=None):
         """The results of the tasks in order, `progress(result)` for each as its chunk ends; shared: the batch's
         float32 arrays (theta (D,), obs mean and std (O,)). UserError for an error in a rollout, or PoolLost.
         """
         # About 4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (long episodes) spread out.
-        count = math.ceil(
-            len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus))))
-        )
-        chunks, ordered, shared = (
-            [tasks[i::count] for i in range(count)],
-            [None] * len(tasks),
-            tuple(shared),
-        )
+        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
+        chunks, ordered, shared = ([tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared))
 
         def report(results):  # a finished chunk's results
             for result in results if progress else ():
@@ -1679,14 +1655,10 @@ class RolloutPool:
                 if self.address:
                     results = self.map_ray(chunks, shared, report)
                 elif self.executor is None:
-                    results = [
-                        report(run_chunk(self.key, self.worker_args, shared, chunk))
-                        for chunk in chunks
-                    ]
+                    results = [report(run_chunk(self.key, self.worker_args, shared, chunk)) for chunk in chunks]
                 else:
                     futures = [
-                        self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk)
-                        for chunk in chunks
+                        self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk) for chunk in chunks
                     ]
                     for future in as_completed(futures):
                         report(future.result())
@@ -1699,12 +1671,8 @@ class RolloutPool:
             except BrokenProcessPool:
                 self.close()
                 if attempt == MAX_RESTARTS:
-                    raise PoolLost(
-                        f"rollout workers keep dying: stopped after {attempt} restarts"
-                    ) from None
-                print(
-                    "warning: a rollout worker died; restarting the workers and re-running this batch"
-                )
+                    raise PoolLost(f"rollout workers keep dying: stopped after {attempt} restarts") from None
+                print("warning: a rollout worker died; restarting the workers and re-running this batch")
                 self.start_processes()
             except (UserError, PoolLost):
                 raise
@@ -1717,9 +1685,7 @@ class RolloutPool:
         if self.address:
             self.closed.set()
         elif self.executor:
-            processes = list(
-                (self.executor._processes or {}).values()
-            )  # Python 3.14: executor.kill_workers()
+            processes = list((self.executor._processes or {}).values())  # Python 3.14: executor.kill_workers()
             self.executor.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()
@@ -1729,9 +1695,7 @@ class RolloutPool:
     @property
     def num_cpus(self):
         """CPUs running rollouts: one per local worker; on Ray the cluster's, capped by num_workers."""
-        cluster = (
-            int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
-        )
+        cluster = int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
         return min(cluster, self.num_workers or cluster)
 
     def describe(self):
@@ -1751,9 +1715,7 @@ class RolloutPool:
         )  # the process title of a running task: ray::ray_rollout
         try:  # what must keep answering: (what, host, port)
             context = ray.get_runtime_context()
-            self.probes.append(
-                (f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1))
-            )
+            self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
             node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
             host, port = node["NodeManagerAddress"], node["NodeManagerPort"]
             self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
@@ -1779,10 +1741,7 @@ class RolloutPool:
             silent = self.silent()
             if silent is None:
                 silent_since = None
-            elif (
-                time.monotonic() - (silent_since := silent_since or time.monotonic())
-                >= RAY_LOST_AFTER_S
-            ):
+            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
                 print(
                     f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
@@ -1795,27 +1754,17 @@ class RolloutPool:
     def map_ray(self, chunks, shared, report):
         """`map` of the chunks on the cluster (Ray re-runs the tasks of dead workers)."""
         try:
-            shared_ref, refs, running = (
-                self.ray.put(tuple(shared)),
-                [],
-                [],
-            )  # once per batch, not per task
+            shared_ref, refs, running = (self.ray.put(tuple(shared)), [], [])  # once per batch, not per task
             for chunk in [*chunks, None]:
-                while running and (
-                    chunk is None or self.num_workers and len(running) >= self.num_workers
-                ):
+                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
                     done, running = self.ray.wait(running)  # wait for a free slot, or for the end
                     report(self.ray.get(done[0]))
                 if chunk is not None:
                     refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, chunk))
                     running.append(refs[-1])
             return self.ray.get(refs)
-        except (
-            self.ray.exceptions.RayTaskError
-        ) as e:  # an exception raised by our code in a worker
-            raise UserError(
-                f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}"
-            ) from None
+        except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
+            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
         except (self.ray.exceptions.RayError, ConnectionError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             silent = self.silent()
@@ -1841,9 +1790,10 @@ def import_optional(name, flag, extra):
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
     The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a token exists wants
-    it, but Ray 2.60 sends it from a driver given HOST:PORT only with RAY_AUTH_MODE=token: it is sent as `ray
-    start` does. UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
+    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
+    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
@@ -1853,15 +1803,19 @@ def connect_ray(address):
         try:
             target = ray._private.services.canonicalize_bootstrap_address("auto")
         except (ConnectionError, ValueError):
-            raise UserError("no Ray cluster runs on this machine (--ray-address auto): start one with "
-                            "`ray start --head`, or give its HOST:PORT") from None
+            raise UserError(
+                "no Ray cluster runs on this machine (--ray-address auto): start one with "
+                "`ray start --head`, or give its HOST:PORT"
+            ) from None
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError, OverflowError):
-        raise UserError(f"no Ray cluster answers at {address}{where}: start one with `ray start "
-                        "--head` or check the address (HOST:PORT, or auto)") from None
+        raise UserError(
+            f"no Ray cluster answers at {address}{where}: start one with `ray start "
+            "--head` or check the address (HOST:PORT, or auto)"
+        ) from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
@@ -1869,10 +1823,15 @@ def connect_ray(address):
         try:
             if "RAY_AUTH_MODE" not in os.environ:
                 from ray._private.authentication import authentication_token_setup as auth
+
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
             kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
-            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True,
-                     runtime_env={"env_vars": kernels})  # the workers compute with the driver's kernels
+            ray.init(
+                address=address,
+                logging_level=logging.ERROR,
+                ignore_reinit_error=True,
+                runtime_env={"env_vars": kernels},
+            )  # the workers compute with the driver's kernels
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -1881,9 +1840,11 @@ def connect_ray(address):
         said.seek(0)
         said = said.read().decode(errors="replace")
     if error is not None and ("AuthToken" in said or "uthentication" in str(error)):
-        raise UserError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
-                        "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
-                        "get-auth-token` on its head) or put it in ~/.ray/auth_token")
+        raise UserError(
+            f"the Ray cluster at {address} uses token authentication and refused this machine's "
+            "token (or its lack of one): set RAY_AUTH_TOKEN to the cluster's token (`ray "
+            "get-auth-token` on its head) or put it in ~/.ray/auth_token"
+        )
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
     if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
@@ -1924,8 +1885,7 @@ def open_run_folder(folder):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another "
-                        "--run-name") from None
+        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
@@ -1944,10 +1904,11 @@ def open_progress(path, columns, last_iteration):
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
             text = f.read()
-        complete = text[:text.rfind("\n") + 1]  # without a last line cut short
+        complete = text[: text.rfind("\n") + 1]  # without a last line cut short
         rows = list(csv.reader(io.StringIO(complete)))
-        hint = (f"restore it, or move it away to resume with a progress.csv that starts at "
-                f"generation {last_iteration + 1}")
+        hint = (
+            f"restore it, or move it away to resume with a progress.csv that starts at generation {last_iteration + 1}"
+        )
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
@@ -1956,8 +1917,7 @@ def open_progress(path, columns, last_iteration):
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
         if not iterations or iterations != list(range(iterations[0], last_iteration + 1)):
-            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: "
-                            f"{hint}")
+            raise UserError(f"{path} lacks rows up to the checkpoint's generation {last_iteration}: {hint}")
         if kept != rows[1:] or complete != text:
             table = io.StringIO()
             csv.writer(table).writerows([columns, *kept])
@@ -1983,9 +1943,7 @@ def load_weights(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             if "params" not in data or "meta" not in data:
-                raise UserError(
-                    f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)"
-                )
+                raise UserError(f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)")
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
         script, version = meta.get("script", "an unknown script"), meta.get("format_version")
         if script != SCRIPT or version != FORMAT_VERSION:
@@ -1996,13 +1954,8 @@ def load_weights(path):
             )
         if not np.all(np.isfinite(params)):
             raise UserError(f"{path} holds parameters that are not finite numbers")
-        settings = {
-            "env_id": meta["env_id"],
-            **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys},
-        }
-        argv = (
-            []
-        )  # the command line that would set these settings: the parser checks them as it checks flags
+        settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
+        argv = []  # the command line that would set these settings: the parser checks them as it checks flags
         for dest, value in settings.items():
             flag = "--" + dest.replace("_", "-")
             if isinstance(value, bool):
@@ -2028,9 +1981,7 @@ def load_weights(path):
         ):
             raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
     except UserError as e:
-        raise UserError(
-            str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}"
-        ) from None
+        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     return params, meta
@@ -2044,8 +1995,7 @@ def read_weights_into_args(args, given):
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
     vars(args).update(
-        {key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys},
-        env_id=meta["env_id"],
+        {key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys}, env_id=meta["env_id"]
     )
     return params, meta
 
@@ -2058,14 +2008,26 @@ class CheckpointUnpickler(pickle._Unpickler):
     before it runs."""
 
     # (module, name) that REDUCE may call.
-    CALLS = {("numpy", "dtype"), ("numpy.random._pickle", "__randomstate_ctor"),
-             ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._pickle", "__generator_ctor"),
-             *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in (
-                 ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
-             *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray"))}
+    CALLS = {
+        ("numpy", "dtype"),
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._pickle", "__generator_ctor"),
+        *(
+            (f"numpy.{core}.{module}", name)
+            for core in ("core", "_core")
+            for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+        ),
+        *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
+    }
     # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
-    NAMES = CALLS | {("numpy", "ndarray"), ("numpy.linalg", "eigh"), ("numpy.random._mt19937", "MT19937"),
-                     ("numpy.random._pcg64", "PCG64"), ("numpy.random._generator", "Generator")}
+    NAMES = CALLS | {
+        ("numpy", "ndarray"),
+        ("numpy.linalg", "eigh"),
+        ("numpy.random._mt19937", "MT19937"),
+        ("numpy.random._pcg64", "PCG64"),
+        ("numpy.random._generator", "Generator"),
+    }
 
     def __init__(self, file):
         super().__init__(file)
@@ -2133,6 +2095,7 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
     from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
+
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -2145,10 +2108,15 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
         ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
     evaluated = [row for row in rows if row["eval_return_mean"]]
     if evaluated:
-        ax.errorbar([float(row["iteration"]) for row in evaluated],
-                    [float(row["eval_return_mean"]) for row in evaluated],
-                    yerr=[float(row["eval_return_std"]) for row in evaluated],
-                    fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
+        ax.errorbar(
+            [float(row["iteration"]) for row in evaluated],
+            [float(row["eval_return_mean"]) for row in evaluated],
+            yerr=[float(row["eval_return_std"]) for row in evaluated],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label="evaluation mean ± std",
+        )
     ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -2167,7 +2135,9 @@ def versions():
     MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
     BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
     import importlib.metadata
+
     from threadpoolctl import threadpool_info
+
     found = {"python": platform.python_version()}
     for name in ("torch", "gymnasium", "numpy", "cma"):
         try:
@@ -2186,8 +2156,11 @@ def versions():
         from numpy.core import _multiarray_umath as umath
     targets = [*umath.__cpu_baseline__, *umath.__cpu_dispatch__]
     found["numpy_simd"] = [target for target in targets if umath.__cpu_features__.get(target)]
-    found["blas"] = [f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
-                     for i in threadpool_info() if i["user_api"] == "blas"]
+    found["blas"] = [
+        f"{i['internal_api']} {i['version']} {i.get('architecture')}, {i['num_threads']} threads"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
     found["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
     found["environment"] = {
         name: value for name, value in sorted(os.environ.items()) if name.startswith(DIGIT_SETTINGS)
@@ -2212,13 +2185,7 @@ def record_video(env_config, policy, path_stem, seed):
         from PIL import Image
 
         images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(
-            path_stem + ".gif",
-            save_all=True,
-            append_images=images[1:],
-            duration=int(1000 / fps),
-            loop=0,
-        )
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         return path_stem + ".gif", episode_return
 
 
@@ -2273,6 +2240,7 @@ def main(argv=None):
         STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
         if not HOLDING.is_set():
             raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)

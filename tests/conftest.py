@@ -11,8 +11,11 @@ def avx2_kernels():
     """The scripts' AVX2_KERNELS (read from a script's source: importing it would load numpy first)."""
     with open(os.path.join(ROOT, "train_openai_es.py")) as f:
         tree = ast.parse(f.read())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "AVX2_KERNELS")
-    return ast.literal_eval(node.value)
+    namespace = {}
+    for node in tree.body:  # AVX2_KERNELS = {...}, then AVX2_KERNELS |= {...}: dict literals
+        if isinstance(node, (ast.Assign, ast.AugAssign)) and "AVX2_KERNELS" in ast.unparse(node).split(" ")[0]:
+            exec(ast.unparse(node), {}, namespace)
+    return namespace["AVX2_KERNELS"]
 
 
 def cpu_has_avx2():
