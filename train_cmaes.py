@@ -53,9 +53,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if isinstance(action, argparse.BooleanOptionalAction):
             return text + f" (default: {action.option_strings[0 if action.default else 1]})"
-        if isinstance(action.default, bool):
-            return text
-        return text + " (default: %(default)s)"
+        return text if isinstance(action.default, bool) else text + " (default: %(default)s)"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,8 +74,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw of the run")
     num_workers = "rollout processes, 1: in-process; Ray: the cluster's CPUs if not given (default: usable cores)"
     g.add_argument("--num-workers", type=int, default=usable_cores, help=num_workers)
-    ray_address = "the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)"
-    g.add_argument("--ray-address", metavar="ADDRESS", help=ray_address)
+    g.add_argument("--ray-address", metavar="ADDRESS", help="a Ray cluster's HOST:PORT or auto (default: $RAY_ADDRESS)")
     g.add_argument("--population-size", type=int, default=256, help="CMA-ES population (lambda)")
     g.add_argument("--max-iter", type=int, default=2000, help="generations, from the run's start")
     g.add_argument("--num-rollouts", type=int, default=16, help="episodes per fitness (their mean)")
@@ -85,9 +82,7 @@ def build_parser():
     early_stop = "training episodes end after this many negative rewards in a row (0: off)"
     g.add_argument("--max-negative-steps", type=int, default=20, help=early_stop)
     g.add_argument("--stock-env", action="store_true", help="gymnasium's own CarRacing, in training too")
-    frames = (
-        "training's frames: drawn at 96x96 (2x faster) or gymnasium's (default: direct; old checkpoints: gymnasium)"
-    )
+    frames = "training's frames: drawn at 96x96 (faster) or gymnasium's (default: direct; old checkpoints: gymnasium)"
     g.add_argument("--training-frames", choices=["direct", "gymnasium"], help=frames)
     g.add_argument("--eval-every", type=int, default=10, help="generations between evaluations")
     g.add_argument("--num-eval-rollouts", type=int, default=100, help="episodes per evaluation")
@@ -171,13 +166,12 @@ from gymnasium.envs.box2d import car_dynamics, car_racing
 
 # 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
-    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with
-    step size init_sigma. `es.ask()` returns `population_size` float64 (n,) candidates;
-    `es.tell(candidates, losses)` takes one float each, lower is better (here: negated mean
-    returns); `es.result.xfavorite` is the mean, `es.sigma` the step size. separable > 0: a
-    diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen 2008: O(n) a
-    sample, learns n times faster). The sampler draws from its own RandomState (in the
-    checkpoint), so a run depends on --seed alone; pycma writes no files."""
+    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
+    `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates, losses)` takes one float
+    each, lower is better (here: negated mean returns); `es.result.xfavorite` is the mean, `es.sigma` the step size.
+    separable > 0: a diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen 2008: O(n) a sample,
+    learns n times faster). The sampler draws from its own RandomState (in the checkpoint), so a run depends on
+    --seed alone; pycma writes no files."""
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {
         "popsize": population_size,  # lambda
@@ -196,12 +190,11 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
 
 # 3. Policy, environment, rollout ------------------------------------------------------------------
 class AttentionAgent(nn.Module):
-    """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time: uint8 (S, S, 3)
-    -> n x n patches in [0, 1] (d = patch_size^2 * 3 values each) -> Q, K = fc_q, fc_k(patches)
-    -> importance = column sums of softmax(Q K^T / sqrt(d)) -> centers (row, col) / S of the
-    top_k patches (2 top_k,) -> controller ('lstm' the paper's, 'rnn', or 'mlp' over the last
-    num_frames feature vectors) -> fc -> tanh. The flat genotype is the authors' layout: fc_q,
-    fc_k, controller, fc, each module's state-dict keys sorted. Checked by check_agent_config."""
+    """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time: uint8 (S, S, 3) -> n x n patches
+    in [0, 1] (d = patch_size^2 * 3 values each) -> Q, K = fc_q, fc_k(patches) -> importance = column sums of
+    softmax(Q K^T / sqrt(d)) -> centers (row, col) / S of the top_k patches (2 top_k,) -> controller ('lstm' the
+    paper's, 'rnn', or 'mlp' over the last num_frames feature vectors) -> fc -> tanh. The flat genotype is the
+    authors' layout: fc_q, fc_k, controller, fc, each module's state-dict keys sorted. Checked by check_agent_config."""
 
     def __init__(
         self,
@@ -371,14 +364,13 @@ def train(args, given):
     the mean -> checkpoint. The exit code: 0; 1: workers lost; 130: Ctrl-C or SIGTERM (checkpoint kept)."""
     with Run(args, given) as run:  # from the flags or a checkpoint: folder, agent, pycma, workers
         es = run.es
+        args = run.args  # the flags, or the checkpoint's
         evaluation = None
-        while run.generation < run.args.max_iter:
+        while run.generation < args.max_iter:
             candidates = es.ask()  # population_size float64 vectors of the searched dimension
             population = np.stack([run.full(x) for x in candidates])  # float32 (lambda, D)
             # Every member of a generation drives the same --num-rollouts tracks (common seeds).
-            seeds = [
-                derive_seed(run.args.seed, TRAIN_ENV_STREAM, run.generation, r) for r in range(run.args.num_rollouts)
-            ]
+            seeds = [derive_seed(args.seed, TRAIN_ENV_STREAM, run.generation, r) for r in range(args.num_rollouts)]
             tasks = [RolloutTask(member, seeds, True) for member in range(len(candidates))]
             results = run.pool.map(tasks, [population])
             returns = np.array([np.mean(result.episode_returns) for result in results])
@@ -386,7 +378,7 @@ def train(args, given):
             es.tell(candidates, (-returns).tolist())  # pycma minimizes
             run.count_generation(returns, sum(result.steps for result in results))
             evaluation = None
-            if run.generation % run.args.eval_every == 0:
+            if run.generation % args.eval_every == 0:
                 evaluation = evaluate_mean(run)  # best.npz, the goal streak, the video
             run.record(returns, evaluation, sigma)  # progress.csv, TensorBoard, W&B, console
             run.save_checkpoint()
@@ -397,20 +389,15 @@ def train(args, given):
 
 
 def evaluate_mean(run):
-    """Evaluate the distribution mean (xfavorite) after this generation, without the early stop;
-    the run records it (best.npz, the goal streak, the console line, the video). float64 (E,)."""
-    args = run.args
+    """The distribution mean's (xfavorite) returns without the early stop, float64 (E,), recorded by the run."""
     center = run.full(run.es.result.xfavorite)
-    returns, steps = evaluate(run.pool, center, args.seed, run.generation, args.num_eval_rollouts)
+    returns, steps = evaluate(run.pool, center, run.args.seed, run.generation, run.args.num_eval_rollouts)
     run.count_steps(steps)
     run.record_evaluation(center, returns)
     return returns
 
 
-# ------------------------------------------------------------------------------------------------
-# Machinery: a first-time reader may skip what follows (checks, the run's folder and logs,
-# the fast CarRacing, workers, files, plots, video, main)
-# ------------------------------------------------------------------------------------------------
+# == Machinery: a first-time reader may skip what follows (checks, the run, the fast CarRacing, workers, files, main) ==
 import concurrent.futures
 import concurrent.futures.process  # BrokenProcessPool: also where no pool was started
 import contextlib

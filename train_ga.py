@@ -64,9 +64,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if isinstance(action, argparse.BooleanOptionalAction):
             return text + f" (default: {action.option_strings[0 if action.default else 1]})"
-        if isinstance(action.default, bool):
-            return text
-        return text + " (default: %(default)s)"
+        return text if isinstance(action.default, bool) else text + " (default: %(default)s)"
 
 
 def build_parser():
@@ -617,7 +615,7 @@ def evaluate_best(run, screen=False):
     return evaluation
 
 
-# ---- Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main)
+# == Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main) ==
 import contextlib
 import csv
 import fcntl

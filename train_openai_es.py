@@ -43,23 +43,18 @@ class UserError(Exception):
 # -- 1. Configuration ----------------------------------------------------------------------------
 def build_parser():
     """Every flag; parse_args checks the numbers against LIMITS."""
-    p = OneLineParser(
-        prog=SCRIPT,
-        description="OpenAI-ES (Salimans et al. 2017) on gymnasium.",
-        formatter_class=HelpFormatter,
-        epilog=__doc__[__doc__.index("Examples:") :] + f'\nMore: README.md, section "{SCRIPT}"',
-    )
+    epilog = __doc__[__doc__.index("Examples:") :] + f'\nMore: README.md, section "{SCRIPT}"'
+    description = "OpenAI-ES (Salimans et al. 2017) on gymnasium."
+    p = OneLineParser(prog=SCRIPT, description=description, formatter_class=HelpFormatter, epilog=epilog)
     switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument("--env-id", default="CartPole-v1", help="gymnasium environment id")
-    env_kwargs = "keyword arguments for gymnasium.make, e.g. continuous=true"
-    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help=env_kwargs)
+    g.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="keywords for gymnasium.make")
     g.add_argument("--seed", type=int, default=1, help="seed of every random draw")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     num_workers = "rollout processes, 1: in-process (default: usable cores; Ray: the cluster's CPUs)"
     g.add_argument("--num-workers", type=int, default=cores, help=num_workers)
-    ray_address = "the Ray cluster's head HOST:PORT, or auto (default: $RAY_ADDRESS, else local processes)"
-    g.add_argument("--ray-address", metavar="ADDRESS", help=ray_address)
+    g.add_argument("--ray-address", metavar="ADDRESS", help="a Ray cluster's HOST:PORT or auto (default: $RAY_ADDRESS)")
     g.add_argument("--population-size", type=int, default=256, help="members, even if mirrored")
     g.add_argument("--max-iter", type=int, default=1000, help="generations, counted from the run's start")
     g.add_argument("--num-rollouts", type=int, default=1, help="episodes per fitness evaluation (their mean)")
@@ -99,8 +94,7 @@ def build_parser():
     g.add_argument("--hidden-sizes", type=int, nargs="*", default=[64, 64], help="layer widths (after a conv net)")
     g.add_argument("--activation", choices=["tanh", "relu", "selu"], default="tanh", help="hidden activation")
     g.add_argument("--recurrent", action=switch, default=False, help="an LSTM core after the hidden layers")
-    action_bounding = "Box actions: tanh onto the bounds, or raw outputs clipped"
-    g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale", help=action_bounding)
+    g.add_argument("--action-bounding", choices=["scale", "clip"], default="scale", help="Box: tanh to bounds, or clip")
     g.add_argument("--frame-size", type=int, default=64, help="pixels: square frame size (36 at least)")
     g.add_argument("--frame-stack", type=int, default=4, help="pixels: number of stacked frames")
     g.add_argument("--grayscale", action=switch, default=True, help="pixels: convert frames to grayscale")
@@ -123,9 +117,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if isinstance(action, argparse.BooleanOptionalAction):
             return text + f" (default: {action.option_strings[0 if action.default else 1]})"
-        if isinstance(action.default, bool):
-            return text
-        return text + " (default: %(default)s)"
+        return text if isinstance(action.default, bool) else text + " (default: %(default)s)"
 
 
 def parse_args(argv=None):
@@ -135,9 +127,7 @@ def parse_args(argv=None):
     given = flags_given(parser, argv, args)
     args.env_kwargs = parse_env_kwargs(args.env_kwargs)
     check_numbers(vars(args), lambda key: "--" + key.replace("_", "-"))
-    check_flags(args, given)
-    check_settings(args)
-    check_paths(args)
+    check_flags(args, given)  # and the settings, the paths
     check_placement(args, given)
     return args, given
 
@@ -306,15 +296,7 @@ class Policy(nn.Module):
     Discrete: argmax; Box: tanh (env rescaled to [-1, 1]) or raw (env clips). Genotype: parameters_to_vector."""
 
     def __init__(
-        self,
-        obs_shape,
-        num_actions,
-        discrete,
-        hidden_sizes=(64, 64),
-        activation="tanh",
-        recurrent=False,
-        action_bounding="scale",
-        obs_norm=True,
+        self, obs_shape, num_actions, discrete, hidden_sizes, activation, recurrent, action_bounding, obs_norm
     ):
         super().__init__()
         self.obs_shape = tuple(obs_shape)
@@ -515,7 +497,7 @@ def evaluate_center(run, screen=False):
     return evaluation
 
 
-# == Machinery: a first-time reader may skip what follows (workers, files, plots, video, main) ===
+# == Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main) ==
 import contextlib
 import csv
 import fcntl
@@ -630,7 +612,8 @@ def flags_given(parser, argv, args):
 
 
 def check_flags(args, given):
-    """UserError for flags that exclude each other, or that the checkpoint or the weights file sets."""
+    """UserError for flags that exclude each other, or that the checkpoint or the weights file sets; then the
+    settings' combinations (check_settings) and the paths (check_paths)."""
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
         raise UserError("--resume, --from-pretrained and --init-from exclude each other")
     fixed = []
@@ -638,12 +621,13 @@ def check_flags(args, given):
         fixed = sorted(given - RESUME_FLAGS)
     elif args.init_from or args.from_pretrained:
         fixed = sorted(given & {*META_FLAGS["env"], *META_FLAGS["policy"]})
-    if not fixed:
-        return
-    flag = "--" + fixed[0].replace("_", "-")
-    if args.resume:
+    flag = "--" + fixed[0].replace("_", "-") if fixed else None
+    if flag and args.resume:
         raise UserError(f"{flag} cannot be changed on resume: the run's settings come from its checkpoint")
-    raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
+    if flag:
+        raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
+    check_settings(args)
+    check_paths(args)
 
 
 def check_placement(args, given):

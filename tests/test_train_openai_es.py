@@ -162,8 +162,15 @@ def test_seeds_are_derived_not_drawn():
 # ------------------------------------------------------------------------------------------------
 # Policy and env
 # ------------------------------------------------------------------------------------------------
+def make_policy(obs_shape, num_actions, discrete, hidden_sizes, activation="tanh", recurrent=False,
+                action_bounding="scale", obs_norm=True):
+    """es_mod.Policy with the flags' defaults for what a test does not set."""
+    return es_mod.Policy(obs_shape, num_actions, discrete, hidden_sizes, activation, recurrent, action_bounding,
+                         obs_norm)
+
+
 def test_mlp_parameter_count_and_flat_vector_round_trip():
-    policy = es_mod.Policy(obs_shape=(4,), num_actions=2, discrete=True, hidden_sizes=(64, 64))
+    policy = make_policy(obs_shape=(4,), num_actions=2, discrete=True, hidden_sizes=(64, 64))
     theta = parameters_to_vector(policy.parameters())
     assert theta.numel() == 4 * 64 + 64 + 64 * 64 + 64 + 64 * 2 + 2
     new = torch.randn_like(theta)
@@ -173,20 +180,20 @@ def test_mlp_parameter_count_and_flat_vector_round_trip():
 
 
 def test_policy_actions_discrete_box_and_normalization():
-    discrete = es_mod.Policy(obs_shape=(3,), num_actions=4, discrete=True, hidden_sizes=(8,))
+    discrete = make_policy(obs_shape=(3,), num_actions=4, discrete=True, hidden_sizes=(8,))
     action, _ = discrete.act(np.ones(3, np.float32))
     assert isinstance(action, int) and 0 <= action < 4
-    box = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
+    box = make_policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
     with torch.no_grad():
         box.head.bias.fill_(100.0)
     action, _ = box.act(np.ones(3, np.float32))
     assert action.shape == (2,) and np.all(action <= 1) and np.all(action > 0.99)  # tanh-squashed
-    clip = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,), action_bounding="clip")
+    clip = make_policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,), action_bounding="clip")
     with torch.no_grad():
         clip.head.bias.fill_(100.0)
     assert np.all(clip.act(np.ones(3, np.float32))[0] > 50)  # raw: the env's ClipAction bounds it
     # Normalization: an observation equal to the mean acts like a zero observation.
-    policy = es_mod.Policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
+    policy = make_policy(obs_shape=(3,), num_actions=2, discrete=False, hidden_sizes=(8,))
     zero = policy.act(np.zeros(3, np.float32))[0]
     policy.obs_mean, policy.obs_std = np.array([5.0, -2.0, 1.0], np.float32), np.full(3, 2.0, np.float32)
     assert np.allclose(policy.act(np.array([5.0, -2.0, 1.0], np.float32))[0], zero)
@@ -196,14 +203,14 @@ def test_policy_actions_discrete_box_and_normalization():
 
 
 def test_conv_lstm_policy_on_pixels():
-    policy = es_mod.Policy(obs_shape=(4, 64, 64), num_actions=3, discrete=False, hidden_sizes=(32,), recurrent=True)
+    policy = make_policy(obs_shape=(4, 64, 64), num_actions=3, discrete=False, hidden_sizes=(32,), recurrent=True)
     frames = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64), dtype=np.uint8)
     with torch.inference_mode():
         a1, state = policy.act(frames)
         a2, state2 = policy.act(frames, state)
     assert a1.shape == (3,) and state[0].shape == (32,)
     assert not np.allclose(a1, a2)  # the LSTM state carries over between steps
-    rgb = es_mod.Policy(obs_shape=(2, 40, 40, 3), num_actions=5, discrete=True, hidden_sizes=(16,))
+    rgb = make_policy(obs_shape=(2, 40, 40, 3), num_actions=5, discrete=True, hidden_sizes=(16,))
     assert rgb.conv[0].in_channels == 6
     assert isinstance(rgb.act(np.zeros((2, 40, 40, 3), np.uint8))[0], int)
 
@@ -859,7 +866,7 @@ def test_losing_the_cluster_ends_with_a_message_and_the_run_resumes_locally(tmp_
 @pytest.mark.parametrize("discrete,bounding", [(True, "scale"), (False, "scale"), (False, "clip")])
 def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete, bounding):
     # act() runs the MLP of a vector observation in numpy; it must compute torch's forward, normalization included.
-    policy = es_mod.Policy([6], 3, discrete, (16, 8), activation, action_bounding=bounding)
+    policy = make_policy([6], 3, discrete, (16, 8), activation, action_bounding=bounding)
     rng = np.random.default_rng(0)
     policy.load(rng.normal(size=sum(p.numel() for p in policy.parameters())))
     policy.obs_mean = rng.normal(size=6).astype(np.float32)
@@ -885,7 +892,7 @@ def test_numpy_forward_of_the_mlp_matches_torch(activation, discrete, bounding):
 def test_a_batched_forward_gives_each_member_exactly_its_own_action(activation, obs_dim, hidden, actions, discrete):
     # Lockstep rollouts step B members with one batched forward: row b must be bit for bit what member b's
     # weights give on its observation alone, or lockstep would change the episodes.
-    policy = es_mod.Policy([obs_dim], actions, discrete, hidden, activation)
+    policy = make_policy([obs_dim], actions, discrete, hidden, activation)
     rng = np.random.default_rng(obs_dim)
     genotypes = rng.normal(size=(13, sum(p.numel() for p in policy.parameters()))).astype(np.float32)
     policy.obs_mean = rng.normal(size=obs_dim).astype(np.float32)
