@@ -25,7 +25,7 @@ FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of seg
 RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)",
             "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
 # A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
-PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4"]}
+PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5"]}
 LEVELS = (500, 700, 800, 850, 900)
 
 
@@ -96,7 +96,7 @@ def main():
             line = ax.plot([p[x] if x == 2 else p[x] / 1e6 for p in points], [p[3] for p in points], "-", lw=1,
                            label=f"{label}: population mean")[0]
             ax.plot([p[x] if x == 2 else p[x] / 1e6 for p in evaluated], [p[4] for p in evaluated], "o-", ms=4,
-                    color=line.get_color(), label=f"{label}: evaluation (10 episodes)")
+                    color=line.get_color(), label=f"{label}: evaluation (10 episodes; 30 from 200)")
         print(label)
         for level in LEVELS:
             reached = [p for p in evaluated if p[4] >= level]
