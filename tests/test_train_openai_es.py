@@ -1062,4 +1062,4 @@ def test_a_policy_too_large_for_memory_is_a_clear_error():
     # (2^31 - 1)^2 float32 weights, about 2^64 bytes: torch's allocator refuses them on any machine.
     config = dict(obs_shape=[2 ** 31 - 1], discrete=True, num_actions=2, hidden_sizes=[2 ** 31 - 1], activation="tanh")
     with pytest.raises(MemoryError, match="do not fit in"):
-        es_mod.make_policy(dict(config, obs_norm=False))
+        es_mod.make_policy(dict(config, recurrent=False, action_bounding="scale", obs_norm=False))
