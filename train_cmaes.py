@@ -273,8 +273,8 @@ class AttentionAgent(nn.Module):
         """frame uint8 (S, S, 3) -> float32 (n^2, d) in [0, 1], each patch as (row, col, channel)."""
         p = self.patch_size
         s = self.patch_stride
-        patches = torch.from_numpy(frame).unfold(0, p, s).unfold(1, p, s)  # uint8 (n, n, 3, p, p)
-        return patches.permute(0, 1, 3, 4, 2).reshape(-1, self.patch_dim).float().div_(255.0)
+        patches = torch.from_numpy(frame).float().div_(255.0).unfold(0, p, s).unfold(1, p, s)  # (n, n, 3, p, p)
+        return patches.permute(0, 1, 3, 4, 2).reshape(-1, self.patch_dim)  # one copy
 
     def attend(self, frame):
         """int64 (k,): the top-k patches, most important first; importance_j = sum_i softmax(...)_ij
@@ -1304,69 +1304,103 @@ class DirectCarRacing(FastCarRacing):
     SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
     FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
     # smoothscale's fixed-point averaging truncates twice: a uniform area of level v > 1 comes out as v - 2
-    SMOOTHSCALE_LOSS = np.maximum(np.arange(256) - 2, 0).astype(np.uint8)
+    SMOOTHSCALE_LOSS = (2, 2, 2, 0)  # subtracted, saturating at 0
+    # gymnasium's indicator bars, (place, scale, color, vertical), of: speed, the four wheels' ABS, steering, gyro
+    BARS = [(5, 0.02, (255, 255, 255), True), (7, 0.01, (0, 0, 255), True), (8, 0.01, (0, 0, 255), True)]
+    BARS += [(9, 0.01, (51, 0, 255), True), (10, 0.01, (51, 0, 255), True), (20, -10.0, (0, 255, 0), False)]
+    BARS += [(30, -0.8, (255, 0, 0), False)]
+
+    def reset(self, *, seed=None, options=None):
+        self._scene = None  # a new track and car: their arrays are gathered at the first frame
+        return super().reset(seed=seed, options=options)
 
     def _render(self, mode):
         if mode != "state_pixels" or "t" not in self.__dict__:
             return super()._render(mode)
-        canvas = np.zeros((self.SIDE, self.SIDE, 3), dtype=np.uint8)
+        scene = self._scene = self._scene or self._gather_scene()
+        canvas = np.zeros((self.SIDE, self.SIDE, 4), dtype=np.uint8)  # BGR and a spare: OpenCV's faster resize
         angle = -self.car.hull.angle
         zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
         scroll = pygame.math.Vector2((-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)).rotate_rad(
             angle
         )
         translation = (car_racing.WINDOW_W / 2 + scroll[0], car_racing.WINDOW_H / 4 + scroll[1])
-        grass = self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle)
-        road = self._maybe_visible(self._road_polygons(), zoom, translation, angle)
-        # (world vertices (V, 2), color) in gymnasium's drawing order: field, grass, road, then the car
-        polygons = [(self.FIELD, self.bg_color), (self.GRASS_POLYGONS[0][grass].reshape(-1, 2), self.grass_color)]
-        polygons += [(self._road[0][i], self.road_poly[i][1]) for i in road]
-        for obj in self.car.drawlist:  # the wheels, then the hull, as car_dynamics.Car.draw
-            color = [int(c * 255) for c in obj.color]
-            cos = math.cos(obj.angle)
-            sin = math.sin(obj.angle)
-            body = np.array([[cos, sin], [-sin, cos]])  # row vectors: v @ body + position = the body's transform
-            position = np.array(obj.position)
-            for shape in self._car_shapes(obj):
-                polygons.append((shape @ body + position, color))
-                stripe = self._wheel_stripe(obj.phase) if "phase" in obj.__dict__ else None
-                if stripe is not None:
-                    polygons.append((stripe @ body + position, car_dynamics.WHEEL_WHITE))
-        vertices = [poly for poly, _ in polygons]
-        points = np.concatenate(vertices)
+        visible = self._maybe_visible(scene.polygons, zoom, translation, angle)  # the grass squares, then the road
+        grass = int(np.searchsorted(visible, len(self.GRASS)))
+        car, car_polygons = self._car(scene)
+        points = np.concatenate([self.FIELD, scene.polygons[0][visible].reshape(-1, 2), car.reshape(-1, 2)])
         cos = math.cos(angle)
         sin = math.sin(angle)
         x = (points[:, 0] * cos - points[:, 1] * sin) * zoom + translation[0]
         y = (points[:, 0] * sin + points[:, 1] * cos) * zoom + translation[1]
         fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
-        start = 0
-        for i, (poly, color) in enumerate(polygons):
-            points = fixed[start : start + len(poly)]
-            start += len(poly)
-            if i == 1:  # the grass squares, which do not overlap, in one call
-                points = list(points.reshape(-1, 4, 2))
-            else:
-                points = [points]
-            cv2.fillPoly(canvas, points, [int(c) for c in color], cv2.LINE_8, self.SHIFT)
+        first_car = 4 * (1 + len(visible))  # after the field, the grass squares and the road: 4 vertices each
+        quads = list(fixed[:first_car].reshape(-1, 4, 2))
+        car_fixed = fixed[first_car:].reshape(car.shape)
+        road_colors = [self.road_poly[i][1] for i in visible[grass:] - len(self.GRASS)]  # live: visited tiles change
+        # ([polygons], color) in gymnasium's drawing order; the grass squares, which do not overlap, in one call
+        calls = [(quads[:1], scene.field_color), (quads[1 : 1 + grass], scene.grass_color)]
+        calls += zip(([quad] for quad in quads[1 + grass :]), np.array(road_colors, dtype=np.int64).tolist())
+        calls += [([car_fixed[body, start:end]], color) for body, start, end, color, _ in car_polygons]
+        for polygons, color in calls:
+            cv2.fillPoly(canvas, polygons, color, cv2.LINE_8, self.SHIFT)
         self._indicators(canvas)
         # a 4 x 4 box average in two halvings: OpenCV's fast path (3x faster than one INTER_AREA to 96 x 96)
         half = cv2.resize(canvas, (self.SIDE // 2, self.SIDE // 2), interpolation=cv2.INTER_AREA)
         frame = cv2.resize(half, (car_racing.STATE_W, car_racing.STATE_H), interpolation=cv2.INTER_AREA)
-        return cv2.LUT(frame, self.SMOOTHSCALE_LOSS)
+        return cv2.subtract(cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), self.SMOOTHSCALE_LOSS)
 
-    def _car_shapes(self, body):
-        """float64 (V, 2) vertices of each fixture of a car body, in its own units, gathered once per car."""
-        shapes = self.__dict__.setdefault("_shapes", {})
-        if shapes.get(id(body), (None,))[0] is not body:  # a new car at each reset: new bodies
-            shapes[id(body)] = (body, [np.array(f.shape.vertices, dtype=np.float64) for f in body.fixtures])
-        return shapes[id(body)][1]
+    def _gather_scene(self):
+        """A track's and car's arrays, gathered at their first frame: `polygons`, the `_polygons` of the grass
+        squares then the road ((400 + R, 4, 2) float64 vertices); the field's and grass's colors as ints; `car`,
+        float64 (B, V, 2) vertices of each body of the car's drawlist (the wheels, then the hull) in its own units,
+        its fixtures one after another, then room for a wheel's stripe; `car_polygons`, [(body, first vertex, end
+        vertex, color as ints, is a stripe)] in car_dynamics.Car.draw's order (a wheel's stripe after it)."""
+        fixtures = [[f.shape.vertices for f in body.fixtures] for body in self.car.drawlist]
+        car = np.zeros((len(fixtures), max(sum(map(len, shapes)) + 4 for shapes in fixtures), 2))
+        polygons = []
+        for b, (body, shapes) in enumerate(zip(self.car.drawlist, fixtures)):
+            start = 0
+            for vertices in shapes:
+                car[b, start : start + len(vertices)] = vertices
+                polygons.append((b, start, start + len(vertices), [int(c * 255) for c in body.color], False))
+                start += len(vertices)
+                if "phase" in body.__dict__:
+                    polygons.append((b, start, start + 4, car_dynamics.WHEEL_WHITE, True))
+        return types.SimpleNamespace(
+            polygons=self._polygons(np.concatenate([self.GRASS_POLYGONS[0], self._road_polygons()[0]])),
+            field_color=[int(c) for c in self.bg_color],
+            grass_color=[int(c) for c in self.grass_color],
+            car=car,
+            car_polygons=polygons,
+        )
+
+    def _car(self, scene):
+        """(float64 (B, V, 2) world vertices of the car's bodies, this frame's wheel stripes written into
+        `scene.car`, and `scene.car_polygons` less the stripes hidden now)."""
+        bodies = self.car.drawlist
+        polygons = []
+        for polygon in scene.car_polygons:
+            body, start, end, _, is_stripe = polygon
+            if is_stripe:
+                stripe = self._wheel_stripe(bodies[body].phase)
+                if stripe is None:
+                    continue
+                scene.car[body, start:end] = stripe
+            polygons.append(polygon)
+        cos = [math.cos(body.angle) for body in bodies]
+        sin = [math.sin(body.angle) for body in bodies]
+        turns = np.array([((c, s), (-s, c)) for c, s in zip(cos, sin)])  # row vectors: v @ turn + position
+        positions = np.array([tuple(body.position) for body in bodies])
+        return scene.car @ turns + positions[:, None], polygons
 
     def _fixed(self, x, y):
         """Window pixels (x, y float64 (N,), pygame's: pixel i covers [i, i + 1)) -> int32 (N, 2) canvas
         coordinates in OpenCV's fixed point (pixel i covers [i - 0.5, i + 0.5), SHIFT fraction bits)."""
-        x = (x * (self.SIDE / car_racing.WINDOW_W) - 0.5) * (1 << self.SHIFT)
-        y = (y * (self.SIDE / car_racing.WINDOW_H) - 0.5) * (1 << self.SHIFT)
-        return np.stack([np.round(x), np.round(y)], axis=1).astype(np.int32)
+        fixed = np.empty((len(x), 2))
+        fixed[:, 0] = (x * (self.SIDE / car_racing.WINDOW_W) - 0.5) * (1 << self.SHIFT)
+        fixed[:, 1] = (y * (self.SIDE / car_racing.WINDOW_H) - 0.5) * (1 << self.SHIFT)
+        return np.rint(fixed, out=fixed).astype(np.int32)
 
     @staticmethod
     def _wheel_stripe(phase):
@@ -1387,46 +1421,35 @@ class DirectCarRacing(FastCarRacing):
         return np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)])
 
     def _indicators(self, canvas):
-        """gymnasium's `_render_indicators` (the black bar, speed, ABS, steering, gyro) and the score text, in
-        window pixels (drawn after the flip); the text is rendered once per string and cached at canvas scale."""
-        width = car_racing.WINDOW_W
+        """gymnasium's `_render_indicators` (the black bar and the BARS) and the score text, in window pixels
+        (drawn after the flip); the text is rendered once per string and cached at canvas scale."""
         height = car_racing.WINDOW_H
-        s = width / 40.0
+        s = car_racing.WINDOW_W / 40.0
         h = height / 40.0
         canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar, 5/40 of the height: whole canvas rows
-        bars = []
-        hull = self.car.hull
+        velocity = self.car.hull.linearVelocity
         wheels = self.car.wheels
-        speed = math.sqrt(hull.linearVelocity[0] ** 2 + hull.linearVelocity[1] ** 2)
-        values = [
-            ("v", 5, 0.02 * speed, speed, (255, 255, 255)),
-            ("v", 7, 0.01 * wheels[0].omega, wheels[0].omega, (0, 0, 255)),
-            ("v", 8, 0.01 * wheels[1].omega, wheels[1].omega, (0, 0, 255)),
-            ("v", 9, 0.01 * wheels[2].omega, wheels[2].omega, (51, 0, 255)),
-            ("v", 10, 0.01 * wheels[3].omega, wheels[3].omega, (51, 0, 255)),
-            ("h", 20, -10.0 * wheels[0].joint.angle, wheels[0].joint.angle, (0, 255, 0)),
-            ("h", 30, -0.8 * hull.angularVelocity, hull.angularVelocity, (255, 0, 0)),
-        ]
-        for kind, place, val, value, color in values:
-            if abs(value) <= 1e-4:
-                continue
-            if kind == "v":
-                top = height - (h + h * val)
-                left = place * s
-                poly = [(left, top), (left + s, top), (left + s, height - h), (left, height - h)]
-            else:
-                right = (place + val) * s
-                left = place * s
-                top = height - 4 * h
-                poly = [(left, top), (right, top), (right, height - 2 * h), (left, height - 2 * h)]
-            bars.append((poly, color))
-        if bars:
-            points = np.array([poly for poly, _ in bars], dtype=np.float64)  # (bars, 4, 2)
-            fixed = self._fixed(points[..., 0].ravel(), points[..., 1].ravel()).reshape(-1, 4, 2)
-            for (_, color), poly in zip(bars, fixed):
-                cv2.fillPoly(canvas, [poly], color, cv2.LINE_8, self.SHIFT)
+        speed = math.sqrt(velocity[0] ** 2 + velocity[1] ** 2)
+        values = [speed, *(wheel.omega for wheel in wheels), wheels[0].joint.angle, self.car.hull.angularVelocity]
+        x = []  # the bars' opposite corners, window pixels
+        y = []
+        colors = []
+        for value, (place, scale, color, vertical) in zip(values, self.BARS):
+            if abs(value) > 1e-4:  # gymnasium draws no bar for a smaller value
+                val = scale * value
+                if vertical:
+                    x += [place * s, place * s + s]
+                    y += [height - (h + h * val), height - h]
+                else:
+                    x += [place * s, (place + val) * s]
+                    y += [height - 4 * h, height - 2 * h]
+                colors.append(color)
+        corners = ((self._fixed(np.array(x), np.array(y)) + (1 << self.SHIFT - 1)) >> self.SHIFT).tolist()
+        for corner, opposite, color in zip(corners[::2], corners[1::2], colors):
+            # fillPoly's pixels of an upright rectangle: those of its rounded corners and all between
+            cv2.rectangle(canvas, corner, opposite, color, cv2.FILLED)
         text, (x, y) = self._score_text(f"{self.reward:04.0f}")
-        patch = canvas[y : y + text.shape[0], x : x + text.shape[1]]
+        patch = canvas[y : y + text.shape[0], x : x + text.shape[1], :3]
         np.maximum(patch, text[: patch.shape[0], : patch.shape[1]], out=patch)
 
     def _score_text(self, string):
