@@ -25,7 +25,7 @@ FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of seg
 RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)",
             "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
 # A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
-PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5"]}
+PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5", "scratch4_64x2_part6"]}
 LEVELS = (500, 700, 800, 850, 900)
 
 
