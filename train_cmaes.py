@@ -325,14 +325,15 @@ def make_env(env_config, training):
 
 def rollout(env, agent, seed, on_step=None, direct=False):
     """One episode from `env.reset(seed=seed)`: (episode return, steps); on_step(frame, top-k) sees each frame;
-    direct: the agent's arithmetic of training on direct frames (`forward_direct`)."""
+    direct: the agent's arithmetic of training on direct frames (`DirectForward`)."""
     obs, _ = env.reset(seed=seed)
     state = agent.initial_state()
     total = 0.0
     steps = 0
     with torch.inference_mode():
+        forward = DirectForward(agent) if direct else agent
         while True:
-            action, state, top = forward_direct(agent, obs, state) if direct else agent(obs, state)
+            action, state, top = forward(obs, state)
             if on_step is not None:
                 on_step(obs, top)
             obs, reward, terminated, truncated, _ = env.step(action)
@@ -821,6 +822,9 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
+        written = checkpoint_written()  # None, or the error of the last checkpoint's write: the run's error
+        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+            kind, error = type(written), written
         self.csv_file.close()
         self.pool.close()
         stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
@@ -843,6 +847,8 @@ class Run:
                 f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
             )
         self.lock.close()
+        if written is not None and error is written:
+            raise written
         return stopped
 
     @property
@@ -1226,24 +1232,33 @@ class FastCarRacing(car_racing.CarRacing):
 
     GRASS_POLYGONS = _polygons(np.array(GRASS, dtype=np.float64))  # (400, 4, 2) vertices
 
+    @staticmethod
+    def _to_window(points, zoom, translation, angle):
+        """gymnasium's transform, vectorized: float64 (..., 2) world points -> x, y window pixels (..., ) each."""
+        cos = math.cos(angle)
+        sin = math.sin(angle)
+        x = (points[..., 0] * cos - points[..., 1] * sin) * zoom + translation[0]
+        y = (points[..., 0] * sin + points[..., 1] * cos) * zoom + translation[1]
+        return x, y
+
+    def _near(self, polygons, zoom, translation, angle):
+        """Ascending indices of the `_polygons` whose circle comes within 3 pixels of the window (~40 of ~700):
+        the others cannot reach it."""
+        _, centers, radii = polygons
+        x, y = self._to_window(centers, zoom, translation, angle)
+        reach = radii * zoom + 3.0
+        width = car_racing.WINDOW_W
+        height = car_racing.WINDOW_H
+        return np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
+
     def _maybe_visible(self, polygons, zoom, translation, angle):
-        """Ascending indices of the `_polygons` that may change a pixel, with gymnasium's transform, vectorized.
-        Only polygons whose circle comes within 3 pixels of the surface are looked at (the others cannot reach
-        it: ~40 of ~700); of these, dropped are those failing `_draw_colored_polygon`'s screen check or whose
-        bounding box misses the surface, both widened by a margin (1 and 2 pixels) so float differences can only
-        keep a polygon."""
-        vertices, centers, radii = polygons
-        cos, sin, width, height = (math.cos(angle), math.sin(angle), car_racing.WINDOW_W, car_racing.WINDOW_H)
-
-        def transform(points):  # (..., 2) world -> x, y pixels
-            return (
-                (points[..., 0] * cos - points[..., 1] * sin) * zoom + translation[0],
-                (points[..., 0] * sin + points[..., 1] * cos) * zoom + translation[1],
-            )
-
-        (x, y), reach = transform(centers), radii * zoom + 3.0
-        near = np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
-        x, y = transform(vertices[near])
+        """Ascending indices of the `_polygons` that may change a pixel: of the `_near` ones, dropped are those
+        failing `_draw_colored_polygon`'s screen check or whose bounding box misses the surface, both widened
+        by a margin (1 and 2 pixels) so float differences can only keep a polygon."""
+        near = self._near(polygons, zoom, translation, angle)
+        x, y = self._to_window(polygons[0][near], zoom, translation, angle)
+        width = car_racing.WINDOW_W
+        height = car_racing.WINDOW_H
         margin = car_racing.MAX_SHAPE_DIM + 1.0
         passes_check = ((x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)).any(axis=1)
         touches = (
@@ -1325,23 +1340,27 @@ class DirectCarRacing(FastCarRacing):
             angle
         )
         translation = (car_racing.WINDOW_W / 2 + scroll[0], car_racing.WINDOW_H / 4 + scroll[1])
-        visible = self._maybe_visible(scene.polygons, zoom, translation, angle)  # the grass squares, then the road
-        grass = int(np.searchsorted(visible, len(self.GRASS)))
-        car, car_polygons = self._car(scene)
-        points = np.concatenate([self.FIELD, scene.polygons[0][visible].reshape(-1, 2), car.reshape(-1, 2)])
-        cos = math.cos(angle)
-        sin = math.sin(angle)
-        x = (points[:, 0] * cos - points[:, 1] * sin) * zoom + translation[0]
-        y = (points[:, 0] * sin + points[:, 1] * cos) * zoom + translation[1]
+        near = self._near(scene.polygons, zoom, translation, angle)  # the grass squares, then the road
+        car, car_calls = self._car(scene)
+        points = np.concatenate([self.FIELD, scene.polygons[0][near].reshape(-1, 2), car.reshape(-1, 2)])
+        x, y = self._to_window(points, zoom, translation, angle)
         fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
-        first_car = 4 * (1 + len(visible))  # after the field, the grass squares and the road: 4 vertices each
-        quads = list(fixed[:first_car].reshape(-1, 4, 2))
+        first_car = 4 * (1 + len(near))  # after the field, the grass squares and the road: 4 vertices each
+        quads = fixed[4:first_car].reshape(-1, 4, 2)
+        # Those whose box comes within 2 pixels of the canvas: the same pixels as gymnasium's screen check (a
+        # polygon that reaches the window has every vertex within MAX_SHAPE_DIM of it)
+        low = -2 << self.SHIFT
+        high = (self.SIDE + 2) << self.SHIFT
+        inside = (quads.max(axis=1) >= low).all(axis=1) & (quads.min(axis=1) <= high).all(axis=1)
+        visible = near[inside]
+        grass = int(np.searchsorted(visible, len(self.GRASS)))
+        quads = [fixed[:4], *quads[inside]]
         car_fixed = fixed[first_car:].reshape(car.shape)
         road_colors = [self.road_poly[i][1] for i in visible[grass:] - len(self.GRASS)]  # live: visited tiles change
         # ([polygons], color) in gymnasium's drawing order; the grass squares, which do not overlap, in one call
         calls = [(quads[:1], scene.field_color), (quads[1 : 1 + grass], scene.grass_color)]
         calls += zip(([quad] for quad in quads[1 + grass :]), np.array(road_colors, dtype=np.int64).tolist())
-        calls += [([car_fixed[body, start:end]], color) for body, start, end, color, _ in car_polygons]
+        calls += [([car_fixed[b, start:end] for b, start, end in polygons], color) for polygons, color in car_calls]
         for polygons, color in calls:
             cv2.fillPoly(canvas, polygons, color, cv2.LINE_8, self.SHIFT)
         self._indicators(canvas)
@@ -1354,45 +1373,57 @@ class DirectCarRacing(FastCarRacing):
         """A track's and car's arrays, gathered at their first frame: `polygons`, the `_polygons` of the grass
         squares then the road ((400 + R, 4, 2) float64 vertices); the field's and grass's colors as ints; `car`,
         float64 (B, V, 2) vertices of each body of the car's drawlist (the wheels, then the hull) in its own units,
-        its fixtures one after another, then room for a wheel's stripe; `car_polygons`, [(body, first vertex, end
-        vertex, color as ints, is a stripe)] in car_dynamics.Car.draw's order (a wheel's stripe after it)."""
+        its fixtures one after another, a wheel's one fixture followed by room for its stripe; `car_polygons`,
+        [([(body, first vertex, end vertex)], color as ints, are stripes)] in car_dynamics.Car.draw's order, with
+        the four wheels (apart, one color) in one call, then their stripes (each inside its wheel) in one, then
+        the hull's fixtures (overlapping) one by one."""
         fixtures = [[f.shape.vertices for f in body.fixtures] for body in self.car.drawlist]
         car = np.zeros((len(fixtures), max(sum(map(len, shapes)) + 4 for shapes in fixtures), 2))
-        polygons = []
+        wheels = []
+        stripes = []
+        hull = []
         for b, (body, shapes) in enumerate(zip(self.car.drawlist, fixtures)):
             start = 0
             for vertices in shapes:
-                car[b, start : start + len(vertices)] = vertices
-                polygons.append((b, start, start + len(vertices), [int(c * 255) for c in body.color], False))
-                start += len(vertices)
+                end = start + len(vertices)
+                car[b, start:end] = vertices
                 if "phase" in body.__dict__:
-                    polygons.append((b, start, start + 4, car_dynamics.WHEEL_WHITE, True))
+                    wheels.append((b, start, end))
+                    stripes.append((b, end, end + 4))
+                    end += 4
+                else:
+                    hull.append(([(b, start, end)], [int(c * 255) for c in body.color], False))
+                start = end
+        wheel_color = [int(c * 255) for c in self.car.wheels[0].color]
         return types.SimpleNamespace(
             polygons=self._polygons(np.concatenate([self.GRASS_POLYGONS[0], self._road_polygons()[0]])),
             field_color=[int(c) for c in self.bg_color],
             grass_color=[int(c) for c in self.grass_color],
             car=car,
-            car_polygons=polygons,
+            car_polygons=[(wheels, wheel_color, False), (stripes, car_dynamics.WHEEL_WHITE, True), *hull],
         )
 
     def _car(self, scene):
         """(float64 (B, V, 2) world vertices of the car's bodies, this frame's wheel stripes written into
-        `scene.car`, and `scene.car_polygons` less the stripes hidden now)."""
+        `scene.car`; [([(body, first vertex, end vertex)], color)]: `scene.car_polygons` less the stripes
+        hidden now)."""
         bodies = self.car.drawlist
-        polygons = []
-        for polygon in scene.car_polygons:
-            body, start, end, _, is_stripe = polygon
-            if is_stripe:
-                stripe = self._wheel_stripe(bodies[body].phase)
-                if stripe is None:
-                    continue
-                scene.car[body, start:end] = stripe
-            polygons.append(polygon)
+        calls = []
+        for polygons, color, are_stripes in scene.car_polygons:
+            if are_stripes:
+                shown = []
+                for body, start, end in polygons:
+                    stripe = self._wheel_stripe(bodies[body].phase)
+                    if stripe is not None:
+                        scene.car[body, start:end] = stripe
+                        shown.append((body, start, end))
+                polygons = shown
+            calls.append((polygons, color))
         cos = [math.cos(body.angle) for body in bodies]
         sin = [math.sin(body.angle) for body in bodies]
         turns = np.array([((c, s), (-s, c)) for c, s in zip(cos, sin)])  # row vectors: v @ turn + position
         positions = np.array([tuple(body.position) for body in bodies])
-        return scene.car @ turns + positions[:, None], polygons
+        return scene.car @ turns + positions[:, None], calls
 
     def _fixed(self, x, y):
         """Window pixels (x, y float64 (N,), pygame's: pixel i covers [i, i + 1)) -> int32 (N, 2) canvas
@@ -1478,40 +1509,62 @@ class DirectCarRacing(FastCarRacing):
 
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2(e))
+EXP2_SAFE = 100.0  # |logits| <= 100: exp2 and the row sums of 529 stay far inside float32 without the row max
 
 
-def forward_direct(agent, frame, state):
+class DirectForward:
     """AttentionAgent.forward as training on direct frames runs it (--training-frames direct): the same
-    function in cheaper arithmetic, so it rounds otherwise (near-tied top-k patches may swap): the softmax by exp2
-    with log2(e) folded into the scale, the LSTM / RNN cell in plain tensor ops instead of nn.LSTM /
-    nn.RNN (its state: (h, c) or h, float32 (hidden,) each)."""
-    patches = agent.patches(frame)
-    queries = agent.fc_q(patches).mul_(agent.attention_scale * LOG2E)  # the scale on (n^2, q), not (n^2, n^2)
-    logits = torch.mm(queries, agent.fc_k(patches).T)
-    weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp2_()
-    importance = torch.mv(weights.T, weights.sum(dim=1).reciprocal_())
-    top = torch.topk(importance, agent.top_k).indices
-    x = agent.patch_positions[top].flatten()
-    if agent.controller == "mlp":
-        state.append(x)
-        h = torch.relu(agent.fc1(torch.cat(list(state))))
-    elif agent.controller == "rnn":
-        h = torch.zeros(agent.fc.in_features) if state is None else state
-        rnn = agent.rnn
-        h = torch.addmv(torch.addmv(rnn.bias_ih_l0, rnn.weight_ih_l0, x), rnn.weight_hh_l0, h)
-        h = torch.relu(h.add_(rnn.bias_hh_l0))
-        state = h
-    else:
-        h, c = (torch.zeros(agent.fc.in_features),) * 2 if state is None else state
-        lstm = agent.lstm
-        gates = torch.addmv(torch.addmv(lstm.bias_ih_l0, lstm.weight_ih_l0, x), lstm.weight_hh_l0, h)
-        gates.add_(lstm.bias_hh_l0)
-        i, f, g, o = gates.chunk(4)  # PyTorch's gate order
-        c = torch.sigmoid(f).mul_(c).add_(torch.sigmoid(i).mul_(torch.tanh(g)))
-        h = torch.sigmoid(o).mul_(torch.tanh(c))
-        state = (h, c)
-    action = torch.tanh(agent.fc(h))
-    return action.numpy(), state, top
+    function in cheaper arithmetic, so it rounds otherwise (near-tied top-k patches may swap). Derived from
+    the agent's weights once an episode: fc_q and fc_k as one (2 q, d) Linear, log2(e) / sqrt(d) folded into
+    the queries (the softmax by exp2); the row max subtracted only where |logits| could pass EXP2_SAFE (bound:
+    sum over c of max |q_c| max |k_c|); the LSTM / RNN cell as one addmv on [x, h] with the biases summed
+    (its state: (h, c) or h, float32 (hidden,) each)."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        scale = agent.attention_scale * LOG2E
+        self.query_dim = agent.fc_q.out_features
+        self.weight = torch.cat([agent.fc_q.weight * scale, agent.fc_k.weight])
+        self.bias = None
+        if agent.fc_q.bias is not None:
+            self.bias = torch.cat([agent.fc_q.bias * scale, agent.fc_k.bias])
+        if agent.controller != "mlp":
+            cell = getattr(agent, agent.controller)
+            self.cell_weight = torch.cat([cell.weight_ih_l0, cell.weight_hh_l0], dim=1)
+            self.cell_bias = cell.bias_ih_l0 + cell.bias_hh_l0
+
+    def importance(self, frame):
+        """frame uint8 (S, S, 3) -> float32 (n^2,): the column sums of softmax(Q K^T / sqrt(d))."""
+        q = self.query_dim
+        qk = nn.functional.linear(self.agent.patches(frame), self.weight, self.bias)  # (n^2, 2 q)
+        logits = torch.mm(qk[:, :q], qk[:, q:].T)
+        largest = qk.abs().amax(dim=0)
+        if torch.dot(largest[:q], largest[q:]) > EXP2_SAFE:
+            logits.sub_(logits.amax(dim=1, keepdim=True))
+        weights = logits.exp2_()
+        return torch.mv(weights.T, weights.sum(dim=1).reciprocal_())
+
+    def __call__(self, frame, state):
+        agent = self.agent
+        top = torch.topk(self.importance(frame), agent.top_k).indices
+        x = agent.patch_positions[top].flatten()
+        if agent.controller == "mlp":
+            state.append(x)
+            h = torch.relu(agent.fc1(torch.cat(list(state))))
+        elif agent.controller == "rnn":
+            h = torch.zeros(agent.fc.in_features) if state is None else state
+            h = torch.relu(torch.addmv(self.cell_bias, self.cell_weight, torch.cat([x, h])))
+            state = h
+        else:
+            h, c = (torch.zeros(agent.fc.in_features),) * 2 if state is None else state
+            gates = torch.addmv(self.cell_bias, self.cell_weight, torch.cat([x, h]))
+            i, f, _, o = torch.sigmoid(gates).chunk(4)  # PyTorch's gate order: i, f, g, o
+            g = torch.tanh(gates[2 * len(h) : 3 * len(h)])
+            c = torch.addcmul(f * c, i, g)
+            h = o * torch.tanh(c)
+            state = (h, c)
+        action = torch.tanh(agent.fc(h))
+        return action.numpy(), state, top
 
 
 # Workers: local processes, this process, or a Ray cluster
@@ -2043,10 +2096,44 @@ def attach_randn(es, randn):
         es.sm.randn = randn
 
 
+CHECKPOINT_WRITES = []  # the last checkpoint's write: (thread, [its error])
+
+
 def save_checkpoint(path, state):
     """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
-    CHECKPOINT_PARTS) into `path`, atomically."""
-    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+    CHECKPOINT_PARTS) now, and write it into `path` atomically on a thread while the next generation runs
+    (CMA-ES's is 216 MB); `checkpoint_written()` waits for it. Raises the previous write's error (OSError)."""
+    error = checkpoint_written()
+    if error is not None:
+        raise error
+    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    errors = []
+
+    def write():
+        try:
+            atomic_write(path, data)
+        except Exception as e:  # raised in the main thread by the next save_checkpoint or by Run
+            errors.append(e)
+
+    thread = threading.Thread(target=write, name="checkpoint")
+    thread.start()
+    CHECKPOINT_WRITES.append((thread, errors))
+
+
+def checkpoint_written():
+    """Wait for the last checkpoint's write (a Ctrl-C or SIGTERM meanwhile stops the run after it) -> None,
+    or the error that write raised."""
+    HOLDING.set()
+    try:
+        for thread, _ in CHECKPOINT_WRITES:
+            thread.join()
+    finally:
+        HOLDING.clear()
+    errors = [error for _, errors in CHECKPOINT_WRITES for error in errors]
+    CHECKPOINT_WRITES.clear()
+    if errors:
+        return errors[0]
+    return None
 
 
 def load_checkpoint(path):

@@ -1051,6 +1051,9 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
+        written = checkpoint_written()  # None, or the error of the last checkpoint's write: the run's error
+        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+            kind, error = type(written), written
         self.csv_file.close()
         self.pool.close()
         stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
@@ -1077,6 +1080,8 @@ class Run:
                 f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
             )
         self.lock.close()
+        if written is not None and error is written:
+            raise written
         return stopped
 
     def kept(self):
@@ -2036,10 +2041,44 @@ class CheckpointUnpickler(pickle._Unpickler):
     dispatch[pickle.REDUCE[0]] = load_reduce
 
 
+CHECKPOINT_WRITES = []  # the last checkpoint's write: (thread, [its error])
+
+
 def save_checkpoint(path, state):
     """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
-    CHECKPOINT_PARTS) into `path`, atomically."""
-    atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+    CHECKPOINT_PARTS) now, and write it into `path` atomically on a thread while the next generation runs
+    (CMA-ES's is 216 MB); `checkpoint_written()` waits for it. Raises the previous write's error (OSError)."""
+    error = checkpoint_written()
+    if error is not None:
+        raise error
+    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    errors = []
+
+    def write():
+        try:
+            atomic_write(path, data)
+        except Exception as e:  # raised in the main thread by the next save_checkpoint or by Run
+            errors.append(e)
+
+    thread = threading.Thread(target=write, name="checkpoint")
+    thread.start()
+    CHECKPOINT_WRITES.append((thread, errors))
+
+
+def checkpoint_written():
+    """Wait for the last checkpoint's write (a Ctrl-C or SIGTERM meanwhile stops the run after it) -> None,
+    or the error that write raised."""
+    HOLDING.set()
+    try:
+        for thread, _ in CHECKPOINT_WRITES:
+            thread.join()
+    finally:
+        HOLDING.clear()
+    errors = [error for _, errors in CHECKPOINT_WRITES for error in errors]
+    CHECKPOINT_WRITES.clear()
+    if errors:
+        return errors[0]
+    return None
 
 
 def load_checkpoint(path):

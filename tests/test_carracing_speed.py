@@ -118,9 +118,10 @@ def test_a_bad_training_frames_value_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("controller", cm.CONTROLLERS)
-def test_forward_direct_is_forward_in_other_rounding(controller):
-    # The training path's arithmetic (exp2, the cell in plain ops) against forward(), on the same frames and
-    # the same controller inputs: actions within float32 rounding where the top-k patches agree.
+def test_direct_forward_is_forward_in_other_rounding(controller):
+    # The training path's arithmetic (one Linear for Q and K, exp2, the row max only where the logits could
+    # overflow, the cell as one addmv) against forward(), on the same frames and the same controller inputs:
+    # actions within float32 rounding where the top-k patches agree.
     agent = cm.AttentionAgent(controller=controller)
     agent.set_flat(np.random.default_rng(4).normal(0, 0.3, agent.get_flat().size).astype(np.float32))
     env = cm.make_env(config(max_episode_steps=80), training=True)
@@ -129,9 +130,10 @@ def test_forward_direct_is_forward_in_other_rounding(controller):
     twin_state = agent.initial_state()
     agreed = 0
     with torch.inference_mode():
+        direct = cm.DirectForward(agent)
         for step in range(80):
             action, state, top = agent(obs, state)
-            twin_action, twin_state, twin_top = cm.forward_direct(agent, obs, twin_state)
+            twin_action, twin_state, twin_top = direct(obs, twin_state)
             if not torch.equal(top, twin_top):
                 break  # from here on the controllers see other inputs
             agreed += 1
@@ -140,3 +142,28 @@ def test_forward_direct_is_forward_in_other_rounding(controller):
             if terminated or truncated:
                 break
     assert agreed >= 20
+
+
+@pytest.mark.parametrize("query_scale", [1.0, 300.0])
+def test_direct_forward_importance_is_the_softmax_column_sums_also_where_the_logits_would_overflow(query_scale,
+                                                                                                  monkeypatch):
+    # Small logits skip the row max; large ones (queries x 300: log2-logits past 128, where exp2 overflows
+    # float32) subtract it. Both give the float64 softmax's column sums; without the check the large ones don't.
+    agent = cm.AttentionAgent()
+    agent.set_flat(np.random.default_rng(5).normal(0, 0.3, agent.get_flat().size).astype(np.float32))
+    agent.fc_q.weight.mul_(query_scale)
+    agent.fc_q.bias.mul_(query_scale)
+    env = cm.make_env(config(max_episode_steps=30), training=True)
+    obs, _ = env.reset(seed=3)
+    with torch.inference_mode():
+        for _ in range(25):
+            obs, *_ = env.step(np.array([0.1, 0.5, 0.0], dtype=np.float32))
+        patches = agent.patches(obs).double()
+        queries, keys = (torch.nn.functional.linear(patches, fc.weight.double(), fc.bias.double())
+                         for fc in (agent.fc_q, agent.fc_k))
+        expected = torch.softmax(queries @ keys.T * agent.attention_scale, dim=1).sum(dim=0)
+        found = cm.DirectForward(agent).importance(obs)
+        np.testing.assert_allclose(found.double().numpy(), expected.numpy(), rtol=1e-3, atol=1e-4)
+        monkeypatch.setattr(cm, "EXP2_SAFE", float("inf"))
+        unchecked = cm.DirectForward(agent).importance(obs)
+    assert torch.isfinite(unchecked).all() == (query_scale == 1.0)

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 # CHECKPOINT_PARTS, CHECKPOINT_MODULES).
 SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numbers", "derive_seed",
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
-          "save_weights", "CheckpointUnpickler", "save_checkpoint", "load_checkpoint", "versions",
+          "save_weights", "CheckpointUnpickler", "save_checkpoint", "checkpoint_written", "load_checkpoint", "versions",
           "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
           "Console", "signals_held")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
@@ -110,3 +111,31 @@ def test_versions_record_what_sets_a_runs_last_digits(script, monkeypatch):
     umath = np._core._multiarray_umath
     assert set(found["numpy_simd"]) <= {*umath.__cpu_baseline__, *umath.__cpu_dispatch__}
     json.dumps(found)  # args.json holds it
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_is_written_on_a_thread_and_a_failed_write_raised_by_the_next_save(tmp_path, script,
+                                                                                       monkeypatch):
+    module = importlib.import_module(script[:-3])
+    state = {"format_version": 1, "weights": np.arange(5.0)}
+    path = str(tmp_path / "checkpoint.pkl")
+    release = threading.Event()
+    write = module.atomic_write
+
+    def held_write(*args):
+        release.wait(30)
+        write(*args)
+
+    monkeypatch.setattr(module, "atomic_write", held_write)
+    module.save_checkpoint(path, state)  # returns while its write waits
+    assert not os.path.exists(path)
+    release.set()
+    assert module.checkpoint_written() is None
+    with open(path, "rb") as f:
+        assert module.CheckpointUnpickler(f).load()["weights"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    module.save_checkpoint(str(tmp_path / "removed" / "checkpoint.pkl"), state)  # its folder is gone
+    with pytest.raises(FileNotFoundError):
+        module.save_checkpoint(path, state)
+    module.save_checkpoint(str(tmp_path / "removed" / "checkpoint.pkl"), state)
+    assert isinstance(module.checkpoint_written(), FileNotFoundError)
+    assert module.checkpoint_written() is None
