@@ -324,8 +324,7 @@ def make_env(env_config, training):
 
 
 def rollout(env, agent, seed, on_step=None, direct=False):
-    """One episode from `env.reset(seed=seed)`: (episode return, steps); on_step(frame, top-k) sees each frame;
-    direct: the agent's arithmetic of training on direct frames (`DirectForward`)."""
+    """One episode from env.reset(seed=seed) -> (episode return, steps); on_step(frame, top-k) sees each frame."""
     obs, _ = env.reset(seed=seed)
     state = agent.initial_state()
     total = 0.0
@@ -1202,12 +1201,10 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class FastCarRacing(car_racing.CarRacing):
-    """gymnasium 1.4.0's CarRacing with the same observations, rewards and terminations, bit for bit, at about
-    twice the speed. A stock step spends 3/4 of its time in `_render_road` rotating ~1000 polygons in Python, one
-    vertex at a time, to draw ~4% of them; here a vectorized test drops those that cannot pass the screen check,
-    and the rest go through gymnasium's unchanged `_draw_colored_polygon`, in the same order. The score font is
-    loaded once. Relies on gymnasium's internals: requirements.txt pins gymnasium, a test compares the frames.
-    """
+    """gymnasium 1.4.0's CarRacing, observations, rewards and ends bit for bit, about twice as fast: a vectorized
+    test drops the ~96% of the road and grass polygons a stock step rotates in Python only to clip, the rest go
+    through gymnasium's `_draw_colored_polygon` in order; the score font is loaded once. Relies on gymnasium's
+    internals: requirements.txt pins gymnasium, a test compares the frames."""
 
     GRASS = [
         [
@@ -1242,8 +1239,7 @@ class FastCarRacing(car_racing.CarRacing):
         return x, y
 
     def _near(self, polygons, zoom, translation, angle):
-        """Ascending indices of the `_polygons` whose circle comes within 3 pixels of the window (~40 of ~700):
-        the others cannot reach it."""
+        """Ascending indices of the `_polygons` whose circle comes within 3 pixels of the window (~40 of ~700)."""
         _, centers, radii = polygons
         x, y = self._to_window(centers, zoom, translation, angle)
         reach = radii * zoom + 3.0
@@ -1252,9 +1248,8 @@ class FastCarRacing(car_racing.CarRacing):
         return np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
 
     def _maybe_visible(self, polygons, zoom, translation, angle):
-        """Ascending indices of the `_polygons` that may change a pixel: of the `_near` ones, dropped are those
-        failing `_draw_colored_polygon`'s screen check or whose bounding box misses the surface, both widened
-        by a margin (1 and 2 pixels) so float differences can only keep a polygon."""
+        """Ascending indices of the `_near` polygons that pass `_draw_colored_polygon`'s screen check and whose box
+        meets the surface (each widened: 1 and 2 pixels)."""
         near = self._near(polygons, zoom, translation, angle)
         x, y = self._to_window(polygons[0][near], zoom, translation, angle)
         width = car_racing.WINDOW_W
@@ -1291,7 +1286,7 @@ class FastCarRacing(car_racing.CarRacing):
             )
 
     def _render(self, mode):
-        # gymnasium's own _render, but the score font it loads from disk every frame comes from a cache
+        # gymnasium's own _render, the score font from a cache (it loads it from disk every frame)
         font_class, pygame.font.Font = pygame.font.Font, self._score_font
         try:
             return super()._render(mode)
@@ -1305,15 +1300,10 @@ class FastCarRacing(car_racing.CarRacing):
 
 
 class DirectCarRacing(FastCarRacing):
-    """FastCarRacing whose 96 x 96 observation is drawn straight at that size (OpenCV), for training rollouts
-    (--training-frames direct). gymnasium draws a 1000 x 800 surface (pygame, anti-aliased) and
-    `smoothscale`s it to 96 x 96, which averages ~10 x 8 window pixels into each observation pixel; here
-    the same polygons (background, the culled grass and road, the car's hull and wheels, the indicator bar,
-    the score text) with the same colors, camera, flip and bar are filled into a 4x supersampled
-    384 x 384 canvas at 1/16-pixel precision (`cv2.fillPoly`, shift 4) and box-averaged to 96 x 96
-    (`cv2.resize`, INTER_AREA). Physics, rewards and terminations are FastCarRacing's; only the frames
-    differ, by a few gray levels on edges (benchmarks/README.md: the frame comparison and the scores on
-    both). Other render modes (videos) stay gymnasium's."""
+    """FastCarRacing whose 96 x 96 observation is drawn at that size for training (--training-frames direct):
+    instead of pygame's 1000 x 800 surface `smoothscale`d down, the same polygons, colors, camera, bar and score
+    are filled (`cv2.fillPoly`, 1/16 pixel) into a 384 x 384 canvas and box-averaged 4 x 4. Physics, rewards and
+    ends are FastCarRacing's; frames differ by a few levels on edges (benchmarks/README.md). Videos: gymnasium's."""
 
     SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels average into one observation pixel
     SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
@@ -1347,8 +1337,7 @@ class DirectCarRacing(FastCarRacing):
         fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
         first_car = 4 * (1 + len(near))  # after the field, the grass squares and the road: 4 vertices each
         quads = fixed[4:first_car].reshape(-1, 4, 2)
-        # Those whose box comes within 2 pixels of the canvas: the same pixels as gymnasium's screen check (a
-        # polygon that reaches the window has every vertex within MAX_SHAPE_DIM of it)
+        # boxes within 2 pixels of the canvas: gymnasium's screen check's pixels (polygons < MAX_SHAPE_DIM)
         low = -2 << self.SHIFT
         high = (self.SIDE + 2) << self.SHIFT
         inside = (quads.max(axis=1) >= low).all(axis=1) & (quads.min(axis=1) <= high).all(axis=1)
@@ -1364,19 +1353,16 @@ class DirectCarRacing(FastCarRacing):
         for polygons, color in calls:
             cv2.fillPoly(canvas, polygons, color, cv2.LINE_8, self.SHIFT)
         self._indicators(canvas)
-        # a 4 x 4 box average in two halvings: OpenCV's fast path (3x faster than one INTER_AREA to 96 x 96)
+        # a 4 x 4 box average as two halvings, 3x faster than one INTER_AREA to 96 x 96
         half = cv2.resize(canvas, (self.SIDE // 2, self.SIDE // 2), interpolation=cv2.INTER_AREA)
         frame = cv2.resize(half, (car_racing.STATE_W, car_racing.STATE_H), interpolation=cv2.INTER_AREA)
         return cv2.subtract(cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), self.SMOOTHSCALE_LOSS)
 
     def _gather_scene(self):
-        """A track's and car's arrays, gathered at their first frame: `polygons`, the `_polygons` of the grass
-        squares then the road ((400 + R, 4, 2) float64 vertices); the field's and grass's colors as ints; `car`,
-        float64 (B, V, 2) vertices of each body of the car's drawlist (the wheels, then the hull) in its own units,
-        its fixtures one after another, a wheel's one fixture followed by room for its stripe; `car_polygons`,
-        [([(body, first vertex, end vertex)], color as ints, are stripes)] in car_dynamics.Car.draw's order, with
-        the four wheels (apart, one color) in one call, then their stripes (each inside its wheel) in one, then
-        the hull's fixtures (overlapping) one by one."""
+        """A track's and car's arrays, at their first frame: `polygons` (grass squares, then road), the colors as
+        ints, `car` (float64 (B, V, 2): each drawn body's fixtures in its own units, a wheel's then its stripe's
+        room), `car_polygons` ([([(body, start, end)], color, are stripes)]: the wheels, their stripes, the hull's
+        overlapping fixtures one by one)."""
         fixtures = [[f.shape.vertices for f in body.fixtures] for body in self.car.drawlist]
         car = np.zeros((len(fixtures), max(sum(map(len, shapes)) + 4 for shapes in fixtures), 2))
         wheels = []
@@ -1404,9 +1390,7 @@ class DirectCarRacing(FastCarRacing):
         )
 
     def _car(self, scene):
-        """(float64 (B, V, 2) world vertices of the car's bodies, this frame's wheel stripes written into
-        `scene.car`; [([(body, first vertex, end vertex)], color)]: `scene.car_polygons` less the stripes
-        hidden now)."""
+        """(float64 (B, V, 2) world vertices, stripes written in; `scene.car_polygons` less hidden stripes)."""
         bodies = self.car.drawlist
         calls = []
         for polygons, color, are_stripes in scene.car_polygons:
@@ -1509,16 +1493,13 @@ class DirectCarRacing(FastCarRacing):
 
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2(e))
-EXP2_SAFE = 100.0  # |logits| <= 100: exp2 and the row sums of 529 stay far inside float32 without the row max
+EXP2_SAFE = 100.0  # |logits| <= 100: exp2 and its row sums fit float32 without the row max
 
 
 class DirectForward:
-    """AttentionAgent.forward as training on direct frames runs it (--training-frames direct): the same
-    function in cheaper arithmetic, so it rounds otherwise (near-tied top-k patches may swap). Derived from
-    the agent's weights once an episode: fc_q and fc_k as one (2 q, d) Linear, log2(e) / sqrt(d) folded into
-    the queries (the softmax by exp2); the row max subtracted only where |logits| could pass EXP2_SAFE (bound:
-    sum over c of max |q_c| max |k_c|); the LSTM / RNN cell as one addmv on [x, h] with the biases summed
-    (its state: (h, c) or h, float32 (hidden,) each)."""
+    """AttentionAgent.forward in the cheaper arithmetic of --training-frames direct (near-tied top-k may swap),
+    set up once an episode: fc_q, fc_k as one Linear, log2(e) / sqrt(d) in the queries (softmax by exp2), the row
+    max only where |logits| may pass EXP2_SAFE, the cell one addmv on [x, h] (state (h, c) or h, (hidden,))."""
 
     def __init__(self, agent):
         self.agent = agent

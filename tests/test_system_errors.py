@@ -106,3 +106,29 @@ def test_resuming_a_run_folder_on_a_read_only_mount_is_one_line(tmp_path, script
     assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith(f"{script}: error: ") and "Read-only file system" in lines[0], lines
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+TINY = {"train_openai_es.py": ["--env-id", "CartPole-v1", "--population-size", "4", "--hidden-sizes", "4"],
+        "train_ga.py": ["--env-id", "CartPole-v1", "--population-size", "6", "--hidden-sizes", "4", "--elite-size", "1"],
+        "train_cmaes.py": ["--population-size", "2", "--num-rollouts", "1"]}
+
+
+@pytest.mark.parametrize("script", list(TINY))
+def test_a_checkpoint_write_that_fails_on_its_thread_ends_the_run_in_one_line(tmp_path, script, monkeypatch):
+    # The checkpoint is written on a thread; Run waits for it before it reports, so a full disk there is the
+    # run's error (one line, exit 1), not a "done" naming a checkpoint that is not on disk.
+    module = importlib.import_module(script[:-3])
+    write = module.atomic_write
+
+    def full_disk(path, data):
+        if path.endswith("checkpoint.pkl"):
+            raise OSError(28, "No space left on device", path)
+        write(path, data)
+
+    monkeypatch.setattr(module, "atomic_write", full_disk)
+    out = run_main(module, [*TINY[script], "--max-iter", "1", "--max-episode-steps", "20", "--eval-every", "1",
+                            "--num-eval-rollouts", "1", "--num-workers", "1", "--run-name", "full", "--quiet"],
+                   tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines() == [f"{script}: error: runs/full/checkpoint.pkl: No space left on device"], out.stderr
+    assert "done:" not in out.stdout and not (tmp_path / "runs" / "full" / "checkpoint.pkl").exists()
