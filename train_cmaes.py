@@ -1263,7 +1263,8 @@ class FastCarRacing(car_racing.CarRacing):
 
     def reset(self, *, seed=None, options=None):
         self._road = None  # a new track: its polygons are gathered at its first frame
-        return super().reset(seed=seed, options=options)
+        with signals_held():  # not inside Box2D's CreateBody: a half-made body errs at exit
+            return super().reset(seed=seed, options=options)
 
     def _road_polygons(self):
         """`_polygons` of `self.road_poly` ((R, 4, 2) float64 vertices), gathered once per track."""
@@ -1308,9 +1309,9 @@ class DirectCarRacing(FastCarRacing):
     SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels average into one observation pixel
     SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
     FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
-    # smoothscale's fixed-point averaging truncates twice: a uniform area of level v > 1 comes out as v - 2
+    # smoothscale truncates twice: a uniform level v > 1 comes out as v - 2
     SMOOTHSCALE_LOSS = (2, 2, 2, 0)  # subtracted, saturating at 0
-    # gymnasium's indicator bars, (place, scale, color, vertical), of: speed, the four wheels' ABS, steering, gyro
+    # gymnasium's bars (place, scale, color, vertical): speed, the wheels' ABS, steering, gyro
     BARS = [(5, 0.02, (255, 255, 255), True), (7, 0.01, (0, 0, 255), True), (8, 0.01, (0, 0, 255), True)]
     BARS += [(9, 0.01, (51, 0, 255), True), (10, 0.01, (51, 0, 255), True), (20, -10.0, (0, 255, 0), False)]
     BARS += [(30, -0.8, (255, 0, 0), False)]

@@ -167,3 +167,19 @@ def test_direct_forward_importance_is_the_softmax_column_sums_also_where_the_log
         monkeypatch.setattr(cm, "EXP2_SAFE", float("inf"))
         unchecked = cm.DirectForward(agent).importance(obs)
     assert torch.isfinite(unchecked).all() == (query_scale == 1.0)
+
+
+def test_a_track_is_built_with_signals_held(monkeypatch):
+    # A Ctrl-C or SIGTERM inside Box2D's body creation (reset builds ~300 bodies) would leave a half-made
+    # b2BodyDef whose __del__ prints a traceback at exit: reset holds them until the track stands.
+    held = []
+    reset = cm.car_racing.CarRacing.reset
+
+    def watched(self, **kwargs):
+        held.append(cm.HOLDING.is_set())
+        return reset(self, **kwargs)
+
+    monkeypatch.setattr(cm.car_racing.CarRacing, "reset", watched)
+    for training in (True, False):
+        cm.make_env(config(), training=training).reset(seed=1)
+    assert held == [True, True] and not cm.HOLDING.is_set()
