@@ -1263,8 +1263,11 @@ class FastCarRacing(car_racing.CarRacing):
 
     def reset(self, *, seed=None, options=None):
         self._road = None  # a new track: its polygons are gathered at its first frame
-        with signals_held():  # not inside Box2D's CreateBody: a half-made body errs at exit
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # not in Box2D's CreateBody
+        try:
             return super().reset(seed=seed, options=options)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C meanwhile arrives now
 
     def _road_polygons(self):
         """`_polygons` of `self.road_poly` ((R, 4, 2) float64 vertices), gathered once per track."""
