@@ -160,7 +160,6 @@ import numpy as np
 import pygame
 import torch
 import torch.nn as nn
-import tqdm
 from gymnasium.envs.box2d import car_dynamics, car_racing
 
 
@@ -440,9 +439,6 @@ PROGRESS_COLUMNS = [
 CURVES = [("return_mean", "population mean"), ("return_max", "population max")]  # in the plot
 AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array, the paper's architecture
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
-MAX_RESTARTS = 3  # a batch whose worker died is re-run this many times (Ray: each task)
-RAY_POLL_S = 1.0  # the Ray watchdog's probe interval
-RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
 # Flags that --resume may set anew; the rest comes from the checkpoint.
 RESUME_FLAGS = {
     "resume",
@@ -738,7 +734,8 @@ class Run:
         self.pool = RolloutPool(
             args.num_workers,
             args.ray_address,
-            (self.env_config, self.agent_config),
+            RolloutWorker,
+            (self.env_config, self.agent_config, self.base.size),
             [args.population_size * self.base.size],
             args.quiet,
             self.kept,
@@ -832,8 +829,8 @@ class Run:
         elif issubclass(kind, KeyboardInterrupt):
             print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
             self.exit_code = 130
-        elif issubclass(kind, PoolLost):
-            print(f"{SCRIPT}: error: {error}: {self.kept()}", file=sys.stderr)
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
         stop_logging(self, self.exit_code)
         if kind is None:
             files = "args.json progress.csv learning_curve.png checkpoint.pkl mean.npz final.npz"
@@ -1036,7 +1033,7 @@ def evaluate(pool, params, seed, iteration, episodes):
     for episode in range(episodes):
         tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
     params = np.asarray(params, dtype=np.float32)
-    results = pool.map(tasks, [params], what="evaluation")
+    results = pool.map(tasks, [params], "evaluation")
     returns = np.array([result.episode_returns[0] for result in results])
     return returns, sum(result.steps for result in results)
 
@@ -1552,19 +1549,70 @@ class DirectForward:
         return action.numpy(), state, top
 
 
-# Workers: local processes, this process, or a Ray cluster
-WORKERS = {}  # this process's envs and agent of each pool, built at its first task
+# Workers: the agent's rollouts, on a pool of this process, local processes or a Ray cluster
+LOCKSTEP_MAX = 1  # tasks in a chunk: the AttentionAgent plays one episode at a time, a task a chunk
 
 
-def init_worker(worker_args, buffers, in_process=False):
-    """The local pool's worker on the shared float32 buffers (mp.RawArray). A worker process ignores Ctrl-C
-    (the driver handles it, then stops the workers) and exits when its parent dies."""
-    if not in_process:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    WORKERS.pop("local", None)  # a forked process's copy of its parent's
-    run_task(None, "local", worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
+class RolloutWorker:
+    """One process's envs (training and evaluation frames) and agent, built once from (env_config,
+    agent_config, D). `use(population)`: the members, float32 (rows, D) held flat (a view, no copy);
+    `run(tasks)`: per RolloutTask (episode returns, env steps), a plain tuple."""
+
+    def __init__(self, env_config, agent_config, dim):
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)  # DirectCarRacing's drawing, on this worker's core
+        self.envs = {training: make_env(env_config, training) for training in (True, False)}
+        self.agent = AttentionAgent(**agent_config)
+        self.dim = dim
+
+    def use(self, population):
+        self.population = population.reshape(-1, self.dim)
+
+    def run(self, tasks):
+        results = []
+        for task in tasks:
+            self.agent.set_flat(self.population[task.member])
+            env = self.envs[task.training]
+            direct = isinstance(env.unwrapped, DirectCarRacing)
+            episodes = [rollout(env, self.agent, env_seed, direct=direct) for env_seed in task.env_seeds]
+            results.append(([episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)))
+        return results
+
+
+# The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
+WORKER_TRIES = 3  # a batch is tried this many times in all when its worker dies (on Ray: each of its tasks)
+RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: does the cluster's head answer?
+RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
+WORKERS = {}  # this process's worker of each pool, by the pool's key, built at its first batch
+
+
+def live_bar(label, total, unit="episode"):
+    """A tqdm bar on a terminal's stderr, when `label` is not None (else a disabled one), as a context
+    manager; bar.done(episodes, steps) counts a task's episodes and env steps (the speed shown)."""
+    from tqdm import tqdm
+
+    columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
+    bar = tqdm(
+        total=total,
+        desc=label,
+        unit=unit,
+        leave=False,
+        ncols=columns,
+        nrows=lines,
+        disable=label is None or not sys.stderr.isatty(),
+    )
+    start = time.perf_counter()
+    steps = 0
+
+    def done(episodes, task_steps):
+        nonlocal steps
+        steps += task_steps
+        speed = steps / (time.perf_counter() - start)
+        bar.set_postfix_str(f"{speed:,.0f} env steps/s", refresh=False)
+        bar.update(episodes)
+
+    bar.done = done
+    return bar
 
 
 def exit_with_parent(parent):
@@ -1575,139 +1623,185 @@ def exit_with_parent(parent):
     os._exit(1)
 
 
-def run_task(task, key="local", worker_args=None, shared=None):
-    """Run a RolloutTask on this process's agent of pool `key` -> (episode returns, steps): row `task.member` of the
-    float32 (rows, D) parameter matrix held flat in shared[0]. Its envs and agent are built at the first
-    call (task None: only that); a Ray task brings the worker's arguments and the batch's arrays.
-    """
+def start_worker(key, worker, worker_args, buffers):
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver (which stops the
+    workers), an exit within 0.5 s of the driver's death, and the pool's worker built on the shared
+    float32 buffers (mp.RawArray) that the driver fills before each batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    WORKERS.clear()  # a forked process's copies of its parent's
+    use_worker(key, (worker, worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers]))
+
+
+def use_worker(key, batch):
+    """Point this process's worker of pool `key` at a batch = (worker class, worker_args, float32 arrays):
+    the worker is built from worker_args at the first call only, then `use(*arrays)` (views, no copy)."""
+    worker, worker_args, arrays = batch
     if key not in WORKERS:
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)  # DirectCarRacing's drawing, on this worker's core
-        env_config, agent_config = worker_args
-        WORKERS[key] = types.SimpleNamespace(
-            envs={training: make_env(env_config, training) for training in (True, False)},
-            agent=AttentionAgent(**agent_config),
-        )
-    worker = WORKERS[key]
-    worker.shared = worker.shared if shared is None else shared
-    if task is not None:
-        worker.agent.set_flat(worker.shared[0].reshape(-1, worker.agent.get_flat().size)[task.member])
-        env = worker.envs[task.training]
-        direct = isinstance(env.unwrapped, DirectCarRacing)
-        episodes = [rollout(env, worker.agent, env_seed, direct=direct) for env_seed in task.env_seeds]
-        # A plain tuple: a class of the main script, made in a spawned worker, would not unpickle in the driver.
-        return [episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)
+        WORKERS[key] = worker(*worker_args)
+    WORKERS[key].use(*arrays)
+
+
+def run_chunk(key, batch, tasks):
+    """A chunk of RolloutTasks on this process's worker of pool `key`: a plain tuple per task (a class of
+    the main script, made in a spawned worker, would not unpickle in the driver). batch: a Ray task's
+    (`use_worker`); None where the worker reads the pool's shared buffers."""
+    if batch is not None:
+        use_worker(key, batch)
+    return WORKERS[key].run(tasks)
+
+
+class InProcess:
+    """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures=False):
+        pass
 
 
 class RolloutPool:
-    """Runs rollout tasks, each as a concurrent.futures.Future, on worker processes of this machine, in this
-    process (num_workers == 1), or as Ray tasks on a cluster (ray_address): the same results in the same order.
+    """Rollout tasks in this process (num_workers 1), on local worker processes, or on a Ray cluster
+    (ray_address): one interface, the same results in task order whatever runs them.
 
-    `map(tasks, shared)`: tasks are RolloutTasks for `run_task` (results: RolloutResults), `shared` the batch's
-    float32 arrays (at most `shared_sizes` values each), in mp.RawArray shared memory for a ProcessPoolExecutor,
-    or put once a batch into Ray's object store.
-    A dead local worker costs a warning and a re-run of the batch, MAX_RESTARTS times,
-    then PoolLost; Ray re-runs a task MAX_RESTARTS times itself, num_workers (None: every CPU of the cluster)
-    caps the tasks running at once, and a watchdog thread ends the process when the cluster is lost (`watch`).
+    worker: the algorithm's worker class; every process builds one from worker_args, once, and for each
+    batch calls `use(*arrays)` (the batch's float32 arrays, 1-D) and `run(tasks)` on chunks of at most
+    LOCKSTEP_MAX tasks (a plain tuple per task, episode returns and env steps first). shared_sizes: how many
+    float32 values each of a batch's arrays holds at most. `map(tasks, shared, label)`: RolloutResults in
+    task order. Locally the arrays go into mp.RawArray shared memory; on Ray into the object store once a
+    batch, at most num_workers tasks running at once (None: every CPU of the cluster), and a watchdog
+    ends the run when the cluster is lost. A batch whose worker process dies is run again on new workers,
+    a Ray task whose worker dies again by Ray: WORKER_TRIES tries in all, then PoolLost. quiet: no
+    progress bars. on_lost(): what the run keeps if it stops, for the messages.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
+    def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
         self.address = ray_address
+        self.worker = worker
         self.worker_args = worker_args
         self.quiet = quiet
-        self.on_lost = on_lost  # () -> what to tell when the cluster is lost (the checkpoint kept)
-        self.executor = None
-        self.ray_errors = ()
+        self.on_lost = on_lost
+        self.key = uuid.uuid4().hex  # names this pool's worker in every process
+        self.executor = InProcess()
         if ray_address:
             self.start_ray()
-        else:
-            self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
-            self.start_executor()
+            return
+        self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
+        self.start_workers()
 
-    def start_executor(self):
+    def start_workers(self):
+        """This process's worker (num_workers 1), else new worker processes, started by multiprocessing's
+        default method (fork on Linux, spawn on macOS)."""
         if self.num_workers == 1:
-            init_worker(self.worker_args, self.buffers, in_process=True)
-        else:
-            self.executor = concurrent.futures.ProcessPoolExecutor(
-                self.num_workers, mp.get_context(), initializer=init_worker, initargs=(self.worker_args, self.buffers)
-            )
+            arrays = [np.frombuffer(buffer, dtype=np.float32) for buffer in self.buffers]
+            use_worker(self.key, (self.worker, self.worker_args, arrays))
+            return
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            self.num_workers,
+            mp.get_context(),
+            initializer=start_worker,
+            initargs=(self.key, self.worker, self.worker_args, self.buffers),
+        )
 
-    def submit(self, task, shared):
-        """A Future of the task's result: a Ray task's, a worker process's, or this process's (done)."""
+    def lost(self):
+        """What the run keeps when it stops here, for a message."""
+        if self.on_lost:
+            return f": {self.on_lost()}"
+        return ""
+
+    def map(self, tasks, shared, label="rollouts"):
+        """Run the RolloutTasks on the batch's float32 arrays `shared` (at most shared_sizes values each);
+        their RolloutResults in task order. label: the live bar's (None: none). UserError, PoolLost."""
+        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
+        # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
+        # workers. Results depend on the tasks alone, not on the chunks.
+        per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
+        count = math.ceil(len(tasks) / max(1, per_chunk))
+        chunks = [tasks[i::count] for i in range(count)]
+        arrays = [np.asarray(array, dtype=np.float32).ravel() for array in shared]
         if self.address:
-            return self.remote.remote(task, self.key, self.worker_args, shared).future()
-        if self.executor:
-            return self.executor.submit(run_task, task)
-        future = concurrent.futures.Future()
-        future.set_result(run_task(task))
-        return future
+            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once a batch, not a task
 
-    def map(self, tasks, shared, what="rollouts"):
-        """Run the tasks; a list of their results in task order. On a terminal (and not quiet), a progress bar of
-        the episodes on stderr, described by `what`, that goes when the tasks are done. Raises PoolLost, and
-        UserError for an error of the rollout code in a Ray worker."""
-        start, steps = time.perf_counter(), 0
-        columns, lines = shutil.get_terminal_size()  # 80 x 24 where the terminal reports none (tqdm: no bar)
-        with tqdm.tqdm(
-            total=sum(len(task[1]) for task in tasks),
-            desc=what,
-            unit="episode",
-            leave=False,
-            ncols=columns - 1,
-            nrows=lines,
-            disable=self.quiet or not sys.stderr.isatty(),
-        ) as bar:
+            def submit(chunk):
+                return self.remote.remote(self.key, batch, chunk).future()
 
-            def progress(future):  # a task's (episode returns, steps), as it finishes
-                nonlocal steps
-                result = future.result()
-                steps += result[1]
-                bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
-                bar.update(len(result[0]))
+        else:
+            for buffer, array in zip(self.buffers, arrays):
+                np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
 
-            for attempt in range(MAX_RESTARTS + 1):
+            def submit(chunk):
+                return self.executor.submit(run_chunk, self.key, None, chunk)
+
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        cap = None
+        if self.address or self.num_workers == 1:
+            cap = self.num_workers
+        if self.quiet:
+            label = None
+        with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
+            for attempt in range(1, WORKER_TRIES + 1):
                 try:
-                    return self.run_batch(tasks, shared, progress)
+                    futures, running = [], set()
+                    for chunk in [*chunks, None]:  # None: the end, wait for every chunk
+                        while running and (chunk is None or cap and len(running) >= cap):
+                            finished, running = concurrent.futures.wait(
+                                running, return_when=concurrent.futures.FIRST_COMPLETED
+                            )
+                            for future in finished:
+                                for result in future.result():
+                                    bar.done(len(result[0]), result[1])
+                        if chunk is not None:
+                            futures.append(submit(chunk))
+                            running.add(futures[-1])
+                    break
                 except concurrent.futures.process.BrokenProcessPool as e:
                     self.close()
-                    if attempt == MAX_RESTARTS:
-                        raise PoolLost(f"worker processes keep dying ({e}); stopped after {attempt} restarts") from None
+                    if attempt == WORKER_TRIES:
+                        raise PoolLost(
+                            f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}"
+                        ) from None
                     print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
-                    self.start_executor()
-                except self.ray_errors as e:
-                    raise self.ray_failure(e) from None
+                    self.start_workers()
+                except (UserError, PoolLost):
+                    raise
+                except Exception as e:
+                    raise self.failure(e) from None
+        ordered = [None] * len(tasks)
+        for i, future in enumerate(futures):
+            ordered[i::count] = [RolloutResult(*result) for result in future.result()]
+        return ordered
 
-    def run_batch(self, tasks, shared, progress):
-        """One try of `map`: the arrays into shared memory (Ray: once into the object store), then the tasks,
-        at most num_workers running at once (a local executor queues them all)."""
-        if self.address:
-            shared = self.ray.put(tuple(np.asarray(a, dtype=np.float32).ravel() for a in shared))
-        else:
-            for buffer, array in zip(self.buffers, shared):
-                np.frombuffer(buffer, dtype=np.float32)[: array.size] = array.ravel()
-        limit = len(tasks) if self.executor else self.num_workers or len(tasks)
-        futures, running = [], set()
-        for task in tasks:
-            if len(running) >= limit:  # wait for a free slot
-                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                list(map(progress, done))
-            futures.append(self.submit(task, shared))
-            running.add(futures[-1])
-        list(map(progress, concurrent.futures.as_completed(running)))
-        return [RolloutResult(*future.result()) for future in futures]
+    def failure(self, e):
+        """The one-line error of an exception a batch raised: UserError for our code's (in this process, a
+        worker process or a Ray worker), PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
+            return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        reason = type(e).__name__
+        if str(e).strip():
+            reason = str(e).strip().splitlines()[0]
+        what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
+        if self.silent():
+            what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
+        elif isinstance(e, self.ray.exceptions.LocalRayletDiedError):
+            what = f"lost the Ray cluster at {self.address}: this machine's Ray node does not answer"
+        return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the workers at once (a running rollout is not waited for); on Ray, the watchdog."""
+        """Stop the workers now (a busy one is killed, not awaited), this process's worker of the pool, and
+        the Ray watchdog."""
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            process.kill()
+        self.executor.shutdown(cancel_futures=True)
+        WORKERS.pop(self.key, None)
         if self.address:
             self.closed.set()
-        elif self.executor is not None:
-            processes = list(self.executor._processes.values())  # the executor does not stop running tasks
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.kill()
-                process.join()
-            self.executor = None
 
     @property
     def num_cpus(self):
@@ -1715,7 +1809,7 @@ class RolloutPool:
         if not self.address:
             return self.num_workers
         cluster = int(self.ray.cluster_resources().get("CPU", 0))
-        return min(cluster, self.num_workers) if self.num_workers else cluster
+        return min(cluster, self.num_workers or cluster)
 
     def describe(self):
         """The workers, for the console."""
@@ -1723,74 +1817,49 @@ class RolloutPool:
             return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
         nodes = sum(node["Alive"] for node in self.ray.nodes())
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
-        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
+        plural = "s" if nodes > 1 else ""
+        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{plural}{cap})"
 
     def start_ray(self):
-        """Join the cluster, declare the Ray task, and start the watchdog on the cluster's head and this
-        machine's Ray node (where this connection mode exposes them; else Ray's own timeouts apply).
-        """
+        """Join the cluster (`connect_ray`), declare the Ray task (its process title: ray::ray_rollout),
+        start the watchdog. UserError: no cluster, no token."""
         self.ray = connect_ray(self.address)
-        self.ray_errors = (self.ray.exceptions.RayError, ConnectionError)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(run_task).options(name="ray_rollout")
-        self.key, self.probes = (uuid.uuid4().hex, [])  # (what, host, port) that must keep accepting TCP connections
+        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
+        self.remote = self.remote.options(name="ray_rollout")
         try:
-            context = self.ray.get_runtime_context()
-            host, _, port = context.gcs_address.rpartition(":")
-            self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
-            node = next(n for n in self.ray.nodes() if n["NodeID"] == context.get_node_id())
-            self.probes.append(
-                (
-                    f"this machine's Ray node ({node['NodeManagerAddress']}:{node['NodeManagerPort']})",
-                    node["NodeManagerAddress"],
-                    int(node["NodeManagerPort"]),
-                )
-            )
-        except Exception:
-            pass
+            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT, must keep answering TCP
+        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.head = None
         self.closed = threading.Event()
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def silent(self):
-        """The first of the probed Ray endpoints that refuses a TCP connection (a description), or None."""
-        for what, host, port in self.probes:
-            try:
-                socket.create_connection((host, port), timeout=2).close()
-            except OSError:
-                return what
-        return None
+        """Whether the cluster's head (where known) refuses a TCP connection."""
+        if self.head is None:
+            return False
+        host, _, port = self.head.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError:
+            return True
+        return False
 
     def watch(self):
-        """Watchdog thread: without the cluster Ray's calls may block until Ray ends the process without a word,
-        so after RAY_LOST_AFTER_S of silence this says so (and `on_lost()`, the checkpoint) and exits with code 1.
-        """
-        silent_since = None
+        """Thread: without its head, Ray's calls block until Ray ends the process without a word (60 s
+        later); after RAY_LOST_AFTER_S of silence this says so, and what the run keeps, and exits 1."""
+        answered = time.monotonic()
         while not self.closed.wait(RAY_POLL_S):
-            silent = self.silent()
-            if silent is None:
-                silent_since = None
-            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+            if not self.silent():
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
                 print(
-                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
-                    f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: its head ({self.head}) has not "
+                    f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
                     file=sys.stderr,
                     flush=True,
                 )
                 os._exit(1)
-
-    def ray_failure(self, e):
-        """The exception to raise for a Ray error `e`: UserError for an error in the rollout code, PoolLost
-        when the cluster is gone or a task's retries ran out."""
-        if isinstance(e, self.ray.exceptions.RayTaskError):  # an exception raised by our code in a worker
-            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raylet_died = isinstance(e, self.ray.exceptions.LocalRayletDiedError)
-        if silent := self.silent() or ("this machine's Ray node" if raylet_died else None):
-            return PoolLost(f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})")
-        return PoolLost(
-            f"rollouts keep failing on the Ray cluster at {self.address} (each task is "
-            f"tried {MAX_RESTARTS + 1} times): {reason}"
-        )
 
 
 def import_optional(name, flag, extra):
@@ -1804,10 +1873,11 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
-    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
-    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    The address (for auto: $RAY_ADDRESS, else the one `ray start` wrote into Ray's temp folder) is probed
+    first: ray.init would wait for minutes, and forever for a cluster that a crashed head left named there.
+    A cluster started where a token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT
+    only with RAY_AUTH_MODE=token: it is sent as `ray start` does (setting the variable after `import ray`
+    is not enough: Ray's cached config is refreshed by its private helper).
     UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
@@ -1815,13 +1885,21 @@ def connect_ray(address):
     target = address
     where = ""
     if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
-        try:
-            target = ray._private.services.canonicalize_bootstrap_address("auto")
-        except (ConnectionError, ValueError):
+        temp_dir = os.environ.get("RAY_TMPDIR") or "/tmp"
+        if "RAY_TMPDIR" not in os.environ and sys.platform.startswith("linux"):
+            temp_dir = os.environ.get("TMPDIR") or temp_dir
+        target = os.environ.get("RAY_ADDRESS") or "auto"
+        if target == "auto":
+            try:
+                with open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
+                    target = f.read().strip()
+            except OSError:
+                target = ""
+        if not target:
             raise UserError(
                 "no Ray cluster runs on this machine (--ray-address auto): start one with "
                 "`ray start --head`, or give its HOST:PORT"
-            ) from None
+            )
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
@@ -1836,7 +1914,7 @@ def connect_ray(address):
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
-            if "RAY_AUTH_MODE" not in os.environ:
+            if "RAY_AUTH_MODE" not in os.environ:  # Ray's public API has no call for this (Ray 2.60)
                 from ray._private.authentication import authentication_token_setup as auth
 
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -2285,7 +2363,8 @@ def run_from_pretrained(args, given):
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
     params = agent.get_flat()
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, agent_config), [params.size], args.quiet)
+    worker_args = (env_config, agent_config, params.size)
+    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [params.size], args.quiet)
     print(agent)
     print(
         f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "

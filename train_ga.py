@@ -616,6 +616,8 @@ def evaluate_best(run, screen=False):
 
 
 # == Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main) ==
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import csv
 import fcntl
@@ -635,8 +637,6 @@ import time
 import uuid
 import warnings
 import zipfile
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
@@ -1041,6 +1041,7 @@ class Run:
         self.pool = RolloutPool(
             args.num_workers,
             args.ray_address,
+            RolloutWorker,
             (self.env_configs, self.policy_config, self.dim),
             [args.population_size * self.dim],
             args.quiet,
@@ -1633,13 +1634,8 @@ def act_batch(policy, obs, layers):
     return np.tanh(out)
 
 
-# Workers: local processes, this process, or a Ray cluster
-WORKER_ATTEMPTS = 3  # a batch whose worker process died is re-run on fresh workers: tries in all
+# Workers: the policy's rollouts, on a pool of this process, local processes or a Ray cluster
 LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
-RAY_TASK_RETRIES = 3  # a Ray task whose worker or node died is re-run this many times
-RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: the head and this machine's node answer?
-RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
-WORKERS = {}  # a worker process's RolloutWorker of each pool (local or Ray), built at its first task
 
 
 class Members:
@@ -1694,9 +1690,9 @@ class RolloutWorker:
         ]
         self.policy = build_policy(policy_config)
 
-    def use(self, shared):
-        """Read members from shared[0], a flat float32 array of rows x D values (a view)."""
-        self.members = np.asarray(shared[0], dtype=np.float32).reshape(-1, self.dim)
+    def use(self, members):
+        """Read the members from a flat float32 array of rows x D values (a view)."""
+        self.members = members.reshape(-1, self.dim)
 
     def env(self, t, training, slot=0):
         """Env number `slot` of task t for a new episode: built at its first use, rebuilt when it
@@ -1743,55 +1739,18 @@ class RolloutWorker:
         return returns, steps
 
 
-def init_worker(worker_args, buffers):
-    """A local worker process: Ctrl-C left to the driver, an exit within 0.5 s of the parent's
-    death."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    use_shared(worker_args, buffers)
-
-
-def exit_with_parent(parent):
-    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
-    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def use_shared(worker_args, buffers):
-    """This process's RolloutWorker of local pools, reading its members from the shared arrays."""
-    WORKERS["local"] = RolloutWorker(*worker_args)
-    WORKERS["local"].use([np.frombuffer(buffer, dtype=np.float32) for buffer in buffers])
-
-
-def ray_rollout(key, batch, tasks):
-    """A chunk of tasks in a local worker (batch None: shared arrays) or Ray's (batch:
-    (worker_args, arrays)): a plain tuple per task, as a class of the main script made in a
-    spawned worker would not unpickle in the driver."""
-    if batch is not None:
-        if key not in WORKERS:
-            WORKERS[key] = RolloutWorker(*batch[0])
-        WORKERS[key].use(batch[1])
-    return WORKERS[key].run(tasks)
-
-
-class InProcess:
-    """The executor of --num-workers 1: a call runs when submitted, its future already done."""
-
-    def submit(self, fn, *args):
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def shutdown(self, cancel_futures=False):
-        pass
+# The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
+WORKER_TRIES = 3  # a batch is tried this many times in all when its worker dies (on Ray: each of its tasks)
+RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: does the cluster's head answer?
+RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
+WORKERS = {}  # this process's worker of each pool, by the pool's key, built at its first batch
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on a terminal's stderr, when `label` is not None; bar.done(episodes, steps)
-    counts a task's episodes and env steps."""
+    """A tqdm bar on a terminal's stderr, when `label` is not None (else a disabled one), as a context
+    manager; bar.done(episodes, steps) counts a task's episodes and env steps (the speed shown)."""
+    from tqdm import tqdm
+
     columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
     bar = tqdm(
         total=total,
@@ -1816,40 +1775,97 @@ def live_bar(label, total, unit="episode"):
     return bar
 
 
-class RolloutPool:
-    """Rollout tasks in-process (num_workers 1), on local worker processes, or on a Ray cluster:
-    one interface.
+def exit_with_parent(parent):
+    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
+    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
-    worker_args: (env_configs, policy_config, D), each process builds its RolloutWorker from them
-    once; shared_sizes: float32 sizes of a batch's arrays (members, rows x D). `map(tasks,
-    shared)`: RolloutResults in task order. Locally: mp.RawArray shared memory; a dead worker
-    costs a warning and a re-run of the batch on new workers, PoolLost after WORKER_ATTEMPTS
-    tries. Ray: remote tasks, arrays `ray.put` once per batch, at most num_workers at once (None:
-    every CPU), a lost-cluster watchdog. quiet: no progress bars. `on_lost()`: what the run keeps
-    if it stops.
+
+def start_worker(key, worker, worker_args, buffers):
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver (which stops the
+    workers), an exit within 0.5 s of the driver's death, and the pool's worker built on the shared
+    float32 buffers (mp.RawArray) that the driver fills before each batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    WORKERS.clear()  # a forked process's copies of its parent's
+    use_worker(key, (worker, worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers]))
+
+
+def use_worker(key, batch):
+    """Point this process's worker of pool `key` at a batch = (worker class, worker_args, float32 arrays):
+    the worker is built from worker_args at the first call only, then `use(*arrays)` (views, no copy)."""
+    worker, worker_args, arrays = batch
+    if key not in WORKERS:
+        WORKERS[key] = worker(*worker_args)
+    WORKERS[key].use(*arrays)
+
+
+def run_chunk(key, batch, tasks):
+    """A chunk of RolloutTasks on this process's worker of pool `key`: a plain tuple per task (a class of
+    the main script, made in a spawned worker, would not unpickle in the driver). batch: a Ray task's
+    (`use_worker`); None where the worker reads the pool's shared buffers."""
+    if batch is not None:
+        use_worker(key, batch)
+    return WORKERS[key].run(tasks)
+
+
+class InProcess:
+    """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures=False):
+        pass
+
+
+class RolloutPool:
+    """Rollout tasks in this process (num_workers 1), on local worker processes, or on a Ray cluster
+    (ray_address): one interface, the same results in task order whatever runs them.
+
+    worker: the algorithm's worker class; every process builds one from worker_args, once, and for each
+    batch calls `use(*arrays)` (the batch's float32 arrays, 1-D) and `run(tasks)` on chunks of at most
+    LOCKSTEP_MAX tasks (a plain tuple per task, episode returns and env steps first). shared_sizes: how many
+    float32 values each of a batch's arrays holds at most. `map(tasks, shared, label)`: RolloutResults in
+    task order. Locally the arrays go into mp.RawArray shared memory; on Ray into the object store once a
+    batch, at most num_workers tasks running at once (None: every CPU of the cluster), and a watchdog
+    ends the run when the cluster is lost. A batch whose worker process dies is run again on new workers,
+    a Ray task whose worker dies again by Ray: WORKER_TRIES tries in all, then PoolLost. quiet: no
+    progress bars. on_lost(): what the run keeps if it stops, for the messages.
     """
 
-    def __init__(self, num_workers, ray_address, worker_args, shared_sizes, quiet=False, on_lost=None):
+    def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
         self.address = ray_address
+        self.worker = worker
         self.worker_args = worker_args
         self.quiet = quiet
         self.on_lost = on_lost
+        self.key = uuid.uuid4().hex  # names this pool's worker in every process
         self.executor = InProcess()
         if ray_address:
             self.start_ray()
             return
         self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
-        if num_workers == 1:
-            use_shared(worker_args, self.buffers)
-        else:
-            self.executor = self.new_executor()
+        self.start_workers()
 
-    def new_executor(self):
-        """Worker processes, started by multiprocessing's default method (fork on Linux, spawn on
-        macOS)."""
-        return ProcessPoolExecutor(
-            self.num_workers, mp.get_context(), initializer=init_worker, initargs=(self.worker_args, self.buffers)
+    def start_workers(self):
+        """This process's worker (num_workers 1), else new worker processes, started by multiprocessing's
+        default method (fork on Linux, spawn on macOS)."""
+        if self.num_workers == 1:
+            arrays = [np.frombuffer(buffer, dtype=np.float32) for buffer in self.buffers]
+            use_worker(self.key, (self.worker, self.worker_args, arrays))
+            return
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            self.num_workers,
+            mp.get_context(),
+            initializer=start_worker,
+            initargs=(self.key, self.worker, self.worker_args, self.buffers),
         )
 
     def lost(self):
@@ -1858,105 +1874,102 @@ class RolloutPool:
             return f": {self.on_lost()}"
         return ""
 
-    def map(self, tasks, shared, label=None):
-        """Run the RolloutTasks; their RolloutResults in task order. label: the live bar's (None:
-        none). UserError, PoolLost."""
+    def map(self, tasks, shared, label="rollouts"):
+        """Run the RolloutTasks on the batch's float32 arrays `shared` (at most shared_sizes values each);
+        their RolloutResults in task order. label: the live bar's (None: none). UserError, PoolLost."""
         # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
         # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
         # workers. Results depend on the tasks alone, not on the chunks.
         per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
         count = math.ceil(len(tasks) / max(1, per_chunk))
         chunks = [tasks[i::count] for i in range(count)]
+        arrays = [np.asarray(array, dtype=np.float32).ravel() for array in shared]
         if self.address:
-            batch = self.ray.put((self.worker_args, tuple(np.ravel(a) for a in shared)))
+            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once a batch, not a task
 
             def submit(chunk):
                 return self.remote.remote(self.key, batch, chunk).future()
 
         else:
-            for buffer, array in zip(self.buffers, shared):
-                np.frombuffer(buffer, dtype=np.float32)[: np.size(array)] = np.ravel(array)
+            for buffer, array in zip(self.buffers, arrays):
+                np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
 
             def submit(chunk):
-                return self.executor.submit(ray_rollout, "local", None, chunk)
+                return self.executor.submit(run_chunk, self.key, None, chunk)
 
-        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves;
-        # else all
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
         cap = None
         if self.address or self.num_workers == 1:
             cap = self.num_workers
         if self.quiet:
             label = None
         with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
-            for attempt in range(1, WORKER_ATTEMPTS + 1):
+            for attempt in range(1, WORKER_TRIES + 1):
                 try:
                     futures, running = [], set()
                     for chunk in [*chunks, None]:  # None: the end, wait for every chunk
                         while running and (chunk is None or cap and len(running) >= cap):
-                            finished, running = wait(running, return_when=FIRST_COMPLETED)
+                            finished, running = concurrent.futures.wait(
+                                running, return_when=concurrent.futures.FIRST_COMPLETED
+                            )
                             for future in finished:
-                                for result in results_of(future):
-                                    bar.done(len(result.episode_returns), result.steps)
+                                for result in future.result():
+                                    bar.done(len(result[0]), result[1])
                         if chunk is not None:
                             futures.append(submit(chunk))
                             running.add(futures[-1])
                     break
-                except BrokenProcessPool as e:
+                except concurrent.futures.process.BrokenProcessPool as e:
                     self.close()
-                    if attempt == WORKER_ATTEMPTS:
+                    if attempt == WORKER_TRIES:
                         raise PoolLost(
                             f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}"
                         ) from None
                     print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
-                    self.executor = self.new_executor()
+                    self.start_workers()
                 except (UserError, PoolLost):
                     raise
                 except Exception as e:
                     raise self.failure(e) from None
         ordered = [None] * len(tasks)
         for i, future in enumerate(futures):
-            ordered[i::count] = results_of(future)
+            ordered[i::count] = [RolloutResult(*result) for result in future.result()]
         return ordered
 
     def failure(self, e):
-        """The one-line error of an exception a batch raised: our code's, in a worker, or a lost
-        Ray cluster."""
-        ray = self.ray if self.address else None
-        if ray is None or not isinstance(e, (ray.exceptions.RayError, ConnectionError)):
+        """The one-line error of an exception a batch raised: UserError for our code's (in this process, a
+        worker process or a Ray worker), PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
-        if isinstance(e, ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
             return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
         reason = type(e).__name__
         if str(e).strip():
             reason = str(e).strip().splitlines()[0]
-        silent = self.silent()
-        if silent is None and isinstance(e, ray.exceptions.LocalRayletDiedError):
-            silent = "this machine's Ray node"
-        if silent:
-            what = f"lost the Ray cluster at {self.address}: {silent} does not answer"
-        else:
-            what = (
-                f"rollouts keep failing on the Ray cluster at {self.address} (each task tried "
-                f"{RAY_TASK_RETRIES + 1} times)"
-            )
+        what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
+        if self.silent():
+            what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
+        elif isinstance(e, self.ray.exceptions.LocalRayletDiedError):
+            what = f"lost the Ray cluster at {self.address}: this machine's Ray node does not answer"
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the workers now (a busy one is killed, not awaited) and the Ray watchdog."""
+        """Stop the workers now (a busy one is killed, not awaited), this process's worker of the pool, and
+        the Ray watchdog."""
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             process.kill()
         self.executor.shutdown(cancel_futures=True)
+        WORKERS.pop(self.key, None)
         if self.address:
             self.closed.set()
 
     @property
     def num_cpus(self):
-        """CPUs running rollouts: the worker processes, or the cluster's CPUs capped by
-        num_workers."""
+        """CPUs running rollouts: the worker processes, or the cluster's CPUs capped by num_workers."""
         if not self.address:
             return self.num_workers
         cluster = int(self.ray.cluster_resources().get("CPU", 0))
-        return min(cluster, self.num_workers) if self.num_workers else cluster
+        return min(cluster, self.num_workers or cluster)
 
     def describe(self):
         """The workers, for the console."""
@@ -1968,60 +1981,45 @@ class RolloutPool:
         return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{plural}{cap})"
 
     def start_ray(self):
-        """Join the cluster (`connect_ray`), declare the Ray task, start the watchdog. UserError:
-        no cluster, no token."""
-        ray = connect_ray(self.address)
-        self.ray = ray
-        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(ray_rollout)
-        self.key = uuid.uuid4().hex
-        self.probes = []  # (what, host, port) that must keep answering TCP
+        """Join the cluster (`connect_ray`), declare the Ray task (its process title: ray::ray_rollout),
+        start the watchdog. UserError: no cluster, no token."""
+        self.ray = connect_ray(self.address)
+        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
+        self.remote = self.remote.options(name="ray_rollout")
         try:
-            context = ray.get_runtime_context()
-            host, _, port = context.gcs_address.rpartition(":")
-            self.probes.append((f"its head ({context.gcs_address})", host, int(port)))
-            node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
-            host, port = node["NodeManagerAddress"], int(node["NodeManagerPort"])
-            self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
-        except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
-            pass
+            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT, must keep answering TCP
+        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.head = None
         self.closed = threading.Event()
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def silent(self):
-        """The first of the cluster's head and this machine's Ray node that refuses a TCP
-        connection, or None."""
-        for what, host, port in self.probes:
-            try:
-                socket.create_connection((host, port), timeout=2).close()
-            except OSError:
-                return what
-        return None
+        """Whether the cluster's head (where known) refuses a TCP connection."""
+        if self.head is None:
+            return False
+        host, _, port = self.head.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError:
+            return True
+        return False
 
     def watch(self):
-        """Thread: a lost cluster may block Ray's calls; after RAY_LOST_AFTER_S of silence, say so
-        and exit 1."""
-        silent_since = None
+        """Thread: without its head, Ray's calls block until Ray ends the process without a word (60 s
+        later); after RAY_LOST_AFTER_S of silence this says so, and what the run keeps, and exits 1."""
+        answered = time.monotonic()
         while not self.closed.wait(RAY_POLL_S):
-            silent = self.silent()
-            if silent is None:
-                silent_since = None
-                continue
-            if silent_since is None:
-                silent_since = time.monotonic()
-            if time.monotonic() - silent_since >= RAY_LOST_AFTER_S:
+            if not self.silent():
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
                 print(
-                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not "
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: its head ({self.head}) has not "
                     f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
                     file=sys.stderr,
                     flush=True,
                 )
                 os._exit(1)
-
-
-def results_of(future):
-    """A finished chunk's RolloutResults (its worker sends plain tuples)."""
-    return [RolloutResult(*result) for result in future.result()]
 
 
 def import_optional(name, flag, extra):
@@ -2035,10 +2033,11 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
-    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
-    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    The address (for auto: $RAY_ADDRESS, else the one `ray start` wrote into Ray's temp folder) is probed
+    first: ray.init would wait for minutes, and forever for a cluster that a crashed head left named there.
+    A cluster started where a token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT
+    only with RAY_AUTH_MODE=token: it is sent as `ray start` does (setting the variable after `import ray`
+    is not enough: Ray's cached config is refreshed by its private helper).
     UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
@@ -2046,13 +2045,21 @@ def connect_ray(address):
     target = address
     where = ""
     if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
-        try:
-            target = ray._private.services.canonicalize_bootstrap_address("auto")
-        except (ConnectionError, ValueError):
+        temp_dir = os.environ.get("RAY_TMPDIR") or "/tmp"
+        if "RAY_TMPDIR" not in os.environ and sys.platform.startswith("linux"):
+            temp_dir = os.environ.get("TMPDIR") or temp_dir
+        target = os.environ.get("RAY_ADDRESS") or "auto"
+        if target == "auto":
+            try:
+                with open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
+                    target = f.read().strip()
+            except OSError:
+                target = ""
+        if not target:
             raise UserError(
                 "no Ray cluster runs on this machine (--ray-address auto): start one with "
                 "`ray start --head`, or give its HOST:PORT"
-            ) from None
+            )
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
@@ -2067,7 +2074,7 @@ def connect_ray(address):
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
-            if "RAY_AUTH_MODE" not in os.environ:
+            if "RAY_AUTH_MODE" not in os.environ:  # Ray's public API has no call for this (Ray 2.60)
                 from ray._private.authentication import authentication_token_setup as auth
 
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -2606,9 +2613,8 @@ def evaluate_in_pool(args, env_configs, policy_config, params, label, header=Non
     """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env
     steps, seconds). header: printed with the workers; noise_dir: where the noise study goes
     (None: none)."""
-    pool = RolloutPool(
-        args.num_workers, args.ray_address, (env_configs, policy_config, params.size), [params.size], args.quiet
-    )
+    worker_args = (env_configs, policy_config, params.size)
+    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [params.size], args.quiet)
     if header:
         print(f"{header}workers: {pool.describe()}")
     try:

@@ -498,12 +498,15 @@ def evaluate_center(run, screen=False):
 
 
 # == Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main) ==
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import csv
 import fcntl
 import importlib
 import io
 import logging
+import multiprocessing as mp
 import pickle
 import platform
 import shutil
@@ -512,8 +515,6 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 
 PROGRESS_COLUMNS = [
     "iteration",
@@ -887,11 +888,10 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
     if screen:
         first = SCREEN_EPISODES
     shared = (theta, *mean_std)
-    with progress_bar(f"evaluation {iteration}", len(tasks), args.quiet) as progress:
-        results = pool.map(tasks[:first], shared, progress)
-        screened = np.mean([result.episode_returns[0] for result in results])
-        if tasks[first:] and screened >= args.reward_goal:
-            results += pool.map(tasks[first:], shared, progress)
+    results = pool.map(tasks[:first], shared, f"evaluation {iteration}")
+    screened = np.mean([result.episode_returns[0] for result in results])
+    if tasks[first:] and screened >= args.reward_goal:
+        results += pool.map(tasks[first:], shared, f"evaluation {iteration}")
     returns = np.array([result.episode_returns[0] for result in results])
     steps = sum(result.steps for result in results)
     summary = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
@@ -960,8 +960,10 @@ class Run:
             self.counters = dict(COUNTERS)
         names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")
         self.paths = {name: os.path.join(run_dir, name) for name in names}
+        worker_args = (self.env_config, self.policy_config)
+        sizes = [self.dim, obs_dim, obs_dim]  # theta, obs mean and std
         self.pool = RolloutPool(
-            args.num_workers, args.ray_address, (self.env_config, self.policy_config), on_lost=self.kept
+            args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet, self.kept
         )  # no file written yet
         try:
             self.open_folder(checkpoint is not None)
@@ -1062,8 +1064,8 @@ class Run:
         elif issubclass(kind, KeyboardInterrupt):
             print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
             self.exit_code = 130
-        elif issubclass(kind, PoolLost):
-            print(f"{SCRIPT}: error: {error}: {self.kept()}", file=sys.stderr)
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
         with signals_held():
             self.tb.close()
         if self.wandb:
@@ -1118,9 +1120,7 @@ class Run:
         """The generation's RolloutResults, in task order, with a progress bar on a terminal."""
         self.generation_start = time.perf_counter()
         shared = (self.es.theta, *self.obs_stats.mean_std())
-        episodes = len(tasks) * self.args.num_rollouts
-        with progress_bar(f"generation {self.es.generation + 1}", episodes, self.args.quiet) as bar:
-            return self.pool.map(tasks, shared, bar)
+        return self.pool.map(tasks, shared, f"generation {self.es.generation + 1}")
 
     def count_steps(self, steps):
         """Env steps spent in this generation (rollouts, evaluations)."""
@@ -1396,39 +1396,8 @@ def upload_files(run):
             run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
-@contextlib.contextmanager
-def progress_bar(desc, episodes, quiet):
-    """A live tqdm bar on stderr, on a terminal only (not with --quiet): the `progress(result)` of
-    `RolloutPool.map`, or None where no bar shows."""
-    from tqdm import tqdm
-
-    columns, rows = shutil.get_terminal_size()  # tqdm takes a bare pty's 0 x 0 for no room at all
-    with tqdm(
-        total=episodes,
-        desc=desc,
-        unit="episode",
-        leave=False,
-        disable=quiet or not sys.stderr.isatty(),
-        ncols=columns,
-        nrows=rows,
-    ) as bar:
-        steps = [0]
-
-        def progress(result):  # a finished task: its episodes and env steps
-            steps[0] += result[1]
-            bar.set_postfix_str(f"{steps[0] / max(bar.format_dict['elapsed'], 1e-6):,.0f} env steps/s", refresh=False)
-            bar.update(len(result[0]))
-
-        yield None if bar.disable else progress
-
-
 # Workers --------------------------------------------------------------------------------------------
-MAX_RESTARTS = 3  # a local batch whose worker died is re-run on new workers this many times at most
 LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
-# Ray re-runs a task of a dead worker or node RAY_TASK_RETRIES times; a watchdog checks every RAY_POLL_S that
-# the cluster's head and this machine's node answer, and ends the run after RAY_LOST_AFTER_S of silence.
-RAY_TASK_RETRIES, RAY_POLL_S, RAY_LOST_AFTER_S = 3, 1.0, 10.0
-WORKERS = {}  # this process's RolloutWorkers, built once, by pool key
 
 
 def derive_seed(*keys):
@@ -1580,11 +1549,40 @@ class RolloutWorker:
         return results
 
 
-def start_local_worker(parent_pid):
-    """Initializer of a local worker: Ctrl-C and SIGTERM left to the driver; exit within 0.5 s of its death."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
+# The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
+WORKER_TRIES = 3  # a batch is tried this many times in all when its worker dies (on Ray: each of its tasks)
+RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: does the cluster's head answer?
+RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
+WORKERS = {}  # this process's worker of each pool, by the pool's key, built at its first batch
+
+
+def live_bar(label, total, unit="episode"):
+    """A tqdm bar on a terminal's stderr, when `label` is not None (else a disabled one), as a context
+    manager; bar.done(episodes, steps) counts a task's episodes and env steps (the speed shown)."""
+    from tqdm import tqdm
+
+    columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
+    bar = tqdm(
+        total=total,
+        desc=label,
+        unit=unit,
+        leave=False,
+        ncols=columns,
+        nrows=lines,
+        disable=label is None or not sys.stderr.isatty(),
+    )
+    start = time.perf_counter()
+    steps = 0
+
+    def done(episodes, task_steps):
+        nonlocal steps
+        steps += task_steps
+        speed = steps / (time.perf_counter() - start)
+        bar.set_postfix_str(f"{speed:,.0f} env steps/s", refresh=False)
+        bar.update(episodes)
+
+    bar.done = done
+    return bar
 
 
 def exit_with_parent(parent):
@@ -1595,96 +1593,192 @@ def exit_with_parent(parent):
     os._exit(1)
 
 
-def run_chunk(pool_key, worker_args, shared, tasks):
-    """`RolloutWorker.run(tasks)` on the batch's arrays `shared` (theta, obs mean, obs std), by the worker this
-    process (driver, local process or Ray) built for the pool at its first chunk."""
-    if pool_key not in WORKERS:
-        WORKERS[pool_key] = RolloutWorker(*worker_args)
-    WORKERS[pool_key].use(*shared)
-    return WORKERS[pool_key].run(tasks)
+def start_worker(key, worker, worker_args, buffers):
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver (which stops the
+    workers), an exit within 0.5 s of the driver's death, and the pool's worker built on the shared
+    float32 buffers (mp.RawArray) that the driver fills before each batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    WORKERS.clear()  # a forked process's copies of its parent's
+    use_worker(key, (worker, worker_args, [np.frombuffer(buffer, dtype=np.float32) for buffer in buffers]))
+
+
+def use_worker(key, batch):
+    """Point this process's worker of pool `key` at a batch = (worker class, worker_args, float32 arrays):
+    the worker is built from worker_args at the first call only, then `use(*arrays)` (views, no copy)."""
+    worker, worker_args, arrays = batch
+    if key not in WORKERS:
+        WORKERS[key] = worker(*worker_args)
+    WORKERS[key].use(*arrays)
+
+
+def run_chunk(key, batch, tasks):
+    """A chunk of RolloutTasks on this process's worker of pool `key`: a plain tuple per task (a class of
+    the main script, made in a spawned worker, would not unpickle in the driver). batch: a Ray task's
+    (`use_worker`); None where the worker reads the pool's shared buffers."""
+    if batch is not None:
+        use_worker(key, batch)
+    return WORKERS[key].run(tasks)
+
+
+class InProcess:
+    """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures=False):
+        pass
 
 
 class RolloutPool:
-    """Where the rollouts run: in-process (num_workers 1), local processes or a Ray cluster. `map` gives the
-    results in task order whatever the scheduling. Locally a dead worker costs new processes and a re-run of the
-    batch, MAX_RESTARTS times at most, then PoolLost. On Ray, tasks (num_cpus=1, re-run by Ray) share the arrays
-    through one `ray.put` a batch; num_workers, when set, caps the tasks running at once."""
+    """Rollout tasks in this process (num_workers 1), on local worker processes, or on a Ray cluster
+    (ray_address): one interface, the same results in task order whatever runs them.
 
-    def __init__(self, num_workers, ray_address, worker_args, on_lost=None):
-        self.num_workers, self.address, self.worker_args = num_workers, ray_address, worker_args
-        self.on_lost = on_lost  # () -> what to tell when the cluster is lost (the checkpoint kept)
-        self.executor = None
-        self.key = uuid.uuid4().hex  # names this pool's RolloutWorker in each process
+    worker: the algorithm's worker class; every process builds one from worker_args, once, and for each
+    batch calls `use(*arrays)` (the batch's float32 arrays, 1-D) and `run(tasks)` on chunks of at most
+    LOCKSTEP_MAX tasks (a plain tuple per task, episode returns and env steps first). shared_sizes: how many
+    float32 values each of a batch's arrays holds at most. `map(tasks, shared, label)`: RolloutResults in
+    task order. Locally the arrays go into mp.RawArray shared memory; on Ray into the object store once a
+    batch, at most num_workers tasks running at once (None: every CPU of the cluster), and a watchdog
+    ends the run when the cluster is lost. A batch whose worker process dies is run again on new workers,
+    a Ray task whose worker dies again by Ray: WORKER_TRIES tries in all, then PoolLost. quiet: no
+    progress bars. on_lost(): what the run keeps if it stops, for the messages.
+    """
+
+    def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
+        self.num_workers = num_workers
+        self.address = ray_address
+        self.worker = worker
+        self.worker_args = worker_args
+        self.quiet = quiet
+        self.on_lost = on_lost
+        self.key = uuid.uuid4().hex  # names this pool's worker in every process
+        self.executor = InProcess()
         if ray_address:
             self.start_ray()
-        elif num_workers == 1:
-            WORKERS[self.key] = RolloutWorker(*worker_args)
+            return
+        self.buffers = [mp.RawArray("f", size) for size in shared_sizes]
+        self.start_workers()
+
+    def start_workers(self):
+        """This process's worker (num_workers 1), else new worker processes, started by multiprocessing's
+        default method (fork on Linux, spawn on macOS)."""
+        if self.num_workers == 1:
+            arrays = [np.frombuffer(buffer, dtype=np.float32) for buffer in self.buffers]
+            use_worker(self.key, (self.worker, self.worker_args, arrays))
+            return
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            self.num_workers,
+            mp.get_context(),
+            initializer=start_worker,
+            initargs=(self.key, self.worker, self.worker_args, self.buffers),
+        )
+
+    def lost(self):
+        """What the run keeps when it stops here, for a message."""
+        if self.on_lost:
+            return f": {self.on_lost()}"
+        return ""
+
+    def map(self, tasks, shared, label="rollouts"):
+        """Run the RolloutTasks on the batch's float32 arrays `shared` (at most shared_sizes values each);
+        their RolloutResults in task order. label: the live bar's (None: none). UserError, PoolLost."""
+        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
+        # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
+        # workers. Results depend on the tasks alone, not on the chunks.
+        per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
+        count = math.ceil(len(tasks) / max(1, per_chunk))
+        chunks = [tasks[i::count] for i in range(count)]
+        arrays = [np.asarray(array, dtype=np.float32).ravel() for array in shared]
+        if self.address:
+            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once a batch, not a task
+
+            def submit(chunk):
+                return self.remote.remote(self.key, batch, chunk).future()
+
         else:
-            self.start_processes()
+            for buffer, array in zip(self.buffers, arrays):
+                np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
 
-    def start_processes(self):
-        """The worker processes, by multiprocessing's default start method."""
-        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_local_worker, initargs=(os.getpid(),))
+            def submit(chunk):
+                return self.executor.submit(run_chunk, self.key, None, chunk)
 
-    def map(self, tasks, shared, progress=None):
-        """The results of the tasks in order, `progress(result)` for each as its chunk ends; shared: the batch's
-        float32 arrays (theta (D,), obs mean and std (O,)). UserError for an error in a rollout, or PoolLost.
-        """
-        # About 4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (long episodes) spread out.
-        count = math.ceil(len(tasks) / max(1, min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))))
-        chunks, ordered, shared = ([tasks[i::count] for i in range(count)], [None] * len(tasks), tuple(shared))
+        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        cap = None
+        if self.address or self.num_workers == 1:
+            cap = self.num_workers
+        if self.quiet:
+            label = None
+        with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
+            for attempt in range(1, WORKER_TRIES + 1):
+                try:
+                    futures, running = [], set()
+                    for chunk in [*chunks, None]:  # None: the end, wait for every chunk
+                        while running and (chunk is None or cap and len(running) >= cap):
+                            finished, running = concurrent.futures.wait(
+                                running, return_when=concurrent.futures.FIRST_COMPLETED
+                            )
+                            for future in finished:
+                                for result in future.result():
+                                    bar.done(len(result[0]), result[1])
+                        if chunk is not None:
+                            futures.append(submit(chunk))
+                            running.add(futures[-1])
+                    break
+                except concurrent.futures.process.BrokenProcessPool as e:
+                    self.close()
+                    if attempt == WORKER_TRIES:
+                        raise PoolLost(
+                            f"worker processes keep dying ({e}); stopped after {attempt} tries{self.lost()}"
+                        ) from None
+                    print(f"warning: a worker process died ({e}); restarting the workers and re-running this batch")
+                    self.start_workers()
+                except (UserError, PoolLost):
+                    raise
+                except Exception as e:
+                    raise self.failure(e) from None
+        ordered = [None] * len(tasks)
+        for i, future in enumerate(futures):
+            ordered[i::count] = [RolloutResult(*result) for result in future.result()]
+        return ordered
 
-        def report(results):  # a finished chunk's results
-            for result in results if progress else ():
-                progress(result)
-            return results
-
-        for attempt in range(MAX_RESTARTS + 1):
-            try:
-                if self.address:
-                    results = self.map_ray(chunks, shared, report)
-                elif self.executor is None:
-                    results = [report(run_chunk(self.key, self.worker_args, shared, chunk)) for chunk in chunks]
-                else:
-                    futures = [
-                        self.executor.submit(run_chunk, self.key, self.worker_args, shared, chunk) for chunk in chunks
-                    ]
-                    for future in as_completed(futures):
-                        report(future.result())
-                    results = [future.result() for future in futures]
-                for i, chunk_results in enumerate(results):
-                    ordered[i::count] = chunk_results
-                # Plain tuples from the workers: a class of the main script, made in a spawned worker,
-                # would not unpickle here.
-                return [RolloutResult(*result) for result in ordered]
-            except BrokenProcessPool:
-                self.close()
-                if attempt == MAX_RESTARTS:
-                    raise PoolLost(f"rollout workers keep dying: stopped after {attempt} restarts") from None
-                print("warning: a rollout worker died; restarting the workers and re-running this batch")
-                self.start_processes()
-            except (UserError, PoolLost):
-                raise
-            except Exception as e:
-                raise UserError(f"rollout failed in a worker: {type(e).__name__}: {e}") from None
+    def failure(self, e):
+        """The one-line error of an exception a batch raised: UserError for our code's (in this process, a
+        worker process or a Ray worker), PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
+            return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
+        if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
+            return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
+        reason = type(e).__name__
+        if str(e).strip():
+            reason = str(e).strip().splitlines()[0]
+        what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
+        if self.silent():
+            what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
+        elif isinstance(e, self.ray.exceptions.LocalRayletDiedError):
+            what = f"lost the Ray cluster at {self.address}: this machine's Ray node does not answer"
+        return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the worker processes at once (a running episode is dropped), or the Ray watchdog."""
+        """Stop the workers now (a busy one is killed, not awaited), this process's worker of the pool, and
+        the Ray watchdog."""
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+            process.kill()
+        self.executor.shutdown(cancel_futures=True)
         WORKERS.pop(self.key, None)
         if self.address:
             self.closed.set()
-        elif self.executor:
-            processes = list((self.executor._processes or {}).values())  # Python 3.14: executor.kill_workers()
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.kill()
-                process.join()
-            self.executor = None
 
     @property
     def num_cpus(self):
-        """CPUs running rollouts: one per local worker; on Ray the cluster's, capped by num_workers."""
-        cluster = int(self.ray.cluster_resources().get("CPU", 0)) if self.address else self.num_workers
+        """CPUs running rollouts: the worker processes, or the cluster's CPUs capped by num_workers."""
+        if not self.address:
+            return self.num_workers
+        cluster = int(self.ray.cluster_resources().get("CPU", 0))
         return min(cluster, self.num_workers or cluster)
 
     def describe(self):
@@ -1693,78 +1787,49 @@ class RolloutPool:
             return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
         nodes = sum(node["Alive"] for node in self.ray.nodes())
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
-        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' * (nodes > 1)}{cap})"
+        plural = "s" if nodes > 1 else ""
+        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{plural}{cap})"
 
     def start_ray(self):
-        """Join the cluster (`connect_ray`), declare the Ray task and start the watchdog."""
-        ray = connect_ray(self.address)
-        self.ray, self.probes, self.closed = ray, [], threading.Event()
-        self.remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_chunk).options(
-            name="ray_rollout"
-        )  # the process title of a running task: ray::ray_rollout
-        try:  # what must keep answering: (what, host, port)
-            context = ray.get_runtime_context()
-            self.probes.append((f"its head ({context.gcs_address})", *context.gcs_address.rsplit(":", 1)))
-            node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
-            host, port = node["NodeManagerAddress"], node["NodeManagerPort"]
-            self.probes.append((f"this machine's Ray node ({host}:{port})", host, port))
-        except Exception:  # not every connection mode exposes them: then Ray's own timeouts apply
-            pass
+        """Join the cluster (`connect_ray`), declare the Ray task (its process title: ray::ray_rollout),
+        start the watchdog. UserError: no cluster, no token."""
+        self.ray = connect_ray(self.address)
+        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
+        self.remote = self.remote.options(name="ray_rollout")
+        try:
+            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT, must keep answering TCP
+        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.head = None
+        self.closed = threading.Event()
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
 
     def silent(self):
-        """The first of the cluster's head and this machine's node that refuses a connection, or None."""
-        for what, host, port in self.probes:
-            try:
-                socket.create_connection((host, int(port)), timeout=2).close()
-            except OSError:
-                return what
-        return None
+        """Whether the cluster's head (where known) refuses a TCP connection."""
+        if self.head is None:
+            return False
+        host, _, port = self.head.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError:
+            return True
+        return False
 
     def watch(self):
-        """Watchdog thread: once the cluster is gone Ray's calls may block until Ray ends the process without a
-        word; after RAY_LOST_AFTER_S of silence this says so and what `on_lost` tells, and exits with code 1.
-        """
-        silent_since = None
+        """Thread: without its head, Ray's calls block until Ray ends the process without a word (60 s
+        later); after RAY_LOST_AFTER_S of silence this says so, and what the run keeps, and exits 1."""
+        answered = time.monotonic()
         while not self.closed.wait(RAY_POLL_S):
-            silent = self.silent()
-            if silent is None:
-                silent_since = None
-            elif time.monotonic() - (silent_since := silent_since or time.monotonic()) >= RAY_LOST_AFTER_S:
+            if not self.silent():
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
                 print(
-                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: {silent} has not answered for "
-                    f"{RAY_LOST_AFTER_S:.0f} s" + (f": {self.on_lost()}" if self.on_lost else ""),
+                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: its head ({self.head}) has not "
+                    f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
                     file=sys.stderr,
                     flush=True,
                 )
                 os._exit(1)
-
-    def map_ray(self, chunks, shared, report):
-        """`map` of the chunks on the cluster (Ray re-runs the tasks of dead workers)."""
-        try:
-            shared_ref, refs, running = (self.ray.put(tuple(shared)), [], [])  # once per batch, not per task
-            for chunk in [*chunks, None]:
-                while running and (chunk is None or self.num_workers and len(running) >= self.num_workers):
-                    done, running = self.ray.wait(running)  # wait for a free slot, or for the end
-                    report(self.ray.get(done[0]))
-                if chunk is not None:
-                    refs.append(self.remote.remote(self.key, self.worker_args, shared_ref, chunk))
-                    running.append(refs[-1])
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as e:  # an exception raised by our code in a worker
-            raise UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}") from None
-        except (self.ray.exceptions.RayError, ConnectionError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            silent = self.silent()
-            if isinstance(e, self.ray.exceptions.LocalRayletDiedError):
-                silent = silent or "this machine's Ray node"
-            raise PoolLost(
-                f"lost the Ray cluster at {self.address}: {silent} does not answer ({reason})"
-                if silent
-                else f"rollouts keep failing on the Ray cluster at {self.address} (each task is tried "
-                f"{RAY_TASK_RETRIES + 1} times): {reason}"
-            ) from None
 
 
 def import_optional(name, flag, extra):
@@ -1778,10 +1843,11 @@ def import_optional(name, flag, extra):
 
 def connect_ray(address):
     """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    The address (for auto: the one Ray finds) is probed first: ray.init would wait for minutes, and
-    forever for a cluster that a crashed head left named in Ray's temp folder. A cluster started where a
-    token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT only with
-    RAY_AUTH_MODE=token: it is sent as `ray start` does.
+    The address (for auto: $RAY_ADDRESS, else the one `ray start` wrote into Ray's temp folder) is probed
+    first: ray.init would wait for minutes, and forever for a cluster that a crashed head left named there.
+    A cluster started where a token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT
+    only with RAY_AUTH_MODE=token: it is sent as `ray start` does (setting the variable after `import ray`
+    is not enough: Ray's cached config is refreshed by its private helper).
     UserError (one line, what to do) when no cluster answers, or it refuses the token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
@@ -1789,13 +1855,21 @@ def connect_ray(address):
     target = address
     where = ""
     if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
-        try:
-            target = ray._private.services.canonicalize_bootstrap_address("auto")
-        except (ConnectionError, ValueError):
+        temp_dir = os.environ.get("RAY_TMPDIR") or "/tmp"
+        if "RAY_TMPDIR" not in os.environ and sys.platform.startswith("linux"):
+            temp_dir = os.environ.get("TMPDIR") or temp_dir
+        target = os.environ.get("RAY_ADDRESS") or "auto"
+        if target == "auto":
+            try:
+                with open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
+                    target = f.read().strip()
+            except OSError:
+                target = ""
+        if not target:
             raise UserError(
                 "no Ray cluster runs on this machine (--ray-address auto): start one with "
                 "`ray start --head`, or give its HOST:PORT"
-            ) from None
+            )
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
@@ -1810,7 +1884,7 @@ def connect_ray(address):
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
-            if "RAY_AUTH_MODE" not in os.environ:
+            if "RAY_AUTH_MODE" not in os.environ:  # Ray's public API has no call for this (Ray 2.60)
                 from ray._private.authentication import authentication_token_setup as auth
 
                 auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -2220,7 +2294,10 @@ def run_from_pretrained(args, given):
     mean_std = ObservationStats(0).mean_std()
     if norm:
         mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32))
-    pool = RolloutPool(args.num_workers, args.ray_address, (env_config, policy_config))
+    sizes = [dim, mean_std[0].size, mean_std[1].size]
+    pool = RolloutPool(
+        args.num_workers, args.ray_address, RolloutWorker, (env_config, policy_config), sizes, args.quiet
+    )
     print(
         f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
         f"workers: {pool.describe()}"

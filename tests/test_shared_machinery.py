@@ -19,7 +19,8 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "checkpoint_written", "load_checkpoint", "versions",
           "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
-          "Console", "signals_held")
+          "Console", "signals_held", "live_bar", "start_worker", "use_worker", "run_chunk", "InProcess",
+          "RolloutPool")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
 SHARED_ES_GA = ("parse_env_kwargs", "all_finite")
 

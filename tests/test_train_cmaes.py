@@ -285,14 +285,15 @@ def test_pool_is_the_same_in_process_and_in_workers_and_gives_up_on_dying_worker
     torch.manual_seed(0)
     params = cm.AttentionAgent(**agent_config).get_flat()
     shared, tasks = [np.stack([params, 3 * params])], [cm.RolloutTask(i % 2, [i], False) for i in range(4)]
-    expected = cm.RolloutPool(1, None, (env_config, agent_config), [2 * params.size]).map(tasks, shared)
-    pool = cm.RolloutPool(2, None, (env_config, agent_config), [2 * params.size])
+    worker_args = (env_config, agent_config, params.size)
+    expected = cm.RolloutPool(1, None, cm.RolloutWorker, worker_args, [2 * params.size]).map(tasks, shared)
+    pool = cm.RolloutPool(2, None, cm.RolloutWorker, worker_args, [2 * params.size])
     try:
         assert pool.map(tasks, shared) == expected and expected[0] != expected[1]
         os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
         assert pool.map(tasks, shared) == expected
         assert "restarting the workers" in capsys.readouterr().out
-        monkeypatch.setattr(cm, "MAX_RESTARTS", 0)
+        monkeypatch.setattr(cm, "WORKER_TRIES", 1)
         os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
         with pytest.raises(cm.PoolLost, match="keep dying"):
             pool.map(tasks, shared)

@@ -296,6 +296,20 @@ def test_multitask_needs_vector_envs_and_two_layers(tmp_path):
         run_script(["--multitask", "CartPole-v1", "CarRacing-v3", "--max-iter", "1"], cwd=tmp_path))
 
 
+def children(pid):
+    """Live (not zombie) child processes of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
 def pool_setup(rows=8):
     configs = ga_mod.env_configs_from_args(ga_mod.parse_args(["--env-id", "CartPole-v1"])[0])
     policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
@@ -307,11 +321,11 @@ def test_pool_reads_members_from_shared_memory_and_survives_a_killed_worker(caps
     worker_args, sizes = pool_setup()
     members = np.random.default_rng(0).normal(0, 1, (8, worker_args[2])).astype(np.float32)
     tasks = [ga_mod.RolloutTask(i, [100 + i], True) for i in range(8)]
-    local = ga_mod.RolloutPool(1, None, worker_args, sizes)
+    local = ga_mod.RolloutPool(1, None, ga_mod.RolloutWorker, worker_args, sizes)
     expected = local.map(tasks, [members])
     assert len({r[0][0][0] for r in expected}) > 1  # the members differ, so a mix-up would show
     assert local.map(tasks[:1], [members[3:4]]) == [local.map([ga_mod.RolloutTask(3, [100], True)], [members])[0]]
-    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
+    pool = ga_mod.RolloutPool(2, None, ga_mod.RolloutWorker, worker_args, sizes)
     try:
         assert pool.map(tasks, [members]) == expected
         capsys.readouterr()
@@ -332,7 +346,7 @@ def test_an_exception_in_a_worker_is_one_line_not_a_traceback(monkeypatch):
         raise ValueError("the env broke")
 
     monkeypatch.setattr(ga_mod.RolloutWorker, "run", broken)  # forked workers inherit it
-    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
+    pool = ga_mod.RolloutPool(2, None, ga_mod.RolloutWorker, worker_args, sizes)
     try:
         with pytest.raises(ga_mod.UserError, match="rollout failed in a worker: ValueError: the env broke"):
             pool.map([ga_mod.RolloutTask(0, [1], True)] * 4, [np.zeros(sizes[0], np.float32)])
@@ -343,7 +357,7 @@ def test_an_exception_in_a_worker_is_one_line_not_a_traceback(monkeypatch):
 def test_workers_that_keep_dying_stop_the_run_with_the_checkpoint_kept(monkeypatch, capsys):
     worker_args, sizes = pool_setup()
     monkeypatch.setattr(ga_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # forked workers inherit it
-    pool = ga_mod.RolloutPool(2, None, worker_args, sizes)
+    pool = ga_mod.RolloutPool(2, None, ga_mod.RolloutWorker, worker_args, sizes)
     pool.on_lost = lambda: "the checkpoint of generation 7 is kept"
     try:
         with pytest.raises(ga_mod.PoolLost, match="keep dying.*stopped after 3 tries: the checkpoint of generation 7"):
@@ -351,6 +365,50 @@ def test_workers_that_keep_dying_stop_the_run_with_the_checkpoint_kept(monkeypat
     finally:
         pool.close()
     assert capsys.readouterr().out.count("restarting the workers") == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
+def test_one_worker_runs_in_this_process_through_the_same_path(monkeypatch):
+    # --num-workers 1: no process started, the pool's worker built here once, an error one line as in a worker.
+    worker_args, sizes = pool_setup()
+    before = set(children(os.getpid()))  # a Ray cluster of the session is one
+    pool = ga_mod.RolloutPool(1, None, ga_mod.RolloutWorker, worker_args, sizes)
+    try:
+        assert isinstance(pool.executor, ga_mod.InProcess)
+        worker = ga_mod.WORKERS[pool.key]
+        members = np.random.default_rng(0).normal(0, 1, (8, worker_args[2])).astype(np.float32)
+        tasks = [ga_mod.RolloutTask(i, [100 + i], True) for i in range(8)]
+        assert pool.map(tasks, [members]) == pool.map(tasks, [members]) and ga_mod.WORKERS[pool.key] is worker
+        assert worker.members.base is not None  # a view of the pool's shared buffer, not a copy
+        assert set(children(os.getpid())) <= before  # no worker process
+        monkeypatch.setattr(ga_mod.RolloutWorker, "run", lambda self, tasks: 1 / 0)
+        with pytest.raises(ga_mod.UserError, match="rollout failed in a worker: ZeroDivisionError"):
+            pool.map(tasks, [members])
+    finally:
+        pool.close()
+    assert pool.key not in ga_mod.WORKERS
+
+
+def test_the_restart_rule_is_worker_tries_tries_of_a_batch(monkeypatch, capsys, tmp_path):
+    # A batch whose worker dies is tried WORKER_TRIES times in all: WORKER_TRIES - 1 restarts, then PoolLost.
+    worker_args, sizes = pool_setup()
+    tries = tmp_path / "tries"
+
+    def dies(self, tasks):
+        with open(tries, "a") as f:
+            f.write("x")
+        os._exit(1)
+
+    monkeypatch.setattr(ga_mod.RolloutWorker, "run", dies)  # forked workers inherit it
+    monkeypatch.setattr(ga_mod, "WORKER_TRIES", 2)
+    pool = ga_mod.RolloutPool(2, None, ga_mod.RolloutWorker, worker_args, sizes)
+    try:
+        with pytest.raises(ga_mod.PoolLost, match="stopped after 2 tries"):
+            pool.map([ga_mod.RolloutTask(0, [1], True)], [np.zeros(sizes[0], np.float32)])
+    finally:
+        pool.close()
+    assert capsys.readouterr().out.count("restarting the workers") == 1
+    assert tries.read_text() == "xx"  # one chunk, one worker running it per try
 
 
 @pytest.mark.skipif(importlib.util.find_spec("slimevolleygym") is None, reason="needs slimevolleygym (optional)")
@@ -956,7 +1014,7 @@ def test_tasks_stepped_in_lockstep_give_what_each_gives_alone(env_id):
     policy_config = ga_mod.policy_config_from_envs(configs, [8], "tanh")
     dim = ga_mod.num_params(ga_mod.build_policy(policy_config))
     worker = ga_mod.RolloutWorker(configs, policy_config, dim)
-    worker.use([np.random.default_rng(2).normal(0, 0.5, 9 * dim).astype(np.float32)])
+    worker.use(np.random.default_rng(2).normal(0, 0.5, 9 * dim).astype(np.float32))
     for training in (True, False):
         tasks = [ga_mod.RolloutTask(member, [100 + member, 200 + member], training) for member in range(9)]
         together = worker.run(tasks)

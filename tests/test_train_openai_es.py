@@ -221,6 +221,11 @@ def env_config(env_id, **overrides):
     return config
 
 
+def rollout_pool(num_workers, worker_args, shared):
+    """A local RolloutPool of num_workers for batches of the arrays `shared` (theta, obs mean, obs std)."""
+    return es_mod.RolloutPool(num_workers, None, es_mod.RolloutWorker, worker_args, [np.size(a) for a in shared])
+
+
 def configs(*flags):
     """(env config, policy config, parameter count) of a command line."""
     env_config, policy_config = es_mod.configs(es_mod.parse_args(list(flags))[0])
@@ -266,8 +271,8 @@ def test_rollout_worker_runs_members_and_collects_stats(env_id, kwargs):
     config, policy_config, dim = configs("--env-id", env_id, "--max-episode-steps", "30", "--hidden-sizes", "8",
                                          "--env-kwargs", *(f"{k}={json.dumps(v)}" for k, v in kwargs.items()))
     obs_dim = policy_config["obs_shape"][0]
-    pool = es_mod.RolloutPool(1, None, (config, policy_config))
     shared = (np.zeros(dim, np.float32), np.zeros(obs_dim, np.float32), np.ones(obs_dim, np.float32))
+    pool = rollout_pool(1, (config, policy_config), shared)
     (returns, steps, stats), = pool.map([es_mod.RolloutTask(5, 1, 0.1, [11, 12], True)], shared)
     assert len(returns) == 2 and 2 <= steps <= 60
     count, total, total_sq = stats
@@ -298,16 +303,24 @@ def cartpole_pool_setup():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
-def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
+def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys, monkeypatch):
     worker_args, shared = cartpole_pool_setup()
     tasks = [es_mod.RolloutTask(s, sign, 0.5, [s], True) for s in range(40) for sign in (1, -1)]
-    expected = es_mod.RolloutPool(1, None, worker_args).map(tasks, shared)
-    pool = es_mod.RolloutPool(2, None, worker_args)
+    expected = rollout_pool(1, worker_args, shared).map(tasks, shared)
+    pool = rollout_pool(2, worker_args, shared)
     try:
         assert [r[0] for r in pool.map(tasks, shared)] == [r[0] for r in expected]
-        finished = []  # the progress callback: each task's result as it finishes, whatever the order
-        assert [r[:2] for r in pool.map(tasks, shared, finished.append)] == [r[:2] for r in expected]
-        assert sorted(repr(r[:2]) for r in finished) == sorted(repr(r[:2]) for r in expected)
+        finished = []  # the progress bar's count: each task's episodes and steps as it finishes, whatever the order
+        live_bar = es_mod.live_bar
+
+        def counting_bar(*args):
+            bar = live_bar(*args)
+            bar.done = lambda episodes, steps: finished.append((episodes, steps))
+            return bar
+
+        monkeypatch.setattr(es_mod, "live_bar", counting_bar)
+        assert [r[:2] for r in pool.map(tasks, shared, "generation 1")] == [r[:2] for r in expected]
+        assert sorted(finished) == sorted((len(r[0]), r[1]) for r in expected)
         victim = next(iter(pool.executor._processes))  # not children(): a Ray cluster of the session is one too
         capsys.readouterr()
         os.kill(victim, signal.SIGKILL)  # dead before the map: however fast the rollouts, the map meets it
@@ -326,13 +339,13 @@ def test_two_workers_match_in_process_and_survive_a_killed_worker(capsys):
 def test_workers_that_keep_dying_end_the_batch_with_pool_lost(monkeypatch, capsys):
     worker_args, shared = cartpole_pool_setup()
     monkeypatch.setattr(es_mod.RolloutWorker, "run", lambda self, task: os._exit(1))  # the forked workers inherit it
-    pool = es_mod.RolloutPool(2, None, worker_args)
+    pool = rollout_pool(2, worker_args, shared)
     try:
         with pytest.raises(es_mod.PoolLost, match="keep dying"):
             pool.map([es_mod.RolloutTask(1, 1, 0.5, [1], True)] * 4, shared)
     finally:
         pool.close()
-    assert len([line for line in capsys.readouterr().out.splitlines() if "restarting" in line]) == es_mod.MAX_RESTARTS
+    assert len([line for line in capsys.readouterr().out.splitlines() if "restarting" in line]) == es_mod.WORKER_TRIES - 1
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc")
@@ -571,8 +584,8 @@ def test_trains_on_the_issue_envs(tmp_path, env_id, extra):
 def test_carracing_early_stop_is_training_only():
     config, policy_config, dim = configs("--env-id", "CarRacing-v3", "--max-episode-steps", "120", "--frame-size", "48",
                                          "--frame-stack", "1", "--hidden-sizes", "8")
-    pool = es_mod.RolloutPool(1, None, (config, policy_config))
-    shared = (np.zeros(dim, np.float32), np.zeros(0, np.float32), np.ones(0, np.float32))  # all-zero weights: no gas,
+    shared = (np.zeros(dim, np.float32), np.zeros(0, np.float32), np.ones(0, np.float32))
+    pool = rollout_pool(1, (config, policy_config), shared)  # all-zero weights: no gas,
     (_, train_steps, _), (_, eval_steps, _) = pool.map([es_mod.RolloutTask(0, 0, 0.0, [7], True), es_mod.RolloutTask(0, 0, 0.0, [7], False)], shared)
     assert train_steps < 60 and eval_steps == 120  # training: stopped after 20 negative rewards in a row
 
@@ -770,14 +783,15 @@ def test_run_chunk_builds_its_worker_once_and_reads_each_batchs_arrays():
     thetas = [rng.normal(0, 0.5, dim).astype(np.float32) for _ in range(2)]
     stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
     task = es_mod.RolloutTask(7, 1, 0.5, [3, 4], True)
-    local = es_mod.RolloutPool(1, None, (config, policy_config))
+    local = rollout_pool(1, (config, policy_config), (thetas[0], *stats))
     expected = [local.map([task], (theta, *stats))[0] for theta in thetas]
     assert expected[0][0] != expected[1][0]
     key = "test-pool"
     try:
         for i, theta in enumerate(thetas):
             for _ in range(2):
-                [(returns, steps, obs)] = es_mod.run_chunk(key, (config, policy_config), (theta, *stats), [task])
+                batch = (es_mod.RolloutWorker, (config, policy_config), (theta, *stats))
+                [(returns, steps, obs)] = es_mod.run_chunk(key, batch, [task])
                 assert returns == expected[i][0] and steps == expected[i][1]
                 np.testing.assert_array_equal(obs[1], expected[i][2][1])
             worker = es_mod.WORKERS[key]
