@@ -397,8 +397,6 @@ def evaluate_mean(run):
 
 
 # == Machinery: a first-time reader may skip what follows (checks, the run, the fast CarRacing, workers, files, main) ==
-import concurrent.futures
-import concurrent.futures.process  # BrokenProcessPool: also where no pool was started
 import contextlib
 import csv
 import fcntl
@@ -416,6 +414,8 @@ import threading
 import time
 import types
 import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import cv2
 
@@ -504,10 +504,9 @@ class PoolLost(Exception):
 
 # Checks: flags, settings, environments
 def check_numbers(values, label):
-    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
-    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
-    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
-    smallest itself is excluded."""
+    """UserError unless each entry of the dict `values` that LIMITS names is None or a number (or list of them)
+    of its kind (int where the limits are), finite and within LIMITS[key]: (smallest, largest[, True: smallest
+    excluded]); label(key) names the entry in the message."""
     for key, value in values.items():
         if key not in LIMITS or value is None:
             continue
@@ -536,13 +535,15 @@ def flags_given(parser, argv, args):
 
 
 def check_placement(args, given):
-    """Where the rollouts run, settled once: --ray-address, else $RAY_ADDRESS (as Ray itself reads
-    it), HOST:PORT (port 1-65535) or auto; on a cluster --num-workers None (every CPU of the
-    cluster) unless given. UserError for another address, or when --ray-address or --track needs
-    an optional package that is not installed."""
+    """Where the rollouts run: --ray-address, else $RAY_ADDRESS, HOST:PORT or auto; on a cluster --num-workers
+    None (every CPU) unless given, and RAY_AUTH_MODE=token (read as ray is imported) where this machine has a
+    Ray token, as `ray start` does. UserError for another address, or ray or wandb missing."""
     if not args.ray_address:
         args.ray_address = os.environ.get("RAY_ADDRESS") or None
     if args.ray_address:
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token)):
+            os.environ["RAY_AUTH_MODE"] = "token"
         import_optional("ray", "--ray-address", "ray")
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
@@ -647,37 +648,21 @@ def check_spaces(env, env_id):
     """UserError unless the env gives square RGB uint8 frames and takes a bounded 1-D Box action."""
     obs_space = env.observation_space
     action_space = env.action_space
-    frames = (
-        isinstance(obs_space, gym.spaces.Box)
-        and obs_space.dtype == np.uint8
-        and len(obs_space.shape) == 3
-        and obs_space.shape[0] == obs_space.shape[1]
-        and obs_space.shape[2] == 3
-    )
-    if not frames:
-        raise UserError(
-            f"{env_id}'s observation space {obs_space} is not supported: the "
-            "AttentionAgent takes square RGB uint8 frames"
-        )
-    bounded = (
-        isinstance(action_space, gym.spaces.Box)
-        and len(action_space.shape) == 1
-        and np.all(np.isfinite(action_space.low))
-        and np.all(np.isfinite(action_space.high))
-    )
-    if not bounded:
+    shape = obs_space.shape if isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 else ()
+    if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        message = "is not supported: the AttentionAgent takes square RGB uint8 frames"
+        raise UserError(f"{env_id}'s observation space {obs_space} {message}")
+    box = isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1
+    if not (box and np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D Box only")
 
 
 # The run: its folder, records and logs
 class Run:
-    """A training run, as a context manager: what `train` needs, from the flags or from a
-    checkpoint (--resume): the settings, the run folder (args.json, progress.csv, TensorBoard and
-    W&B, learning_curve.png, best.npz, final.npz, checkpoint.pkl), the agent and the searched
-    part of its genotype, the pycma object, the counters and the goal streak, the workers.
-    Leaving it closes the workers and the logs on any exit and turns Ctrl-C or SIGTERM
-    (KeyboardInterrupt) and lost workers (PoolLost) into the resume hint and `exit_code` 130
-    or 1. Raises UserError before anything is written."""
+    """A training run, as a context manager: from the flags or a checkpoint, the settings, run folder, agent
+    and searched part, pycma object, counters and workers. Leaving it closes the workers and logs and turns
+    Ctrl-C or SIGTERM and lost workers (PoolLost) into the resume hint and `exit_code` 130 or 1. UserError
+    before anything is written."""
 
     def __init__(self, args, given):
         checkpoint = None
@@ -697,7 +682,7 @@ class Run:
             ]
         else:
             restart = {"iteration": 0, "env_steps": 0, "provenance": []}
-            if args.restart_from:  # the file's architecture, part and sigma (unless --init-sigma is given)
+            if args.restart_from:  # the file's architecture, part and sigma
                 restart = restart_point(args, given)
             self.provenance = restart["provenance"] + [
                 segment("restart" if args.restart_from else "new", args, restart["iteration"])
@@ -712,7 +697,7 @@ class Run:
         self.dir = run_dir
         self.env_config = env_config_from_args(args)
         self.agent, self.agent_config = build_agent(args, probe_env(self.env_config))
-        self.base = self.agent.get_flat()  # the full genotype, float32 (D,); CMA-ES searches ...
+        self.base = self.agent.get_flat()  # the genotype, float32 (D,); CMA-ES searches ...
         self.mask = np.ones(self.base.size, dtype=bool)  # ... base[mask]
         if args.train != "all":
             self.mask = self.agent.part_mask(args.train)
@@ -744,7 +729,7 @@ class Run:
             self.open_folder(checkpoint is not None)
         except BaseException:
             self.pool.close()
-            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
+            if hasattr(self, "lock"):  # released now, not by the garbage collector
                 self.lock.close()
             raise
         self.log = print
@@ -754,7 +739,7 @@ class Run:
         self.start = time.perf_counter()
         self.last_row = self.start  # when the last progress row was written
         self.first_generation = self.counters["generation"]
-        self.checkpointed = None  # the generation checkpoint.pkl holds (None: no checkpoint yet)
+        self.checkpointed = None  # the generation checkpoint.pkl holds (None: none yet)
         if checkpoint:
             self.checkpointed = self.first_generation
         self.wall_offset = self.counters["wall_time_s"]
@@ -777,19 +762,11 @@ class Run:
             )
 
     def open_folder(self, resumed):
-        """The run folder, locked for the run's life, and its files: args.json, progress.csv (open
-        to append), the logs. UserError when another run holds it, or a new run finds one there."""
+        """The run folder, locked for the run's life, and its files. UserError: in use, or a new run finds one."""
         args = self.args
         self.lock = open_run_folder(self.dir)
-        names = (
-            "args.json",
-            "progress.csv",
-            "learning_curve.png",
-            "checkpoint.pkl",
-            "mean.npz",
-            "best.npz",
-            "final.npz",
-        )
+        names = ["args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "mean.npz", "best.npz"]
+        names.append("final.npz")
         self.paths = {name: os.path.join(self.dir, name) for name in names}
         if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
             raise UserError(
@@ -900,8 +877,7 @@ class Run:
         self.count_steps(steps)
 
     def record_evaluation(self, center, returns):
-        """An evaluation of the mean `center`: best.npz if the best so far, the goal streak, the
-        console line, the video (--capture-video)."""
+        """An evaluation of the mean `center`: best.npz if the best yet, the goal streak, the console, the video."""
         counters = self.counters
         if returns.mean() > counters["best_eval"]:
             counters["best_eval"] = float(returns.mean())
@@ -924,8 +900,7 @@ class Run:
             self.log(f"video {path}")
 
     def record(self, returns, evaluation, sigma):
-        """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
-        the console line; the curve redrawn after an evaluation, at most every PLOT_INTERVAL_S."""
+        """The generation's row: progress.csv, TensorBoard, W&B, the console; the curve (PLOT_INTERVAL_S)."""
         counters = self.counters
         now = time.perf_counter()
         counters["wall_time_s"] = self.wall_offset + (now - self.start)
@@ -975,8 +950,7 @@ class Run:
         self.last_row = now
 
     def save_checkpoint(self):
-        """checkpoint.pkl (atomically), TensorBoard's events flushed, and after an evaluation
-        (--track) the files sent to W&B."""
+        """checkpoint.pkl, atomically; TensorBoard flushed, after an evaluation the files sent to W&B."""
         state = {
             "format_version": FORMAT_VERSION,
             "script": SCRIPT,
@@ -993,7 +967,7 @@ class Run:
             attach_randn(self.es, self.cma_rng.randn)
         self.checkpointed = self.generation  # the generation the resume hint names
         save_weights(self.paths["mean.npz"], self.full(self.es.result.xfavorite), self.meta())
-        if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
+        if STOPPING.is_set():  # a Ctrl-C whose KeyboardInterrupt Python dropped: stop here
             raise KeyboardInterrupt
         with signals_held():
             self.tb.flush()
@@ -1013,10 +987,8 @@ class Run:
         return True
 
     def finish(self, returns=None):
-        """final.npz, the final distribution mean with its evaluation in meta, and the last
-        learning curve. returns: the last generation's own evaluation, if it had one; else one is
-        run outside the run's record (progress.csv, env steps, best.npz, the goal streak), so a
-        run stopped early and resumed stays exactly the run made in one go."""
+        """final.npz (the final mean, its evaluation in meta) and the last curve. returns: the last generation's
+        own evaluation; else one runs outside the run's record, so a resumed run equals one made in one go."""
         center = self.full(self.es.result.xfavorite)
         if returns is None:
             returns, _ = evaluate(self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts)
@@ -1027,12 +999,10 @@ class Run:
 
 
 def evaluate(pool, params, seed, iteration, episodes):
-    """Returns of `params` (float (D,)) over `episodes` evaluation episodes, without the early
-    stop: (float64 (episodes,), env steps)."""
+    """(returns float64 (episodes,), env steps) of `params` (float (D,)) over evaluation episodes (no early stop)."""
     tasks = []
     for episode in range(episodes):
         tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
-    params = np.asarray(params, dtype=np.float32)
     results = pool.map(tasks, [params], "evaluation")
     returns = np.array([result.episode_returns[0] for result in results])
     return returns, sum(result.steps for result in results)
@@ -1059,9 +1029,8 @@ def csv_cell(value):
 
 
 def build_agent(args, env_shape):
-    """(AttentionAgent, its config) of the flags' architecture for env_shape (image size, action dim), its
-    weights drawn from torch's generator seeded with --seed, then --init-from's weights wherever the file's
-    modules have this agent's shapes. UserError when the settings or a frozen part do not fit."""
+    """(AttentionAgent, its config) of the flags for env_shape (image size, action dim), seeded with --seed,
+    then --init-from's modules of the same shapes. UserError when the settings or a frozen part do not fit."""
     agent_config = {
         "image_size": env_shape[0],
         "action_dim": env_shape[1],
@@ -1072,7 +1041,7 @@ def build_agent(args, env_shape):
     agent = AttentionAgent(**agent_config)
     origin_file = args.init_from or args.restart_from
     if origin_file:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # A searched part may differ from the file's (e.g. --controller rnn) and starts fresh; a frozen one must fit.
+        # A searched part may differ from the file's and starts fresh; a frozen one must fit.
         source, _, _ = agent_from_file(origin_file, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
@@ -1092,14 +1061,11 @@ def build_agent(args, env_shape):
 
 
 def start_logging(args, run_dir, env_steps):
-    """(TensorBoard's SummaryWriter on the run folder, the wandb module or None). With --track, wandb.init comes
-    first and continues the run's W&B run on resume (its id is in the checkpoint); W&B keeps its files in the run
-    folder's wandb/ and gets the scalars from `wandb.log` (its tensorboard sync would find its own copies of the
-    event files there). A resumed run (env_steps > 0) hides the points a killed session wrote after its checkpoint.
-    """
+    """(TensorBoard's SummaryWriter, the wandb module or None): wandb.init first (on resume the same W&B run),
+    and a resume (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
     wandb = import_optional("wandb", "--track", "track") if args.track else None
     if wandb:
-        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # (wandb 0.31 has no generate_id)
+        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # in the checkpoint
         try:
             wandb.init(
                 project=args.wandb_project_name,
@@ -1110,7 +1076,7 @@ def start_logging(args, run_dir, env_steps):
                 id=args.wandb_id,
                 resume="allow",
             )
-            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged directly
+            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged
         except Exception as e:
             raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
     from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
@@ -1122,7 +1088,7 @@ def start_logging(args, run_dir, env_steps):
 
 
 def stop_logging(run, code):
-    """Close the event files; with --track upload the files and end the W&B run with the run's exit code."""
+    """Close the event files; with --track upload the files and end the W&B run with the exit code."""
     with signals_held():
         run.tb.close()
     if run.wandb:
@@ -1138,12 +1104,9 @@ def upload(run):
 
 
 def open_progress(path, columns, last_iteration):
-    """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
-    (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
-    checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
-    or a full disk cut short; a header of an earlier version (fewer columns) gets today's columns; a
-    missing file starts anew with the next generation. UserError, the file left as it is, when it is
-    emptied, holds another header, or its rows stop short of the checkpoint or have gaps."""
+    """(progress.csv open to append, its csv.DictWriter); a new run (last_iteration None) writes the header.
+    A resume keeps the rows up to generation `last_iteration` (not later ones or a line cut short; an earlier
+    version's rows get today's columns). UserError, the file left as it is: another header, or gaps."""
     kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
@@ -1156,7 +1119,7 @@ def open_progress(path, columns, last_iteration):
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
-        # An earlier version of the script wrote fewer columns: its rows get today's, the new cells empty.
+        # An earlier version's rows (fewer columns) get today's, the new cells empty.
         kept = [dict(zip(header, row)) for row in rows[1:] if len(row) == len(header) and row[0].isdigit()]
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
@@ -1306,7 +1269,7 @@ class DirectCarRacing(FastCarRacing):
     are filled (`cv2.fillPoly`, 1/16 pixel) into a 384 x 384 canvas and box-averaged 4 x 4. Physics, rewards and
     ends are FastCarRacing's; frames differ by a few levels on edges (benchmarks/README.md). Videos: gymnasium's."""
 
-    SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels average into one observation pixel
+    SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels make one observation pixel
     SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
     FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
     # smoothscale truncates twice: a uniform level v > 1 comes out as v - 2
@@ -1324,7 +1287,7 @@ class DirectCarRacing(FastCarRacing):
         if mode != "state_pixels" or "t" not in self.__dict__:
             return super()._render(mode)
         scene = self._scene = self._scene or self._gather_scene()
-        canvas = np.zeros((self.SIDE, self.SIDE, 4), dtype=np.uint8)  # BGR and a spare: OpenCV's faster resize
+        canvas = np.zeros((self.SIDE, self.SIDE, 4), dtype=np.uint8)  # BGR + 1: OpenCV's faster resize
         angle = -self.car.hull.angle
         zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
         scroll = pygame.math.Vector2((-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)).rotate_rad(
@@ -1346,8 +1309,8 @@ class DirectCarRacing(FastCarRacing):
         grass = int(np.searchsorted(visible, len(self.GRASS)))
         quads = [fixed[:4], *quads[inside]]
         car_fixed = fixed[first_car:].reshape(car.shape)
-        road_colors = [self.road_poly[i][1] for i in visible[grass:] - len(self.GRASS)]  # live: visited tiles change
-        # ([polygons], color) in gymnasium's drawing order; the grass squares, which do not overlap, in one call
+        road_colors = [self.road_poly[i][1] for i in visible[grass:] - len(self.GRASS)]  # visited tiles change
+        # ([polygons], color) in gymnasium's order; the grass squares (no overlaps) in one call
         calls = [(quads[:1], scene.field_color), (quads[1 : 1 + grass], scene.grass_color)]
         calls += zip(([quad] for quad in quads[1 + grass :]), np.array(road_colors, dtype=np.int64).tolist())
         calls += [([car_fixed[b, start:end] for b, start, end in polygons], color) for polygons, color in car_calls]
@@ -1406,7 +1369,7 @@ class DirectCarRacing(FastCarRacing):
             calls.append((polygons, color))
         cos = [math.cos(body.angle) for body in bodies]
         sin = [math.sin(body.angle) for body in bodies]
-        turns = np.array([((c, s), (-s, c)) for c, s in zip(cos, sin)])  # row vectors: v @ turn + position
+        turns = np.array([((c, s), (-s, c)) for c, s in zip(cos, sin)])  # v @ turn + position
         positions = np.array([tuple(body.position) for body in bodies])
         return scene.car @ turns + positions[:, None], calls
 
@@ -1420,8 +1383,7 @@ class DirectCarRacing(FastCarRacing):
 
     @staticmethod
     def _wheel_stripe(phase):
-        """The white stripe car_dynamics.Car.draw paints on a wheel at this phase, in the wheel's own units,
-        or None when it is hidden."""
+        """The wheel stripe car_dynamics.Car.draw paints at this phase (wheel units), None when hidden."""
         s1 = math.sin(phase)
         s2 = math.sin(phase + 1.2)
         c1 = math.cos(phase)
@@ -1437,12 +1399,11 @@ class DirectCarRacing(FastCarRacing):
         return np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)])
 
     def _indicators(self, canvas):
-        """gymnasium's `_render_indicators` (the black bar and the BARS) and the score text, in window pixels
-        (drawn after the flip); the text is rendered once per string and cached at canvas scale."""
+        """gymnasium's `_render_indicators` (black bar, BARS) and the score text (cached), after the flip."""
         height = car_racing.WINDOW_H
         s = car_racing.WINDOW_W / 40.0
         h = height / 40.0
-        canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar, 5/40 of the height: whole canvas rows
+        canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar: 5/40 of the height, whole rows
         velocity = self.car.hull.linearVelocity
         wheels = self.car.wheels
         speed = math.sqrt(velocity[0] ** 2 + velocity[1] ** 2)
@@ -1469,8 +1430,8 @@ class DirectCarRacing(FastCarRacing):
         np.maximum(patch, text[: patch.shape[0], : patch.shape[1]], out=patch)
 
     def _score_text(self, string):
-        """(uint8 (h, w, 3) image of the score text at canvas scale, its top-left (x, y) canvas pixel), as
-        gymnasium's font renders it centered at window pixel (60, 750), white on black; cached per string."""
+        """(uint8 (h, w, 3) score text at canvas scale, its top-left (x, y) canvas pixel), as gymnasium's font
+        renders it at window pixel (60, 750); cached per string."""
         cache = self.__dict__.setdefault("_texts", {})
         if string not in cache:
             pygame.font.init()
@@ -1550,13 +1511,12 @@ class DirectForward:
 
 
 # Workers: the agent's rollouts, on a pool of this process, local processes or a Ray cluster
-LOCKSTEP_MAX = 1  # tasks in a chunk: the AttentionAgent plays one episode at a time, a task a chunk
+LOCKSTEP_MAX = 1  # tasks in a chunk: the AttentionAgent plays one episode at a time
 
 
 class RolloutWorker:
-    """One process's envs (training and evaluation frames) and agent, built once from (env_config,
-    agent_config, D). `use(population)`: the members, float32 (rows, D) held flat (a view, no copy);
-    `run(tasks)`: per RolloutTask (episode returns, env steps), a plain tuple."""
+    """One process's envs (training and evaluation frames) and agent. `use(population)`: the members, float32
+    (rows x D) flat (a view); `run(tasks)`: per RolloutTask (episode returns, env steps), a plain tuple."""
 
     def __init__(self, env_config, agent_config, dim):
         torch.set_num_threads(1)
@@ -1580,27 +1540,20 @@ class RolloutWorker:
 
 
 # The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
-WORKER_TRIES = 3  # a batch is tried this many times in all when its worker dies (on Ray: each of its tasks)
-RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: does the cluster's head answer?
-RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
-WORKERS = {}  # this process's worker of each pool, by the pool's key, built at its first batch
+WORKER_TRIES = 3  # tries of a batch whose worker dies (on Ray: of each task)
+RAY_POLL_S = 1.0  # the Ray watchdog probes the cluster's head this often ...
+RAY_LOST_AFTER_S = 10.0  # ... and gives the cluster up after this much silence
+WORKERS = {}  # this process's worker of each pool, by the pool's key
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on a terminal's stderr, when `label` is not None (else a disabled one), as a context
-    manager; bar.done(episodes, steps) counts a task's episodes and env steps (the speed shown)."""
+    """A tqdm bar (a context manager) on a terminal's stderr, disabled where `label` is None;
+    bar.done(episodes, steps) counts a finished task and shows the env steps/s."""
     from tqdm import tqdm
 
     columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
-    bar = tqdm(
-        total=total,
-        desc=label,
-        unit=unit,
-        leave=False,
-        ncols=columns,
-        nrows=lines,
-        disable=label is None or not sys.stderr.isatty(),
-    )
+    disable = label is None or not sys.stderr.isatty()
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, ncols=columns, nrows=lines, disable=disable)
     start = time.perf_counter()
     steps = 0
 
@@ -1616,17 +1569,15 @@ def live_bar(label, total, unit="episode"):
 
 
 def exit_with_parent(parent):
-    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
-    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
+    """Thread of a worker process: exit within 0.5 s of its parent's (pid `parent`) death, not outliving it."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
 
 
 def start_worker(key, worker, worker_args, buffers):
-    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver (which stops the
-    workers), an exit within 0.5 s of the driver's death, and the pool's worker built on the shared
-    float32 buffers (mp.RawArray) that the driver fills before each batch."""
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver, an exit within 0.5 s
+    of its death, the pool's worker built on the shared buffers (mp.RawArray) the driver fills."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -1635,8 +1586,7 @@ def start_worker(key, worker, worker_args, buffers):
 
 
 def use_worker(key, batch):
-    """Point this process's worker of pool `key` at a batch = (worker class, worker_args, float32 arrays):
-    the worker is built from worker_args at the first call only, then `use(*arrays)` (views, no copy)."""
+    """This process's worker of pool `key` (built at the first call) pointed at batch = (class, args, arrays)."""
     worker, worker_args, arrays = batch
     if key not in WORKERS:
         WORKERS[key] = worker(*worker_args)
@@ -1644,9 +1594,8 @@ def use_worker(key, batch):
 
 
 def run_chunk(key, batch, tasks):
-    """A chunk of RolloutTasks on this process's worker of pool `key`: a plain tuple per task (a class of
-    the main script, made in a spawned worker, would not unpickle in the driver). batch: a Ray task's
-    (`use_worker`); None where the worker reads the pool's shared buffers."""
+    """Tasks on this process's worker of pool `key`, given the batch (None: the shared buffers); plain tuples
+    (a class of a spawned worker's main module would not unpickle in the driver)."""
     if batch is not None:
         use_worker(key, batch)
     return WORKERS[key].run(tasks)
@@ -1656,7 +1605,7 @@ class InProcess:
     """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
 
     def submit(self, fn, *args):
-        future = concurrent.futures.Future()
+        future = Future()
         future.set_result(fn(*args))
         return future
 
@@ -1665,19 +1614,11 @@ class InProcess:
 
 
 class RolloutPool:
-    """Rollout tasks in this process (num_workers 1), on local worker processes, or on a Ray cluster
-    (ray_address): one interface, the same results in task order whatever runs them.
-
-    worker: the algorithm's worker class; every process builds one from worker_args, once, and for each
-    batch calls `use(*arrays)` (the batch's float32 arrays, 1-D) and `run(tasks)` on chunks of at most
-    LOCKSTEP_MAX tasks (a plain tuple per task, episode returns and env steps first). shared_sizes: how many
-    float32 values each of a batch's arrays holds at most. `map(tasks, shared, label)`: RolloutResults in
-    task order. Locally the arrays go into mp.RawArray shared memory; on Ray into the object store once a
-    batch, at most num_workers tasks running at once (None: every CPU of the cluster), and a watchdog
-    ends the run when the cluster is lost. A batch whose worker process dies is run again on new workers,
-    a Ray task whose worker dies again by Ray: WORKER_TRIES tries in all, then PoolLost. quiet: no
-    progress bars. on_lost(): what the run keeps if it stops, for the messages.
-    """
+    """Rollouts in this process (num_workers 1), on local worker processes or a Ray cluster (ray_address):
+    `map(tasks, shared, label)`, RolloutResults in task order. worker: the algorithm's class, built once per
+    process from worker_args; per batch `use(*arrays)` (float32, 1-D: locally in buffers of shared_sizes, on
+    Ray put once) and `run(tasks)` on chunks of at most LOCKSTEP_MAX tasks. A batch whose worker dies is tried
+    WORKER_TRIES times, then PoolLost. quiet: no bars; on_lost(): what the run keeps."""
 
     def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
@@ -1695,18 +1636,13 @@ class RolloutPool:
         self.start_workers()
 
     def start_workers(self):
-        """This process's worker (num_workers 1), else new worker processes, started by multiprocessing's
-        default method (fork on Linux, spawn on macOS)."""
+        """This process's worker (num_workers 1), else new worker processes."""
         if self.num_workers == 1:
             arrays = [np.frombuffer(buffer, dtype=np.float32) for buffer in self.buffers]
             use_worker(self.key, (self.worker, self.worker_args, arrays))
             return
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            self.num_workers,
-            mp.get_context(),
-            initializer=start_worker,
-            initargs=(self.key, self.worker, self.worker_args, self.buffers),
-        )
+        initargs = (self.key, self.worker, self.worker_args, self.buffers)
+        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_worker, initargs=initargs)
 
     def lost(self):
         """What the run keeps when it stops here, for a message."""
@@ -1715,29 +1651,19 @@ class RolloutPool:
         return ""
 
     def map(self, tasks, shared, label="rollouts"):
-        """Run the RolloutTasks on the batch's float32 arrays `shared` (at most shared_sizes values each);
-        their RolloutResults in task order. label: the live bar's (None: none). UserError, PoolLost."""
-        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
-        # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
-        # workers. Results depend on the tasks alone, not on the chunks.
+        """RolloutResults of the tasks on float32 arrays `shared`, in order; label: the bar's. UserError, PoolLost."""
+        # ~4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (elites, long episodes) spread out
         per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
         count = math.ceil(len(tasks) / max(1, per_chunk))
         chunks = [tasks[i::count] for i in range(count)]
         arrays = [np.asarray(array, dtype=np.float32).ravel() for array in shared]
+        batch = None  # locally the workers read the arrays from the shared buffers
         if self.address:
-            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once a batch, not a task
-
-            def submit(chunk):
-                return self.remote.remote(self.key, batch, chunk).future()
-
+            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once, not per task
         else:
             for buffer, array in zip(self.buffers, arrays):
                 np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
-
-            def submit(chunk):
-                return self.executor.submit(run_chunk, self.key, None, chunk)
-
-        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        # chunks at once: Ray's --num-workers; one in-process (the bar moves); else all
         cap = None
         if self.address or self.num_workers == 1:
             cap = self.num_workers
@@ -1746,20 +1672,19 @@ class RolloutPool:
         with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
             for attempt in range(1, WORKER_TRIES + 1):
                 try:
-                    futures, running = [], set()
+                    futures = []
+                    running = set()
                     for chunk in [*chunks, None]:  # None: the end, wait for every chunk
                         while running and (chunk is None or cap and len(running) >= cap):
-                            finished, running = concurrent.futures.wait(
-                                running, return_when=concurrent.futures.FIRST_COMPLETED
-                            )
+                            finished, running = wait(running, return_when=FIRST_COMPLETED)
                             for future in finished:
                                 for result in future.result():
                                     bar.done(len(result[0]), result[1])
                         if chunk is not None:
-                            futures.append(submit(chunk))
+                            futures.append(self.submit(batch, chunk))
                             running.add(futures[-1])
                     break
-                except concurrent.futures.process.BrokenProcessPool as e:
+                except BrokenProcessPool as e:
                     self.close()
                     if attempt == WORKER_TRIES:
                         raise PoolLost(
@@ -1776,16 +1701,20 @@ class RolloutPool:
             ordered[i::count] = [RolloutResult(*result) for result in future.result()]
         return ordered
 
+    def submit(self, batch, chunk):
+        """A Future of run_chunk(key, batch, chunk): a Ray task, else on the executor."""
+        if self.address:
+            return self.remote.remote(self.key, batch, chunk).future()
+        return self.executor.submit(run_chunk, self.key, batch, chunk)
+
     def failure(self, e):
-        """The one-line error of an exception a batch raised: UserError for our code's (in this process, a
-        worker process or a Ray worker), PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        """The one-line error of an exception a batch raised: UserError for our code's (in any process),
+        PoolLost for a lost Ray cluster or a Ray task out of tries."""
         if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
             return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = type(e).__name__
-        if str(e).strip():
-            reason = str(e).strip().splitlines()[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
         if self.silent():
             what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
@@ -1794,8 +1723,8 @@ class RolloutPool:
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the workers now (a busy one is killed, not awaited), this process's worker of the pool, and
-        the Ray watchdog."""
+        """Stop the workers now (a busy one is killed, not awaited), drop this process's worker of the
+        pool, stop the Ray watchdog."""
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             process.kill()
         self.executor.shutdown(cancel_futures=True)
@@ -1827,8 +1756,8 @@ class RolloutPool:
         self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
         self.remote = self.remote.options(name="ray_rollout")
         try:
-            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT, must keep answering TCP
-        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT
+        except Exception:  # not in every connection mode: then Ray's own timeouts apply
             self.head = None
         self.closed = threading.Event()
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
@@ -1853,18 +1782,13 @@ class RolloutPool:
                 answered = time.monotonic()
             elif time.monotonic() - answered >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
-                print(
-                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: its head ({self.head}) has not "
-                    f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                lost = f"lost the Ray cluster at {self.address}: its head ({self.head}) has not answered"
+                print(f"{SCRIPT}: error: {lost} for {RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr)
                 os._exit(1)
 
 
 def import_optional(name, flag, extra):
-    """The module `name` (ray, wandb); UserError when it is not installed: it is optional, in
-    requirements-<extra>.txt, and `flag` asked for it."""
+    """The optional module `name` (ray, wandb) that `flag` needs; UserError naming requirements-<extra>.txt."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -1872,59 +1796,40 @@ def import_optional(name, flag, extra):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    The address (for auto: $RAY_ADDRESS, else the one `ray start` wrote into Ray's temp folder) is probed
-    first: ray.init would wait for minutes, and forever for a cluster that a crashed head left named there.
-    A cluster started where a token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT
-    only with RAY_AUTH_MODE=token: it is sent as `ray start` does (setting the variable after `import ray`
-    is not enough: Ray's cached config is refreshed by its private helper).
-    UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. The address
+    is probed first: ray.init would wait for minutes, forever for a cluster a crashed head left named in Ray's
+    temp folder. UserError (what to do) when no cluster answers or it refuses this machine's token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
     target = address
     where = ""
-    if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
+    if address == "auto":  # as Ray: $RAY_ADDRESS, else the cluster its temp folder names
         temp_dir = os.environ.get("RAY_TMPDIR") or "/tmp"
         if "RAY_TMPDIR" not in os.environ and sys.platform.startswith("linux"):
             temp_dir = os.environ.get("TMPDIR") or temp_dir
         target = os.environ.get("RAY_ADDRESS") or "auto"
         if target == "auto":
-            try:
-                with open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
-                    target = f.read().strip()
-            except OSError:
-                target = ""
-        if not target:
-            raise UserError(
-                "no Ray cluster runs on this machine (--ray-address auto): start one with "
-                "`ray start --head`, or give its HOST:PORT"
-            )
+            with contextlib.suppress(OSError), open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
+                target = f.read().strip() or "auto"
+        if target == "auto":
+            message = "no Ray cluster runs on this machine (--ray-address auto)"
+            raise UserError(f"{message}: start one with `ray start --head`, or give its HOST:PORT")
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError, OverflowError):
-        raise UserError(
-            f"no Ray cluster answers at {address}{where}: start one with `ray start "
-            "--head` or check the address (HOST:PORT, or auto)"
-        ) from None
+        hint = "start one with `ray start --head` or check the address (HOST:PORT, or auto)"
+        raise UserError(f"no Ray cluster answers at {address}{where}: {hint}") from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
-            if "RAY_AUTH_MODE" not in os.environ:  # Ray's public API has no call for this (Ray 2.60)
-                from ray._private.authentication import authentication_token_setup as auth
-
-                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
             kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
-            ray.init(
-                address=address,
-                logging_level=logging.ERROR,
-                ignore_reinit_error=True,
-                runtime_env={"env_vars": kernels},
-            )  # the workers compute with the driver's kernels
+            runtime_env = {"env_vars": kernels}  # the workers compute with the driver's kernels
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -1940,16 +1845,15 @@ def connect_ray(address):
         )
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+    if __name__ != "__main__":  # imported (tests): ship this module by value, as a script
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray
 
 
 # Files: weights and checkpoints
 def atomic_write(path, data):
-    """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
-    temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
-    new one, never a part."""
+    """Write `data` (bytes, or a function writing into a binary file) to `path` atomically: a temp file beside
+    it, fsynced, then os.replace."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
@@ -1968,10 +1872,9 @@ def atomic_write(path, data):
 
 
 def open_run_folder(folder):
-    """Create the run folder if need be and lock it for this process's life: an open file whose
-    exclusive lock (fcntl.flock on `.lock`) the system drops at any exit, a kill included. Then
-    remove the temp files (.tmp-*) of atomic writes a kill interrupted. UserError when another
-    run holds the folder."""
+    """Create the run folder if need be and lock it for this process's life (fcntl.flock on `.lock`: the
+    system drops it at any exit, a kill included); remove the temp files (.tmp-*) of atomic writes a kill
+    interrupted. UserError when another run holds the folder."""
     os.makedirs(folder, exist_ok=True)
     lock = open(os.path.join(folder, ".lock"), "a")
     try:
@@ -1981,14 +1884,13 @@ def open_run_folder(folder):
         raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
+        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
             os.unlink(path)
     return lock
 
 
 def save_weights(path, params, meta):
-    """Weights file (.npz), written atomically: `params` float32 (D,) and `meta`, a dict stored as a 0-d
-    unicode array holding JSON (np.load(path, allow_pickle=False) reads it)."""
+    """Weights file (.npz), atomically: `params` float32 (D,), `meta` a dict as a 0-d unicode array of JSON."""
     params = np.asarray(params, dtype=np.float32)
     atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
@@ -2048,12 +1950,9 @@ def agent_from_file(path, image_size, action_dim):
 
 
 def restart_point(args, given):
-    """Where the run of --restart-from's file (a mean.npz, best.npz or final.npz of this script) stood:
-    {"iteration", "env_steps", "provenance"} from its meta; into `args` go the file's architecture, its
-    searched part (unless --train is given), its env id (unless --env-id is) and its step size (unless
-    --init-sigma is). CMA-ES then starts anew at the file's mean with that sigma and a fresh covariance
-    (the identity): the lost run's covariance and evolution paths are not in the file. UserError for the
-    authors' file, a meta without its generation, or one without a step size and no --init-sigma."""
+    """{"iteration", "env_steps", "provenance"} of --restart-from's file (this script's mean/best/final.npz);
+    into `args` its architecture, and its part, env id and sigma unless given. CMA-ES restarts there with an
+    identity covariance. UserError: the authors' file, no generation, no sigma and no --init-sigma."""
     path = args.restart_from
     _, agent_config, meta = load_weights(path)
     if meta is None or not isinstance(meta.get("iteration"), int):
@@ -2098,11 +1997,9 @@ def segment(start, args, generation):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler for checkpoints: it admits only numpy's names, those of the modules in CHECKPOINT_MODULES (the
-    optimizer's package) and a few builtins, and calls (REDUCE, checked on the pure-Python unpickler) nothing but
-    numpy's array, dtype and RNG constructors and builtin types. Objects of CHECKPOINT_MODULES are rebuilt from
-    their state (NEWOBJ + BUILD), never by calling their class. Anything else raises pickle.UnpicklingError
-    before it runs."""
+    """Unpickler admitting only the names of numpy, CHECKPOINT_MODULES and a few builtins, calling (REDUCE)
+    only numpy's array, dtype and RNG constructors and builtin types; CHECKPOINT_MODULES' objects are rebuilt
+    from their state, never by calling their class. Anything else: pickle.UnpicklingError before it runs."""
 
     # (module, name) that REDUCE may call.
     CALLS = {
@@ -2117,7 +2014,7 @@ class CheckpointUnpickler(pickle._Unpickler):
         ),
         *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
     }
-    # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
+    # (module, name) only referred to (classes rebuilt by NEWOBJ, functions kept as values).
     NAMES = CALLS | {
         ("numpy", "ndarray"),
         ("numpy.linalg", "eigh"),
@@ -2150,9 +2047,8 @@ class CheckpointUnpickler(pickle._Unpickler):
 
 
 def attach_randn(es, randn):
-    """Point pycma's references to the sampler `randn` (its options, its input options and its sampler) at
-    `randn`: None before pickling (a bound method of the run's RandomState pickles as a `getattr` call).
-    """
+    """Point pycma's references to the sampler (options, input options, sampler) at `randn`: None before
+    pickling (a bound method of the run's RandomState pickles as a `getattr` call)."""
     for option in (es.opts, es.inputargs["inopts"]):
         option["randn"] = randn
     if hasattr(es.sm, "randn"):
@@ -2200,10 +2096,8 @@ def checkpoint_written():
 
 
 def load_checkpoint(path):
-    """(path, the checkpoint dict) of a checkpoint.pkl or of a run folder holding one. A flag added since the
-    checkpoint was written takes its default. UserError when the file is unreadable, names anything
-    CheckpointUnpickler refuses, is another script's or another format's, or misses a part (CHECKPOINT_PARTS:
-    name -> type) or a counter (COUNTERS)."""
+    """(path, checkpoint dict) of a checkpoint.pkl or a run folder; a flag added since takes its default.
+    UserError: unreadable, refused, another script's or format's, or without a CHECKPOINT_PARTS or COUNTERS."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pkl")
     try:
@@ -2232,7 +2126,7 @@ def load_checkpoint(path):
 def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
-    from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
+    from matplotlib.figure import Figure  # no pyplot: ~0.4 s less, no display
 
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -2263,11 +2157,8 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
 
 
 def attention_frame(frame, top, agent, scale=4):
-    """The paper's picture: the raw frame beside the same frame with the top-k patches highlighted.
-
-    frame uint8 (S, S, 3), top int64 (k,) -> uint8 (S scale, 2 S scale + scale, 3): left raw; right
-    dimmed except the attended patches, each outlined from red (most important) to yellow.
-    """
+    """The paper's picture, frame uint8 (S, S, 3) and top int64 (k,) -> uint8 (S scale, 2 S scale + scale, 3):
+    the raw frame beside it dimmed but for the top-k patches, outlined from red (most important) to yellow."""
     n = (agent.image_size - agent.patch_size) // agent.patch_stride + 1
     p, big = agent.patch_size, lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
     corners = [(r * agent.patch_stride, c * agent.patch_stride) for r, c in (divmod(i, n) for i in top.tolist())]
@@ -2285,8 +2176,7 @@ def attention_frame(frame, top, agent, scale=4):
 
 
 def record_video(env_config, agent, path_stem, seed):
-    """Record one evaluation episode with the attention overlay into path_stem.mp4 (moviepy) or .gif (25 fps).
-    Returns (path, episode return)."""
+    """One evaluation episode with the attention overlay in path_stem.mp4 (moviepy) or .gif: (path, return)."""
     env, frames = make_env(env_config, training=False), []
     episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
     env.close()
@@ -2302,16 +2192,13 @@ def record_video(env_config, agent, path_stem, seed):
     return path_stem + ".mp4", episode_return
 
 
-# Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
-# NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
+# Families of environment variables that pick kernels, caches or threads (OPENBLAS_CORETYPE, MKL_CBWR, ...)
 DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")
 
 
 def versions():
-    """For args.json: the versions of python and of the libraries a run depends on (None where one is not
-    installed), and what sets a run's last digits on this machine: "cpu" (the model: glibc's libm and torch's
-    MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
-    BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
+    """For args.json: the versions of python and the libraries (None: not installed) and what sets a run's
+    last digits here: cpu (libm and MKL pick code by it), libc, numpy_simd, blas, torch_cpu, environment."""
     import importlib.metadata
 
     from threadpoolctl import threadpool_info
@@ -2396,17 +2283,16 @@ def run_from_pretrained(args, given):
 
 
 def main(argv=None):
-    """Entry point; returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost
-    or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
-    the checkpoint of the last finished generation kept."""
-    sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
+    """Entry point; the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost or the
+    system refuses a path (read-only, full disk); 130 on Ctrl-C or SIGTERM, the last checkpoint kept."""
+    sys.stdout.reconfigure(line_buffering=True)  # lines show at once in `nohup ... > log`
     streams = (sys.stdout, sys.stderr)
-    sys.stdout = Console(sys.stdout)  # a reader that goes away (`| head`) costs the console, not the run
+    sys.stdout = Console(sys.stdout)  # a reader going away (`| head`) costs the console, not the run
     sys.stderr = Console(sys.stderr)
     STOPPING.clear()
 
     def stop(signum, frame):
-        STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
+        STOPPING.set()  # checked at each checkpoint, should Python drop the KeyboardInterrupt
         if not HOLDING.is_set():
             raise KeyboardInterrupt
 
@@ -2418,7 +2304,7 @@ def main(argv=None):
         if args.from_pretrained:
             return run_from_pretrained(args, given)
         return train(args, given)
-    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's own messages are clear
+    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's messages are clear
         message = (str(e).splitlines() or [type(e).__name__])[0]
         if isinstance(e, MemoryError):
             message += " (a size too large for this machine)"
@@ -2426,7 +2312,7 @@ def main(argv=None):
         if isinstance(e, PoolLost):
             return 1
         return 2
-    except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
+    except OSError as e:  # a path the system refuses: read-only, special, a full disk
         if e.filename:
             print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         else:
@@ -2439,18 +2325,16 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
-# Ctrl-C and SIGTERM: main() turns them into KeyboardInterrupt, which `Run` turns into the checkpoint and the resume
-# hint. Python drops an exception raised inside a fork handler, a __del__ or an atexit callback (a Ctrl-C while
-# the workers start, or while tqdm closes a bar): STOPPING remembers it, and save_checkpoint raises it again.
+# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, `Run` keeps the checkpoint and prints the resume hint. Python
+# drops it inside a fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
 STOPPING = threading.Event()
-HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C or SIGTERM stops the run as the block ends
+HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as the block ends
 
 
 @contextlib.contextmanager
 def signals_held():
-    """A Ctrl-C or SIGTERM inside the block raises KeyboardInterrupt as the block ends, not inside it. Raised
-    inside TensorBoard's writer (its queue's lock and conditions), it could leave the writer's thread asleep
-    until its next timed flush, and close() waiting for it up to 2 minutes."""
+    """A Ctrl-C or SIGTERM in the block raises KeyboardInterrupt as it ends: inside TensorBoard's writer it
+    could leave its thread asleep, close() waiting 2 minutes."""
     already = STOPPING.is_set()
     HOLDING.set()
     try:
@@ -2462,8 +2346,7 @@ def signals_held():
 
 
 class Console:
-    """sys.stdout or sys.stderr during main(): when the reader of the stream goes away (a closed pipe, `... | head`),
-    os.devnull takes the stream's place and the run goes on without a console, every generation checkpointed."""
+    """sys.stdout or sys.stderr in main(): should its reader go away (`... | head`), os.devnull takes its place."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -2490,6 +2373,6 @@ class Console:
 
 if __name__ == "__main__":
     code = main()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a late Ctrl-C changes no file, no exit code
+    for signum in (signal.SIGINT, signal.SIGTERM):  # over: a late Ctrl-C changes no file, no exit code
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

@@ -616,8 +616,6 @@ def evaluate_best(run, screen=False):
 
 
 # == Machinery: a first-time reader may skip what follows (checks, the run, workers, files, main) ==
-import concurrent.futures
-import concurrent.futures.process
 import contextlib
 import csv
 import fcntl
@@ -637,6 +635,8 @@ import time
 import uuid
 import warnings
 import zipfile
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from tqdm import tqdm
 
@@ -758,10 +758,9 @@ class PoolLost(Exception):
 
 # Checks: flags, settings, environments
 def check_numbers(values, label):
-    """UserError unless every entry of the dict `values` that LIMITS names is None, or a number (a list of
-    numbers) of its kind, an int where the limits are ints, finite and within its limits; label(key) names
-    the entry in the message. LIMITS[key]: (smallest, largest), or (smallest, largest, True) where the
-    smallest itself is excluded."""
+    """UserError unless each entry of the dict `values` that LIMITS names is None or a number (or list of them)
+    of its kind (int where the limits are), finite and within LIMITS[key]: (smallest, largest[, True: smallest
+    excluded]); label(key) names the entry in the message."""
     for key, value in values.items():
         if key not in LIMITS or value is None:
             continue
@@ -790,13 +789,15 @@ def flags_given(parser, argv, args):
 
 
 def check_placement(args, given):
-    """Where the rollouts run, settled once: --ray-address, else $RAY_ADDRESS (as Ray itself reads
-    it), HOST:PORT (port 1-65535) or auto; on a cluster --num-workers None (every CPU of the
-    cluster) unless given. UserError for another address, or when --ray-address or --track needs
-    an optional package that is not installed."""
+    """Where the rollouts run: --ray-address, else $RAY_ADDRESS, HOST:PORT or auto; on a cluster --num-workers
+    None (every CPU) unless given, and RAY_AUTH_MODE=token (read as ray is imported) where this machine has a
+    Ray token, as `ray start` does. UserError for another address, or ray or wandb missing."""
     if not args.ray_address:
         args.ray_address = os.environ.get("RAY_ADDRESS") or None
     if args.ray_address:
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token)):
+            os.environ["RAY_AUTH_MODE"] = "token"
         import_optional("ray", "--ray-address", "ray")
         host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
         if args.ray_address != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
@@ -1411,12 +1412,9 @@ def csv_cell(column, value):
 
 
 def open_progress(path, columns, last_iteration):
-    """(progress.csv open for appending, its csv.DictWriter over `columns`). A new run
-    (last_iteration None) writes the header anew. A resumed run keeps the rows up to the
-    checkpoint's generation `last_iteration`: later rows go, and so does a last line that a crash
-    or a full disk cut short; a header of an earlier version (fewer columns) gets today's columns; a
-    missing file starts anew with the next generation. UserError, the file left as it is, when it is
-    emptied, holds another header, or its rows stop short of the checkpoint or have gaps."""
+    """(progress.csv open to append, its csv.DictWriter); a new run (last_iteration None) writes the header.
+    A resume keeps the rows up to generation `last_iteration` (not later ones or a line cut short; an earlier
+    version's rows get today's columns). UserError, the file left as it is: another header, or gaps."""
     kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
@@ -1429,7 +1427,7 @@ def open_progress(path, columns, last_iteration):
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
-        # An earlier version of the script wrote fewer columns: its rows get today's, the new cells empty.
+        # An earlier version's rows (fewer columns) get today's, the new cells empty.
         kept = [dict(zip(header, row)) for row in rows[1:] if len(row) == len(header) and row[0].isdigit()]
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
@@ -1740,27 +1738,20 @@ class RolloutWorker:
 
 
 # The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
-WORKER_TRIES = 3  # a batch is tried this many times in all when its worker dies (on Ray: each of its tasks)
-RAY_POLL_S = 1.0  # the Ray watchdog's probe interval: does the cluster's head answer?
-RAY_LOST_AFTER_S = 10.0  # ... and the silence after which it gives the cluster up
-WORKERS = {}  # this process's worker of each pool, by the pool's key, built at its first batch
+WORKER_TRIES = 3  # tries of a batch whose worker dies (on Ray: of each task)
+RAY_POLL_S = 1.0  # the Ray watchdog probes the cluster's head this often ...
+RAY_LOST_AFTER_S = 10.0  # ... and gives the cluster up after this much silence
+WORKERS = {}  # this process's worker of each pool, by the pool's key
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar on a terminal's stderr, when `label` is not None (else a disabled one), as a context
-    manager; bar.done(episodes, steps) counts a task's episodes and env steps (the speed shown)."""
+    """A tqdm bar (a context manager) on a terminal's stderr, disabled where `label` is None;
+    bar.done(episodes, steps) counts a finished task and shows the env steps/s."""
     from tqdm import tqdm
 
     columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
-    bar = tqdm(
-        total=total,
-        desc=label,
-        unit=unit,
-        leave=False,
-        ncols=columns,
-        nrows=lines,
-        disable=label is None or not sys.stderr.isatty(),
-    )
+    disable = label is None or not sys.stderr.isatty()
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, ncols=columns, nrows=lines, disable=disable)
     start = time.perf_counter()
     steps = 0
 
@@ -1776,17 +1767,15 @@ def live_bar(label, total, unit="episode"):
 
 
 def exit_with_parent(parent):
-    """Watchdog thread of a worker process: exit once the parent process `parent` (a pid) is gone, at most
-    0.5 s later (os.getppid() then changes), so no worker outlives its run."""
+    """Thread of a worker process: exit within 0.5 s of its parent's (pid `parent`) death, not outliving it."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
 
 
 def start_worker(key, worker, worker_args, buffers):
-    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver (which stops the
-    workers), an exit within 0.5 s of the driver's death, and the pool's worker built on the shared
-    float32 buffers (mp.RawArray) that the driver fills before each batch."""
+    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver, an exit within 0.5 s
+    of its death, the pool's worker built on the shared buffers (mp.RawArray) the driver fills."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -1795,8 +1784,7 @@ def start_worker(key, worker, worker_args, buffers):
 
 
 def use_worker(key, batch):
-    """Point this process's worker of pool `key` at a batch = (worker class, worker_args, float32 arrays):
-    the worker is built from worker_args at the first call only, then `use(*arrays)` (views, no copy)."""
+    """This process's worker of pool `key` (built at the first call) pointed at batch = (class, args, arrays)."""
     worker, worker_args, arrays = batch
     if key not in WORKERS:
         WORKERS[key] = worker(*worker_args)
@@ -1804,9 +1792,8 @@ def use_worker(key, batch):
 
 
 def run_chunk(key, batch, tasks):
-    """A chunk of RolloutTasks on this process's worker of pool `key`: a plain tuple per task (a class of
-    the main script, made in a spawned worker, would not unpickle in the driver). batch: a Ray task's
-    (`use_worker`); None where the worker reads the pool's shared buffers."""
+    """Tasks on this process's worker of pool `key`, given the batch (None: the shared buffers); plain tuples
+    (a class of a spawned worker's main module would not unpickle in the driver)."""
     if batch is not None:
         use_worker(key, batch)
     return WORKERS[key].run(tasks)
@@ -1816,7 +1803,7 @@ class InProcess:
     """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
 
     def submit(self, fn, *args):
-        future = concurrent.futures.Future()
+        future = Future()
         future.set_result(fn(*args))
         return future
 
@@ -1825,19 +1812,11 @@ class InProcess:
 
 
 class RolloutPool:
-    """Rollout tasks in this process (num_workers 1), on local worker processes, or on a Ray cluster
-    (ray_address): one interface, the same results in task order whatever runs them.
-
-    worker: the algorithm's worker class; every process builds one from worker_args, once, and for each
-    batch calls `use(*arrays)` (the batch's float32 arrays, 1-D) and `run(tasks)` on chunks of at most
-    LOCKSTEP_MAX tasks (a plain tuple per task, episode returns and env steps first). shared_sizes: how many
-    float32 values each of a batch's arrays holds at most. `map(tasks, shared, label)`: RolloutResults in
-    task order. Locally the arrays go into mp.RawArray shared memory; on Ray into the object store once a
-    batch, at most num_workers tasks running at once (None: every CPU of the cluster), and a watchdog
-    ends the run when the cluster is lost. A batch whose worker process dies is run again on new workers,
-    a Ray task whose worker dies again by Ray: WORKER_TRIES tries in all, then PoolLost. quiet: no
-    progress bars. on_lost(): what the run keeps if it stops, for the messages.
-    """
+    """Rollouts in this process (num_workers 1), on local worker processes or a Ray cluster (ray_address):
+    `map(tasks, shared, label)`, RolloutResults in task order. worker: the algorithm's class, built once per
+    process from worker_args; per batch `use(*arrays)` (float32, 1-D: locally in buffers of shared_sizes, on
+    Ray put once) and `run(tasks)` on chunks of at most LOCKSTEP_MAX tasks. A batch whose worker dies is tried
+    WORKER_TRIES times, then PoolLost. quiet: no bars; on_lost(): what the run keeps."""
 
     def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
@@ -1855,18 +1834,13 @@ class RolloutPool:
         self.start_workers()
 
     def start_workers(self):
-        """This process's worker (num_workers 1), else new worker processes, started by multiprocessing's
-        default method (fork on Linux, spawn on macOS)."""
+        """This process's worker (num_workers 1), else new worker processes."""
         if self.num_workers == 1:
             arrays = [np.frombuffer(buffer, dtype=np.float32) for buffer in self.buffers]
             use_worker(self.key, (self.worker, self.worker_args, arrays))
             return
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            self.num_workers,
-            mp.get_context(),
-            initializer=start_worker,
-            initargs=(self.key, self.worker, self.worker_args, self.buffers),
-        )
+        initargs = (self.key, self.worker, self.worker_args, self.buffers)
+        self.executor = ProcessPoolExecutor(self.num_workers, initializer=start_worker, initargs=initargs)
 
     def lost(self):
         """What the run keeps when it stops here, for a message."""
@@ -1875,29 +1849,19 @@ class RolloutPool:
         return ""
 
     def map(self, tasks, shared, label="rollouts"):
-        """Run the RolloutTasks on the batch's float32 arrays `shared` (at most shared_sizes values each);
-        their RolloutResults in task order. label: the live bar's (None: none). UserError, PoolLost."""
-        # About 4 chunks a worker, each stepped in lockstep by one worker; chunk i takes tasks i,
-        # i + C, i + 2C... so that neighbours (the GA's elites, long episodes) spread over the
-        # workers. Results depend on the tasks alone, not on the chunks.
+        """RolloutResults of the tasks on float32 arrays `shared`, in order; label: the bar's. UserError, PoolLost."""
+        # ~4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (elites, long episodes) spread out
         per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
         count = math.ceil(len(tasks) / max(1, per_chunk))
         chunks = [tasks[i::count] for i in range(count)]
         arrays = [np.asarray(array, dtype=np.float32).ravel() for array in shared]
+        batch = None  # locally the workers read the arrays from the shared buffers
         if self.address:
-            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once a batch, not a task
-
-            def submit(chunk):
-                return self.remote.remote(self.key, batch, chunk).future()
-
+            batch = self.ray.put((self.worker, self.worker_args, arrays))  # once, not per task
         else:
             for buffer, array in zip(self.buffers, arrays):
                 np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
-
-            def submit(chunk):
-                return self.executor.submit(run_chunk, self.key, None, chunk)
-
-        # chunks running at once: Ray's --num-workers; one in-process, so that the bar moves; else all
+        # chunks at once: Ray's --num-workers; one in-process (the bar moves); else all
         cap = None
         if self.address or self.num_workers == 1:
             cap = self.num_workers
@@ -1906,20 +1870,19 @@ class RolloutPool:
         with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
             for attempt in range(1, WORKER_TRIES + 1):
                 try:
-                    futures, running = [], set()
+                    futures = []
+                    running = set()
                     for chunk in [*chunks, None]:  # None: the end, wait for every chunk
                         while running and (chunk is None or cap and len(running) >= cap):
-                            finished, running = concurrent.futures.wait(
-                                running, return_when=concurrent.futures.FIRST_COMPLETED
-                            )
+                            finished, running = wait(running, return_when=FIRST_COMPLETED)
                             for future in finished:
                                 for result in future.result():
                                     bar.done(len(result[0]), result[1])
                         if chunk is not None:
-                            futures.append(submit(chunk))
+                            futures.append(self.submit(batch, chunk))
                             running.add(futures[-1])
                     break
-                except concurrent.futures.process.BrokenProcessPool as e:
+                except BrokenProcessPool as e:
                     self.close()
                     if attempt == WORKER_TRIES:
                         raise PoolLost(
@@ -1936,16 +1899,20 @@ class RolloutPool:
             ordered[i::count] = [RolloutResult(*result) for result in future.result()]
         return ordered
 
+    def submit(self, batch, chunk):
+        """A Future of run_chunk(key, batch, chunk): a Ray task, else on the executor."""
+        if self.address:
+            return self.remote.remote(self.key, batch, chunk).future()
+        return self.executor.submit(run_chunk, self.key, batch, chunk)
+
     def failure(self, e):
-        """The one-line error of an exception a batch raised: UserError for our code's (in this process, a
-        worker process or a Ray worker), PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        """The one-line error of an exception a batch raised: UserError for our code's (in any process),
+        PoolLost for a lost Ray cluster or a Ray task out of tries."""
         if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
             return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = type(e).__name__
-        if str(e).strip():
-            reason = str(e).strip().splitlines()[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
         if self.silent():
             what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
@@ -1954,8 +1921,8 @@ class RolloutPool:
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the workers now (a busy one is killed, not awaited), this process's worker of the pool, and
-        the Ray watchdog."""
+        """Stop the workers now (a busy one is killed, not awaited), drop this process's worker of the
+        pool, stop the Ray watchdog."""
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             process.kill()
         self.executor.shutdown(cancel_futures=True)
@@ -1987,8 +1954,8 @@ class RolloutPool:
         self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
         self.remote = self.remote.options(name="ray_rollout")
         try:
-            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT, must keep answering TCP
-        except Exception:  # not every connection mode exposes it: then Ray's own timeouts apply
+            self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT
+        except Exception:  # not in every connection mode: then Ray's own timeouts apply
             self.head = None
         self.closed = threading.Event()
         threading.Thread(target=self.watch, name="ray-watchdog", daemon=True).start()
@@ -2013,18 +1980,13 @@ class RolloutPool:
                 answered = time.monotonic()
             elif time.monotonic() - answered >= RAY_LOST_AFTER_S:
                 sys.stdout.flush()
-                print(
-                    f"{SCRIPT}: error: lost the Ray cluster at {self.address}: its head ({self.head}) has not "
-                    f"answered for {RAY_LOST_AFTER_S:.0f} s{self.lost()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                lost = f"lost the Ray cluster at {self.address}: its head ({self.head}) has not answered"
+                print(f"{SCRIPT}: error: {lost} for {RAY_LOST_AFTER_S:.0f} s{self.lost()}", file=sys.stderr)
                 os._exit(1)
 
 
 def import_optional(name, flag, extra):
-    """The module `name` (ray, wandb); UserError when it is not installed: it is optional, in
-    requirements-<extra>.txt, and `flag` asked for it."""
+    """The optional module `name` (ray, wandb) that `flag` needs; UserError naming requirements-<extra>.txt."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -2032,59 +1994,40 @@ def import_optional(name, flag, extra):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT of its head) once per process; the ray module.
-    The address (for auto: $RAY_ADDRESS, else the one `ray start` wrote into Ray's temp folder) is probed
-    first: ray.init would wait for minutes, and forever for a cluster that a crashed head left named there.
-    A cluster started where a token exists wants it, but Ray 2.60 sends it from a driver given HOST:PORT
-    only with RAY_AUTH_MODE=token: it is sent as `ray start` does (setting the variable after `import ray`
-    is not enough: Ray's cached config is refreshed by its private helper).
-    UserError (one line, what to do) when no cluster answers, or it refuses the token."""
+    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. The address
+    is probed first: ray.init would wait for minutes, forever for a cluster a crashed head left named in Ray's
+    temp folder. UserError (what to do) when no cluster answers or it refuses this machine's token."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
     target = address
     where = ""
-    if address == "auto":  # Ray's own lookup: $RAY_ADDRESS, else the cluster its temp folder names
+    if address == "auto":  # as Ray: $RAY_ADDRESS, else the cluster its temp folder names
         temp_dir = os.environ.get("RAY_TMPDIR") or "/tmp"
         if "RAY_TMPDIR" not in os.environ and sys.platform.startswith("linux"):
             temp_dir = os.environ.get("TMPDIR") or temp_dir
         target = os.environ.get("RAY_ADDRESS") or "auto"
         if target == "auto":
-            try:
-                with open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
-                    target = f.read().strip()
-            except OSError:
-                target = ""
-        if not target:
-            raise UserError(
-                "no Ray cluster runs on this machine (--ray-address auto): start one with "
-                "`ray start --head`, or give its HOST:PORT"
-            )
+            with contextlib.suppress(OSError), open(os.path.join(temp_dir, "ray", "ray_current_cluster")) as f:
+                target = f.read().strip() or "auto"
+        if target == "auto":
+            message = "no Ray cluster runs on this machine (--ray-address auto)"
+            raise UserError(f"{message}: start one with `ray start --head`, or give its HOST:PORT")
         where = f" ({target}, named by Ray's temp folder: a cluster that may be gone)"
     host, _, port = target.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError, OverflowError):
-        raise UserError(
-            f"no Ray cluster answers at {address}{where}: start one with `ray start "
-            "--head` or check the address (HOST:PORT, or auto)"
-        ) from None
+        hint = "start one with `ray start --head` or check the address (HOST:PORT, or auto)"
+        raise UserError(f"no Ray cluster answers at {address}{where}: {hint}") from None
     error = None
     stderr = os.dup(2)
     with tempfile.TemporaryFile() as said:
         os.dup2(said.fileno(), 2)  # the C++ client prints a warning per failed try
         try:
-            if "RAY_AUTH_MODE" not in os.environ:  # Ray's public API has no call for this (Ray 2.60)
-                from ray._private.authentication import authentication_token_setup as auth
-
-                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
             kernels = {name: os.environ[name] for name in AVX2_KERNELS if name in os.environ}
-            ray.init(
-                address=address,
-                logging_level=logging.ERROR,
-                ignore_reinit_error=True,
-                runtime_env={"env_vars": kernels},
-            )  # the workers compute with the driver's kernels
+            runtime_env = {"env_vars": kernels}  # the workers compute with the driver's kernels
+            ray.init(address=address, logging_level=logging.ERROR, ignore_reinit_error=True, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError, ImportError) as e:
             error = e
         finally:
@@ -2100,16 +2043,15 @@ def connect_ray(address):
         )
     if error is not None:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
-    if __name__ != "__main__":  # imported (tests): ship this module's code by value, as for a script
+    if __name__ != "__main__":  # imported (tests): ship this module by value, as a script
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray
 
 
 # Files: weights and checkpoints
 def atomic_write(path, data):
-    """Write `data` (bytes, or a function that writes into the open binary file) to `path` atomically: into a
-    temp file beside it, flushed and fsynced, then os.replace. A kill at any moment leaves the old file or the
-    new one, never a part."""
+    """Write `data` (bytes, or a function writing into a binary file) to `path` atomically: a temp file beside
+    it, fsynced, then os.replace."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
@@ -2128,10 +2070,9 @@ def atomic_write(path, data):
 
 
 def open_run_folder(folder):
-    """Create the run folder if need be and lock it for this process's life: an open file whose
-    exclusive lock (fcntl.flock on `.lock`) the system drops at any exit, a kill included. Then
-    remove the temp files (.tmp-*) of atomic writes a kill interrupted. UserError when another
-    run holds the folder."""
+    """Create the run folder if need be and lock it for this process's life (fcntl.flock on `.lock`: the
+    system drops it at any exit, a kill included); remove the temp files (.tmp-*) of atomic writes a kill
+    interrupted. UserError when another run holds the folder."""
     os.makedirs(folder, exist_ok=True)
     lock = open(os.path.join(folder, ".lock"), "a")
     try:
@@ -2141,7 +2082,7 @@ def open_run_folder(folder):
         raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # files of ours only
+        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
             os.unlink(path)
     return lock
 
@@ -2154,8 +2095,7 @@ def write_csv(path, header, rows):
 
 
 def save_weights(path, params, meta):
-    """Weights file (.npz), written atomically: `params` float32 (D,) and `meta`, a dict stored as a 0-d
-    unicode array holding JSON (np.load(path, allow_pickle=False) reads it)."""
+    """Weights file (.npz), atomically: `params` float32 (D,), `meta` a dict as a 0-d unicode array of JSON."""
     params = np.asarray(params, dtype=np.float32)
     atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
@@ -2273,11 +2213,9 @@ def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler for checkpoints: it admits only numpy's names, those of the modules in CHECKPOINT_MODULES (the
-    optimizer's package) and a few builtins, and calls (REDUCE, checked on the pure-Python unpickler) nothing but
-    numpy's array, dtype and RNG constructors and builtin types. Objects of CHECKPOINT_MODULES are rebuilt from
-    their state (NEWOBJ + BUILD), never by calling their class. Anything else raises pickle.UnpicklingError
-    before it runs."""
+    """Unpickler admitting only the names of numpy, CHECKPOINT_MODULES and a few builtins, calling (REDUCE)
+    only numpy's array, dtype and RNG constructors and builtin types; CHECKPOINT_MODULES' objects are rebuilt
+    from their state, never by calling their class. Anything else: pickle.UnpicklingError before it runs."""
 
     # (module, name) that REDUCE may call.
     CALLS = {
@@ -2292,7 +2230,7 @@ class CheckpointUnpickler(pickle._Unpickler):
         ),
         *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
     }
-    # (module, name) that may only be referred to (classes rebuilt by NEWOBJ, functions kept as values).
+    # (module, name) only referred to (classes rebuilt by NEWOBJ, functions kept as values).
     NAMES = CALLS | {
         ("numpy", "ndarray"),
         ("numpy.linalg", "eigh"),
@@ -2365,10 +2303,8 @@ def checkpoint_written():
 
 
 def load_checkpoint(path):
-    """(path, the checkpoint dict) of a checkpoint.pkl or of a run folder holding one. A flag added since the
-    checkpoint was written takes its default. UserError when the file is unreadable, names anything
-    CheckpointUnpickler refuses, is another script's or another format's, or misses a part (CHECKPOINT_PARTS:
-    name -> type) or a counter (COUNTERS)."""
+    """(path, checkpoint dict) of a checkpoint.pkl or a run folder; a flag added since takes its default.
+    UserError: unreadable, refused, another script's or format's, or without a CHECKPOINT_PARTS or COUNTERS."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pkl")
     try:
@@ -2393,16 +2329,13 @@ def load_checkpoint(path):
     return path, state
 
 
-# Environment variables that pick kernels, cache sizes or threads (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, MKL_CBWR,
-# NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, ...): every variable of these families goes into args.json.
+# Families of environment variables that pick kernels, caches or threads (OPENBLAS_CORETYPE, MKL_CBWR, ...)
 DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_", "ONEDNN_")
 
 
 def versions():
-    """For args.json: the versions of python and of the libraries a run depends on (None where one is not
-    installed), and what sets a run's last digits on this machine: "cpu" (the model: glibc's libm and torch's
-    MKL pick their code by it), "libc", "numpy_simd" (the targets numpy's own loops run), "blas" (numpy's
-    BLAS: kernels, threads), "torch_cpu" (torch's kernels) and the environment variables that change them."""
+    """For args.json: the versions of python and the libraries (None: not installed) and what sets a run's
+    last digits here: cpu (libm and MKL pick code by it), libc, numpy_simd, blas, torch_cpu, environment."""
     import importlib.metadata
 
     from threadpoolctl import threadpool_info
@@ -2441,7 +2374,7 @@ def versions():
 def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
     """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
     boldest) against the generation, and the evaluations +/- std."""
-    from matplotlib.figure import Figure  # no pyplot (~0.4 s to import): no display, no figure to close
+    from matplotlib.figure import Figure  # no pyplot: ~0.4 s less, no display
 
     with open(progress_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -2786,17 +2719,16 @@ def run_distillation(args, given):
 
 
 def main(argv=None):
-    """Entry point; returns the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost
-    or the system refuses a path (a read-only mount, a full disk); 130 when interrupted by Ctrl-C or SIGTERM,
-    the checkpoint of the last finished generation kept."""
-    sys.stdout.reconfigure(line_buffering=True)  # console lines show up at once in `nohup ... > log`
+    """Entry point; the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost or the
+    system refuses a path (read-only, full disk); 130 on Ctrl-C or SIGTERM, the last checkpoint kept."""
+    sys.stdout.reconfigure(line_buffering=True)  # lines show at once in `nohup ... > log`
     streams = (sys.stdout, sys.stderr)
-    sys.stdout = Console(sys.stdout)  # a reader that goes away (`| head`) costs the console, not the run
+    sys.stdout = Console(sys.stdout)  # a reader going away (`| head`) costs the console, not the run
     sys.stderr = Console(sys.stderr)
     STOPPING.clear()
 
     def stop(signum, frame):
-        STOPPING.set()  # checked again at each checkpoint, should Python drop the KeyboardInterrupt
+        STOPPING.set()  # checked at each checkpoint, should Python drop the KeyboardInterrupt
         if not HOLDING.is_set():
             raise KeyboardInterrupt
 
@@ -2808,7 +2740,7 @@ def main(argv=None):
         if args.from_pretrained:
             return run_from_pretrained(args, given)
         return train(args, given)
-    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's own messages are clear
+    except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's messages are clear
         message = (str(e).splitlines() or [type(e).__name__])[0]
         if isinstance(e, MemoryError):
             message += " (a size too large for this machine)"
@@ -2816,7 +2748,7 @@ def main(argv=None):
         if isinstance(e, PoolLost):
             return 1
         return 2
-    except OSError as e:  # a path the system refuses: a read-only or special file system, a full disk
+    except OSError as e:  # a path the system refuses: read-only, special, a full disk
         if e.filename:
             print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         else:
@@ -2829,18 +2761,16 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
-# Ctrl-C and SIGTERM: main() turns them into KeyboardInterrupt, which `Run` turns into the checkpoint and the resume
-# hint. Python drops an exception raised inside a fork handler, a __del__ or an atexit callback (a Ctrl-C while
-# the workers start, or while tqdm closes a bar): STOPPING remembers it, and save_checkpoint raises it again.
+# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, `Run` keeps the checkpoint and prints the resume hint. Python
+# drops it inside a fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
 STOPPING = threading.Event()
-HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C or SIGTERM stops the run as the block ends
+HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as the block ends
 
 
 @contextlib.contextmanager
 def signals_held():
-    """A Ctrl-C or SIGTERM inside the block raises KeyboardInterrupt as the block ends, not inside it. Raised
-    inside TensorBoard's writer (its queue's lock and conditions), it could leave the writer's thread asleep
-    until its next timed flush, and close() waiting for it up to 2 minutes."""
+    """A Ctrl-C or SIGTERM in the block raises KeyboardInterrupt as it ends: inside TensorBoard's writer it
+    could leave its thread asleep, close() waiting 2 minutes."""
     already = STOPPING.is_set()
     HOLDING.set()
     try:
@@ -2852,8 +2782,7 @@ def signals_held():
 
 
 class Console:
-    """sys.stdout or sys.stderr during main(): when the reader of the stream goes away (a closed pipe, `... | head`),
-    os.devnull takes the stream's place and the run goes on without a console, every generation checkpointed."""
+    """sys.stdout or sys.stderr in main(): should its reader go away (`... | head`), os.devnull takes its place."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -2880,6 +2809,6 @@ class Console:
 
 if __name__ == "__main__":
     code = main()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the run is over: a late Ctrl-C changes no file, no exit code
+    for signum in (signal.SIGINT, signal.SIGTERM):  # over: a late Ctrl-C changes no file, no exit code
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

@@ -20,7 +20,7 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "checkpoint_written", "load_checkpoint", "versions",
           "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
           "Console", "signals_held", "live_bar", "start_worker", "use_worker", "run_chunk", "InProcess",
-          "RolloutPool")
+          "RolloutPool", "flags_given")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
 SHARED_ES_GA = ("parse_env_kwargs", "all_finite")
 
