@@ -8,7 +8,8 @@ not the wall clock) and against env steps, and the cost to each level. Segments:
 2. on, restarted from generation 60's mean (--restart-from ../cmaes_carracing_scratch.npz --init-sigma
    0.128299): cmaes_carracing_<run>.progress.csv for each run in RESTARTS, its CPU time from
    cmaes_scratch4_cpu.csv (unix time, run, CPU seconds, last generation; once a minute). Its env steps
-   count from 0 (the file had no env_steps in its meta): segment 1's are added.
+   count from 0 (the file had no env_steps in its meta): segment 1's are added;
+3. scratch5_128x4, restarted from scratch4_64x2's generation-291 mean.npz with a population of 128 (IPOP-style).
 
 Writes cmaes_scratch_lineage.png and prints, per level, the first evaluation that reached it.
 
@@ -22,8 +23,11 @@ from matplotlib.figure import Figure
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIRST = os.path.join(HERE, "..", "cmaes_carracing_scratch.progress.csv")
 FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of segment 1's process
-RESTARTS = {"scratch4_64x2": "restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)",
-            "scratch4_64x4": "restarted at 60, 64 x 4 (c0614d4)"}
+# run -> (label, the run it restarted from: None for generation 60's file); a restart's env steps go on from
+# its parent's (they count from 0 after generation 60), its core-hours from the parent's last sample
+RESTARTS = {"scratch4_64x2": ("restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)", None),
+            "scratch4_64x4": ("restarted at 60, 64 x 4 (c0614d4)", None),
+            "scratch5_128x4": ("restarted at 291, 128 x 4 (e2904c0)", "scratch4_64x2")}
 # A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
 PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5", "scratch4_64x2_part6"]}
 LEVELS = (500, 700, 800, 850, 900)
@@ -84,8 +88,11 @@ def restart_segment(run, offset_steps, offset_hours):
 def main():
     first = first_segment()
     segments = {"generations 1-60, 64 x 2 (86f3672)": first}
-    for run, label in RESTARTS.items():
-        segments[label] = restart_segment(run, first[-1][1], first[-1][2])
+    ends = {}
+    for run, (label, parent) in RESTARTS.items():
+        hours = ends[parent][2] if parent else first[-1][2]
+        segments[label] = restart_segment(run, first[-1][1], hours)
+        ends[run] = segments[label][-1] if segments[label] else None
     fig = Figure(figsize=(12, 5))
     by_hours, by_steps = fig.subplots(1, 2)
     for label, points in segments.items():
