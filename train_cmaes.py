@@ -165,12 +165,10 @@ from gymnasium.envs.box2d import car_dynamics, car_racing
 
 # 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
-    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)) with step size init_sigma.
-    `es.ask()` returns `population_size` float64 (n,) candidates; `es.tell(candidates, losses)` takes one float
-    each, lower is better (here: negated mean returns); `es.result.xfavorite` is the mean, `es.sigma` the step size.
-    separable > 0: a diagonal covariance for that many generations (sep-CMA-ES, Ros & Hansen 2008: O(n) a sample,
-    learns n times faster). The sampler draws from its own RandomState (in the checkpoint), so a run depends on
-    --seed alone; pycma writes no files."""
+    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)), step size init_sigma.
+    `es.ask()`: population_size float64 (n,) candidates; `es.tell(candidates, losses)`: a float each, lower is
+    better; `es.result.xfavorite`: the mean; `es.sigma`: the step size. separable > 0: a diagonal covariance
+    for that many generations (sep-CMA-ES, Ros & Hansen 2008). The sampler's RandomState: in the checkpoint."""
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {
         "popsize": population_size,  # lambda
@@ -189,11 +187,10 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
 
 # 3. Policy, environment, rollout ------------------------------------------------------------------
 class AttentionAgent(nn.Module):
-    """The self-attention agent of Tang, Nguyen, Ha (2020), one frame at a time: uint8 (S, S, 3) -> n x n patches
-    in [0, 1] (d = patch_size^2 * 3 values each) -> Q, K = fc_q, fc_k(patches) -> importance = column sums of
-    softmax(Q K^T / sqrt(d)) -> centers (row, col) / S of the top_k patches (2 top_k,) -> controller ('lstm' the
-    paper's, 'rnn', or 'mlp' over the last num_frames feature vectors) -> fc -> tanh. The flat genotype is the
-    authors' layout: fc_q, fc_k, controller, fc, each module's state-dict keys sorted. Checked by check_agent_config."""
+    """A frame at a time: uint8 (S, S, 3) -> n x n patches in [0, 1] (d = patch_size^2 * 3 values each) ->
+    Q, K = fc_q, fc_k(patches) -> importance = column sums of softmax(Q K^T / sqrt(d)) -> centers (row, col) / S
+    of the top_k patches (2 top_k,) -> controller (the paper's 'lstm', 'rnn', or 'mlp' on num_frames stacked)
+    -> fc -> tanh. Genotype: the authors' layout, fc_q, fc_k, controller, fc, keys sorted."""
 
     def __init__(
         self,
@@ -277,7 +274,7 @@ class AttentionAgent(nn.Module):
 
     def attend(self, frame):
         """int64 (k,): the top-k patches, most important first; importance_j = sum_i softmax(...)_ij
-        as exp(L - rowmax)^T (1 / rowsums), one pass fewer than normalizing, no copy."""
+        as exp(L - rowmax)^T (1 / rowsums), without normalizing."""
         patches = self.patches(frame)
         logits = torch.mm(self.fc_q(patches), self.fc_k(patches).T).mul_(self.attention_scale)
         weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
@@ -306,9 +303,8 @@ class AttentionAgent(nn.Module):
 
 
 def make_env(env_config, training):
-    """CarRacing-v3 or a like env (uint8 (H, H, 3) frames; else UserError) from `gymnasium.make` (CarRacing:
-    FastCarRacing, or DirectCarRacing where training_frames / evaluation_frames say direct; --stock-env: gymnasium's)
-    with the episode limit, the training-time early stop, and `RescaleAction` (tanh's [-1, 1] onto the bounds)."""
+    """`gymnasium.make` of a CarRacing-like env (uint8 (H, H, 3) frames, else UserError; CarRacing: FastCarRacing
+    or DirectCarRacing), with the early stop in training, tanh's [-1, 1] rescaled to its bounds."""
     spec = gym.spec(env_config["env_id"])
     stock = spec.entry_point == "gymnasium.envs.box2d.car_racing:CarRacing"
     if stock and not env_config["stock_env"]:  # gym.make's wrappers, our class
@@ -343,8 +339,7 @@ def rollout(env, agent, seed, on_step=None, direct=False):
 
 # 4. Training loop ---------------------------------------------------------------------------------
 class RolloutTask(typing.NamedTuple):
-    """Row `member` of the batch's float32 (rows, D) parameters drives one episode per env seed,
-    with the training-time early stop or without (evaluation)."""
+    """Row `member` of the batch's float32 (rows, D) matrix drives an episode per env seed (training: early stop)."""
 
     member: int
     env_seeds: list
@@ -437,7 +432,7 @@ PROGRESS_COLUMNS = [
     "num_cpus",
 ]
 CURVES = [("return_mean", "population mean"), ("return_max", "population max")]  # in the plot
-AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array, the paper's architecture
+AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
 # Flags that --resume may set anew; the rest comes from the checkpoint.
 RESUME_FLAGS = {
@@ -456,14 +451,14 @@ RESUME_FLAGS = {
     "training_frames",
 }
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
-# The agent's architecture flags: a weights file's meta brings them along.
+# The architecture's flags: a weights file's meta brings them.
 AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
 COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 CHECKPOINT_PARTS = {"cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState}
 CHECKPOINT_MODULES = ("cma",)  # a checkpoint holds pycma's objects, numpy's and builtins
 INT_MAX = 2**31 - 1
 SIZE_MAX = 4096
-# (smallest, largest[, True: smallest excluded]) of every number a flag or a weights file sets.
+# The limits (check_numbers) of every number a flag or a weights file sets.
 LIMITS = {
     "seed": (0, 2**32 - 1),
     "num_workers": (1, SIZE_MAX),
@@ -494,7 +489,7 @@ LIMITS = {
 
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
+    numpy's SeedSequence, so runs depend on --seed alone."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
@@ -527,8 +522,8 @@ def check_numbers(values, label):
 
 
 def flags_given(parser, argv, args):
-    """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
-    a namespace already holds, so the flags typed are those whose marker changed."""
+    """The set of flags (dest names) typed in `argv`: those whose marker in the namespace
+    argparse replaced."""
     markers = argparse.Namespace(**{name: parser for name in vars(args)})
     typed = parser.parse_args(argv, namespace=markers)
     return {name for name, value in vars(typed).items() if value is not parser}
@@ -555,7 +550,7 @@ def check_placement(args, given):
 
 
 def check_flags(args, given):
-    """UserError for flags that exclude each other, and for paths that are not what they must be."""
+    """UserError for flags that exclude each other, and for paths that do not fit."""
     starts = (args.resume, args.from_pretrained, args.init_from, args.restart_from)
     if sum(x is not None for x in starts) > 1:
         raise UserError("--resume, --from-pretrained, --init-from and --restart-from exclude each other")
@@ -616,8 +611,8 @@ def check_env_id(env_id, label):
 
 
 def check_agent_config(config, label):
-    """UserError unless `config` (flags, or a weights file's meta) is an AttentionAgent's settings:
-    every key, sizes in range, a known controller, patches that fit the frame, top-k <= patches."""
+    """UserError unless `config` (flags, a weights meta) is an AttentionAgent's: all keys, sizes in range, a
+    known controller, top-k <= patches."""
     if not isinstance(config, dict) or set(config) != {"image_size", "action_dim", *AGENT_FLAGS}:
         raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
     check_numbers(config, label)
@@ -633,7 +628,7 @@ def check_agent_config(config, label):
 
 
 def env_config_from_args(args):
-    """The env settings that a worker, an evaluation and a weights file's meta all need."""
+    """The env settings of workers, evaluations and weights files."""
     return {
         "env_id": args.env_id,
         "max_episode_steps": args.max_episode_steps,
@@ -1139,8 +1134,7 @@ def open_progress(path, columns, last_iteration):
 # The environment: the early stop, and CarRacing at twice the speed
 class NegativeRewardEarlyStop(gym.Wrapper):
     """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
-    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
+    (estool; Tang et al. 2020), a car off the track collecting -0.1 a frame. Evaluations run to the end."""
 
     def __init__(self, env, patience):
         super().__init__(env)
@@ -1897,8 +1891,8 @@ def save_weights(path, params, meta):
 
 def load_weights(path):
     """(params float32 (D,), agent settings dict or None, meta dict or None) of this script's file or the authors'
-    (a bare `params` array of 3667 values: the paper's architecture). UserError for a missing or corrupt file,
-    another script's, a bare array of another size, or a meta whose ids and sizes are not real."""
+    (a bare `params` array of 3667 values). UserError: a missing or corrupt file, another script's, a bare
+    array of another size, a meta whose ids and sizes are not real."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params = data["params"].astype(np.float32).ravel()
@@ -1926,10 +1920,10 @@ def load_weights(path):
     return params, meta["agent"], meta
 
 
-def agent_from_file(path, image_size, action_dim):
-    """(agent holding the file's weights, its config, its meta or None). UserError when they do not fit."""
-    params, agent_config, meta = load_weights(path)
-    if agent_config is None:  # the authors' file: the paper's architecture, this script's defaults
+def agent_from_file(path, image_size, action_dim, weights=None):
+    """(agent holding the file's weights (`load_weights(path)` if not given), its config, its meta or None)."""
+    params, agent_config, meta = weights or load_weights(path)
+    if agent_config is None:  # the authors' file: the paper's architecture, the defaults
         defaults = build_parser().parse_args([])
         agent_config = {
             "image_size": image_size,
@@ -1978,8 +1972,8 @@ def restart_point(args, given):
 
 
 def segment(start, args, generation):
-    """One entry of a run's provenance: how a stretch of its generations began ("new", "resume" or
-    "restart"), after which generation, with the settings its samples were drawn with."""
+    """A provenance entry: how ("new", "resume", "restart"), after which generation and with which
+    sampling settings a stretch of the run began."""
     entry = {
         "start": start,
         "iteration": generation,
@@ -2241,15 +2235,15 @@ def probe_env(env_config):
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
+    """Evaluate a weights file; the last line: the `episode_return mean=...` summary."""
     env_config = env_config_from_args(args)
     if "training_frames" in given:  # to compare the frames: play on the training renderer
         env_config["evaluation_frames"] = args.training_frames
-    meta = load_weights(args.from_pretrained)[2]
+    weights = load_weights(args.from_pretrained)
+    params, _, meta = weights
     if meta is not None and "env_id" not in given:
         env_config["env_id"] = meta["env_id"]
-    agent, agent_config, meta = agent_from_file(args.from_pretrained, *probe_env(env_config))
-    params = agent.get_flat()
+    agent, agent_config, _ = agent_from_file(args.from_pretrained, *probe_env(env_config), weights)
     worker_args = (env_config, agent_config, params.size)
     pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [params.size], args.quiet)
     print(agent)

@@ -605,8 +605,8 @@ LIMITS = {
 
 # Checks: flags, settings, environments
 def flags_given(parser, argv, args):
-    """The set of flags (dest names) typed on the command line `argv`: argparse leaves alone what
-    a namespace already holds, so the flags typed are those whose marker changed."""
+    """The set of flags (dest names) typed in `argv`: those whose marker in the namespace
+    argparse replaced."""
     markers = argparse.Namespace(**{name: parser for name in vars(args)})
     typed = parser.parse_args(argv, namespace=markers)
     return {name for name, value in vars(typed).items() if value is not parser}
@@ -718,8 +718,7 @@ def check_paths(args):
 
 class NegativeRewardEarlyStop(gym.Wrapper):
     """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020), as a car off the track only collects -0.1 a frame. gymnasium has no such
-    wrapper. Training rollouts only; evaluation episodes run to the end, as in the paper."""
+    (estool; Tang et al. 2020), a car off the track collecting -0.1 a frame. Evaluations run to the end."""
 
     def __init__(self, env, patience):
         super().__init__(env)
@@ -1392,7 +1391,7 @@ LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains litt
 
 def derive_seed(*keys):
     """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone, not on workers or scheduling."""
+    numpy's SeedSequence, so runs depend on --seed alone."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
