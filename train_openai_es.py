@@ -1946,19 +1946,13 @@ def load_weights(path):
         if not np.all(np.isfinite(params)):
             raise UserError(f"{path} holds parameters that are not finite numbers")
         settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
-        argv = []  # the command line that would set these settings: the parser checks them as it checks flags
-        for dest, value in settings.items():
-            flag = "--" + dest.replace("_", "-")
-            if isinstance(value, bool):
-                argv.append(flag if value else "--no-" + flag[2:])
-            elif isinstance(value, dict):
-                argv += [flag, *(f"{key}={json.dumps(item)}" for key, item in value.items())]
-            else:
-                argv += [flag, *map(str, value if isinstance(value, list) else [value])]
-        parsed = build_parser().parse_args(argv)
-        check_numbers(vars(parsed), lambda key: f"its {key}")
-        check_settings(parsed)
-        wrong = [key for key, value in settings.items() if getattr(parsed, key) != value]
+        check_numbers(settings, lambda key: f"its {key}")
+        defaults = vars(build_parser().parse_args([])) | {"env_kwargs": {}}  # the kinds of the flags' values
+        wrong = [key for key, value in settings.items() if type(value) is not type(defaults[key])]
+        choices = {"activation": ACTIVATIONS, "action_bounding": ("scale", "clip")}  # the Policy's
+        wrong += [key for key, known in choices.items() if settings[key] not in known]
+        if not wrong:
+            check_settings(argparse.Namespace(**(defaults | settings)))
         norm = meta["obs_norm"]
         if (
             wrong

@@ -693,7 +693,8 @@ def test_an_incomplete_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, sta
     {"policy": {"obs_norm": 1}}, {"env": {"frame_size": 3.5}}, {"env": {"frame_stack": 0}}, {"env": {"grayscale": None}},
     {"env": {"env_kwargs": ["continuous"]}}, {"obs_norm": {"mean": [0.0], "std": [1.0], "count": 5}},
     {"obs_norm": {"mean": [0.0] * 8, "std": [0.0] * 8, "count": 5}}, {"obs_norm": None}, {"policy": None},
-    {"policy": {"num_actions": 7}}, "params-nan", "params-short",
+    {"policy": {"num_actions": 7}}, "params-nan", "params-short", {"env": {"env_kwargs": {"gravity": float("nan")}}},
+    {"policy": {"hidden_sizes": 32}}, {"env": {"grayscale": 1}}, {"policy": {"recurrent": True, "hidden_sizes": []}},
 ])
 def test_a_weights_file_whose_meta_is_not_real_is_refused(tmp_path, monkeypatch, capsys, change):
     params, meta = es_mod.load_weights(os.path.join(ROOT, "pretrained", "openai_es_lunarlander.npz"))
@@ -710,6 +711,17 @@ def test_a_weights_file_whose_meta_is_not_real_is_refused(tmp_path, monkeypatch,
         code, err = main_in_process([flag, "bad.npz", "--num-workers", "1", "--num-eval-rollouts", "1"], capsys)
         assert code == 2 and len(err) == 1 and "error: " in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def test_a_weights_file_with_env_kwargs_plays_with_them(tmp_path, monkeypatch, capsys):
+    params, meta = es_mod.load_weights(os.path.join(ROOT, "pretrained", "openai_es_lunarlander.npz"))
+    meta["env"]["env_kwargs"] = {"gravity": -9.0, "enable_wind": False}
+    np.savez(tmp_path / "kwargs.npz", params=params, meta=np.array(json.dumps(meta)))
+    assert es_mod.load_weights(str(tmp_path / "kwargs.npz"))[1]["env"]["env_kwargs"] == meta["env"]["env_kwargs"]
+    monkeypatch.chdir(tmp_path)
+    argv = ["--from-pretrained", "kwargs.npz", "--num-workers", "1", "--num-eval-rollouts", "1", "--max-episode-steps", "20"]
+    code, err = main_in_process(argv, capsys)
+    assert code == 0, err
 
 
 def test_help_shows_each_default_once():
