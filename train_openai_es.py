@@ -653,8 +653,8 @@ def check_placement(args, given):
 
 def parse_env_kwargs(items):
     """The --env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses (true, 3, 0.5),
-    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY, or for a
-    number that is not finite (NaN, 1e400)."""
+    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY (a number
+    that is not finite, NaN or 1e400, is refused with the other settings)."""
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -662,8 +662,6 @@ def parse_env_kwargs(items):
             raise UserError(f"--env-kwargs expects KEY=VALUE items with a name as KEY, got {item!r}")
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)
-        if not all_finite(value):
-            raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")
         kwargs[key] = value
     return kwargs
 
@@ -682,7 +680,6 @@ def all_finite(value):
 
 def check_settings(args):
     """UserError unless the settings fit together and the env id is registered (flags or a weights file)."""
-    args.env_kwargs = dict(args.env_kwargs)
     for key, value in args.env_kwargs.items():
         if not all_finite(value):
             raise UserError(f"--env-kwargs {key} must hold finite numbers only, got {value!r}")

@@ -72,7 +72,7 @@ def test_non_finite_numbers_nested_in_an_env_kwarg_are_refused(script):
     module = importlib.import_module(script[:-3])
     for value in ("[1.0, 1e400]", '{"a": [0, NaN]}', '{"b": {"c": -Infinity}}'):
         with pytest.raises(module.UserError, match="--env-kwargs x must hold finite numbers only"):
-            module.parse_env_kwargs([f"x={value}"])
+            module.parse_args(["--env-kwargs", f"x={value}"])
     assert module.parse_env_kwargs(['x={"a": [0, 1.5, "inf"]}', "y=nan-ish"]) == {
         "x": {"a": [0, 1.5, "inf"]}, "y": "nan-ish"}
 
