@@ -1087,7 +1087,7 @@ class Run:
         args = self.args
         params = None
         if init:  # it fits, or UserError
-            load_policy(args.init_from, *init, self.env_configs, args.hidden_sizes, args.activation)
+            load_policy(args.init_from, *init, self.policy_config)
             params = init[0]
         population = initial_population(
             self.policy_config,
@@ -1455,7 +1455,8 @@ def make_bare_env(env_config, training, render_mode=None):
     env_id = env_config["env_id"]
     kwargs = dict(env_config["env_kwargs"])
     steps = env_config["max_episode_steps"]
-    check_env_id(env_id)
+    if env_id.startswith("ALE/"):  # registered in each process (check_args has checked the id)
+        gym.register_envs(__import__("ale_py"))
     try:
         if env_id == SLIME_ID:
             env = SlimeVolleyAdapter(training and env_config["slime_fitness"] == "shaped", render_mode)
@@ -2123,13 +2124,10 @@ def load_weights(path):
 
 
 def meta_is_sound(meta):
-    """Whether a weights file's meta has its env ids, env settings and policy sizes."""
+    """Whether a weights file's meta has its env ids, env settings and policy settings (their
+    values are check_args's to check, the policy's spaces load_policy's)."""
     policy, env_ids = meta.get("policy"), meta.get("env_ids")
     tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
-
-    def sizes(values):
-        return isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)
-
     return (
         isinstance(env_ids, list)
         and env_ids
@@ -2138,14 +2136,7 @@ def meta_is_sound(meta):
         and isinstance(meta.get("env"), dict)
         and set(META_ENV_FLAGS) <= set(meta["env"])
         and isinstance(tasks, list)
-        and len(tasks) == len(env_ids)
-        and all(
-            isinstance(t, dict)
-            and sizes(t.get("obs_shape"))
-            and sizes([t.get("num_actions")])
-            and isinstance(t.get("discrete"), bool)
-            for t in tasks
-        )
+        and all(isinstance(t, dict) for t in tasks)
         and set(META_POLICY_FLAGS) <= set(policy)
     )
 
@@ -2189,14 +2180,13 @@ def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iterati
     return dict(meta, **extra)
 
 
-def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
-    """(policy config, policy holding `params`) of a weights file on its envs. UserError: it does
-    not fit."""
-    config = policy_config_from_envs(env_configs, hidden_sizes, activation)
+def load_policy(path, params, meta, config):
+    """The policy of `config` (`policy_config_from_envs` of the file's envs) holding a weights
+    file's `params`. UserError: the file's policy does not fit the envs, or its params the policy."""
     policy = build_policy(config)
 
     def spaces(c):
-        return [(t["obs_shape"], t["discrete"], t["num_actions"]) for t in c.get("multitask", [c])]
+        return [(t.get("obs_shape"), t.get("discrete"), t.get("num_actions")) for t in c.get("multitask", [c])]
 
     if spaces(meta["policy"]) != spaces(config):
         raise UserError(
@@ -2206,7 +2196,7 @@ def load_policy(path, params, meta, env_configs, hidden_sizes, activation):
         )
     if params.size != num_params(policy):
         raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
-    return config, policy.load(params)
+    return policy.load(params)
 
 
 class CheckpointUnpickler(pickle._Unpickler):
@@ -2564,9 +2554,8 @@ def run_from_pretrained(args, given):
     `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
-    policy_config, policy = load_policy(
-        args.from_pretrained, params, meta, env_configs, args.hidden_sizes, args.activation
-    )
+    policy_config = policy_config_from_envs(env_configs, args.hidden_sizes, args.activation)
+    policy = load_policy(args.from_pretrained, params, meta, policy_config)
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
     header = f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
@@ -2655,14 +2644,9 @@ def run_distillation(args, given):
     if "activation" in given:
         args.activation = student_activation
     env_configs = env_configs_from_args(args)
-    teacher_config, teacher = load_policy(
-        args.distill_from,
-        teacher_params,
-        teacher_meta,
-        env_configs,
-        teacher_meta["policy"]["hidden_sizes"],
-        teacher_meta["policy"]["activation"],
-    )
+    teacher_policy = teacher_meta["policy"]
+    teacher_config = policy_config_from_envs(env_configs, teacher_policy["hidden_sizes"], teacher_policy["activation"])
+    teacher = load_policy(args.distill_from, teacher_params, teacher_meta, teacher_config)
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
     student_config = dict(teacher_config, hidden_sizes=list(args.hidden_sizes), activation=args.activation)

@@ -767,7 +767,8 @@ BAD_INPUTS = [  # (flags, a word the error line names)
     (["--from-pretrained", "afile"], "cannot read"), (["--resume", "adir", "--init-from", "afile"], "exclude"),
     *[(["--from-pretrained", f"{name}.npz"], word) for name, word in [
         ("env", "NoSuchEnv"), ("activation", "activation"), ("zero_width", "hidden"), ("float_width", "hidden"),
-        ("script", "train_cmaes.py"), ("frame", "--frame-size"), ("no_policy", "meta"), ("shape", "meta")]],
+        ("script", "train_cmaes.py"), ("frame", "--frame-size"), ("no_policy", "meta"), ("shape", "does not fit"),
+        ("actions", "does not fit"), ("kwargs", "--env-kwargs")]],
 ]
 BAD_METAS = {"env": lambda m: m.update(env_id="NoSuchEnv-v0", env_ids=["NoSuchEnv-v0"]),
              "activation": lambda m: m["policy"].update(activation="gelu"),
@@ -775,7 +776,9 @@ BAD_METAS = {"env": lambda m: m.update(env_id="NoSuchEnv-v0", env_ids=["NoSuchEn
              "float_width": lambda m: m["policy"].update(hidden_sizes=[16.5]),
              "script": lambda m: m.update(script="train_cmaes.py"),
              "frame": lambda m: m["env"].update(frame_size=3), "no_policy": lambda m: m.pop("policy"),
-             "shape": lambda m: m["policy"].update(obs_shape=["4"])}
+             "shape": lambda m: m["policy"].update(obs_shape=["4"]),
+             "actions": lambda m: m["policy"].update(num_actions=0),
+             "kwargs": lambda m: m["env"].update(env_kwargs={"gravity": float("nan")})}
 
 
 # main() of every case in one interpreter (a process per case would cost minutes): exit code and stderr each.
