@@ -439,7 +439,7 @@ class Policy(nn.Module):
     def load(self, params):
         """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
         load_flat(self, params)
-        self.numpy_layers = numpy_views(self.linear_params)  # act()'s
+        self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
         return self
 
     def forward(self, x):
@@ -1593,12 +1593,6 @@ def linear(weight, bias, h):
     if h.dim() == 1:
         return torch.addmv(bias, weight, h)
     return torch.addmm(bias, h, weight.t())
-
-
-def numpy_views(linear_params):
-    """The layers [(weight, bias)] of a policy as numpy views of a batch of one: [(weights
-    (1, out, in), biases (1, out))], for `act_batch`; they see in-place updates."""
-    return [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in linear_params]
 
 
 def stacked_layers(policy, genotypes):
