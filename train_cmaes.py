@@ -370,25 +370,26 @@ def train(args, given):
             returns = np.array([np.mean(result.episode_returns) for result in results])
             sigma = float(es.sigma)  # the step size these candidates were drawn with
             es.tell(candidates, (-returns).tolist())  # pycma minimizes
-            run.count_generation(returns, sum(result.steps for result in results))
+            run.recorder.count_generation(returns, sum(result.steps for result in results))
             evaluation = None
             if run.generation % args.eval_every == 0:
                 evaluation = evaluate_mean(run)  # best.npz, the goal streak, the video
             run.record(returns, evaluation, sigma)  # progress.csv, TensorBoard, W&B, console
             run.save_checkpoint()
-            if run.goal_reached():
+            if run.recorder.goal_reached():
                 break
         run.finish(evaluation)  # final.npz and the learning curve
-    return run.exit_code
+    return run.recorder.exit_code
 
 
 def evaluate_mean(run):
-    """The distribution mean's (xfavorite) returns without the early stop, float64 (E,), recorded by the run."""
+    """The mean's (xfavorite) evaluation without the early stop, recorded: {mean, std, episodes}."""
     center = run.full(run.es.result.xfavorite)
     returns, steps = evaluate(run.pool, center, run.args.seed, run.generation, run.args.num_eval_rollouts)
-    run.count_steps(steps)
-    run.record_evaluation(center, returns)
-    return returns
+    run.recorder.count_steps(steps)
+    evaluation = summary(returns)
+    run.record_evaluation(center, evaluation)
+    return evaluation
 
 
 # == Machinery: a first-time reader may skip what follows (checks, the run, the fast CarRacing, workers, files, main) ==
@@ -414,23 +415,10 @@ from concurrent.futures.process import BrokenProcessPool
 
 import cv2
 
-# The columns every script of the project writes first, then the CMA-ES scalars.
-PROGRESS_COLUMNS = [
-    "iteration",
-    "evaluations",
-    "env_steps",
-    "wall_time_s",
-    "return_min",
-    "return_mean",
-    "return_max",
-    "return_std",
-    "eval_return_mean",
-    "eval_return_std",
-    "sigma",
-    "axis_ratio",
-    "dim",
-    "num_cpus",
-]
+# progress.csv's columns: every script's, then the CMA-ES scalars.
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s"]
+PROGRESS_COLUMNS += ["return_min", "return_mean", "return_max", "return_std", "eval_return_mean", "eval_return_std"]
+PROGRESS_COLUMNS += ["sigma", "axis_ratio", "dim", "num_cpus"]
 CURVES = [("return_mean", "population mean"), ("return_max", "population max")]  # in the plot
 AUTHORS_NUM_PARAMS = 3667  # the authors' file: a bare `params` array
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
@@ -454,6 +442,9 @@ PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoin
 # The architecture's flags: a weights file's meta brings them.
 AGENT_FLAGS = ("patch_size", "patch_stride", "query_dim", "top_k", "hidden_size", "bias", "controller", "num_frames")
 COUNTERS = ("generation", "evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
+# A run folder's files, as the last console line names them.
+RUN_FILES = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "mean.npz", "final.npz")
+RUN_FILES += ("best.npz", "videos/")
 CHECKPOINT_PARTS = {"cma": cma.CMAEvolutionStrategy, "cma_rng": np.random.RandomState}
 CHECKPOINT_MODULES = ("cma",)  # a checkpoint holds pycma's objects, numpy's and builtins
 INT_MAX = 2**31 - 1
@@ -652,12 +643,9 @@ def check_spaces(env, env_id):
         raise UserError(f"{env_id}'s action space {action_space} is not supported: bounded 1-D Box only")
 
 
-# The run: its folder, records and logs
+# The run: the algorithm's part
 class Run:
-    """A training run, as a context manager: from the flags or a checkpoint, the settings, run folder, agent
-    and searched part, pycma object, counters and workers. Leaving it closes the workers and logs and turns
-    Ctrl-C or SIGTERM and lost workers (PoolLost) into the resume hint and `exit_code` 130 or 1. UserError
-    before anything is written."""
+    """A CMA-ES run (a context manager), from the flags or a checkpoint: agent, searched part, pycma, workers."""
 
     def __init__(self, args, given):
         checkpoint = None
@@ -689,7 +677,6 @@ class Run:
                 run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
             run_dir = os.path.join(args.logs_dir, run_name)
         self.args = args
-        self.dir = run_dir
         self.env_config = env_config_from_args(args)
         self.agent, self.agent_config = build_agent(args, probe_env(self.env_config))
         self.base = self.agent.get_flat()  # the genotype, float32 (D,); CMA-ES searches ...
@@ -697,50 +684,31 @@ class Run:
         if args.train != "all":
             self.mask = self.agent.part_mask(args.train)
         self.dim = int(self.mask.sum())
+        resumed = None  # the generation the checkpoint holds
         if checkpoint:
             self.es = checkpoint["cma"]
             self.cma_rng = checkpoint["cma_rng"]
-            self.counters = checkpoint["counters"]
+            counters = checkpoint["counters"]
+            resumed = counters["generation"]
         else:
             self.es, self.cma_rng = make_cma(
                 self.base[self.mask], args.init_sigma, args.population_size, args.seed, run_dir, args.separable
             )
-            self.counters = dict.fromkeys(COUNTERS, 0)
-            self.counters["generation"] = restart["iteration"]
-            self.counters["env_steps"] = restart["env_steps"]
-            self.counters["wall_time_s"] = 0.0
-            self.counters["best_return"] = -math.inf
-            self.counters["best_eval"] = -math.inf
-        self.pool = RolloutPool(
-            args.num_workers,
-            args.ray_address,
-            RolloutWorker,
-            (self.env_config, self.agent_config, self.base.size),
-            [args.population_size * self.base.size],
-            args.quiet,
-            self.kept,
-        )
-        try:
-            self.open_folder(checkpoint is not None)
+            counters = {"generation": restart["iteration"], "env_steps": restart["env_steps"]}
+        worker_args = (self.env_config, self.agent_config, self.base.size)
+        sizes = [args.population_size * self.base.size]
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        title = f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})"
+        config = {"env_config": self.env_config, "agent_config": self.agent_config, "num_params": self.base.size}
+        config["search_dim"] = self.dim
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(
+                args, run_dir, title, PROGRESS_COLUMNS, config, counters, counters["generation"], resumed
+            )
         except BaseException:
             self.pool.close()
-            if hasattr(self, "lock"):  # released now, not by the garbage collector
-                self.lock.close()
             raise
-        self.log = print
-        if args.quiet:
-            self.log = lambda *a, **k: None
-        self.title = f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})"
-        self.start = time.perf_counter()
-        self.last_row = self.start  # when the last progress row was written
-        self.first_generation = self.counters["generation"]
-        self.checkpointed = None  # the generation checkpoint.pkl holds (None: none yet)
-        if checkpoint:
-            self.checkpointed = self.first_generation
-        self.wall_offset = self.counters["wall_time_s"]
-        self.last_plot = -math.inf
-        self.steps = 0  # env steps of the generation under way
-        self.exit_code = 1
+        self.pool.on_lost = self.recorder.kept
         print(self.agent)
         parts = {part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")}
         print(
@@ -749,80 +717,24 @@ class Run:
             f"{args.population_size}   workers: {self.pool.describe()}   run folder: {run_dir}"
         )
         if checkpoint:
-            print(f"resuming at generation {self.counters['generation']} from {checkpoint_path}")
+            print(f"resuming at generation {self.generation} from {checkpoint_path}")
         elif args.restart_from:
             print(
                 f"restarting at generation {self.generation} from {args.restart_from}: its mean, sigma "
                 f"{args.init_sigma:.6g}, a fresh covariance"
             )
 
-    def open_folder(self, resumed):
-        """The run folder, locked for the run's life, and its files. UserError: in use, or a new run finds one."""
-        args = self.args
-        self.lock = open_run_folder(self.dir)
-        names = ["args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "mean.npz", "best.npz"]
-        names.append("final.npz")
-        self.paths = {name: os.path.join(self.dir, name) for name in names}
-        if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
-            raise UserError(
-                f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
-            )
-        last_iteration = None
-        if resumed:
-            last_iteration = self.counters["generation"]
-        self.csv_file, self.writer = open_progress(
-            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
-        )  # first: a resume it refuses writes nothing
-        if args.capture_video:
-            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
-        self.tb, self.wandb = start_logging(args, self.dir, self.counters["env_steps"])
-        config = dict(
-            vars(args),
-            env_config=self.env_config,
-            agent_config=self.agent_config,
-            num_params=int(self.base.size),
-            search_dim=self.dim,
-            versions=versions(),
-        )
-        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
-
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        written = checkpoint_written()  # None, or the error of the last checkpoint's write: the run's error
-        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
-            kind, error = type(written), written
-        self.csv_file.close()
         self.pool.close()
-        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
-        if kind is None:
-            self.exit_code = 0
-        elif issubclass(kind, KeyboardInterrupt):
-            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
-            self.exit_code = 130
-        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
-            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        stop_logging(self, self.exit_code)
-        if kind is None:
-            files = "args.json progress.csv learning_curve.png checkpoint.pkl mean.npz final.npz"
-            if os.path.exists(self.paths["best.npz"]):
-                files += " best.npz"
-            if self.args.capture_video:
-                files += " videos/"
-            print(
-                f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
-                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
-            )
-        self.lock.close()
-        if written is not None and error is written:
-            raise written
-        return stopped
+        return self.recorder.close(kind, error)
 
     @property
     def generation(self):
         """Generations finished."""
-        return self.counters["generation"]
+        return self.recorder.iteration
 
     def full(self, x):
         """The searched part x (float (dim,)) put into the genotype: float32 (D,)."""
@@ -845,12 +757,157 @@ class Run:
             "iteration": self.generation,
             "num_params": int(self.base.size),
             "sigma": float(self.es.sigma),  # the step size after this generation
-            "env_steps": self.counters["env_steps"],
+            "env_steps": self.recorder.counters["env_steps"],
             "provenance": self.provenance,  # the run's segments: new, resume, restart
         }
 
+    def record_evaluation(self, center, evaluation):
+        """An evaluation of the mean `center` (Recorder's), then with --capture-video a video."""
+        self.recorder.record_evaluation(center, evaluation, self.meta(evaluation))
+        if self.args.capture_video:
+            self.agent.set_flat(center)
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.generation:05d}")
+            path, _ = record_video(self.env_config, self.agent, stem, seed)
+            self.recorder.log(f"video {path}")
+
+    def record(self, returns, evaluation, sigma):
+        """The generation's row (Recorder's) with the CMA-ES scalars; sigma: the candidates' step size."""
+        axis_ratio = float(self.es.D.max() / self.es.D.min())
+        scalars = {"sigma": sigma, "axis_ratio": axis_ratio, "dim": self.dim, "num_cpus": self.pool.num_cpus}
+        self.recorder.record(returns, evaluation, scalars, f"sigma {sigma:.4f}")
+
+    def save_checkpoint(self):
+        """mean.npz, then checkpoint.pkl (Recorder's) with pycma's object and generator."""
+        save_weights(self.recorder.paths["mean.npz"], self.full(self.es.result.xfavorite), self.meta())
+        parts = {"cma": self.es, "cma_rng": self.cma_rng, "provenance": self.provenance}
+        self.recorder.counters["generation"] = self.generation
+        attach_randn(self.es, None)  # a RandomState's bound method pickles as a `getattr` call
+        try:
+            self.recorder.save_checkpoint(parts)
+        finally:
+            attach_randn(self.es, self.cma_rng.randn)
+
+    def finish(self, evaluation=None):
+        """final.npz of the final mean; evaluation: the last generation's, else one outside the record."""
+        center = self.full(self.es.result.xfavorite)
+        if evaluation is None:
+            returns, _ = evaluate(self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts)
+            evaluation = summary(returns)
+        self.recorder.finish(center, evaluation, self.meta(evaluation))
+
+
+# The run's records
+class Recorder:
+    """A run's records, for any algorithm: folder, args.json, progress.csv, TensorBoard, W&B, console, checkpoint."""
+
+    def __init__(self, args, folder, title, columns, config, counters, iteration, resumed, ylabel="episode return"):
+        """Lock `folder`, open the records of `columns` after generation `iteration`; resumed: the checkpoint's
+        generation (None: a new run); counters: the checkpoint's, or start values. UserError: no file written."""
+        self.args = args
+        self.dir = folder
+        self.title = title  # the curve's
+        self.ylabel = ylabel
+        self.paths = {name: os.path.join(folder, name) for name in RUN_FILES}
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.start = time.perf_counter()
+        self.exit_code = 1
+        start = {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
+        self.counters = dict.fromkeys(COUNTERS, 0) | start | counters
+        self.iteration = iteration
+        self.first_iteration = iteration
+        self.checkpointed = resumed  # the generation checkpoint.pkl holds
+        os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(folder, ".lock"), "a")  # flock: dropped at any exit
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            busy = f"{folder} is in use by another run: wait for it to end, or pick another --run-name"
+            raise UserError(busy) from None
+        try:
+            for name in os.listdir(folder):  # atomic writes a kill cut short
+                path = os.path.join(folder, name)
+                if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
+                    os.unlink(path)
+            if resumed is None and os.path.exists(self.paths["checkpoint.pkl"]):
+                raise UserError(
+                    f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
+                )
+            self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns, resumed)
+            if args.capture_video:
+                os.makedirs(self.paths["videos/"], exist_ok=True)
+            self.wandb = None
+            if args.track:  # before args.json, which keeps its id
+                self.wandb = import_optional("wandb", "--track", "track")
+                args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex[:16]
+                try:
+                    self.wandb.init(
+                        project=args.wandb_project_name,
+                        entity=args.wandb_entity,
+                        config=vars(args),
+                        name=os.path.basename(self.dir),
+                        dir=self.dir,
+                        id=args.wandb_id,
+                        resume="allow",
+                    )
+                    self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
+                except Exception as e:
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(f"--track: W&B did not start the run: {reason}") from None
+            config = {**vars(args), **config, "versions": versions()}
+            atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+            from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports
+
+            purge_step = None  # a resume hides a killed session's later points
+            if resumed is not None:
+                purge_step = self.counters["env_steps"] + 1
+            self.tb = SummaryWriter(self.dir, purge_step=purge_step)
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+        except BaseException:
+            self.lock.close()  # now, not by the garbage collector
+            raise
+        self.wall_offset = self.counters["wall_time_s"]
+        self.last_plot = -math.inf
+        self.last_row = time.perf_counter()
+        self.steps = 0  # env steps of the generation under way
+
+    def close(self, kind, error):
+        """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, lost pool)."""
+        written = checkpoint_written()  # None, or the write's error
+        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+            kind, error = type(written), written
+        self.csv_file.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
+        with signals_held():
+            self.tb.close()
+        if self.wandb:
+            self.upload()
+            self.wandb.finish(exit_code=self.exit_code)
+        if kind is None:
+            files = [name for name in RUN_FILES if os.path.exists(self.paths[name])]
+            files.append("events.out.tfevents.* (TensorBoard)")
+            print(
+                f"done: {self.iteration} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {' '.join(files)}"
+            )
+        self.lock.close()
+        if written is not None and error is written:
+            raise written
+        return stopped
+
     def kept(self):
-        """What to tell about the checkpoint when the run stops early."""
+        """What to tell of the checkpoint when the run stops early."""
         if self.checkpointed is None:
             return "no generation had finished: there is no checkpoint to resume, start the run anew"
         return (
@@ -865,109 +922,91 @@ class Run:
         self.counters["env_steps"] += steps
 
     def count_generation(self, returns, steps):
-        """A generation done: its rollouts' returns (float64 (lambda,)) and env steps."""
-        self.counters["generation"] += 1
+        """A generation told: its members' fitness (float (N,)) and their env steps."""
+        self.iteration += 1
         self.counters["evaluations"] += len(returns)
-        self.counters["best_return"] = max(self.counters["best_return"], float(returns.max()))
+        self.counters["best_return"] = max(self.counters["best_return"], float(np.max(returns)))
         self.count_steps(steps)
 
-    def record_evaluation(self, center, returns):
-        """An evaluation of the mean `center`: best.npz if the best yet, the goal streak, the console, the video."""
+    def reaches_goal(self, value):
+        """Whether `value` reaches --reward-goal (never without one)."""
+        return self.args.reward_goal is not None and value >= self.args.reward_goal
+
+    def screened_out(self, evaluation):
+        """An evaluation a screen stopped after its first episodes: the goal streak ends."""
+        self.counters["goal_streak"] = 0
+        self.log(
+            f"eval {self.iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over "
+            f"the first {evaluation['episodes']} episodes, below the goal"
+        )
+
+    def record_evaluation(self, params, evaluation, meta, note=""):
+        """An evaluation of `params`: best.npz (with `meta`) if the best yet, the goal streak, the console line."""
         counters = self.counters
-        if returns.mean() > counters["best_eval"]:
-            counters["best_eval"] = float(returns.mean())
-            save_weights(self.paths["best.npz"], center, self.meta(summary(returns)))
-        goal = self.args.reward_goal
-        if goal is not None and returns.mean() >= goal:
+        if evaluation["mean"] > counters["best_eval"]:
+            counters["best_eval"] = evaluation["mean"]
+            save_weights(self.paths["best.npz"], params, meta)
+        if self.reaches_goal(evaluation["mean"]):
             counters["goal_streak"] += 1
         else:
             counters["goal_streak"] = 0
         self.log(
-            f"eval {self.generation:>5d} | return {returns.mean():9.2f} ± "
-            f"{returns.std():8.2f} over {returns.size} episodes | best eval "
-            f"{counters['best_eval']:9.2f}"
+            f"eval {self.iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes | best eval {counters['best_eval']:9.2f}{note}"
         )
-        if self.args.capture_video:
-            self.agent.set_flat(center)
-            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
-            stem = os.path.join(self.dir, "videos", f"iter-{self.generation:05d}")
-            path, _ = record_video(self.env_config, self.agent, stem, seed)
-            self.log(f"video {path}")
 
-    def record(self, returns, evaluation, sigma):
-        """The generation's row: progress.csv, TensorBoard, W&B, the console; the curve (PLOT_INTERVAL_S)."""
+    def record(self, returns, evaluation, scalars, note):
+        """The generation's row, the algorithm's `scalars` last: progress.csv, TensorBoard, W&B, console, curve."""
         counters = self.counters
+        evaluated = evaluation or {}
         now = time.perf_counter()
         counters["wall_time_s"] = self.wall_offset + (now - self.start)
         row = {
-            "iteration": self.generation,
+            "iteration": self.iteration,
             "evaluations": counters["evaluations"],
             "env_steps": counters["env_steps"],
             "wall_time_s": round(counters["wall_time_s"], 3),
-            "return_min": float(returns.min()),
-            "return_mean": float(returns.mean()),
-            "return_max": float(returns.max()),
-            "return_std": float(returns.std()),
-            "eval_return_mean": None,
-            "eval_return_std": None,
-            "sigma": sigma,
-            "axis_ratio": float(self.es.D.max() / self.es.D.min()),
-            "dim": self.dim,
-            "num_cpus": self.pool.num_cpus,
+            "return_min": float(np.min(returns)),
+            "return_mean": float(np.mean(returns)),
+            "return_max": float(np.max(returns)),
+            "return_std": float(np.std(returns)),
+            "eval_return_mean": evaluated.get("mean"),
+            "eval_return_std": evaluated.get("std"),
+            **scalars,
         }
-        if evaluation is not None:
-            row["eval_return_mean"] = float(evaluation.mean())
-            row["eval_return_std"] = float(evaluation.std())
-        self.writer.writerow({column: csv_cell(value) for column, value in row.items()})
+        self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
         self.csv_file.flush()
-        scalars = {column: value for column, value in row.items() if value is not None}
-        del scalars["env_steps"]
+        points = {column: as_written(column, value) for column, value in row.items() if value is not None}
+        del points["env_steps"]
         with signals_held():
-            for column, value in scalars.items():
+            for column, value in points.items():
                 self.tb.add_scalar(column, value, global_step=counters["env_steps"])
-        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
-            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
-        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
-            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
-            self.last_plot = now
-        done = self.generation - self.first_generation
-        eta = (now - self.start) / done * (self.args.max_iter - self.generation)
+        if self.wandb:  # logged, not synced: W&B would copy the event files
+            self.wandb.log({**points, "env_steps": counters["env_steps"]})
+        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:
+            self.plot()
+        eta = (now - self.start) / (self.iteration - self.first_iteration) * (self.args.max_iter - self.iteration)
         self.log(
-            f"iter {self.generation:>5d}/{self.args.max_iter} | evals "
-            f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
-            f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | sigma {sigma:.4f} | "
-            f"{self.steps / (now - self.last_row):7,.0f} steps/s | cpus "
-            f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
-            f"ETA {duration(eta)}"
+            f"iter {self.iteration:>5d}/{self.args.max_iter} | evals {counters['evaluations']:>8d} | return min "
+            f"{row['return_min']:8.2f} mean {row['return_mean']:8.2f} max {row['return_max']:8.2f} | best "
+            f"{counters['best_return']:8.2f} | {note} | {self.steps / (now - self.last_row):8,.0f} steps/s | "
+            f"cpus {row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}"
         )
         self.steps = 0
-        self.last_row = now
+        if evaluation is not None and self.wandb:
+            self.upload()
 
-    def save_checkpoint(self):
-        """checkpoint.pkl, atomically; TensorBoard flushed, after an evaluation the files sent to W&B."""
-        state = {
-            "format_version": FORMAT_VERSION,
-            "script": SCRIPT,
-            "args": vars(self.args),
-            "cma": self.es,
-            "cma_rng": self.cma_rng,
-            "counters": dict(self.counters),
-            "provenance": self.provenance,
-        }
-        attach_randn(self.es, None)  # a RandomState's bound method pickles as a `getattr` call
-        try:
-            save_checkpoint(self.paths["checkpoint.pkl"], state)
-        finally:
-            attach_randn(self.es, self.cma_rng.randn)
-        self.checkpointed = self.generation  # the generation the resume hint names
-        save_weights(self.paths["mean.npz"], self.full(self.es.result.xfavorite), self.meta())
-        if STOPPING.is_set():  # a Ctrl-C whose KeyboardInterrupt Python dropped: stop here
+    def save_checkpoint(self, parts):
+        """checkpoint.pkl, the algorithm's `parts` among it, written on a thread; TensorBoard flushed."""
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args), **parts}
+        state["counters"] = dict(self.counters)
+        save_checkpoint(self.paths["checkpoint.pkl"], state)
+        self.checkpointed = self.iteration  # the generation the resume hint names
+        if STOPPING.is_set():  # a Ctrl-C that Python dropped
             raise KeyboardInterrupt
         with signals_held():
             self.tb.flush()
-        if self.generation % self.args.eval_every == 0:
-            upload(self)
+        self.last_row = time.perf_counter()  # the next generation's speed: from here
 
     def goal_reached(self):
         """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
@@ -977,20 +1016,60 @@ class Run:
             return False
         print(
             f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-            f"{self.generation} ({self.counters['wall_time_s']:.1f} s)"
+            f"{self.iteration} ({self.counters['wall_time_s']:.1f} s)"
         )
         return True
 
-    def finish(self, returns=None):
-        """final.npz (the final mean, its evaluation in meta) and the last curve. returns: the last generation's
-        own evaluation; else one runs outside the run's record, so a resumed run equals one made in one go."""
-        center = self.full(self.es.result.xfavorite)
-        if returns is None:
-            returns, _ = evaluate(self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts)
-        result = f"return {returns.mean():9.2f} ± {returns.std():8.2f} over {returns.size} episodes"
-        self.log(f"final evaluation | {result}")
-        save_weights(self.paths["final.npz"], center, self.meta(summary(returns)))
-        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
+    def finish(self, params, evaluation, meta):
+        """final.npz of the final `params` with `meta`, the console line, the last curve."""
+        self.log(
+            f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes"
+        )
+        save_weights(self.paths["final.npz"], params, meta)
+        self.plot()
+
+    def plot(self):
+        """learning_curve.png redrawn from progress.csv."""
+        plot_learning_curve(
+            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES, self.ylabel
+        )
+        self.last_plot = time.perf_counter()
+
+    def upload(self):
+        """With --track: the weights files and the curve that exist, to W&B now."""
+        for name in ("best.npz", "final.npz", "learning_curve.png"):
+            if os.path.exists(self.paths[name]):
+                self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
+
+
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+
+
+def duration(seconds):
+    """H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def as_written(column, value):
+    """A progress row's number as its csv cell holds it (for TensorBoard, W&B): a float to 6 significant digits."""
+    if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, 5 - math.floor(math.log10(abs(value))))
+
+
+def csv_cell(column, value):
+    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None empty."""
+    if value is None:
+        return ""
+    if column == "wall_time_s":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
 
 
 def evaluate(pool, params, seed, iteration, episodes):
@@ -1001,26 +1080,6 @@ def evaluate(pool, params, seed, iteration, episodes):
     results = pool.map(tasks, [params], "evaluation")
     returns = np.array([result.episode_returns[0] for result in results])
     return returns, sum(result.steps for result in results)
-
-
-def summary(returns):
-    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-
-
-def duration(seconds):
-    """H:MM:SS."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def csv_cell(value):
-    """A progress.csv cell: a float to 6 significant digits, None as empty, the rest as is."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
 
 
 def build_agent(args, env_shape):
@@ -1053,49 +1112,6 @@ def build_agent(args, env_shape):
                         f"hidden size {source.fc.in_features} in the file)"
                     )
     return agent, agent_config
-
-
-def start_logging(args, run_dir, env_steps):
-    """(TensorBoard's SummaryWriter, the wandb module or None): wandb.init first (on resume the same W&B run),
-    and a resume (env_steps > 0) hides the points a killed session wrote after its checkpoint."""
-    wandb = import_optional("wandb", "--track", "track") if args.track else None
-    if wandb:
-        args.wandb_id = getattr(args, "wandb_id", None) or uuid.uuid4().hex[:16]  # in the checkpoint
-        try:
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=vars(args),
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                id=args.wandb_id,
-                resume="allow",
-            )
-            wandb.define_metric("*", step_metric="env_steps")  # TensorBoard's scalars, logged
-        except Exception as e:
-            raise UserError(f"--track: wandb.init failed: {type(e).__name__}: {e}") from None
-    from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for a training run
-
-    writer = SummaryWriter(run_dir, purge_step=env_steps + 1 if env_steps else None)
-    table = "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
-    return writer, wandb
-
-
-def stop_logging(run, code):
-    """Close the event files; with --track upload the files and end the W&B run with the exit code."""
-    with signals_held():
-        run.tb.close()
-    if run.wandb:
-        upload(run)
-        run.wandb.finish(exit_code=code)
-
-
-def upload(run):
-    """With --track: send best.npz, final.npz and learning_curve.png, those that exist, to W&B now."""
-    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
-        if os.path.exists(run.paths[name]):
-            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
 
 
 def open_progress(path, columns, last_iteration):
@@ -1865,24 +1881,6 @@ def atomic_write(path, data):
         raise
 
 
-def open_run_folder(folder):
-    """Create the run folder if need be and lock it for this process's life (fcntl.flock on `.lock`: the
-    system drops it at any exit, a kill included); remove the temp files (.tmp-*) of atomic writes a kill
-    interrupted. UserError when another run holds the folder."""
-    os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, ".lock"), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
-            os.unlink(path)
-    return lock
-
-
 def save_weights(path, params, meta):
     """Weights file (.npz), atomically: `params` float32 (D,), `meta` a dict as a 0-d unicode array of JSON."""
     params = np.asarray(params, dtype=np.float32)
@@ -2319,8 +2317,8 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
-# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, `Run` keeps the checkpoint and prints the resume hint. Python
-# drops it inside a fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
+# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, the Recorder prints the resume hint. Python drops it inside a
+# fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
 STOPPING = threading.Event()
 HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as the block ends
 

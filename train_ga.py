@@ -587,18 +587,17 @@ def train(args, given):
             returns = np.array([result.episode_returns for result in results])  # (N, rollouts, T)
             fitness = (returns / run.scales).sum(2).mean(1)  # (N,): the rollouts' mean
             ga.tell(fitness)
-            run.count_generation(fitness, sum(result.steps for result in results))
-            # Evaluate on schedule, and at once when the best member's fitness reaches the goal.
+            run.recorder.count_generation(fitness, sum(result.steps for result in results))
             scheduled = ga.generation % args.eval_every == 0
             evaluation = None
-            if scheduled or run.reaches_goal(ga.best()[1]):
+            if scheduled or run.recorder.reaches_goal(ga.best()[1]):  # off schedule: screened first
                 evaluation = evaluate_best(run, screen=not scheduled)
             run.record(fitness, returns, evaluation)  # progress.csv, TensorBoard, W&B, console
             run.save_checkpoint()
-            if run.goal_reached():
+            if run.recorder.goal_reached():
                 break
         run.finish(evaluation)  # the noise study (--multitask), final.npz, the learning curve
-    return run.exit_code
+    return run.recorder.exit_code
 
 
 def evaluate_best(run, screen=False):
@@ -607,9 +606,9 @@ def evaluate_best(run, screen=False):
     when `screen` stopped it after its first episodes (then no evaluation is recorded)."""
     params = run.ga.best()[0]
     evaluation, returns, steps = evaluation_of(run, params, f"evaluation {run.generation}", screen)
-    run.count_steps(steps)
+    run.recorder.count_steps(steps)
     if returns.size < run.args.num_eval_rollouts:
-        run.screened_out(evaluation)  # the goal streak ends
+        run.recorder.screened_out(evaluation)  # the goal streak ends
         return None
     run.record_evaluation(params, evaluation)  # best.npz, the goal streak, the console, a video
     return evaluation
@@ -637,8 +636,6 @@ import warnings
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-
-from tqdm import tqdm
 
 # gymnasium's image wrappers build float64-bounded Boxes and warn about it: harmless, it would
 # bury errors.
@@ -744,6 +741,9 @@ OPTIONAL_NUMBERS = ("num_workers", "max_episode_steps", "max_negative_steps", "r
 CHECKPOINT_PARTS = {"ga": dict}  # GeneticAlgorithm.state_dict(): numpy arrays and plain values
 CHECKPOINT_MODULES = ()  # packages whose objects a checkpoint holds, beyond numpy's and builtins
 COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
+# A run folder's files, as the last console line names them.
+RUN_FILES = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "final.npz", "best.npz", "videos/")
+RUN_FILES += ("noise_study.csv", "noise_study.png")  # --multitask's
 
 
 def derive_seed(*keys):
@@ -955,7 +955,7 @@ def first_line(error):
     return lines[0]
 
 
-# The run: its folder, records and logs
+# The run: the algorithm's part
 # The best member reaching --reward-goal in training is evaluated at once, off schedule. Most such
 # members are a lucky few episodes: their evaluation stops after its first SCREEN_EPISODES episodes
 # when these average below the goal (no evaluation is recorded), which saves most of the
@@ -988,16 +988,12 @@ def evaluation_of(run, params, label, screen=False):
 
 
 class Run:
-    """A training run, as a context manager: what `train` needs, from the flags or from a
-    checkpoint (--resume): the settings, the envs and the policy's layout, the GA (new, from
-    --init-from's weights, or the checkpoint's), the counters and the goal streak, the workers,
-    and the run folder (args.json, progress.csv, TensorBoard and W&B, learning_curve.png,
-    best.npz, final.npz, checkpoint.pkl). Leaving it closes the workers and the logs on any exit
-    and turns Ctrl-C or SIGTERM (KeyboardInterrupt) and lost workers (PoolLost) into the resume
-    hint and `exit_code` 130 or 1. Raises UserError before anything is written."""
+    """A GA run, as a context manager: from the flags or a checkpoint, the settings, the envs and the policy's
+    layout, the GA (new, from --init-from's weights, or the checkpoint's) and the workers; `recorder` keeps the
+    records. Leaving it closes the workers and the records (Recorder.close: Ctrl-C, SIGTERM, lost workers, the
+    exit code). UserError before anything is written."""
 
     def __init__(self, args, given):
-        self.started = time.perf_counter()
         checkpoint = None
         init = None
         if args.resume:
@@ -1013,56 +1009,39 @@ class Run:
             if args.init_from:
                 init = read_weights_into_args(args.init_from, args, given)
             run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
-        self.wandb = None
-        if args.track:
-            self.wandb = import_optional("wandb", "--track", "track")
-            if not getattr(args, "wandb_id", None):  # in args.json and the checkpoint: --resume
-                args.wandb_id = uuid.uuid4().hex[:16]  # continues it (wandb 0.31: no generate_id)
         self.args = args
-        self.dir = run_dir
         self.env_configs = env_configs_from_args(args)
         self.env_ids = [config["env_id"] for config in self.env_configs]
         self.scales = np.ones(1)  # fitness: the sum over tasks of return / scale
+        ylabel = "episode return"
         if args.multitask:
             self.scales = np.array([return_scale(config) for config in self.env_configs])
+            ylabel = "fitness (sum of normalized returns)"
         self.policy_config = policy_config_from_envs(self.env_configs, args.hidden_sizes, args.activation)
         policy = build_policy(self.policy_config)
         self.dim = num_params(policy)
+        counters = {}
+        resumed = None  # the generation the checkpoint holds
         if checkpoint:
             self.ga = GeneticAlgorithm.from_state_dict(checkpoint["ga"])
-            self.counters = checkpoint["counters"]
+            counters = checkpoint["counters"]
+            resumed = self.generation
         else:
             self.ga = self.new_ga(init)
-            self.counters = dict.fromkeys(COUNTERS, 0)
-            self.counters["wall_time_s"] = 0.0
-            self.counters["best_return"] = -math.inf
-            self.counters["best_eval"] = -math.inf
-        self.pool = RolloutPool(
-            args.num_workers,
-            args.ray_address,
-            RolloutWorker,
-            (self.env_configs, self.policy_config, self.dim),
-            [args.population_size * self.dim],
-            args.quiet,
-            self.kept,
-        )
-        try:
-            self.open_folder(checkpoint is not None)
+        worker_args = (self.env_configs, self.policy_config, self.dim)
+        sizes = [args.population_size * self.dim]
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        title = f"GA on {args.env_id} (seed {args.seed})"
+        columns = list(PROGRESS_COLUMNS)
+        if args.multitask:
+            columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
+        config = {"env_configs": self.env_configs, "num_params": self.dim}
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(args, run_dir, title, columns, config, counters, self.generation, resumed, ylabel)
         except BaseException:
             self.pool.close()
-            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
-                self.lock.close()
             raise
-        self.log = print
-        if args.quiet:
-            self.log = lambda *a, **k: None
-        self.title = f"GA on {args.env_id} (seed {args.seed})"
-        self.ylabel = "episode return"
-        if args.multitask:
-            self.ylabel = "fitness (sum of normalized returns)"
-        self.last_plot = -math.inf
-        self.steps = 0  # env steps of the generation under way
-        self.exit_code = 1
+        self.pool.on_lost = self.recorder.kept
         print(policy)
         print(
             f"parameters: {self.dim}   population: {args.population_size}   workers: "
@@ -1073,13 +1052,6 @@ class Run:
             print("multitask fitness = " + " + ".join(terms))
         if checkpoint:
             print(f"resuming at generation {self.generation} from {checkpoint_path}")
-        self.session_start = time.perf_counter()
-        self.last_row = self.session_start  # when the last progress row was written
-        self.first_generation = self.generation
-        self.checkpointed = None  # the generation checkpoint.pkl holds (None: no checkpoint yet)
-        if checkpoint:
-            self.checkpointed = self.first_generation
-        self.wall_offset = self.counters["wall_time_s"]
 
     def new_ga(self, init):
         """A new GA on the initial population: PyTorch's initialization, or --init-from's weights
@@ -1098,94 +1070,12 @@ class Run:
         )
         return GeneticAlgorithm(population, **{key: getattr(args, key) for key in GA_FLAGS})
 
-    def open_folder(self, resumed):
-        """The run folder, locked for the run's life, and its files: progress.csv (open to
-        append; on resume the rows up to the checkpoint's), args.json, W&B with --track,
-        TensorBoard. UserError when another run holds the folder, a new run finds one there, or
-        a resumed run's progress.csv does not reach its checkpoint."""
-        args = self.args
-        self.lock = open_run_folder(self.dir)
-        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")
-        self.paths = {name: os.path.join(self.dir, name) for name in names}
-        if not resumed and os.path.exists(self.paths["checkpoint.pkl"]):
-            raise UserError(
-                f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
-            )
-        if args.capture_video:
-            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
-        columns = list(PROGRESS_COLUMNS)
-        if args.multitask:
-            columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
-        last_iteration = None
-        if resumed:
-            last_iteration = self.generation
-        self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns, last_iteration)
-        config = dict(vars(args), env_configs=self.env_configs, num_params=self.dim, versions=versions())
-        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
-        if self.wandb:  # before the SummaryWriter: W&B then syncs its scalars
-            try:
-                self.wandb.init(
-                    project=args.wandb_project_name,
-                    entity=args.wandb_entity,
-                    config=vars(args),
-                    name=os.path.basename(self.dir),
-                    dir=self.dir,
-                    id=args.wandb_id,
-                    resume="allow",
-                )
-                self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
-            except Exception as e:
-                reason = str(e).strip().splitlines()[0]
-                raise UserError(f"--track: W&B did not start the run: {reason}") from None
-        from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports: only for training
-
-        # A resumed run hides the points a killed session wrote after its checkpoint.
-        purge_step = None
-        if resumed:
-            purge_step = self.counters["env_steps"] + 1
-        self.tb = SummaryWriter(self.dir, purge_step=purge_step)
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
-
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        written = checkpoint_written()  # None, or the error of the last checkpoint's write: the run's error
-        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
-            kind, error = type(written), written
-        self.csv_file.close()
         self.pool.close()
-        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
-        if kind is None:
-            self.exit_code = 0
-        elif issubclass(kind, KeyboardInterrupt):
-            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
-            self.exit_code = 130
-        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
-            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        with signals_held():
-            self.tb.close()
-        if self.wandb:  # the files, and the exit code
-            self.upload()
-            self.wandb.finish(exit_code=self.exit_code)
-        if kind is None:
-            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
-            if os.path.exists(self.paths["best.npz"]):
-                files += " best.npz"
-            if self.args.capture_video:
-                files += " videos/"
-            if self.args.multitask:
-                files += " noise_study.csv noise_study.png"
-            files += " events.out.tfevents.* (TensorBoard)"
-            print(
-                f"done: {self.generation} generations, {self.counters['env_steps']} env steps, "
-                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
-            )
-        self.lock.close()
-        if written is not None and error is written:
-            raise written
-        return stopped
+        return self.recorder.close(kind, error)
 
     @property
     def generation(self):
@@ -1196,87 +1086,25 @@ class Run:
         """A weights file's meta after this generation, with its evaluation's summary."""
         return weights_meta(self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.generation)
 
-    def kept(self):
-        """What to tell about the checkpoint when the run stops early."""
-        if self.checkpointed is None:
-            return "no generation had finished: there is no checkpoint to resume, start the run anew"
-        return (
-            f"the checkpoint of generation {self.checkpointed} is kept in "
-            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume "
-            f"{self.dir}   (on any Ray cluster with --ray-address, or locally)"
-        )
-
-    def reaches_goal(self, value):
-        """Whether `value` reaches --reward-goal (never without one)."""
-        return self.args.reward_goal is not None and value >= self.args.reward_goal
-
-    def count_steps(self, steps):
-        """Env steps spent in this generation (rollouts, evaluations)."""
-        self.steps += steps
-        self.counters["env_steps"] += steps
-
-    def count_generation(self, fitness, steps):
-        """A generation told: its candidates' fitness (float64 (N,)) and their env steps."""
-        self.counters["evaluations"] += len(fitness)
-        self.counters["best_return"] = max(self.counters["best_return"], float(fitness.max()))
-        self.count_steps(steps)
-
-    def screened_out(self, evaluation):
-        """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
-        self.counters["goal_streak"] = 0
-        self.log(
-            f"eval {self.generation:>5d} | screened out: return {evaluation['mean']:9.2f} "
-            f"over the first {evaluation['episodes']} episodes, below the goal"
-        )
-
     def record_evaluation(self, params, evaluation):
-        """An evaluation of the best member `params`: best.npz if the best so far, the goal
-        streak, the console line, with --capture-video a video, the files sent to W&B."""
-        counters = self.counters
-        if evaluation["mean"] > counters["best_eval"]:
-            counters["best_eval"] = evaluation["mean"]
-            save_weights(self.paths["best.npz"], params, self.meta(evaluation))
-        if self.reaches_goal(evaluation["mean"]):
-            counters["goal_streak"] += 1
-        else:
-            counters["goal_streak"] = 0
+        """An evaluation of the best member `params` (Recorder's), then with --capture-video a video."""
         tasks = ""
         if self.args.multitask:
             means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
             tasks = "  (" + ", ".join(means) + ")"
-        self.log(
-            f"eval {self.generation:>5d} | return {evaluation['mean']:9.2f} ± "
-            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
-            f"{counters['best_eval']:9.2f}{tasks}"
-        )
+        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), tasks)
         if self.args.capture_video:
             policy = build_policy(self.policy_config).load(params)
-            stem = os.path.join(self.dir, "videos", f"iter-{self.generation:05d}")
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.generation:05d}")
             seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
             path, _ = record_video(self.env_configs[0], policy, stem, seed)
-            self.log(f"video {path}")
-        self.upload()
+            self.recorder.log(f"video {path}")
 
     def record(self, fitness, returns, evaluation):
-        """The generation's row: progress.csv, TensorBoard (x axis: env steps), W&B with --track,
-        the console line; the curve redrawn after an evaluation, at most every PLOT_INTERVAL_S.
-        returns: the raw returns, float64 (N, rollouts, tasks)."""
-        counters = self.counters
+        """The generation's row (Recorder's) with the GA's scalars. returns: the raw ones, float64 (N, rollouts, T)."""
         ga = self.ga
         best_params, best_fitness = ga.best()
-        now = time.perf_counter()
-        counters["wall_time_s"] = self.wall_offset + (now - self.started)
-        row = {
-            "iteration": ga.generation,
-            "evaluations": counters["evaluations"],
-            "env_steps": counters["env_steps"],
-            "wall_time_s": counters["wall_time_s"],
-            "return_min": float(fitness.min()),
-            "return_mean": float(fitness.mean()),
-            "return_max": float(fitness.max()),
-            "return_std": float(fitness.std()),
-            "eval_return_mean": None,
-            "eval_return_std": None,
+        scalars = {
             "best_fitness": best_fitness,
             "children_accepted": ga.children_accepted,
             "mutation_rate": float(ga.mutation_rate),
@@ -1284,54 +1112,240 @@ class Run:
             "param_norm": float(np.linalg.norm(best_params)),
             "num_cpus": self.pool.num_cpus,
         }
-        if evaluation is not None:
-            row["eval_return_mean"] = evaluation["mean"]
-            row["eval_return_std"] = evaluation["std"]
         if self.args.multitask:
             for env_id, mean in zip(self.env_ids, returns.mean((0, 1))):
-                row[f"return_mean[{env_id}]"] = float(mean)
-        self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
-        self.csv_file.flush()
-        scalars = {column: value for column, value in row.items() if value is not None}
-        del scalars["env_steps"]
-        with signals_held():
-            for column, value in scalars.items():
-                self.tb.add_scalar(column, value, global_step=counters["env_steps"])
-        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
-            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
-        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:  # ~0.1 s a redraw
-            self.plot()
-        done = ga.generation - self.first_generation
-        eta = (now - self.session_start) / done * (self.args.max_iter - ga.generation)
-        hms = tqdm.format_interval  # [H:]MM:SS
-        self.log(
-            f"iter {ga.generation:>5d}/{self.args.max_iter} | evals "
-            f"{counters['evaluations']:>8d} | return min {fitness.min():8.2f} mean "
-            f"{fitness.mean():8.2f} max {fitness.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | best member {best_fitness:8.2f} | children in "
-            f"{ga.children_accepted:>4d} | {self.steps / (now - self.last_row):8,.0f} steps/s "
-            f"| cpus {row['num_cpus']} | {hms(counters['wall_time_s'])} elapsed | "
-            f"ETA {hms(eta)}"
-        )
-        self.steps = 0
-        self.last_row = time.perf_counter()  # the next generation's speed: from here
+                scalars[f"return_mean[{env_id}]"] = float(mean)
+        note = f"best member {best_fitness:8.2f} | children in {ga.children_accepted:>4d}"
+        self.recorder.record(fitness, evaluation, scalars, note)
 
     def save_checkpoint(self):
-        """checkpoint.pkl (format version, script, args, the GA's state, counters; atomically),
-        TensorBoard's events flushed."""
-        state = {
-            "format_version": FORMAT_VERSION,
-            "script": SCRIPT,
-            "args": vars(self.args),
-            "ga": self.ga.state_dict(),
-            "counters": dict(self.counters),
+        """checkpoint.pkl (Recorder's) with the GA's state."""
+        self.recorder.save_checkpoint({"ga": self.ga.state_dict()})
+
+    def finish(self, evaluation=None):
+        """The noise study (--multitask) and final.npz of the final best member with its evaluation: the last
+        generation's, if it had one; else one run outside the run's record, so a resumed run equals one made
+        in one go. Then the last learning curve."""
+        args = self.args
+        params = self.ga.best()[0]
+        if args.multitask:  # the original's noise study, on the final best member
+            print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
+            noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.recorder.dir)
+        if evaluation is None:
+            evaluation = evaluation_of(self, params, "final evaluation")[0]
+        self.recorder.finish(params, evaluation, self.meta(evaluation))
+
+
+# The run's records
+class Recorder:
+    """A run's records, for any algorithm: folder, args.json, progress.csv, TensorBoard, W&B, console, checkpoint."""
+
+    def __init__(self, args, folder, title, columns, config, counters, iteration, resumed, ylabel="episode return"):
+        """Lock `folder`, open the records of `columns` after generation `iteration`; resumed: the checkpoint's
+        generation (None: a new run); counters: the checkpoint's, or start values. UserError: no file written."""
+        self.args = args
+        self.dir = folder
+        self.title = title  # the curve's
+        self.ylabel = ylabel
+        self.paths = {name: os.path.join(folder, name) for name in RUN_FILES}
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.start = time.perf_counter()
+        self.exit_code = 1
+        start = {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
+        self.counters = dict.fromkeys(COUNTERS, 0) | start | counters
+        self.iteration = iteration
+        self.first_iteration = iteration
+        self.checkpointed = resumed  # the generation checkpoint.pkl holds
+        os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(folder, ".lock"), "a")  # flock: dropped at any exit
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            busy = f"{folder} is in use by another run: wait for it to end, or pick another --run-name"
+            raise UserError(busy) from None
+        try:
+            for name in os.listdir(folder):  # atomic writes a kill cut short
+                path = os.path.join(folder, name)
+                if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
+                    os.unlink(path)
+            if resumed is None and os.path.exists(self.paths["checkpoint.pkl"]):
+                raise UserError(
+                    f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
+                )
+            self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns, resumed)
+            if args.capture_video:
+                os.makedirs(self.paths["videos/"], exist_ok=True)
+            self.wandb = None
+            if args.track:  # before args.json, which keeps its id
+                self.wandb = import_optional("wandb", "--track", "track")
+                args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex[:16]
+                try:
+                    self.wandb.init(
+                        project=args.wandb_project_name,
+                        entity=args.wandb_entity,
+                        config=vars(args),
+                        name=os.path.basename(self.dir),
+                        dir=self.dir,
+                        id=args.wandb_id,
+                        resume="allow",
+                    )
+                    self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
+                except Exception as e:
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(f"--track: W&B did not start the run: {reason}") from None
+            config = {**vars(args), **config, "versions": versions()}
+            atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+            from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports
+
+            purge_step = None  # a resume hides a killed session's later points
+            if resumed is not None:
+                purge_step = self.counters["env_steps"] + 1
+            self.tb = SummaryWriter(self.dir, purge_step=purge_step)
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+        except BaseException:
+            self.lock.close()  # now, not by the garbage collector
+            raise
+        self.wall_offset = self.counters["wall_time_s"]
+        self.last_plot = -math.inf
+        self.last_row = time.perf_counter()
+        self.steps = 0  # env steps of the generation under way
+
+    def close(self, kind, error):
+        """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, lost pool)."""
+        written = checkpoint_written()  # None, or the write's error
+        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+            kind, error = type(written), written
+        self.csv_file.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
+        with signals_held():
+            self.tb.close()
+        if self.wandb:
+            self.upload()
+            self.wandb.finish(exit_code=self.exit_code)
+        if kind is None:
+            files = [name for name in RUN_FILES if os.path.exists(self.paths[name])]
+            files.append("events.out.tfevents.* (TensorBoard)")
+            print(
+                f"done: {self.iteration} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {' '.join(files)}"
+            )
+        self.lock.close()
+        if written is not None and error is written:
+            raise written
+        return stopped
+
+    def kept(self):
+        """What to tell of the checkpoint when the run stops early."""
+        if self.checkpointed is None:
+            return "no generation had finished: there is no checkpoint to resume, start the run anew"
+        return (
+            f"the checkpoint of generation {self.checkpointed} is kept in "
+            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+            "   (on any Ray cluster with --ray-address, or locally)"
+        )
+
+    def count_steps(self, steps):
+        """Env steps spent in this generation (rollouts, evaluations)."""
+        self.steps += steps
+        self.counters["env_steps"] += steps
+
+    def count_generation(self, returns, steps):
+        """A generation told: its members' fitness (float (N,)) and their env steps."""
+        self.iteration += 1
+        self.counters["evaluations"] += len(returns)
+        self.counters["best_return"] = max(self.counters["best_return"], float(np.max(returns)))
+        self.count_steps(steps)
+
+    def reaches_goal(self, value):
+        """Whether `value` reaches --reward-goal (never without one)."""
+        return self.args.reward_goal is not None and value >= self.args.reward_goal
+
+    def screened_out(self, evaluation):
+        """An evaluation a screen stopped after its first episodes: the goal streak ends."""
+        self.counters["goal_streak"] = 0
+        self.log(
+            f"eval {self.iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over "
+            f"the first {evaluation['episodes']} episodes, below the goal"
+        )
+
+    def record_evaluation(self, params, evaluation, meta, note=""):
+        """An evaluation of `params`: best.npz (with `meta`) if the best yet, the goal streak, the console line."""
+        counters = self.counters
+        if evaluation["mean"] > counters["best_eval"]:
+            counters["best_eval"] = evaluation["mean"]
+            save_weights(self.paths["best.npz"], params, meta)
+        if self.reaches_goal(evaluation["mean"]):
+            counters["goal_streak"] += 1
+        else:
+            counters["goal_streak"] = 0
+        self.log(
+            f"eval {self.iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes | best eval {counters['best_eval']:9.2f}{note}"
+        )
+
+    def record(self, returns, evaluation, scalars, note):
+        """The generation's row, the algorithm's `scalars` last: progress.csv, TensorBoard, W&B, console, curve."""
+        counters = self.counters
+        evaluated = evaluation or {}
+        now = time.perf_counter()
+        counters["wall_time_s"] = self.wall_offset + (now - self.start)
+        row = {
+            "iteration": self.iteration,
+            "evaluations": counters["evaluations"],
+            "env_steps": counters["env_steps"],
+            "wall_time_s": round(counters["wall_time_s"], 3),
+            "return_min": float(np.min(returns)),
+            "return_mean": float(np.mean(returns)),
+            "return_max": float(np.max(returns)),
+            "return_std": float(np.std(returns)),
+            "eval_return_mean": evaluated.get("mean"),
+            "eval_return_std": evaluated.get("std"),
+            **scalars,
         }
+        self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
+        self.csv_file.flush()
+        points = {column: as_written(column, value) for column, value in row.items() if value is not None}
+        del points["env_steps"]
+        with signals_held():
+            for column, value in points.items():
+                self.tb.add_scalar(column, value, global_step=counters["env_steps"])
+        if self.wandb:  # logged, not synced: W&B would copy the event files
+            self.wandb.log({**points, "env_steps": counters["env_steps"]})
+        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:
+            self.plot()
+        eta = (now - self.start) / (self.iteration - self.first_iteration) * (self.args.max_iter - self.iteration)
+        self.log(
+            f"iter {self.iteration:>5d}/{self.args.max_iter} | evals {counters['evaluations']:>8d} | return min "
+            f"{row['return_min']:8.2f} mean {row['return_mean']:8.2f} max {row['return_max']:8.2f} | best "
+            f"{counters['best_return']:8.2f} | {note} | {self.steps / (now - self.last_row):8,.0f} steps/s | "
+            f"cpus {row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}"
+        )
+        self.steps = 0
+        if evaluation is not None and self.wandb:
+            self.upload()
+
+    def save_checkpoint(self, parts):
+        """checkpoint.pkl, the algorithm's `parts` among it, written on a thread; TensorBoard flushed."""
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args), **parts}
+        state["counters"] = dict(self.counters)
         save_checkpoint(self.paths["checkpoint.pkl"], state)
-        self.checkpointed = self.generation  # the generation the resume hint names
-        if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
+        self.checkpointed = self.iteration  # the generation the resume hint names
+        if STOPPING.is_set():  # a Ctrl-C that Python dropped
             raise KeyboardInterrupt
         with signals_held():
             self.tb.flush()
+        self.last_row = time.perf_counter()  # the next generation's speed: from here
 
     def goal_reached(self):
         """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
@@ -1341,27 +1355,17 @@ class Run:
             return False
         print(
             f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-            f"{self.generation} ({self.counters['wall_time_s']:.1f} s)"
+            f"{self.iteration} ({self.counters['wall_time_s']:.1f} s)"
         )
         return True
 
-    def finish(self, evaluation=None):
-        """The noise study (--multitask) and final.npz of the final best member with its
-        evaluation: the last generation's, if it had one; else one run outside the run's record
-        (progress.csv, env steps, best.npz, the goal streak), so that a run stopped and resumed
-        stays the run made in one go. Then the last learning curve."""
-        args = self.args
-        params = self.ga.best()[0]
-        if args.multitask:  # the original's noise study, on the final best member
-            print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
-            noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.dir)
-        if evaluation is None:
-            evaluation = evaluation_of(self, params, "final evaluation")[0]
+    def finish(self, params, evaluation, meta):
+        """final.npz of the final `params` with `meta`, the console line, the last curve."""
         self.log(
-            f"final evaluation | return {evaluation['mean']:9.2f} ± "
-            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes"
+            f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes"
         )
-        save_weights(self.paths["final.npz"], params, self.meta(evaluation))
+        save_weights(self.paths["final.npz"], params, meta)
         self.plot()
 
     def plot(self):
@@ -1372,11 +1376,39 @@ class Run:
         self.last_plot = time.perf_counter()
 
     def upload(self):
-        """With --track: best.npz, final.npz and learning_curve.png, those that exist, saved to
-        W&B now."""
+        """With --track: the weights files and the curve that exist, to W&B now."""
         for name in ("best.npz", "final.npz", "learning_curve.png"):
-            if self.wandb and os.path.exists(self.paths[name]):
+            if os.path.exists(self.paths[name]):
                 self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
+
+
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
+
+
+def duration(seconds):
+    """H:MM:SS."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def as_written(column, value):
+    """A progress row's number as its csv cell holds it (for TensorBoard, W&B): a float to 6 significant digits."""
+    if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, 5 - math.floor(math.log10(abs(value))))
+
+
+def csv_cell(column, value):
+    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None empty."""
+    if value is None:
+        return ""
+    if column == "wall_time_s":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
 
 
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
@@ -1390,23 +1422,6 @@ def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, star
     results = pool.map(tasks, [np.asarray(params, np.float32)], label)
     returns = np.array([result.episode_returns[0] for result in results], dtype=np.float64)
     return returns, sum(result.steps for result in results)
-
-
-def summary(returns):
-    """{mean, std, episodes} of evaluation returns, for a weights file's meta."""
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-
-
-def csv_cell(column, value):
-    """A progress.csv cell: wall_time_s to the millisecond, another float to 6 significant digits,
-    None as empty, the rest as is."""
-    if value is None:
-        return ""
-    if column == "wall_time_s":
-        return f"{value:.3f}"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
 
 
 def open_progress(path, columns, last_iteration):
@@ -2059,24 +2074,6 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def open_run_folder(folder):
-    """Create the run folder if need be and lock it for this process's life (fcntl.flock on `.lock`: the
-    system drops it at any exit, a kill included); remove the temp files (.tmp-*) of atomic writes a kill
-    interrupted. UserError when another run holds the folder."""
-    os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, ".lock"), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
-            os.unlink(path)
-    return lock
 
 
 def write_csv(path, header, rows):
@@ -2736,8 +2733,8 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
-# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, `Run` keeps the checkpoint and prints the resume hint. Python
-# drops it inside a fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
+# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, the Recorder prints the resume hint. Python drops it inside a
+# fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
 STOPPING = threading.Event()
 HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as the block ends
 

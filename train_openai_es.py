@@ -455,22 +455,22 @@ def train(args, given):
         evaluation = None
         while es.generation < run.args.max_iter:
             tasks = generation_tasks(es, run.args)  # the members of es.ask(), then the center
-            results = run.rollouts(tasks)
+            results = run.rollouts(tasks)  # (noting the sigma and learning rate they are drawn with)
             returns = np.array([np.mean(result.episode_returns) for result in results[:-1]])
             center_return = float(np.mean(results[-1].episode_returns))
-            run.count_generation(results, returns, center_return)  # before tell: this sigma
             es.tell(returns)
             run.obs_stats.add(results)  # in task order: independent of scheduling
+            run.recorder.count_generation(returns, sum(result.steps for result in results))
             evaluation = None
             scheduled = es.generation % run.args.eval_every == 0
-            if scheduled or run.at_goal(center_return):  # off schedule: screened first
+            if scheduled or run.recorder.reaches_goal(center_return):  # off schedule: screened first
                 evaluation = evaluate_center(run, screen=not scheduled)
-            run.record(evaluation)  # progress.csv, TensorBoard, W&B, console
+            run.record(returns, center_return, evaluation)  # progress.csv, TensorBoard, W&B, console
             run.save_checkpoint()
-            if run.goal_reached():
+            if run.recorder.goal_reached():
                 break
         run.finish(evaluation)  # final.npz and the learning curve
-    return run.exit_code
+    return run.recorder.exit_code
 
 
 def generation_tasks(es, args):
@@ -489,9 +489,9 @@ def evaluate_center(run, screen=False):
     """Evaluate theta after this generation: {mean, std, episodes}; None when `screen` stopped it early."""
     mean_std = run.obs_stats.mean_std()  # theta's observation normalization
     returns, steps, evaluation = evaluate(run.pool, run.es.theta, mean_std, run.args, run.es.generation, screen)
-    run.count_steps(steps)
+    run.recorder.count_steps(steps)
     if returns.size < run.args.num_eval_rollouts:
-        run.record_screened(evaluation)
+        run.recorder.screened_out(evaluation)
         return None
     run.record_evaluation(evaluation)  # best.npz, the goal streak, the console line, the video
     return evaluation
@@ -562,15 +562,10 @@ META_FLAGS = {
     "env": ("env_kwargs", "frame_size", "frame_stack", "grayscale"),
     "policy": ("hidden_sizes", "activation", "recurrent", "action_bounding", "obs_norm"),
 }
-# A run's totals, kept in its checkpoint, and what they start at.
-COUNTERS = {
-    "evaluations": 0,
-    "env_steps": 0,
-    "wall_time_s": 0.0,
-    "best_return": -math.inf,
-    "best_eval": -math.inf,
-    "goal_streak": 0,
-}
+# A run's totals, kept in its checkpoint.
+COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
+# A run folder's files, as the last console line names them.
+RUN_FILES = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "final.npz", "best.npz", "videos/")
 # What a checkpoint holds beyond args and counters (observation statistics: None without --obs-norm), and the
 # packages whose objects it may hold beyond numpy's and builtins: none.
 CHECKPOINT_PARTS = {"es": dict, "obs_stats": (dict, type(None))}
@@ -891,19 +886,16 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
         results += pool.map(tasks[first:], shared, f"evaluation {iteration}")
     returns = np.array([result.episode_returns[0] for result in results])
     steps = sum(result.steps for result in results)
-    summary = {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
-    return returns, steps, summary
+    return returns, steps, summary(returns)
 
 
-# The run: its folder, records and logs
+# The run: the algorithm's part
 class Run:
-    """A training run, as a context manager: from the flags or a checkpoint, the settings, run folder, policy
-    configs, optimizer, observation statistics, counters and workers. Leaving it closes the workers and logs
-    and turns Ctrl-C or SIGTERM and lost workers (PoolLost) into the resume hint and `exit_code` 130 or 1.
-    UserError before anything is written."""
+    """An OpenAI-ES run, as a context manager: from the flags or a checkpoint, the settings, the policy's
+    configs, the optimizer, the observation statistics and the workers; `recorder` keeps the records. Leaving it
+    closes the workers and the records (Recorder.close: Ctrl-C, SIGTERM, lost workers, the exit code)."""
 
     def __init__(self, args, given):
-        self.start = time.perf_counter()
         checkpoint = None
         init = None
         if args.resume:
@@ -917,19 +909,16 @@ class Run:
             if args.init_from:
                 init = read_weights_into_args(args, given)
             run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
-            if os.path.exists(os.path.join(run_dir, "checkpoint.pkl")):
-                raise UserError(
-                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-name"
-                )
         self.args = args
-        self.dir = run_dir
-        self.title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
         torch.manual_seed(args.seed)
         self.env_config, self.policy_config, policy, self.dim, obs_dim = build_policy(args, init)
         self.normalize = policy.normalize
         self.obs_stats = ObservationStats(obs_dim)
+        counters = {}
+        resumed = None  # the generation the checkpoint holds
         if checkpoint:
-            self.resume_from(checkpoint, checkpoint_path)
+            counters = self.resume_from(checkpoint, checkpoint_path)
+            resumed = self.es.generation
         else:
             theta = parameters_to_vector(policy.parameters()).numpy()
             if init:
@@ -952,33 +941,19 @@ class Run:
                 sigma_min=args.sigma_min,
                 seed=args.seed,
             )
-            self.counters = dict(COUNTERS)
-        names = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "best.npz", "final.npz")
-        self.paths = {name: os.path.join(run_dir, name) for name in names}
         worker_args = (self.env_config, self.policy_config)
         sizes = [self.dim, obs_dim, obs_dim]  # theta, obs mean and std
-        self.pool = RolloutPool(
-            args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet, self.kept
-        )  # no file written yet
-        try:
-            self.open_folder(checkpoint is not None)
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
+        config = {"env_config": self.env_config, "num_params": self.dim}
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(
+                args, run_dir, title, PROGRESS_COLUMNS, config, counters, self.es.generation, resumed
+            )
         except BaseException:
             self.pool.close()
-            if hasattr(self, "lock"):  # released now, not when the garbage collector finds this Run
-                self.lock.close()
             raise
-        self.log = print
-        if args.quiet:
-            self.log = lambda *a, **k: None
-        self.session_start = time.perf_counter()
-        self.first_generation = self.es.generation
-        self.checkpointed = None  # the generation checkpoint.pkl holds (None: no checkpoint yet)
-        if checkpoint:
-            self.checkpointed = self.first_generation
-        self.wall_offset = self.counters["wall_time_s"]
-        self.last_plot = -math.inf
-        self.evaluated = False  # whether the last generation recorded an evaluation
-        self.exit_code = 1
+        self.pool.on_lost = self.recorder.kept
         print(
             f"{policy}\nparameters: {self.dim}   population: {args.population_size}   workers: "
             f"{self.pool.describe()}   run folder: {run_dir}"
@@ -987,107 +962,23 @@ class Run:
             print(f"resuming at generation {self.es.generation} from {checkpoint_path}")
 
     def resume_from(self, checkpoint, path):
-        """The optimizer, counters and observation statistics of a checkpoint; UserError if incomplete."""
+        """The optimizer and observation statistics of a checkpoint; returns its counters. UserError if incomplete."""
         stats = checkpoint.get("obs_stats")  # None without --obs-norm
         es_complete = set(vars(OpenAIES(np.zeros(1), 2))) <= set(checkpoint["es"])
         stats_complete = stats is not None and {"count", "sum", "sumsq"} <= set(stats)
         if not es_complete or (self.normalize and not stats_complete):
             raise UserError(f"{path} is not a complete {SCRIPT} checkpoint")
         self.es = OpenAIES.from_state_dict(checkpoint["es"])
-        self.counters = checkpoint["counters"]
         if self.normalize:
             self.obs_stats = ObservationStats.from_state_dict(stats)
-
-    def open_folder(self, resuming):
-        """The run folder, locked for the run's life: args.json, progress.csv, TensorBoard, W&B (--track)."""
-        args = self.args
-        self.lock = open_run_folder(self.dir)
-        last_iteration = None
-        if resuming:
-            last_iteration = self.es.generation
-        self.csv_file, self.writer = open_progress(
-            self.paths["progress.csv"], PROGRESS_COLUMNS, last_iteration
-        )  # first: a resume it refuses writes nothing
-        if args.capture_video:
-            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
-        self.wandb = None
-        if args.track:  # before TensorBoard's writer; a resume continues the same W&B run
-            import wandb
-
-            if not vars(args).get("wandb_id"):
-                args.wandb_id = uuid.uuid4().hex  # W&B 0.31 has no wandb.util.generate_id
-            try:
-                wandb.init(
-                    project=args.wandb_project_name,
-                    entity=args.wandb_entity,
-                    config=vars(args),
-                    name=os.path.basename(self.dir),
-                    dir=self.dir,
-                    id=args.wandb_id,
-                    resume="allow",
-                )
-                wandb.define_metric("*", step_metric="env_steps")
-            except Exception as e:
-                message = str(e).strip().splitlines()[0]
-                raise UserError(f"--track: W&B refused the run: {message}") from None
-            self.wandb = wandb
-        config = dict(vars(args), env_config=self.env_config, num_params=self.dim, versions=versions())
-        atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
-        from torch.utils.tensorboard import SummaryWriter  # here: its import costs ~2 s
-
-        purge_step = None
-        if resuming:  # the points a killed session wrote after the checkpoint are hidden
-            purge_step = self.counters["env_steps"] + 1
-        self.tb = SummaryWriter(self.dir, purge_step=purge_step)
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        return checkpoint["counters"]
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        written = checkpoint_written()  # None, or the error of the last checkpoint's write: the run's error
-        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
-            kind, error = type(written), written
-        self.csv_file.close()
         self.pool.close()
-        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
-        if kind is None:
-            self.exit_code = 0
-        elif issubclass(kind, KeyboardInterrupt):
-            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
-            self.exit_code = 130
-        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
-            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        with signals_held():
-            self.tb.close()
-        if self.wandb:
-            upload_files(self)
-            self.wandb.finish(exit_code=self.exit_code)
-        if kind is None:
-            files = "args.json progress.csv learning_curve.png checkpoint.pkl final.npz"
-            if os.path.exists(self.paths["best.npz"]):
-                files += " best.npz"
-            if self.args.capture_video:
-                files += " videos/"
-            print(
-                f"done: {self.es.generation} generations, {self.counters['env_steps']} env steps, "
-                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {files}"
-            )
-        self.lock.close()
-        if written is not None and error is written:
-            raise written
-        return stopped
-
-    def kept(self):
-        """What to tell about the checkpoint when the run stops early (also the Ray watchdog's)."""
-        if self.checkpointed is None:
-            return "no generation had finished: there is no checkpoint to resume, start the run anew"
-        return (
-            f"the checkpoint of generation {self.checkpointed} is kept in "
-            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
-            "   (on any Ray cluster with --ray-address, or locally)"
-        )
+        return self.recorder.close(kind, error)
 
     def meta(self, evaluation=None):
         """A weights file's meta: what rebuilds the policy and its env, the evaluation."""
@@ -1110,132 +1001,262 @@ class Run:
 
     def rollouts(self, tasks):
         """The generation's RolloutResults, in task order, with a progress bar on a terminal."""
-        self.generation_start = time.perf_counter()
+        self.drawn_with = (self.es.sigma, self.es.learning_rate)  # before `tell`, which may decay them
         shared = (self.es.theta, *self.obs_stats.mean_std())
         return self.pool.map(tasks, shared, f"generation {self.es.generation + 1}")
+
+    def record_evaluation(self, evaluation):
+        """An evaluation of theta (Recorder's), then with --capture-video a video."""
+        self.recorder.record_evaluation(self.es.theta, evaluation, self.meta(evaluation))
+        if self.args.capture_video:
+            policy = make_policy(self.policy_config, self.es.theta, self.obs_stats.mean_std())
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.es.generation:05d}")
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.es.generation, 0)
+            path, _ = record_video(self.env_config, policy, stem, seed)
+            self.recorder.log(f"video {path}")
+
+    def record(self, returns, center_return, evaluation):
+        """The generation's row (Recorder's) with the ES scalars: the center's training return and rank."""
+        sigma, learning_rate = self.drawn_with
+        rank = int(np.sum(returns > center_return)) + 1  # 1: no member beat it
+        scalars = {
+            "center_return": center_return,
+            "center_rank": rank,
+            "sigma": sigma,
+            "learning_rate": learning_rate,
+            "grad_norm": self.es.grad_norm,
+            "param_norm": float(np.linalg.norm(self.es.theta)),
+            "num_cpus": self.pool.num_cpus,
+        }
+        note = f"center {center_return:8.2f} rank {rank:>4d} | sigma {sigma:.4f} lr {learning_rate:.4f}"
+        self.recorder.record(returns, evaluation, scalars, note)
+
+    def save_checkpoint(self):
+        """checkpoint.pkl (Recorder's) with the optimizer and the observation statistics."""
+        stats = None
+        if self.normalize:
+            stats = self.obs_stats.state_dict()
+        self.recorder.save_checkpoint({"es": self.es.state_dict(), "obs_stats": stats})
+
+    def finish(self, evaluation=None):
+        """final.npz (theta, its evaluation in meta) and the last curve. evaluation: the last generation's own;
+        else one runs outside the run's record, so a resumed run equals one made in one go."""
+        if evaluation is None:
+            mean_std = self.obs_stats.mean_std()
+            _, _, evaluation = evaluate(self.pool, self.es.theta, mean_std, self.args, self.es.generation)
+        self.recorder.finish(self.es.theta, evaluation, self.meta(evaluation))
+
+
+# The run's records
+class Recorder:
+    """A run's records, for any algorithm: folder, args.json, progress.csv, TensorBoard, W&B, console, checkpoint."""
+
+    def __init__(self, args, folder, title, columns, config, counters, iteration, resumed, ylabel="episode return"):
+        """Lock `folder`, open the records of `columns` after generation `iteration`; resumed: the checkpoint's
+        generation (None: a new run); counters: the checkpoint's, or start values. UserError: no file written."""
+        self.args = args
+        self.dir = folder
+        self.title = title  # the curve's
+        self.ylabel = ylabel
+        self.paths = {name: os.path.join(folder, name) for name in RUN_FILES}
+        self.log = print
+        if args.quiet:
+            self.log = lambda *a, **k: None
+        self.start = time.perf_counter()
+        self.exit_code = 1
+        start = {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
+        self.counters = dict.fromkeys(COUNTERS, 0) | start | counters
+        self.iteration = iteration
+        self.first_iteration = iteration
+        self.checkpointed = resumed  # the generation checkpoint.pkl holds
+        os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(folder, ".lock"), "a")  # flock: dropped at any exit
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()
+            busy = f"{folder} is in use by another run: wait for it to end, or pick another --run-name"
+            raise UserError(busy) from None
+        try:
+            for name in os.listdir(folder):  # atomic writes a kill cut short
+                path = os.path.join(folder, name)
+                if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
+                    os.unlink(path)
+            if resumed is None and os.path.exists(self.paths["checkpoint.pkl"]):
+                raise UserError(
+                    f"{self.dir} already holds a run: continue it with --resume {self.dir}, or pick another --run-name"
+                )
+            self.csv_file, self.writer = open_progress(self.paths["progress.csv"], columns, resumed)
+            if args.capture_video:
+                os.makedirs(self.paths["videos/"], exist_ok=True)
+            self.wandb = None
+            if args.track:  # before args.json, which keeps its id
+                self.wandb = import_optional("wandb", "--track", "track")
+                args.wandb_id = vars(args).get("wandb_id") or uuid.uuid4().hex[:16]
+                try:
+                    self.wandb.init(
+                        project=args.wandb_project_name,
+                        entity=args.wandb_entity,
+                        config=vars(args),
+                        name=os.path.basename(self.dir),
+                        dir=self.dir,
+                        id=args.wandb_id,
+                        resume="allow",
+                    )
+                    self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
+                except Exception as e:
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(f"--track: W&B did not start the run: {reason}") from None
+            config = {**vars(args), **config, "versions": versions()}
+            atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
+            from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports
+
+            purge_step = None  # a resume hides a killed session's later points
+            if resumed is not None:
+                purge_step = self.counters["env_steps"] + 1
+            self.tb = SummaryWriter(self.dir, purge_step=purge_step)
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
+        except BaseException:
+            self.lock.close()  # now, not by the garbage collector
+            raise
+        self.wall_offset = self.counters["wall_time_s"]
+        self.last_plot = -math.inf
+        self.last_row = time.perf_counter()
+        self.steps = 0  # env steps of the generation under way
+
+    def close(self, kind, error):
+        """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, lost pool)."""
+        written = checkpoint_written()  # None, or the write's error
+        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+            kind, error = type(written), written
+        self.csv_file.close()
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
+        if kind is None:
+            self.exit_code = 0
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"\ninterrupted: {self.kept()}", file=sys.stderr)
+            self.exit_code = 130
+        elif issubclass(kind, PoolLost):  # its message ends with self.kept()
+            print(f"{SCRIPT}: error: {error}", file=sys.stderr)
+        with signals_held():
+            self.tb.close()
+        if self.wandb:
+            self.upload()
+            self.wandb.finish(exit_code=self.exit_code)
+        if kind is None:
+            files = [name for name in RUN_FILES if os.path.exists(self.paths[name])]
+            files.append("events.out.tfevents.* (TensorBoard)")
+            print(
+                f"done: {self.iteration} generations, {self.counters['env_steps']} env steps, "
+                f"{self.counters['wall_time_s']:.1f} s. Files in {self.dir}: {' '.join(files)}"
+            )
+        self.lock.close()
+        if written is not None and error is written:
+            raise written
+        return stopped
+
+    def kept(self):
+        """What to tell of the checkpoint when the run stops early."""
+        if self.checkpointed is None:
+            return "no generation had finished: there is no checkpoint to resume, start the run anew"
+        return (
+            f"the checkpoint of generation {self.checkpointed} is kept in "
+            f"{self.paths['checkpoint.pkl']}\nresume with: python {SCRIPT} --resume {self.dir}"
+            "   (on any Ray cluster with --ray-address, or locally)"
+        )
 
     def count_steps(self, steps):
         """Env steps spent in this generation (rollouts, evaluations)."""
         self.steps += steps
         self.counters["env_steps"] += steps
 
-    def count_generation(self, results, returns, center_return):
-        """A generation's rollouts: results, returns (float64 (N,)), the center's; sigma and lr before `tell`."""
-        self.returns = returns
-        self.center_return = center_return
-        self.sigma = self.es.sigma
-        self.learning_rate = self.es.learning_rate
-        self.steps = 0
-        self.count_steps(sum(result.steps for result in results))
-        self.counters["evaluations"] += self.args.population_size
-        self.counters["best_return"] = max(self.counters["best_return"], float(returns.max()))
+    def count_generation(self, returns, steps):
+        """A generation told: its members' fitness (float (N,)) and their env steps."""
+        self.iteration += 1
+        self.counters["evaluations"] += len(returns)
+        self.counters["best_return"] = max(self.counters["best_return"], float(np.max(returns)))
+        self.count_steps(steps)
 
-    def at_goal(self, center_return):
-        """Whether the center reached --reward-goal in training (then it is evaluated at once)."""
-        return self.args.reward_goal is not None and center_return >= self.args.reward_goal
+    def reaches_goal(self, value):
+        """Whether `value` reaches --reward-goal (never without one)."""
+        return self.args.reward_goal is not None and value >= self.args.reward_goal
 
-    def record_screened(self, evaluation):
-        """An off-schedule evaluation stopped after its first episodes: the goal streak ends."""
+    def screened_out(self, evaluation):
+        """An evaluation a screen stopped after its first episodes: the goal streak ends."""
         self.counters["goal_streak"] = 0
         self.log(
-            f"eval {self.es.generation:>5d} | screened out: return {evaluation['mean']:9.2f} over "
+            f"eval {self.iteration:>5d} | screened out: return {evaluation['mean']:9.2f} over "
             f"the first {evaluation['episodes']} episodes, below the goal"
         )
 
-    def record_evaluation(self, evaluation):
-        """An evaluation of theta: best.npz if the best yet, the goal streak, the console line, the video."""
+    def record_evaluation(self, params, evaluation, meta, note=""):
+        """An evaluation of `params`: best.npz (with `meta`) if the best yet, the goal streak, the console line."""
         counters = self.counters
         if evaluation["mean"] > counters["best_eval"]:
             counters["best_eval"] = evaluation["mean"]
-            save_weights(self.paths["best.npz"], self.es.theta, self.meta(evaluation))
-        goal = self.args.reward_goal
-        if goal is not None and evaluation["mean"] >= goal:
+            save_weights(self.paths["best.npz"], params, meta)
+        if self.reaches_goal(evaluation["mean"]):
             counters["goal_streak"] += 1
         else:
             counters["goal_streak"] = 0
         self.log(
-            f"eval {self.es.generation:>5d} | return {evaluation['mean']:9.2f} ± "
-            f"{evaluation['std']:8.2f} over {evaluation['episodes']} episodes | best eval "
-            f"{counters['best_eval']:9.2f}"
+            f"eval {self.iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
+            f"{evaluation['episodes']} episodes | best eval {counters['best_eval']:9.2f}{note}"
         )
-        if self.args.capture_video:
-            self.record_video(self.obs_stats.mean_std())
 
-    def record(self, evaluation):
-        """The generation's row: progress.csv, TensorBoard, W&B, the console; the curve (PLOT_INTERVAL_S)."""
+    def record(self, returns, evaluation, scalars, note):
+        """The generation's row, the algorithm's `scalars` last: progress.csv, TensorBoard, W&B, console, curve."""
         counters = self.counters
-        returns = self.returns
+        evaluated = evaluation or {}
         now = time.perf_counter()
         counters["wall_time_s"] = self.wall_offset + (now - self.start)
         row = {
-            "iteration": self.es.generation,
+            "iteration": self.iteration,
             "evaluations": counters["evaluations"],
             "env_steps": counters["env_steps"],
             "wall_time_s": round(counters["wall_time_s"], 3),
-            "return_min": float(returns.min()),
-            "return_mean": float(returns.mean()),
-            "return_max": float(returns.max()),
-            "return_std": float(returns.std()),
-            "eval_return_mean": None,  # empty without an evaluation
-            "eval_return_std": None,
-            "center_return": self.center_return,
-            "center_rank": int(np.sum(returns > self.center_return)) + 1,  # 1: no member beat it
-            "sigma": self.sigma,
-            "learning_rate": self.learning_rate,
-            "grad_norm": self.es.grad_norm,
-            "param_norm": float(np.linalg.norm(self.es.theta)),
-            "num_cpus": self.pool.num_cpus,
+            "return_min": float(np.min(returns)),
+            "return_mean": float(np.mean(returns)),
+            "return_max": float(np.max(returns)),
+            "return_std": float(np.std(returns)),
+            "eval_return_mean": evaluated.get("mean"),
+            "eval_return_std": evaluated.get("std"),
+            **scalars,
         }
-        if evaluation is not None:
-            row["eval_return_mean"] = evaluation["mean"]
-            row["eval_return_std"] = evaluation["std"]
         self.writer.writerow({column: csv_cell(column, value) for column, value in row.items()})
         self.csv_file.flush()
-        scalars = {column: as_written(column, value) for column, value in row.items() if value is not None}
-        del scalars["env_steps"]
+        points = {column: as_written(column, value) for column, value in row.items() if value is not None}
+        del points["env_steps"]
         with signals_held():
-            for column, value in scalars.items():
+            for column, value in points.items():
                 self.tb.add_scalar(column, value, global_step=counters["env_steps"])
-        if self.wandb:  # logged, not synced: W&B would sync its own copies of the event files
-            self.wandb.log({**scalars, "env_steps": counters["env_steps"]})
-        self.evaluated = evaluation is not None
-        if self.evaluated and now - self.last_plot >= PLOT_INTERVAL_S:  # a redraw costs ~0.1 s
-            plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
-            self.last_plot = now
-        done = self.es.generation - self.first_generation
-        eta = (now - self.session_start) / done * (self.args.max_iter - self.es.generation)
+        if self.wandb:  # logged, not synced: W&B would copy the event files
+            self.wandb.log({**points, "env_steps": counters["env_steps"]})
+        if evaluation is not None and now - self.last_plot >= PLOT_INTERVAL_S:
+            self.plot()
+        eta = (now - self.start) / (self.iteration - self.first_iteration) * (self.args.max_iter - self.iteration)
         self.log(
-            f"iter {self.es.generation:>5d}/{self.args.max_iter} | evals "
-            f"{counters['evaluations']:>8d} | return min {returns.min():8.2f} mean "
-            f"{returns.mean():8.2f} max {returns.max():8.2f} | best "
-            f"{counters['best_return']:8.2f} | center {self.center_return:8.2f} rank "
-            f"{row['center_rank']:>4d} | sigma {self.sigma:.4f} lr {self.learning_rate:.4f} | "
-            f"{self.steps / (now - self.generation_start):8,.0f} steps/s | cpus "
-            f"{row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | "
-            f"ETA {duration(eta)}"
+            f"iter {self.iteration:>5d}/{self.args.max_iter} | evals {counters['evaluations']:>8d} | return min "
+            f"{row['return_min']:8.2f} mean {row['return_mean']:8.2f} max {row['return_max']:8.2f} | best "
+            f"{counters['best_return']:8.2f} | {note} | {self.steps / (now - self.last_row):8,.0f} steps/s | "
+            f"cpus {row['num_cpus']} | {duration(counters['wall_time_s'])} elapsed | ETA {duration(eta)}"
         )
+        self.steps = 0
+        if evaluation is not None and self.wandb:
+            self.upload()
 
-    def save_checkpoint(self):
-        """checkpoint.pkl, atomically; TensorBoard flushed, after an evaluation the files sent to W&B."""
-        stats = None
-        if self.normalize:
-            stats = self.obs_stats.state_dict()
-        state = {
-            "format_version": FORMAT_VERSION,
-            "script": SCRIPT,
-            "args": vars(self.args),
-            "es": self.es.state_dict(),
-            "obs_stats": stats,
-            "counters": dict(self.counters),
-        }
+    def save_checkpoint(self, parts):
+        """checkpoint.pkl, the algorithm's `parts` among it, written on a thread; TensorBoard flushed."""
+        state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args), **parts}
+        state["counters"] = dict(self.counters)
         save_checkpoint(self.paths["checkpoint.pkl"], state)
-        self.checkpointed = self.es.generation  # the generation the resume hint names
-        if STOPPING.is_set():  # a Ctrl-C or SIGTERM whose KeyboardInterrupt Python dropped: stop here
+        self.checkpointed = self.iteration  # the generation the resume hint names
+        if STOPPING.is_set():  # a Ctrl-C that Python dropped
             raise KeyboardInterrupt
         with signals_held():
             self.tb.flush()
-        if self.evaluated:
-            upload_files(self)
+        self.last_row = time.perf_counter()  # the next generation's speed: from here
 
     def goal_reached(self):
         """Whether --reward-goal was met in --consecutive-goal-stopping evaluations in a row."""
@@ -1245,30 +1266,36 @@ class Run:
             return False
         print(
             f"reward goal {goal:g} reached in {streak} consecutive evaluation(s) at generation "
-            f"{self.es.generation} ({self.counters['wall_time_s']:.1f} s)"
+            f"{self.iteration} ({self.counters['wall_time_s']:.1f} s)"
         )
         return True
 
-    def record_video(self, mean_std):
-        """videos/iter-<generation>: an evaluation episode of theta."""
-        policy = make_policy(self.policy_config, self.es.theta, mean_std)
-        stem = os.path.join(self.dir, "videos", f"iter-{self.es.generation:05d}")
-        seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.es.generation, 0)
-        path, _ = record_video(self.env_config, policy, stem, seed)
-        self.log(f"video {path}")
-
-    def finish(self, evaluation=None):
-        """final.npz (theta, its evaluation in meta) and the last curve. evaluation: the last generation's own;
-        else one runs outside the run's record, so a resumed run equals one made in one go."""
-        if evaluation is None:
-            mean_std = self.obs_stats.mean_std()
-            _, _, evaluation = evaluate(self.pool, self.es.theta, mean_std, self.args, self.es.generation)
+    def finish(self, params, evaluation, meta):
+        """final.npz of the final `params` with `meta`, the console line, the last curve."""
         self.log(
             f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
             f"{evaluation['episodes']} episodes"
         )
-        save_weights(self.paths["final.npz"], self.es.theta, self.meta(evaluation))
-        plot_learning_curve(self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES)
+        save_weights(self.paths["final.npz"], params, meta)
+        self.plot()
+
+    def plot(self):
+        """learning_curve.png redrawn from progress.csv."""
+        plot_learning_curve(
+            self.paths["progress.csv"], self.paths["learning_curve.png"], self.title, CURVES, self.ylabel
+        )
+        self.last_plot = time.perf_counter()
+
+    def upload(self):
+        """With --track: the weights files and the curve that exist, to W&B now."""
+        for name in ("best.npz", "final.npz", "learning_curve.png"):
+            if os.path.exists(self.paths[name]):
+                self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
+
+
+def summary(returns):
+    """{mean, std, episodes} of evaluation returns."""
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": int(returns.size)}
 
 
 def duration(seconds):
@@ -1278,16 +1305,14 @@ def duration(seconds):
 
 
 def as_written(column, value):
-    """A progress row's number as its csv cell holds it (for TensorBoard and W&B): a float other than
-    wall_time_s (rounded already) to 6 significant digits, the rest as is."""
+    """A progress row's number as its csv cell holds it (for TensorBoard, W&B): a float to 6 significant digits."""
     if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
         return value
     return round(value, 5 - math.floor(math.log10(abs(value))))
 
 
 def csv_cell(column, value):
-    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None as
-    empty, the rest as is."""
+    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None empty."""
     if value is None:
         return ""
     if column == "wall_time_s":
@@ -1375,14 +1400,7 @@ def run_name(args, *parts):
     return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
 
 
-def upload_files(run):
-    """With --track: the weights files and the plot that exist, sent to the W&B run now."""
-    for name in ("best.npz", "final.npz", "learning_curve.png") if run.wandb else ():
-        if os.path.exists(run.paths[name]):
-            run.wandb.save(run.paths[name], base_path=run.dir, policy="now")
-
-
-# Workers --------------------------------------------------------------------------------------------
+# Workers
 LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains little on small MLPs
 
 
@@ -1846,7 +1864,7 @@ def connect_ray(address):
     return ray
 
 
-# Weights and checkpoints ----------------------------------------------------------------------------
+# Weights and checkpoints
 def atomic_write(path, data):
     """Write `data` (bytes, or a function writing into a binary file) to `path` atomically: a temp file beside
     it, fsynced, then os.replace."""
@@ -1865,24 +1883,6 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def open_run_folder(folder):
-    """Create the run folder if need be and lock it for this process's life (fcntl.flock on `.lock`: the
-    system drops it at any exit, a kill included); remove the temp files (.tmp-*) of atomic writes a kill
-    interrupted. UserError when another run holds the folder."""
-    os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, ".lock"), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"{folder} is in use by another run: wait for it to end, or pick another --run-name") from None
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):  # ours only
-            os.unlink(path)
-    return lock
 
 
 def open_progress(path, columns, last_iteration):
@@ -2099,7 +2099,7 @@ def load_checkpoint(path):
     return path, state
 
 
-# Plots, video, main ---------------------------------------------------------------------------------
+# Plots, video, main
 PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most this often, and at the end
 
 
@@ -2281,8 +2281,8 @@ def main(argv=None):
         sys.stdout, sys.stderr = streams
 
 
-# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, `Run` keeps the checkpoint and prints the resume hint. Python
-# drops it inside a fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
+# Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, the Recorder prints the resume hint. Python drops it inside a
+# fork handler, __del__ or atexit callback: STOPPING remembers it, save_checkpoint raises it again.
 STOPPING = threading.Event()
 HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as the block ends
 

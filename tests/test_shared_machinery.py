@@ -18,9 +18,9 @@ SCRIPTS = ("train_openai_es.py", "train_ga.py", "train_cmaes.py")
 SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numbers", "derive_seed",
           "NegativeRewardEarlyStop", "import_optional", "exit_with_parent", "connect_ray", "atomic_write",
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "checkpoint_written", "load_checkpoint", "versions",
-          "plot_learning_curve", "main", "open_run_folder", "open_progress", "check_placement", "interrupted",
+          "plot_learning_curve", "main", "open_progress", "check_placement", "interrupted",
           "Console", "signals_held", "live_bar", "start_worker", "use_worker", "run_chunk", "InProcess",
-          "RolloutPool", "flags_given")
+          "RolloutPool", "flags_given", "Recorder", "summary", "duration", "as_written", "csv_cell")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
 SHARED_ES_GA = ("parse_env_kwargs", "all_finite")
 
