@@ -29,7 +29,8 @@ RESTARTS = {"scratch4_64x2": ("restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173
             "scratch4_64x4": ("restarted at 60, 64 x 4 (c0614d4)", None),
             "scratch5_128x4": ("restarted at 291, 128 x 4 (e2904c0)", "scratch4_64x2")}
 # A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
-PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5", "scratch4_64x2_part6"]}
+PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5", "scratch4_64x2_part6"],
+             "scratch5_128x4": ["scratch5_128x4", "scratch5_128x4_part2"]}
 LEVELS = (500, 700, 800, 850, 900)
 
 
