@@ -43,7 +43,7 @@ class UserError(Exception):
     """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
 
 
-# 1. Configuration ---------------------------------------------------------------------------------
+# ---- 1. Configuration ----
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
 
@@ -163,12 +163,11 @@ import torch.nn as nn
 from gymnasium.envs.box2d import car_dynamics, car_racing
 
 
-# 2. CMA-ES: pycma's CMAEvolutionStrategy ----------------------------------------------------------
+# ---- 2. CMA-ES: pycma's CMAEvolutionStrategy ----
 def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, separable=0):
-    """(cma.CMAEvolutionStrategy, its numpy RandomState): CMA-ES around x0 (float (n,)), step size init_sigma.
-    `es.ask()`: population_size float64 (n,) candidates; `es.tell(candidates, losses)`: a float each, lower is
-    better; `es.result.xfavorite`: the mean; `es.sigma`: the step size. separable > 0: a diagonal covariance
-    for that many generations (sep-CMA-ES, Ros & Hansen 2008). The sampler's RandomState: in the checkpoint."""
+    """(cma.CMAEvolutionStrategy, its sampler's RandomState): CMA-ES around x0 (float (n,)), step size init_sigma.
+    `es.ask()`: population_size float64 (n,) candidates; `es.tell(candidates, losses)`: lower is better; `es.sigma`;
+    `es.result.xfavorite`: the mean. separable > 0: a diagonal covariance that many generations (sep-CMA-ES)."""
     rng = np.random.RandomState(derive_seed(seed, CMA_STREAM))
     options = {
         "popsize": population_size,  # lambda
@@ -185,12 +184,11 @@ def make_cma(x0, init_sigma=0.1, population_size=256, seed=1, run_dir=None, sepa
     return cma.CMAEvolutionStrategy(x0, init_sigma, options), rng
 
 
-# 3. Policy, environment, rollout ------------------------------------------------------------------
+# ---- 3. Policy, environment, rollout ----
 class AttentionAgent(nn.Module):
     """A frame at a time: uint8 (S, S, 3) -> n x n patches in [0, 1] (d = patch_size^2 * 3 values each) ->
     Q, K = fc_q, fc_k(patches) -> importance = column sums of softmax(Q K^T / sqrt(d)) -> centers (row, col) / S
-    of the top_k patches (2 top_k,) -> controller (the paper's 'lstm', 'rnn', or 'mlp' on num_frames stacked)
-    -> fc -> tanh. Genotype: the authors' layout, fc_q, fc_k, controller, fc, keys sorted."""
+    of the top_k patches (2 top_k,) -> controller -> fc -> tanh. Genotype: the authors' layout, keys sorted."""
 
     def __init__(
         self,
@@ -232,7 +230,7 @@ class AttentionAgent(nn.Module):
         self.attention_scale = 1.0 / math.sqrt(self.patch_dim)
 
     def part_modules(self):
-        """{'attention': [...], 'controller': [...]}: the modules of each part, in layout order."""
+        """{'attention': [...], 'controller': [...]}: each part's modules, in layout order."""
         core = {"lstm": ["lstm"], "rnn": ["rnn"], "mlp": ["fc1"]}[self.controller]
         return {"attention": ["fc_q", "fc_k"], "controller": core + ["fc"]}
 
@@ -262,8 +260,8 @@ class AttentionAgent(nn.Module):
             start += tensor.numel()
 
     def part_mask(self, part):
-        """Boolean (D,): which genotype entries belong to `part` ('attention' or 'controller')."""
-        return np.concatenate([np.full(t.numel(), p == part) for p, t in self.flat_layout()])
+        """Boolean (D,): which genotype entries belong to `part` ('attention', 'controller' or 'all')."""
+        return np.concatenate([np.full(t.numel(), part in (p, "all")) for p, t in self.flat_layout()])
 
     def patches(self, frame):
         """frame uint8 (S, S, 3) -> float32 (n^2, d) in [0, 1], each patch as (row, col, channel)."""
@@ -282,7 +280,6 @@ class AttentionAgent(nn.Module):
         return torch.topk(importance, self.top_k).indices
 
     def initial_state(self):
-        """The controller's state at an episode's start."""
         if self.controller == "mlp":
             frames = [torch.zeros(2 * self.top_k)] * self.num_frames
             return collections.deque(frames, maxlen=self.num_frames)
@@ -337,7 +334,7 @@ def rollout(env, agent, seed, on_step=None, direct=False):
                 return total, steps
 
 
-# 4. Training loop ---------------------------------------------------------------------------------
+# ---- 4. Training loop ----
 class RolloutTask(typing.NamedTuple):
     """Row `member` of the batch's float32 (rows, D) matrix drives an episode per env seed (training: early stop)."""
 
@@ -547,39 +544,27 @@ def check_flags(args, given):
         raise UserError("--resume, --from-pretrained, --init-from and --restart-from exclude each other")
     if args.fresh and (args.train == "all" or not args.init_from):
         raise UserError("--fresh needs --train attention or controller and --init-from FILE for the frozen part")
-    fixed = sorted(
-        given - RESUME_FLAGS
-        if args.resume
-        else given & set(AGENT_FLAGS)
-        if args.from_pretrained or args.restart_from
-        else ()
-    )
+    fixed = set()
+    if args.resume:
+        fixed = given - RESUME_FLAGS
+        why = "cannot be changed on resume: the run's settings come from its checkpoint"
+    elif args.from_pretrained or args.restart_from:
+        fixed = given & set(AGENT_FLAGS)
+        why = "comes from the weights file; do not restate the architecture"
     if fixed:
-        raise UserError(
-            f"--{fixed[0].replace('_', '-')} "
-            + (
-                "cannot be changed on resume: the run's settings come from its checkpoint"
-                if args.resume
-                else "comes from the weights file; do not restate the architecture"
-            )
-        )
+        raise UserError(f"--{min(fixed).replace('_', '-')} {why}")
     for flag, value in vars(args).items():
         if isinstance(value, str) and "\0" in value:
             raise UserError(f"--{flag.replace('_', '-')} holds a NUL character")
     if not args.resume or "env_id" in given:
         check_env_id(args.env_id, "--env-id")
     resume = os.path.join(args.resume, "checkpoint.pkl") if args.resume and os.path.isdir(args.resume) else args.resume
-    files = {
-        "--resume": resume,
-        "--from-pretrained": args.from_pretrained,
-        "--init-from": args.init_from,
-        "--restart-from": args.restart_from,
-    }
-    for flag, path in files.items():
+    if resume is not None and not (os.path.isfile(resume) and os.access(resume, os.R_OK)):
+        raise UserError(f"--resume {resume}: no such readable file (a checkpoint.pkl or a run folder)")
+    for key in ("from_pretrained", "init_from", "restart_from"):
+        path = getattr(args, key)
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            raise UserError(
-                f"{flag} {path}: no such readable file" + " (a checkpoint.pkl or a run folder)" * (flag == "--resume")
-            )
+            raise UserError(f"--{key.replace('_', '-')} {path}: no such readable file")
     for flag, name in (("--exp-name", args.exp_name), ("--run-name", args.run_name)):
         if name is not None and (not name or os.path.basename(name) != name or name in (".", "..")):
             raise UserError(f"{flag} {name!r} must be a plain folder name")
@@ -594,7 +579,6 @@ def check_flags(args, given):
 
 
 def check_env_id(env_id, label):
-    """UserError unless gymnasium has `env_id` registered."""
     try:
         gym.spec(env_id)
     except gym.error.Error as e:
@@ -602,8 +586,7 @@ def check_env_id(env_id, label):
 
 
 def check_agent_config(config, label):
-    """UserError unless `config` (flags, a weights meta) is an AttentionAgent's: all keys, sizes in range, a
-    known controller, top-k <= patches."""
+    """UserError unless `config` (flags, a weights meta) is an AttentionAgent's."""
     if not isinstance(config, dict) or set(config) != {"image_size", "action_dim", *AGENT_FLAGS}:
         raise UserError(f"{label('agent')} is not an AttentionAgent's settings")
     check_numbers(config, label)
@@ -645,7 +628,7 @@ def check_spaces(env, env_id):
 
 # The run: the algorithm's part
 class Run:
-    """A CMA-ES run (a context manager), from the flags or a checkpoint: agent, searched part, pycma, workers."""
+    """A CMA-ES run (a context manager) from the flags or a checkpoint: agent, searched part, pycma, workers."""
 
     def __init__(self, args, given):
         checkpoint = None
@@ -655,46 +638,38 @@ class Run:
             saved = dict(checkpoint["args"])
             for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
                 saved[key] = getattr(args, key)
-            if saved["training_frames"] is None:  # a checkpoint from before --training-frames
+            if saved["training_frames"] is None:  # a checkpoint older than --training-frames
                 saved["training_frames"] = "gymnasium"
             args = argparse.Namespace(**saved)
             check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
             run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-            self.provenance = checkpoint.get("provenance", []) + [
-                segment("resume", args, checkpoint["counters"]["generation"])
-            ]
+            counters = checkpoint["counters"]
+            self.provenance = checkpoint.get("provenance", []) + [segment("resume", args, counters["generation"])]
         else:
             restart = {"iteration": 0, "env_steps": 0, "provenance": []}
             if args.restart_from:  # the file's architecture, part and sigma
                 restart = restart_point(args, given)
-            self.provenance = restart["provenance"] + [
-                segment("restart" if args.restart_from else "new", args, restart["iteration"])
-            ]
+            start = "restart" if args.restart_from else "new"
+            self.provenance = restart["provenance"] + [segment(start, args, restart["iteration"])]
             if args.training_frames is None:
                 args.training_frames = "direct"
-            run_name = args.run_name
-            if run_name is None:
-                run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
             run_dir = os.path.join(args.logs_dir, run_name)
+            counters = {"generation": restart["iteration"], "env_steps": restart["env_steps"]}
         self.args = args
         self.env_config = env_config_from_args(args)
         self.agent, self.agent_config = build_agent(args, probe_env(self.env_config))
-        self.base = self.agent.get_flat()  # the genotype, float32 (D,); CMA-ES searches ...
-        self.mask = np.ones(self.base.size, dtype=bool)  # ... base[mask]
-        if args.train != "all":
-            self.mask = self.agent.part_mask(args.train)
+        self.base = self.agent.get_flat()  # the genotype, float32 (D,); CMA-ES searches base[mask]
+        self.mask = self.agent.part_mask(args.train)
         self.dim = int(self.mask.sum())
-        resumed = None  # the generation the checkpoint holds
+        resumed = counters["generation"] if checkpoint else None
         if checkpoint:
             self.es = checkpoint["cma"]
             self.cma_rng = checkpoint["cma_rng"]
-            counters = checkpoint["counters"]
-            resumed = counters["generation"]
         else:
             self.es, self.cma_rng = make_cma(
                 self.base[self.mask], args.init_sigma, args.population_size, args.seed, run_dir, args.separable
             )
-            counters = {"generation": restart["iteration"], "env_steps": restart["env_steps"]}
         worker_args = (self.env_config, self.agent_config, self.base.size)
         sizes = [args.population_size * self.base.size]
         self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
@@ -710,19 +685,17 @@ class Run:
             raise
         self.pool.on_lost = self.recorder.kept
         print(self.agent)
-        parts = {part: int(self.agent.part_mask(part).sum()) for part in ("attention", "controller")}
+        attention = int(self.agent.part_mask("attention").sum())
         print(
-            f"parameters: {self.base.size} (attention {parts['attention']}, controller "
-            f"{parts['controller']})   CMA-ES searches: {self.dim} ({args.train})   population: "
-            f"{args.population_size}   workers: {self.pool.describe()}   run folder: {run_dir}"
+            f"parameters: {self.base.size} (attention {attention}, controller {self.base.size - attention})   "
+            f"CMA-ES searches: {self.dim} ({args.train})   population: {args.population_size}   "
+            f"workers: {self.pool.describe()}   run folder: {run_dir}"
         )
         if checkpoint:
             print(f"resuming at generation {self.generation} from {checkpoint_path}")
         elif args.restart_from:
-            print(
-                f"restarting at generation {self.generation} from {args.restart_from}: its mean, sigma "
-                f"{args.init_sigma:.6g}, a fresh covariance"
-            )
+            fresh = f"its mean, sigma {args.init_sigma:.6g}, a fresh covariance"
+            print(f"restarting at generation {self.generation} from {args.restart_from}: {fresh}")
 
     def __enter__(self):
         return self
@@ -743,7 +716,7 @@ class Run:
         return vector
 
     def meta(self, evaluation=None):
-        """A weights file's meta after this generation, with its evaluation's summary."""
+        """A weights file's meta after this generation, with `evaluation` (a summary)."""
         args = self.args
         return {
             "format_version": FORMAT_VERSION,
@@ -762,7 +735,7 @@ class Run:
         }
 
     def record_evaluation(self, center, evaluation):
-        """An evaluation of the mean `center` (Recorder's), then with --capture-video a video."""
+        """An evaluation of the mean `center`, with --capture-video a video."""
         self.recorder.record_evaluation(center, evaluation, self.meta(evaluation))
         if self.args.capture_video:
             self.agent.set_flat(center)
@@ -772,13 +745,13 @@ class Run:
             self.recorder.log(f"video {path}")
 
     def record(self, returns, evaluation, sigma):
-        """The generation's row (Recorder's) with the CMA-ES scalars; sigma: the candidates' step size."""
+        """The generation's row with the CMA-ES scalars; sigma: the candidates' step size."""
         axis_ratio = float(self.es.D.max() / self.es.D.min())
         scalars = {"sigma": sigma, "axis_ratio": axis_ratio, "dim": self.dim, "num_cpus": self.pool.num_cpus}
         self.recorder.record(returns, evaluation, scalars, f"sigma {sigma:.4f}")
 
     def save_checkpoint(self):
-        """mean.npz, then checkpoint.pkl (Recorder's) with pycma's object and generator."""
+        """mean.npz, then checkpoint.pkl with pycma's object and generator."""
         save_weights(self.recorder.paths["mean.npz"], self.full(self.es.result.xfavorite), self.meta())
         parts = {"cma": self.es, "cma_rng": self.cma_rng, "provenance": self.provenance}
         self.recorder.counters["generation"] = self.generation
@@ -789,7 +762,7 @@ class Run:
             attach_randn(self.es, self.cma_rng.randn)
 
     def finish(self, evaluation=None):
-        """final.npz of the final mean; evaluation: the last generation's, else one outside the record."""
+        """final.npz of the mean; evaluation: the last generation's, else one outside the record."""
         center = self.full(self.es.result.xfavorite)
         if evaluation is None:
             returns, _ = evaluate(self.pool, center, self.args.seed, self.generation, self.args.num_eval_rollouts)
@@ -1073,34 +1046,28 @@ def csv_cell(column, value):
 
 
 def evaluate(pool, params, seed, iteration, episodes):
-    """(returns float64 (episodes,), env steps) of `params` (float (D,)) over evaluation episodes (no early stop)."""
-    tasks = []
-    for episode in range(episodes):
-        tasks.append(RolloutTask(0, [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)], False))
-    results = pool.map(tasks, [params], "evaluation")
+    """(returns float64 (episodes,), env steps) of `params` (float (D,)) in evaluation episodes."""
+    seeds = [derive_seed(seed, EVAL_ENV_STREAM, iteration, episode) for episode in range(episodes)]
+    results = pool.map([RolloutTask(0, [env_seed], False) for env_seed in seeds], [params], "evaluation")
     returns = np.array([result.episode_returns[0] for result in results])
     return returns, sum(result.steps for result in results)
 
 
 def build_agent(args, env_shape):
-    """(AttentionAgent, its config) of the flags for env_shape (image size, action dim), seeded with --seed,
-    then --init-from's modules of the same shapes. UserError when the settings or a frozen part do not fit."""
-    agent_config = {
-        "image_size": env_shape[0],
-        "action_dim": env_shape[1],
-        **{key: getattr(args, key) for key in AGENT_FLAGS},
-    }
+    """(AttentionAgent, its config) of the flags for env_shape (image size, action dim), seeded with --seed, then
+    --init-from's modules of the same shapes. UserError: a frozen part that does not fit."""
+    agent_config = {"image_size": env_shape[0], "action_dim": env_shape[1]}
+    agent_config |= {key: getattr(args, key) for key in AGENT_FLAGS}
     check_agent_config(agent_config, lambda key: "--" + key.replace("_", "-"))
     torch.manual_seed(args.seed)
     agent = AttentionAgent(**agent_config)
     origin_file = args.init_from or args.restart_from
-    if origin_file:  # on resume too: the frozen part is the file's, not in the checkpoint
-        # A searched part may differ from the file's and starts fresh; a frozen one must fit.
+    if origin_file:  # on resume too: no checkpoint holds the frozen part
         source, _, _ = agent_from_file(origin_file, *env_shape)
         shapes = lambda module: {key: value.shape for key, value in module.state_dict().items()}
         for part, names in agent.part_modules().items():
             if args.fresh and part == args.train:
-                continue  # the searched part keeps its fresh weights
+                continue
             for name in names:
                 target, origin = getattr(agent, name), getattr(source, name, None)
                 if origin is not None and shapes(target) == shapes(origin):
@@ -1170,38 +1137,34 @@ class NegativeRewardEarlyStop(gym.Wrapper):
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
+GRASS_DIM = car_racing.GRASS_DIM
+WINDOW_W = car_racing.WINDOW_W
+WINDOW_H = car_racing.WINDOW_H
+
+
 class FastCarRacing(car_racing.CarRacing):
-    """gymnasium 1.4.0's CarRacing, observations, rewards and ends bit for bit, about twice as fast: a vectorized
-    test drops the ~96% of the road and grass polygons a stock step rotates in Python only to clip, the rest go
-    through gymnasium's `_draw_colored_polygon` in order; the score font is loaded once. Relies on gymnasium's
-    internals: requirements.txt pins gymnasium, a test compares the frames."""
+    """gymnasium 1.4.0's CarRacing bit for bit, twice as fast: it skips the ~96% of the polygons a stock step
+    rotates only to clip, and loads the score font once. requirements.txt pins gymnasium."""
 
     GRASS = [
-        [
-            (car_racing.GRASS_DIM * x + dx, car_racing.GRASS_DIM * y + dy)
-            for dx, dy in (
-                (car_racing.GRASS_DIM, 0),
-                (0, 0),
-                (0, car_racing.GRASS_DIM),
-                (car_racing.GRASS_DIM, car_racing.GRASS_DIM),
-            )
-        ]
+        [(GRASS_DIM * x + GRASS_DIM * i, GRASS_DIM * y + GRASS_DIM * j) for i, j in ((1, 0), (0, 0), (0, 1), (1, 1))]
         for x in range(-20, 20, 2)
         for y in range(-20, 20, 2)
     ]  # the stock grass, in its order
+    FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
     FONT_CLASS = pygame.font.Font
 
     @staticmethod
     def _polygons(vertices):
-        """(vertices (P, V, 2), centers (P, 2), radii (P,)): polygons and their circles, in world units."""
+        """(vertices (P, V, 2), centers (P, 2), radii (P,)): polygons and their circles."""
         centers = vertices.mean(axis=1)
-        return (vertices, centers, np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1))
+        return vertices, centers, np.sqrt(np.square(vertices - centers[:, None]).sum(axis=2)).max(axis=1)
 
     GRASS_POLYGONS = _polygons(np.array(GRASS, dtype=np.float64))  # (400, 4, 2) vertices
 
     @staticmethod
     def _to_window(points, zoom, translation, angle):
-        """gymnasium's transform, vectorized: float64 (..., 2) world points -> x, y window pixels (..., ) each."""
+        """gymnasium's transform: float64 (..., 2) world points -> x, y window pixels (...,)."""
         cos = math.cos(angle)
         sin = math.sin(angle)
         x = (points[..., 0] * cos - points[..., 1] * sin) * zoom + translation[0]
@@ -1209,30 +1172,24 @@ class FastCarRacing(car_racing.CarRacing):
         return x, y
 
     def _near(self, polygons, zoom, translation, angle):
-        """Ascending indices of the `_polygons` whose circle comes within 3 pixels of the window (~40 of ~700)."""
+        """Ascending indices of the `_polygons` whose circle comes within 3 pixels of the window."""
         _, centers, radii = polygons
         x, y = self._to_window(centers, zoom, translation, angle)
         reach = radii * zoom + 3.0
-        width = car_racing.WINDOW_W
-        height = car_racing.WINDOW_H
-        return np.flatnonzero((x >= -reach) & (x <= width + reach) & (y >= -reach) & (y <= height + reach))
+        return np.flatnonzero((x >= -reach) & (x <= WINDOW_W + reach) & (y >= -reach) & (y <= WINDOW_H + reach))
 
     def _maybe_visible(self, polygons, zoom, translation, angle):
-        """Ascending indices of the `_near` polygons that pass `_draw_colored_polygon`'s screen check and whose box
-        meets the surface (each widened: 1 and 2 pixels)."""
+        """Those `_near` passing `_draw_colored_polygon`'s screen check, their box meeting the window."""
         near = self._near(polygons, zoom, translation, angle)
         x, y = self._to_window(polygons[0][near], zoom, translation, angle)
-        width = car_racing.WINDOW_W
-        height = car_racing.WINDOW_H
-        margin = car_racing.MAX_SHAPE_DIM + 1.0
-        passes_check = ((x >= -margin) & (x <= width + margin) & (y >= -margin) & (y <= height + margin)).any(axis=1)
-        touches = (
-            (x.max(axis=1) >= -2) & (x.min(axis=1) <= width + 2) & (y.max(axis=1) >= -2) & (y.min(axis=1) <= height + 2)
-        )
+        m = car_racing.MAX_SHAPE_DIM + 1.0
+        passes_check = ((x >= -m) & (x <= WINDOW_W + m) & (y >= -m) & (y <= WINDOW_H + m)).any(axis=1)
+        across = (x.max(axis=1) >= -2) & (x.min(axis=1) <= WINDOW_W + 2)
+        touches = across & (y.max(axis=1) >= -2) & (y.min(axis=1) <= WINDOW_H + 2)
         return near[passes_check & touches]
 
     def reset(self, *, seed=None, options=None):
-        self._road = None  # a new track: its polygons are gathered at its first frame
+        self._road = None  # a new track: gathered at its first frame
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # not in Box2D's CreateBody
         try:
             return super().reset(seed=seed, options=options)
@@ -1241,26 +1198,21 @@ class FastCarRacing(car_racing.CarRacing):
 
     def _road_polygons(self):
         """`_polygons` of `self.road_poly` ((R, 4, 2) float64 vertices), gathered once per track."""
-        if self._road is None:  # reset() sets it before its first frame
-            self._road = self._polygons(
-                np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
-            )
+        if self._road is None:
+            road = np.array([poly for poly, _ in self.road_poly], dtype=np.float64)
+            self._road = self._polygons(road.reshape(-1, 4, 2))
         return self._road
 
     def _render_road(self, zoom, translation, angle):
-        bounds = car_racing.PLAYFIELD
-        field = [(bounds, bounds), (bounds, -bounds), (-bounds, -bounds), (-bounds, bounds)]
-        self._draw_colored_polygon(self.surf, field, self.bg_color, zoom, translation, angle, clip=False)
+        self._draw_colored_polygon(self.surf, self.FIELD.tolist(), self.bg_color, zoom, translation, angle, clip=False)
         for i in self._maybe_visible(self.GRASS_POLYGONS, zoom, translation, angle):
             self._draw_colored_polygon(self.surf, self.GRASS[i], self.grass_color, zoom, translation, angle)
         for i in self._maybe_visible(self._road_polygons(), zoom, translation, angle):
             poly, color = self.road_poly[i]
-            self._draw_colored_polygon(
-                self.surf, [(p[0], p[1]) for p in poly], [int(c) for c in color], zoom, translation, angle
-            )
+            self._draw_colored_polygon(self.surf, poly, [int(c) for c in color], zoom, translation, angle)
 
     def _render(self, mode):
-        # gymnasium's own _render, the score font from a cache (it loads it from disk every frame)
+        # gymnasium's _render, the score font cached (it loads it every frame)
         font_class, pygame.font.Font = pygame.font.Font, self._score_font
         try:
             return super()._render(mode)
@@ -1274,14 +1226,11 @@ class FastCarRacing(car_racing.CarRacing):
 
 
 class DirectCarRacing(FastCarRacing):
-    """FastCarRacing whose 96 x 96 observation is drawn at that size for training (--training-frames direct):
-    instead of pygame's 1000 x 800 surface `smoothscale`d down, the same polygons, colors, camera, bar and score
-    are filled (`cv2.fillPoly`, 1/16 pixel) into a 384 x 384 canvas and box-averaged 4 x 4. Physics, rewards and
-    ends are FastCarRacing's; frames differ by a few levels on edges (benchmarks/README.md). Videos: gymnasium's."""
+    """FastCarRacing, the observation (--training-frames direct) filled by `cv2.fillPoly` into a 384 x 384 canvas
+    and box-averaged 4 x 4: a few levels off gymnasium's on edges (benchmarks/README.md)."""
 
-    SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 of its pixels make one observation pixel
-    SHIFT = 4  # fixed-point fraction bits of the polygon vertices (1/16 canvas pixel)
-    FIELD = np.array([(1, 1), (1, -1), (-1, -1), (-1, 1)], dtype=np.float64) * car_racing.PLAYFIELD
+    SIDE = car_racing.STATE_W * 4  # the canvas: 4 x 4 pixels per observation pixel
+    SHIFT = 4  # fixed-point fraction bits (1/16 canvas pixel)
     # smoothscale truncates twice: a uniform level v > 1 comes out as v - 2
     SMOOTHSCALE_LOSS = (2, 2, 2, 0)  # subtracted, saturating at 0
     # gymnasium's bars (place, scale, color, vertical): speed, the wheels' ABS, steering, gyro
@@ -1290,7 +1239,7 @@ class DirectCarRacing(FastCarRacing):
     BARS += [(30, -0.8, (255, 0, 0), False)]
 
     def reset(self, *, seed=None, options=None):
-        self._scene = None  # a new track and car: their arrays are gathered at the first frame
+        self._scene = None  # a new track and car: gathered at the first frame
         return super().reset(seed=seed, options=options)
 
     def _render(self, mode):
@@ -1300,18 +1249,17 @@ class DirectCarRacing(FastCarRacing):
         canvas = np.zeros((self.SIDE, self.SIDE, 4), dtype=np.uint8)  # BGR + 1: OpenCV's faster resize
         angle = -self.car.hull.angle
         zoom = 0.1 * car_racing.SCALE * max(1 - self.t, 0) + car_racing.ZOOM * car_racing.SCALE * min(self.t, 1)
-        scroll = pygame.math.Vector2((-self.car.hull.position[0] * zoom, -self.car.hull.position[1] * zoom)).rotate_rad(
-            angle
-        )
-        translation = (car_racing.WINDOW_W / 2 + scroll[0], car_racing.WINDOW_H / 4 + scroll[1])
-        near = self._near(scene.polygons, zoom, translation, angle)  # the grass squares, then the road
+        position = self.car.hull.position
+        scroll = pygame.math.Vector2((-position[0] * zoom, -position[1] * zoom)).rotate_rad(angle)
+        translation = (WINDOW_W / 2 + scroll[0], WINDOW_H / 4 + scroll[1])
+        near = self._near(scene.polygons, zoom, translation, angle)  # grass, then road
         car, car_calls = self._car(scene)
         points = np.concatenate([self.FIELD, scene.polygons[0][near].reshape(-1, 2), car.reshape(-1, 2)])
         x, y = self._to_window(points, zoom, translation, angle)
-        fixed = self._fixed(x, car_racing.WINDOW_H - y)  # the window's vertical flip
-        first_car = 4 * (1 + len(near))  # after the field, the grass squares and the road: 4 vertices each
+        fixed = self._fixed(x, WINDOW_H - y)  # the window's vertical flip
+        first_car = 4 * (1 + len(near))  # after the field, grass and road: 4 vertices each
         quads = fixed[4:first_car].reshape(-1, 4, 2)
-        # boxes within 2 pixels of the canvas: gymnasium's screen check's pixels (polygons < MAX_SHAPE_DIM)
+        # boxes within 2 pixels of the canvas: those gymnasium's screen check lets through
         low = -2 << self.SHIFT
         high = (self.SIDE + 2) << self.SHIFT
         inside = (quads.max(axis=1) >= low).all(axis=1) & (quads.min(axis=1) <= high).all(axis=1)
@@ -1320,23 +1268,21 @@ class DirectCarRacing(FastCarRacing):
         quads = [fixed[:4], *quads[inside]]
         car_fixed = fixed[first_car:].reshape(car.shape)
         road_colors = [self.road_poly[i][1] for i in visible[grass:] - len(self.GRASS)]  # visited tiles change
-        # ([polygons], color) in gymnasium's order; the grass squares (no overlaps) in one call
+        # ([polygons], color) in gymnasium's order; the grass squares (disjoint) in one call
         calls = [(quads[:1], scene.field_color), (quads[1 : 1 + grass], scene.grass_color)]
         calls += zip(([quad] for quad in quads[1 + grass :]), np.array(road_colors, dtype=np.int64).tolist())
         calls += [([car_fixed[b, start:end] for b, start, end in polygons], color) for polygons, color in car_calls]
         for polygons, color in calls:
             cv2.fillPoly(canvas, polygons, color, cv2.LINE_8, self.SHIFT)
         self._indicators(canvas)
-        # a 4 x 4 box average as two halvings, 3x faster than one INTER_AREA to 96 x 96
+        # a 4 x 4 box average as two halvings, 3x faster than one
         half = cv2.resize(canvas, (self.SIDE // 2, self.SIDE // 2), interpolation=cv2.INTER_AREA)
         frame = cv2.resize(half, (car_racing.STATE_W, car_racing.STATE_H), interpolation=cv2.INTER_AREA)
         return cv2.subtract(cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), self.SMOOTHSCALE_LOSS)
 
     def _gather_scene(self):
-        """A track's and car's arrays, at their first frame: `polygons` (grass squares, then road), the colors as
-        ints, `car` (float64 (B, V, 2): each drawn body's fixtures in its own units, a wheel's then its stripe's
-        room), `car_polygons` ([([(body, start, end)], color, are stripes)]: the wheels, their stripes, the hull's
-        overlapping fixtures one by one)."""
+        """A track's and car's arrays: `polygons` (grass, then road), `car` (float64 (B, V, 2): each body's fixtures,
+        a wheel's stripe after it), `car_polygons` ([([(body, start, end)], color, are stripes)])."""
         fixtures = [[f.shape.vertices for f in body.fixtures] for body in self.car.drawlist]
         car = np.zeros((len(fixtures), max(sum(map(len, shapes)) + 4 for shapes in fixtures), 2))
         wheels = []
@@ -1364,7 +1310,7 @@ class DirectCarRacing(FastCarRacing):
         )
 
     def _car(self, scene):
-        """(float64 (B, V, 2) world vertices, stripes written in; `scene.car_polygons` less hidden stripes)."""
+        """(float64 (B, V, 2) world vertices, `scene.car_polygons` less hidden stripes)."""
         bodies = self.car.drawlist
         calls = []
         for polygons, color, are_stripes in scene.car_polygons:
@@ -1384,16 +1330,15 @@ class DirectCarRacing(FastCarRacing):
         return scene.car @ turns + positions[:, None], calls
 
     def _fixed(self, x, y):
-        """Window pixels (x, y float64 (N,), pygame's: pixel i covers [i, i + 1)) -> int32 (N, 2) canvas
-        coordinates in OpenCV's fixed point (pixel i covers [i - 0.5, i + 0.5), SHIFT fraction bits)."""
+        """Window pixels x, y float64 (N,) (pygame's) -> int32 (N, 2) OpenCV fixed point canvas pixels."""
         fixed = np.empty((len(x), 2))
-        fixed[:, 0] = (x * (self.SIDE / car_racing.WINDOW_W) - 0.5) * (1 << self.SHIFT)
-        fixed[:, 1] = (y * (self.SIDE / car_racing.WINDOW_H) - 0.5) * (1 << self.SHIFT)
+        fixed[:, 0] = (x * (self.SIDE / WINDOW_W) - 0.5) * (1 << self.SHIFT)
+        fixed[:, 1] = (y * (self.SIDE / WINDOW_H) - 0.5) * (1 << self.SHIFT)
         return np.rint(fixed, out=fixed).astype(np.int32)
 
     @staticmethod
     def _wheel_stripe(phase):
-        """The wheel stripe car_dynamics.Car.draw paints at this phase (wheel units), None when hidden."""
+        """The wheel stripe car_dynamics.Car.draw paints at this phase, None when hidden."""
         s1 = math.sin(phase)
         s2 = math.sin(phase + 1.2)
         c1 = math.cos(phase)
@@ -1409,11 +1354,10 @@ class DirectCarRacing(FastCarRacing):
         return np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)])
 
     def _indicators(self, canvas):
-        """gymnasium's `_render_indicators` (black bar, BARS) and the score text (cached), after the flip."""
-        height = car_racing.WINDOW_H
-        s = car_racing.WINDOW_W / 40.0
-        h = height / 40.0
-        canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar: 5/40 of the height, whole rows
+        """gymnasium's `_render_indicators` (black bar, BARS) and the score, after the flip."""
+        s = WINDOW_W / 40.0
+        h = WINDOW_H / 40.0
+        canvas[round(self.SIDE * (1 - 5 / 40)) :] = 0  # the black bar, whole rows
         velocity = self.car.hull.linearVelocity
         wheels = self.car.wheels
         speed = math.sqrt(velocity[0] ** 2 + velocity[1] ** 2)
@@ -1426,52 +1370,46 @@ class DirectCarRacing(FastCarRacing):
                 val = scale * value
                 if vertical:
                     x += [place * s, place * s + s]
-                    y += [height - (h + h * val), height - h]
+                    y += [WINDOW_H - (h + h * val), WINDOW_H - h]
                 else:
                     x += [place * s, (place + val) * s]
-                    y += [height - 4 * h, height - 2 * h]
+                    y += [WINDOW_H - 4 * h, WINDOW_H - 2 * h]
                 colors.append(color)
         corners = ((self._fixed(np.array(x), np.array(y)) + (1 << self.SHIFT - 1)) >> self.SHIFT).tolist()
         for corner, opposite, color in zip(corners[::2], corners[1::2], colors):
-            # fillPoly's pixels of an upright rectangle: those of its rounded corners and all between
+            # fillPoly's pixels of an upright rectangle: its rounded corners' and all between
             cv2.rectangle(canvas, corner, opposite, color, cv2.FILLED)
         text, (x, y) = self._score_text(f"{self.reward:04.0f}")
         patch = canvas[y : y + text.shape[0], x : x + text.shape[1], :3]
         np.maximum(patch, text[: patch.shape[0], : patch.shape[1]], out=patch)
 
     def _score_text(self, string):
-        """(uint8 (h, w, 3) score text at canvas scale, its top-left (x, y) canvas pixel), as gymnasium's font
-        renders it at window pixel (60, 750); cached per string."""
+        """(uint8 (h, w, 3) score text at canvas scale, its top-left (x, y) on the canvas), cached."""
         cache = self.__dict__.setdefault("_texts", {})
         if string not in cache:
             pygame.font.init()
             font = self._score_font(pygame.font.get_default_font(), 42)
             surface = font.render(string, True, (255, 255, 255), (0, 0, 0))
             rect = surface.get_rect()
-            rect.center = (60, car_racing.WINDOW_H - car_racing.WINDOW_H * 2.5 / 40.0)
+            rect.center = (60, WINDOW_H - WINDOW_H * 2.5 / 40.0)
             image = np.transpose(pygame.surfarray.array3d(surface), (1, 0, 2))
-            sx = self.SIDE / car_racing.WINDOW_W
-            sy = self.SIDE / car_racing.WINDOW_H
+            sx = self.SIDE / WINDOW_W
+            sy = self.SIDE / WINDOW_H
             x0 = max(rect.left, 0) * sx
             y0 = rect.top * sy
-            x1 = rect.right * sx
-            y1 = rect.bottom * sy
-            size = (max(round(x1 - x0), 1), max(round(y1 - y0), 1))
-            cache[string] = (
-                cv2.resize(image[:, max(-rect.left, 0) :], size, interpolation=cv2.INTER_AREA),
-                (round(x0), round(y0)),
-            )
+            size = (max(round(rect.right * sx - x0), 1), max(round(rect.bottom * sy - y0), 1))
+            text = cv2.resize(image[:, max(-rect.left, 0) :], size, interpolation=cv2.INTER_AREA)
+            cache[string] = (text, (round(x0), round(y0)))
         return cache[string]
 
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2(e))
-EXP2_SAFE = 100.0  # |logits| <= 100: exp2 and its row sums fit float32 without the row max
+EXP2_SAFE = 100.0  # |logits| <= 100: exp2 and its row sums fit float32
 
 
 class DirectForward:
-    """AttentionAgent.forward in the cheaper arithmetic of --training-frames direct (near-tied top-k may swap),
-    set up once an episode: fc_q, fc_k as one Linear, log2(e) / sqrt(d) in the queries (softmax by exp2), the row
-    max only where |logits| may pass EXP2_SAFE, the cell one addmv on [x, h] (state (h, c) or h, (hidden,))."""
+    """AttentionAgent.forward, cheaper (--training-frames direct; near-tied top-k may swap): fc_q, fc_k one Linear,
+    softmax by exp2, the row max only past EXP2_SAFE, the cell one addmv."""
 
     def __init__(self, agent):
         self.agent = agent
@@ -1525,12 +1463,11 @@ LOCKSTEP_MAX = 1  # tasks in a chunk: the AttentionAgent plays one episode at a 
 
 
 class RolloutWorker:
-    """One process's envs (training and evaluation frames) and agent. `use(population)`: the members, float32
-    (rows x D) flat (a view); `run(tasks)`: per RolloutTask (episode returns, env steps), a plain tuple."""
+    """One process's envs and agent; `run(tasks)` on rows of `use(population)`, float32 (rows x D)."""
 
     def __init__(self, env_config, agent_config, dim):
         torch.set_num_threads(1)
-        cv2.setNumThreads(1)  # DirectCarRacing's drawing, on this worker's core
+        cv2.setNumThreads(1)  # DirectCarRacing's drawing
         self.envs = {training: make_env(env_config, training) for training in (True, False)}
         self.agent = AttentionAgent(**agent_config)
         self.dim = dim
@@ -1544,8 +1481,8 @@ class RolloutWorker:
             self.agent.set_flat(self.population[task.member])
             env = self.envs[task.training]
             direct = isinstance(env.unwrapped, DirectCarRacing)
-            episodes = [rollout(env, self.agent, env_seed, direct=direct) for env_seed in task.env_seeds]
-            results.append(([episode_return for episode_return, _ in episodes], sum(steps for _, steps in episodes)))
+            returns, steps = zip(*[rollout(env, self.agent, env_seed, direct=direct) for env_seed in task.env_seeds])
+            results.append((list(returns), sum(steps)))
         return results
 
 
@@ -1888,9 +1825,8 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), agent settings dict or None, meta dict or None) of this script's file or the authors'
-    (a bare `params` array of 3667 values). UserError: a missing or corrupt file, another script's, a bare
-    array of another size, a meta whose ids and sizes are not real."""
+    """(params float32 (D,), agent settings, meta) of this script's file, or (params, None, None) of the authors'.
+    UserError: unreadable, another script's, another size, a meta not real."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params = data["params"].astype(np.float32).ravel()
@@ -1919,15 +1855,12 @@ def load_weights(path):
 
 
 def agent_from_file(path, image_size, action_dim, weights=None):
-    """(agent holding the file's weights (`load_weights(path)` if not given), its config, its meta or None)."""
+    """(agent holding the file's weights (`load_weights(path)` if not given), its config, its meta)."""
     params, agent_config, meta = weights or load_weights(path)
     if agent_config is None:  # the authors' file: the paper's architecture, the defaults
         defaults = build_parser().parse_args([])
-        agent_config = {
-            "image_size": image_size,
-            "action_dim": action_dim,
-            **{key: getattr(defaults, key) for key in AGENT_FLAGS},
-        }
+        agent_config = {"image_size": image_size, "action_dim": action_dim}
+        agent_config |= {key: getattr(defaults, key) for key in AGENT_FLAGS}
     if (agent_config["image_size"], agent_config["action_dim"]) != (image_size, action_dim):
         raise UserError(
             f"{path} expects {agent_config['image_size']}-pixel frames and {agent_config['action_dim']} "
@@ -1942,9 +1875,8 @@ def agent_from_file(path, image_size, action_dim, weights=None):
 
 
 def restart_point(args, given):
-    """{"iteration", "env_steps", "provenance"} of --restart-from's file (this script's mean/best/final.npz);
-    into `args` its architecture, and its part, env id and sigma unless given. CMA-ES restarts there with an
-    identity covariance. UserError: the authors' file, no generation, no sigma and no --init-sigma."""
+    """{"iteration", "env_steps", "provenance"} of --restart-from's file; into `args` its architecture, and
+    its part, env id and sigma unless given."""
     path = args.restart_from
     _, agent_config, meta = load_weights(path)
     if meta is None or not isinstance(meta.get("iteration"), int):
@@ -1960,31 +1892,21 @@ def restart_point(args, given):
         raise UserError(f"{path}'s meta fields provenance and train are not a run's")
     for key in AGENT_FLAGS:
         setattr(args, key, agent_config[key])
-    if "train" not in given:
-        args.train = meta.get("train", "all")
-    if "env_id" not in given:
-        args.env_id = meta["env_id"]
-    if "init_sigma" not in given:
-        args.init_sigma = meta["sigma"]
+    from_file = {"train": meta.get("train", "all"), "env_id": meta["env_id"], "init_sigma": meta.get("sigma")}
+    for key, value in from_file.items():
+        if key not in given:
+            setattr(args, key, value)
     return {"iteration": meta["iteration"], "env_steps": meta.get("env_steps") or 0, "provenance": provenance}
 
 
 def segment(start, args, generation):
-    """A provenance entry: how ("new", "resume", "restart"), after which generation and with which
-    sampling settings a stretch of the run began."""
-    entry = {
-        "start": start,
-        "iteration": generation,
-        "unix_time": int(time.time()),
-        "seed": args.seed,
-        "population_size": args.population_size,
-        "num_rollouts": args.num_rollouts,
-    }
+    """A provenance entry: how ("new", "resume", "restart") and when a stretch of the run began."""
+    entry = {"start": start, "iteration": generation, "unix_time": int(time.time()), "seed": args.seed}
+    entry |= {"population_size": args.population_size, "num_rollouts": args.num_rollouts}
     if start != "resume":
+        origin = args.init_from or args.restart_from
         entry["sigma"] = args.init_sigma
-        entry["from"] = None  # random weights drawn from --seed
-        if args.init_from or args.restart_from:
-            entry["from"] = os.path.basename(args.init_from or args.restart_from)
+        entry["from"] = os.path.basename(origin) if origin else None  # None: random weights drawn from --seed
     return entry
 
 
@@ -2039,8 +1961,7 @@ class CheckpointUnpickler(pickle._Unpickler):
 
 
 def attach_randn(es, randn):
-    """Point pycma's references to the sampler (options, input options, sampler) at `randn`: None before
-    pickling (a bound method of the run's RandomState pickles as a `getattr` call)."""
+    """Point pycma's references to the sampler at `randn` (None: to pickle)."""
     for option in (es.opts, es.inputargs["inopts"]):
         option["randn"] = randn
     if hasattr(es.sm, "randn"):
@@ -2150,25 +2071,24 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
 
 def attention_frame(frame, top, agent, scale=4):
     """The paper's picture, frame uint8 (S, S, 3) and top int64 (k,) -> uint8 (S scale, 2 S scale + scale, 3):
-    the raw frame beside it dimmed but for the top-k patches, outlined from red (most important) to yellow."""
+    the frame beside it dimmed but the top-k patches, outlined red (most important) to yellow."""
     n = (agent.image_size - agent.patch_size) // agent.patch_stride + 1
     p, big = agent.patch_size, lambda image: image.repeat(scale, axis=0).repeat(scale, axis=1)
     corners = [(r * agent.patch_stride, c * agent.patch_stride) for r, c in (divmod(i, n) for i in top.tolist())]
     highlighted = (frame.astype(np.float32) * 0.35).astype(np.uint8)
     for r, c in corners:
         highlighted[r : r + p, c : c + p] = frame[r : r + p, c : c + p]
-    right, side = big(highlighted), p * scale
+    right = big(highlighted)
     for rank, (r, c) in enumerate(corners):
-        r, c, last = r * scale, c * scale, side - 1
-        color = np.array([255, int(255 * rank / max(1, len(corners) - 1)), 0], dtype=np.uint8)
-        right[r, c : c + side] = right[r + last, c : c + side] = color
-        right[r : r + side, c] = right[r : r + side, c + last] = color
+        corner = (c * scale, r * scale)
+        opposite = (corner[0] + p * scale - 1, corner[1] + p * scale - 1)
+        cv2.rectangle(right, corner, opposite, (255, int(255 * rank / max(1, len(corners) - 1)), 0))
     gap = np.full((right.shape[0], scale, 3), 255, dtype=np.uint8)
     return np.concatenate([big(frame), gap, right], axis=1)
 
 
 def record_video(env_config, agent, path_stem, seed):
-    """One evaluation episode with the attention overlay in path_stem.mp4 (moviepy) or .gif: (path, return)."""
+    """An evaluation episode, attention outlined, in path_stem.mp4 (moviepy) or .gif: (path, return)."""
     env, frames = make_env(env_config, training=False), []
     episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
     env.close()
@@ -2258,13 +2178,10 @@ def run_from_pretrained(args, given):
     elapsed = time.perf_counter() - start
     if args.capture_video:
         name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
-        os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
-        path, video_return = record_video(
-            env_config,
-            agent,
-            os.path.join(args.logs_dir, name, "videos", "pretrained"),
-            derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0),
-        )
+        folder = os.path.join(args.logs_dir, name, "videos")
+        os.makedirs(folder, exist_ok=True)
+        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+        path, video_return = record_video(env_config, agent, os.path.join(folder, "pretrained"), seed)
         print(f"video: {path} (episode return {video_return:.2f})")
     print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
     print(
