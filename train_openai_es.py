@@ -567,8 +567,7 @@ META_FLAGS = {
 COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 # A run folder's files, as the last console line names them.
 RUN_FILES = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "final.npz", "best.npz", "videos/")
-# What a checkpoint holds beyond args and counters (observation statistics: None without --obs-norm), and the
-# packages whose objects it may hold beyond numpy's and builtins: none.
+# A checkpoint's parts beyond args and counters (obs_stats: None without --obs-norm); no other package's objects.
 CHECKPOINT_PARTS = {"es": dict, "obs_stats": (dict, type(None))}
 CHECKPOINT_MODULES = ()
 INT_MAX = 2**31 - 1  # counts and sizes stop here
@@ -812,12 +811,10 @@ class ObservationStats:
 
     def add(self, results):
         """Count the observations of the RolloutResults that hold them, in task order."""
-        for result in results:
-            if result.obs_sums is not None:
-                count, total, sumsq = result.obs_sums
-                self.count += count
-                self.sum += total
-                self.sumsq += sumsq
+        for count, total, sumsq in [result.obs_sums for result in results if result.obs_sums is not None]:
+            self.count += count
+            self.sum += total
+            self.sumsq += sumsq
 
     def mean_std(self):
         """(mean, std), float32 (O,) each; std floored at 0.1 as in the paper."""
@@ -847,8 +844,7 @@ class ObservationStats:
 
 
 # Evaluations
-# A center that reaches --reward-goal in training is evaluated at once, off schedule; most such centers are one
-# lucky episode, and screening their evaluations saves most of the evaluations' env steps on the way to the goal.
+# A center at --reward-goal in training is evaluated at once; most are one lucky episode, which a screen catches.
 SCREEN_EPISODES = 10
 
 
@@ -1448,8 +1444,7 @@ class RolloutWorker:
             self.policy.obs_std = obs_std
 
     def env(self, slot, training):
-        """Env `slot` of this kind (training or evaluation) for a new episode: built at its first use, built
-        anew for each episode when it is a Box2D env."""
+        """Env `slot` of this kind (training or evaluation) for a new episode: built at first use (Box2D: each time)."""
         envs = self.envs[training]
         if slot == len(envs):
             envs.append(make_env(self.env_config, training))
@@ -1464,9 +1459,8 @@ class RolloutWorker:
         training = tasks[0].training
         genotypes = [perturb(self.center, t.sigma, t.noise_seed, t.sign) if t.sign else self.center for t in tasks]
         observations = [[] for _ in tasks] if training and self.policy.normalize else None
-        env_seeds = [task.env_seeds for task in tasks]
         envs = functools.partial(self.env, training=training)  # env b of this kind
-        returns, steps = rollout(self.policy, np.stack(genotypes), envs, env_seeds, observations)
+        returns, steps = rollout(self.policy, np.stack(genotypes), envs, [t.env_seeds for t in tasks], observations)
         sums = [None for _ in tasks]
         for b, seen in enumerate(observations or []):
             seen = np.asarray(seen, dtype=np.float64)
@@ -1867,10 +1861,11 @@ def load_weights(path):
         wrong = [key for key, value in settings.items() if type(value) is not type(defaults[key])]
         choices = {"activation": ACTIVATIONS, "action_bounding": ("scale", "clip")}  # the Policy's
         wrong += [key for key, known in choices.items() if settings[key] not in known]
+        if not wrong:
+            check_settings(argparse.Namespace(**(defaults | settings)))
+        norm = meta["obs_norm"]
         if wrong:
             raise UserError(f"its {wrong[0]} is not a valid value")
-        check_settings(argparse.Namespace(**(defaults | settings)))
-        norm = meta["obs_norm"]
         if norm is not None:
             sizes = len(norm["mean"]) == len(norm["std"]) and float(norm["count"]) > 0
             if not (sizes and np.all(np.isfinite(norm["mean"])) and np.all(np.array(norm["std"]) > 0)):
