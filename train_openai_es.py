@@ -811,10 +811,12 @@ class ObservationStats:
 
     def add(self, results):
         """Count the observations of the RolloutResults that hold them, in task order."""
-        for count, total, sumsq in [result.obs_sums for result in results if result.obs_sums is not None]:
-            self.count += count
-            self.sum += total
-            self.sumsq += sumsq
+        for result in results:
+            if result.obs_sums is not None:
+                count, total, sumsq = result.obs_sums
+                self.count += count
+                self.sum += total
+                self.sumsq += sumsq
 
     def mean_std(self):
         """(mean, std), float32 (O,) each; std floored at 0.1 as in the paper."""
@@ -837,9 +839,9 @@ class ObservationStats:
 
     @classmethod
     def from_meta(cls, norm):
-        mean, std = np.array(norm["mean"]), np.array(norm["std"])
+        mean, std, count = np.array(norm["mean"]), np.array(norm["std"]), norm["count"]
         stats = cls(0)
-        vars(stats).update(count=norm["count"], sum=mean * norm["count"], sumsq=(std**2 + mean**2) * norm["count"])
+        vars(stats).update(count=count, sum=mean * count, sumsq=(std**2 + mean**2) * count)
         return stats
 
 
@@ -852,7 +854,8 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
     """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean, std,
     episodes}). With `screen`, the other episodes run only when the first SCREEN_EPISODES reach --reward-goal on
     average (else E = SCREEN_EPISODES: nothing is recorded); one that passes equals one without a screen."""
-    seeds = [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, episode) for episode in range(args.num_eval_rollouts)]
+    episodes = range(args.num_eval_rollouts)
+    seeds = [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, episode) for episode in episodes]
     tasks = [RolloutTask(0, 0, 0.0, [seed], False) for seed in seeds]
     first = SCREEN_EPISODES if screen else len(tasks)
     shared = (theta, *mean_std)
@@ -875,10 +878,8 @@ class Run:
         init = None
         if args.resume:
             checkpoint_path, checkpoint = load_checkpoint(args.resume)
-            saved = dict(checkpoint["args"])
-            for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS:
-                saved[key] = getattr(args, key)
-            args = argparse.Namespace(**saved)
+            anew = {key: getattr(args, key) for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS}
+            args = argparse.Namespace(**(dict(checkpoint["args"]) | anew))  # the rest: the checkpoint's
             run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
         else:
             if args.init_from:
@@ -900,7 +901,7 @@ class Run:
                 theta = init[0]
                 if self.normalize and init[1]["obs_norm"]:
                     self.obs_stats = ObservationStats.from_meta(init[1]["obs_norm"])
-            settings = [field.name for field in dataclasses.fields(OpenAIES) if field.init][1:]  # after theta: flags
+            settings = [field.name for field in dataclasses.fields(OpenAIES) if field.init][1:]  # flags, by name
             self.es = OpenAIES(theta, **{name: getattr(args, name) for name in settings})
         worker_args = (self.env_config, self.policy_config)
         sizes = [self.dim, obs_dim, obs_dim]  # theta, obs mean and std
@@ -1423,9 +1424,10 @@ class Members:
 
 
 class RolloutWorker:
-    """One worker's envs and policy, built once. `use(theta, obs_mean, obs_std)`: a batch's float32 arrays (no copy).
-    `run(tasks)`: RolloutTasks of one kind (sign 0: the center; an MLP's in one `rollout`) -> per task (returns,
-    steps, (count, sum, sum of squares float64 (O,)) of a training task's observations when normalized, or None)."""
+    """One worker's envs and policy, built once; `use(theta, obs_mean, obs_std)` points it at a batch's float32
+    arrays (no copy). `run(tasks)`: RolloutTasks of one kind (sign 0: the center; an MLP's in one `rollout`) ->
+    per task (returns, steps, sums): sums None, or with --obs-norm a training task's observations' (count, sum,
+    sum of squares float64 (O,))."""
 
     def __init__(self, env_config, policy_config):
         self.env_config = env_config
@@ -1444,7 +1446,7 @@ class RolloutWorker:
             self.policy.obs_std = obs_std
 
     def env(self, slot, training):
-        """Env `slot` of this kind (training or evaluation) for a new episode: built at first use (Box2D: each time)."""
+        """Env `slot` of this kind for a new episode: built at its first use (Box2D: anew each episode)."""
         envs = self.envs[training]
         if slot == len(envs):
             envs.append(make_env(self.env_config, training))
@@ -1457,10 +1459,14 @@ class RolloutWorker:
         if not self.batched and len(tasks) > 1:
             return [result for task in tasks for result in self.run([task])]
         training = tasks[0].training
-        genotypes = [perturb(self.center, t.sigma, t.noise_seed, t.sign) if t.sign else self.center for t in tasks]
+        genotypes = [self.center for _ in tasks]  # sign 0: the center
+        for b, task in enumerate(tasks):
+            if task.sign:
+                genotypes[b] = perturb(self.center, task.sigma, task.noise_seed, task.sign)
         observations = [[] for _ in tasks] if training and self.policy.normalize else None
         envs = functools.partial(self.env, training=training)  # env b of this kind
-        returns, steps = rollout(self.policy, np.stack(genotypes), envs, [t.env_seeds for t in tasks], observations)
+        env_seeds = [task.env_seeds for task in tasks]
+        returns, steps = rollout(self.policy, np.stack(genotypes), envs, env_seeds, observations)
         sums = [None for _ in tasks]
         for b, seen in enumerate(observations or []):
             seen = np.asarray(seen, dtype=np.float64)
