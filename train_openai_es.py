@@ -501,6 +501,7 @@ def evaluate_center(run, screen=False):
 import contextlib
 import csv
 import fcntl
+import functools
 import importlib
 import io
 import logging
@@ -566,8 +567,7 @@ META_FLAGS = {
 COUNTERS = ("evaluations", "env_steps", "wall_time_s", "best_return", "best_eval", "goal_streak")
 # A run folder's files, as the last console line names them.
 RUN_FILES = ("args.json", "progress.csv", "learning_curve.png", "checkpoint.pkl", "final.npz", "best.npz", "videos/")
-# What a checkpoint holds beyond args and counters (observation statistics: None without --obs-norm), and the
-# packages whose objects it may hold beyond numpy's and builtins: none.
+# A checkpoint's parts beyond args and counters (obs_stats: None without --obs-norm); no other package's objects.
 CHECKPOINT_PARTS = {"es": dict, "obs_stats": (dict, type(None))}
 CHECKPOINT_MODULES = ()
 INT_MAX = 2**31 - 1  # counts and sizes stop here
@@ -608,22 +608,34 @@ def flags_given(parser, argv, args):
 
 
 def check_flags(args, given):
-    """UserError for flags that exclude each other, or that the checkpoint or the weights file sets; then the
-    settings' combinations (check_settings) and the paths (check_paths)."""
+    """UserError for flags that exclude each other or that the checkpoint or weights file sets, settings that do
+    not fit (check_settings), paths that are not readable files (--resume: or a run folder holding one), folder
+    names with separators, a --logs-dir this user cannot write to."""
     if sum(x is not None for x in (args.resume, args.from_pretrained, args.init_from)) > 1:
         raise UserError("--resume, --from-pretrained and --init-from exclude each other")
-    fixed = []
-    if args.resume:
-        fixed = sorted(given - RESUME_FLAGS)
-    elif args.init_from or args.from_pretrained:
-        fixed = sorted(given & {*META_FLAGS["env"], *META_FLAGS["policy"]})
-    flag = "--" + fixed[0].replace("_", "-") if fixed else None
-    if flag and args.resume:
+    fixed = given - RESUME_FLAGS
+    if args.resume and fixed:
+        flag = "--" + min(fixed).replace("_", "-")
         raise UserError(f"{flag} cannot be changed on resume: the run's settings come from its checkpoint")
-    if flag:
+    fixed = given & {*META_FLAGS["env"], *META_FLAGS["policy"]}
+    if (args.init_from or args.from_pretrained) and fixed:
+        flag = "--" + min(fixed).replace("_", "-")
         raise UserError(f"{flag} comes from the weights file's meta; do not restate the architecture")
     check_settings(args)
-    check_paths(args)
+    for flag in ("resume", "from_pretrained", "init_from"):
+        path = getattr(args, flag)
+        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
+            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
+        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
+            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
+    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
+    while not os.path.exists(folder):  # its nearest existing part
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
 def check_placement(args, given):
@@ -687,25 +699,6 @@ def check_settings(args):
         gym.spec(args.env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def check_paths(args):
-    """UserError unless each path is what its flag needs: a readable file (--resume: or a run folder holding
-    one), folder names without separators, a --logs-dir this user can write to."""
-    for flag in ("resume", "from_pretrained", "init_from"):
-        path = getattr(args, flag)
-        path = os.path.join(path, "checkpoint.pkl") if flag == "resume" and path and os.path.isdir(path) else path
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            problem = "is not a readable file" if os.path.exists(path) else "does not exist"
-            raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
-    for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
-            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
-    folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
-    while not os.path.exists(folder):  # its nearest existing part
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
@@ -808,7 +801,8 @@ def check_numbers(values, label):
 class ObservationStats:
     """Running statistics of the training episodes' vector observations (Salimans et al. 2017): count, sum and
     sum of squares, float64 (O,); mean 0 and variance 1 to start (a pseudo-count of 1e-2). O = 0 without
-    --obs-norm (or for images): nothing is counted, mean and std are empty."""
+    --obs-norm (or for images): nothing is counted, mean and std are empty. In a checkpoint: {count, sum, sumsq}
+    (`state_dict`); in a weights file's meta: {mean, std, count} (`meta`)."""
 
     def __init__(self, dim):
         self.count = 1e-2
@@ -831,54 +825,39 @@ class ObservationStats:
         return mean.astype(np.float32), std.astype(np.float32)
 
     def state_dict(self):
-        """For the checkpoint: {count, sum, sumsq}."""
         return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
 
     @classmethod
     def from_state_dict(cls, state):
-        """The statistics of a checkpoint (copies: unpickled arrays may be read-only)."""
-        stats = cls(0)
-        stats.count = float(state["count"])
-        stats.sum = state["sum"].copy()
-        stats.sumsq = state["sumsq"].copy()
-        return stats
-
-    @classmethod
-    def from_meta(cls, norm):
-        """The statistics of a weights file's meta field obs_norm {mean, std, count}."""
-        mean = np.array(norm["mean"])
-        std = np.array(norm["std"])
-        stats = cls(0)
-        stats.count = norm["count"]
-        stats.sum = mean * norm["count"]
-        stats.sumsq = (std**2 + mean**2) * norm["count"]
+        stats = cls(0)  # copies: unpickled arrays may be read-only
+        vars(stats).update(count=float(state["count"]), sum=state["sum"].copy(), sumsq=state["sumsq"].copy())
         return stats
 
     def meta(self):
-        """For a weights file's meta: {mean, std, count}."""
         mean, std = self.mean_std()
         return {"mean": mean.tolist(), "std": std.tolist(), "count": self.count}
 
+    @classmethod
+    def from_meta(cls, norm):
+        mean, std, count = np.array(norm["mean"]), np.array(norm["std"]), norm["count"]
+        stats = cls(0)
+        vars(stats).update(count=count, sum=mean * count, sumsq=(std**2 + mean**2) * count)
+        return stats
+
 
 # Evaluations
-# A center that reaches --reward-goal in training is evaluated at once, off schedule. Most such centers are
-# one lucky episode: their evaluation stops after its first SCREEN_EPISODES episodes when these average
-# below the goal (no evaluation is recorded), which saves most of the evaluations' env steps on the way to it.
+# A center at --reward-goal in training is evaluated at once; most are one lucky episode, which a screen catches.
 SCREEN_EPISODES = 10
 
 
 def evaluate(pool, theta, mean_std, args, iteration, screen=False):
-    """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean,
-    std, episodes}). With `screen`, the other episodes run only when the first SCREEN_EPISODES reach
-    --reward-goal on average (else E = SCREEN_EPISODES); an evaluation that passes is the same as one
-    without a screen."""
-    tasks = []
-    for episode in range(args.num_eval_rollouts):
-        seed = derive_seed(args.seed, EVAL_ENV_STREAM, iteration, episode)
-        tasks.append(RolloutTask(0, 0, 0.0, [seed], False))
-    first = len(tasks)
-    if screen:
-        first = SCREEN_EPISODES
+    """theta over --num-eval-rollouts episodes (no early stop): (returns float64 (E,), env steps, {mean, std,
+    episodes}). With `screen`, the other episodes run only when the first SCREEN_EPISODES reach --reward-goal on
+    average (else E = SCREEN_EPISODES: nothing is recorded); one that passes equals one without a screen."""
+    episodes = range(args.num_eval_rollouts)
+    seeds = [derive_seed(args.seed, EVAL_ENV_STREAM, iteration, episode) for episode in episodes]
+    tasks = [RolloutTask(0, 0, 0.0, [seed], False) for seed in seeds]
+    first = SCREEN_EPISODES if screen else len(tasks)
     shared = (theta, *mean_std)
     results = pool.map(tasks[:first], shared, f"evaluation {iteration}")
     screened = np.mean([result.episode_returns[0] for result in results])
@@ -891,19 +870,16 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
 
 # The run: the algorithm's part
 class Run:
-    """An OpenAI-ES run, as a context manager: from the flags or a checkpoint, the settings, the policy's
-    configs, the optimizer, the observation statistics and the workers; `recorder` keeps the records. Leaving it
-    closes the workers and the records (Recorder.close: Ctrl-C, SIGTERM, lost workers, the exit code)."""
+    """An OpenAI-ES run (a context manager), from the flags or a checkpoint: configs, optimizer, observation
+    statistics, workers; `recorder` keeps the records and turns Ctrl-C, SIGTERM, lost workers into the exit code."""
 
     def __init__(self, args, given):
         checkpoint = None
         init = None
         if args.resume:
             checkpoint_path, checkpoint = load_checkpoint(args.resume)
-            saved = dict(checkpoint["args"])
-            for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS:
-                saved[key] = getattr(args, key)
-            args = argparse.Namespace(**saved)
+            anew = {key: getattr(args, key) for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS}
+            args = argparse.Namespace(**(dict(checkpoint["args"]) | anew))  # the rest: the checkpoint's
             run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
         else:
             if args.init_from:
@@ -925,22 +901,8 @@ class Run:
                 theta = init[0]
                 if self.normalize and init[1]["obs_norm"]:
                     self.obs_stats = ObservationStats.from_meta(init[1]["obs_norm"])
-            self.es = OpenAIES(
-                theta,
-                population_size=args.population_size,
-                sigma=args.sigma,
-                learning_rate=args.learning_rate,
-                optimizer=args.optimizer,
-                momentum=args.momentum,
-                weight_decay=args.weight_decay,
-                antithetic=args.antithetic,
-                fitness_shaping=args.fitness_shaping,
-                lr_decay=args.lr_decay,
-                lr_min=args.lr_min,
-                sigma_decay=args.sigma_decay,
-                sigma_min=args.sigma_min,
-                seed=args.seed,
-            )
+            settings = [field.name for field in dataclasses.fields(OpenAIES) if field.init][1:]  # flags, by name
+            self.es = OpenAIES(theta, **{name: getattr(args, name) for name in settings})
         worker_args = (self.env_config, self.policy_config)
         sizes = [self.dim, obs_dim, obs_dim]  # theta, obs mean and std
         self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
@@ -983,9 +945,7 @@ class Run:
     def meta(self, evaluation=None):
         """A weights file's meta: what rebuilds the policy and its env, the evaluation."""
         args = self.args
-        norm = None
-        if self.normalize:
-            norm = self.obs_stats.meta()
+        norm = self.obs_stats.meta() if self.normalize else None
         return {
             "format_version": FORMAT_VERSION,
             "script": SCRIPT,
@@ -1033,9 +993,7 @@ class Run:
 
     def save_checkpoint(self):
         """checkpoint.pkl (Recorder's) with the optimizer and the observation statistics."""
-        stats = None
-        if self.normalize:
-            stats = self.obs_stats.state_dict()
+        stats = self.obs_stats.state_dict() if self.normalize else None
         self.recorder.save_checkpoint({"es": self.es.state_dict(), "obs_stats": stats})
 
     def finish(self, evaluation=None):
@@ -1327,16 +1285,9 @@ def configs(args):
     max_negative_steps = args.max_negative_steps
     if max_negative_steps is None:  # CarRacing's early stop is on by default
         max_negative_steps = 20 if args.env_id.startswith("CarRacing") else 0
-    env_config = {
-        "env_id": args.env_id,
-        "env_kwargs": args.env_kwargs,
-        "max_episode_steps": args.max_episode_steps,
-        "max_negative_steps": max_negative_steps,
-        "action_bounding": args.action_bounding,
-        "frame_size": args.frame_size,
-        "frame_stack": args.frame_stack,
-        "grayscale": args.grayscale,
-    }
+    settings = vars(args) | {"max_negative_steps": max_negative_steps}
+    env_keys = ("env_id", "env_kwargs", "max_episode_steps", "max_negative_steps", "action_bounding")
+    env_config = {key: settings[key] for key in (*env_keys, "frame_size", "frame_stack", "grayscale")}
     env = make_env(env_config, training=False)
     try:  # an env that cannot even take one step is bad input: found now, before any file is written
         env.reset(seed=0)
@@ -1349,11 +1300,7 @@ def configs(args):
         "obs_shape": list(env.observation_space.shape),
         "discrete": discrete,
         "num_actions": int(env.action_space.n) if discrete else int(env.action_space.shape[0]),
-        "hidden_sizes": list(args.hidden_sizes),
-        "activation": args.activation,
-        "recurrent": args.recurrent,
-        "action_bounding": args.action_bounding,
-        "obs_norm": args.obs_norm,
+        **{key: settings[key] for key in META_FLAGS["policy"]},
     }
 
 
@@ -1372,9 +1319,8 @@ def make_policy(policy_config, params=None, obs_mean_std=None):
 
 
 def build_policy(args, weights=None):
-    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs).
-    UserError unless `weights` (params, meta) from a file fit the env's spaces and the policy's sizes.
-    """
+    """(env config, policy config, a policy at torch's initialization, D parameters, O normalized inputs);
+    UserError unless `weights` (params, meta) from a file fit the env's spaces and the policy's sizes."""
     env_config, policy_config = configs(args)
     policy = make_policy(policy_config)
     dim, obs_dim = sum(p.numel() for p in policy.parameters()), policy.obs_mean.size
@@ -1415,17 +1361,14 @@ class PoolLost(Exception):
 
 
 # The batched forward: B members' MLPs in one numpy pass (lockstep rollouts)
+def numpy_selu(h):
+    """torch.selu in numpy float32, with torch's constants."""
+    negative = np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))
+    return np.float32(1.0507009873554805) * np.where(h > 0, h, negative)
+
+
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "selu": torch.selu}  # the Policy's; in numpy:
-NUMPY_ACTIVATIONS = {
-    "tanh": np.tanh,
-    "relu": lambda h: np.maximum(h, np.float32(0)),
-    "selu": lambda h: (
-        np.float32(1.0507009873554805)
-        * np.where(  # torch's constants
-            h > 0, h, np.float32(1.6732632423543772) * np.expm1(np.minimum(h, np.float32(0)))
-        )
-    ),
-}
+NUMPY_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda h: np.maximum(h, np.float32(0)), "selu": numpy_selu}
 
 
 def stacked_layers(policy, genotypes):
@@ -1433,20 +1376,15 @@ def stacked_layers(policy, genotypes):
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        layers.append(
-            (
-                genotypes[:, offset : offset + rows * cols].reshape(-1, rows, cols),
-                genotypes[:, offset + rows * cols : offset + rows * cols + rows],
-            )
-        )
-        offset += rows * cols + rows
+        end = offset + rows * cols  # of the weights, then the biases
+        layers.append((genotypes[:, offset:end].reshape(-1, rows, cols), genotypes[:, end : end + rows]))
+        offset = end + rows
     return layers
 
 
 def act_batch(policy, obs, layers):
-    """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice as fast as
-    torch on one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives.
-    """
+    """B members' observations (B, O) through their own MLPs (`stacked_layers`), in numpy (twice torch's speed on
+    one vector): B actions, ints or float32 (B, A); row b exactly what member b alone gives."""
     x = policy.normalized(obs)
     for weight, bias in layers[:-1]:
         x = policy.numpy_activation(np.matmul(weight, x[:, :, None])[:, :, 0] + bias)
@@ -1455,10 +1393,9 @@ def act_batch(policy, obs, layers):
 
 
 class Members:
-    """B genotypes float32 (B, D) acting together in `rollout`: an MLP in one numpy pass (`act_batch` on their
-    stacked layers), a conv or LSTM policy one member (B = 1; ValueError otherwise) loaded into the policy.
-    `act(observations, playing)`: the actions of the members `playing` (ascending indices) for their
-    observations; `end_episode(b)`: member b's recurrent state back to None."""
+    """B genotypes float32 (B, D) acting together in `rollout`: an MLP in one numpy pass (`act_batch`), a conv or
+    LSTM policy one member (B = 1; ValueError otherwise). `act(observations, playing)`: the actions of the members
+    `playing` (ascending indices); `end_episode(b)`: member b's recurrent state back to None."""
 
     def __init__(self, policy, genotypes):
         self.policy = policy
@@ -1487,8 +1424,10 @@ class Members:
 
 
 class RolloutWorker:
-    """One worker's envs and policy, built once; `run(tasks)` plays RolloutTasks (sign 0: the center).
-    `use(theta, obs_mean, obs_std)` points it at a batch's float32 arrays (no copy)."""
+    """One worker's envs and policy, built once; `use(theta, obs_mean, obs_std)` points it at a batch's float32
+    arrays (no copy). `run(tasks)`: RolloutTasks of one kind (sign 0: the center; an MLP's in one `rollout`) ->
+    per task (returns, steps, sums): sums None, or with --obs-norm a training task's observations' (count, sum,
+    sum of squares float64 (O,))."""
 
     def __init__(self, env_config, policy_config):
         self.env_config = env_config
@@ -1507,8 +1446,7 @@ class RolloutWorker:
             self.policy.obs_std = obs_std
 
     def env(self, slot, training):
-        """Env `slot` of this kind (training or evaluation) for a new episode: built at its first use, built
-        anew for each episode when it is a Box2D env."""
+        """Env `slot` of this kind for a new episode: built at its first use (Box2D: anew each episode)."""
         envs = self.envs[training]
         if slot == len(envs):
             envs.append(make_env(self.env_config, training))
@@ -1518,39 +1456,22 @@ class RolloutWorker:
         return envs[slot]
 
     def run(self, tasks):
-        """Every task's episodes: per task (returns list, steps, (count, sum, sum of squares float64 (O,)) of a
-        training task's observations when normalized, else None). An MLP steps the tasks together (`rollout`);
-        conv and LSTM policies run them one by one."""
-        if not self.batched:
-            return [result for task in tasks for result in self.run_together([task])]
-        return self.run_together(tasks)
-
-    def run_together(self, tasks):
-        """`run` of tasks of one kind (training or evaluation), in one `rollout`."""
+        if not self.batched and len(tasks) > 1:
+            return [result for task in tasks for result in self.run([task])]
         training = tasks[0].training
-        genotypes = []
-        for task in tasks:
+        genotypes = [self.center for _ in tasks]  # sign 0: the center
+        for b, task in enumerate(tasks):
             if task.sign:
-                genotypes.append(perturb(self.center, task.sigma, task.noise_seed, task.sign))
-            else:
-                genotypes.append(self.center)
-        observations = None
-        if training and self.policy.normalize:
-            observations = [[] for _ in tasks]
+                genotypes[b] = perturb(self.center, task.sigma, task.noise_seed, task.sign)
+        observations = [[] for _ in tasks] if training and self.policy.normalize else None
+        envs = functools.partial(self.env, training=training)  # env b of this kind
         env_seeds = [task.env_seeds for task in tasks]
-
-        def env_for(b):
-            return self.env(b, training)
-
-        returns, steps = rollout(self.policy, np.stack(genotypes), env_for, env_seeds, observations)
-        results = []
-        for b in range(len(tasks)):
-            sums = None
-            if observations is not None:
-                seen = np.asarray(observations[b], dtype=np.float64)
-                sums = (len(seen), seen.sum(axis=0), np.square(seen).sum(axis=0))
-            results.append((returns[b], steps[b], sums))
-        return results
+        returns, steps = rollout(self.policy, np.stack(genotypes), envs, env_seeds, observations)
+        sums = [None for _ in tasks]
+        for b, seen in enumerate(observations or []):
+            seen = np.asarray(seen, dtype=np.float64)
+            sums[b] = (len(seen), seen.sum(axis=0), np.square(seen).sum(axis=0))
+        return list(zip(returns, steps, sums))
 
 
 # The rollout pool: this process, local worker processes or a Ray cluster, behind one interface
@@ -1934,12 +1855,10 @@ def load_weights(path):
                 raise UserError(f"{path} is not a {SCRIPT} weights file (it needs 'params' and 'meta' arrays)")
             params, meta = data["params"].astype(np.float32).ravel(), json.loads(str(data["meta"]))
         script, version = meta.get("script", "an unknown script"), meta.get("format_version")
-        if script != SCRIPT or version != FORMAT_VERSION:
-            raise UserError(
-                f"{path} was written by {script}, not {SCRIPT}"
-                if script != SCRIPT
-                else f"{path} has weights format {version}, this script reads {FORMAT_VERSION}"
-            )
+        if script != SCRIPT:
+            raise UserError(f"{path} was written by {script}, not {SCRIPT}")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{path} has weights format {version}, this script reads {FORMAT_VERSION}")
         if not np.all(np.isfinite(params)):
             raise UserError(f"{path} holds parameters that are not finite numbers")
         settings = {"env_id": meta["env_id"], **{k: meta[part][k] for part, keys in META_FLAGS.items() for k in keys}}
@@ -1951,17 +1870,12 @@ def load_weights(path):
         if not wrong:
             check_settings(argparse.Namespace(**(defaults | settings)))
         norm = meta["obs_norm"]
-        if (
-            wrong
-            or norm is not None
-            and not (
-                len(norm["mean"]) == len(norm["std"])
-                and float(norm["count"]) > 0
-                and np.all(np.isfinite(norm["mean"]))
-                and np.all(np.array(norm["std"]) > 0)
-            )
-        ):
-            raise UserError(f"its {wrong[0] if wrong else 'obs_norm'} is not a valid value")
+        if wrong:
+            raise UserError(f"its {wrong[0]} is not a valid value")
+        if norm is not None:
+            sizes = len(norm["mean"]) == len(norm["std"]) and float(norm["count"]) > 0
+            if not (sizes and np.all(np.isfinite(norm["mean"])) and np.all(np.array(norm["std"]) > 0)):
+                raise UserError("its obs_norm is not a valid value")
     except UserError as e:
         raise UserError(str(e) if str(e).startswith(str(path)) else f"{path} has a bad meta: {e}") from None
     except Exception as e:
@@ -1976,9 +1890,8 @@ def read_weights_into_args(args, given):
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
-    vars(args).update(
-        {key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys}, env_id=meta["env_id"]
-    )
+    settings = {key: meta[part][key] for part, keys in META_FLAGS.items() for key in keys}
+    vars(args).update(settings, env_id=meta["env_id"])
     return params, meta
 
 
@@ -2201,15 +2114,14 @@ def record_video(env_config, policy, path_stem, seed):
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line printed is the `episode_return mean=...` summary."""
     params, meta = read_weights_into_args(args, given)
-    env_config, policy_config, policy, dim, _ = build_policy(args, (params, meta))
+    env_config, policy_config, policy, dim, obs_dim = build_policy(args, (params, meta))
     norm = meta["obs_norm"]
     mean_std = ObservationStats(0).mean_std()
     if norm:
         mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32))
-    sizes = [dim, mean_std[0].size, mean_std[1].size]
-    pool = RolloutPool(
-        args.num_workers, args.ray_address, RolloutWorker, (env_config, policy_config), sizes, args.quiet
-    )
+    worker_args = (env_config, policy_config)
+    sizes = [dim, obs_dim, obs_dim]  # params, obs mean and std
+    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
     print(
         f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
         f"workers: {pool.describe()}"
@@ -2221,14 +2133,11 @@ def run_from_pretrained(args, given):
         pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        name = args.run_name or run_name(args, "eval", args.seed)
-        os.makedirs(os.path.join(args.logs_dir, name, "videos"), exist_ok=True)
-        path, video_return = record_video(
-            env_config,
-            make_policy(policy_config, params, norm and mean_std),
-            os.path.join(args.logs_dir, name, "videos", "pretrained"),
-            derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0),
-        )
+        folder = os.path.join(args.logs_dir, args.run_name or run_name(args, "eval", args.seed), "videos")
+        os.makedirs(folder, exist_ok=True)
+        policy = make_policy(policy_config, params, norm and mean_std)
+        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+        path, video_return = record_video(env_config, policy, os.path.join(folder, "pretrained"), seed)
         print(f"video: {path} (episode return {video_return:.2f})")
     print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
     print(
