@@ -1217,7 +1217,10 @@ class Recorder:
     def close(self, kind, error):
         """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, lost pool)."""
         written = checkpoint_written()  # None, or the write's error
-        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+        if not os.path.exists(self.paths["progress.csv"]):  # rm -rf: what failed in it says less
+            written = OSError(f"the run folder {self.dir} was removed during the run (its progress.csv is gone)")
+            kind, error = OSError, written
+        elif written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
             kind, error = type(written), written
         self.csv_file.close()
         stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
@@ -1228,7 +1231,7 @@ class Recorder:
             self.exit_code = 130
         elif issubclass(kind, PoolLost):  # its message ends with self.kept()
             print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        with signals_held():
+        with signals_held(), contextlib.suppress(OSError):  # its writer's error: raised by its last flush
             self.tb.close()
         if self.wandb:
             self.upload()
@@ -2694,7 +2697,7 @@ def main(argv=None):
     """Entry point; the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost or the
     system refuses a path (read-only, full disk); 130 on Ctrl-C or SIGTERM, the last checkpoint kept."""
     sys.stdout.reconfigure(line_buffering=True)  # lines show at once in `nohup ... > log`
-    streams = (sys.stdout, sys.stderr)
+    streams = (sys.stdout, sys.stderr, threading.excepthook)
     sys.stdout = Console(sys.stdout)  # a reader going away (`| head`) costs the console, not the run
     sys.stderr = Console(sys.stderr)
     STOPPING.clear()
@@ -2704,6 +2707,11 @@ def main(argv=None):
         if not HOLDING.is_set():
             raise KeyboardInterrupt
 
+    def thread_failed(hook):  # an OSError of TensorBoard's writer (run folder removed): reported here in one line
+        if not issubclass(hook.exc_type, OSError):
+            streams[2](hook)
+
+    threading.excepthook = thread_failed
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)
@@ -2722,7 +2730,7 @@ def main(argv=None):
         return 2
     except OSError as e:  # a path the system refuses: read-only, special, a full disk
         if e.filename:
-            print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+            print(f"{SCRIPT}: error: {os.fsdecode(e.filename)}: {e.strerror}", file=sys.stderr)
         else:
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         return 1
@@ -2730,7 +2738,7 @@ def main(argv=None):
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        sys.stdout, sys.stderr = streams
+        sys.stdout, sys.stderr, threading.excepthook = streams
 
 
 # Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, the Recorder prints the resume hint. Python drops it inside a
