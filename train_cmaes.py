@@ -516,7 +516,7 @@ def flags_given(parser, argv, args):
 
 
 def check_placement(args, given):
-    """Rollouts' place: --ray-address or $RAY_ADDRESS; on Ray all CPUs unless --num-workers; token auth."""
+    """Rollouts' place: --ray-address or $RAY_ADDRESS; on Ray all CPUs unless --num-workers; token auth. UserError."""
     if not args.ray_address:
         args.ray_address = os.environ.get("RAY_ADDRESS") or None
     if args.ray_address:
@@ -1009,7 +1009,7 @@ class Recorder:
         return True
 
     def finish(self, params, evaluation, meta):
-        """final.npz of the final `params` with `meta`, the console line, the last curve."""
+        """final.npz of `params` with `meta`, the console line, the last curve."""
         self.log(
             f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
             f"{evaluation['episodes']} episodes"
@@ -1025,7 +1025,7 @@ class Recorder:
         self.last_plot = time.perf_counter()
 
     def upload(self):
-        """With --track: the weights files and the curve that exist, to W&B now."""
+        """With --track: the existing weights files and curve, to W&B now."""
         for name in ("best.npz", "final.npz", "learning_curve.png"):
             if os.path.exists(self.paths[name]):
                 self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
@@ -1557,7 +1557,7 @@ def live_bar(label, total, unit="episode"):
 
 
 def exit_with_parent(parent):
-    """Thread of a worker process: exit within 0.5 s of its parent's (pid `parent`) death."""
+    """A worker's thread: exit within 0.5 s of its parent's death (pid `parent`)."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
@@ -1573,7 +1573,7 @@ def start_worker(key, worker, worker_args, buffers):
 
 
 def use_worker(key, batch):
-    """This process's worker of pool `key` (built once) pointed at batch = (class, args, arrays)."""
+    """Point this process's worker of pool `key` (built once) at batch = (class, args, arrays)."""
     worker, worker_args, arrays = batch
     if key not in WORKERS:
         WORKERS[key] = worker(*worker_args)
@@ -1588,7 +1588,7 @@ def run_chunk(key, batch, tasks):
 
 
 class InProcess:
-    """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
+    """--num-workers 1's executor: a call runs here when submitted, its future done."""
 
     def submit(self, fn, *args):
         future = Future()
@@ -1600,8 +1600,8 @@ class InProcess:
 
 
 class RolloutPool:
-    """Rollouts in this process (num_workers 1), worker processes or on Ray: map(tasks, shared, label) ->
-    RolloutResults in task order; worker(*worker_args) built once a process, use(*arrays), run(tasks)."""
+    """Rollouts here (num_workers 1), in worker processes or on Ray: map(tasks, shared, label) -> RolloutResults in
+    task order; worker(*worker_args) built once a process. A dying worker's batch: WORKER_TRIES tries, PoolLost."""
 
     def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
@@ -1633,7 +1633,7 @@ class RolloutPool:
 
     def map(self, tasks, shared, label="rollouts"):
         """RolloutResults of the tasks on float32 arrays `shared`, in order; label: the bar's. UserError, PoolLost."""
-        # ~4 chunks a worker; chunk i: tasks i, i + C, ...: neighbours (elites, long episodes) spread out
+        # ~4 chunks a worker, chunk i: tasks i, i + C, ... (neighbours such as elites spread out)
         per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
         count = math.ceil(len(tasks) / max(1, per_chunk))
         chunks = [tasks[i::count] for i in range(count)]
@@ -1725,8 +1725,7 @@ class RolloutPool:
     def start_ray(self):
         """Join the cluster (connect_ray), declare the task ray::ray_rollout, start the watchdog. UserError."""
         self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
-        self.remote = self.remote.options(name="ray_rollout")
+        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk).options(name="ray_rollout")
         try:
             self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT
         except Exception:  # not in every connection mode: then Ray's own timeouts apply
@@ -1946,7 +1945,7 @@ def segment(start, args, generation):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler admitting only numpy's, CHECKPOINT_MODULES' (rebuilt from state), some builtins' names."""
+    """Unpickler of numpy's, CHECKPOINT_MODULES' (rebuilt from state), some builtins' names; else UnpicklingError."""
 
     CALLS = {  # (module, name) that REDUCE may call
         ("numpy", "dtype"),
