@@ -102,14 +102,14 @@ def build_parser():
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors raise UserError: main() reports them in one line, before anything is written."""
+    """argparse raising UserError: main() reports it in one line, before anything is written."""
 
     def error(self, message):
         raise UserError(message)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The examples as written; each default shown once (a switch: none; an --x/--no-x pair: the one on)."""
+    """Examples as written; each default once (a switch: none; --x/--no-x: the one on)."""
 
     def _get_help_string(self, action):
         text = action.help.replace(" (default: %(default)s)", "")  # as BooleanOptionalAction adds it
@@ -600,8 +600,7 @@ LIMITS = {
 
 # Checks: flags, settings, environments
 def flags_given(parser, argv, args):
-    """The set of flags (dest names) typed in `argv`: those whose marker in the namespace
-    argparse replaced."""
+    """The set of flags (dest names) typed in `argv`: those whose marker argparse replaced."""
     markers = argparse.Namespace(**{name: parser for name in vars(args)})
     typed = parser.parse_args(argv, namespace=markers)
     return {name for name, value in vars(typed).items() if value is not parser}
@@ -639,9 +638,7 @@ def check_flags(args, given):
 
 
 def check_placement(args, given):
-    """Where the rollouts run: --ray-address, else $RAY_ADDRESS, HOST:PORT or auto; on a cluster --num-workers
-    None (every CPU) unless given, and RAY_AUTH_MODE=token (read as ray is imported) where this machine has a
-    Ray token, as `ray start` does. UserError for another address, or ray or wandb missing."""
+    """Rollouts' place: --ray-address or $RAY_ADDRESS; on Ray all CPUs unless --num-workers; token auth. UserError."""
     if not args.ray_address:
         args.ray_address = os.environ.get("RAY_ADDRESS") or None
     if args.ray_address:
@@ -659,9 +656,7 @@ def check_placement(args, given):
 
 
 def parse_env_kwargs(items):
-    """The --env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses (true, 3, 0.5),
-    else as a string. UserError for an item that is not KEY=VALUE with a name as KEY (a number
-    that is not finite, NaN or 1e400, is refused with the other settings)."""
+    """--env-kwargs KEY=VALUE items as a dict, VALUE as JSON where it parses, else a string. UserError."""
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -674,8 +669,7 @@ def parse_env_kwargs(items):
 
 
 def all_finite(value):
-    """False if the JSON value (a number, string, bool, None, list or dict of these) holds a NaN or
-    an infinite number, at any depth: 1e400, [1, NaN], {"a": -Infinity}."""
+    """False if a JSON value holds a NaN or an infinite number at any depth: 1e400, [1, NaN], {"a": -Infinity}."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, dict):
@@ -702,8 +696,7 @@ def check_settings(args):
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
-    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training-time early stop
-    (estool; Tang et al. 2020), a car off the track collecting -0.1 a frame. Evaluations run to the end."""
+    """Truncate an episode after `patience` negative rewards in a row: CarRacing's training early stop (estool)."""
 
     def __init__(self, env, patience):
         super().__init__(env)
@@ -716,10 +709,7 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if reward < 0:
-            self.negative_steps += 1
-        else:
-            self.negative_steps = 0
+        self.negative_steps = self.negative_steps + 1 if reward < 0 else 0
         return obs, reward, terminated, truncated or self.negative_steps >= self.patience, info
 
 
@@ -775,9 +765,7 @@ def register_env_family(env_id):
 
 
 def check_numbers(values, label):
-    """UserError unless each entry of the dict `values` that LIMITS names is None or a number (or list of them)
-    of its kind (int where the limits are), finite and within LIMITS[key]: (smallest, largest[, True: smallest
-    excluded]); label(key) names the entry in the message."""
+    """UserError unless each `values` entry in LIMITS is None or finite number(s) of its kind in LIMITS[key]."""
     for key, value in values.items():
         if key not in LIMITS or value is None:
             continue
@@ -791,9 +779,8 @@ def check_numbers(values, label):
         kind = "an integer" if integer else "a finite number"
         message = " ".join([f"{label(key)} must be {kind}", " and ".join(rules)]).strip()
         for number in value if isinstance(value, list) else [value]:
-            if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)):
-                raise UserError(f"{message}, got {number!r}")
-            if not math.isfinite(number) or number < low or number > high or (low_excluded and number == low):
+            wrong_kind = isinstance(number, bool) or not isinstance(number, int if integer else (int, float))
+            if wrong_kind or not (math.isfinite(number) and low <= number <= high) or (low_excluded and number == low):
                 raise UserError(f"{message}, got {number!r}")
 
 
@@ -1007,19 +994,16 @@ class Run:
 
 # The run's records
 class Recorder:
-    """A run's records, for any algorithm: folder, args.json, progress.csv, TensorBoard, W&B, console, checkpoint."""
+    """A run's records: folder, args.json, progress.csv, TensorBoard, W&B, console, checkpoint."""
 
     def __init__(self, args, folder, title, columns, config, counters, iteration, resumed, ylabel="episode return"):
-        """Lock `folder`, open the records of `columns` after generation `iteration`; resumed: the checkpoint's
-        generation (None: a new run); counters: the checkpoint's, or start values. UserError: no file written."""
+        """Lock `folder`; open the records after generation `iteration`, resumed (None: a new run). UserError."""
         self.args = args
         self.dir = folder
         self.title = title  # the curve's
         self.ylabel = ylabel
         self.paths = {name: os.path.join(folder, name) for name in RUN_FILES}
-        self.log = print
-        if args.quiet:
-            self.log = lambda *a, **k: None
+        self.log = (lambda *a, **k: None) if args.quiet else print
         self.start = time.perf_counter()
         self.exit_code = 1
         start = {"wall_time_s": 0.0, "best_return": -math.inf, "best_eval": -math.inf}
@@ -1069,9 +1053,7 @@ class Recorder:
             atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
             from torch.utils.tensorboard import SummaryWriter  # ~2 s of imports
 
-            purge_step = None  # a resume hides a killed session's later points
-            if resumed is not None:
-                purge_step = self.counters["env_steps"] + 1
+            purge_step = None if resumed is None else self.counters["env_steps"] + 1  # hides later points
             self.tb = SummaryWriter(self.dir, purge_step=purge_step)
             table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
             self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)  # CleanRL's table
@@ -1084,12 +1066,15 @@ class Recorder:
         self.steps = 0  # env steps of the generation under way
 
     def close(self, kind, error):
-        """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, lost pool)."""
+        """Close once the checkpoint is written (its error is the run's): True if handled (Ctrl-C, PoolLost)."""
+        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
         written = checkpoint_written()  # None, or the write's error
-        if written is not None and (kind is None or issubclass(kind, (KeyboardInterrupt, PoolLost))):
+        if not os.path.exists(self.paths["progress.csv"]):  # rm -rf: say so
+            written = OSError(f"the run folder {self.dir} was removed during the run (its progress.csv is gone)")
+            kind, error = OSError, written
+        elif written is not None and (kind is None or stopped):
             kind, error = type(written), written
         self.csv_file.close()
-        stopped = kind is not None and issubclass(kind, (KeyboardInterrupt, PoolLost))
         if kind is None:
             self.exit_code = 0
         elif issubclass(kind, KeyboardInterrupt):
@@ -1097,7 +1082,7 @@ class Recorder:
             self.exit_code = 130
         elif issubclass(kind, PoolLost):  # its message ends with self.kept()
             print(f"{SCRIPT}: error: {error}", file=sys.stderr)
-        with signals_held():
+        with signals_held(), contextlib.suppress(OSError):  # raised at its last flush
             self.tb.close()
         if self.wandb:
             self.upload()
@@ -1149,22 +1134,19 @@ class Recorder:
         )
 
     def record_evaluation(self, params, evaluation, meta, note=""):
-        """An evaluation of `params`: best.npz (with `meta`) if the best yet, the goal streak, the console line."""
+        """An evaluation of `params`: best.npz (with `meta`) if best, the goal streak, its console line."""
         counters = self.counters
         if evaluation["mean"] > counters["best_eval"]:
             counters["best_eval"] = evaluation["mean"]
             save_weights(self.paths["best.npz"], params, meta)
-        if self.reaches_goal(evaluation["mean"]):
-            counters["goal_streak"] += 1
-        else:
-            counters["goal_streak"] = 0
+        counters["goal_streak"] = counters["goal_streak"] + 1 if self.reaches_goal(evaluation["mean"]) else 0
         self.log(
             f"eval {self.iteration:>5d} | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
             f"{evaluation['episodes']} episodes | best eval {counters['best_eval']:9.2f}{note}"
         )
 
     def record(self, returns, evaluation, scalars, note):
-        """The generation's row, the algorithm's `scalars` last: progress.csv, TensorBoard, W&B, console, curve."""
+        """The generation's row (`scalars` last): progress.csv, TensorBoard, W&B, console, curve."""
         counters = self.counters
         evaluated = evaluation or {}
         now = time.perf_counter()
@@ -1205,7 +1187,7 @@ class Recorder:
             self.upload()
 
     def save_checkpoint(self, parts):
-        """checkpoint.pkl, the algorithm's `parts` among it, written on a thread; TensorBoard flushed."""
+        """checkpoint.pkl with the algorithm's `parts`, written on a thread; TensorBoard flushed."""
         state = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": vars(self.args), **parts}
         state["counters"] = dict(self.counters)
         save_checkpoint(self.paths["checkpoint.pkl"], state)
@@ -1229,7 +1211,7 @@ class Recorder:
         return True
 
     def finish(self, params, evaluation, meta):
-        """final.npz of the final `params` with `meta`, the console line, the last curve."""
+        """final.npz of `params` with `meta`, the console line, the last curve."""
         self.log(
             f"final evaluation | return {evaluation['mean']:9.2f} ± {evaluation['std']:8.2f} over "
             f"{evaluation['episodes']} episodes"
@@ -1245,7 +1227,7 @@ class Recorder:
         self.last_plot = time.perf_counter()
 
     def upload(self):
-        """With --track: the weights files and the curve that exist, to W&B now."""
+        """With --track: the existing weights files and curve, to W&B now."""
         for name in ("best.npz", "final.npz", "learning_curve.png"):
             if os.path.exists(self.paths[name]):
                 self.wandb.save(self.paths[name], base_path=self.dir, policy="now")
@@ -1263,14 +1245,14 @@ def duration(seconds):
 
 
 def as_written(column, value):
-    """A progress row's number as its csv cell holds it (for TensorBoard, W&B): a float to 6 significant digits."""
+    """A row's number as its csv cell holds it (TensorBoard, W&B): floats to 6 significant digits."""
     if column == "wall_time_s" or not isinstance(value, float) or value == 0 or not math.isfinite(value):
         return value
     return round(value, 5 - math.floor(math.log10(abs(value))))
 
 
 def csv_cell(column, value):
-    """A progress.csv cell: wall_time_s to the millisecond, other floats to 6 significant digits, None empty."""
+    """A progress.csv cell: wall_time_s in ms, other floats to 6 significant digits, None empty."""
     if value is None:
         return ""
     if column == "wall_time_s":
@@ -1351,13 +1333,12 @@ LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains litt
 
 
 def derive_seed(*keys):
-    """A 32-bit seed from non-negative integer keys, e.g. (seed, stream, generation, member, rollout):
-    numpy's SeedSequence, so runs depend on --seed alone."""
+    """A 32-bit seed of integer keys >= 0 (seed, stream, generation, ...): numpy's SeedSequence."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 class PoolLost(Exception):
-    """The workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit code 1)."""
+    """Workers keep dying or the Ray cluster is gone: the run stops, its last checkpoint kept (exit 1)."""
 
 
 # The batched forward: B members' MLPs in one numpy pass (lockstep rollouts)
@@ -1482,8 +1463,7 @@ WORKERS = {}  # this process's worker of each pool, by the pool's key
 
 
 def live_bar(label, total, unit="episode"):
-    """A tqdm bar (a context manager) on a terminal's stderr, disabled where `label` is None;
-    bar.done(episodes, steps) counts a finished task and shows the env steps/s."""
+    """A tqdm bar on a terminal (none if `label` is None); bar.done(episodes, steps) counts a task."""
     from tqdm import tqdm
 
     columns, lines = shutil.get_terminal_size()  # unknown size (0 x 0): 80 x 24, not no bar
@@ -1495,8 +1475,7 @@ def live_bar(label, total, unit="episode"):
     def done(episodes, task_steps):
         nonlocal steps
         steps += task_steps
-        speed = steps / (time.perf_counter() - start)
-        bar.set_postfix_str(f"{speed:,.0f} env steps/s", refresh=False)
+        bar.set_postfix_str(f"{steps / (time.perf_counter() - start):,.0f} env steps/s", refresh=False)
         bar.update(episodes)
 
     bar.done = done
@@ -1504,15 +1483,14 @@ def live_bar(label, total, unit="episode"):
 
 
 def exit_with_parent(parent):
-    """Thread of a worker process: exit within 0.5 s of its parent's (pid `parent`) death, not outliving it."""
+    """A worker's thread: exit within 0.5 s of its parent's death (pid `parent`)."""
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(1)
 
 
 def start_worker(key, worker, worker_args, buffers):
-    """Initializer of a local worker process: Ctrl-C and SIGTERM left to the driver, an exit within 0.5 s
-    of its death, the pool's worker built on the shared buffers (mp.RawArray) the driver fills."""
+    """Initializer of a worker process: signals to the driver, exit with it, the worker on `buffers`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -1521,7 +1499,7 @@ def start_worker(key, worker, worker_args, buffers):
 
 
 def use_worker(key, batch):
-    """This process's worker of pool `key` (built at the first call) pointed at batch = (class, args, arrays)."""
+    """Point this process's worker of pool `key` (built once) at batch = (class, args, arrays)."""
     worker, worker_args, arrays = batch
     if key not in WORKERS:
         WORKERS[key] = worker(*worker_args)
@@ -1529,15 +1507,14 @@ def use_worker(key, batch):
 
 
 def run_chunk(key, batch, tasks):
-    """Tasks on this process's worker of pool `key`, given the batch (None: the shared buffers); plain tuples
-    (a class of a spawned worker's main module would not unpickle in the driver)."""
+    """Tasks on this process's worker of pool `key`, given batch (None: shared buffers) -> plain tuples."""
     if batch is not None:
         use_worker(key, batch)
     return WORKERS[key].run(tasks)
 
 
 class InProcess:
-    """The executor of --num-workers 1: a call runs in this process when submitted, its future done."""
+    """--num-workers 1's executor: a call runs here when submitted, its future done."""
 
     def submit(self, fn, *args):
         future = Future()
@@ -1549,11 +1526,8 @@ class InProcess:
 
 
 class RolloutPool:
-    """Rollouts in this process (num_workers 1), on local worker processes or a Ray cluster (ray_address):
-    `map(tasks, shared, label)`, RolloutResults in task order. worker: the algorithm's class, built once per
-    process from worker_args; per batch `use(*arrays)` (float32, 1-D: locally in buffers of shared_sizes, on
-    Ray put once) and `run(tasks)` on chunks of at most LOCKSTEP_MAX tasks. A batch whose worker dies is tried
-    WORKER_TRIES times, then PoolLost. quiet: no bars; on_lost(): what the run keeps."""
+    """Rollouts here (num_workers 1), in worker processes or on Ray: map(tasks, shared, label) -> RolloutResults in
+    task order; worker(*worker_args) built once a process. A dying worker's batch: WORKER_TRIES tries, PoolLost."""
 
     def __init__(self, num_workers, ray_address, worker, worker_args, shared_sizes, quiet=False, on_lost=None):
         self.num_workers = num_workers
@@ -1581,13 +1555,11 @@ class RolloutPool:
 
     def lost(self):
         """What the run keeps when it stops here, for a message."""
-        if self.on_lost:
-            return f": {self.on_lost()}"
-        return ""
+        return f": {self.on_lost()}" if self.on_lost else ""
 
     def map(self, tasks, shared, label="rollouts"):
         """RolloutResults of the tasks on float32 arrays `shared`, in order; label: the bar's. UserError, PoolLost."""
-        # ~4 chunks a worker, chunk i taking tasks i, i + C, ...: neighbours (elites, long episodes) spread out
+        # ~4 chunks a worker, chunk i: tasks i, i + C, ... (neighbours such as elites spread out)
         per_chunk = min(LOCKSTEP_MAX, math.ceil(len(tasks) / (4 * self.num_cpus)))
         count = math.ceil(len(tasks) / max(1, per_chunk))
         chunks = [tasks[i::count] for i in range(count)]
@@ -1598,13 +1570,8 @@ class RolloutPool:
         else:
             for buffer, array in zip(self.buffers, arrays):
                 np.frombuffer(buffer, dtype=np.float32)[: array.size] = array
-        # chunks at once: Ray's --num-workers; one in-process (the bar moves); else all
-        cap = None
-        if self.address or self.num_workers == 1:
-            cap = self.num_workers
-        if self.quiet:
-            label = None
-        with live_bar(label, sum(len(task.env_seeds) for task in tasks)) as bar:
+        cap = self.num_workers if self.address or self.num_workers == 1 else None  # chunks at once (None: all)
+        with live_bar(None if self.quiet else label, sum(len(task.env_seeds) for task in tasks)) as bar:
             for attempt in range(1, WORKER_TRIES + 1):
                 try:
                     futures = []
@@ -1643,8 +1610,7 @@ class RolloutPool:
         return self.executor.submit(run_chunk, self.key, batch, chunk)
 
     def failure(self, e):
-        """The one-line error of an exception a batch raised: UserError for our code's (in any process),
-        PoolLost for a lost Ray cluster or a Ray task out of tries."""
+        """A batch's exception in one line: UserError (our code's), else PoolLost (Ray lost)."""
         if not self.address or not isinstance(e, (self.ray.exceptions.RayError, ConnectionError)):
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
@@ -1658,8 +1624,7 @@ class RolloutPool:
         return PoolLost(f"{what} ({reason}){self.lost()}")
 
     def close(self):
-        """Stop the workers now (a busy one is killed, not awaited), drop this process's worker of the
-        pool, stop the Ray watchdog."""
+        """Stop the workers now (kill a busy one), drop this process's worker, stop the watchdog."""
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             process.kill()
         self.executor.shutdown(cancel_futures=True)
@@ -1681,15 +1646,12 @@ class RolloutPool:
             return f"{self.num_workers} worker process{'es' if self.num_workers > 1 else ''}"
         nodes = sum(node["Alive"] for node in self.ray.nodes())
         cap = f", at most {self.num_workers} rollouts at once" if self.num_workers else ""
-        plural = "s" if nodes > 1 else ""
-        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{plural}{cap})"
+        return f"Ray cluster at {self.address} ({self.num_cpus} CPUs on {nodes} node{'s' if nodes > 1 else ''}{cap})"
 
     def start_ray(self):
-        """Join the cluster (`connect_ray`), declare the Ray task (its process title: ray::ray_rollout),
-        start the watchdog. UserError: no cluster, no token."""
+        """Join the cluster (connect_ray), declare the task ray::ray_rollout, start the watchdog. UserError."""
         self.ray = connect_ray(self.address)
-        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk)
-        self.remote = self.remote.options(name="ray_rollout")
+        self.remote = self.ray.remote(num_cpus=1, max_retries=WORKER_TRIES - 1)(run_chunk).options(name="ray_rollout")
         try:
             self.head = self.ray.get_runtime_context().gcs_address  # HOST:PORT
         except Exception:  # not in every connection mode: then Ray's own timeouts apply
@@ -1702,15 +1664,13 @@ class RolloutPool:
         if self.head is None:
             return False
         host, _, port = self.head.rpartition(":")
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((host, int(port)), timeout=2).close()
-        except OSError:
-            return True
-        return False
+            return False
+        return True
 
     def watch(self):
-        """Thread: without its head, Ray's calls block until Ray ends the process without a word (60 s
-        later); after RAY_LOST_AFTER_S of silence this says so, and what the run keeps, and exits 1."""
+        """Thread: without its head Ray blocks (and exits mute 60 s later): after RAY_LOST_AFTER_S, exit 1."""
         answered = time.monotonic()
         while not self.closed.wait(RAY_POLL_S):
             if not self.silent():
@@ -1723,7 +1683,7 @@ class RolloutPool:
 
 
 def import_optional(name, flag, extra):
-    """The optional module `name` (ray, wandb) that `flag` needs; UserError naming requirements-<extra>.txt."""
+    """The optional module `name` (ray, wandb) for `flag`; UserError naming requirements-<extra>.txt."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -1731,9 +1691,7 @@ def import_optional(name, flag, extra):
 
 
 def connect_ray(address):
-    """Join the Ray cluster at `address` ('auto' or HOST:PORT) once per process; the ray module. The address
-    is probed first: ray.init would wait for minutes, forever for a cluster a crashed head left named in Ray's
-    temp folder. UserError (what to do) when no cluster answers or it refuses this machine's token."""
+    """Join the Ray cluster at `address` (auto, HOST:PORT) once, probed first: the ray module, or UserError."""
     ray = import_optional("ray", "--ray-address", "ray")
     if ray.is_initialized():
         return ray
@@ -1787,8 +1745,7 @@ def connect_ray(address):
 
 # Weights and checkpoints
 def atomic_write(path, data):
-    """Write `data` (bytes, or a function writing into a binary file) to `path` atomically: a temp file beside
-    it, fsynced, then os.replace."""
+    """Write `data` (bytes, or a function of a binary file) to `path` atomically: temp, fsync, replace."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     try:
@@ -1807,22 +1764,18 @@ def atomic_write(path, data):
 
 
 def open_progress(path, columns, last_iteration):
-    """(progress.csv open to append, its csv.DictWriter); a new run (last_iteration None) writes the header.
-    A resume keeps the rows up to generation `last_iteration` (not later ones or a line cut short; an earlier
-    version's rows get today's columns). UserError, the file left as it is: another header, or gaps."""
+    """(progress.csv open to append, its DictWriter); a resume keeps rows up to `last_iteration`, old
+    ones get today's columns. UserError, the file kept: another header, or gaps."""
     kept = None
     if last_iteration is not None and os.path.exists(path):
         with open(path, newline="") as f:
             text = f.read()
         complete = text[: text.rfind("\n") + 1]  # without a last line cut short
         rows = list(csv.reader(io.StringIO(complete)))
-        hint = (
-            f"restore it, or move it away to resume with a progress.csv that starts at generation {last_iteration + 1}"
-        )
+        hint = f"restore it, or move it away to resume with a progress.csv starting at generation {last_iteration + 1}"
         header = rows[0] if rows else []
         if not header or header[0] != columns[0] or not set(header) <= set(columns):
             raise UserError(f"{path} has no header of this run's columns (emptied or cut?): {hint}")
-        # An earlier version's rows (fewer columns) get today's, the new cells empty.
         kept = [dict(zip(header, row)) for row in rows[1:] if len(row) == len(header) and row[0].isdigit()]
         kept = [[row.get(column, "") for column in columns] for row in kept if int(row[columns[0]]) <= last_iteration]
         iterations = [int(row[0]) for row in kept]
@@ -1896,12 +1849,9 @@ def read_weights_into_args(args, given):
 
 
 class CheckpointUnpickler(pickle._Unpickler):
-    """Unpickler admitting only the names of numpy, CHECKPOINT_MODULES and a few builtins, calling (REDUCE)
-    only numpy's array, dtype and RNG constructors and builtin types; CHECKPOINT_MODULES' objects are rebuilt
-    from their state, never by calling their class. Anything else: pickle.UnpicklingError before it runs."""
+    """Unpickler of numpy's, CHECKPOINT_MODULES' (rebuilt from state), some builtins' names; else UnpicklingError."""
 
-    # (module, name) that REDUCE may call.
-    CALLS = {
+    CALLS = {  # (module, name) that REDUCE may call
         ("numpy", "dtype"),
         ("numpy.random._pickle", "__randomstate_ctor"),
         ("numpy.random._pickle", "__bit_generator_ctor"),
@@ -1913,8 +1863,7 @@ class CheckpointUnpickler(pickle._Unpickler):
         ),
         *(("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")),
     }
-    # (module, name) only referred to (classes rebuilt by NEWOBJ, functions kept as values).
-    NAMES = CALLS | {
+    NAMES = CALLS | {  # only referred to: classes rebuilt by NEWOBJ, functions kept as values
         ("numpy", "ndarray"),
         ("numpy.linalg", "eigh"),
         ("numpy.random._mt19937", "MT19937"),
@@ -1949,9 +1898,7 @@ CHECKPOINT_WRITES = []  # the last checkpoint's write: (thread, [its error])
 
 
 def save_checkpoint(path, state):
-    """Pickle the checkpoint dict `state` (format_version, script, args, counters, the algorithm's state,
-    CHECKPOINT_PARTS) now, and write it into `path` atomically on a thread while the next generation runs
-    (CMA-ES's is 216 MB); `checkpoint_written()` waits for it. Raises the previous write's error (OSError)."""
+    """Pickle `state`, write it to `path` atomically on a thread; raises the last write's error (OSError)."""
     error = checkpoint_written()
     if error is not None:
         raise error
@@ -1970,8 +1917,7 @@ def save_checkpoint(path, state):
 
 
 def checkpoint_written():
-    """Wait for the last checkpoint's write (a Ctrl-C or SIGTERM meanwhile stops the run after it) -> None,
-    or the error that write raised."""
+    """Wait for the last checkpoint's write (a Ctrl-C meanwhile stops the run after it): None, or its error."""
     HOLDING.set()
     try:
         for thread, _ in CHECKPOINT_WRITES:
@@ -1980,14 +1926,11 @@ def checkpoint_written():
         HOLDING.clear()
     errors = [error for _, errors in CHECKPOINT_WRITES for error in errors]
     CHECKPOINT_WRITES.clear()
-    if errors:
-        return errors[0]
-    return None
+    return errors[0] if errors else None
 
 
 def load_checkpoint(path):
-    """(path, checkpoint dict) of a checkpoint.pkl or a run folder; a flag added since takes its default.
-    UserError: unreadable, refused, another script's or format's, or without a CHECKPOINT_PARTS or COUNTERS."""
+    """(path, checkpoint dict) of a checkpoint.pkl or run folder (new flags: defaults); UserError if unfit."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pkl")
     try:
@@ -1997,9 +1940,7 @@ def load_checkpoint(path):
         raise UserError(f"refusing checkpoint {path}: {e}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    owner = None
-    if isinstance(state, dict):
-        owner = state.get("script")
+    owner = state.get("script") if isinstance(state, dict) else None
     if owner != SCRIPT:
         raise UserError(f"{path} is not a {SCRIPT} checkpoint" + (f" (it is {owner}'s)" if owner else ""))
     if state.get("format_version") != FORMAT_VERSION:
@@ -2017,8 +1958,7 @@ PLOT_INTERVAL_S = 30.0  # learning_curve.png is redrawn at an evaluation at most
 
 
 def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episode return"):
-    """learning_curve.png at `image_path` from progress.csv: `curves` ([(column, label)], the first drawn
-    boldest) against the generation, and the evaluations +/- std."""
+    """learning_curve.png from progress.csv: `curves` [(column, label)], first boldest, evaluations ± std."""
     from matplotlib.figure import Figure  # no pyplot: ~0.4 s less, no display
 
     with open(progress_path, newline="") as f:
@@ -2033,15 +1973,9 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
         ax.plot(iterations, values, label=label, lw=1 if i == 0 else 0.8, alpha=1 if i == 0 else 0.6)
     evaluated = [row for row in rows if row["eval_return_mean"]]
     if evaluated:
-        ax.errorbar(
-            [float(row["iteration"]) for row in evaluated],
-            [float(row["eval_return_mean"]) for row in evaluated],
-            yerr=[float(row["eval_return_std"]) for row in evaluated],
-            fmt="o-",
-            ms=3,
-            capsize=2,
-            label="evaluation mean ± std",
-        )
+        columns = ("iteration", "eval_return_mean", "eval_return_std")
+        x, mean, std = ([float(row[column]) for row in evaluated] for column in columns)
+        ax.errorbar(x, mean, yerr=std, fmt="o-", ms=3, capsize=2, label="evaluation mean ± std")
     ax.set(xlabel="generation", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -2054,8 +1988,7 @@ DIGIT_SETTINGS = ("NPY_", "OPENBLAS_", "GOTO", "OMP_", "MKL_", "ATEN_", "DNNL_",
 
 
 def versions():
-    """For args.json: the versions of python and the libraries (None: not installed) and what sets a run's
-    last digits here: cpu (libm and MKL pick code by it), libc, numpy_simd, blas, torch_cpu, environment."""
+    """args.json's library versions (None: not installed) and what sets a run's last digits (cpu, blas, env)."""
     import importlib.metadata
 
     from threadpoolctl import threadpool_info
@@ -2067,9 +2000,8 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     found["cpu"] = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         found["cpu"] = f"{models[0]} ({len(models)} logical CPUs)" if models else found["cpu"]
     found["libc"] = " ".join(platform.libc_ver())
     try:
@@ -2148,11 +2080,10 @@ def run_from_pretrained(args, given):
 
 
 def main(argv=None):
-    """Entry point; the exit code: 0; 2 for bad input; 1 when the workers or the Ray cluster are lost or the
-    system refuses a path (read-only, full disk); 130 on Ctrl-C or SIGTERM, the last checkpoint kept."""
+    """Entry point; exit code 0; 2 bad input; 1 workers lost or a path refused (full disk); 130 Ctrl-C, SIGTERM."""
     sys.stdout.reconfigure(line_buffering=True)  # lines show at once in `nohup ... > log`
-    streams = (sys.stdout, sys.stderr)
-    sys.stdout = Console(sys.stdout)  # a reader going away (`| head`) costs the console, not the run
+    streams = (sys.stdout, sys.stderr, threading.excepthook)
+    sys.stdout = Console(sys.stdout)
     sys.stderr = Console(sys.stderr)
     STOPPING.clear()
 
@@ -2161,6 +2092,11 @@ def main(argv=None):
         if not HOLDING.is_set():
             raise KeyboardInterrupt
 
+    def thread_failed(hook):  # TensorBoard's OSError: main reports it
+        if not issubclass(hook.exc_type, OSError):
+            streams[2](hook)
+
+    threading.excepthook = thread_failed
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, stop)
     torch.set_num_threads(1)
@@ -2174,20 +2110,16 @@ def main(argv=None):
         if isinstance(e, MemoryError):
             message += " (a size too large for this machine)"
         print(f"{SCRIPT}: error: {message}", file=sys.stderr)
-        if isinstance(e, PoolLost):
-            return 1
-        return 2
+        return 1 if isinstance(e, PoolLost) else 2
     except OSError as e:  # a path the system refuses: read-only, special, a full disk
-        if e.filename:
-            print(f"{SCRIPT}: error: {e.filename}: {e.strerror}", file=sys.stderr)
-        else:
-            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        message = f"{os.fsdecode(e.filename)}: {e.strerror}" if e.filename else e
+        print(f"{SCRIPT}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        sys.stdout, sys.stderr = streams
+        sys.stdout, sys.stderr, threading.excepthook = streams
 
 
 # Ctrl-C and SIGTERM: main() raises KeyboardInterrupt, the Recorder prints the resume hint. Python drops it inside a
@@ -2198,8 +2130,7 @@ HOLDING = threading.Event()  # inside signals_held(): a Ctrl-C stops the run as 
 
 @contextlib.contextmanager
 def signals_held():
-    """A Ctrl-C or SIGTERM in the block raises KeyboardInterrupt as it ends: inside TensorBoard's writer it
-    could leave its thread asleep, close() waiting 2 minutes."""
+    """A Ctrl-C or SIGTERM in the block raises KeyboardInterrupt as it ends (inside TensorBoard: a hang)."""
     already = STOPPING.is_set()
     HOLDING.set()
     try:
@@ -2211,7 +2142,7 @@ def signals_held():
 
 
 class Console:
-    """sys.stdout or sys.stderr in main(): should its reader go away (`... | head`), os.devnull takes its place."""
+    """sys.stdout/stderr in main(): if its reader goes away (`... | head`), os.devnull takes its place."""
 
     def __init__(self, stream):
         self.stream = stream

@@ -6,6 +6,7 @@ quota or a full disk end the same way. Every script must report it as one line w
 
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,39 @@ def test_a_checkpoint_write_that_fails_on_its_thread_ends_the_run_in_one_line(tm
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().splitlines() == [f"{script}: error: runs/full/checkpoint.pkl: No space left on device"], out.stderr
     assert "done:" not in out.stdout and not (tmp_path / "runs" / "full" / "checkpoint.pkl").exists()
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie does not: it has ended, its parent not yet told)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the worker processes in Linux's /proc")
+@pytest.mark.parametrize("script", list(TINY))
+def test_a_run_folder_removed_while_training_ends_the_run_in_one_line_its_workers_too(tmp_path, script):
+    # Issue 39: `rm -rf` of the run folder meanwhile ended ES and GA with a traceback of TensorBoard's writer thread
+    # beside the error line, which named whatever write had failed first (an event file's b'...' path).
+    run = tmp_path / "runs" / "r"
+    flags = {"train_cmaes.py": ["--population-size", "4", "--patch-size", "2", "--patch-stride", "8", "--query-dim",
+                                "1", "--top-k", "1", "--hidden-size", "1", "--controller", "mlp", "--num-frames", "1"]}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags.get(script, TINY[script]),
+                             "--max-iter", "100000", "--num-rollouts", "1", "--max-episode-steps", "20",
+                             "--eval-every", "1", "--num-eval-rollouts", "1", "--num-workers", "2", "--quiet",
+                             "--logs-dir", str(tmp_path / "runs"), "--run-name", "r"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (run / "checkpoint.pkl").exists(), "the first checkpoint", proc)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(pid) for pid in f.read().split()]
+    while run.exists():  # as `rm -rf`, again where a write of the run came between its unlink and its rmdir
+        shutil.rmtree(run, ignore_errors=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    message = f"{script}: error: the run folder {run} was removed during the run (its progress.csv is gone)"
+    assert err.strip().splitlines() == [message] and "done:" not in out
+    assert len(workers) == 2
+    wait_until(lambda: not any(map(alive, workers)), "the end of the worker processes", timeout=10)
+    assert not run.exists()
