@@ -662,9 +662,8 @@ RESUME_FLAGS = {"resume", "max_iter", *PLACEMENT_FLAGS, *EVAL_FLAGS, *LOG_FLAGS}
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
 META_POLICY_FLAGS = ("hidden_sizes", "activation")
 INT_MAX = 2**31 - 1  # counts and sizes: a C int at most
-# (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights
-# meta sets; ints where the flag is an int. The limits between flags (tournament and elites within
-# the population) are check_args's.
+# (smallest, largest[, True: smallest excluded]) of each number a flag, checkpoint or weights meta sets; ints
+# where the flag is an int. The limits between flags are check_args's.
 LIMITS = {
     "seed": (0, math.inf),
     "num_workers": (1, INT_MAX),
@@ -941,8 +940,7 @@ class Run:
         if args.resume:
             checkpoint_path, checkpoint = load_checkpoint(args.resume)
             saved = dict(checkpoint["args"])
-            for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
-                saved[key] = getattr(args, key)
+            saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
             args = argparse.Namespace(**saved)
             check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
             check_args(args)
@@ -1611,10 +1609,9 @@ class RolloutWorker:
         return self.run_together(tasks)
 
     def run_together(self, tasks):
-        training = tasks[0].training
         genotypes = self.members[[task.member for task in tasks]]
         env_seeds = [task.env_seeds for task in tasks]
-        returns, steps = rollout(self.policy, genotypes, lambda b: self.env(0, training, b), env_seeds)
+        returns, steps = rollout(self.policy, genotypes, lambda b: self.env(0, tasks[0].training, b), env_seeds)
         return [([[r] for r in returns[b]], steps[b]) for b in range(len(tasks))]
 
     def run_multitask(self, task):
@@ -2479,10 +2476,9 @@ def run_distillation(args, given):
     teacher_params, teacher_meta = read_weights_into_args(args.distill_from, args, given)
     if args.multitask:
         raise UserError(f"{args.distill_from} is a multitask policy: distillation takes single-task teachers")
-    vars(args).update(student_flags)
     env_configs = env_configs_from_args(args)
-    teacher_policy = teacher_meta["policy"]
-    teacher_config = policy_config_from_envs(env_configs, teacher_policy["hidden_sizes"], teacher_policy["activation"])
+    teacher_config = policy_config_from_envs(env_configs, args.hidden_sizes, args.activation)  # the meta's
+    vars(args).update(student_flags)
     teacher = load_policy(args.distill_from, teacher_params, teacher_meta, teacher_config)
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
