@@ -903,8 +903,7 @@ def first_line(error):
 
 
 # The run: the algorithm's part
-# A training best at --reward-goal, evaluated at once, is mostly luck: its evaluation stops after these below it.
-SCREEN_EPISODES = 10
+SCREEN_EPISODES = 10  # a training best at --reward-goal (mostly luck): these evaluated first
 
 
 def evaluation_of(run, params, label, screen=False):
@@ -913,9 +912,7 @@ def evaluation_of(run, params, label, screen=False):
     the same as without a screen)."""
     args = run.args
     generation = run.ga.generation
-    first = args.num_eval_rollouts
-    if screen:
-        first = min(SCREEN_EPISODES, args.num_eval_rollouts)
+    first = min(SCREEN_EPISODES, args.num_eval_rollouts) if screen else args.num_eval_rollouts
     per_task, steps = evaluate(run.pool, params, args.seed, generation, first, label=label)
     if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
         rest, rest_steps = evaluate(
@@ -931,7 +928,7 @@ def evaluation_of(run, params, label, screen=False):
 
 
 class Run:
-    """A GA run, as a context manager: settings, envs, policy layout, GA (new, from --init-from, or the checkpoint's),
+    """A GA run, as a context manager: settings, envs, policy layout, GA (new, --init-from's or the checkpoint's),
     workers, `recorder`; leaving it closes them (Recorder.close: the exit code). UserError before any file."""
 
     def __init__(self, args, given):
@@ -968,7 +965,7 @@ class Run:
             ga = GeneticAlgorithm.from_state_dict(checkpoint["ga"])
             counters = checkpoint["counters"]
             resumed = ga.generation
-        else:  # the initial population: PyTorch's initialization, or --init-from's weights and mutated copies
+        else:  # PyTorch's initialization, or --init-from's weights and mutated copies
             init_params = None
             if init:  # it fits, or UserError
                 load_policy(args.init_from, *init, self.policy_config)
@@ -1335,7 +1332,8 @@ def csv_cell(column, value):
 
 
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
-    """Per-task returns of `params` in evaluation episodes start..episodes-1: (float64 (E, T), env steps)."""
+    """Per-task returns of `params` in evaluation episodes start..episodes-1 (no early stop): (float64 (E, T), env
+    steps)."""
     tasks = []
     for episode in range(start, episodes):
         env_seed = derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)
@@ -1429,8 +1427,8 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class SlimeVolleyAdapter(gym.Env):
-    """`slimevolleygym.SlimeVolleyEnv` (old gym API) against its built-in opponent as a gymnasium env: float32
-    (12,) observations, Discrete(6) actions, reward +1/-1 a life lost by the opponent/the agent."""
+    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in opponent: float32
+    (12,) observations, Discrete(6) actions, reward +1/-1 a life the opponent/the agent loses."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -1484,8 +1482,8 @@ def env_configs_from_args(args):
 
 
 def policy_config_from_envs(env_configs, hidden_sizes, activation):
-    """`build_policy`'s {obs_shape, discrete, num_actions, hidden_sizes, activation}, or {hidden_sizes, activation,
-    multitask: [tasks]}. UserError for multitask images."""
+    """`build_policy`'s {obs_shape, discrete, num_actions, hidden_sizes, activation}, or for several tasks
+    {hidden_sizes, activation, multitask: [tasks]}. UserError for multitask images."""
     tasks = []
     for config in env_configs:
         env = make_env(config, training=False)
@@ -1577,7 +1575,7 @@ class RolloutWorker:
         self.env_configs = env_configs
         self.dim = dim
         self.members = None
-        # (task t, training) -> its envs, one per episode stepped at once (the others built at first use)
+        # (task t, training) -> its envs, one per episode stepped at once (more built at first use)
         self.envs = {
             (t, training): [make_env(config, training)]
             for t, config in enumerate(env_configs)
@@ -2277,9 +2275,9 @@ def record_video(env_config, policy, path_stem, seed):
 
 # Experiments: one network for several tasks and its noise study; distillation; a weights file
 class MultitaskPolicy(nn.Module):
-    """One network for several vector tasks, multitask: [{obs_shape: [O_t], discrete, num_actions: A_t}]: task
-    input layers (O_t -> hidden_sizes[0]), concatenated, feed a shared trunk (hidden_sizes[1:]) and a head per
-    task, which sees every task's input (the noise study probes it)."""
+    """One network for several vector tasks (hard parameter sharing), multitask: [{obs_shape: [O_t], discrete,
+    num_actions: A_t}]: task input layers (O_t -> hidden_sizes[0]), concatenated, feed a shared trunk
+    (hidden_sizes[1:]) and a head per task, which sees every task's input (the noise study probes it)."""
 
     def __init__(self, multitask, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
@@ -2391,7 +2389,7 @@ def evaluation_pool(args, env_configs, policy_config, dim):
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file (a multitask one: and the noise study)."""
+    """Evaluate a weights file (a multitask one: and the noise study); last line `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
     policy_config = policy_config_from_envs(env_configs, args.hidden_sizes, args.activation)
@@ -2424,7 +2422,8 @@ def run_from_pretrained(args, given):
 
 def distill_round(student, teacher, env_config, args, round_index, pairs):
     """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher (round 0) or
-    the student (DAgger) drives, labelled by the teacher; the student is fitted to all pairs with Adam."""
+    the student (DAgger) drives, labelled by the teacher; the student is fitted to all pairs with Adam
+    (cross-entropy on the teacher's argmax, or MSE on its actions)."""
     label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
     driver, driver_name = (teacher, "teacher") if round_index == 0 else (student, "student")
     genotype = parameters_to_vector(driver.parameters()).detach().numpy()
