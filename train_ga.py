@@ -47,7 +47,7 @@ class UserError(Exception):
     """Bad input (flags, files, environments): one line `<script>: error: ...`, exit code 2."""
 
 
-# ---- 1. Configuration ----------------------------------------------------------------------------
+# ---- 1. Configuration ----
 class OneLineParser(argparse.ArgumentParser):
     """argparse raising UserError: main() reports it in one line, before anything is written."""
 
@@ -197,7 +197,7 @@ import torch.nn as nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
-# ---- 2. Genetic algorithm: the operators and the ask/tell object -------------------------------
+# ---- 2. Genetic algorithm: the operators and the ask/tell object ----
 def selection_probabilities(fitness, method, pressure=2.0):
     """Each member's probability to be drawn as a parent: float64 (N,), summing to one.
 
@@ -399,7 +399,7 @@ def initial_population(policy_config, size, seed, init=None, rng_args=None):
     return np.stack(members).astype(np.float32)
 
 
-# ---- 3. Policy, environment, rollout -------------------------------------------------------------
+# ---- 3. Policy, environment, rollout ----
 def load_flat(policy, params):
     """Set a policy's weights from a flat genotype (D,) (copied as float32). Returns the policy."""
     vector_to_parameters(torch.from_numpy(np.array(params, dtype=np.float32)), policy.parameters())
@@ -437,7 +437,7 @@ class Policy(nn.Module):
         self.load(parameters_to_vector(self.parameters()).numpy())
 
     def load(self, params):
-        """Set the weights from a flat genotype (D,) (copied as float32). Returns the policy."""
+        """`load_flat`, then numpy views of the layers for `act`."""
         load_flat(self, params)
         self.numpy_layers = [(w.detach().numpy()[None], b.detach().numpy()[None]) for w, b in self.linear_params]
         return self
@@ -546,7 +546,7 @@ def rollout(policy, genotypes, env_for, env_seeds, observations=None):
     return returns, steps
 
 
-# ---- 4. Training loop ----------------------------------------------------------------------------
+# ---- 4. Training loop ----
 class RolloutTask(typing.NamedTuple):
     """A worker's job: row `member` of the batch's float32 (rows, D) members matrix drives one
     episode per env seed, in training (early stop, shaped fitness) or in evaluation; `noisy`: the
@@ -605,7 +605,7 @@ def evaluate_best(run, screen=False):
     goal streak, the console line, the video. Returns its {mean, std, episodes[, tasks]}, or None
     when `screen` stopped it after its first episodes (then no evaluation is recorded)."""
     params = run.ga.best()[0]
-    evaluation, returns, steps = evaluation_of(run, params, f"evaluation {run.generation}", screen)
+    evaluation, returns, steps = evaluation_of(run, params, f"evaluation {run.ga.generation}", screen)
     run.recorder.count_steps(steps)
     if returns.size < run.args.num_eval_rollouts:
         run.recorder.screened_out(evaluation)  # the goal streak ends
@@ -619,6 +619,7 @@ import contextlib
 import csv
 import fcntl
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -637,30 +638,14 @@ import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-# gymnasium's image wrappers build float64-bounded Boxes and warn about it: harmless, it would
-# bury errors.
+# gymnasium's image wrappers warn of the float64 bounds they cast: harmless, it would bury errors.
 warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
 
-# The columns every script of the project writes first; the GA's own follow (and, with --multitask,
-# the population's mean raw return on each task).
-PROGRESS_COLUMNS = [
-    "iteration",
-    "evaluations",
-    "env_steps",
-    "wall_time_s",
-    "return_min",
-    "return_mean",
-    "return_max",
-    "return_std",
-    "eval_return_mean",
-    "eval_return_std",
-    "best_fitness",
-    "children_accepted",
-    "mutation_rate",
-    "mutation_scale",
-    "param_norm",
-    "num_cpus",
-]
+# progress.csv: the columns every script writes, then the GA's own (and with --multitask each task's mean return).
+PROGRESS_COLUMNS = ["iteration", "evaluations", "env_steps", "wall_time_s"]
+PROGRESS_COLUMNS += ["return_min", "return_mean", "return_max", "return_std"]
+PROGRESS_COLUMNS += ["eval_return_mean", "eval_return_std"]
+PROGRESS_COLUMNS += ["best_fitness", "children_accepted", "mutation_rate", "mutation_scale", "param_norm", "num_cpus"]
 # learning_curve.png's lines, the first drawn boldest
 CURVES = [
     ("return_mean", "candidates mean"),
@@ -669,44 +654,16 @@ CURVES = [
 ]
 PLOT_INTERVAL_S = 30.0  # learning_curve.png redrawn at an evaluation at most this often
 # Flags that --resume may set anew; the rest comes from the checkpoint.
-RESUME_FLAGS = {
-    "resume",
-    "max_iter",
-    "num_workers",
-    "ray_address",
-    "eval_every",
-    "num_eval_rollouts",
-    "capture_video",
-    "quiet",
-    "reward_goal",
-    "consecutive_goal_stopping",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-}
 PLACEMENT_FLAGS = ("num_workers", "ray_address")  # never taken from a checkpoint
+EVAL_FLAGS = ("eval_every", "num_eval_rollouts", "capture_video", "reward_goal", "consecutive_goal_stopping")
+LOG_FLAGS = ("quiet", "track", "wandb_project_name", "wandb_entity")
+RESUME_FLAGS = {"resume", "max_iter", *PLACEMENT_FLAGS, *EVAL_FLAGS, *LOG_FLAGS}
 # Settings that --init-from / --from-pretrained / --distill-from take from the weights file's meta.
 META_ENV_FLAGS = ("env_kwargs", "frame_size", "frame_stack", "grayscale", "slime_fitness")
 META_POLICY_FLAGS = ("hidden_sizes", "activation")
-# The GeneticAlgorithm's settings, flags of the same names.
-GA_FLAGS = (
-    "selection",
-    "selection_pressure",
-    "tournament_size",
-    "crossover",
-    "crossover_rate",
-    "blx_alpha",
-    "mutation",
-    "mutation_rate",
-    "mutation_scale",
-    "replacement",
-    "elite_size",
-    "seed",
-)
 INT_MAX = 2**31 - 1  # counts and sizes: a C int at most
-# (smallest, largest[, True: smallest excluded]) of every number a flag, a checkpoint or a weights
-# meta sets; ints where the flag is an int. The limits between flags (tournament and elites within
-# the population) are check_args's.
+# (smallest, largest[, True: smallest excluded]) of each number a flag, checkpoint or weights meta sets; ints
+# where the flag is an int. The limits between flags are check_args's.
 LIMITS = {
     "seed": (0, math.inf),
     "num_workers": (1, INT_MAX),
@@ -802,8 +759,7 @@ def check_placement(args, given):
 
 
 def check_flags(args, given):
-    """UserError for flags that exclude each other, and for flags given where their value comes
-    from a checkpoint or a weights file."""
+    """UserError for flags that exclude each other, or that a checkpoint or weights file sets."""
     exclusive = (args.resume, args.from_pretrained, args.init_from, args.distill_from)
     if sum(value is not None for value in exclusive) > 1:
         raise UserError("--resume, --from-pretrained, --init-from and --distill-from exclude each other")
@@ -852,8 +808,7 @@ def all_finite(value):
 
 
 def check_args(args):
-    """Check the rules between settings (flags, a checkpoint's, a weights meta's) and those that
-    are not numbers; check_numbers checks each number by LIMITS first. Raises UserError."""
+    """UserError unless the settings (flags, a checkpoint's or a meta's) keep the rules between them."""
     n = args.population_size
     unset = [key for key in LIMITS if getattr(args, key) is None and key not in OPTIONAL_NUMBERS]
     if unset:
@@ -896,17 +851,14 @@ def check_paths(args):
 
 
 def check_env_id(env_id):
-    """UserError unless `env_id` is an env this machine can make (registering Atari's on the
-    way)."""
+    """UserError unless `env_id` is an env this machine can make (registering Atari's on the way)."""
     package = None
-    if env_id == SLIME_ID:
-        package = "slimevolleygym"
-    elif str(env_id).startswith("ALE/"):
-        package = "ale-py"
     try:
-        if package == "slimevolleygym":
-            return __import__("slimevolleygym")
-        if package:
+        if env_id == SLIME_ID:
+            package = "slimevolleygym"
+            return __import__(package)
+        if str(env_id).startswith("ALE/"):
+            package = "ale-py"
             gym.register_envs(__import__("ale_py"))
         gym.spec(env_id)
     except ImportError:
@@ -916,8 +868,7 @@ def check_env_id(env_id):
 
 
 def check_spaces(env):
-    """UserError unless the env takes Discrete or bounded 1-D Box actions and gives 1-D Box
-    vectors or uint8 frames."""
+    """UserError unless actions are Discrete or a bounded 1-D Box, observations 1-D vectors or uint8 frames."""
     space = env.action_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         if not space.is_bounded():
@@ -938,31 +889,20 @@ def is_frames(space):
 
 
 def first_line(error):
-    """The first line of an exception's message (its type's name if it has none)."""
-    lines = str(error).splitlines()
-    if not lines:
-        return type(error).__name__
-    return lines[0]
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 # The run: the algorithm's part
-# The best member reaching --reward-goal in training is evaluated at once, off schedule. Most such
-# members are a lucky few episodes: their evaluation stops after its first SCREEN_EPISODES episodes
-# when these average below the goal (no evaluation is recorded), which saves most of the
-# evaluations' env steps on the way to it.
-SCREEN_EPISODES = 10
+SCREEN_EPISODES = 10  # a training best at --reward-goal (mostly luck): these evaluated first
 
 
 def evaluation_of(run, params, label, screen=False):
-    """params over --num-eval-rollouts episodes of this generation's evaluation seeds: ({mean,
-    std, episodes[, tasks]}, fitness-scaled returns: float64 (E,), env steps). With `screen`, the
-    other episodes run only when the first SCREEN_EPISODES reach --reward-goal on average (else
-    E = SCREEN_EPISODES); an evaluation that passes is the same as one without a screen."""
+    """params over this generation's --num-eval-rollouts evaluation episodes: ({mean, std, episodes[, tasks]},
+    fitness float64 (E,), env steps). `screen`: the rest only if the first SCREEN_EPISODES reach the goal (then
+    the same as without a screen)."""
     args = run.args
     generation = run.ga.generation
-    first = args.num_eval_rollouts
-    if screen:
-        first = min(SCREEN_EPISODES, args.num_eval_rollouts)
+    first = min(SCREEN_EPISODES, args.num_eval_rollouts) if screen else args.num_eval_rollouts
     per_task, steps = evaluate(run.pool, params, args.seed, generation, first, label=label)
     if first < args.num_eval_rollouts and (per_task / run.scales).sum(1).mean() >= args.reward_goal:
         rest, rest_steps = evaluate(
@@ -978,10 +918,8 @@ def evaluation_of(run, params, label, screen=False):
 
 
 class Run:
-    """A GA run, as a context manager: from the flags or a checkpoint, the settings, the envs and the policy's
-    layout, the GA (new, from --init-from's weights, or the checkpoint's) and the workers; `recorder` keeps the
-    records. Leaving it closes the workers and the records (Recorder.close: Ctrl-C, SIGTERM, lost workers, the
-    exit code). UserError before anything is written."""
+    """A GA run, as a context manager: settings, envs, policy layout, GA (new, --init-from's or the checkpoint's),
+    workers, `recorder`; leaving it closes them (Recorder.close: the exit code). UserError before any file."""
 
     def __init__(self, args, given):
         checkpoint = None
@@ -989,8 +927,7 @@ class Run:
         if args.resume:
             checkpoint_path, checkpoint = load_checkpoint(args.resume)
             saved = dict(checkpoint["args"])
-            for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
-                saved[key] = getattr(args, key)
+            saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
             args = argparse.Namespace(**saved)
             check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
             check_args(args)
@@ -1004,30 +941,37 @@ class Run:
         self.env_ids = [config["env_id"] for config in self.env_configs]
         self.scales = np.ones(1)  # fitness: the sum over tasks of return / scale
         ylabel = "episode return"
+        columns = list(PROGRESS_COLUMNS)
         if args.multitask:
             self.scales = np.array([return_scale(config) for config in self.env_configs])
             ylabel = "fitness (sum of normalized returns)"
+            columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
         self.policy_config = policy_config_from_envs(self.env_configs, args.hidden_sizes, args.activation)
         policy = build_policy(self.policy_config)
         self.dim = num_params(policy)
         counters = {}
         resumed = None  # the generation the checkpoint holds
         if checkpoint:
-            self.ga = GeneticAlgorithm.from_state_dict(checkpoint["ga"])
+            ga = GeneticAlgorithm.from_state_dict(checkpoint["ga"])
             counters = checkpoint["counters"]
-            resumed = self.generation
-        else:
-            self.ga = self.new_ga(init)
+            resumed = ga.generation
+        else:  # PyTorch's initialization, or --init-from's weights and mutated copies
+            init_params = None
+            if init:  # it fits, or UserError
+                load_policy(args.init_from, *init, self.policy_config)
+                init_params = init[0]
+            mutation = (args.mutation_rate, args.mutation_scale, args.mutation)
+            population = initial_population(self.policy_config, args.population_size, args.seed, init_params, mutation)
+            settings = list(inspect.signature(GeneticAlgorithm).parameters)[1:]  # flags of the same names
+            ga = GeneticAlgorithm(population, **{key: getattr(args, key) for key in settings})
+        self.ga = ga
         worker_args = (self.env_configs, self.policy_config, self.dim)
         sizes = [args.population_size * self.dim]
         self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
         title = f"GA on {args.env_id} (seed {args.seed})"
-        columns = list(PROGRESS_COLUMNS)
-        if args.multitask:
-            columns += [f"return_mean[{env_id}]" for env_id in self.env_ids]
         config = {"env_configs": self.env_configs, "num_params": self.dim}
         try:  # after the workers: a pool that fails writes no file
-            self.recorder = Recorder(args, run_dir, title, columns, config, counters, self.generation, resumed, ylabel)
+            self.recorder = Recorder(args, run_dir, title, columns, config, counters, ga.generation, resumed, ylabel)
         except BaseException:
             self.pool.close()
             raise
@@ -1041,24 +985,7 @@ class Run:
             terms = [f"{env_id} / {scale:g}" for env_id, scale in zip(self.env_ids, self.scales)]
             print("multitask fitness = " + " + ".join(terms))
         if checkpoint:
-            print(f"resuming at generation {self.generation} from {checkpoint_path}")
-
-    def new_ga(self, init):
-        """A new GA on the initial population: PyTorch's initialization, or --init-from's weights
-        (`init`: (params, meta)) and mutated copies."""
-        args = self.args
-        params = None
-        if init:  # it fits, or UserError
-            load_policy(args.init_from, *init, self.policy_config)
-            params = init[0]
-        population = initial_population(
-            self.policy_config,
-            args.population_size,
-            args.seed,
-            params,
-            (args.mutation_rate, args.mutation_scale, args.mutation),
-        )
-        return GeneticAlgorithm(population, **{key: getattr(args, key) for key in GA_FLAGS})
+            print(f"resuming at generation {ga.generation} from {checkpoint_path}")
 
     def __enter__(self):
         return self
@@ -1067,17 +994,12 @@ class Run:
         self.pool.close()
         return self.recorder.close(kind, error)
 
-    @property
-    def generation(self):
-        """Generations finished."""
-        return self.ga.generation
-
     def meta(self, evaluation=None):
-        """A weights file's meta after this generation, with its evaluation's summary."""
-        return weights_meta(self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.generation)
+        """A weights file's meta after this generation."""
+        return weights_meta(self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.ga.generation)
 
     def record_evaluation(self, params, evaluation):
-        """An evaluation of the best member `params` (Recorder's), then with --capture-video a video."""
+        """Recorder's, then with --capture-video a video."""
         tasks = ""
         if self.args.multitask:
             means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
@@ -1085,13 +1007,13 @@ class Run:
         self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), tasks)
         if self.args.capture_video:
             policy = build_policy(self.policy_config).load(params)
-            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.generation:05d}")
-            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.ga.generation:05d}")
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.ga.generation, 0)
             path, _ = record_video(self.env_configs[0], policy, stem, seed)
             self.recorder.log(f"video {path}")
 
     def record(self, fitness, returns, evaluation):
-        """The generation's row (Recorder's) with the GA's scalars. returns: the raw ones, float64 (N, rollouts, T)."""
+        """Recorder's row with the GA's scalars. returns: the raw ones, float64 (N, rollouts, T)."""
         ga = self.ga
         best_params, best_fitness = ga.best()
         scalars = {
@@ -1109,16 +1031,14 @@ class Run:
         self.recorder.record(fitness, evaluation, scalars, note)
 
     def save_checkpoint(self):
-        """checkpoint.pkl (Recorder's) with the GA's state."""
         self.recorder.save_checkpoint({"ga": self.ga.state_dict()})
 
     def finish(self, evaluation=None):
-        """The noise study (--multitask) and final.npz of the final best member with its evaluation: the last
-        generation's, if it had one; else one run outside the run's record, so a resumed run equals one made
-        in one go. Then the last learning curve."""
+        """The noise study (--multitask); final.npz with the last generation's evaluation, else one not recorded (so
+        a resumed run equals one made in one go)."""
         args = self.args
         params = self.ga.best()[0]
-        if args.multitask:  # the original's noise study, on the final best member
+        if args.multitask:
             print(f"noise study over {args.num_eval_rollouts} episodes per condition:")
             noise_study(self.pool, params, self.env_ids, args.seed, args.num_eval_rollouts, self.recorder.dir)
         if evaluation is None:
@@ -1397,9 +1317,8 @@ def csv_cell(column, value):
 
 
 def evaluate(pool, params, seed, iteration, episodes, noisy=(), label=None, start=0):
-    """Per-task returns of `params` over evaluation episodes start..episodes-1, without the early
-    stop: (float64 (E, T), env steps). Episode e meets env seed (seed, EVAL_ENV_STREAM,
-    iteration, e). label: the progress bar's (None: none)."""
+    """Per-task returns of `params` in evaluation episodes start..episodes-1 (no early stop): (float64 (E, T), env
+    steps)."""
     tasks = []
     for episode in range(start, episodes):
         env_seed = derive_seed(seed, EVAL_ENV_STREAM, iteration, episode)
@@ -1445,13 +1364,11 @@ def default_run_name(args, kind=""):
 
 # The environments: gymnasium's or SlimeVolley, the early stop, the settings
 def make_bare_env(env_config, training, render_mode=None):
-    """The env of `env_config` before the wrappers of `make_env`: `gymnasium.make` with the
-    config's kwargs and max_episode_steps (None: the env's own TimeLimit), or the SlimeVolley
-    adapter. UserError: unknown id, missing dependency, bad kwargs."""
+    """`gymnasium.make`, or SlimeVolley's adapter: `make_env` before its wrappers. UserError (see make_env)."""
     env_id = env_config["env_id"]
     kwargs = dict(env_config["env_kwargs"])
     steps = env_config["max_episode_steps"]
-    if env_id.startswith("ALE/"):  # registered in each process (check_args has checked the id)
+    if env_id.startswith("ALE/"):  # registered in each process
         gym.register_envs(__import__("ale_py"))
     try:
         if env_id == SLIME_ID:
@@ -1487,10 +1404,8 @@ class NegativeRewardEarlyStop(gym.Wrapper):
 
 
 class SlimeVolleyAdapter(gym.Env):
-    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in
-    opponent: observations float32 (12,), Discrete(6) actions, reward +1/-1 per life lost by the
-    opponent/the agent; shaped: the original's fitness, +0.01 a step survived and +1 an opponent
-    life taken."""
+    """`slimevolleygym.SlimeVolleyEnv` (old gym API) as a gymnasium env against its built-in opponent: float32
+    (12,) observations, Discrete(6) actions, reward +1/-1 a life the opponent/the agent loses."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -1522,8 +1437,7 @@ class SlimeVolleyAdapter(gym.Env):
 
 
 def env_configs_from_args(args):
-    """One env config dict per task (one, or one per --multitask id): what workers and weights
-    files need."""
+    """One env config dict per task: what workers and weights files need."""
     configs = []
     for env_id in args.multitask or [args.env_id]:
         negative_steps = args.max_negative_steps
@@ -1545,17 +1459,13 @@ def env_configs_from_args(args):
 
 
 def policy_config_from_envs(env_configs, hidden_sizes, activation):
-    """What `build_policy` needs: {obs_shape, discrete, num_actions, hidden_sizes, activation}, or
-    for several tasks {hidden_sizes, activation, multitask: [tasks]}. UserError for multitask
-    images."""
+    """`build_policy`'s {obs_shape, discrete, num_actions, hidden_sizes, activation}, or for several tasks
+    {hidden_sizes, activation, multitask: [tasks]}. UserError for multitask images."""
     tasks = []
     for config in env_configs:
         env = make_env(config, training=False)
         discrete = isinstance(env.action_space, gym.spaces.Discrete)
-        if discrete:
-            num_actions = int(env.action_space.n)
-        else:
-            num_actions = int(env.action_space.shape[0])
+        num_actions = int(env.action_space.n) if discrete else int(env.action_space.shape[0])
         tasks.append({"obs_shape": list(env.observation_space.shape), "discrete": discrete, "num_actions": num_actions})
         env.close()
         if len(env_configs) > 1 and len(tasks[-1]["obs_shape"]) != 1:
@@ -1580,33 +1490,26 @@ NUMPY_ACTIVATIONS = {
 
 
 def linear(weight, bias, h):
-    """bias + h @ weight.T for one vector h (D,) (torch.addmv: half of nn.Linear's cost) or a
-    batch (B, D)."""
+    """bias + h @ weight.T for h (D,) (torch.addmv: half of nn.Linear's cost) or (B, D)."""
     if h.dim() == 1:
         return torch.addmv(bias, weight, h)
     return torch.addmm(bias, h, weight.t())
 
 
 def stacked_layers(policy, genotypes):
-    """The MLP's layers of B flat genotypes float32 (B, D): [(weights (B, out, in), biases
-    (B, out))], views."""
+    """The MLP's layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        layers.append(
-            (
-                genotypes[:, offset : offset + rows * cols].reshape(-1, rows, cols),
-                genotypes[:, offset + rows * cols : offset + rows * cols + rows],
-            )
-        )
-        offset += rows * cols + rows
+        end = offset + rows * cols
+        layers.append((genotypes[:, offset:end].reshape(-1, rows, cols), genotypes[:, end : end + rows]))
+        offset = end + rows
     return layers
 
 
 def act_batch(policy, obs, layers):
-    """B members' observations (B, O) through their own MLPs (`stacked_layers`), numpy: B
-    actions, ints or float32 (B, A) in [-1, 1]; row b is exactly what member b's observation
-    alone gives (B gemv calls)."""
+    """B members' observations (B, O) through their MLPs in numpy: B ints, or float32 (B, A) in [-1, 1]; row b is
+    exactly what member b's observation alone gives."""
     h = np.asarray(obs, dtype=np.float32)
     for weight, bias in layers[:-1]:
         h = policy.numpy_activation(np.matmul(weight, h[:, :, None])[:, :, 0] + bias)
@@ -1621,25 +1524,18 @@ LOCKSTEP_MAX = 16  # episodes one worker steps together at most: more gains litt
 
 
 class Members:
-    """B genotypes float32 (B, D) acting together in `rollout`: an MLP in one numpy pass
-    (`act_batch` on their stacked layers), a conv policy one member (B = 1; ValueError otherwise)
-    loaded into the policy. `act(observations, playing)`: the actions of the members `playing`
-    (ascending indices) for their observations."""
+    """B genotypes float32 (B, D) acting in `rollout`: an MLP's in one numpy pass (`act_batch`), a conv policy's one
+    (B = 1). `act(observations, playing)`: the actions of the members `playing`."""
 
     def __init__(self, policy, genotypes):
         self.policy = policy
         self.genotypes = genotypes
-        self.batched = not policy.pixels
-        self.playing = list(range(len(genotypes)))
-        if self.batched:
-            self.layers = stacked_layers(policy, genotypes)
-        elif len(genotypes) == 1:
+        self.playing = None  # the members whose layers are stacked
+        if policy.pixels:
             policy.load(genotypes[0])
-        else:
-            raise ValueError(f"a conv policy plays one member at a time, got {len(genotypes)}")
 
     def act(self, observations, playing):
-        if not self.batched:
+        if self.policy.pixels:
             return [self.policy.act(observations[0])]
         if playing != self.playing:
             self.playing = playing
@@ -1648,49 +1544,39 @@ class Members:
 
 
 class RolloutWorker:
-    """One process's envs and policy, built once. `run(tasks)`: per RolloutTask its result
-    (episode returns [[T floats] per episode], env steps) as a plain tuple (RolloutPool.map makes
-    it a RolloutResult), the members read from a matrix float32 (rows, D) (`use`)."""
+    """One process's envs and policy, built once. `run(tasks)`: per RolloutTask (episode returns [[T floats] per
+    episode], env steps), a plain tuple (RolloutPool.map makes it a RolloutResult)."""
 
     def __init__(self, env_configs, policy_config, dim):
         torch.set_num_threads(1)
         self.env_configs = env_configs
         self.dim = dim
         self.members = None
-        # (task t, training) -> its envs, one per episode stepped at once (lockstep), built at
-        # first use
+        # (task t, training) -> its envs, one per episode stepped at once (more built at first use)
         self.envs = {
             (t, training): [make_env(config, training)]
             for t, config in enumerate(env_configs)
             for training in (True, False)
         }
-        # A Box2D world keeps state across resets (BipedalWalker's returns drift on a reused env
-        # with the same seed): Box2D envs are rebuilt per episode (~0.4 ms), the others built once.
-        self.fresh = [
-            type(self.envs[t, True][0].unwrapped).__module__.startswith("gymnasium.envs.box2d")
-            for t in range(len(env_configs))
-        ]
         self.policy = build_policy(policy_config)
 
     def use(self, members):
-        """Read the members from a flat float32 array of rows x D values (a view)."""
+        """The members: a view of a flat float32 array as (rows, D)."""
         self.members = members.reshape(-1, self.dim)
 
     def env(self, t, training, slot=0):
-        """Env number `slot` of task t for a new episode: built at its first use, rebuilt when it
-        is a Box2D env."""
+        """Env number `slot` of task t for a new episode. A Box2D world keeps state across resets (BipedalWalker's
+        returns drift on a reused env with the same seed): Box2D envs are rebuilt per episode (~0.4 ms)."""
         envs = self.envs[t, training]
         if slot == len(envs):
             envs.append(make_env(self.env_configs[t], training))
-        elif self.fresh[t]:
+        elif type(envs[slot].unwrapped).__module__.startswith("gymnasium.envs.box2d"):
             envs[slot].close()
             envs[slot] = make_env(self.env_configs[t], training)
         return envs[slot]
 
     def run(self, tasks):
-        """Per task (returns [[T floats] per episode], steps). An MLP on one env steps the tasks
-        together (`rollout`); a conv policy runs them one by one; a multitask policy plays one
-        episode of every task at once (`multitask_rollout`)."""
+        """An MLP steps the tasks (all training, or all evaluation) together, a conv policy one by one."""
         if isinstance(self.policy, MultitaskPolicy):
             return [self.run_multitask(task) for task in tasks]
         if self.policy.pixels:
@@ -1698,19 +1584,12 @@ class RolloutWorker:
         return self.run_together(tasks)
 
     def run_together(self, tasks):
-        """`run` of tasks of one kind (training or evaluation) on one env, in one `rollout`."""
-        training = tasks[0].training
         genotypes = self.members[[task.member for task in tasks]]
         env_seeds = [task.env_seeds for task in tasks]
-
-        def env_for(b):
-            return self.env(0, training, b)
-
-        returns, steps = rollout(self.policy, genotypes, env_for, env_seeds)
+        returns, steps = rollout(self.policy, genotypes, lambda b: self.env(0, tasks[0].training, b), env_seeds)
         return [([[r] for r in returns[b]], steps[b]) for b in range(len(tasks))]
 
     def run_multitask(self, task):
-        """One task's episodes of the multitask policy, one after the other."""
         self.policy.load(self.members[task.member])
         returns, steps = [], 0
         for env_seed in task.env_seeds:
@@ -2043,8 +1922,8 @@ def save_weights(path, params, meta):
 
 
 def load_weights(path):
-    """(params float32 (D,), meta dict) of this script's weights file. UserError: unusable file
-    or meta."""
+    """(params float32 (D,), meta dict) of this script's weights file. UserError: an unusable file, or a meta
+    without its env ids, env and policy settings (their values are check_args's to check)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             params = data["params"].astype(np.float32).ravel()
@@ -2060,19 +1939,9 @@ def load_weights(path):
         raise UserError(f"{path} was written by {owner or 'an unknown script'}, not {SCRIPT}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has weights format {meta.get('format_version')}, this script reads {FORMAT_VERSION}")
-    if not meta_is_sound(meta):
-        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are missing or invalid")
-    if not np.all(np.isfinite(params)):
-        raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
-    return params, meta
-
-
-def meta_is_sound(meta):
-    """Whether a weights file's meta has its env ids, env settings and policy settings (their
-    values are check_args's to check, the policy's spaces load_policy's)."""
     policy, env_ids = meta.get("policy"), meta.get("env_ids")
     tasks = policy.get("multitask", [policy]) if isinstance(policy, dict) else None
-    return (
+    sound = (
         isinstance(env_ids, list)
         and env_ids
         and all(isinstance(e, str) for e in env_ids)
@@ -2083,11 +1952,15 @@ def meta_is_sound(meta):
         and all(isinstance(t, dict) for t in tasks)
         and set(META_POLICY_FLAGS) <= set(policy)
     )
+    if not sound:
+        raise UserError(f"{path} has a broken meta: its env ids, env settings or policy sizes are missing or invalid")
+    if not np.all(np.isfinite(params)):
+        raise UserError(f"{path} holds parameters that are not finite (nan or inf)")
+    return params, meta
 
 
 def read_weights_into_args(path, args, given):
-    """(params, meta) of a weights file whose env(s) and architecture go into args, checked.
-    Raises UserError."""
+    """(params, meta) of a weights file, its env(s) and architecture put into args and checked. UserError."""
     params, meta = load_weights(path)
     if "env_id" in given and args.env_id != meta["env_id"]:
         raise UserError(f"{path} was trained on {meta['env_id']}, not {args.env_id}")
@@ -2125,19 +1998,16 @@ def weights_meta(args, env_configs, policy_config, dim, evaluation=None, iterati
 
 
 def load_policy(path, params, meta, config):
-    """The policy of `config` (`policy_config_from_envs` of the file's envs) holding a weights
-    file's `params`. UserError: the file's policy does not fit the envs, or its params the policy."""
+    """The policy of `config` holding a weights file's `params`. UserError: they do not fit."""
     policy = build_policy(config)
 
     def spaces(c):
         return [(t.get("obs_shape"), t.get("discrete"), t.get("num_actions")) for t in c.get("multitask", [c])]
 
-    if spaces(meta["policy"]) != spaces(config):
-        raise UserError(
-            f"{path} does not fit {meta['env_id']}: its policy takes (observations, "
-            f"discrete, actions) {spaces(meta['policy'])}, the env gives "
-            f"{spaces(config)}"
-        )
+    theirs, ours = spaces(meta["policy"]), spaces(config)
+    if theirs != ours:
+        message = f"its policy takes (observations, discrete, actions) {theirs}, the env gives {ours}"
+        raise UserError(f"{path} does not fit {meta['env_id']}: {message}")
     if params.size != num_params(policy):
         raise UserError(f"{path} holds {params.size} parameters but its architecture needs {num_params(policy)}")
     return policy.load(params)
@@ -2315,8 +2185,7 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
 
 
 def record_video(env_config, policy, path_stem, seed):
-    """Record one evaluation episode into path_stem.mp4 (moviepy installed) or .gif. Returns
-    (path, return)."""
+    """One evaluation episode recorded into path_stem.mp4 (with moviepy) or .gif: (path, return)."""
     env = make_env(env_config, training=False, render_mode="rgb_array")
     genotype = parameters_to_vector(policy.parameters()).numpy()
     returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
@@ -2338,10 +2207,9 @@ def record_video(env_config, policy, path_stem, seed):
 
 # Experiments: one network for several tasks and its noise study; distillation; a weights file
 class MultitaskPolicy(nn.Module):
-    """One network for several vector tasks (hard parameter sharing). multitask: the tasks,
-    [{obs_shape: [O_t], discrete, num_actions: A_t}]. Each task's input layer (O_t ->
-    hidden_sizes[0]), concatenated, feeds the shared trunk (hidden_sizes[1:]) and a head per task:
-    each head sees every task's input, which the noise study probes."""
+    """One network for several vector tasks (hard parameter sharing), multitask: [{obs_shape: [O_t], discrete,
+    num_actions: A_t}]: task input layers (O_t -> hidden_sizes[0]), concatenated, feed a shared trunk
+    (hidden_sizes[1:]) and a head per task, which sees every task's input (the noise study probes it)."""
 
     def __init__(self, multitask, hidden_sizes=(32, 32), activation="tanh"):
         super().__init__()
@@ -2356,8 +2224,7 @@ class MultitaskPolicy(nn.Module):
     load = load_flat
 
     def act(self, observations):
-        """observations: one numpy vector per task. Returns one action per task (int or float32
-        (A_t,))."""
+        """One numpy observation per task -> one action per task: int or float32 (A_t,)."""
         xs = [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in observations]
         h = torch.cat([self.activation(layer(x)) for layer, x in zip(self.inputs, xs)])
         for layer in self.trunk:
@@ -2372,9 +2239,8 @@ class MultitaskPolicy(nn.Module):
 
 
 def multitask_rollout(envs, policy, seed, noisy=()):
-    """One episode of every task, stepped together, each env reset with `seed`: (T returns,
-    steps). A finished task feeds its last observation; `noisy` tasks get uniform noise on
-    [-1, 1] (generator seeded by `seed`)."""
+    """One episode of every task stepped together, each env reset with `seed`: (T returns, steps). A finished
+    task feeds its last observation; `noisy` tasks' observations are U(-1, 1) noise."""
     rng = np.random.default_rng(seed)
     observations = [env.reset(seed=seed)[0] for env in envs]
     running = [True] * len(envs)
@@ -2398,46 +2264,40 @@ def multitask_rollout(envs, policy, seed, noisy=()):
 
 
 def return_scale(env_config):
-    """Multitask normalization of a task's return: its env's reward threshold (5 on SlimeVolley;
-    else 1)."""
+    """A task's return over this in multitask fitness: its reward threshold (SlimeVolley: 5; none: 1)."""
     if env_config["env_id"] == SLIME_ID:
         return 5.0
     return float(gym.spec(env_config["env_id"]).reward_threshold or 1)
 
 
 def noise_study(pool, params, env_ids, seed, episodes, run_dir):
-    """Returns with all inputs real, noise into each task's, into all, on the same episodes:
-    table, csv, png."""
+    """Returns with all inputs real, noise into each task's, into all, on the same episodes: table, csv, png."""
     tasks = tuple(range(len(env_ids)))
     every = "both" if len(tasks) == 2 else "all"
     conditions = [(f"{every} real", ())] + [(f"noise into {env_ids[t]}", (t,)) for t in tasks]
     conditions.append((f"noise into {every}", tasks))
-    study = []
-    for name, noisy in conditions:
-        label = f"noise study: {name}"
-        study.append((name, evaluate(pool, params, seed, 0, episodes, noisy, label)[0]))
-    width = max(len(name) for name, _ in study)
+    names = [name for name, _ in conditions]
+    returns = [
+        evaluate(pool, params, seed, 0, episodes, noisy, f"noise study: {name}")[0] for name, noisy in conditions
+    ]
+    means = np.array([r.mean(0) for r in returns])  # (conditions, tasks)
+    stds = np.array([r.std(0) for r in returns])
+    width = max(len(name) for name in names)
     print(f"{'condition':<{width}} | " + " | ".join(f"{env_id:>24}" for env_id in env_ids))
-    for name, returns in study:
-        cells = [f"{m:11.2f} ± {s:10.2f}" for m, s in zip(returns.mean(0), returns.std(0))]
-        print(f"{name:<{width}} | " + " | ".join(cells))
+    for name, mean, std in zip(names, means, stds):
+        print(f"{name:<{width}} | " + " | ".join(f"{m:11.2f} ± {s:10.2f}" for m, s in zip(mean, std)))
     header = ["condition"] + [f"{e} mean" for e in env_ids] + [f"{e} std" for e in env_ids]
-    rows = [[name] + [f"{m:.2f}" for m in r.mean(0)] + [f"{s:.2f}" for s in r.std(0)] for name, r in study]
+    rows = [
+        [name] + [f"{m:.2f}" for m in mean] + [f"{s:.2f}" for s in std] for name, mean, std in zip(names, means, stds)
+    ]
     write_csv(os.path.join(run_dir, "noise_study.csv"), header, rows)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4 * len(env_ids), 4))
-    axes = fig.subplots(1, len(env_ids))
-    colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][: len(study)]
-    for t, (ax, env_id) in enumerate(zip(axes, env_ids)):
-        ax.bar(
-            range(len(study)),
-            [r[:, t].mean() for _, r in study],
-            yerr=[r[:, t].std() for _, r in study],
-            capsize=3,
-            color=colors,
-        )
-        ax.set_xticks(range(len(study)), [name for name, _ in study], rotation=30, ha="right", fontsize=8)
+    colors = ["tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple"][: len(names)]
+    for t, (ax, env_id) in enumerate(zip(fig.subplots(1, len(env_ids)), env_ids)):
+        ax.bar(range(len(names)), means[:, t], yerr=stds[:, t], capsize=3, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set(title=env_id, ylabel="episode return")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -2452,40 +2312,31 @@ def summary_line(returns):
     )
 
 
-def evaluate_in_pool(args, env_configs, policy_config, params, label, header=None, noise_dir=None):
-    """`evaluate` of params on a pool of its own (closed after): (returns float64 (E, T), env
-    steps, seconds). header: printed with the workers; noise_dir: where the noise study goes
-    (None: none)."""
-    worker_args = (env_configs, policy_config, params.size)
-    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [params.size], args.quiet)
-    if header:
-        print(f"{header}workers: {pool.describe()}")
-    try:
-        start = time.perf_counter()
-        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=label)
-        elapsed = time.perf_counter() - start
-        if noise_dir:
-            os.makedirs(noise_dir, exist_ok=True)
-            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, noise_dir)
-        return returns, steps, elapsed
-    finally:
-        pool.close()
+def evaluation_pool(args, env_configs, policy_config, dim):
+    """A RolloutPool for a policy of `policy_config`, closed as its `with` block ends."""
+    worker_args = (env_configs, policy_config, dim)
+    return contextlib.closing(
+        RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [dim], args.quiet)
+    )
 
 
 def run_from_pretrained(args, given):
-    """Evaluate a weights file (and the noise study of a multitask one); last line:
-    `episode_return mean=...`."""
+    """Evaluate a weights file (a multitask one: and the noise study); last line `episode_return mean=...`."""
     params, meta = read_weights_into_args(args.from_pretrained, args, given)
     env_configs = env_configs_from_args(args)
     policy_config = policy_config_from_envs(env_configs, args.hidden_sizes, args.activation)
     policy = load_policy(args.from_pretrained, params, meta, policy_config)
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    header = f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
-    noise_dir = run_dir if args.multitask else None
-    returns, steps, elapsed = evaluate_in_pool(
-        args, env_configs, policy_config, params, "evaluation", header, noise_dir
-    )
+    with evaluation_pool(args, env_configs, policy_config, params.size) as pool:
+        header = f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
+        print(f"{header}workers: {pool.describe()}")
+        start = time.perf_counter()
+        returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label="evaluation")
+        elapsed = time.perf_counter() - start
+        if args.multitask:
+            os.makedirs(run_dir, exist_ok=True)
+            noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir)
     if args.capture_video and not args.multitask:
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
         stem = os.path.join(run_dir, "videos", "pretrained")
@@ -2502,19 +2353,11 @@ def run_from_pretrained(args, given):
 
 
 def distill_round(student, teacher, env_config, args, round_index, pairs):
-    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher
-    (round 0) or the student (DAgger) drives, labelled by the teacher (logits or tanh actions);
-    the student is fitted to all pairs with Adam (cross-entropy on the teacher's argmax, or MSE
-    on the tanh actions). Returns (the driver's returns (episodes,), the last epoch's mean
-    loss)."""
-    label = None
-    if not args.quiet:
-        label = f"round {round_index + 1}/{args.distill_rounds}: "
-    driver = student
-    driver_name = "student"
-    if round_index == 0:
-        driver = teacher
-        driver_name = "teacher"
+    """A round of distillation: `pairs` (lists x, y) gets the observations met while the teacher (round 0) or
+    the student (DAgger) drives, labelled by the teacher; the student is fitted to all pairs with Adam
+    (cross-entropy on the teacher's argmax, or MSE on its actions)."""
+    label = None if args.quiet else f"round {round_index + 1}/{args.distill_rounds}: "
+    driver, driver_name = (teacher, "teacher") if round_index == 0 else (student, "student")
     genotype = parameters_to_vector(driver.parameters()).detach().numpy()
     observations, returns = [], []
     with live_bar(label and label + driver_name, args.distill_episodes) as bar:
@@ -2550,25 +2393,23 @@ def distill_round(student, teacher, env_config, args, round_index, pairs):
             bar.set_postfix_str(f"loss {total / len(x):.3g}", refresh=False)
             bar.update()
     student.requires_grad_(False)
-    return np.array(returns), total / len(x)
+    print(
+        f"round {round_index + 1}/{args.distill_rounds}: {driver_name} drove {args.distill_episodes} episodes "
+        f"(mean return {np.mean(returns):.2f}); {len(x)} pairs; loss {total / len(x):.3g}"
+    )
 
 
 def run_distillation(args, given):
-    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz,
-    a table."""
+    """Distil a teacher into a smaller student, both evaluated on the same episodes; student.npz, a table."""
     if "hidden_sizes" not in given:
         raise UserError("--distill-from needs --hidden-sizes: the student's layer widths")
-    student_hidden, student_activation = list(args.hidden_sizes), args.activation
+    student_flags = {key: getattr(args, key) for key in given & {"hidden_sizes", "activation"}}
     teacher_params, teacher_meta = read_weights_into_args(args.distill_from, args, given)
     if args.multitask:
         raise UserError(f"{args.distill_from} is a multitask policy: distillation takes single-task teachers")
-    args.hidden_sizes = student_hidden
-    args.activation = teacher_meta["policy"]["activation"]
-    if "activation" in given:
-        args.activation = student_activation
     env_configs = env_configs_from_args(args)
-    teacher_policy = teacher_meta["policy"]
-    teacher_config = policy_config_from_envs(env_configs, teacher_policy["hidden_sizes"], teacher_policy["activation"])
+    teacher_config = policy_config_from_envs(env_configs, args.hidden_sizes, args.activation)  # the meta's
+    vars(args).update(student_flags)
     teacher = load_policy(args.distill_from, teacher_params, teacher_meta, teacher_config)
     if teacher.pixels:
         raise UserError("distillation takes vector-observation teachers only")
@@ -2584,29 +2425,18 @@ def run_distillation(args, given):
     print(f"teacher: {args.distill_from} ({num_params(teacher)} parameters)\nstudent: {student}")
     start, pairs = time.perf_counter(), ([], [])
     for round_index in range(args.distill_rounds):
-        driver_returns, loss = distill_round(student, teacher, env_configs[0], args, round_index, pairs)
-        driver = "student" if round_index else "teacher"
-        print(
-            f"round {round_index + 1}/{args.distill_rounds}: {driver} drove "
-            f"{args.distill_episodes} episodes (mean return {driver_returns.mean():.2f}); "
-            f"{sum(len(x) for x in pairs[0])} pairs; loss {loss:.3g}"
-        )
+        distill_round(student, teacher, env_configs[0], args, round_index, pairs)
     rows = []
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        label = f"evaluation of the {name}"
-        returns = evaluate_in_pool(args, env_configs, config, params, label)[0][:, 0]
+        with evaluation_pool(args, env_configs, config, params.size) as pool:
+            returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=f"evaluation of the {name}")
+        returns = returns[0][:, 0]
         sizes = [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]
         architecture = "-".join(map(str, sizes))
         rows.append([name, architecture, params.size, f"{returns.mean():.2f}", f"{returns.std():.2f}"])
-    meta = weights_meta(
-        args,
-        env_configs,
-        student_config,
-        params.size,
-        summary(returns),
-        distilled_from=os.path.basename(args.distill_from),
-    )
+    teacher_file = os.path.basename(args.distill_from)
+    meta = weights_meta(args, env_configs, student_config, params.size, summary(returns), distilled_from=teacher_file)
     save_weights(os.path.join(run_dir, "student.npz"), params, meta)
     header = ["model", "architecture", "parameters", "mean", "std"]
     write_csv(os.path.join(run_dir, "distillation.csv"), header, rows)
