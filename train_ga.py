@@ -882,7 +882,7 @@ def check_spaces(env):
 
 
 def is_frames(space):
-    """Whether an observation space holds uint8 frames: (H, W) or (H, W, 3)."""
+    """Whether an observation space holds uint8 frames, (H, W) or (H, W, 3)."""
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8):
         return False
     return len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)
@@ -918,14 +918,13 @@ def evaluation_of(run, params, label, screen=False):
 
 
 class RunBase:
-    """What the three scripts' Run objects do alike: take a checkpoint's settings, start the workers and the
-    records, close both on leaving (Recorder.close: the exit code), record a video of an evaluation."""
+    """What each script's Run does alike: resume, workers and records, first lines, evaluations, closing."""
 
     resumed_from = None  # the checkpoint's path, on resume
 
     def resume(self, args, given):
-        """(the checkpoint's args with the flags given anew that RESUME_FLAGS admits, the checkpoint, its run folder);
-        self.resumed_from: its path. UserError for a checkpoint that does not load or holds a number out of LIMITS."""
+        """(the checkpoint's args, with the flags RESUME_FLAGS lets be given anew; the checkpoint; its run folder).
+        Sets self.resumed_from. UserError: a checkpoint that does not load or holds a number out of LIMITS."""
         checkpoint_path, checkpoint = load_checkpoint(args.resume)
         saved = dict(checkpoint["args"])
         saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
@@ -935,8 +934,7 @@ class RunBase:
         return argparse.Namespace(**saved), checkpoint, run_dir
 
     def start(self, worker_args, sizes, *records):
-        """self.pool of RolloutWorker(*worker_args) with shared arrays of `sizes`, then self.recorder =
-        Recorder(self.args, *records); a Recorder that fails closes the pool."""
+        """self.pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, then self.recorder."""
         args = self.args
         self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
         try:  # after the workers: a pool that fails writes no file
@@ -947,8 +945,7 @@ class RunBase:
         self.pool.on_lost = self.recorder.kept
 
     def announce(self, policy, parameters, *notes):
-        """The first console lines: the policy; its parameters, the population, workers, run folder; `notes`; where
-        a resumed run resumes."""
+        """The first console lines: the policy, its size, population, workers, run folder, `notes`, the resume."""
         print(policy)
         population = f"population: {self.args.population_size}   workers: {self.pool.describe()}"
         print(f"parameters: {parameters}   {population}   run folder: {self.recorder.dir}")
@@ -966,7 +963,8 @@ class RunBase:
 
     def record_evaluation(self, params, evaluation):
         """Recorder's record of an evaluation of `params`, then with --capture-video a video of them."""
-        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), self.evaluation_note(evaluation))
+        note = self.evaluation_note(evaluation)
+        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), note)
         if self.args.capture_video:
             generation = self.recorder.iteration
             seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, generation, 0)
@@ -1533,11 +1531,11 @@ def linear(weight, bias, h):
 
 
 def stacked_layers(policy, genotypes):
-    """The MLP's layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+    """The MLP layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        end = offset + rows * cols
+        end = offset + rows * cols  # of the weights, then the biases
         layers.append((genotypes[:, offset:end].reshape(-1, rows, cols), genotypes[:, end : end + rows]))
         offset = end + rows
     return layers
@@ -2221,8 +2219,7 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
 
 
 def write_video(frames, fps, path_stem, gif_step=1):
-    """frames (uint8 (H, W, 3) each) into path_stem.mp4 at `fps` with moviepy, else into path_stem.gif of every
-    gif_step-th frame at the same speed; returns the path written."""
+    """frames (uint8 (H, W, 3)) into path_stem.mp4 (moviepy), else .gif of every gif_step-th: its path."""
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
@@ -2355,14 +2352,14 @@ def summary_line(returns):
 
 
 def evaluation_pool(args, sizes, *worker_args):
-    """A RolloutPool of RolloutWorker(*worker_args) with shared arrays of `sizes`, closed as its `with` block ends."""
+    """A pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, closed as its `with` block ends."""
     return contextlib.closing(
         RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
     )
 
 
 def pretrained_video(args, run_dir, env_config, policy):
-    """--capture-video with --from-pretrained: an evaluation episode into run_dir/videos/pretrained.mp4 or .gif."""
+    """--capture-video of --from-pretrained: an evaluation episode in run_dir/videos/pretrained.mp4 or .gif."""
     folder = os.path.join(run_dir, "videos")
     os.makedirs(folder, exist_ok=True)
     seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)

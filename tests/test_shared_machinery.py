@@ -23,7 +23,7 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "RolloutPool", "flags_given", "Recorder", "summary", "duration", "as_written", "csv_cell", "write_video",
           "summary_line", "pretrained_video", "print_evaluation", "default_run_name", "evaluation_pool", "RunBase")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
-SHARED_ES_GA = ("parse_env_kwargs", "all_finite", "record_video")
+SHARED_ES_GA = ("parse_env_kwargs", "all_finite", "record_video", "is_frames", "stacked_layers")
 
 
 def definitions(script):
