@@ -620,22 +620,76 @@ def check_spaces(env, env_id):
 
 
 # The run: the algorithm's part
-class Run:
+class RunBase:
+    """What each script's Run does alike: resume, workers and records, first lines, evaluations, closing."""
+
+    resumed_from = None  # the checkpoint's path, on resume
+
+    def resume(self, args, given):
+        """(the checkpoint's args, with the flags RESUME_FLAGS lets be given anew; the checkpoint; its run folder).
+        Sets self.resumed_from. UserError: a checkpoint that does not load or holds a number out of LIMITS."""
+        checkpoint_path, checkpoint = load_checkpoint(args.resume)
+        saved = dict(checkpoint["args"])
+        saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
+        check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+        self.resumed_from = checkpoint_path
+        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        return argparse.Namespace(**saved), checkpoint, run_dir
+
+    def start(self, worker_args, sizes, *records):
+        """self.pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, then self.recorder."""
+        args = self.args
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(args, *records)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.pool.on_lost = self.recorder.kept
+
+    def announce(self, policy, parameters, *notes):
+        """The first console lines: the policy, its size, population, workers, run folder, `notes`, the resume."""
+        print(policy)
+        population = f"population: {self.args.population_size}   workers: {self.pool.describe()}"
+        print(f"parameters: {parameters}   {population}   run folder: {self.recorder.dir}")
+        for note in notes:
+            print(note)
+        if self.resumed_from:
+            print(f"resuming at generation {self.recorder.iteration} from {self.resumed_from}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.pool.close()
+        return self.recorder.close(kind, error)
+
+    def record_evaluation(self, params, evaluation):
+        """Recorder's record of an evaluation of `params`, then with --capture-video a video of them."""
+        note = self.evaluation_note(evaluation)
+        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), note)
+        if self.args.capture_video:
+            generation = self.recorder.iteration
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, generation, 0)
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{generation:05d}")
+            path, _ = record_video(*self.video_policy(params), stem, seed)
+            self.recorder.log(f"video {path}")
+
+    def evaluation_note(self, evaluation):
+        """What an evaluation's console line adds to its numbers."""
+        return ""
+
+
+class Run(RunBase):
     """A CMA-ES run (a context manager) from the flags or a checkpoint: agent, searched part, pycma, workers."""
 
     def __init__(self, args, given):
         checkpoint = None
         if args.resume:
-            checkpoint_path, checkpoint = load_checkpoint(args.resume)
+            args, checkpoint, run_dir = self.resume(args, given)
             attach_randn(checkpoint["cma"], checkpoint["cma_rng"].randn)
-            saved = dict(checkpoint["args"])
-            for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS):
-                saved[key] = getattr(args, key)
-            if saved["training_frames"] is None:  # a checkpoint older than --training-frames
-                saved["training_frames"] = "gymnasium"
-            args = argparse.Namespace(**saved)
-            check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
-            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+            if args.training_frames is None:  # a checkpoint older than --training-frames
+                args.training_frames = "gymnasium"
             counters = checkpoint["counters"]
             self.provenance = checkpoint.get("provenance", []) + [segment("resume", args, counters["generation"])]
         else:
@@ -646,8 +700,7 @@ class Run:
             self.provenance = restart["provenance"] + [segment(start, args, restart["iteration"])]
             if args.training_frames is None:
                 args.training_frames = "direct"
-            run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            run_dir = os.path.join(args.logs_dir, run_name)
+            run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
             counters = {"generation": restart["iteration"], "env_steps": restart["env_steps"]}
         self.args = args
         self.env_config = env_config_from_args(args)
@@ -664,38 +717,17 @@ class Run:
                 self.base[self.mask], args.init_sigma, args.population_size, args.seed, run_dir, args.separable
             )
         worker_args = (self.env_config, self.agent_config, self.base.size)
-        sizes = [args.population_size * self.base.size]
-        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
         title = f"CMA-ES AttentionAgent on {args.env_id} (seed {args.seed})"
         config = {"env_config": self.env_config, "agent_config": self.agent_config, "num_params": self.base.size}
         config["search_dim"] = self.dim
-        try:  # after the workers: a pool that fails writes no file
-            self.recorder = Recorder(
-                args, run_dir, title, PROGRESS_COLUMNS, config, counters, counters["generation"], resumed
-            )
-        except BaseException:
-            self.pool.close()
-            raise
-        self.pool.on_lost = self.recorder.kept
-        print(self.agent)
+        records = (run_dir, title, PROGRESS_COLUMNS, config, counters, counters["generation"], resumed)
+        self.start(worker_args, [args.population_size * self.base.size], *records)
         attention = int(self.agent.part_mask("attention").sum())
-        print(
-            f"parameters: {self.base.size} (attention {attention}, controller {self.base.size - attention})   "
-            f"CMA-ES searches: {self.dim} ({args.train})   population: {args.population_size}   "
-            f"workers: {self.pool.describe()}   run folder: {run_dir}"
-        )
-        if checkpoint:
-            print(f"resuming at generation {self.generation} from {checkpoint_path}")
-        elif args.restart_from:
+        parts = f"{self.base.size} (attention {attention}, controller {self.base.size - attention})"
+        self.announce(self.agent, f"{parts}   CMA-ES searches: {self.dim} ({args.train})")
+        if args.restart_from and not checkpoint:
             fresh = f"its mean, sigma {args.init_sigma:.6g}, a fresh covariance"
             print(f"restarting at generation {self.generation} from {args.restart_from}: {fresh}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        self.pool.close()
-        return self.recorder.close(kind, error)
 
     @property
     def generation(self):
@@ -727,15 +759,10 @@ class Run:
             "provenance": self.provenance,  # the run's segments: new, resume, restart
         }
 
-    def record_evaluation(self, center, evaluation):
-        """An evaluation of the mean `center`, with --capture-video a video."""
-        self.recorder.record_evaluation(center, evaluation, self.meta(evaluation))
-        if self.args.capture_video:
-            self.agent.set_flat(center)
-            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.generation, 0)
-            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.generation:05d}")
-            path, _ = record_video(self.env_config, self.agent, stem, seed)
-            self.recorder.log(f"video {path}")
+    def video_policy(self, center):
+        """(env config, agent) of a video of the mean `center`."""
+        self.agent.set_flat(center)
+        return self.env_config, self.agent
 
     def record(self, returns, evaluation, sigma):
         """The generation's row with the CMA-ES scalars; sigma: the candidates' step size."""
@@ -1855,6 +1882,11 @@ def restart_point(args, given):
     return {"iteration": meta["iteration"], "env_steps": meta.get("env_steps") or 0, "provenance": provenance}
 
 
+def default_run_name(args, kind=""):
+    """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
+    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
+
+
 def segment(start, args, generation):
     """A provenance entry: how ("new", "resume", "restart") and when a stretch of the run began."""
     entry = {"start": start, "iteration": generation, "unix_time": int(time.time()), "seed": args.seed}
@@ -2024,21 +2056,27 @@ def attention_frame(frame, top, agent, scale=4):
     return np.concatenate([big(frame), gap, right], axis=1)
 
 
-def record_video(env_config, agent, path_stem, seed):
-    """An evaluation episode, attention outlined, in path_stem.mp4 (moviepy) or .gif: (path, return)."""
-    env, frames = make_env(env_config, training=False), []
-    episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
-    env.close()
+def write_video(frames, fps, path_stem, gif_step=1):
+    """frames (uint8 (H, W, 3)) into path_stem.mp4 (moviepy), else .gif of every gif_step-th: its path."""
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
 
-        images = [Image.fromarray(frame) for frame in frames[::2]]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=40, loop=0)
-        return path_stem + ".gif", episode_return
-    ImageSequenceClip(frames, fps=50).write_videofile(path_stem + ".mp4", logger=None)
-    return path_stem + ".mp4", episode_return
+        images = [Image.fromarray(frame) for frame in frames[::gif_step]]
+        duration = int(1000 * gif_step / fps)  # milliseconds a frame
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=duration, loop=0)
+        return path_stem + ".gif"
+    ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
+    return path_stem + ".mp4"
+
+
+def record_video(env_config, agent, path_stem, seed):
+    """An evaluation episode, attention outlined, in path_stem.mp4 (moviepy) or .gif: (path, return)."""
+    env, frames = make_env(env_config, training=False), []
+    episode_return, _ = rollout(env, agent, seed, lambda obs, top: frames.append(attention_frame(obs, top, agent)))
+    env.close()
+    return write_video(frames, 50, path_stem, gif_step=2), episode_return
 
 
 # Families of environment variables that pick kernels, caches or threads (OPENBLAS_CORETYPE, MKL_CBWR, ...)
@@ -2087,6 +2125,36 @@ def probe_env(env_config):
     return int(env.observation_space.shape[0]), int(env.action_space.shape[0])
 
 
+def summary_line(returns):
+    """The project's one-line evaluation summary of returns (float (E,))."""
+    return (
+        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} "
+        f"min={returns.min():.4f} max={returns.max():.4f} episodes={returns.size}"
+    )
+
+
+def evaluation_pool(args, sizes, *worker_args):
+    """A pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, closed as its `with` block ends."""
+    return contextlib.closing(
+        RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+    )
+
+
+def pretrained_video(args, run_dir, env_config, policy):
+    """--capture-video of --from-pretrained: an evaluation episode in run_dir/videos/pretrained.mp4 or .gif."""
+    folder = os.path.join(run_dir, "videos")
+    os.makedirs(folder, exist_ok=True)
+    seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+    path, video_return = record_video(env_config, policy, os.path.join(folder, "pretrained"), seed)
+    print(f"video: {path} (episode return {video_return:.2f})")
+
+
+def print_evaluation(steps, elapsed, returns):
+    """--from-pretrained's last lines: the speed, then summary_line(returns)."""
+    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
+    print(summary_line(returns))
+
+
 def run_from_pretrained(args, given):
     """Evaluate a weights file; the last line: the `episode_return mean=...` summary."""
     env_config = env_config_from_args(args)
@@ -2097,32 +2165,20 @@ def run_from_pretrained(args, given):
     if meta is not None and "env_id" not in given:
         env_config["env_id"] = meta["env_id"]
     agent, agent_config, _ = agent_from_file(args.from_pretrained, *probe_env(env_config), weights)
-    worker_args = (env_config, agent_config, params.size)
-    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [params.size], args.quiet)
-    print(agent)
-    print(
-        f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
-        f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}   "
-        f"frames: {env_config['evaluation_frames']}"
-    )
-    start = time.perf_counter()
-    try:
+    with evaluation_pool(args, [params.size], env_config, agent_config, params.size) as pool:
+        print(agent)
+        print(
+            f"parameters: {params.size}   env: {env_config['env_id']}   episodes: {args.num_eval_rollouts}   "
+            f"workers: {pool.describe()}   source: {'authors' if meta is None else meta['script']}   "
+            f"frames: {env_config['evaluation_frames']}"
+        )
+        start = time.perf_counter()
         returns, steps = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts)
-    finally:
-        pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
         name = args.run_name or f"{env_config['env_id']}__{args.exp_name}__eval__{args.seed}__{int(time.time())}"
-        folder = os.path.join(args.logs_dir, name, "videos")
-        os.makedirs(folder, exist_ok=True)
-        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
-        path, video_return = record_video(env_config, agent, os.path.join(folder, "pretrained"), seed)
-        print(f"video: {path} (episode return {video_return:.2f})")
-    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
-    print(
-        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
-        f"max={returns.max():.4f} episodes={returns.size}"
-    )
+        pretrained_video(args, os.path.join(args.logs_dir, name), env_config, agent)
+    print_evaluation(steps, elapsed, returns)
     return 0
 
 

@@ -882,7 +882,7 @@ def check_spaces(env):
 
 
 def is_frames(space):
-    """Whether an observation space holds uint8 frames: (H, W) or (H, W, 3)."""
+    """Whether an observation space holds uint8 frames, (H, W) or (H, W, 3)."""
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8):
         return False
     return len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3)
@@ -917,7 +917,67 @@ def evaluation_of(run, params, label, screen=False):
     return evaluation, returns, steps
 
 
-class Run:
+class RunBase:
+    """What each script's Run does alike: resume, workers and records, first lines, evaluations, closing."""
+
+    resumed_from = None  # the checkpoint's path, on resume
+
+    def resume(self, args, given):
+        """(the checkpoint's args, with the flags RESUME_FLAGS lets be given anew; the checkpoint; its run folder).
+        Sets self.resumed_from. UserError: a checkpoint that does not load or holds a number out of LIMITS."""
+        checkpoint_path, checkpoint = load_checkpoint(args.resume)
+        saved = dict(checkpoint["args"])
+        saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
+        check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+        self.resumed_from = checkpoint_path
+        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        return argparse.Namespace(**saved), checkpoint, run_dir
+
+    def start(self, worker_args, sizes, *records):
+        """self.pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, then self.recorder."""
+        args = self.args
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(args, *records)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.pool.on_lost = self.recorder.kept
+
+    def announce(self, policy, parameters, *notes):
+        """The first console lines: the policy, its size, population, workers, run folder, `notes`, the resume."""
+        print(policy)
+        population = f"population: {self.args.population_size}   workers: {self.pool.describe()}"
+        print(f"parameters: {parameters}   {population}   run folder: {self.recorder.dir}")
+        for note in notes:
+            print(note)
+        if self.resumed_from:
+            print(f"resuming at generation {self.recorder.iteration} from {self.resumed_from}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.pool.close()
+        return self.recorder.close(kind, error)
+
+    def record_evaluation(self, params, evaluation):
+        """Recorder's record of an evaluation of `params`, then with --capture-video a video of them."""
+        note = self.evaluation_note(evaluation)
+        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), note)
+        if self.args.capture_video:
+            generation = self.recorder.iteration
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, generation, 0)
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{generation:05d}")
+            path, _ = record_video(*self.video_policy(params), stem, seed)
+            self.recorder.log(f"video {path}")
+
+    def evaluation_note(self, evaluation):
+        """What an evaluation's console line adds to its numbers."""
+        return ""
+
+
+class Run(RunBase):
     """A GA run, as a context manager: settings, envs, policy layout, GA (new, --init-from's or the checkpoint's),
     workers, `recorder`; leaving it closes them (Recorder.close: the exit code). UserError before any file."""
 
@@ -925,13 +985,8 @@ class Run:
         checkpoint = None
         init = None
         if args.resume:
-            checkpoint_path, checkpoint = load_checkpoint(args.resume)
-            saved = dict(checkpoint["args"])
-            saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
-            args = argparse.Namespace(**saved)
-            check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+            args, checkpoint, run_dir = self.resume(args, given)
             check_args(args)
-            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
         else:
             if args.init_from:
                 init = read_weights_into_args(args.init_from, args, given)
@@ -967,50 +1022,29 @@ class Run:
         self.ga = ga
         worker_args = (self.env_configs, self.policy_config, self.dim)
         sizes = [args.population_size * self.dim]
-        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
         title = f"GA on {args.env_id} (seed {args.seed})"
         config = {"env_configs": self.env_configs, "num_params": self.dim}
-        try:  # after the workers: a pool that fails writes no file
-            self.recorder = Recorder(args, run_dir, title, columns, config, counters, ga.generation, resumed, ylabel)
-        except BaseException:
-            self.pool.close()
-            raise
-        self.pool.on_lost = self.recorder.kept
-        print(policy)
-        print(
-            f"parameters: {self.dim}   population: {args.population_size}   workers: "
-            f"{self.pool.describe()}   run folder: {run_dir}"
-        )
+        self.start(worker_args, sizes, run_dir, title, columns, config, counters, ga.generation, resumed, ylabel)
+        notes = []
         if args.multitask:
             terms = [f"{env_id} / {scale:g}" for env_id, scale in zip(self.env_ids, self.scales)]
-            print("multitask fitness = " + " + ".join(terms))
-        if checkpoint:
-            print(f"resuming at generation {ga.generation} from {checkpoint_path}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        self.pool.close()
-        return self.recorder.close(kind, error)
+            notes.append("multitask fitness = " + " + ".join(terms))
+        self.announce(policy, self.dim, *notes)
 
     def meta(self, evaluation=None):
         """A weights file's meta after this generation."""
         return weights_meta(self.args, self.env_configs, self.policy_config, self.dim, evaluation, self.ga.generation)
 
-    def record_evaluation(self, params, evaluation):
-        """Recorder's, then with --capture-video a video."""
-        tasks = ""
-        if self.args.multitask:
-            means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
-            tasks = "  (" + ", ".join(means) + ")"
-        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), tasks)
-        if self.args.capture_video:
-            policy = build_policy(self.policy_config).load(params)
-            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.ga.generation:05d}")
-            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.ga.generation, 0)
-            path, _ = record_video(self.env_configs[0], policy, stem, seed)
-            self.recorder.log(f"video {path}")
+    def evaluation_note(self, evaluation):
+        """With --multitask: the tasks' means."""
+        if not self.args.multitask:
+            return ""
+        means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
+        return "  (" + ", ".join(means) + ")"
+
+    def video_policy(self, params):
+        """(env config, policy) of a video of `params`."""
+        return self.env_configs[0], build_policy(self.policy_config).load(params)
 
     def record(self, fitness, returns, evaluation):
         """Recorder's row with the GA's scalars. returns: the raw ones, float64 (N, rollouts, T)."""
@@ -1497,11 +1531,11 @@ def linear(weight, bias, h):
 
 
 def stacked_layers(policy, genotypes):
-    """The MLP's layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
+    """The MLP layers of B genotypes float32 (B, D): [(weights (B, out, in), biases (B, out))], views."""
     layers, offset = [], 0
     for weight, _ in policy.linear_params:
         rows, cols = weight.shape
-        end = offset + rows * cols
+        end = offset + rows * cols  # of the weights, then the biases
         layers.append((genotypes[:, offset:end].reshape(-1, rows, cols), genotypes[:, end : end + rows]))
         offset = end + rows
     return layers
@@ -2184,25 +2218,30 @@ def plot_learning_curve(progress_path, image_path, title, curves, ylabel="episod
     fig.savefig(image_path, dpi=100)
 
 
-def record_video(env_config, policy, path_stem, seed):
-    """One evaluation episode recorded into path_stem.mp4 (with moviepy) or .gif: (path, return)."""
-    env = make_env(env_config, training=False, render_mode="rgb_array")
-    genotype = parameters_to_vector(policy.parameters()).numpy()
-    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
-    episode_return = returns[0][0]
-    frames = env.render()
-    fps = env.metadata.get("render_fps", 30)
-    env.close()
+def write_video(frames, fps, path_stem, gif_step=1):
+    """frames (uint8 (H, W, 3)) into path_stem.mp4 (moviepy), else .gif of every gif_step-th: its path."""
     try:
         from moviepy import ImageSequenceClip
     except ImportError:
         from PIL import Image
 
-        images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path_stem + ".gif", episode_return
+        images = [Image.fromarray(frame) for frame in frames[::gif_step]]
+        duration = int(1000 * gif_step / fps)  # milliseconds a frame
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=duration, loop=0)
+        return path_stem + ".gif"
     ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
-    return path_stem + ".mp4", episode_return
+    return path_stem + ".mp4"
+
+
+def record_video(env_config, policy, path_stem, seed):
+    """One evaluation episode recorded into path_stem.mp4 (with moviepy) or .gif: (path, return)."""
+    env = make_env(env_config, training=False, render_mode="rgb_array")
+    genotype = parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
+    frames = env.render()
+    fps = env.metadata.get("render_fps", 30)
+    env.close()
+    return write_video(frames, fps, path_stem), returns[0][0]
 
 
 # Experiments: one network for several tasks and its noise study; distillation; a weights file
@@ -2312,12 +2351,26 @@ def summary_line(returns):
     )
 
 
-def evaluation_pool(args, env_configs, policy_config, dim):
-    """A RolloutPool for a policy of `policy_config`, closed as its `with` block ends."""
-    worker_args = (env_configs, policy_config, dim)
+def evaluation_pool(args, sizes, *worker_args):
+    """A pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, closed as its `with` block ends."""
     return contextlib.closing(
-        RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, [dim], args.quiet)
+        RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
     )
+
+
+def pretrained_video(args, run_dir, env_config, policy):
+    """--capture-video of --from-pretrained: an evaluation episode in run_dir/videos/pretrained.mp4 or .gif."""
+    folder = os.path.join(run_dir, "videos")
+    os.makedirs(folder, exist_ok=True)
+    seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+    path, video_return = record_video(env_config, policy, os.path.join(folder, "pretrained"), seed)
+    print(f"video: {path} (episode return {video_return:.2f})")
+
+
+def print_evaluation(steps, elapsed, returns):
+    """--from-pretrained's last lines: the speed, then summary_line(returns)."""
+    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
+    print(summary_line(returns))
 
 
 def run_from_pretrained(args, given):
@@ -2328,7 +2381,7 @@ def run_from_pretrained(args, given):
     policy = load_policy(args.from_pretrained, params, meta, policy_config)
     print(policy)
     run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
-    with evaluation_pool(args, env_configs, policy_config, params.size) as pool:
+    with evaluation_pool(args, [params.size], env_configs, policy_config, params.size) as pool:
         header = f"parameters: {params.size}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
         print(f"{header}workers: {pool.describe()}")
         start = time.perf_counter()
@@ -2338,17 +2391,12 @@ def run_from_pretrained(args, given):
             os.makedirs(run_dir, exist_ok=True)
             noise_study(pool, params, args.multitask, args.seed, args.num_eval_rollouts, run_dir)
     if args.capture_video and not args.multitask:
-        os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-        stem = os.path.join(run_dir, "videos", "pretrained")
-        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
-        path, video_return = record_video(env_configs[0], policy, stem, seed)
-        print(f"video: {path} (episode return {video_return:.2f})")
-    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
+        pretrained_video(args, run_dir, env_configs[0], policy)
     if args.multitask:
         scales = np.array([return_scale(c) for c in env_configs])
-        print(summary_line((returns / scales).sum(1)))
+        print_evaluation(steps, elapsed, (returns / scales).sum(1))
     else:
-        print(summary_line(returns[:, 0]))
+        print_evaluation(steps, elapsed, returns[:, 0])
     return 0
 
 
@@ -2429,7 +2477,7 @@ def run_distillation(args, given):
     rows = []
     for name, config, policy in (("teacher", teacher_config, teacher), ("student", student_config, student)):
         params = parameters_to_vector(policy.parameters()).numpy()
-        with evaluation_pool(args, env_configs, config, params.size) as pool:
+        with evaluation_pool(args, [params.size], env_configs, config, params.size) as pool:
             returns = evaluate(pool, params, args.seed, 0, args.num_eval_rollouts, label=f"evaluation of the {name}")
         returns = returns[0][:, 0]
         sizes = [config["obs_shape"][0], *config["hidden_sizes"], config["num_actions"]]

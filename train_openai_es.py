@@ -493,7 +493,7 @@ def evaluate_center(run, screen=False):
     if returns.size < run.args.num_eval_rollouts:
         run.recorder.screened_out(evaluation)
         return None
-    run.record_evaluation(evaluation)  # best.npz, the goal streak, the console line, the video
+    run.record_evaluation(run.es.theta, evaluation)  # best.npz, the goal streak, the console line, the video
     return evaluation
 
 
@@ -856,7 +856,67 @@ def evaluate(pool, theta, mean_std, args, iteration, screen=False):
 
 
 # The run: the algorithm's part
-class Run:
+class RunBase:
+    """What each script's Run does alike: resume, workers and records, first lines, evaluations, closing."""
+
+    resumed_from = None  # the checkpoint's path, on resume
+
+    def resume(self, args, given):
+        """(the checkpoint's args, with the flags RESUME_FLAGS lets be given anew; the checkpoint; its run folder).
+        Sets self.resumed_from. UserError: a checkpoint that does not load or holds a number out of LIMITS."""
+        checkpoint_path, checkpoint = load_checkpoint(args.resume)
+        saved = dict(checkpoint["args"])
+        saved.update({key: getattr(args, key) for key in (given & RESUME_FLAGS) | set(PLACEMENT_FLAGS)})
+        check_numbers(saved, lambda key: f"{checkpoint_path}: its {key}")
+        self.resumed_from = checkpoint_path
+        run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+        return argparse.Namespace(**saved), checkpoint, run_dir
+
+    def start(self, worker_args, sizes, *records):
+        """self.pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, then self.recorder."""
+        args = self.args
+        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+        try:  # after the workers: a pool that fails writes no file
+            self.recorder = Recorder(args, *records)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.pool.on_lost = self.recorder.kept
+
+    def announce(self, policy, parameters, *notes):
+        """The first console lines: the policy, its size, population, workers, run folder, `notes`, the resume."""
+        print(policy)
+        population = f"population: {self.args.population_size}   workers: {self.pool.describe()}"
+        print(f"parameters: {parameters}   {population}   run folder: {self.recorder.dir}")
+        for note in notes:
+            print(note)
+        if self.resumed_from:
+            print(f"resuming at generation {self.recorder.iteration} from {self.resumed_from}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.pool.close()
+        return self.recorder.close(kind, error)
+
+    def record_evaluation(self, params, evaluation):
+        """Recorder's record of an evaluation of `params`, then with --capture-video a video of them."""
+        note = self.evaluation_note(evaluation)
+        self.recorder.record_evaluation(params, evaluation, self.meta(evaluation), note)
+        if self.args.capture_video:
+            generation = self.recorder.iteration
+            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, generation, 0)
+            stem = os.path.join(self.recorder.dir, "videos", f"iter-{generation:05d}")
+            path, _ = record_video(*self.video_policy(params), stem, seed)
+            self.recorder.log(f"video {path}")
+
+    def evaluation_note(self, evaluation):
+        """What an evaluation's console line adds to its numbers."""
+        return ""
+
+
+class Run(RunBase):
     """An OpenAI-ES run (a context manager), from the flags or a checkpoint: configs, optimizer, observation
     statistics, workers; `recorder` keeps the records and turns Ctrl-C, SIGTERM, lost workers into the exit code."""
 
@@ -864,14 +924,11 @@ class Run:
         checkpoint = None
         init = None
         if args.resume:
-            checkpoint_path, checkpoint = load_checkpoint(args.resume)
-            anew = {key: getattr(args, key) for key in (given & RESUME_FLAGS) | PLACEMENT_FLAGS}
-            args = argparse.Namespace(**(dict(checkpoint["args"]) | anew))  # the rest: the checkpoint's
-            run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
+            args, checkpoint, run_dir = self.resume(args, given)
         else:
             if args.init_from:
                 init = read_weights_into_args(args, given)
-            run_dir = os.path.join(args.logs_dir, args.run_name or run_name(args, args.seed))
+            run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args))
         self.args = args
         torch.manual_seed(args.seed)
         self.env_config, self.policy_config, policy, self.dim, obs_dim = build_policy(args, init)
@@ -880,7 +937,7 @@ class Run:
         counters = {}
         resumed = None  # the generation the checkpoint holds
         if checkpoint:
-            counters = self.resume_from(checkpoint, checkpoint_path)
+            counters = self.resume_from(checkpoint, self.resumed_from)
             resumed = self.es.generation
         else:
             theta = parameters_to_vector(policy.parameters()).numpy()
@@ -892,23 +949,11 @@ class Run:
             self.es = OpenAIES(theta, **{name: getattr(args, name) for name in settings})
         worker_args = (self.env_config, self.policy_config)
         sizes = [self.dim, obs_dim, obs_dim]  # theta, obs mean and std
-        self.pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
         title = f"OpenAI-ES on {args.env_id} (seed {args.seed})"
         config = {"env_config": self.env_config, "num_params": self.dim}
-        try:  # after the workers: a pool that fails writes no file
-            self.recorder = Recorder(
-                args, run_dir, title, PROGRESS_COLUMNS, config, counters, self.es.generation, resumed
-            )
-        except BaseException:
-            self.pool.close()
-            raise
-        self.pool.on_lost = self.recorder.kept
-        print(
-            f"{policy}\nparameters: {self.dim}   population: {args.population_size}   workers: "
-            f"{self.pool.describe()}   run folder: {run_dir}"
-        )
-        if checkpoint:
-            print(f"resuming at generation {self.es.generation} from {checkpoint_path}")
+        records = (run_dir, title, PROGRESS_COLUMNS, config, counters, self.es.generation, resumed)
+        self.start(worker_args, sizes, *records)
+        self.announce(policy, self.dim)
 
     def resume_from(self, checkpoint, path):
         """The optimizer and observation statistics of a checkpoint; returns its counters. UserError if incomplete."""
@@ -921,13 +966,6 @@ class Run:
         if self.normalize:
             self.obs_stats = ObservationStats.from_state_dict(stats)
         return checkpoint["counters"]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        self.pool.close()
-        return self.recorder.close(kind, error)
 
     def meta(self, evaluation=None):
         """A weights file's meta: what rebuilds the policy and its env, the evaluation."""
@@ -952,15 +990,9 @@ class Run:
         shared = (self.es.theta, *self.obs_stats.mean_std())
         return self.pool.map(tasks, shared, f"generation {self.es.generation + 1}")
 
-    def record_evaluation(self, evaluation):
-        """An evaluation of theta (Recorder's), then with --capture-video a video."""
-        self.recorder.record_evaluation(self.es.theta, evaluation, self.meta(evaluation))
-        if self.args.capture_video:
-            policy = make_policy(self.policy_config, self.es.theta, self.obs_stats.mean_std())
-            stem = os.path.join(self.recorder.dir, "videos", f"iter-{self.es.generation:05d}")
-            seed = derive_seed(self.args.seed, EVAL_ENV_STREAM, self.es.generation, 0)
-            path, _ = record_video(self.env_config, policy, stem, seed)
-            self.recorder.log(f"video {path}")
+    def video_policy(self, theta):
+        """(env config, policy) of a video of theta."""
+        return self.env_config, make_policy(self.policy_config, theta, self.obs_stats.mean_std())
 
     def record(self, returns, center_return, evaluation):
         """The generation's row (Recorder's) with the ES scalars: the center's training return and rank."""
@@ -1323,9 +1355,9 @@ def build_policy(args, weights=None):
     return env_config, policy_config, policy, dim, obs_dim
 
 
-def run_name(args, *parts):
-    """The default run folder name: <env-id>__<exp-name>__<parts>__<unix-time>."""
-    return "__".join([args.env_id.replace("/", "-"), args.exp_name, *map(str, parts), str(int(time.time()))])
+def default_run_name(args, kind=""):
+    """<env-id>__<exp-name>[kind]__<seed>__<unix-time> (CleanRL's run names)."""
+    return f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{int(time.time())}"
 
 
 # Workers
@@ -2022,25 +2054,60 @@ def versions():
     return found
 
 
-def record_video(env_config, policy, path_stem, seed):
-    """Record one evaluation episode as path_stem.mp4 (moviepy installed) or .gif. Returns (path, return)."""
-    env = make_env(env_config, training=False, render_mode="rgb_array")
-    genotype = parameters_to_vector(policy.parameters()).numpy()
-    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
-    episode_return = returns[0][0]
-    frames, fps = env.render(), env.metadata.get("render_fps", 30)
-    env.close()
+def write_video(frames, fps, path_stem, gif_step=1):
+    """frames (uint8 (H, W, 3)) into path_stem.mp4 (moviepy), else .gif of every gif_step-th: its path."""
     try:
         from moviepy import ImageSequenceClip
-
-        ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
-        return path_stem + ".mp4", episode_return
     except ImportError:
         from PIL import Image
 
-        images = [Image.fromarray(frame) for frame in frames]
-        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path_stem + ".gif", episode_return
+        images = [Image.fromarray(frame) for frame in frames[::gif_step]]
+        duration = int(1000 * gif_step / fps)  # milliseconds a frame
+        images[0].save(path_stem + ".gif", save_all=True, append_images=images[1:], duration=duration, loop=0)
+        return path_stem + ".gif"
+    ImageSequenceClip(frames, fps=fps).write_videofile(path_stem + ".mp4", logger=None)
+    return path_stem + ".mp4"
+
+
+def record_video(env_config, policy, path_stem, seed):
+    """One evaluation episode recorded into path_stem.mp4 (with moviepy) or .gif: (path, return)."""
+    env = make_env(env_config, training=False, render_mode="rgb_array")
+    genotype = parameters_to_vector(policy.parameters()).numpy()
+    returns, _ = rollout(policy, genotype[None], lambda b: env, [[seed]])
+    frames = env.render()
+    fps = env.metadata.get("render_fps", 30)
+    env.close()
+    return write_video(frames, fps, path_stem), returns[0][0]
+
+
+def summary_line(returns):
+    """The project's one-line evaluation summary of returns (float (E,))."""
+    return (
+        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} "
+        f"min={returns.min():.4f} max={returns.max():.4f} episodes={returns.size}"
+    )
+
+
+def evaluation_pool(args, sizes, *worker_args):
+    """A pool of RolloutWorker(*worker_args) sharing arrays of `sizes`, closed as its `with` block ends."""
+    return contextlib.closing(
+        RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
+    )
+
+
+def pretrained_video(args, run_dir, env_config, policy):
+    """--capture-video of --from-pretrained: an evaluation episode in run_dir/videos/pretrained.mp4 or .gif."""
+    folder = os.path.join(run_dir, "videos")
+    os.makedirs(folder, exist_ok=True)
+    seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
+    path, video_return = record_video(env_config, policy, os.path.join(folder, "pretrained"), seed)
+    print(f"video: {path} (episode return {video_return:.2f})")
+
+
+def print_evaluation(steps, elapsed, returns):
+    """--from-pretrained's last lines: the speed, then summary_line(returns)."""
+    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
+    print(summary_line(returns))
 
 
 def run_from_pretrained(args, given):
@@ -2051,31 +2118,19 @@ def run_from_pretrained(args, given):
     mean_std = ObservationStats(0).mean_std()
     if norm:
         mean_std = (np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32))
-    worker_args = (env_config, policy_config)
     sizes = [dim, obs_dim, obs_dim]  # params, obs mean and std
-    pool = RolloutPool(args.num_workers, args.ray_address, RolloutWorker, worker_args, sizes, args.quiet)
-    print(
-        f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
-        f"workers: {pool.describe()}"
-    )
-    start = time.perf_counter()
-    try:
+    with evaluation_pool(args, sizes, env_config, policy_config) as pool:
+        print(
+            f"{policy}\nparameters: {dim}   env: {args.env_id}   episodes: {args.num_eval_rollouts}   "
+            f"workers: {pool.describe()}"
+        )
+        start = time.perf_counter()
         returns, steps, _ = evaluate(pool, params, mean_std, args, 0)
-    finally:
-        pool.close()
     elapsed = time.perf_counter() - start
     if args.capture_video:
-        folder = os.path.join(args.logs_dir, args.run_name or run_name(args, "eval", args.seed), "videos")
-        os.makedirs(folder, exist_ok=True)
-        policy = make_policy(policy_config, params, norm and mean_std)
-        seed = derive_seed(args.seed, EVAL_ENV_STREAM, 0, 0)
-        path, video_return = record_video(env_config, policy, os.path.join(folder, "pretrained"), seed)
-        print(f"video: {path} (episode return {video_return:.2f})")
-    print(f"{steps} env steps in {elapsed:.1f} s ({steps / elapsed:,.0f} steps/s)")
-    print(
-        f"episode_return mean={returns.mean():.4f} std={returns.std():.4f} min={returns.min():.4f} "
-        f"max={returns.max():.4f} episodes={returns.size}"
-    )
+        run_dir = os.path.join(args.logs_dir, args.run_name or default_run_name(args, "__eval"))
+        pretrained_video(args, run_dir, env_config, make_policy(policy_config, params, norm and mean_std))
+    print_evaluation(steps, elapsed, returns)
     return 0
 
 

@@ -20,9 +20,10 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "save_weights", "CheckpointUnpickler", "save_checkpoint", "checkpoint_written", "load_checkpoint", "versions",
           "plot_learning_curve", "main", "open_progress", "check_placement", "interrupted",
           "Console", "signals_held", "live_bar", "start_worker", "use_worker", "run_chunk", "InProcess",
-          "RolloutPool", "flags_given", "Recorder", "summary", "duration", "as_written", "csv_cell")
+          "RolloutPool", "flags_given", "Recorder", "summary", "duration", "as_written", "csv_cell", "write_video",
+          "summary_line", "pretrained_video", "print_evaluation", "default_run_name", "evaluation_pool", "RunBase")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
-SHARED_ES_GA = ("parse_env_kwargs", "all_finite")
+SHARED_ES_GA = ("parse_env_kwargs", "all_finite", "record_video", "is_frames", "stacked_layers")
 
 
 def definitions(script):
