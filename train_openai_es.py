@@ -627,14 +627,27 @@ def check_flags(args, given):
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             problem = "is not a readable file" if os.path.exists(path) else "does not exist"
             raise UserError(f"--{flag.replace('_', '-')} {path} {problem}" + (": no checkpoint" * (flag == "resume")))
+    check_paths(args)
+
+
+def check_paths(args):
+    """UserError unless --run-name and --exp-name are folder names (no '/', at most 255 bytes) and the run folder
+    (--logs-dir/--run-name) is a folder this user can write in, or can be made in one."""
     for flag, name in (("--run-name", args.run_name), ("--exp-name", args.exp_name)):
-        if name is not None and (name in ("", ".", "..") or os.sep in name or (os.altsep or os.sep) in name):
-            raise UserError(f"{flag} {name!r} must be a folder name, without path separators")
+        if name is None:
+            continue
+        if name in ("", ".", "..") or {"/", "\0", os.sep} & set(name) or len(os.fsencode(name)) > 255:
+            raise UserError(f"{flag} must be a folder name (no '/', at most 255 bytes), got {name!r}")
     folder = os.path.abspath(os.path.join(args.logs_dir, args.run_name or ""))
     while not os.path.exists(folder):  # its nearest existing part
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write to")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--logs-dir {args.logs_dir}: {folder} is not a folder this user can write in")
+
+
+def first_line(error):
+    """The first line of an exception's message, or its class name: str."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_placement(args, given):
@@ -692,7 +705,7 @@ def check_settings(args):
         register_env_family(args.env_id)
         gym.spec(args.env_id)
     except gym.error.Error as e:
-        raise UserError(f"unknown --env-id {args.env_id!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"unknown --env-id {args.env_id!r}: {first_line(e)}") from None
 
 
 class NegativeRewardEarlyStop(gym.Wrapper):
@@ -751,7 +764,7 @@ def gym_make(env_id, render_mode, kwargs):
     try:
         return gym.make(env_id, render_mode=render_mode, **kwargs)
     except (gym.error.Error, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot make env {env_id!r} with {kwargs}: {first_line(e)}") from None
 
 
 def register_env_family(env_id):
@@ -1079,7 +1092,7 @@ class Recorder:
                     )
                     self.wandb.define_metric("*", step_metric="env_steps")  # the scalars, logged
                 except Exception as e:
-                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    reason = first_line(e)
                     raise UserError(f"--track: W&B did not start the run: {reason}") from None
             config = {**vars(args), **config, "versions": versions()}
             atomic_write(self.paths["args.json"], json.dumps(config, indent=2).encode())
@@ -1647,7 +1660,7 @@ class RolloutPool:
             return UserError(f"rollout failed in a worker: {type(e).__name__}: {e}")
         if isinstance(e, self.ray.exceptions.RayTaskError):  # raised by our code in a Ray worker
             return UserError(f"rollout failed in a Ray worker: {type(e.cause).__name__}: {e.cause}")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         what = f"rollouts keep failing on the Ray cluster at {self.address} (each task tried {WORKER_TRIES} times)"
         if self.silent():
             what = f"lost the Ray cluster at {self.address}: its head ({self.head}) does not answer"
@@ -1769,7 +1782,7 @@ def connect_ray(address):
             "get-auth-token` on its head) or put it in ~/.ray/auth_token"
         )
     if error is not None:
-        raise UserError(f"cannot join the Ray cluster at {address}: {str(error).splitlines()[0]}")
+        raise UserError(f"cannot join the Ray cluster at {address}: {first_line(error)}")
     if __name__ != "__main__":  # imported (tests): ship this module by value, as a script
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return ray
@@ -2161,7 +2174,7 @@ def main(argv=None):
             return run_from_pretrained(args, given)
         return train(args, given)
     except (UserError, PoolLost, gym.error.Error, MemoryError) as e:  # gymnasium's messages are clear
-        message = (str(e).splitlines() or [type(e).__name__])[0]
+        message = first_line(e)
         if isinstance(e, MemoryError):
             message += " (a size too large for this machine)"
         print(f"{SCRIPT}: error: {message}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """The machinery the three scripts share is word for word the same code in each file (../shared/DESIGN.md):
 a reader who has read one file's machinery has read all three, and a fix made in one file is in all three."""
+import argparse
 import ast
 import importlib
 import json
 import os
+import re
 import socket
 import threading
 
@@ -21,7 +23,7 @@ SHARED = ("UserError", "PoolLost", "OneLineParser", "HelpFormatter", "check_numb
           "plot_learning_curve", "main", "open_progress", "check_placement", "interrupted",
           "Console", "signals_held", "live_bar", "start_worker", "use_worker", "run_chunk", "InProcess",
           "RolloutPool", "flags_given", "Recorder", "summary", "duration", "as_written", "csv_cell", "write_video",
-          "summary_line", "pretrained_video", "print_evaluation", "default_run_name", "evaluation_pool", "RunBase")
+          "summary_line", "pretrained_video", "print_evaluation", "default_run_name", "evaluation_pool", "RunBase", "check_paths", "first_line")
 # Shared by the two scripts that take the job (CMA-ES has no --env-kwargs).
 SHARED_ES_GA = ("parse_env_kwargs", "all_finite", "record_video", "is_frames", "stacked_layers")
 
@@ -141,3 +143,31 @@ def test_a_checkpoint_is_written_on_a_thread_and_a_failed_write_raised_by_the_ne
     module.save_checkpoint(str(tmp_path / "removed" / "checkpoint.pkl"), state)
     assert isinstance(module.checkpoint_written(), FileNotFoundError)
     assert module.checkpoint_written() is None
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_check_paths_takes_folder_names_and_a_writable_run_folder_only(tmp_path, script):
+    module = importlib.import_module(script[:-3])
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "taken").write_text("")
+
+    def check(logs_dir, run_name=None, exp_name="x"):
+        module.check_paths(argparse.Namespace(logs_dir=str(tmp_path / logs_dir), run_name=run_name, exp_name=exp_name))
+
+    check("runs", "new")
+    check("runs/not/yet", "new")
+    bad = [("runs", "a/b", "x", "--run-name"), ("runs", "..", "x", "--run-name"), ("runs", "", "x", "--run-name"),
+           ("runs", "n" * 256, "x", "--run-name"), ("runs", None, "a/b", "--exp-name"),
+           ("afile", None, "x", "--logs-dir"), ("afile/below", "new", "x", "--logs-dir"),
+           ("runs", "taken", "x", "taken is not a folder")]
+    for logs_dir, run_name, exp_name, word in bad:
+        with pytest.raises(module.UserError, match=re.escape(word)):
+            check(logs_dir, run_name, exp_name)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_first_line_is_the_messages_first_line_or_the_class_name(script):
+    module = importlib.import_module(script[:-3])
+    assert module.first_line(ValueError("\n  first\nsecond")) == "first"
+    assert module.first_line(KeyboardInterrupt()) == "KeyboardInterrupt"

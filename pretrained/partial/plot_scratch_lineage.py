@@ -9,7 +9,10 @@ not the wall clock) and against env steps, and the cost to each level. Segments:
    0.128299): cmaes_carracing_<run>.progress.csv for each run in RESTARTS, its CPU time from
    cmaes_scratch4_cpu.csv (unix time, run, CPU seconds, last generation; once a minute). Its env steps
    count from 0 (the file had no env_steps in its meta): segment 1's are added;
-3. scratch5_128x4, restarted from scratch4_64x2's generation-291 mean.npz with a population of 128 (IPOP-style).
+3. scratch5_128x4, restarted from scratch4_64x2's generation-291 mean.npz with a population of 128 (IPOP-style);
+4. scratch6_128x8, restarted from scratch5_128x4's generation-335 mean.npz (its machine was lost): its
+   core-hours go on from its parent's last CPU sample plus 120 s (the parent's last generation ended
+   after that sample and at most a minute of two cores before the process did).
 
 Writes cmaes_scratch_lineage.png and prints, per level, the first evaluation that reached it.
 
@@ -27,10 +30,12 @@ FIRST_CPU_S = {40: 1539, 50: 2355, 60: 3540}  # generation -> CPU seconds of seg
 # its parent's (they count from 0 after generation 60), its core-hours from the parent's last sample
 RESTARTS = {"scratch4_64x2": ("restarted at 60, 64 x 2 (c0614d4; from 74 fdaa173, direct frames)", None),
             "scratch4_64x4": ("restarted at 60, 64 x 4 (c0614d4)", None),
-            "scratch5_128x4": ("restarted at 291, 128 x 4 (e2904c0)", "scratch4_64x2")}
+            "scratch5_128x4": ("restarted at 291, 128 x 4 (e2904c0)", "scratch4_64x2"),
+            "scratch6_128x8": ("restarted at 335, 128 x 8 (b818864)", "scratch5_128x4")}
 # A run resumed by a new process: its processes' names in the CPU samples, in order (each counts from 0).
 PROCESSES = {"scratch4_64x2": ["scratch4_64x2", "scratch4_64x2_part2", "scratch4_64x2_part3", "scratch4_64x2_part4", "scratch4_64x2_part5", "scratch4_64x2_part6"],
              "scratch5_128x4": ["scratch5_128x4", "scratch5_128x4_part2"]}
+LOST = ("scratch5_128x4",)  # runs whose machine was lost: the restart goes on from their last CPU sample
 LEVELS = (500, 700, 800, 850, 900)
 
 
@@ -86,12 +91,27 @@ def restart_segment(run, offset_steps, offset_hours):
     return points
 
 
+def last_sample_hours(run):
+    """Core-hours of a run's processes at their last CPU sample plus 120 s (see 4. above): float."""
+    with open(os.path.join(HERE, "cmaes_scratch4_cpu.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    total = 0.0
+    for process in PROCESSES.get(run, [run]):
+        mine = [float(cpu_s) for _, name, cpu_s, generation in rows if name == process and generation.isdigit()]
+        total += mine[-1] if mine else 0.0
+    return (total + 120) / 3600
+
+
 def main():
     first = first_segment()
     segments = {"generations 1-60, 64 x 2 (86f3672)": first}
     ends = {}
+    starts = {}  # run -> its first core-hour
     for run, (label, parent) in RESTARTS.items():
         hours = ends[parent][2] if parent else first[-1][2]
+        if parent in LOST:  # its last generation has no CPU sample
+            hours = starts[parent] + last_sample_hours(parent)
+        starts[run] = hours
         segments[label] = restart_segment(run, first[-1][1], hours)
         ends[run] = segments[label][-1] if segments[label] else None
     fig = Figure(figsize=(12, 5))
