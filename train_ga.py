@@ -1039,10 +1039,8 @@ class Run(RunBase):
 
     def evaluation_note(self, evaluation):
         """With --multitask: the tasks' means."""
-        if not self.args.multitask:
-            return ""
-        means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation["tasks"].items()]
-        return "  (" + ", ".join(means) + ")"
+        means = [f"{env_id} {mean:.2f}" for env_id, mean in evaluation.get("tasks", {}).items()]
+        return f"  ({', '.join(means)})" if means else ""
 
     def video_policy(self, params):
         """(env config, policy) of a video of `params`."""
